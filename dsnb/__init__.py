@@ -1,0 +1,22 @@
+"""dsnb: launch, watch and stop distributed DeepSpeed work from a notebook.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", procs_per_node=2)
+"""
+
+from dsnb.cluster import Cluster
+from dsnb.errors import BackendUnavailable, DsnbError, InvalidSpecError, JobFailed, JobNotFound, WaitTimeout
+from dsnb.job import Job
+from dsnb.metrics import report
+from dsnb.runtime import deepspeed_config
+from dsnb.spec import JobSpec, Resources
+from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable", "Cluster", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
+    "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "ReplicaStatus",
+    "Resources", "WaitTimeout", "deepspeed_config", "report",
+]

@@ -1,0 +1,272 @@
+"""The backend contract, the plan a dry run returns, and the backend registry.
+
+A backend turns a :class:`~dsnb.spec.JobSpec` into running work. ``submit`` is always
+``dryrun`` followed by ``apply`` (as in torchx), so every backend can be inspected,
+golden-tested and exported without running anything.
+
+Backends are found by name: the built-in ones are imported only when asked for, a
+missing optional dependency becomes :class:`~dsnb.errors.BackendUnavailable` with the
+``pip install`` line, and other packages add backends through the ``dsnb.backends``
+entry-point group (``name = "package.module:Class"``).
+
+Example:
+    >>> "local" in available_backends()
+    True
+    >>> load_backend("local").name
+    'local'
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import yaml
+
+from dsnb.errors import BackendUnavailable
+from dsnb.spec import JobSpec, redact_env
+from dsnb.status import JobStatus, LogLine, MetricSample
+
+
+@dataclass(frozen=True)
+class RankCommand:
+    """One process a process-based backend starts: what, where, with which environment.
+
+    ``env`` holds only what dsnb adds to the caller's environment.
+    """
+
+    rank: int
+    argv: tuple[str, ...]
+    cwd: str
+    env: dict[str, str]
+
+
+@dataclass
+class Plan:
+    """What ``submit`` would create, without creating it.
+
+    ``str(plan)`` is what a person reads: the YAML of the resources for cluster backends,
+    shell command lines for process backends. Secret-looking environment values are
+    shown as ``***``.
+
+    Attributes:
+        backend: the backend name.
+        spec: the spec, already carrying its unique job name.
+        commands: processes to start (process backends).
+        manifests: resources to create (Kubernetes backends), in creation order.
+        notes: human remarks shown above the plan (e.g. what is chosen at launch).
+        extra: backend-private data that ``apply`` needs.
+    """
+
+    backend: str
+    spec: JobSpec
+    commands: list[RankCommand] = field(default_factory=list)
+    manifests: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The job name this plan creates."""
+        return self.spec.name
+
+    def to_yaml(self) -> str:
+        """The plan as YAML: the manifests, or the commands as a list of mappings."""
+        if self.manifests:
+            return yaml.safe_dump_all(self.manifests, sort_keys=False)
+        return yaml.safe_dump(
+            {
+                "backend": self.backend,
+                "job": self.name,
+                "ranks": [
+                    {"rank": c.rank, "cwd": c.cwd, "env": redact_env(c.env), "argv": list(c.argv)}
+                    for c in self.commands
+                ],
+            },
+            sort_keys=False,
+        )
+
+    def __str__(self) -> str:
+        head = "".join(f"# {note}\n" for note in self.notes)
+        if self.manifests:
+            return head + self.to_yaml()
+        lines = []
+        for c in self.commands:
+            env = " ".join(f"{k}={_shell_quote(v)}" for k, v in redact_env(c.env).items())
+            argv = " ".join(_shell_quote(a) for a in c.argv)
+            lines.append(f"(cd {_shell_quote(c.cwd)} && env {env} {argv}) &")
+        return head + "\n".join(lines) + ("\nwait\n" if lines else "")
+
+    def _repr_markdown_(self) -> str:
+        lang = "yaml" if self.manifests else "bash"
+        return f"```{lang}\n{self}\n```"
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    if text.startswith("$") and text[1:].replace("_", "").isalnum():
+        return text  # a variable the launcher fills in
+    return shlex.quote(text)
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """New log lines and the cursor to pass next time (opaque to callers)."""
+
+    lines: list[LogLine]
+    cursor: Any
+
+
+@dataclass(frozen=True)
+class MetricChunk:
+    """New metric samples and the cursor to pass next time (opaque to callers)."""
+
+    samples: list[MetricSample]
+    cursor: Any
+
+
+class Backend(abc.ABC):
+    """The contract every backend fulfils; ``tests/conformance`` checks it for each one.
+
+    Reading is incremental and never blocks: ``read_logs``/``read_metrics`` return what is
+    new since a cursor, and :class:`dsnb.job.Job` builds following, tails and views on top.
+    """
+
+    #: Registry name, e.g. ``"local"``.
+    name: str = ""
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"backend {self.name!r} takes no options, got {sorted(options)}")
+
+    @abc.abstractmethod
+    def dryrun(self, spec: JobSpec) -> Plan:
+        """Render what ``submit`` would do, with a unique job name; create nothing.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend (the field and fix named).
+        """
+
+    @abc.abstractmethod
+    def apply(self, plan: Plan) -> None:
+        """Start or create what ``plan`` describes.
+
+        Raises:
+            DsnbError: the backend refused; nothing of the job is left behind.
+        """
+
+    def submit(self, spec: JobSpec) -> str:
+        """``dryrun`` then ``apply``; returns the unique job name."""
+        plan = self.dryrun(spec)
+        self.apply(plan)
+        return plan.name
+
+    @abc.abstractmethod
+    def status(self, name: str) -> JobStatus:
+        """Current status. Raises: JobNotFound."""
+
+    @abc.abstractmethod
+    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
+        """Log lines written since ``cursor`` (None: from the start), bounded per call.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+
+    @abc.abstractmethod
+    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
+        """Metric samples since ``cursor`` (None: from the start). Raises: JobNotFound."""
+
+    @abc.abstractmethod
+    def cancel(self, name: str) -> JobStatus:
+        """Stop the job and everything it started; idempotent. Raises: JobNotFound."""
+
+    @abc.abstractmethod
+    def jobs(self) -> list[JobStatus]:
+        """Statuses of the jobs this backend can see, newest first."""
+
+    @abc.abstractmethod
+    def spec_of(self, name: str) -> JobSpec:
+        """The spec a job was submitted with (used by ``attach``). Raises: JobNotFound."""
+
+    def close(self) -> None:
+        """Release clients and background threads; running jobs keep running."""
+
+
+# -- registry ------------------------------------------------------------------------------
+
+#: name -> ("module:Class", extra that provides its dependencies)
+_BUILTIN: dict[str, tuple[str, str | None]] = {
+    "local": ("dsnb.backends.local:LocalBackend", None),
+}
+_registered: dict[str, tuple[str | type[Backend], str | None]] = {}
+ENTRY_POINT_GROUP = "dsnb.backends"
+
+
+def register_backend(name: str, target: str | type[Backend], extra: str | None = None) -> None:
+    """Make a backend available under ``name``.
+
+    Args:
+        name: what ``Cluster(name)`` takes.
+        target: the class, or ``"module:Class"`` imported on first use.
+        extra: the dsnb extra that installs its dependencies, for the install hint.
+
+    Example:
+        >>> register_backend("mine", "dsnb.backends.local:LocalBackend")
+        >>> load_backend("mine").__name__
+        'LocalBackend'
+        >>> unregister_backend("mine")
+    """
+    _registered[name] = (target, extra)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with :func:`register_backend` (a no-op if absent)."""
+    _registered.pop(name, None)
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_backends() -> list[str]:
+    """Names ``Cluster`` accepts: built-in, registered and entry-point backends."""
+    return sorted({*_BUILTIN, *_registered, *_entry_points()})
+
+
+def load_backend(name: str) -> type[Backend]:
+    """The backend class registered as ``name``, importing it now.
+
+    Raises:
+        BackendUnavailable: unknown name, or its optional dependencies are missing
+            (the message carries the ``pip install`` line).
+    """
+    if name in _registered:
+        target, extra = _registered[name]
+    elif name in _BUILTIN:
+        target, extra = _BUILTIN[name]
+    else:
+        points = _entry_points()
+        if name not in points:
+            raise BackendUnavailable(
+                name,
+                f"unknown backend; available: {', '.join(available_backends())}",
+                "a package that provides it (entry point group 'dsnb.backends')",
+            )
+        target, extra = points[name], None
+    if not isinstance(target, str):
+        return target
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing and missing != module_name.split(".")[0]:
+            hint = f"pip install 'dsnb[{extra}]'" if extra else f"pip install {missing}"
+            raise BackendUnavailable(name, f"needs the {missing!r} package, which is not installed", hint) from e
+        raise
+    return getattr(module, class_name)

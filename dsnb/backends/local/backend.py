@@ -1,0 +1,297 @@
+"""The local backend: every rank as a process on this machine.
+
+Example:
+    >>> from dsnb import JobSpec
+    >>> plan = LocalBackend().dryrun(JobSpec(name="hello", command=["python", "-c", "print(1)"],
+    ...                                      procs_per_node=2))
+    >>> [c.env["RANK"] for c in plan.commands], plan.commands[0].env["DS_ACCELERATOR"]
+    (['0', '1'], 'cpu')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan, RankCommand
+from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_line, write_json_atomic
+from dsnb.backends.local.procs import is_alive, stop_groups
+from dsnb.errors import InvalidSpecError, JobNotFound
+from dsnb.spec import JobSpec
+from dsnb.status import JobState, JobStatus, LogLine, MetricSample
+
+MASTER_ADDR = "127.0.0.1"
+READ_CHUNK_BYTES = 256 * 1024
+CANCEL_WAIT_S = 20.0
+
+
+def visible_gpus() -> int:
+    """GPUs this machine offers: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _threads_per_rank(spec: JobSpec) -> int:
+    if spec.resources.cpu is not None and not isinstance(spec.resources.cpu, str):
+        return max(1, int(spec.resources.cpu // spec.procs_per_node))
+    return max(1, (os.cpu_count() or 1) // spec.world_size)
+
+
+class LocalBackend(Backend):
+    """Runs ``nodes × procs_per_node`` ranks as processes here, under a detached supervisor.
+
+    Each job lives in ``$DSNB_HOME/jobs/<name>/`` (see :mod:`dsnb.backends.local.jobdir`),
+    so a restarted kernel or another terminal can list, attach to, follow and cancel it.
+    Ranks get the torch.distributed environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``, ``LOCAL_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); without GPUs they
+    run gloo with ``DS_ACCELERATOR=cpu``, with GPUs nccl.
+
+    Args:
+        home: directory for job records; defaults to ``$DSNB_HOME/jobs`` (``~/.dsnb/jobs``).
+    """
+
+    name = "local"
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.root = Path(home) if home is not None else jobs_root()
+        self._supervisors: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- planning --------------------------------------------------------------------------
+    def dryrun(self, spec: JobSpec) -> Plan:
+        unique = spec.with_unique_name()
+        while (self.root / unique.name).exists():
+            unique = spec.with_unique_name()
+        cwd = Path(spec.working_dir or os.getcwd()).expanduser().resolve()
+        if not cwd.is_dir():
+            raise InvalidSpecError("working_dir", f"{str(cwd)!r} is not a directory", "pass an existing directory")
+        if spec.script is not None:
+            script = (cwd / spec.script).resolve()
+            if not script.is_file():
+                raise InvalidSpecError("script", f"{str(script)!r} not found", f"check the path (relative to working_dir {str(cwd)!r})")
+            argv = [sys.executable, "-u", str(script), *spec.args]
+        else:
+            program = spec.command[0]  # type: ignore[index]
+            if not (shutil.which(program) or (cwd / program).is_file()):
+                raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
+            argv = [*spec.command, *spec.args]  # type: ignore[misc]
+        gpus = spec.resources.gpus
+        if gpus:
+            have = visible_gpus()
+            if gpus * spec.nodes > have:
+                raise InvalidSpecError(
+                    "resources.gpus",
+                    f"{gpus} per node x {spec.nodes} nodes asked, this machine has {have}",
+                    "set gpus=0 to run on CPU, or ask for fewer",
+                )
+        job_dir = JobDir(self.root / unique.name)
+        commands = []
+        for rank in range(spec.world_size):
+            node, local = divmod(rank, spec.procs_per_node)
+            env = {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(local),
+                "WORLD_SIZE": str(spec.world_size),
+                "LOCAL_WORLD_SIZE": str(spec.procs_per_node),
+                "LOCAL_SIZE": str(spec.procs_per_node),
+                "NODE_RANK": str(node),
+                "GROUP_RANK": str(node),
+                "MASTER_ADDR": MASTER_ADDR,
+                "MASTER_PORT": "$MASTER_PORT",
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(spec))),
+                "DSNB_JOB_NAME": unique.name,
+                "DSNB_JOB_DIR": str(job_dir.path),
+                "DSNB_DIST_BACKEND": "nccl" if gpus else "gloo",
+            }
+            if gpus:
+                first = node * gpus
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + gpus))
+            else:
+                env["DS_ACCELERATOR"] = "cpu"
+            if unique.deepspeed_config is not None:
+                env["DSNB_DEEPSPEED_CONFIG"] = str(job_dir.ds_config)
+            env.update(spec.env)
+            commands.append(RankCommand(rank=rank, argv=tuple(argv), cwd=str(cwd), env=env))
+        backend_word = "nccl on GPU" if gpus else "gloo on CPU"
+        notes = [
+            f"dsnb local plan for {unique.name}: {spec.nodes} node(s) x {spec.procs_per_node} rank(s), {backend_word}",
+            "MASTER_PORT is a free port chosen at launch; ranks also inherit the caller's environment",
+        ]
+        return Plan(backend=self.name, spec=unique, commands=commands, notes=notes)
+
+    def apply(self, plan: Plan) -> None:
+        job_dir = JobDir(self.root / plan.name)
+        job_dir.path.mkdir(parents=True, mode=0o700)
+        spec = plan.spec
+        created = time.time()
+        write_json_atomic(job_dir.spec, spec.to_dict())
+        if spec.deepspeed_config is not None:
+            write_json_atomic(job_dir.ds_config, spec.deepspeed_config)
+        write_json_atomic(
+            job_dir.plan,
+            {
+                "name": plan.name,
+                "created_at": created,
+                "master_addr": MASTER_ADDR,
+                "timeout": spec.timeout,
+                "max_restarts": spec.max_restarts,
+                "ranks": [
+                    {"rank": c.rank, "argv": list(c.argv), "cwd": c.cwd,
+                     "env": {k: v for k, v in c.env.items() if k != "MASTER_PORT"}}
+                    for c in plan.commands
+                ],
+            },
+        )
+        job_dir.write_status(JobStatus(name=plan.name, backend=self.name, state=JobState.PENDING, created_at=created, message="starting the supervisor"))
+        with open(job_dir.supervisor_log, "ab") as log:
+            self._supervisors[plan.name] = subprocess.Popen(
+                [sys.executable, "-m", "dsnb.backends.local.supervisor", str(job_dir.path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the job outlives the kernel that launched it
+            )
+
+    # -- reading ---------------------------------------------------------------------------
+    def _dir(self, name: str) -> JobDir:
+        job_dir = JobDir(self.root / name)
+        if not job_dir.plan.is_file():
+            raise JobNotFound(name, self.name, [s.name for s in self.jobs()])
+        return job_dir
+
+    def status(self, name: str) -> JobStatus:
+        job_dir = self._dir(name)
+        self._reap(name)
+        status = job_dir.read_status()
+        if status is None or status.state.is_terminal():
+            return status  # type: ignore[return-value]
+        extra = job_dir.read_status_extra()
+        pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
+        if pid is not None and is_alive(pid, start):
+            return status
+        if pid is None:
+            ours = self._supervisors.get(name)
+            if ours is not None and ours.poll() is None:
+                return status  # just launched; it has not written its first status yet
+            if ours is None and time.time() - (status.created_at or 0) < 30:
+                return status  # launched a moment ago by another process
+        # The supervisor is gone without writing a final state: killed, or the machine restarted.
+        stop_groups(extra.get("rank_pgids", []), grace=1.0)
+        if job_dir.cancel_request.exists():
+            state, message = JobState.CANCELLED, "cancelled; all ranks stopped"
+        else:
+            state = JobState.FAILED
+            message = f"the dsnb supervisor (pid {pid}) stopped unexpectedly; see {job_dir.supervisor_log}"
+        lost = dataclasses.replace(status, state=state, finished_at=time.time(), message=message)
+        job_dir.write_status(lost)
+        return lost
+
+    def _reap(self, name: str) -> None:
+        proc = self._supervisors.get(name)
+        if proc is not None and proc.poll() is not None:
+            del self._supervisors[name]
+
+    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
+        job_dir = self._dir(name)
+        offsets: dict[int, int] = dict(cursor or {})
+        ranks = range(len(json.loads(job_dir.plan.read_text())["ranks"])) if rank is None else [rank]
+        lines: list[LogLine] = []
+        for r in ranks:
+            start = offsets.get(r, 0)
+            try:
+                with open(job_dir.rank_log(r), "rb") as f:
+                    f.seek(start)
+                    data = f.read(READ_CHUNK_BYTES)
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # only whole lines; the rest is read next time
+            for raw in data[:end].decode("utf-8", "replace").splitlines():
+                when, text = parse_log_line(raw)
+                lines.append(LogLine(rank=r, text=text, time=when))
+            offsets[r] = start + end
+        lines.sort(key=lambda line: line.time)
+        return LogChunk(lines=lines, cursor=offsets)
+
+    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
+        job_dir = self._dir(name)
+        start = int(cursor or 0)
+        try:
+            with open(job_dir.metrics, "rb") as f:
+                f.seek(start)
+                data = f.read(READ_CHUNK_BYTES)
+        except FileNotFoundError:
+            return MetricChunk(samples=[], cursor=start)
+        end = data.rfind(b"\n") + 1
+        samples = [MetricSample(**json.loads(raw)) for raw in data[:end].decode().splitlines() if raw]
+        return MetricChunk(samples=samples, cursor=start + end)
+
+    # -- control -----------------------------------------------------------------------------
+    def cancel(self, name: str) -> JobStatus:
+        job_dir = self._dir(name)
+        status = self.status(name)
+        if status.state.is_terminal():
+            return status
+        job_dir.cancel_request.touch()
+        extra = job_dir.read_status_extra()
+        pid = extra.get("supervisor_pid")
+        if pid and is_alive(pid, extra.get("supervisor_start")):
+            os.kill(pid, signal.SIGTERM)
+        # Without a pid the supervisor is still starting; it sees the cancel file before spawning.
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            status = self.status(name)
+            if status.state.is_terminal():
+                self._wait_supervisor(name)
+                return status
+            time.sleep(0.1)
+        # The supervisor did not answer: stop everything ourselves and record the outcome.
+        extra = job_dir.read_status_extra()
+        groups = [g for g in [extra.get("supervisor_pid")] if g] + list(extra.get("rank_pgids", []))
+        stop_groups(groups, grace=1.0)
+        cancelled = dataclasses.replace(status, state=JobState.CANCELLED, finished_at=time.time(),
+                                        message="cancelled; the supervisor did not respond and was killed")
+        job_dir.write_status(cancelled)
+        return cancelled
+
+    def _wait_supervisor(self, name: str) -> None:
+        proc = self._supervisors.pop(name, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def jobs(self) -> list[JobStatus]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            if (path / "plan.json").is_file():
+                try:
+                    found.append(self.status(path.name))
+                except (OSError, ValueError):
+                    continue  # a directory being written right now
+        return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
+
+    def spec_of(self, name: str) -> JobSpec:
+        return JobSpec.from_dict(json.loads(self._dir(name).spec.read_text()))
+
+    def close(self) -> None:
+        for name in list(self._supervisors):
+            self._reap(name)

@@ -1,0 +1,126 @@
+"""The on-disk record of one local job, shared by the supervisor and any Python process.
+
+Layout of ``$DSNB_HOME/jobs/<name>/`` (``DSNB_HOME`` defaults to ``~/.dsnb``)::
+
+    spec.json        the submitted JobSpec (unique name, DeepSpeed config inlined)
+    plan.json        the rendered rank commands
+    ds_config.json   the checked DeepSpeed config (``DSNB_DEEPSPEED_CONFIG`` points here)
+    status.json      the latest JobStatus, written atomically by the supervisor
+    rank-<i>.log     each rank's output, one "<epoch seconds> <text>" line per line
+    metrics.jsonl    metric samples parsed from the output
+    supervisor.log   the supervisor's own output (empty unless something is wrong)
+    cancel           present once a cancel was requested
+
+Example:
+    >>> import tempfile
+    >>> d = JobDir(Path(tempfile.mkdtemp()) / "jobs" / "demo-x1y2")
+    >>> d.rank_log(3).name
+    'rank-3.log'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsnb.status import JobStatus
+
+
+def dsnb_home() -> Path:
+    """Root of dsnb's local state: ``$DSNB_HOME`` or ``~/.dsnb``."""
+    return Path(os.environ.get("DSNB_HOME") or Path.home() / ".dsnb")
+
+
+def jobs_root() -> Path:
+    """Directory holding one sub-directory per local job."""
+    return dsnb_home() / "jobs"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old or the new file, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_log_line(when: float, text: str) -> str:
+    """One line of a rank log file."""
+    return f"{when:.6f} {text}\n"
+
+
+def parse_log_line(line: str) -> tuple[float, str]:
+    """Inverse of :func:`format_log_line` (tolerates a line written by something else)."""
+    stamp, _, text = line.rstrip("\n").partition(" ")
+    try:
+        return float(stamp), text
+    except ValueError:
+        return 0.0, line.rstrip("\n")
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """Paths of one job's directory."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def spec(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.path / "ds_config.json"
+
+    @property
+    def status(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.path / "supervisor.log"
+
+    @property
+    def cancel_request(self) -> Path:
+        return self.path / "cancel"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.path / f"rank-{rank}.log"
+
+    def read_status(self) -> JobStatus | None:
+        """The last written status, or None before the first one."""
+        try:
+            return JobStatus.from_dict(json.loads(self.status.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def write_status(self, status: JobStatus, **extra: Any) -> None:
+        """Atomically replace status.json; ``extra`` keys (pids) ride along."""
+        write_json_atomic(self.status, {**status.to_dict(), "_extra": extra})
+
+    def read_status_extra(self) -> dict[str, Any]:
+        """The bookkeeping stored beside the status (supervisor and rank process ids)."""
+        try:
+            return json.loads(self.status.read_text()).get("_extra", {})
+        except FileNotFoundError:
+            return {}

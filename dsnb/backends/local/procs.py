@@ -1,0 +1,120 @@
+"""Process helpers: identity that survives pid reuse, and stopping whole process trees.
+
+Every rank runs in its own session (``start_new_session=True``), so its process group id
+equals its pid and ``killpg`` reaches the rank and everything it started (DataLoader
+workers, compiler jobs), even after the rank itself has exited.
+
+Example:
+    >>> import os
+    >>> is_alive(os.getpid(), process_start_time(os.getpid()))
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def process_start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (clock ticks since boot), or None if unknown/gone.
+
+    Used together with the pid to tell a process from a later one that reused its pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has exited; only its exit status is left to collect
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int | None, start_time: int | None = None) -> bool:
+    """True if ``pid`` runs and (when given) started at ``start_time``."""
+    if not pid:
+        return False
+    if Path("/proc").is_dir():
+        now = process_start_time(pid)
+        return now is not None and (start_time is None or now == start_time)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of process group ``pgid`` exists (zombies aside)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if Path("/proc").is_dir():
+        # killpg(…, 0) also succeeds for a group made only of zombies awaiting their parent.
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+        return False
+    return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to process group ``pgid``; a group that is gone is fine."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_groups(pgids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM every group, wait up to ``grace`` seconds, then SIGKILL what is left.
+
+    Example:
+        >>> stop_groups([], grace=0.1)
+    """
+    for pgid in pgids:
+        signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    remaining = list(pgids)
+    while remaining and time.monotonic() < deadline:
+        remaining = [g for g in remaining if group_alive(g)]
+        if remaining:
+            time.sleep(0.05)
+    for pgid in remaining:
+        signal_group(pgid, signal.SIGKILL)
+
+
+def describe_exit(code: int) -> str:
+    """Human words for a Popen return code.
+
+    Example:
+        >>> describe_exit(3), describe_exit(-9)
+        ('exited with code 3', 'was killed by SIGKILL (out of memory, or killed by hand)')
+    """
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    words = f"was killed by {name}"
+    if -code == signal.SIGKILL:
+        words += " (out of memory, or killed by hand)"
+    elif -code == signal.SIGSEGV:
+        words += " (a crash in native code)"
+    return words

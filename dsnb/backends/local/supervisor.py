@@ -1,0 +1,300 @@
+"""The supervisor of one local job: a small detached process that owns the ranks.
+
+``python -m dsnb.backends.local.supervisor JOB_DIR`` starts every rank of the plan in its
+own process group, copies each rank's output line by line into ``rank-<i>.log`` (with a
+timestamp) while parsing metric lines into ``metrics.jsonl``, and writes ``status.json``
+as the job moves. It runs in its own session, so the job outlives the notebook kernel
+that launched it and any Python process can attach to it through the job directory.
+
+When one rank exits non-zero the others are stopped at once (not after a collective
+timeout) and the job fails naming that rank, its exit code and its last lines, or the
+whole job restarts while ``max_restarts`` allows. SIGTERM (sent by ``cancel``) stops
+every rank's process group and records CANCELLED.
+
+It imports neither torch nor DeepSpeed, so it adds little to a job's start-up.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from dsnb.backends.local.jobdir import JobDir, format_log_line, parse_log_line
+from dsnb.backends.local.procs import describe_exit, process_start_time, stop_groups
+from dsnb.metrics import MetricParser, sample_to_dict
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+POLL_S = 0.05
+LAST_LINES = 20
+MAX_LINE_BYTES = 64 * 1024
+KILL_GRACE_S = float(os.environ.get("DSNB_KILL_GRACE", "5"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the rendezvous port of one attempt)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
+    """The last ``count`` lines of a rank log, without their timestamps."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ()
+    lines = [parse_log_line(line)[1] for line in data.splitlines()[-count:]]
+    return tuple(line for line in lines if line.strip())
+
+
+class _OutputPump(threading.Thread):
+    """Copies one rank's pipe into its log file and feeds the metric parser."""
+
+    def __init__(self, rank: int, pipe: IO[bytes], log: IO[str], sink: "_MetricSink") -> None:
+        super().__init__(name=f"dsnb-rank-{rank}", daemon=True)
+        self.rank, self.pipe, self.log, self.sink = rank, pipe, log, sink
+        self.saw_output = threading.Event()
+
+    def run(self) -> None:
+        for raw in iter(lambda: self.pipe.readline(MAX_LINE_BYTES), b""):
+            now = time.time()
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.log.write(format_log_line(now, text))
+            self.log.flush()
+            self.saw_output.set()
+            self.sink.feed(self.rank, text, now)
+        self.pipe.close()
+
+
+class _MetricSink:
+    """Thread-safe writer of parsed metric samples."""
+
+    def __init__(self, path: Path) -> None:
+        self._parser = MetricParser()
+        self._lock = threading.Lock()
+        self._file = open(path, "a", buffering=1)
+
+    def feed(self, rank: int, text: str, when: float) -> None:
+        with self._lock:
+            samples = self._parser.feed(rank, text, when)
+            for sample in samples:
+                self._file.write(json.dumps(sample_to_dict(sample)) + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class Supervisor:
+    """Runs the ranks of one job directory to completion."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.dir = JobDir(job_dir)
+        self.plan: dict[str, Any] = json.loads(self.dir.plan.read_text())
+        self.name: str = self.plan["name"]
+        self.cancel_requested = threading.Event()
+        self.created_at: float = self.plan["created_at"]
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.exit_times: dict[int, float] = {}
+        self.pumps: list[_OutputPump] = []
+        self.replicas: list[ReplicaStatus] = []
+        self.sink = _MetricSink(self.dir.metrics)
+        self.logs = [open(self.dir.rank_log(r["rank"]), "a") for r in self.plan["ranks"]]
+
+    # -- status -------------------------------------------------------------------------
+    def _write(self, state: JobState, message: str = "", **failure: Any) -> None:
+        finished = time.time() if state.is_terminal() else None
+        status = JobStatus(
+            name=self.name,
+            backend="local",
+            state=state,
+            replicas=tuple(self.replicas),
+            message=message,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=finished,
+            restarts=self.restarts,
+            **failure,
+        )
+        self.dir.write_status(
+            status,
+            supervisor_pid=os.getpid(),
+            supervisor_start=process_start_time(os.getpid()),
+            rank_pgids=[p.pid for p in self.procs],
+        )
+
+    def _set_replicas(self, state: JobState) -> None:
+        self.replicas = [
+            ReplicaStatus(rank=r["rank"], state=state, pid=p.pid, host="localhost")
+            for r, p in zip(self.plan["ranks"], self.procs)
+        ]
+
+    def _mark_all(self, line: str) -> None:
+        now = time.time()
+        for log in self.logs:
+            log.write(format_log_line(now, line))
+            log.flush()
+
+    # -- one attempt ----------------------------------------------------------------------
+    def _spawn(self, port: int) -> None:
+        base_env = dict(os.environ)
+        self.procs, self.pumps = [], []
+        for rank_plan, log in zip(self.plan["ranks"], self.logs):
+            env = {**base_env, **rank_plan["env"], "MASTER_PORT": str(port)}
+            proc = subprocess.Popen(
+                rank_plan["argv"],
+                cwd=rank_plan["cwd"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            pump = _OutputPump(rank_plan["rank"], proc.stdout, log, self.sink)  # type: ignore[arg-type]
+            pump.start()
+            self.procs.append(proc)
+            self.pumps.append(pump)
+        self.exit_times = {}
+        for index, proc in enumerate(self.procs):
+            threading.Thread(target=self._note_exit, args=(index, proc), daemon=True).start()
+
+    def _note_exit(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        # Exact exit order tells the rank that died first from peers that fell with it.
+        proc.wait()
+        self.exit_times[index] = time.monotonic()
+
+    def _stop_all(self) -> None:
+        stop_groups([p.pid for p in self.procs], grace=KILL_GRACE_S)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        for pump in self.pumps:
+            pump.join(timeout=2)
+
+    def _cleanup_shm(self, port: int) -> None:
+        # DeepSpeed's CPU shared-memory all-reduce leaves one segment per rank behind.
+        pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{self.plan['master_addr']}_{port}_*"
+        for leftover in glob.glob(pattern):
+            Path(leftover).unlink(missing_ok=True)
+
+    def _attempt(self) -> tuple[str, dict[str, Any]]:
+        """Run all ranks once. Returns ("ok"|"failed"|"cancelled"|"timeout", failure info)."""
+        if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
+            return "cancelled", {}
+        port = free_port(self.plan["master_addr"])
+        self._spawn(port)
+        if self.started_at is None:
+            self.started_at = time.time()
+        self._set_replicas(JobState.STARTING)
+        self._write(JobState.STARTING, "ranks started, waiting for output")
+        running_written = False
+        timeout = self.plan.get("timeout")
+        try:
+            while True:
+                if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
+                    return "cancelled", {}
+                if timeout and time.time() - self.started_at > timeout:
+                    return "timeout", {}
+                codes = [p.returncode if i in self.exit_times else None for i, p in enumerate(self.procs)]
+                failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    index = min(failed, key=lambda i: self.exit_times[i])
+                    code = self.procs[index].returncode
+                    rank = self.plan["ranks"][index]["rank"]
+                    self.pumps[index].join(timeout=2)
+                    return "failed", {"failed_rank": rank, "exit_code": code}
+                if all(c == 0 for c in codes):
+                    for pump in self.pumps:
+                        pump.join(timeout=5)
+                    return "ok", {}
+                if not running_written and any(p.saw_output.is_set() for p in self.pumps):
+                    self._set_replicas(JobState.RUNNING)
+                    self._write(JobState.RUNNING)
+                    running_written = True
+                time.sleep(POLL_S)
+        finally:
+            still_running = {i for i in range(len(self.procs)) if i not in self.exit_times}
+            self._stop_all()
+            self._cleanup_shm(port)
+            self._record_exits(still_running)
+
+    def _record_exits(self, stopped: set[int]) -> None:
+        """Per-rank outcome; ranks dsnb had to stop are CANCELLED, not blamed."""
+        replicas = []
+        for index, (r, p) in enumerate(zip(self.plan["ranks"], self.procs)):
+            code = p.returncode
+            if index in stopped:
+                state, message = JobState.CANCELLED, "stopped by dsnb"
+            else:
+                state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
+                message = "" if code == 0 else describe_exit(code)
+            replicas.append(ReplicaStatus(rank=r["rank"], state=state, exit_code=code, pid=p.pid, host="localhost", message=message))
+        self.replicas = replicas
+
+    # -- the whole job ----------------------------------------------------------------------
+    def run(self) -> JobState:
+        signal.signal(signal.SIGTERM, lambda *_: self.cancel_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self.cancel_requested.set())
+        max_restarts = int(self.plan.get("max_restarts", 0))
+        try:
+            while True:
+                outcome, failure = self._attempt()
+                if outcome == "ok":
+                    self._write(JobState.SUCCEEDED, f"all {len(self.procs)} ranks exited with code 0")
+                    return JobState.SUCCEEDED
+                if outcome == "cancelled":
+                    self._mark_all("[dsnb] job cancelled; all ranks stopped")
+                    self._write(JobState.CANCELLED, "cancelled by request; all ranks stopped")
+                    return JobState.CANCELLED
+                if outcome == "timeout":
+                    message = f"timed out after {self.plan['timeout']:g} s (JobSpec.timeout); all ranks stopped"
+                    self._mark_all(f"[dsnb] {message}")
+                    self._write(JobState.FAILED, message)
+                    return JobState.FAILED
+                rank, code = failure["failed_rank"], failure["exit_code"]
+                message = f"rank {rank} {describe_exit(code)}"
+                last = tail_lines(self.dir.rank_log(rank))
+                if self.restarts < max_restarts:
+                    self.restarts += 1
+                    self._mark_all(f"[dsnb] {message}; restarting all ranks (restart {self.restarts} of {max_restarts})")
+                    continue
+                self._write(JobState.FAILED, message, failed_rank=rank, exit_code=code, last_lines=last)
+                return JobState.FAILED
+        except Exception as e:  # the status must never stay "running" behind a dead supervisor
+            self._write(JobState.FAILED, f"dsnb supervisor error: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self.sink.close()
+            for log in self.logs:
+                log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m dsnb.backends.local.supervisor JOB_DIR``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m dsnb.backends.local.supervisor JOB_DIR", file=sys.stderr)
+        return 2
+    state = Supervisor(Path(args[0])).run()
+    return 0 if state == JobState.SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

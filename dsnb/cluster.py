@@ -1,0 +1,90 @@
+"""The :class:`Cluster` facade: one object to launch, find and stop jobs on any backend.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> cluster = Cluster()                      # the local backend: this machine
+    >>> plan = cluster.dryrun(JobSpec(name="hello", command=["python", "-c", "print(1)"]))
+    >>> plan.backend
+    'local'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsnb.backends.base import Backend, Plan, load_backend
+from dsnb.job import Job
+from dsnb.spec import JobSpec
+from dsnb.status import JobStatus
+
+
+class Cluster:
+    """A thin dispatcher over one backend.
+
+    Args:
+        backend: a registered backend name (``"local"`` by default), or a Backend instance.
+        **options: passed to the backend's constructor (e.g. ``home=`` for local).
+
+    Raises:
+        BackendUnavailable: unknown backend, or its optional dependencies are missing.
+
+    Example:
+        >>> Cluster("local")
+        Cluster(backend='local')
+    """
+
+    def __init__(self, backend: str | Backend = "local", **options: Any) -> None:
+        if isinstance(backend, Backend):
+            if options:
+                raise TypeError("options go to the backend's constructor; pass a name, not an instance")
+            self.backend = backend
+        else:
+            self.backend = load_backend(backend)(**options)
+
+    def dryrun(self, spec: JobSpec) -> Plan:
+        """What ``submit`` would do; nothing is started or created. ``print(plan)`` shows it.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend.
+        """
+        return self.backend.dryrun(spec)
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Start ``spec`` under a unique name and return its handle.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend; nothing was started.
+            DsnbError: the backend refused the job.
+
+        Example:
+            >>> job = Cluster().submit(spec)  # doctest: +SKIP
+            >>> job.name                       # doctest: +SKIP
+            'tiny-gpt-x7k2'
+        """
+        return Job(self.backend, self.backend.submit(spec))
+
+    def jobs(self) -> list[JobStatus]:
+        """Statuses of this backend's jobs, newest first."""
+        return self.backend.jobs()
+
+    def attach(self, name: str) -> Job:
+        """A handle on an existing job, e.g. after a kernel restart.
+
+        Raises:
+            JobNotFound: no job of that name.
+        """
+        self.backend.status(name)  # raises JobNotFound early
+        return Job(self.backend, name)
+
+    def close(self) -> None:
+        """Release the backend's clients; running jobs keep running."""
+        self.backend.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Cluster(backend={self.backend.name!r})"

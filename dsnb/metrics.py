@@ -1,0 +1,132 @@
+"""Metrics: :func:`report` for training scripts, and the parser that finds samples in logs.
+
+A metric travels the way logs do, as one tagged JSON line on stdout, so it reaches the
+notebook from every backend (a local process, a pod, a Ray worker) with no side channel.
+DeepSpeed's own progress lines are recognised too.
+
+Example:
+    >>> parser = MetricParser()
+    >>> [(s.step, s.name, s.value) for s in parser.feed(0, 'DSNB_METRIC {"step": 3, "loss": 2.5}')]
+    [(3, 'loss', 2.5)]
+    >>> line = "[Rank 0] step=10, skipped=0, lr=[0.001], mom=[(0.9, 0.999)]"
+    >>> [(s.step, s.name, s.value) for s in parser.feed(0, line)]
+    [(10, 'lr', 0.001), (10, 'skipped', 0.0)]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, TextIO
+
+from dsnb.status import MetricSample
+
+#: Prefix of the line :func:`report` prints.
+METRIC_TAG = "DSNB_METRIC "
+
+_DS_STEP = re.compile(r"\bstep=(\d+), skipped=(\d+), lr=\[([^\],]+)")
+_DS_THROUGHPUT = re.compile(r"global_step=(\d+), RunningAvgSamplesPerSec=([0-9.eE+-]+), CurrSamplesPerSec=([0-9.eE+-]+)")
+_DS_TIMERS = re.compile(r"time \(ms\) \|(.*)")
+_DS_TIMER_ITEM = re.compile(r"\s*([A-Za-z_]+): ([0-9.]+)")
+_RANK_IN_LINE = re.compile(r"\[Rank (\d+)\]")
+
+
+def report(step: int, *, file: TextIO | None = None, **values: float) -> None:
+    """Emit one metric sample from a training script, on any backend.
+
+    Call it from any rank; the sample carries that rank. ``total_steps=N`` is shown as
+    progress by the views rather than plotted.
+
+    Args:
+        step: the training step (an integer that grows).
+        file: where to write; standard output by default.
+        **values: metric names and numbers, e.g. ``loss=2.31, tokens_per_s=5100``.
+
+    Raises:
+        ValueError: a step that is not an int, no values, or a value that is not a number.
+
+    Example:
+        >>> import io; out = io.StringIO()
+        >>> report(step=1, loss=2.5, file=out)
+        >>> out.getvalue()
+        'DSNB_METRIC {"step": 1, "loss": 2.5}\\n'
+    """
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"dsnb.report: step must be an int, got {step!r}")
+    if not values:
+        raise ValueError("dsnb.report: give at least one value, e.g. report(step=1, loss=2.3)")
+    record: dict[str, Any] = {"step": step}
+    for name, value in values.items():
+        try:
+            record[name] = float(value)  # tensors and numpy scalars convert too
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"dsnb.report: {name}={value!r} is not a number") from e
+    out = file if file is not None else sys.stdout
+    out.write(METRIC_TAG + json.dumps(record, allow_nan=True) + "\n")
+    out.flush()
+
+
+def current_rank() -> int:
+    """This process's global rank from the environment (0 outside a job)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class MetricParser:
+    """Turns log lines into metric samples; one parser per job (it remembers the last step).
+
+    Recognises :func:`report` lines and DeepSpeed's progress lines: ``step=N, skipped=K, lr=[..]``,
+    ``RunningAvgSamplesPerSec=..`` and the ``time (ms) | fwd: ..`` breakdown (which carries no
+    step, so it takes the last step seen from that rank).
+    """
+
+    def __init__(self) -> None:
+        self._last_step: dict[int, int] = {}
+
+    def feed(self, rank: int, text: str, when: float | None = None) -> list[MetricSample]:
+        """Samples found in one line of output of ``rank`` (usually none)."""
+        when = time.time() if when is None else when
+        at = text.find(METRIC_TAG)
+        if at >= 0:
+            return self._parse_report(rank, text[at + len(METRIC_TAG):], when)
+        if "step=" not in text and "time (ms)" not in text:
+            return []  # fast path: most lines carry no metric
+        rank_match = _RANK_IN_LINE.search(text)
+        if rank_match:
+            rank = int(rank_match.group(1))
+        samples: list[MetricSample] = []
+        if m := _DS_STEP.search(text):
+            step = int(m.group(1))
+            self._last_step[rank] = step
+            samples.append(MetricSample(step, "lr", float(m.group(3)), rank, when))
+            samples.append(MetricSample(step, "skipped", float(m.group(2)), rank, when))
+        elif m := _DS_THROUGHPUT.search(text):
+            step = int(m.group(1))
+            self._last_step[rank] = step
+            samples.append(MetricSample(step, "samples_per_sec", float(m.group(3)), rank, when))
+            samples.append(MetricSample(step, "avg_samples_per_sec", float(m.group(2)), rank, when))
+        elif m := _DS_TIMERS.search(text):
+            step = self._last_step.get(rank, 0)
+            for name, value in _DS_TIMER_ITEM.findall(m.group(1)):
+                samples.append(MetricSample(step, f"time_ms/{name}", float(value), rank, when))
+        return samples
+
+    def _parse_report(self, rank: int, payload: str, when: float) -> list[MetricSample]:
+        try:
+            record = json.loads(payload)
+            step = int(record.pop("step"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []
+        self._last_step[rank] = step
+        return [
+            MetricSample(step, name, float(value), rank, when)
+            for name, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+
+
+def sample_to_dict(sample: MetricSample) -> dict[str, Any]:
+    """JSON-ready form of a sample (used for the local job directory)."""
+    return {"step": sample.step, "name": sample.name, "value": sample.value, "rank": sample.rank, "time": sample.time}

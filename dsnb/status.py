@@ -1,0 +1,145 @@
+"""Job states and the records every backend reports: statuses, log lines, metric samples.
+
+Example:
+    >>> from dsnb.status import JobState
+    >>> JobState.RUNNING.is_terminal(), JobState.FAILED.is_terminal()
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class JobState(str, enum.Enum):
+    """Life cycle of a job: ``PENDING → STARTING → RUNNING → SUCCEEDED | FAILED | CANCELLED``."""
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    def is_terminal(self) -> bool:
+        """True for SUCCEEDED, FAILED and CANCELLED."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """State of one rank (local) or one replica/pod (clusters).
+
+    Example:
+        >>> ReplicaStatus(rank=1, state=JobState.FAILED, exit_code=3).exit_code
+        3
+    """
+
+    rank: int
+    state: JobState
+    exit_code: int | None = None
+    pid: int | None = None
+    host: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of a job.
+
+    ``failed_rank``, ``exit_code`` and ``last_lines`` are set when the job failed
+    because one rank did; :meth:`diagnosis` turns them into one readable message.
+
+    Example:
+        >>> s = JobStatus(name="a-x1", backend="local", state=JobState.FAILED,
+        ...               message="rank 1 exited with code 3", failed_rank=1,
+        ...               exit_code=3, last_lines=("boom",))
+        >>> print(s.diagnosis())
+        job 'a-x1' FAILED: rank 1 exited with code 3
+        last lines of rank 1:
+          boom
+    """
+
+    name: str
+    backend: str
+    state: JobState
+    replicas: tuple[ReplicaStatus, ...] = ()
+    message: str = ""
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    failed_rank: int | None = None
+    exit_code: int | None = None
+    last_lines: tuple[str, ...] = ()
+    restarts: int = 0
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds from start to finish (or to now while running); None before start."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.finished_at is not None else time.time()
+        return max(0.0, end - self.started_at)
+
+    def diagnosis(self) -> str:
+        """One message: state, cause, and the failing rank's last lines."""
+        text = f"job {self.name!r} {self.state.value}"
+        if self.message:
+            text += f": {self.message}"
+        if self.last_lines:
+            who = f"rank {self.failed_rank}" if self.failed_rank is not None else "the job"
+            text += f"\nlast lines of {who}:\n" + "\n".join(f"  {line}" for line in self.last_lines)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (states as strings)."""
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["replicas"] = [{**asdict(r), "state": r.state.value} for r in self.replicas]
+        data["last_lines"] = list(self.last_lines)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobStatus":
+        """Inverse of :meth:`to_dict`."""
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        replicas = tuple(
+            ReplicaStatus(**{**r, "state": JobState(r["state"])}) for r in data.get("replicas", ())
+        )
+        return cls(
+            **{
+                **data,
+                "state": JobState(data["state"]),
+                "replicas": replicas,
+                "last_lines": tuple(data.get("last_lines", ())),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of output from one rank; ``time`` is seconds since the epoch."""
+
+    rank: int
+    text: str
+    time: float = field(default_factory=time.time)
+
+    def __str__(self) -> str:
+        return f"[rank {self.rank}] {self.text}"
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value of one metric at one step, from one rank."""
+
+    step: int
+    name: str
+    value: float
+    rank: int = 0
+    time: float = field(default_factory=time.time)
