@@ -80,7 +80,7 @@ class Cluster:
         """Release the backend's clients; running jobs keep running."""
         self.backend.close()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

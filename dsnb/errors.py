@@ -76,7 +76,7 @@ class JobFailed(DsnbError):
     The message names the failing rank, its exit code and its last log lines.
     """
 
-    def __init__(self, status: "JobStatus") -> None:
+    def __init__(self, status: JobStatus) -> None:
         self.status = status
         super().__init__(status.diagnosis())
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import collections
 import html
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from dsnb.errors import JobFailed, WaitTimeout
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
@@ -38,13 +39,13 @@ class Job:
         name: the job's unique name.
     """
 
-    def __init__(self, backend: "Backend", name: str) -> None:
+    def __init__(self, backend: Backend, name: str) -> None:
         self.backend = backend
         self.name = name
-        self._spec: "JobSpec | None" = None
+        self._spec: JobSpec | None = None
 
     @property
-    def spec(self) -> "JobSpec":
+    def spec(self) -> JobSpec:
         """The spec it was submitted with.
 
         Raises:

@@ -261,7 +261,7 @@ class JobSpec:
         """The checked DeepSpeed config with the batch triple filled, or None."""
         return self._deepspeed_config
 
-    def with_unique_name(self) -> "JobSpec":
+    def with_unique_name(self) -> JobSpec:
         """A copy named ``<name>-<4 random characters>``, as every submit does.
 
         Example:
@@ -279,7 +279,7 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         """Build a spec from :meth:`to_dict` output (or hand-written JSON/YAML).
 
         Raises:

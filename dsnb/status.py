@@ -106,7 +106,7 @@ class JobStatus:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobStatus":
+    def from_dict(cls, data: dict[str, Any]) -> JobStatus:
         """Inverse of :meth:`to_dict`."""
         data = {k: v for k, v in data.items() if not k.startswith("_")}
         replicas = tuple(

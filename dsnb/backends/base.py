@@ -22,7 +22,7 @@ import abc
 import importlib
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -193,7 +193,7 @@ class Backend(abc.ABC):
     def spec_of(self, name: str) -> JobSpec:
         """The spec a job was submitted with (used by ``attach``). Raises: JobNotFound."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a backend holds resources
         """Release clients and background threads; running jobs keep running."""
 
 

@@ -63,7 +63,7 @@ def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
 class _OutputPump(threading.Thread):
     """Copies one rank's pipe into its log file and feeds the metric parser."""
 
-    def __init__(self, rank: int, pipe: IO[bytes], log: IO[str], sink: "_MetricSink") -> None:
+    def __init__(self, rank: int, pipe: IO[bytes], log: IO[str], sink: _MetricSink) -> None:
         super().__init__(name=f"dsnb-rank-{rank}", daemon=True)
         self.rank, self.pipe, self.log, self.sink = rank, pipe, log, sink
         self.saw_output = threading.Event()

@@ -1,0 +1,364 @@
+"""The ``dsnb`` command: run, watch, list, follow and stop jobs from a terminal.
+
+Examples::
+
+    dsnb run train.py --procs 2 --deepspeed ds_config.json     # live view until it ends
+    dsnb run train.py --procs 2 --detach                       # start it and return
+    dsnb jobs                                                  # table of jobs
+    dsnb logs train-x7k2 -f --rank 1                           # follow one rank
+    dsnb status train-x7k2
+    dsnb cancel train-x7k2
+    dsnb dryrun train.py --procs 2                             # the commands, nothing started
+    dsnb demo                                                  # the bundled tiny GPT, 2 ranks
+
+Options of ``run`` and ``dryrun`` may come before or after SCRIPT; every other argument goes
+to the script. Put script arguments that share a name with a dsnb option after ``--``.
+
+Exit codes: 0 the job SUCCEEDED (or the command did its work), 1 the job FAILED or was
+cancelled, or a dsnb error, 2 invalid input (nothing started), 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+
+import dsnb
+from dsnb.cluster import Cluster
+from dsnb.console.view import format_duration, jobs_table, render, status_view
+from dsnb.errors import DsnbError, InvalidSpecError
+from dsnb.job import Job
+from dsnb.monitor import JobMonitor
+from dsnb.spec import JobSpec, Resources, suggest_name
+from dsnb.status import JobState, JobStatus
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+REFRESH_S = 0.25
+DEMO_NAME = "tiny-gpt"
+
+#: Spec fields and the options that set them, to point at the option in error messages.
+_OPTION_OF_FIELD = {
+    "name": "--name", "nodes": "--nodes", "procs_per_node": "--procs", "deepspeed": "--deepspeed",
+    "env": "--env", "timeout": "--timeout", "max_restarts": "--max-restarts", "script": "SCRIPT",
+    "working_dir": "--working-dir", "resources.gpus": "--gpus",
+}
+
+
+@dataclass
+class _Ui:
+    out: Console
+    err: Console
+
+
+def examples_dir() -> Path:
+    """The ``examples/`` directory of the dsnb checkout this package was installed from.
+
+    Example:
+        >>> examples_dir().name
+        'examples'
+    """
+    return Path(dsnb.__file__).resolve().parents[1] / "examples"
+
+
+# -- argument parsing ------------------------------------------------------------------------
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("script", nargs="?", help="Python script to run on every rank (arguments after it go to it)")
+    parser.add_argument("--procs", type=int, default=1, metavar="N", help="ranks per node (default 1)")
+    parser.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
+    parser.add_argument("--deepspeed", metavar="CFG", help="DeepSpeed config: a JSON file, or inline JSON")
+    parser.add_argument("--name", help="job name (default: from the script's file name); a unique suffix is added")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for every rank (repeatable)")
+    parser.add_argument("--timeout", type=float, metavar="S", help="stop the job and mark it FAILED after S seconds")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all ranks up to K times after a failure")
+    parser.add_argument("--gpus", type=int, default=0, metavar="G", help="GPUs per node (default 0: CPU with gloo)")
+    parser.add_argument("--working-dir", metavar="DIR", help="where the ranks start (default: the current directory)")
+    parser.add_argument("--backend", default="local", help="backend name (default: local)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo)."""
+    parser = argparse.ArgumentParser(
+        prog="dsnb", description="Launch, watch and stop distributed DeepSpeed jobs.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"dsnb {dsnb.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start a job and watch it until it ends", allow_abbrev=False)
+    _add_job_options(run)
+    run.add_argument("--detach", action="store_true", help="start the job and return at once")
+
+    dry = sub.add_parser("dryrun", help="show what run would start; start nothing", allow_abbrev=False)
+    _add_job_options(dry)
+
+    jobs = sub.add_parser("jobs", help="list jobs", allow_abbrev=False)
+    jobs.add_argument("--backend", default="local")
+
+    logs = sub.add_parser("logs", help="print a job's log lines", allow_abbrev=False)
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--rank", type=int, help="only this rank")
+    logs.add_argument("--tail", type=int, metavar="N", help="start with the last N lines")
+    logs.add_argument("--backend", default="local")
+
+    for name, text in (("status", "show a job's status"), ("cancel", "stop a job and everything it started")):
+        cmd = sub.add_parser(name, help=text, allow_abbrev=False)
+        cmd.add_argument("name")
+        cmd.add_argument("--backend", default="local")
+
+    demo = sub.add_parser("demo", help="run the bundled tiny GPT example on 2 ranks", allow_abbrev=False)
+    demo.add_argument("--detach", action="store_true", help="start the job and return at once")
+    demo.add_argument("--backend", default="local")
+    return parser
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidSpecError("env", f"{item!r} is not KEY=VALUE", "write --env KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _parse_deepspeed(value: str | None) -> dict | str | None:
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise InvalidSpecError("deepspeed", f"inline JSON is invalid ({e.msg} at column {e.colno})", "pass a JSON file or valid JSON") from e
+
+
+def spec_from_args(args: argparse.Namespace, script_args: list[str]) -> JobSpec:
+    """The JobSpec that ``run``/``dryrun`` options describe.
+
+    Raises:
+        InvalidSpecError: an invalid option value (the field and the fix named).
+
+    Example:
+        >>> ns = build_parser().parse_args(["run", "train.py", "--procs", "2"])
+        >>> spec_from_args(ns, ["--lr", "0.1"])
+        JobSpec(name='train', script='train.py', args=['--lr', '0.1'], procs_per_node=2)
+    """
+    return JobSpec(
+        name=args.name or suggest_name(Path(args.script).stem),
+        script=args.script,
+        args=script_args,
+        working_dir=args.working_dir,
+        nodes=args.nodes,
+        procs_per_node=args.procs,
+        resources=Resources(gpus=args.gpus),
+        env=_parse_env(args.env),
+        deepspeed=_parse_deepspeed(args.deepspeed),
+        max_restarts=args.max_restarts,
+        timeout=args.timeout,
+    )
+
+
+# -- output helpers ----------------------------------------------------------------------------
+def _error(ui: _Ui, message: str) -> None:
+    ui.err.print(f"[bold red]error:[/] [red]{escape(message)}[/]", soft_wrap=True)
+
+
+def _spec_error(ui: _Ui, e: InvalidSpecError) -> int:
+    option = _OPTION_OF_FIELD.get(e.field) or _OPTION_OF_FIELD.get(e.field.split(".")[0])
+    _error(ui, f"{e} (option {option})" if option else str(e))
+    return EXIT_USAGE
+
+
+def _plain(console: Console, text: str, style: str | None = None) -> None:
+    console.print(text, style=style, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+# -- commands --------------------------------------------------------------------------------
+def _outcome(ui: _Ui, status: JobStatus) -> int:
+    elapsed = format_duration(status.elapsed)
+    if status.state == JobState.SUCCEEDED:
+        _plain(ui.out, f"job {status.name} SUCCEEDED in {elapsed}", style="bold green")
+        return EXIT_OK
+    if status.state == JobState.FAILED:
+        _plain(ui.err, status.diagnosis(), style="red")
+        return EXIT_FAILED
+    _plain(ui.err, f"job {status.name} {status.state.value}: {status.message}", style="magenta")
+    return EXIT_FAILED
+
+
+def watch(job: Job, ui: _Ui, refresh: float = REFRESH_S) -> int:
+    """Show the live view of ``job`` until it ends; Ctrl-C cancels it.
+
+    Returns:
+        The exit code: 0 SUCCEEDED, 1 FAILED or CANCELLED, 130 interrupted (job cancelled).
+
+    Raises:
+        DsnbError: the job disappeared while being watched.
+    """
+    monitor = JobMonitor(job)
+    try:
+        with Live(render(monitor), console=ui.out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
+            while True:
+                monitor.poll()
+                live.update(render(monitor, now=time.time()), refresh=True)
+                if monitor.done:
+                    break
+                time.sleep(refresh)
+    except KeyboardInterrupt:
+        _plain(ui.err, f"Ctrl-C: cancelling job {job.name} ...", style="yellow")
+        status = job.cancel()
+        _plain(ui.err, f"job {job.name} {status.state.value}: {status.message}", style="yellow")
+        return EXIT_INTERRUPTED
+    assert monitor.status is not None  # set by the first poll
+    return _outcome(ui, monitor.status)
+
+
+def _submit_and_watch(ui: _Ui, backend: str, spec: JobSpec, detach: bool) -> int:
+    with Cluster(backend) as cluster:
+        job = cluster.submit(spec)
+        if detach:
+            _plain(ui.out, job.name)
+            _plain(ui.err, f"started; follow it with: dsnb logs {job.name} -f   (stop it with: dsnb cancel {job.name})")
+            return EXIT_OK
+        return watch(job, ui)
+
+
+def _cmd_run(ui: _Ui, args: argparse.Namespace, script_args: list[str]) -> int:
+    try:
+        spec = spec_from_args(args, script_args)
+        if args.command == "dryrun":
+            with Cluster(args.backend) as cluster:
+                _plain(ui.out, str(cluster.dryrun(spec)))
+            return EXIT_OK
+        return _submit_and_watch(ui, args.backend, spec, args.detach)
+    except InvalidSpecError as e:
+        return _spec_error(ui, e)
+
+
+def _cmd_demo(ui: _Ui, args: argparse.Namespace) -> int:
+    folder = examples_dir() / "tiny_gpt"
+    script, config = folder / "train.py", folder / "ds_config.json"
+    missing = [p.name for p in (script, config) if not p.is_file()]
+    if missing:
+        _error(
+            ui,
+            f"the demo needs {' and '.join(missing)} in {folder}, which this installation lacks; "
+            "run it from a dsnb source checkout (git clone, then pip install -e '.[local]')",
+        )
+        return EXIT_FAILED
+    try:
+        spec = JobSpec(name=DEMO_NAME, script=script.name, working_dir=str(folder), procs_per_node=2, deepspeed=str(config))
+        return _submit_and_watch(ui, args.backend, spec, args.detach)
+    except InvalidSpecError as e:
+        return _spec_error(ui, e)
+
+
+def _cmd_jobs(ui: _Ui, args: argparse.Namespace) -> int:
+    with Cluster(args.backend) as cluster:
+        statuses = cluster.jobs()
+    if not statuses:
+        _plain(ui.out, "no jobs yet; start one with: dsnb run SCRIPT")
+    else:
+        ui.out.print(jobs_table(statuses))
+    return EXIT_OK
+
+
+def _cmd_logs(ui: _Ui, args: argparse.Namespace) -> int:
+    with Cluster(args.backend) as cluster:
+        job = cluster.attach(args.name)
+        out = ui.out.file
+        try:
+            for line in job.logs(rank=args.rank, follow=args.follow, tail=args.tail):
+                out.write(f"{line}\n")
+                if args.follow:
+                    out.flush()
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED  # stop following; the job keeps running
+        out.flush()
+    return EXIT_OK
+
+
+def _cmd_status(ui: _Ui, args: argparse.Namespace) -> int:
+    with Cluster(args.backend) as cluster:
+        ui.out.print(status_view(cluster.attach(args.name).status()))
+    return EXIT_OK
+
+
+def _cmd_cancel(ui: _Ui, args: argparse.Namespace) -> int:
+    with Cluster(args.backend) as cluster:
+        job = cluster.attach(args.name)
+        before = job.status().state
+        status = job.cancel()
+    if before.is_terminal():
+        _plain(ui.out, f"job {status.name} had already ended: {status.state.value}")
+    else:
+        _plain(ui.out, f"job {status.name} {status.state.value}: {status.message}")
+    return EXIT_OK
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
+def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
+    """Run the ``dsnb`` command line.
+
+    Args:
+        argv: the arguments after ``dsnb`` (``sys.argv[1:]`` if None).
+        console: where to print, both output and errors (stdout and stderr if None).
+
+    Returns:
+        The exit code (see the module docstring).
+
+    Raises:
+        Nothing on purpose: dsnb errors are printed and become exit code 1 (2 for invalid input).
+
+    Example:
+        >>> main(["dryrun", "train.py", "--procs", "2"])  # doctest: +SKIP
+        0
+    """
+    ui = _Ui(out=console or Console(highlight=False), err=console or Console(stderr=True, highlight=False))
+    head, tail = _split_script_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(head)
+        if args.command is None:
+            parser.print_help(ui.out.file)
+            return EXIT_USAGE
+        if args.command in ("run", "dryrun"):
+            if args.script is None and tail:
+                args.script = tail.pop(0)
+        elif extras or tail:
+            parser.error(f"unrecognized arguments: {' '.join(extras + tail)}")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    try:
+        if args.command in ("run", "dryrun"):
+            if args.script is None:
+                _error(ui, f"dsnb {args.command}: give the SCRIPT to run, e.g. dsnb {args.command} train.py --procs 2")
+                return EXIT_USAGE
+            return _cmd_run(ui, args, extras + tail)
+        command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo}
+        return command[args.command](ui, args)
+    except DsnbError as e:
+        _error(ui, str(e))
+        return EXIT_USAGE if isinstance(e, ImportError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The console view of one job: a pure function of a :class:`~dsnb.monitor.JobMonitor` and a time.
+
+Example:
+    >>> import io
+    >>> from rich.console import Console
+    >>> console = Console(file=io.StringIO(), width=100)
+    >>> console.print(render(monitor, now=time.time()))  # doctest: +SKIP
+    >>> "RUNNING" in console.file.getvalue()             # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from dsnb.monitor import JobMonitor
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+STATE_STYLES: dict[JobState, str] = {
+    JobState.PENDING: "yellow",
+    JobState.STARTING: "yellow",
+    JobState.RUNNING: "bold blue",
+    JobState.SUCCEEDED: "bold green",
+    JobState.FAILED: "bold red",
+    JobState.CANCELLED: "bold magenta",
+}
+
+
+def format_duration(seconds: float | None) -> str:
+    """A short human duration.
+
+    Example:
+        >>> format_duration(4.25), format_duration(125), format_duration(3725), format_duration(None)
+        ('4.2 s', '2m 05s', '1h 02m', '-')
+    """
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def format_time(epoch: float | None) -> str:
+    """Local wall-clock time of an epoch timestamp, ``YYYY-MM-DD HH:MM:SS`` (``-`` if None)."""
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_value(value: float) -> str:
+    """A metric value with four significant digits.
+
+    Example:
+        >>> format_value(2.318765), format_value(5100.0), format_value(1e-4)
+        ('2.319', '5100', '0.0001')
+    """
+    return f"{value:.4g}"
+
+
+def state_text(state: JobState) -> Text:
+    """The state word, coloured."""
+    return Text(state.value, style=STATE_STYLES.get(state, ""))
+
+
+def elapsed_of(status: JobStatus, now: float) -> float | None:
+    """Seconds from start to finish, or to ``now`` while running; None before start."""
+    if status.started_at is None:
+        return None
+    end = status.finished_at if status.finished_at is not None else now
+    return max(0.0, end - status.started_at)
+
+
+def _header(monitor: JobMonitor, status: JobStatus | None, now: float) -> Text:
+    text = Text()
+    text.append("dsnb job ", style="dim")
+    text.append(monitor.job.name, style="bold")
+    text.append(" on ", style="dim")
+    text.append(monitor.job.backend.name)
+    text.append("  ")
+    if status is None:
+        text.append("waiting for the first status", style="yellow")
+        return text
+    text.append_text(state_text(status.state))
+    elapsed = elapsed_of(status, now)
+    if elapsed is not None:
+        text.append(f"  elapsed {format_duration(elapsed)}")
+    elif status.created_at is not None:
+        text.append(f"  waiting {format_duration(max(0.0, now - status.created_at))}", style="dim")
+    if status.replicas:
+        text.append(f"  world size {len(status.replicas)}")
+    if status.restarts:
+        text.append(f"  restarts {status.restarts}", style="yellow")
+    if status.message:
+        text.append("\n")
+        text.append(status.message, style="dim")
+    return text
+
+
+def _progress(monitor: JobMonitor) -> RenderableType | None:
+    progress = monitor.progress
+    if progress is None:
+        return None
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=40)
+    grid.add_column()
+    grid.add_row(
+        ProgressBar(total=max(1, progress.total), completed=min(progress.step, progress.total), width=40),
+        Text(f"step {progress.step}/{progress.total}  {progress.fraction:.0%}"),
+    )
+    return grid
+
+
+def _metrics(monitor: JobMonitor, max_metrics: int) -> RenderableType | None:
+    latest = monitor.latest_metrics()
+    if not latest:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("rank", justify="right", no_wrap=True)
+    for name in monitor.metric_names()[:max_metrics]:
+        sample = latest[name]
+        table.add_row(name, format_value(sample.value), str(sample.step), str(sample.rank))
+    return table
+
+
+def _replica_title(rank: int, replica: ReplicaStatus | None) -> Text:
+    title = Text(f"rank {rank}")
+    if replica is not None:
+        title.append(" ")
+        title.append_text(state_text(replica.state))
+        if replica.exit_code is not None:
+            title.append(f" exit code {replica.exit_code}")
+    return title
+
+
+def _rank_logs(monitor: JobMonitor, status: JobStatus | None, lines_per_rank: int) -> list[RenderableType]:
+    replicas = {r.rank: r for r in status.replicas} if status is not None else {}
+    panels: list[RenderableType] = []
+    for rank in monitor.ranks():
+        body = Text(no_wrap=True, overflow="ellipsis")
+        lines = monitor.lines(rank, last=lines_per_rank)
+        for i, line in enumerate(lines):
+            if i:
+                body.append("\n")
+            body.append(line.text)  # plain text: a log line is never read as markup
+        if not lines:
+            body.append("(no output yet)", style="dim")
+        panels.append(Panel(body, title=_replica_title(rank, replicas.get(rank)), title_align="left", box=box.ROUNDED))
+    return panels
+
+
+def render(monitor: JobMonitor, now: float | None = None, lines_per_rank: int = 5, max_metrics: int = 12) -> RenderableType:
+    """The whole view of one job: header, progress, latest metrics, each rank's last lines.
+
+    It only reads ``monitor`` (call ``monitor.poll()`` first), so the same state renders the
+    same text: tests print it into a ``Console(file=io.StringIO())`` with a fixed ``now``.
+
+    Args:
+        monitor: the job's live state.
+        now: the current time for elapsed times (``time.time()`` if None).
+        lines_per_rank: log lines shown per rank.
+        max_metrics: metrics shown at most (in the order they first appeared).
+
+    Example:
+        >>> Console().print(render(monitor, now=time.time()))  # doctest: +SKIP
+    """
+    now = time.time() if now is None else now
+    with monitor.lock:
+        status = monitor.status
+    parts: list[RenderableType] = [_header(monitor, status, now)]
+    if monitor.error is not None:
+        parts.append(Text(f"monitor stopped: {type(monitor.error).__name__}: {monitor.error}", style="red"))
+    for part in (_progress(monitor), _metrics(monitor, max_metrics)):
+        if part is not None:
+            parts.append(part)
+    parts.extend(_rank_logs(monitor, status, lines_per_rank))
+    return Group(*parts)
+
+
+def jobs_table(statuses: list[JobStatus], now: float | None = None) -> Table:
+    """A table of jobs: name, state, created, elapsed, message.
+
+    Example:
+        >>> Console().print(jobs_table(Cluster().jobs()))  # doctest: +SKIP
+    """
+    now = time.time() if now is None else now
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("elapsed", justify="right", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for status in statuses:
+        table.add_row(
+            status.name,
+            state_text(status.state),
+            format_time(status.created_at),
+            format_duration(elapsed_of(status, now)),
+            Text(status.message),
+        )
+    return table
+
+
+def status_view(status: JobStatus, now: float | None = None) -> RenderableType:
+    """One job's status: state, times, message, and a row per rank.
+
+    Example:
+        >>> Console().print(status_view(job.status()))  # doctest: +SKIP
+    """
+    now = time.time() if now is None else now
+    head = Text()
+    head.append(status.name, style="bold")
+    head.append(f" ({status.backend})  ")
+    head.append_text(state_text(status.state))
+    head.append(f"  created {format_time(status.created_at)}  elapsed {format_duration(elapsed_of(status, now))}")
+    if status.restarts:
+        head.append(f"  restarts {status.restarts}")
+    parts: list[RenderableType] = [head]
+    if status.message:
+        parts.append(Text(status.message))
+    if status.replicas:
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("rank", "state", "exit code", "pid", "host", "message"):
+            table.add_column(column, no_wrap=column != "message")
+        for r in status.replicas:
+            table.add_row(
+                str(r.rank), state_text(r.state), "" if r.exit_code is None else str(r.exit_code),
+                "" if r.pid is None else str(r.pid), r.host or "", Text(r.message),
+            )
+        parts.append(table)
+    if status.state == JobState.FAILED and status.last_lines:
+        parts.append(Text(status.diagnosis(), style="red"))
+    return Group(*parts)

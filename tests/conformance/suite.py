@@ -1,0 +1,120 @@
+"""The conformance suite every backend passes (design.md §4, after fsspec's tests/abstract).
+
+A backend's test module subclasses :class:`BackendConformance` and provides three fixtures:
+
+- ``cluster``: a Cluster on that backend, ready to run the workload;
+- ``workload_spec``: a factory ``(mode) -> JobSpec`` running ``workload.py MODE`` on 2 ranks;
+- ``nothing_left``: a callable ``(job_name) -> list`` of whatever the job left running
+  or created (processes, pods, services); the suite requires it empty after cancel and end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dsnb import Cluster, InvalidSpecError, JobFailed, JobNotFound, JobSpec, JobState, WaitTimeout
+from dsnb.backends.base import available_backends
+
+WAIT_S = 120
+
+
+class BackendConformance:
+    """Behaviour the public contract promises on every backend."""
+
+    def test_backend_is_registered(self, cluster: Cluster) -> None:
+        assert cluster.backend.name in available_backends()
+
+    def test_dryrun_creates_nothing_and_renders(self, cluster: Cluster, workload_spec) -> None:
+        before = [s.name for s in cluster.jobs()]
+        spec = workload_spec("ok")
+        plan = cluster.dryrun(spec)
+        assert plan.name.startswith(spec.name + "-") and len(plan.name) == len(spec.name) + 5
+        assert plan.backend == cluster.backend.name
+        assert plan.name in str(plan)
+        assert yaml.safe_load_all(plan.to_yaml()) is not None and list(yaml.safe_load_all(plan.to_yaml()))
+        assert [s.name for s in cluster.jobs()] == before
+
+    def test_dryrun_names_are_unique(self, cluster: Cluster, workload_spec) -> None:
+        spec = workload_spec("ok")
+        assert cluster.dryrun(spec).name != cluster.dryrun(spec).name
+
+    def test_secrets_are_not_rendered(self, cluster: Cluster, workload_spec) -> None:
+        spec = workload_spec("ok")
+        spec.env["API_TOKEN"] = "tok-secret-value"
+        plan = cluster.dryrun(spec)
+        assert "tok-secret-value" not in str(plan) and "tok-secret-value" not in plan.to_yaml()
+        assert "tok-secret-value" not in repr(spec)
+
+    def test_success_logs_and_metrics(self, cluster: Cluster, workload_spec, nothing_left) -> None:
+        job = cluster.submit(workload_spec("ok"))
+        final = job.wait(timeout=WAIT_S)
+        assert final.state == JobState.SUCCEEDED
+        assert len(final.replicas) == 2 and all(r.state == JobState.SUCCEEDED for r in final.replicas)
+        texts = [line.text for line in job.logs()]
+        assert "hello from rank 0 of 2" in texts and "hello from rank 1 of 2" in texts
+        assert {line.rank for line in job.logs(rank=1)} == {1}
+        assert [line.text for line in job.logs(tail=1, rank=0)] == ["rank 0 done"]
+        losses = job.metrics("loss", rank=0)
+        assert [(s.step, s.value) for s in losses] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+        assert {s.rank for s in job.metrics("loss")} == {0, 1}
+        assert final.started_at is not None and final.finished_at is not None and final.elapsed >= 0
+        assert nothing_left(job.name) == []
+
+    def test_follow_yields_every_line_then_ends(self, cluster: Cluster, workload_spec) -> None:
+        job = cluster.submit(workload_spec("ok"))
+        texts = [line.text for line in job.logs(follow=True)]
+        assert job.status().state.is_terminal()
+        for rank in (0, 1):
+            assert f"hello from rank {rank} of 2" in texts and f"rank {rank} done" in texts
+
+    def test_failure_names_rank_exit_code_and_last_lines(self, cluster: Cluster, workload_spec, nothing_left) -> None:
+        job = cluster.submit(workload_spec("fail"))
+        with pytest.raises(JobFailed) as info:
+            job.wait(timeout=WAIT_S)
+        status = info.value.status
+        assert status.state == JobState.FAILED
+        assert status.failed_rank == 1 and status.exit_code == 3
+        assert any("marker-7f3a" in line for line in status.last_lines)
+        assert "rank 1" in str(info.value) and "3" in str(info.value) and "marker-7f3a" in str(info.value)
+        assert nothing_left(job.name) == []
+
+    def test_cancel_stops_everything_and_is_idempotent(self, cluster: Cluster, workload_spec, nothing_left) -> None:
+        job = cluster.submit(workload_spec("sleep"))
+        for line in job.logs(follow=True):
+            if line.text.startswith("started"):
+                break
+        assert job.cancel().state == JobState.CANCELLED
+        assert job.cancel().state == JobState.CANCELLED
+        assert job.status().state == JobState.CANCELLED
+        assert nothing_left(job.name) == []
+
+    def test_wait_timeout_leaves_job_running(self, cluster: Cluster, workload_spec) -> None:
+        job = cluster.submit(workload_spec("sleep"))
+        try:
+            with pytest.raises(WaitTimeout, match="keeps running"):
+                job.wait(timeout=0.3)
+            assert not job.status().state.is_terminal()
+        finally:
+            job.cancel()
+
+    def test_jobs_and_attach_find_a_job_by_name(self, cluster: Cluster, workload_spec) -> None:
+        job = cluster.submit(workload_spec("ok"))
+        job.wait(timeout=WAIT_S)
+        assert job.name in [s.name for s in cluster.jobs()]
+        again = cluster.attach(job.name)
+        assert again.status().state == JobState.SUCCEEDED
+        assert again.spec.name == job.name and again.spec.world_size == 2
+        assert [line.text for line in again.logs(rank=0)][:1] == ["hello from rank 0 of 2"]
+
+    def test_unknown_job_is_not_found(self, cluster: Cluster) -> None:
+        with pytest.raises(JobNotFound, match="cluster.jobs"):
+            cluster.attach("no-such-job-zzzz")
+
+    def test_invalid_spec_creates_nothing(self, cluster: Cluster, workload_spec) -> None:
+        before = [s.name for s in cluster.jobs()]
+        with pytest.raises(InvalidSpecError):
+            cluster.submit(JobSpec(**{**workload_spec("ok").to_dict(), "procs_per_node": 0}))
+        assert [s.name for s in cluster.jobs()] == before
+
+

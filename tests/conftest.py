@@ -1,0 +1,29 @@
+"""Shared fixtures: every test gets its own DSNB_HOME, and no job process may outlive a test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import job_processes  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def dsnb_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("dsnb-home")
+    monkeypatch.setenv("DSNB_HOME", str(home))
+    monkeypatch.setenv("DSNB_KILL_GRACE", "2")
+    yield home
+    # A test that leaves processes behind is a leak in dsnb or in the test: fail loudly, then clean up.
+    leftovers = job_processes(str(home))
+    for pid in leftovers:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"job processes survived the test: {leftovers}"

@@ -1,0 +1,85 @@
+"""Backend registry (lazy import, install hints, plugins) and dsnb's import without optional extras."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dsnb import BackendUnavailable, Cluster
+from dsnb.backends import base
+from dsnb.backends.base import available_backends, load_backend, register_backend, unregister_backend
+from dsnb.backends.local import LocalBackend
+
+
+def test_local_is_the_default() -> None:
+    assert isinstance(Cluster().backend, LocalBackend)
+    assert repr(Cluster()) == "Cluster(backend='local')"
+
+
+def test_unknown_backend_lists_the_known_ones() -> None:
+    with pytest.raises(BackendUnavailable, match=r"backend 'slurm': unknown backend; available: .*local") as info:
+        Cluster("slurm")
+    assert isinstance(info.value, ImportError)
+
+
+def test_missing_dependency_gives_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "needs_missing.py").write_text("import kubernetes_not_installed_xyz\nclass B: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_backend("needy", "needs_missing:B", extra="k8s")
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            load_backend("needy")
+        assert info.value.hint == "pip install 'dsnb[k8s]'"
+        assert "kubernetes_not_installed_xyz" in str(info.value) and "pip install 'dsnb[k8s]'" in str(info.value)
+    finally:
+        unregister_backend("needy")
+
+
+def test_registered_class_is_used_and_options_reach_it(tmp_path: Path) -> None:
+    register_backend("mine", LocalBackend)
+    try:
+        cluster = Cluster("mine", home=tmp_path)
+        assert "mine" in available_backends()
+        assert cluster.backend.root == tmp_path
+    finally:
+        unregister_backend("mine")
+    assert "mine" not in available_backends()
+
+
+def test_entry_point_plugins_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "_entry_points", lambda: {"plugged": "dsnb.backends.local:LocalBackend"})
+    assert "plugged" in available_backends()
+    assert load_backend("plugged") is LocalBackend
+
+
+def test_backend_options_are_checked() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'namespace'"):
+        Cluster("local", namespace="ml")
+
+
+NO_EXTRAS = textwrap.dedent("""
+    import sys
+    for name in ("torch", "deepspeed", "kubernetes", "ray", "ipywidgets"):
+        sys.modules[name] = None  # any import of them now fails, as when not installed
+    import dsnb
+    from dsnb import Cluster, JobSpec
+    spec = JobSpec(name="x", command=["true"], procs_per_node=2, deepspeed={"train_micro_batch_size_per_gpu": 4})
+    print("plan", Cluster().dryrun(spec).name.startswith("x-"))
+    print("config", spec.deepspeed_config["train_batch_size"])
+""")
+
+
+def test_import_without_torch_kubernetes_or_ray() -> None:
+    run = subprocess.run([sys.executable, "-c", NO_EXTRAS], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "plan True" in run.stdout and "config 8" in run.stdout
+
+
+def test_import_is_light() -> None:
+    code = "import sys, dsnb; print(sorted(m for m in ('torch', 'deepspeed', 'kubernetes', 'ray') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "[]"
