@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import job_processes  # noqa: E402
+from helpers import job_processes, settled  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def dsnb_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("DSNB_KILL_GRACE", "2")
     yield home
     # A test that leaves processes behind is a leak in dsnb or in the test: fail loudly, then clean up.
-    leftovers = job_processes(str(home))
+    leftovers = settled(lambda: job_processes(str(home)))
     for pid in leftovers:
         try:
             os.kill(pid, 9)

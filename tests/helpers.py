@@ -44,3 +44,16 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def settled(probe, timeout: float = 10.0):
+    """``probe()`` once it returns an empty list, or its last answer after ``timeout`` seconds.
+
+    A supervisor writes the final status a moment before it exits; leftovers are judged after that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)

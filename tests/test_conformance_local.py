@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conformance.suite import BackendConformance
-from helpers import WORKLOAD, job_processes
+from helpers import WORKLOAD, job_processes, settled
 
 from dsnb import Cluster, JobSpec
 
@@ -27,4 +27,4 @@ class TestLocalConformance(BackendConformance):
 
     @pytest.fixture
     def nothing_left(self):
-        return job_processes
+        return lambda name: settled(lambda: job_processes(name))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import job_processes, wait_until
+from helpers import job_processes, settled, wait_until
 
 from dsnb import Cluster, InvalidSpecError, JobFailed, JobSpec, JobState
 from dsnb.backends.local.jobdir import JobDir
@@ -62,7 +62,7 @@ def test_cancel_kills_grandchildren(tmp_path: Path) -> None:
     wait_until(lambda: sum("spawned" in line.text for line in job.logs()) == 2)
     assert len(job_processes(job.name)) >= 4  # two ranks, two grandchildren
     assert job.cancel().state == JobState.CANCELLED
-    assert job_processes(job.name) == []
+    assert settled(lambda: job_processes(job.name)) == []
     replicas = job.status().replicas
     assert [r.state for r in replicas] == [JobState.CANCELLED, JobState.CANCELLED]
 
@@ -86,7 +86,7 @@ def test_crashing_rank_fails_job_quickly_while_peers_block(tmp_path: Path) -> No
     assert "Traceback" in "\n".join(status.last_lines)
     by_rank = {r.rank: r for r in status.replicas}
     assert by_rank[1].state == JobState.FAILED and by_rank[0].state == JobState.CANCELLED
-    assert job_processes(job.name) == []
+    assert settled(lambda: job_processes(job.name)) == []
 
 
 def test_signal_death_is_described(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_timeout_fails_the_job(tmp_path: Path) -> None:
     job = Cluster().submit(python_job("slow", "import time; time.sleep(60)", tmp_path, timeout=1.0))
     with pytest.raises(JobFailed, match=r"timed out after 1 s \(JobSpec.timeout\)"):
         job.wait(timeout=60)
-    assert job_processes(job.name) == []
+    assert settled(lambda: job_processes(job.name)) == []
 
 
 def test_attach_read_and_cancel_from_another_process(tmp_path: Path, dsnb_home: Path) -> None:
@@ -143,7 +143,7 @@ def test_attach_read_and_cancel_from_another_process(tmp_path: Path, dsnb_home: 
     assert "STATE RUNNING" in run.stdout and "LOGS ['ready']" in run.stdout
     assert "LISTED True" in run.stdout and "CANCEL CANCELLED" in run.stdout
     assert job.status().state == JobState.CANCELLED
-    assert job_processes(job.name) == []
+    assert settled(lambda: job_processes(job.name)) == []
 
 
 def test_killed_supervisor_is_detected_and_ranks_stopped(tmp_path: Path) -> None:
