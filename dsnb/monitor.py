@@ -92,6 +92,7 @@ class MonitorUpdate:
         events: new state changes.
         dropped_lines: lines that arrived but did not fit in this batch.
         final: True for the last update: the job ended and its output was read to the end.
+        error: set on the last update of a follower thread that stopped on an error.
     """
 
     status: JobStatus | None
@@ -100,6 +101,7 @@ class MonitorUpdate:
     events: list[MonitorEvent] = field(default_factory=list)
     dropped_lines: int = 0
     final: bool = False
+    error: BaseException | None = None
 
 
 Subscriber = Callable[[MonitorUpdate], Any]
@@ -144,6 +146,7 @@ class JobMonitor:
         self.clock = clock
         #: Held while the state changes; readers use the copying accessors below.
         self.lock = threading.RLock()
+        self._poll_lock = threading.Lock()
         self.status: JobStatus | None = None
         self.latest: dict[str, MetricSample] = {}
         self.progress: Progress | None = None
@@ -192,21 +195,22 @@ class JobMonitor:
             >>> monitor.poll()  # doctest: +SKIP
             True
         """
-        status = self.job.status()
-        lines, lines_complete = self._read_logs()
-        samples, samples_complete = self._read_metrics()
-        self._behind = not (lines_complete and samples_complete)
-        with self.lock:
-            changed = self._apply_status(status)
-            if lines or samples:
-                changed = True
-            for line in lines:
-                self._add_line(line)
-            for sample in samples:
-                self._add_sample(sample)
-            if status.state.is_terminal() and not self._behind and not self._drained:
-                self._drained = True
-                changed = True
+        with self._poll_lock:  # two pollers would read past each other's cursors
+            status = self.job.status()
+            lines, lines_complete = self._read_logs()
+            samples, samples_complete = self._read_metrics()
+            self._behind = not (lines_complete and samples_complete)
+            with self.lock:
+                changed = self._apply_status(status)
+                if lines or samples:
+                    changed = True
+                for line in lines:
+                    self._add_line(line)
+                for sample in samples:
+                    self._add_sample(sample)
+                if status.state.is_terminal() and not self._behind and not self._drained:
+                    self._drained = True
+                    changed = True
         self._notify()
         return changed
 
@@ -289,6 +293,10 @@ class JobMonitor:
         Args:
             rank: one rank; None for all.
             last: only the newest ``last`` lines.
+
+        Example:
+            >>> [line.text for line in monitor.lines(rank=1, last=2)]  # doctest: +SKIP
+            ['step 9', 'step 10']
         """
         with self.lock:
             ring = self._all if rank is None else self._logs.get(rank, ())
@@ -298,7 +306,12 @@ class JobMonitor:
         return items
 
     def series(self, name: str) -> list[MetricPoint]:
-        """The buffered points of one metric (empty if never reported)."""
+        """The buffered points of one metric (empty if never reported).
+
+        Example:
+            >>> [(p.step, p.value) for p in monitor.series("loss")][:2]  # doctest: +SKIP
+            [(1, 9.01), (2, 8.87)]
+        """
         with self.lock:
             return list(self._series.get(name, ()))
 
@@ -349,13 +362,14 @@ class JobMonitor:
 
         return unsubscribe
 
-    def _notify(self) -> None:
+    def _notify(self, error: BaseException | None = None) -> None:
         with self.lock:
             final = self._drained and not self._final_sent
-            if not self._subscribers or not (self._pending or final):
+            if not self._subscribers or not (self._pending or final or error):
                 return
             now = self.clock()
-            if not final and self._last_notify is not None and now - self._last_notify < MIN_NOTIFY_INTERVAL_S:
+            urgent = final or error is not None
+            if not urgent and self._last_notify is not None and now - self._last_notify < MIN_NOTIFY_INTERVAL_S:
                 return
             update = MonitorUpdate(
                 status=self.status,
@@ -364,6 +378,7 @@ class JobMonitor:
                 events=list(self._pending_events),
                 dropped_lines=self._pending_dropped,
                 final=final,
+                error=error,
             )
             self._pending_lines.clear()
             self._pending_samples.clear()
@@ -400,7 +415,12 @@ class JobMonitor:
             return self.thread
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop the follower thread and wait up to ``timeout`` seconds for it; the job keeps running."""
+        """Stop the follower thread and wait up to ``timeout`` seconds for it; the job keeps running.
+
+        Example:
+            >>> monitor.stop(); monitor.thread.is_alive()  # doctest: +SKIP
+            False
+        """
         self._stop.set()
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
@@ -416,9 +436,10 @@ class JobMonitor:
                     continue  # a chatty job: read on at once rather than fall further behind
                 # Updates held back by the rate limit go out on the next poll.
                 self._stop.wait(min(interval, MIN_NOTIFY_INTERVAL_S) if self._pending else interval)
-        except Exception as e:  # the view shows it; a daemon thread has nobody else to tell
+        except Exception as e:  # a daemon thread cannot raise to anyone: keep it for the views
             self.error = e
-            log.exception("dsnb monitor of %s stopped", self.job.name)
+            log.warning("dsnb monitor of %s stopped: %s: %s", self.job.name, type(e).__name__, e)
+            self._notify(error=e)
 
     def __repr__(self) -> str:
         state = self.status.state.value if self.status is not None else "unknown"

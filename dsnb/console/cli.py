@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.live import Live
@@ -197,7 +198,10 @@ def _outcome(ui: _Ui, status: JobStatus) -> int:
 
 
 def watch(job: Job, ui: _Ui, refresh: float = REFRESH_S) -> int:
-    """Show the live view of ``job`` until it ends; Ctrl-C cancels it.
+    """Show ``job`` until it ends; Ctrl-C cancels it.
+
+    On a terminal this is a live view; otherwise (a pipe, a file, CI) the log lines are
+    streamed as ``[rank r] text`` and the view is printed once at the end.
 
     Returns:
         The exit code: 0 SUCCEEDED, 1 FAILED or CANCELLED, 130 interrupted (job cancelled).
@@ -207,13 +211,23 @@ def watch(job: Job, ui: _Ui, refresh: float = REFRESH_S) -> int:
     """
     monitor = JobMonitor(job)
     try:
-        with Live(render(monitor), console=ui.out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
-            while True:
+        if ui.out.is_terminal:
+            with Live(render(monitor), console=ui.out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
+                while True:
+                    monitor.poll()
+                    lines = _lines_per_rank(ui.out.size.height, len(monitor.ranks()))
+                    live.update(render(monitor, now=time.time(), lines_per_rank=lines), refresh=True)
+                    if monitor.done:
+                        break
+                    time.sleep(refresh)
+        else:
+            out = ui.out.file
+            for line in job.logs(follow=True):
+                out.write(f"{line}\n")
+                out.flush()
+            while not monitor.done:
                 monitor.poll()
-                live.update(render(monitor, now=time.time()), refresh=True)
-                if monitor.done:
-                    break
-                time.sleep(refresh)
+            ui.out.print(render(monitor, now=time.time()))
     except KeyboardInterrupt:
         _plain(ui.err, f"Ctrl-C: cancelling job {job.name} ...", style="yellow")
         status = job.cancel()
@@ -221,6 +235,12 @@ def watch(job: Job, ui: _Ui, refresh: float = REFRESH_S) -> int:
         return EXIT_INTERRUPTED
     assert monitor.status is not None  # set by the first poll
     return _outcome(ui, monitor.status)
+
+
+def _lines_per_rank(height: int, ranks: int) -> int:
+    """Log lines per rank that keep the live view within the terminal (1 to 5)."""
+    room = height - 12  # header, progress and a few metrics
+    return max(1, min(5, room // max(1, ranks) - 2))
 
 
 def _submit_and_watch(ui: _Ui, backend: str, spec: JobSpec, detach: bool) -> int:
@@ -358,6 +378,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         return EXIT_USAGE if isinstance(e, ImportError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``dsnb logs NAME | head``): silence the flush at exit.
+        if console is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dsnb.metrics import METRIC_TAG
 from dsnb.monitor import JobMonitor
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
@@ -60,12 +61,14 @@ def format_time(epoch: float | None) -> str:
 
 
 def format_value(value: float) -> str:
-    """A metric value with four significant digits.
+    """A metric value: four significant digits, large numbers in full with separators.
 
     Example:
-        >>> format_value(2.318765), format_value(5100.0), format_value(1e-4)
-        ('2.319', '5100', '0.0001')
+        >>> format_value(2.318765), format_value(13863.2), format_value(1e-4), format_value(float("nan"))
+        ('2.319', '13,863', '0.0001', 'nan')
     """
+    if abs(value) >= 10_000 and abs(value) < 1e15:
+        return f"{value:,.0f}"
     return f"{value:.4g}"
 
 
@@ -152,7 +155,8 @@ def _rank_logs(monitor: JobMonitor, status: JobStatus | None, lines_per_rank: in
     panels: list[RenderableType] = []
     for rank in monitor.ranks():
         body = Text(no_wrap=True, overflow="ellipsis")
-        lines = monitor.lines(rank, last=lines_per_rank)
+        # Metric lines are shown as metrics above; here they would crowd out the output.
+        lines = [line for line in monitor.lines(rank) if not line.text.startswith(METRIC_TAG)][-lines_per_rank:]
         for i, line in enumerate(lines):
             if i:
                 body.append("\n")
