@@ -110,6 +110,17 @@ def _positive_int(config: dict[str, Any], key: str, field: str) -> int | None:
     return value
 
 
+def _divide(train: int, known: int, known_name: str, world_size: int, field: str) -> int:
+    """The missing member of the batch triple: ``train / (known x world size)``, exactly."""
+    if train % (known * world_size):
+        raise InvalidSpecError(
+            f"{field}.train_batch_size",
+            f"{train} is not divisible by {known_name} {known} x world size {world_size}",
+            f"use a multiple of {known * world_size}",
+        )
+    return train // (known * world_size)
+
+
 def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> None:
     """Fill the batch triple the way DeepSpeed's ``_set_batch_related_parameters`` does."""
     train = _positive_int(config, "train_batch_size", field)
@@ -132,23 +143,9 @@ def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> No
                 "derives it",
             )
     elif train is not None and micro is not None:
-        if train % (micro * world_size):
-            raise InvalidSpecError(
-                f"{field}.train_batch_size",
-                f"{train} is not divisible by train_micro_batch_size_per_gpu {micro} x world size "
-                f"{world_size}",
-                f"use a multiple of {micro * world_size}",
-            )
-        accum = train // (micro * world_size)
+        accum = _divide(train, micro, "train_micro_batch_size_per_gpu", world_size, field)
     elif train is not None and accum is not None:
-        if train % (accum * world_size):
-            raise InvalidSpecError(
-                f"{field}.train_batch_size",
-                f"{train} is not divisible by gradient_accumulation_steps {accum} x world size "
-                f"{world_size}",
-                f"use a multiple of {accum * world_size}",
-            )
-        micro = train // (accum * world_size)
+        micro = _divide(train, accum, "gradient_accumulation_steps", world_size, field)
     elif train is not None:
         if train % world_size:
             raise InvalidSpecError(

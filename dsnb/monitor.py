@@ -42,16 +42,6 @@ MAX_EVENTS = 200
 
 
 @dataclass(frozen=True)
-class MetricPoint:
-    """One value of a metric series."""
-
-    step: int
-    value: float
-    rank: int
-    time: float
-
-
-@dataclass(frozen=True)
 class Progress:
     """How far a script that reports ``total_steps`` is.
 
@@ -156,7 +146,7 @@ class JobMonitor:
         self.error: BaseException | None = None
         self._logs: dict[int, collections.deque[LogLine]] = {}
         self._all: collections.deque[LogLine] = collections.deque(maxlen=log_lines_per_rank)
-        self._series: dict[str, collections.deque[MetricPoint]] = {}
+        self._series: dict[str, collections.deque[MetricSample]] = {}
         self._events: collections.deque[MonitorEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._log_cursor: Any = None
         self._metric_cursor: Any = None
@@ -270,7 +260,7 @@ class JobMonitor:
         series = self._series.get(sample.name)
         if series is None:
             series = self._series[sample.name] = collections.deque(maxlen=self.max_points_per_metric)
-        series.append(MetricPoint(sample.step, sample.value, sample.rank, sample.time))
+        series.append(sample)
         previous = self.latest.get(sample.name)
         if previous is None or (sample.step, sample.time) >= (previous.step, previous.time):
             self.latest[sample.name] = sample
@@ -305,7 +295,7 @@ class JobMonitor:
             items = items[-last:] if last > 0 else []
         return items
 
-    def series(self, name: str) -> list[MetricPoint]:
+    def series(self, name: str) -> list[MetricSample]:
         """The buffered points of one metric (empty if never reported).
 
         Example:
