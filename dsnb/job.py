@@ -67,7 +67,7 @@ class Job:
         """
         return self.backend.status(self.name)
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> JobStatus:
+    def wait(self, timeout: float | None = None, poll: float = 0.25) -> JobStatus:
         """Block until the job ends; return its final status.
 
         Args:

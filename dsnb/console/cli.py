@@ -34,6 +34,7 @@ from rich.live import Live
 from rich.markup import escape
 
 import dsnb
+from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.cluster import Cluster
 from dsnb.console.view import format_duration, jobs_table, render, status_view
 from dsnb.errors import DsnbError, InvalidSpecError
@@ -277,7 +278,10 @@ def _cmd_demo(ui: _Ui, args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     try:
-        spec = JobSpec(name=DEMO_NAME, script=script.name, working_dir=str(folder), procs_per_node=2, deepspeed=str(config))
+        # A fresh run each time, with its checkpoint under DSNB_HOME rather than in the source tree.
+        demo_args = ["--no-resume", "--checkpoint-dir", str(dsnb_home() / "checkpoints" / DEMO_NAME)]
+        spec = JobSpec(name=DEMO_NAME, script=script.name, working_dir=str(folder), procs_per_node=2,
+                       deepspeed=str(config), args=demo_args)
         return _submit_and_watch(ui, args.backend, spec, args.detach)
     except InvalidSpecError as e:
         return _spec_error(ui, e)

@@ -47,10 +47,18 @@ def visible_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _threads_per_rank(spec: JobSpec) -> int:
     if spec.resources.cpu is not None and not isinstance(spec.resources.cpu, str):
         return max(1, int(spec.resources.cpu // spec.procs_per_node))
-    return max(1, (os.cpu_count() or 1) // spec.world_size)
+    return max(1, usable_cpus() // spec.world_size)
 
 
 class LocalBackend(Backend):
