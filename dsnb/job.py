@@ -171,6 +171,12 @@ class Job:
     def __repr__(self) -> str:
         return f"Job(name={self.name!r}, backend={self.backend.name!r})"
 
+    def _ipython_display_(self) -> None:
+        """Show a live panel in a notebook (a static summary where ipywidgets is absent)."""
+        from dsnb.widgets.display import display_job
+
+        display_job(self)
+
     def _repr_html_(self) -> str:
         status = self.status()
         elapsed = f"{status.elapsed:.0f} s" if status.elapsed is not None else "-"

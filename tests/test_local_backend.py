@@ -72,6 +72,8 @@ def test_crashing_rank_fails_job_quickly_while_peers_block(tmp_path: Path) -> No
         import os, sys, time
         if os.environ["RANK"] == "1":
             time.sleep(0.5)
+            for step in range(30):
+                print('DSNB_METRIC {"step": %d, "loss": 1.0}' % step)
             raise RuntimeError("loss became NaN at step 7")
         time.sleep(300)  # rank 0 would otherwise block until a collective timeout
     """
@@ -84,6 +86,7 @@ def test_crashing_rank_fails_job_quickly_while_peers_block(tmp_path: Path) -> No
     assert status.failed_rank == 1 and status.exit_code == 1
     assert "RuntimeError: loss became NaN at step 7" in status.last_lines[-1]
     assert "Traceback" in "\n".join(status.last_lines)
+    assert not any("DSNB_METRIC" in line for line in status.last_lines)
     by_rank = {r.rank: r for r in status.replicas}
     assert by_rank[1].state == JobState.FAILED and by_rank[0].state == JobState.CANCELLED
     assert settled(lambda: job_processes(job.name)) == []

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from dsnb.backends.local.jobdir import JobDir, format_log_line, parse_log_line
 from dsnb.backends.local.procs import describe_exit, process_start_time, stop_groups
-from dsnb.metrics import MetricParser, sample_to_dict
+from dsnb.metrics import METRIC_TAG, MetricParser, sample_to_dict
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 POLL_S = 0.05
@@ -47,7 +47,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
-    """The last ``count`` lines of a rank log, without their timestamps."""
+    """The last ``count`` lines of a rank log, without timestamps or metric lines."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -56,8 +56,10 @@ def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
             data = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ()
-    lines = [parse_log_line(line)[1] for line in data.splitlines()[-count:]]
-    return tuple(line for line in lines if line.strip())
+    # Metric lines are data, not diagnosis: a script reporting every step would otherwise fill them.
+    lines = [parse_log_line(line)[1] for line in data.splitlines()]
+    kept = [line for line in lines if line.strip() and not line.startswith(METRIC_TAG)]
+    return tuple(kept[-count:])
 
 
 class _OutputPump(threading.Thread):
