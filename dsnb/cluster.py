@@ -76,6 +76,25 @@ class Cluster:
         self.backend.status(name)  # raises JobNotFound early
         return Job(self.backend, name)
 
+    def form(self, spec: JobSpec | None = None) -> Any:
+        """A launch form (ipywidgets) for this cluster, optionally filled from ``spec``.
+
+        Raises:
+            BackendUnavailable: ipywidgets is not installed (``pip install 'dsnb[notebook]'``).
+
+        Example:
+            >>> Cluster().form()  # doctest: +SKIP
+        """
+        from dsnb.widgets.form import LaunchForm
+
+        return LaunchForm(self, spec=spec)
+
+    def _ipython_display_(self) -> None:
+        """Show the cluster's jobs in a notebook (a static table where ipywidgets is absent)."""
+        from dsnb.widgets.display import display_cluster
+
+        display_cluster(self)
+
     def close(self) -> None:
         """Release the backend's clients; running jobs keep running."""
         self.backend.close()

@@ -6,9 +6,9 @@ import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from helpers import REPO
 
 nbformat = pytest.importorskip("nbformat")

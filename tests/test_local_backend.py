@@ -196,3 +196,23 @@ def test_long_lines_and_partial_output_are_kept(tmp_path: Path) -> None:
     texts = [line.text for line in job.logs()]
     assert "".join(texts[:-1]) == "x" * 200000
     assert texts[-1] == "no newline at the end"
+
+
+def test_stopped_ranks_run_their_cleanup(tmp_path: Path) -> None:
+    """Ranks are interrupted before they are terminated, so finally-blocks run (and release locks)."""
+    code = """
+        import time
+        from pathlib import Path
+        lock = Path("build.lock")
+        lock.touch()
+        print("holding the lock", flush=True)
+        try:
+            time.sleep(120)
+        finally:
+            lock.unlink()
+    """
+    job = Cluster().submit(python_job("locker", code, tmp_path))
+    wait_until(lambda: any("holding" in line.text for line in job.logs()))
+    assert (tmp_path / "build.lock").exists()
+    assert job.cancel().state == JobState.CANCELLED
+    assert not (tmp_path / "build.lock").exists()

@@ -81,21 +81,40 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def stop_groups(pgids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM every group, wait up to ``grace`` seconds, then SIGKILL what is left.
+def _wait_gone(pgids: list[int], seconds: float) -> list[int]:
+    """The groups of ``pgids`` still alive after waiting up to ``seconds`` for them to end."""
+    deadline = time.monotonic() + seconds
+    remaining = list(pgids)
+    while remaining:
+        remaining = [g for g in remaining if group_alive(g)]
+        if not remaining or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return remaining
+
+
+def stop_groups(pgids: list[int], grace: float = 5.0, interrupt: float = 0.0) -> None:
+    """Stop whole process groups: SIGINT (optional), then SIGTERM, then SIGKILL.
+
+    Args:
+        pgids: process group ids (a rank's pid, as each rank leads its own group).
+        grace: seconds between SIGTERM and SIGKILL.
+        interrupt: if above 0, send SIGINT first and wait this long. Python then raises
+            KeyboardInterrupt and runs its ``finally`` blocks, which release file locks such
+            as the one torch holds while it compiles an extension; a process killed outright
+            leaves that lock behind and every later job waits on it forever.
 
     Example:
         >>> stop_groups([], grace=0.1)
     """
-    for pgid in pgids:
-        signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
     remaining = list(pgids)
-    while remaining and time.monotonic() < deadline:
-        remaining = [g for g in remaining if group_alive(g)]
-        if remaining:
-            time.sleep(0.05)
+    if interrupt > 0:
+        for pgid in remaining:
+            signal_group(pgid, signal.SIGINT)
+        remaining = _wait_gone(remaining, interrupt)
     for pgid in remaining:
+        signal_group(pgid, signal.SIGTERM)
+    for pgid in _wait_gone(remaining, grace):
         signal_group(pgid, signal.SIGKILL)
 
 

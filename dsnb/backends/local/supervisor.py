@@ -37,6 +37,7 @@ POLL_S = 0.05
 LAST_LINES = 20
 MAX_LINE_BYTES = 64 * 1024
 KILL_GRACE_S = float(os.environ.get("DSNB_KILL_GRACE", "5"))
+INTERRUPT_GRACE_S = 2.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -181,7 +182,7 @@ class Supervisor:
         self.exit_times[index] = time.monotonic()
 
     def _stop_all(self) -> None:
-        stop_groups([p.pid for p in self.procs], grace=KILL_GRACE_S)
+        stop_groups([p.pid for p in self.procs], grace=KILL_GRACE_S, interrupt=INTERRUPT_GRACE_S)
         for proc in self.procs:
             try:
                 proc.wait(timeout=KILL_GRACE_S)
