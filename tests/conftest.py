@@ -27,3 +27,15 @@ def dsnb_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
         except ProcessLookupError:
             pass
     assert not leftovers, f"job processes survived the test: {leftovers}"
+
+
+@pytest.fixture
+def cluster(dsnb_home: Path):
+    """A local Cluster; any job a test leaves running is cancelled."""
+    from dsnb import Cluster
+
+    with Cluster() as c:
+        yield c
+        for status in c.jobs():
+            if not status.state.is_terminal():
+                c.attach(status.name).cancel()

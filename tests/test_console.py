@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from scripted import ScriptedBackend
 
 from dsnb import Cluster
-from dsnb.backends.base import LogChunk, MetricChunk
 from dsnb.console import cli
 from dsnb.console.cli import main
 from dsnb.console.view import format_duration, jobs_table, render, status_view
@@ -26,24 +26,6 @@ from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatu
 
 PY = sys.executable
 STARTED = 1_700_000_000.0
-
-
-class ScriptedBackend:
-    name = "scripted"
-
-    def __init__(self, status: JobStatus, lines: list[LogLine], samples: list[MetricSample]) -> None:
-        self.current, self.lines, self.samples = status, lines, samples
-
-    def status(self, name: str) -> JobStatus:
-        return self.current
-
-    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        start = cursor or 0
-        return LogChunk(lines=self.lines[start:], cursor=len(self.lines))
-
-    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        start = cursor or 0
-        return MetricChunk(samples=self.samples[start:], cursor=len(self.samples))
 
 
 def text_of(renderable: Any, width: int = 100) -> str:

@@ -8,48 +8,17 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Any
 
 import pytest
+from scripted import ScriptedBackend
 
 from dsnb import Cluster, JobSpec
-from dsnb.backends.base import LogChunk, MetricChunk
 from dsnb.errors import JobNotFound
 from dsnb.job import Job
 from dsnb.monitor import MAX_CHUNKS_PER_POLL, JobMonitor, MonitorUpdate, Progress
-from dsnb.status import JobState, JobStatus, LogLine, MetricSample
+from dsnb.status import JobState, LogLine, MetricSample
 
 PY = sys.executable
-
-
-class ScriptedBackend:
-    """A backend whose status, lines and samples the test sets; cursors are list offsets."""
-
-    name = "scripted"
-
-    def __init__(self, chunk: int = 1000) -> None:
-        self.current = JobStatus(name="job-abcd", backend=self.name, state=JobState.RUNNING, started_at=100.0)
-        self.lines: list[LogLine] = []
-        self.samples: list[MetricSample] = []
-        self.chunk = chunk
-        self.read_delay = 0.0
-
-    def status(self, name: str) -> JobStatus:
-        return self.current
-
-    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        start = cursor or 0
-        time.sleep(self.read_delay)  # lets another thread in between cursor reads
-        batch = self.lines[start:start + self.chunk]
-        return LogChunk(lines=batch, cursor=start + len(batch))
-
-    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        start = cursor or 0
-        batch = self.samples[start:start + self.chunk]
-        return MetricChunk(samples=batch, cursor=start + len(batch))
-
-    def finish(self, state: JobState = JobState.SUCCEEDED) -> None:
-        self.current = replace(self.current, state=state, finished_at=110.0)
 
 
 class FakeClock:
@@ -66,15 +35,6 @@ class FakeClock:
 def scripted() -> tuple[ScriptedBackend, Job]:
     backend = ScriptedBackend()
     return backend, Job(backend, "job-abcd")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def cluster(dsnb_home):
-    with Cluster() as c:
-        yield c
-        for status in c.jobs():
-            if not status.state.is_terminal():
-                c.attach(status.name).cancel()
 
 
 def py_job(cluster: Cluster, code: str, procs: int = 1, name: str = "mon") -> Job:

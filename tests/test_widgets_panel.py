@@ -13,9 +13,9 @@ from typing import Any
 import IPython.display
 import pytest
 from helpers import wait_until
+from scripted import ScriptedBackend
 
 from dsnb import Cluster, JobSpec
-from dsnb.backends.base import LogChunk, MetricChunk
 from dsnb.errors import JobNotFound
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
@@ -38,15 +38,6 @@ for step in range(1, steps + 1):
     time.sleep(0.02)
 print(f"done rank {rank}", flush=True)
 """
-
-
-@pytest.fixture
-def cluster(dsnb_home):
-    with Cluster() as c:
-        yield c
-        for status in c.jobs():
-            if not status.state.is_terminal():
-                c.attach(status.name).cancel()
 
 
 @pytest.fixture
@@ -339,30 +330,6 @@ def test_cluster_view_lists_jobs_and_opens_a_panel(cluster, shown):
 
 
 # -- rate limit and elapsed time on a fake clock --------------------------------------------------
-class ScriptedBackend:
-    name = "scripted"
-
-    def __init__(self) -> None:
-        self.current = JobStatus(name="fake-abcd", backend=self.name, state=JobState.RUNNING,
-                                 started_at=100.0, created_at=99.0)
-        self.lines: list[LogLine] = []
-        self.samples: list[MetricSample] = []
-
-    def status(self, name: str) -> JobStatus:
-        return self.current
-
-    def spec_of(self, name: str) -> JobSpec:
-        return JobSpec(name=name, command=["true"], nodes=2, procs_per_node=4)
-
-    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        start = cursor or 0
-        return LogChunk(lines=self.lines[start:], cursor=len(self.lines))
-
-    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        start = cursor or 0
-        return MetricChunk(samples=self.samples[start:], cursor=len(self.samples))
-
-
 def test_plot_rate_limit_elapsed_and_world_size_on_a_fake_clock():
     backend = ScriptedBackend()
     now = [100.0]
