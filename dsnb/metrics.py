@@ -69,6 +69,16 @@ def report(step: int, *, file: TextIO | None = None, **values: float) -> None:
     out.flush()
 
 
+def is_metric_line(text: str) -> bool:
+    """True for a line :func:`report` printed (views show those as numbers, not as log text).
+
+    Example:
+        >>> is_metric_line('DSNB_METRIC {"step": 1, "loss": 2.0}'), is_metric_line("step 1")
+        (True, False)
+    """
+    return text.startswith(METRIC_TAG)
+
+
 def current_rank() -> int:
     """This process's global rank from the environment (0 outside a job)."""
     return int(os.environ.get("RANK", "0"))
@@ -86,8 +96,14 @@ class MetricParser:
         self._last_step: dict[int, int] = {}
 
     def feed(self, rank: int, text: str, when: float | None = None) -> list[MetricSample]:
-        """Samples found in one line of output of ``rank`` (usually none)."""
+        """Samples found in one line of output of ``rank`` (usually none; never raises on odd text)."""
         when = time.time() if when is None else when
+        try:
+            return self._feed(rank, text, when)
+        except (ValueError, OverflowError):
+            return []  # a line that only looks like a metric line, e.g. "lr=[warmup]"
+
+    def _feed(self, rank: int, text: str, when: float) -> list[MetricSample]:
         at = text.find(METRIC_TAG)
         if at >= 0:
             return self._parse_report(rank, text[at + len(METRIC_TAG):], when)
@@ -117,7 +133,7 @@ class MetricParser:
         try:
             record = json.loads(payload)
             step = int(record.pop("step"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             return []
         self._last_step[rank] = step
         return [

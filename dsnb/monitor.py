@@ -320,15 +320,6 @@ class JobMonitor:
         with self.lock:
             return list(self._events)
 
-    def elapsed(self, now: float | None = None) -> float | None:
-        """Seconds the job has run (to its end, or to ``now``); None before it started."""
-        with self.lock:
-            status = self.status
-        if status is None or status.started_at is None:
-            return None
-        end = status.finished_at if status.finished_at is not None else (self.clock() if now is None else now)
-        return max(0.0, end - status.started_at)
-
     # -- subscribers -----------------------------------------------------------------------
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(update)`` with batched changes, at most about 10 times a second.

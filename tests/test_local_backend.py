@@ -216,3 +216,25 @@ def test_stopped_ranks_run_their_cleanup(tmp_path: Path) -> None:
     assert (tmp_path / "build.lock").exists()
     assert job.cancel().state == JobState.CANCELLED
     assert not (tmp_path / "build.lock").exists()
+
+
+def test_odd_output_neither_stops_the_copy_nor_splits_lines(tmp_path: Path) -> None:
+    code = """
+        import sys
+        print("first")
+        print("step=1, skipped=0, lr=[warmup]")  # looks like DeepSpeed's progress line, is not
+        print("50%\\r100%")                       # a progress bar redrawn with carriage returns
+        for i in range(3000):                    # more than a pipe buffer holds
+            print("line", i, "." * 100)
+        print("last")
+    """
+    job = Cluster().submit(python_job("odd", code, tmp_path))
+    assert job.wait(timeout=60).state == JobState.SUCCEEDED
+    texts = [line.text for line in job.logs()]
+    assert texts[:3] == ["first", "step=1, skipped=0, lr=[warmup]", "50%\r100%"]
+    assert texts[-1] == "last" and len(texts) == 3004
+
+
+def test_plan_repr_hides_secrets(tmp_path: Path) -> None:
+    plan = Cluster().dryrun(python_job("secret", "print(1)", tmp_path, env={"HF_TOKEN": "hf_hidden"}))
+    assert "hf_hidden" not in repr(plan) and "hf_hidden" not in str(plan) and "hf_hidden" not in plan.to_yaml()

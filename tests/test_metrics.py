@@ -62,6 +62,7 @@ def test_timer_breakdown_takes_the_last_step_of_its_rank() -> None:
     assert [name for _, name, _, _ in samples] == [f"time_ms/{n}" for n in ("fwd", "bwd", "bwd_inner", "bwd_allreduce", "step")]
 
 
-@pytest.mark.parametrize("line", ["plain output", 'DSNB_METRIC {"loss": 1}', "DSNB_METRIC {broken", "stepping=3"])
+@pytest.mark.parametrize("line", ["plain output", 'DSNB_METRIC {"loss": 1}', "DSNB_METRIC {broken", "stepping=3",
+                                  "[Rank 0] step=1, skipped=0, lr=[warmup]", 'DSNB_METRIC {"step": Infinity, "loss": 1}'])
 def test_lines_without_metrics_give_nothing(line: str) -> None:
     assert MetricParser().feed(0, line) == []

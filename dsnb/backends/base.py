@@ -41,7 +41,7 @@ class RankCommand:
     rank: int
     argv: tuple[str, ...]
     cwd: str
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # may hold secrets; str(plan) shows it redacted
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from dsnb.metrics import METRIC_TAG
+from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
@@ -156,7 +156,7 @@ def _rank_logs(monitor: JobMonitor, status: JobStatus | None, lines_per_rank: in
     for rank in monitor.ranks():
         body = Text(no_wrap=True, overflow="ellipsis")
         # Metric lines are shown as metrics above; here they would crowd out the output.
-        lines = [line for line in monitor.lines(rank) if not line.text.startswith(METRIC_TAG)][-lines_per_rank:]
+        lines = [line for line in monitor.lines(rank) if not is_metric_line(line.text)][-lines_per_rank:]
         for i, line in enumerate(lines):
             if i:
                 body.append("\n")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsnb.console.view import elapsed_of, format_duration, format_value
 from dsnb.errors import BackendUnavailable
-from dsnb.metrics import METRIC_TAG
+from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor, MonitorUpdate
 from dsnb.status import JobState, JobStatus, LogLine
 
@@ -152,7 +152,7 @@ def _log_html(text: str) -> str:
 
 
 def _shown(line: LogLine) -> bool:
-    return not line.text.startswith(METRIC_TAG)  # metrics are shown as numbers and plots
+    return not is_metric_line(line.text)  # metrics are shown as numbers and plots
 
 
 class JobPanel:
@@ -700,7 +700,7 @@ def diagnosis_of(status: JobStatus) -> str:
         >>> diagnosis_of(s).splitlines()[-1]
         '  boom'
     """
-    lines = tuple(line for line in status.last_lines if not line.startswith(METRIC_TAG))
+    lines = tuple(line for line in status.last_lines if not is_metric_line(line))
     return replace(status, last_lines=lines).diagnosis()
 
 

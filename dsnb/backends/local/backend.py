@@ -79,6 +79,7 @@ class LocalBackend(Backend):
     def __init__(self, home: str | Path | None = None) -> None:
         self.root = Path(home) if home is not None else jobs_root()
         self._supervisors: dict[str, subprocess.Popen[bytes]] = {}
+        self._rank_counts: dict[str, int] = {}
 
     # -- planning --------------------------------------------------------------------------
     def dryrun(self, spec: JobSpec) -> Plan:
@@ -151,6 +152,8 @@ class LocalBackend(Backend):
         write_json_atomic(job_dir.spec, spec.to_dict())
         if spec.deepspeed_config is not None:
             write_json_atomic(job_dir.ds_config, spec.deepspeed_config)
+        job_dir.write_status(JobStatus(name=plan.name, backend=self.name, state=JobState.PENDING, created_at=created, message="starting the supervisor"))
+        # plan.json marks the job as existing, so it is written last.
         write_json_atomic(
             job_dir.plan,
             {
@@ -166,7 +169,6 @@ class LocalBackend(Backend):
                 ],
             },
         )
-        job_dir.write_status(JobStatus(name=plan.name, backend=self.name, state=JobState.PENDING, created_at=created, message="starting the supervisor"))
         with open(job_dir.supervisor_log, "ab") as log:
             self._supervisors[plan.name] = subprocess.Popen(
                 [sys.executable, "-m", "dsnb.backends.local.supervisor", str(job_dir.path)],
@@ -180,16 +182,28 @@ class LocalBackend(Backend):
     def _dir(self, name: str) -> JobDir:
         job_dir = JobDir(self.root / name)
         if not job_dir.plan.is_file():
-            raise JobNotFound(name, self.name, [s.name for s in self.jobs()])
+            raise JobNotFound(name, self.name, self._names())
         return job_dir
+
+    def _names(self) -> list[str]:
+        """Names of the recorded jobs (no status reads)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "plan.json").is_file())
+
+    def _rank_count(self, name: str, job_dir: JobDir) -> int:
+        if name not in self._rank_counts:  # the plan never changes; read it once per job
+            self._rank_counts[name] = len(json.loads(job_dir.plan.read_text())["ranks"])
+        return self._rank_counts[name]
 
     def status(self, name: str) -> JobStatus:
         job_dir = self._dir(name)
         self._reap(name)
-        status = job_dir.read_status()
-        if status is None or status.state.is_terminal():
-            return status  # type: ignore[return-value]
-        extra = job_dir.read_status_extra()
+        status, extra = job_dir.read_status_and_extra()
+        if status is None:  # apply writes the status first; only a damaged record lacks it
+            raise JobNotFound(name, self.name, self._names())
+        if status.state.is_terminal():
+            return status
         pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
         if pid is not None and is_alive(pid, start):
             return status
@@ -199,6 +213,10 @@ class LocalBackend(Backend):
                 return status  # just launched; it has not written its first status yet
             if ours is None and time.time() - (status.created_at or 0) < 30:
                 return status  # launched a moment ago by another process
+        # The supervisor may have written its final state and exited since we read the file.
+        latest = job_dir.read_status()
+        if latest is not None and latest.state.is_terminal():
+            return latest
         # The supervisor is gone without writing a final state: killed, or the machine restarted.
         stop_groups(extra.get("rank_pgids", []), grace=1.0)
         if job_dir.cancel_request.exists():
@@ -218,7 +236,7 @@ class LocalBackend(Backend):
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
         job_dir = self._dir(name)
         offsets: dict[int, int] = dict(cursor or {})
-        ranks = range(len(json.loads(job_dir.plan.read_text())["ranks"])) if rank is None else [rank]
+        ranks = range(self._rank_count(name, job_dir)) if rank is None else [rank]
         lines: list[LogLine] = []
         for r in ranks:
             start = offsets.get(r, 0)
@@ -229,8 +247,9 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 continue
             end = data.rfind(b"\n") + 1  # only whole lines; the rest is read next time
-            for raw in data[:end].decode("utf-8", "replace").splitlines():
-                when, text = parse_log_line(raw)
+            # Split on newlines only: a "\r" (progress bars) stays inside its line.
+            for raw in data[:end].split(b"\n")[:-1]:
+                when, text = parse_log_line(raw.decode("utf-8", "replace"))
                 lines.append(LogLine(rank=r, text=text, time=when))
             offsets[r] = start + end
         lines.sort(key=lambda line: line.time)
@@ -293,8 +312,8 @@ class LocalBackend(Backend):
             if (path / "plan.json").is_file():
                 try:
                     found.append(self.status(path.name))
-                except (OSError, ValueError):
-                    continue  # a directory being written right now
+                except (OSError, ValueError, JobNotFound):
+                    continue  # a directory being written or removed right now
         return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
 
     def spec_of(self, name: str) -> JobSpec:

@@ -109,10 +109,15 @@ class JobDir:
 
     def read_status(self) -> JobStatus | None:
         """The last written status, or None before the first one."""
+        return self.read_status_and_extra()[0]
+
+    def read_status_and_extra(self) -> tuple[JobStatus | None, dict[str, Any]]:
+        """Status and bookkeeping from one read of status.json (they must agree)."""
         try:
-            return JobStatus.from_dict(json.loads(self.status.read_text()))
+            data = json.loads(self.status.read_text())
         except FileNotFoundError:
-            return None
+            return None, {}
+        return JobStatus.from_dict(data), data.get("_extra", {})
 
     def write_status(self, status: JobStatus, **extra: Any) -> None:
         """Atomically replace status.json; ``extra`` keys (pids) ride along."""
@@ -120,7 +125,4 @@ class JobDir:
 
     def read_status_extra(self) -> dict[str, Any]:
         """The bookkeeping stored beside the status (supervisor and rank process ids)."""
-        try:
-            return json.loads(self.status.read_text()).get("_extra", {})
-        except FileNotFoundError:
-            return {}
+        return self.read_status_and_extra()[1]

@@ -25,12 +25,13 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Any
 
 from dsnb.backends.local.jobdir import JobDir, format_log_line, parse_log_line
 from dsnb.backends.local.procs import describe_exit, process_start_time, stop_groups
-from dsnb.metrics import METRIC_TAG, MetricParser, sample_to_dict
+from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 POLL_S = 0.05
@@ -51,15 +52,16 @@ def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
     """The last ``count`` lines of a rank log, without timestamps or metric lines."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
+            start = max(0, f.seek(0, os.SEEK_END) - 64 * 1024)
+            f.seek(start)
+            raw_lines = f.read().split(b"\n")
     except FileNotFoundError:
         return ()
+    if start > 0:
+        raw_lines = raw_lines[1:]  # the first one was cut by the seek
     # Metric lines are data, not diagnosis: a script reporting every step would otherwise fill them.
-    lines = [parse_log_line(line)[1] for line in data.splitlines()]
-    kept = [line for line in lines if line.strip() and not line.startswith(METRIC_TAG)]
+    lines = [parse_log_line(raw.decode("utf-8", "replace"))[1] for raw in raw_lines]
+    kept = [line for line in lines if line.strip() and not is_metric_line(line)]
     return tuple(kept[-count:])
 
 
@@ -78,7 +80,10 @@ class _OutputPump(threading.Thread):
             self.log.write(format_log_line(now, text))
             self.log.flush()
             self.saw_output.set()
-            self.sink.feed(self.rank, text, now)
+            try:
+                self.sink.feed(self.rank, text, now)
+            except Exception:  # never stop copying output: a blocked pipe would hang the rank
+                traceback.print_exc()
         self.pipe.close()
 
 
@@ -88,7 +93,7 @@ class _MetricSink:
     def __init__(self, path: Path) -> None:
         self._parser = MetricParser()
         self._lock = threading.Lock()
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1, encoding="utf-8")
 
     def feed(self, rank: int, text: str, when: float) -> None:
         with self._lock:
@@ -117,7 +122,7 @@ class Supervisor:
         self.pumps: list[_OutputPump] = []
         self.replicas: list[ReplicaStatus] = []
         self.sink = _MetricSink(self.dir.metrics)
-        self.logs = [open(self.dir.rank_log(r["rank"]), "a") for r in self.plan["ranks"]]
+        self.logs = [open(self.dir.rank_log(r["rank"]), "a", encoding="utf-8", errors="replace") for r in self.plan["ranks"]]
 
     # -- status -------------------------------------------------------------------------
     def _write(self, state: JobState, message: str = "", **failure: Any) -> None:
@@ -156,7 +161,7 @@ class Supervisor:
     # -- one attempt ----------------------------------------------------------------------
     def _spawn(self, port: int) -> None:
         base_env = dict(os.environ)
-        self.procs, self.pumps = [], []
+        self.procs, self.pumps, self.exit_times = [], [], {}
         for rank_plan, log in zip(self.plan["ranks"], self.logs):
             env = {**base_env, **rank_plan["env"], "MASTER_PORT": str(port)}
             proc = subprocess.Popen(
@@ -168,11 +173,10 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            self.procs.append(proc)  # recorded at once, so a failure below still stops it
             pump = _OutputPump(rank_plan["rank"], proc.stdout, log, self.sink)  # type: ignore[arg-type]
             pump.start()
-            self.procs.append(proc)
             self.pumps.append(pump)
-        self.exit_times = {}
         for index, proc in enumerate(self.procs):
             threading.Thread(target=self._note_exit, args=(index, proc), daemon=True).start()
 
@@ -202,14 +206,14 @@ class Supervisor:
         if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
             return "cancelled", {}
         port = free_port(self.plan["master_addr"])
-        self._spawn(port)
-        if self.started_at is None:
-            self.started_at = time.time()
-        self._set_replicas(JobState.STARTING)
-        self._write(JobState.STARTING, "ranks started, waiting for output")
-        running_written = False
         timeout = self.plan.get("timeout")
+        running_written = False
         try:
+            self._spawn(port)
+            if self.started_at is None:
+                self.started_at = time.time()
+            self._set_replicas(JobState.STARTING)
+            self._write(JobState.STARTING, "ranks started, waiting for output")
             while True:
                 if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
                     return "cancelled", {}
@@ -273,11 +277,11 @@ class Supervisor:
                     return JobState.FAILED
                 rank, code = failure["failed_rank"], failure["exit_code"]
                 message = f"rank {rank} {describe_exit(code)}"
-                last = tail_lines(self.dir.rank_log(rank))
                 if self.restarts < max_restarts:
                     self.restarts += 1
                     self._mark_all(f"[dsnb] {message}; restarting all ranks (restart {self.restarts} of {max_restarts})")
                     continue
+                last = tail_lines(self.dir.rank_log(rank))
                 self._write(JobState.FAILED, message, failed_rank=rank, exit_code=code, last_lines=last)
                 return JobState.FAILED
         except Exception as e:  # the status must never stay "running" behind a dead supervisor
