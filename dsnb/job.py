@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import html
 import time
 from collections.abc import Iterator
@@ -111,16 +110,13 @@ class Job:
             >>> for line in job.logs(rank=0, follow=True):  # doctest: +SKIP
             ...     print(line.text)
         """
-        chunk = self.backend.read_logs(self.name, None, rank)
-        cursor = chunk.cursor
         if tail is not None:
-            last: collections.deque[LogLine] = collections.deque(maxlen=max(0, tail))
-            while chunk.lines:
-                last.extend(chunk.lines)
-                chunk = self.backend.read_logs(self.name, cursor, rank)
-                cursor = chunk.cursor
-            yield from last
+            chunk = self.backend.read_log_tail(self.name, tail, rank)
+            yield from chunk.lines
+            cursor = chunk.cursor
         else:
+            chunk = self.backend.read_logs(self.name, None, rank)
+            cursor = chunk.cursor
             while chunk.lines:
                 yield from chunk.lines
                 chunk = self.backend.read_logs(self.name, cursor, rank)

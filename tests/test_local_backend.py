@@ -16,6 +16,7 @@ import pytest
 from helpers import job_processes, settled, wait_until
 
 from dsnb import Cluster, InvalidSpecError, JobFailed, JobSpec, JobState
+from dsnb.backends.base import Backend
 from dsnb.backends.local.jobdir import JobDir
 
 
@@ -238,3 +239,20 @@ def test_odd_output_neither_stops_the_copy_nor_splits_lines(tmp_path: Path) -> N
 def test_plan_repr_hides_secrets(tmp_path: Path) -> None:
     plan = Cluster().dryrun(python_job("secret", "print(1)", tmp_path, env={"HF_TOKEN": "hf_hidden"}))
     assert "hf_hidden" not in repr(plan) and "hf_hidden" not in str(plan) and "hf_hidden" not in plan.to_yaml()
+
+
+def test_tail_reads_from_the_end(tmp_path: Path) -> None:
+    code = """
+        for i in range(20000):
+            print("line", i)
+    """
+    job = Cluster().submit(python_job("tail", code, tmp_path, procs_per_node=2))
+    job.wait(timeout=60)
+    assert [line.text for line in job.logs(rank=1, tail=3)] == ["line 19997", "line 19998", "line 19999"]
+    assert list(job.logs(tail=0)) == []
+    # The local tail agrees with the generic one that reads everything, merged or per rank.
+    for rank in (None, 0):
+        generic = Backend.read_log_tail(job.backend, job.name, 5, rank)
+        local = job.backend.read_log_tail(job.name, 5, rank)
+        assert [(x.rank, x.text) for x in local.lines] == [(x.rank, x.text) for x in generic.lines]
+        assert len(local.lines) == 5 and local.cursor == generic.cursor

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import collections
 import importlib
 import importlib.metadata
 from dataclasses import dataclass, field
@@ -176,6 +177,22 @@ class Backend(abc.ABC):
         Raises:
             JobNotFound: no such job.
         """
+
+    def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
+        """The last ``count`` lines written so far, and the cursor just after them.
+
+        This generic version reads everything once through a bounded buffer; backends that
+        can read from the end (files, Kubernetes ``tailLines``) override it.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        last: collections.deque[LogLine] = collections.deque(maxlen=max(0, count))
+        chunk = self.read_logs(name, None, rank)
+        while chunk.lines:
+            last.extend(chunk.lines)
+            chunk = self.read_logs(name, chunk.cursor, rank)
+        return LogChunk(lines=list(last), cursor=chunk.cursor)
 
     @abc.abstractmethod
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:

@@ -255,6 +255,35 @@ class LocalBackend(Backend):
         lines.sort(key=lambda line: line.time)
         return LogChunk(lines=lines, cursor=offsets)
 
+    def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
+        """The last ``count`` lines, read backwards from the end of each rank's file."""
+        job_dir = self._dir(name)
+        ranks = range(self._rank_count(name, job_dir)) if rank is None else [rank]
+        lines: list[LogLine] = []
+        offsets: dict[int, int] = {}
+        for r in ranks:
+            try:
+                with open(job_dir.rank_log(r), "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    start, data = size, b""
+                    # Step back a block at a time until enough whole lines are in hand.
+                    while start > 0 and data.count(b"\n") <= count:
+                        start = max(0, start - READ_CHUNK_BYTES)
+                        f.seek(start)
+                        data = f.read(size - start)
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1
+            raw_lines = data[:end].split(b"\n")[:-1]
+            if start > 0:
+                raw_lines = raw_lines[1:]  # the first one was cut by the seek
+            for raw in raw_lines[-count:] if count > 0 else []:
+                when, text = parse_log_line(raw.decode("utf-8", "replace"))
+                lines.append(LogLine(rank=r, text=text, time=when))
+            offsets[r] = start + end
+        lines.sort(key=lambda line: line.time)
+        return LogChunk(lines=lines[-count:] if count > 0 else [], cursor=offsets)
+
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
         job_dir = self._dir(name)
         start = int(cursor or 0)
