@@ -573,15 +573,19 @@ class JobPanel:
             source = merged if rank == ALL_RANKS else per_rank.get(rank, [])
         else:
             source = self.monitor.lines(None if rank == ALL_RANKS else rank)
-        if rank == ALL_RANKS:
-            texts = [f"[rank {line.rank}] {_ANSI.sub('', line.text)}" for line in source if _shown(line)]
-        else:
-            texts = [_ANSI.sub("", line.text) for line in source if _shown(line)]
-        total = len(texts)
+        prefix = rank == ALL_RANKS
+
+        def text_of(line: LogLine) -> str:
+            text = _ANSI.sub("", line.text)
+            return f"[rank {line.rank}] {text}" if prefix else text
+
+        shown = [line for line in source if _shown(line)]
         needle = self.log_filter.value.strip().lower()
         if needle:
-            texts = [text for text in texts if needle in text.lower()]
-        return texts[-self.max_log_lines:], total
+            texts = [t for t in map(text_of, shown) if needle in t.lower()]
+        else:  # format only what fits: this runs up to ten times a second
+            texts = [text_of(line) for line in shown[-self.max_log_lines:]]
+        return texts[-self.max_log_lines:], len(shown)
 
     def _render_logs(self) -> None:
         self._sync_rank_options()
