@@ -1,0 +1,1 @@
+"""Shared Kubernetes machinery for dsnb's Kubernetes backends (needs the ``k8s`` extra)."""

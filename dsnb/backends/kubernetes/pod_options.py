@@ -1,0 +1,80 @@
+"""Cluster-side settings of the pods a Kubernetes backend creates, checked before anything is created.
+
+Example:
+    >>> PodOptions(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    ...            nccl={"NCCL_DEBUG": "WARN"}).run_as_user
+    1000
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsnb.errors import InvalidSpecError
+
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def _check_name(value: str | None, field_name: str, what: str) -> None:
+    if value is not None and (not isinstance(value, str) or len(value) > 253 or not _DNS1123.match(value)):
+        raise InvalidSpecError(field_name, f"{value!r} is not a valid {what} name", "use lower-case letters, digits, '-' and '.'")
+
+
+@dataclass
+class PodOptions:
+    """Where and how pods run; the same for every Kubernetes backend.
+
+    Attributes:
+        service_account: the ServiceAccount the pods run as.
+        node_selector: node labels the pods require.
+        tolerations: Kubernetes tolerations, as dicts (``{"key": ..., "operator": ..., "effect": ...}``).
+        affinity: a Kubernetes affinity, as a dict.
+        image_pull_secrets: names of Secrets for pulling the image.
+        checkpoint_pvc: a PersistentVolumeClaim mounted at ``checkpoint_mount`` on every pod.
+        checkpoint_mount: where the claim is mounted.
+        shm_size: size of the memory-backed ``/dev/shm``; defaults to the spec's memory per node.
+        nccl: NCCL settings (``NCCL_*`` variables such as NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE).
+        run_as_user: the non-root user id of the containers; 0 is refused (run as root by
+            building an image for it, not from here).
+
+    Raises:
+        InvalidSpecError: a malformed name, toleration, quantity, NCCL key or user id.
+    """
+
+    service_account: str | None = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    image_pull_secrets: list[str] = field(default_factory=list)
+    checkpoint_pvc: str | None = None
+    checkpoint_mount: str = "/checkpoints"
+    shm_size: str | None = None
+    nccl: dict[str, str] = field(default_factory=dict)
+    run_as_user: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_name(self.service_account, "options.service_account", "ServiceAccount")
+        _check_name(self.checkpoint_pvc, "options.checkpoint_pvc", "PersistentVolumeClaim")
+        for secret in self.image_pull_secrets:
+            _check_name(secret, "options.image_pull_secrets", "Secret")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.node_selector.items()):
+            raise InvalidSpecError("options.node_selector", "keys and values must be strings", "write it like {'pool': 'gpu'}")
+        for toleration in self.tolerations:
+            unknown = set(toleration) - _TOLERATION_KEYS
+            if unknown:
+                raise InvalidSpecError("options.tolerations", f"unknown toleration keys {sorted(unknown)}",
+                                       f"use {sorted(_TOLERATION_KEYS)}")
+        if self.shm_size is not None and not _QUANTITY.match(str(self.shm_size)):
+            raise InvalidSpecError("options.shm_size", f"{self.shm_size!r} is not a Kubernetes quantity", "write it like '8Gi'")
+        for key, value in self.nccl.items():
+            if not key.startswith("NCCL_") or not isinstance(value, str):
+                raise InvalidSpecError("options.nccl", f"{key!r}={value!r} is not an NCCL setting",
+                                       "use NCCL_* names with string values, e.g. {'NCCL_DEBUG': 'WARN'}")
+        if not self.checkpoint_mount.startswith("/"):
+            raise InvalidSpecError("options.checkpoint_mount", f"{self.checkpoint_mount!r} is not an absolute path", "write it like '/checkpoints'")
+        if isinstance(self.run_as_user, bool) or not isinstance(self.run_as_user, int) or self.run_as_user <= 0:
+            raise InvalidSpecError("options.run_as_user", f"must be a non-root user id, got {self.run_as_user!r}", "use e.g. 1000")

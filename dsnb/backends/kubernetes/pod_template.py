@@ -1,0 +1,118 @@
+"""The one pod template every Kubernetes backend builds its pods from.
+
+Image, command, environment, resources (``nvidia.com/gpu`` as a limit), a memory-backed
+``/dev/shm`` (NCCL and DataLoader workers need more than the container default of 64 MiB),
+NCCL settings, scheduling (node selector, tolerations, affinity), service account, image pull
+secrets, an optional checkpoint volume, dsnb's labels, and a non-root security context.
+
+Example:
+    >>> from dsnb import JobSpec, Resources
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", image="ghcr.io/org/train:1",
+    ...                resources=Resources(cpu=4, memory="16Gi", gpus=2), procs_per_node=2)
+    >>> template = build_pod_template(spec.with_unique_name(), ["torchrun", "train.py"], {}, PodOptions())
+    >>> template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    '2'
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client
+
+from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.pod_options import PodOptions
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec
+
+CONTAINER = "dsnb"
+SHM_VOLUME = "dshm"
+CHECKPOINT_VOLUME = "checkpoints"
+_api = client.ApiClient()
+
+
+def _model(data: dict[str, Any], kind: str) -> Any:
+    """A kubernetes client model from its Kubernetes (camelCase) dict form."""
+    return _api.deserialize(json.dumps(data), kind, None)
+
+
+def _resources(spec: JobSpec) -> client.V1ResourceRequirements:
+    amounts: dict[str, Any] = {}
+    if spec.resources.cpu is not None:
+        amounts["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        amounts["memory"] = spec.resources.memory
+    limits = dict(amounts)
+    if spec.resources.gpus:
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus)  # extended resources are set as limits
+    return client.V1ResourceRequirements(requests=amounts or None, limits=limits or None)
+
+
+def build_pod_template(
+    spec: JobSpec,
+    command: list[str],
+    env: dict[str, str],
+    options: PodOptions,
+    extra_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The pod template (as a Kubernetes dict) for the pods of ``spec``.
+
+    Args:
+        spec: the job, already carrying its unique name.
+        command: what the container runs (a backend's launcher command).
+        env: environment the backend adds (rank wiring); ``spec.env`` and the NCCL settings
+            follow, so the spec wins over the backend and NCCL settings are explicit.
+        options: cluster-side settings.
+        extra_labels: labels the backend adds (e.g. a role), on top of dsnb's job labels.
+
+    Returns:
+        A ``PodTemplateSpec`` as a dict, ready for a StatefulSet, MPIJob, TrainJob or RayCluster.
+
+    Raises:
+        InvalidSpecError: the spec has no image.
+    """
+    if not spec.image:
+        raise InvalidSpecError("image", "Kubernetes backends run the job in a container image",
+                               "set image='ghcr.io/org/train:1.0' (an image with your code, torch and DeepSpeed)")
+    variables = {**env, **spec.env, **options.nccl}
+    mounts = [client.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
+    shm_limit = options.shm_size or spec.resources.memory
+    volumes = [client.V1Volume(name=SHM_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit))]
+    if options.checkpoint_pvc:
+        mounts.append(client.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=options.checkpoint_mount))
+        volumes.append(client.V1Volume(
+            name=CHECKPOINT_VOLUME,
+            persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=options.checkpoint_pvc),
+        ))
+    container = client.V1Container(
+        name=CONTAINER,
+        image=spec.image,
+        command=list(command),
+        args=None,
+        working_dir=spec.working_dir,
+        env=[client.V1EnvVar(name=k, value=v) for k, v in variables.items()] or None,
+        resources=_resources(spec),
+        volume_mounts=mounts,
+        security_context=client.V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=client.V1Capabilities(drop=["ALL"]),
+        ),
+    )
+    pod_spec = client.V1PodSpec(
+        containers=[container],
+        volumes=volumes,
+        restart_policy=None,  # each backend decides (a StatefulSet requires Always)
+        service_account_name=options.service_account,
+        node_selector=options.node_selector or None,
+        tolerations=[_model(t, "V1Toleration") for t in options.tolerations] or None,
+        affinity=_model(options.affinity, "V1Affinity") if options.affinity else None,
+        image_pull_secrets=[client.V1LocalObjectReference(name=s) for s in options.image_pull_secrets] or None,
+        security_context=client.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=options.run_as_user, run_as_group=options.run_as_user,
+            fs_group=options.run_as_user,
+        ),
+    )
+    labels = {**job_labels(spec.name), **(extra_labels or {})}
+    template = client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=pod_spec)
+    return _api.sanitize_for_serialization(template)
