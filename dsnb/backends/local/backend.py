@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan, RankCommand
-from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_line, write_json_atomic
+from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_lines, read_last_lines, write_json_atomic
 from dsnb.backends.local.procs import is_alive, stop_groups
 from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.spec import JobSpec
@@ -247,10 +247,7 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 continue
             end = data.rfind(b"\n") + 1  # only whole lines; the rest is read next time
-            # Split on newlines only: a "\r" (progress bars) stays inside its line.
-            for raw in data[:end].split(b"\n")[:-1]:
-                when, text = parse_log_line(raw.decode("utf-8", "replace"))
-                lines.append(LogLine(rank=r, text=text, time=when))
+            lines.extend(LogLine(rank=r, text=text, time=when) for when, text in parse_log_lines(data[:end]))
             offsets[r] = start + end
         lines.sort(key=lambda line: line.time)
         return LogChunk(lines=lines, cursor=offsets)
@@ -262,25 +259,8 @@ class LocalBackend(Backend):
         lines: list[LogLine] = []
         offsets: dict[int, int] = {}
         for r in ranks:
-            try:
-                with open(job_dir.rank_log(r), "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    start, data = size, b""
-                    # Step back a block at a time until enough whole lines are in hand.
-                    while start > 0 and data.count(b"\n") <= count:
-                        start = max(0, start - READ_CHUNK_BYTES)
-                        f.seek(start)
-                        data = f.read(size - start)
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1
-            raw_lines = data[:end].split(b"\n")[:-1]
-            if start > 0:
-                raw_lines = raw_lines[1:]  # the first one was cut by the seek
-            for raw in raw_lines[-count:] if count > 0 else []:
-                when, text = parse_log_line(raw.decode("utf-8", "replace"))
-                lines.append(LogLine(rank=r, text=text, time=when))
-            offsets[r] = start + end
+            last, offsets[r] = read_last_lines(job_dir.rank_log(r), count)
+            lines.extend(LogLine(rank=r, text=text, time=when) for when, text in last)
         lines.sort(key=lambda line: line.time)
         return LogChunk(lines=lines[-count:] if count > 0 else [], cursor=offsets)
 

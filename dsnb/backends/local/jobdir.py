@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,53 @@ def parse_log_line(line: str) -> tuple[float, str]:
         return float(stamp), text
     except ValueError:
         return 0.0, line.rstrip("\n")
+
+
+def parse_log_lines(data: bytes) -> list[tuple[float, str]]:
+    """Parse whole log lines (``data`` ends at a newline); a ``\\r`` stays inside its line.
+
+    Example:
+        >>> parse_log_lines(b"1.5 a\\rb\\n2.0 c\\n")
+        [(1.5, 'a\\rb'), (2.0, 'c')]
+    """
+    return [parse_log_line(raw.decode("utf-8", "replace")) for raw in data.split(b"\n")[:-1]]
+
+
+TAIL_BLOCK_BYTES = 256 * 1024
+
+
+def read_last_lines(
+    path: Path, count: int, keep: Callable[[str], bool] = lambda text: True
+) -> tuple[list[tuple[float, str]], int]:
+    """The last ``count`` whole lines of a log file that ``keep`` accepts, and the offset after them.
+
+    Reads backwards a block at a time, so the cost follows ``count``, not the file's size.
+    A missing file gives ``([], 0)``; a partial last line is left for the next forward read.
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "rank-0.log"
+        >>> _ = p.write_bytes(b"1.0 a\\n2.0 b\\n3.0 c\\n4.0 par")
+        >>> read_last_lines(p, 2)
+        ([(2.0, 'b'), (3.0, 'c')], 18)
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start, data = size, b""
+            while True:
+                end = data.rfind(b"\n") + 1
+                lines = parse_log_lines(data[:end])
+                if start > 0 and lines:
+                    lines = lines[1:]  # the first one was cut by the seek
+                kept = [line for line in lines if keep(line[1])]
+                if start == 0 or (start < size and len(kept) >= count):
+                    break
+                start = max(0, start - TAIL_BLOCK_BYTES)
+                f.seek(start)
+                data = f.read(size - start)
+    except FileNotFoundError:
+        return [], 0
+    return (kept[-count:] if count > 0 else []), start + end
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from dsnb.backends.local.jobdir import JobDir, format_log_line, parse_log_line
+from dsnb.backends.local.jobdir import JobDir, format_log_line, read_last_lines
 from dsnb.backends.local.procs import describe_exit, process_start_time, stop_groups
 from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -48,21 +48,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
-    """The last ``count`` lines of a rank log, without timestamps or metric lines."""
-    try:
-        with open(path, "rb") as f:
-            start = max(0, f.seek(0, os.SEEK_END) - 64 * 1024)
-            f.seek(start)
-            raw_lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        return ()
-    if start > 0:
-        raw_lines = raw_lines[1:]  # the first one was cut by the seek
+def _diagnostic(text: str) -> bool:
     # Metric lines are data, not diagnosis: a script reporting every step would otherwise fill them.
-    lines = [parse_log_line(raw.decode("utf-8", "replace"))[1] for raw in raw_lines]
-    kept = [line for line in lines if line.strip() and not is_metric_line(line)]
-    return tuple(kept[-count:])
+    return bool(text.strip()) and not is_metric_line(text)
+
+
+def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
+    """The last ``count`` lines of a rank log, without timestamps, blank lines or metric lines."""
+    return tuple(text for _, text in read_last_lines(path, count, keep=_diagnostic)[0])
 
 
 class _OutputPump(threading.Thread):
