@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -77,11 +76,6 @@ def is_metric_line(text: str) -> bool:
         (True, False)
     """
     return text.startswith(METRIC_TAG)
-
-
-def current_rank() -> int:
-    """This process's global rank from the environment (0 outside a job)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 class MetricParser:
