@@ -6,7 +6,15 @@ Example:
 """
 
 from dsnb.cluster import Cluster
-from dsnb.errors import BackendUnavailable, DsnbError, InvalidSpecError, JobFailed, JobNotFound, WaitTimeout
+from dsnb.errors import (
+    BackendUnavailable,
+    ClusterError,
+    DsnbError,
+    InvalidSpecError,
+    JobFailed,
+    JobNotFound,
+    WaitTimeout,
+)
 from dsnb.job import Job
 from dsnb.metrics import report
 from dsnb.runtime import deepspeed_config
@@ -16,7 +24,7 @@ from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatu
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailable", "Cluster", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
+    "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
     "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "ReplicaStatus",
     "Resources", "WaitTimeout", "deepspeed_config", "report",
 ]

@@ -57,6 +57,24 @@ class BackendUnavailable(DsnbError, ImportError):
         super().__init__(text)
 
 
+class ClusterError(DsnbError, ConnectionError):
+    """The cluster cannot be used as asked: no config, unreachable, or a request refused.
+
+    Attributes:
+        what: the cluster, file or resource concerned.
+        fix: what to do about it.
+
+    Example:
+        >>> print(ClusterError("namespace 'ml'", "does not exist", "create it: kubectl create namespace ml"))
+        namespace 'ml': does not exist. Fix: create it: kubectl create namespace ml
+    """
+
+    def __init__(self, what: str, problem: str, fix: str) -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(f"{what}: {problem}. Fix: {fix}")
+
+
 class JobNotFound(DsnbError, LookupError):
     """No job of that name exists on the backend."""
 

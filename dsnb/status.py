@@ -124,14 +124,37 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class LogLine:
-    """One line of output from one rank; ``time`` is seconds since the epoch."""
+    """One line of output from one rank; ``time`` is seconds since the epoch.
+
+    A negative ``rank`` marks a line from a node's launcher rather than from a rank
+    (node ``-rank - 1``; see :func:`node_line_rank`), e.g. a pod waiting for its peers.
+
+    Example:
+        >>> str(LogLine(rank=1, text="loss 2.1")), str(LogLine(rank=node_line_rank(0), text="waiting"))
+        ('[rank 1] loss 2.1', '[node 0] waiting')
+    """
 
     rank: int
     text: str
     time: float = field(default_factory=time.time)
 
+    @property
+    def source(self) -> str:
+        """``rank N`` for a rank's line, ``node N`` for a launcher's."""
+        return rank_label(self.rank)
+
     def __str__(self) -> str:
-        return f"[rank {self.rank}] {self.text}"
+        return f"[{self.source}] {self.text}"
+
+
+def rank_label(rank: int) -> str:
+    """How views name a log source: ``rank 3``, or ``node 0`` for a launcher's lines."""
+    return f"rank {rank}" if rank >= 0 else f"node {-rank - 1}"
+
+
+def node_line_rank(node: int) -> int:
+    """The ``LogLine.rank`` of lines from node ``node``'s launcher (not from a rank)."""
+    return -node - 1
 
 
 @dataclass(frozen=True)

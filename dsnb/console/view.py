@@ -23,7 +23,7 @@ from rich.text import Text
 
 from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobState, JobStatus, ReplicaStatus, rank_label
 
 STATE_STYLES: dict[JobState, str] = {
     JobState.PENDING: "yellow",
@@ -141,7 +141,7 @@ def _metrics(monitor: JobMonitor, max_metrics: int) -> RenderableType | None:
 
 
 def _replica_title(rank: int, replica: ReplicaStatus | None) -> Text:
-    title = Text(f"rank {rank}")
+    title = Text(rank_label(rank))
     if replica is not None:
         title.append(" ")
         title.append_text(state_text(replica.state))

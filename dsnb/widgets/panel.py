@@ -28,7 +28,7 @@ from dsnb.console.view import elapsed_of, format_duration, format_value
 from dsnb.errors import BackendUnavailable
 from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor, MonitorUpdate
-from dsnb.status import JobState, JobStatus, LogLine
+from dsnb.status import JobState, JobStatus, LogLine, rank_label
 
 try:
     import ipywidgets as widgets
@@ -577,7 +577,7 @@ class JobPanel:
 
         def text_of(line: LogLine) -> str:
             text = _ANSI.sub("", line.text)
-            return f"[rank {line.rank}] {text}" if prefix else text
+            return f"[{line.source}] {text}" if prefix else text
 
         shown = [line for line in source if _shown(line)]
         needle = self.log_filter.value.strip().lower()
@@ -610,7 +610,7 @@ class JobPanel:
         current = self.log_selector.value
         self._quiet = True
         try:
-            self.log_selector.options = [("all ranks", ALL_RANKS)] + [(f"rank {r}", r) for r in ranks]
+            self.log_selector.options = [("all ranks", ALL_RANKS)] + [(rank_label(r), r) for r in ranks]
             self.log_selector.value = current if current == ALL_RANKS or current in ranks else ALL_RANKS
         finally:
             self._quiet = False
@@ -676,7 +676,7 @@ class JobPanel:
             parts.append(rank_table_html(self.rank_rows))
             if status is not None and status.state == JobState.FAILED:
                 parts.append(self.diagnosis.value)
-            last = [f"[rank {line.rank}] {line.text}" for line in self.monitor.lines() if _shown(line)][-STATIC_LOG_LINES:]
+            last = [str(line) for line in self.monitor.lines() if _shown(line)][-STATIC_LOG_LINES:]
             if last:
                 parts.append(f'<pre style="font-size:12px">{html.escape(chr(10).join(last), quote=False)}</pre>')
             return '<div class="dsnb-panel-static">' + "".join(parts) + "</div>"

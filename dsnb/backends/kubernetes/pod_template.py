@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
@@ -24,11 +25,12 @@ from kubernetes import client
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.errors import InvalidSpecError
-from dsnb.spec import JobSpec
+from dsnb.spec import JobSpec, redact_env
 
 CONTAINER = "dsnb"
 SHM_VOLUME = "dshm"
 CHECKPOINT_VOLUME = "checkpoints"
+REDACTED = "***"
 _api = client.ApiClient()
 
 
@@ -49,12 +51,49 @@ def _resources(spec: JobSpec) -> client.V1ResourceRequirements:
     return client.V1ResourceRequirements(requests=amounts or None, limits=limits or None)
 
 
+@dataclass(frozen=True)
+class ExtraVolume:
+    """A volume a backend adds to the pod, and where the container mounts it (Kubernetes dicts)."""
+
+    volume: dict[str, Any]
+    mount_path: str
+    read_only: bool = False
+
+
+def secret_env_keys(env: dict[str, str]) -> list[str]:
+    """The keys of ``env`` whose values are kept in a Secret rather than in the pod spec.
+
+    >>> secret_env_keys({"HF_TOKEN": "hf_x", "NCCL_DEBUG": "WARN"})
+    ['HF_TOKEN']
+    """
+    return [k for k, v in redact_env(env).items() if v == REDACTED and env[k] != REDACTED]
+
+
+def _env_vars(variables: dict[str, str], secret_name: str | None, downward: dict[str, str]) -> list[client.V1EnvVar]:
+    hidden = set(secret_env_keys(variables)) if secret_name else set()
+    result = [client.V1EnvVar(name=k, value_from=client.V1EnvVarSource(
+        field_ref=client.V1ObjectFieldSelector(field_path=path))) for k, path in downward.items()]
+    for key, value in variables.items():
+        if key in hidden:
+            ref = client.V1SecretKeySelector(name=secret_name, key=key)
+            result.append(client.V1EnvVar(name=key, value_from=client.V1EnvVarSource(secret_key_ref=ref)))
+        else:
+            result.append(client.V1EnvVar(name=key, value=value))
+    return result
+
+
 def build_pod_template(
     spec: JobSpec,
     command: list[str],
     env: dict[str, str],
     options: PodOptions,
     extra_labels: dict[str, str] | None = None,
+    *,
+    args: list[str] | None = None,
+    downward_env: dict[str, str] | None = None,
+    secret_name: str | None = None,
+    volumes: list[ExtraVolume] | None = None,
+    termination_message_path: str | None = None,
 ) -> dict[str, Any]:
     """The pod template (as a Kubernetes dict) for the pods of ``spec``.
 
@@ -65,6 +104,14 @@ def build_pod_template(
             follow, so the spec wins over the backend and NCCL settings are explicit.
         options: cluster-side settings.
         extra_labels: labels the backend adds (e.g. a role), on top of dsnb's job labels.
+        args: the container's arguments (after ``command``).
+        downward_env: variables filled by Kubernetes from the pod's fields
+            (``{"DSNB_POD_NAME": "metadata.name"}``).
+        secret_name: a Secret holding the secret-looking values of ``spec.env``; those
+            variables then reference it instead of carrying their value.
+        volumes: volumes the backend adds, with their mount paths.
+        termination_message_path: where the container writes its termination message; the
+            log's end is used when it writes none.
 
     Returns:
         A ``PodTemplateSpec`` as a dict, ready for a StatefulSet, MPIJob, TrainJob or RayCluster.
@@ -78,20 +125,27 @@ def build_pod_template(
     variables = {**env, **spec.env, **options.nccl}
     mounts = [client.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
     shm_limit = options.shm_size or spec.resources.memory
-    volumes = [client.V1Volume(name=SHM_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit))]
+    pod_volumes = [client.V1Volume(name=SHM_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit))]
     if options.checkpoint_pvc:
         mounts.append(client.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=options.checkpoint_mount))
-        volumes.append(client.V1Volume(
+        pod_volumes.append(client.V1Volume(
             name=CHECKPOINT_VOLUME,
             persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=options.checkpoint_pvc),
         ))
+    for extra in volumes or []:
+        volume = _model(extra.volume, "V1Volume")
+        mount = client.V1VolumeMount(name=volume.name, mount_path=extra.mount_path, read_only=extra.read_only or None)
+        mounts.append(mount)
+        pod_volumes.append(volume)
     container = client.V1Container(
         name=CONTAINER,
         image=spec.image,
         command=list(command),
-        args=None,
+        args=list(args) if args else None,
         working_dir=spec.working_dir,
-        env=[client.V1EnvVar(name=k, value=v) for k, v in variables.items()] or None,
+        env=_env_vars(variables, secret_name, downward_env or {}) or None,
+        termination_message_path=termination_message_path,
+        termination_message_policy="FallbackToLogsOnError" if termination_message_path else None,
         resources=_resources(spec),
         volume_mounts=mounts,
         security_context=client.V1SecurityContext(
@@ -101,7 +155,7 @@ def build_pod_template(
     )
     pod_spec = client.V1PodSpec(
         containers=[container],
-        volumes=volumes,
+        volumes=pod_volumes,
         restart_policy=None,  # each backend decides (a StatefulSet requires Always)
         service_account_name=options.service_account,
         node_selector=options.node_selector or None,

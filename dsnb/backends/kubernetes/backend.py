@@ -1,0 +1,412 @@
+"""What every Kubernetes backend shares: connection, job records, watches, logs, teardown.
+
+Each job is recorded in a ConfigMap named after it (the *record*): the spec, the files
+the pods mount, and, once the job ended, its final status. Every other object of the job
+carries an ownerReference to the record, so deleting the record collects everything.
+Status comes from two watch-based caches (pods and records), never from polling pods.
+When a job reaches a final state dsnb reads the rest of its logs, keeps the last lines
+and metrics in a second ConfigMap (``<job>-logs``), writes the final status into the
+record and deletes the workload; the record stays, so ``jobs()`` and ``attach()`` still
+report the job (``kubectl delete configmap <job>`` forgets it).
+
+A subclass renders manifests (``dryrun``), names the workload objects to delete, and
+computes a job's status from its pods.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
+from dsnb.backends.kubernetes import objects
+from dsnb.backends.kubernetes.connection import Connection, connect
+from dsnb.backends.kubernetes.informer import Informer
+from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
+from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, split_rank
+from dsnb.backends.kubernetes.pod_options import PodOptions
+from dsnb.backends.kubernetes.pod_template import CONTAINER
+from dsnb.backends.kubernetes.rbac import Permission
+from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
+from dsnb.metrics import sample_to_dict
+from dsnb.spec import JobSpec, redact_env
+from dsnb.status import JobState, JobStatus, MetricSample
+
+KIND = "dsnb.io/kind"
+BACKEND = "dsnb.io/backend"
+CREATED = "dsnb.io/created-at"
+RECORD_SELECTOR = f"{MANAGED_SELECTOR},{KIND}=record"
+SYNC_TIMEOUT_S = 30
+READ_LIMIT = 5000
+ARCHIVE_LOG_BYTES = 700_000
+ARCHIVE_METRIC_BYTES = 250_000
+
+
+def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[str, Any]:
+    """The record ConfigMap of a job: its spec (secrets shown as ``***``) and the files its pods mount."""
+    data = spec.to_dict()
+    data["env"] = redact_env(spec.env)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": spec.name,
+            "labels": {**job_labels(spec.name), KIND: "record", BACKEND: backend},
+            "annotations": {CREATED: f"{time.time():.3f}"},
+        },
+        "data": {"spec.json": json.dumps(data, indent=1), **files},
+    }
+
+
+def _bounded_jsonl(rows: list[Any], limit: int) -> str:
+    """The last rows that fit in ``limit`` bytes, one JSON document per line."""
+    kept: list[str] = []
+    size = 0
+    for row in reversed(rows):
+        text = json.dumps(row, separators=(",", ":"))
+        size += len(text) + 1
+        if size > limit:
+            break
+        kept.append(text)
+    return "\n".join(reversed(kept))
+
+
+class KubernetesBackend(Backend):
+    """The shared part of the Kubernetes backends.
+
+    Args:
+        namespace: where jobs go (default: the kubeconfig context's, else ``default``).
+        kubeconfig: a kubeconfig file (default ``$KUBECONFIG`` or ``~/.kube/config``).
+        context: a kubeconfig context (default: the current one).
+        in_cluster: use the pod's service account (default: when running in a pod).
+        configuration: a ready ``kubernetes.client.Configuration`` instead of a file.
+        pod_options: :class:`PodOptions` (or a dict of its fields) for every pod.
+        cancel_wait: seconds ``cancel`` waits for the job's pods to be gone.
+
+    ``dryrun`` never contacts the cluster: it only reads the kubeconfig for the namespace.
+    """
+
+    #: What the backend does in the namespace (checked by ``check()``, printed by ``dsnb rbac``).
+    permissions: tuple[Permission, ...] = ()
+    #: The workload's kinds, deleted when the job ends: (apiVersion, kind, name suffix).
+    workload: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(
+        self,
+        namespace: str | None = None,
+        kubeconfig: str | os.PathLike[str] | None = None,
+        context: str | None = None,
+        in_cluster: bool | None = None,
+        configuration: Any = None,
+        pod_options: PodOptions | dict[str, Any] | None = None,
+        cancel_wait: float = 60.0,
+    ) -> None:
+        if isinstance(pod_options, dict):
+            pod_options = PodOptions(**pod_options)
+        self.pod_options = pod_options or PodOptions()
+        self.cancel_wait = cancel_wait
+        self._namespace = namespace
+        self._connect_args = {"kubeconfig": kubeconfig, "context": context, "in_cluster": in_cluster,
+                              "configuration": configuration}
+        self._conn: Connection | None = None
+        self._lock = threading.RLock()
+        self._pod_informer: Informer | None = None
+        self._record_informer: Informer | None = None
+        self._logs: dict[str, JobLogs] = {}
+        self._followers: dict[str, dict[str, PodLogFollower]] = {}
+        self._finalizing: dict[str, threading.Lock] = {}
+        self._specs: dict[str, JobSpec] = {}
+
+    # -- connection ------------------------------------------------------------------------
+    @property
+    def conn(self) -> Connection:
+        """The API connection, made on first use.
+
+        Raises:
+            ClusterError: no usable kubeconfig or in-cluster configuration.
+        """
+        with self._lock:
+            if self._conn is None:
+                self._conn = connect(namespace=self._namespace, **self._connect_args)
+            return self._conn
+
+    @property
+    def namespace(self) -> str:
+        """The namespace jobs go to; reading it does not contact the cluster."""
+        if self._namespace is None:
+            try:
+                self._namespace = self.conn.namespace
+            except ClusterError:
+                return "default"  # a dry run without any cluster configured
+        return self._namespace
+
+    def _api_error(self, e: ApiException, doing: str) -> ClusterError:
+        """A clear error for a refused request: what was refused, and how to fix it."""
+        where = f"namespace {self.namespace!r} on {self.conn.host}"
+        if e.status == 403:
+            return ClusterError(where, f"not allowed to {doing}", f"ask for the Role that `dsnb rbac --backend {self.name}` prints")
+        if e.status == 404 and "namespaces" in str(e.body or ""):
+            return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
+        if e.status == 401:
+            return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
+        reason = e.reason or ""
+        try:
+            reason = json.loads(e.body).get("message", reason)
+        except (TypeError, ValueError):
+            pass
+        return ClusterError(where, f"could not {doing}: {e.status} {reason}", "see the message; check the spec and PodOptions")
+
+    def _unreachable(self, informer: Informer) -> ClusterError:
+        error = informer.error
+        if isinstance(error, ApiException):
+            return self._api_error(error, "list and watch its objects")
+        return ClusterError(f"the Kubernetes API at {self.conn.host}", f"did not answer within {SYNC_TIMEOUT_S} s ({error})",
+                            "check the cluster is up and your kubeconfig points at it (kubectl get pods)")
+
+    def _informer(self, kind: str) -> Informer:
+        with self._lock:
+            if kind == "pods":
+                if self._pod_informer is None:
+                    self._pod_informer = Informer(self.conn.core.list_namespaced_pod, self.namespace,
+                                                  label_selector=MANAGED_SELECTOR).start()
+                informer = self._pod_informer
+            else:
+                if self._record_informer is None:
+                    self._record_informer = Informer(self.conn.core.list_namespaced_config_map, self.namespace,
+                                                     label_selector=RECORD_SELECTOR).start()
+                informer = self._record_informer
+        if not informer.wait_synced(SYNC_TIMEOUT_S):
+            raise self._unreachable(informer)
+        return informer
+
+    # -- records ---------------------------------------------------------------------------
+    def _record(self, name: str) -> dict[str, Any]:
+        record = self._informer("records").get(name)
+        if record is None or (record["metadata"].get("labels") or {}).get(BACKEND) != self.name:
+            raise JobNotFound(name, self.name, self._names())
+        return record
+
+    def _names(self) -> list[str]:
+        return sorted(r["metadata"]["name"] for r in self._informer("records").items()
+                      if (r["metadata"].get("labels") or {}).get(BACKEND) == self.name)
+
+    def _job_pods(self, name: str) -> list[dict[str, Any]]:
+        return self._informer("pods").items(lambda p: (p["metadata"].get("labels") or {}).get(JOB) == name)
+
+    def spec_of(self, name: str) -> JobSpec:
+        if name not in self._specs:
+            self._specs[name] = JobSpec.from_dict(json.loads(self._record(name)["data"]["spec.json"]))
+        return self._specs[name]
+
+    # -- submitting ------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> None:
+        """Create the record, then every other manifest owned by it; undo all on a refusal."""
+        manifests = plan.extra.get("manifests", plan.manifests)
+        record, rest = manifests[0], manifests[1:]
+        try:
+            created = objects.create(self.conn, record)
+        except ApiException as e:
+            if e.status == 409:
+                raise InvalidSpecError("name", f"a job called {plan.name!r} exists already", "submit again (a new suffix is drawn)") from e
+            raise self._api_error(e, f"create ConfigMap {plan.name!r}") from e
+        owner = objects.owner_reference(created)
+        for manifest in rest:
+            body = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
+            try:
+                objects.create(self.conn, body)
+            except ApiException as e:
+                objects.delete(self.conn, "v1", "ConfigMap", plan.name)  # collects what was created
+                raise self._api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
+        self._specs[plan.name] = plan.spec
+
+    # -- status ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]]) -> JobStatus:
+        """The status of a running job from its pods (pure; no API calls)."""
+
+    def status(self, name: str) -> JobStatus:
+        record = self._record(name)
+        final = record.get("data", {}).get("status.json")
+        if final:
+            return JobStatus.from_dict(json.loads(final))
+        created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
+        current = self.compute_status(name, self.spec_of(name), created, self._job_pods(name))
+        if current.state.is_terminal():
+            return self._finalize(name, current)
+        return current
+
+    def jobs(self) -> list[JobStatus]:
+        records = [r for r in self._informer("records").items()
+                   if (r["metadata"].get("labels") or {}).get(BACKEND) == self.name]
+        records.sort(key=lambda r: float(r["metadata"].get("annotations", {}).get(CREATED, "0") or 0), reverse=True)
+        result = []
+        for record in records:
+            try:
+                result.append(self.status(record["metadata"]["name"]))
+            except JobNotFound:
+                continue  # deleted meanwhile
+        return result
+
+    # -- ending ----------------------------------------------------------------------------
+    def _finalize(self, name: str, final: JobStatus) -> JobStatus:
+        """Record the final status, keep the logs' end, delete the workload (once)."""
+        with self._lock:
+            lock = self._finalizing.setdefault(name, threading.Lock())
+        with lock:
+            record = self._record(name)
+            done = record.get("data", {}).get("status.json")
+            if done:
+                return JobStatus.from_dict(json.loads(done))
+            logs = self._collect_logs(name)
+            lines, _ = logs.read(0, None, 10**9)
+            samples, _ = logs.samples(0)
+            archive = {
+                "logs.jsonl": _bounded_jsonl([[ln.rank, round(ln.time, 6), ln.text] for ln in lines], ARCHIVE_LOG_BYTES),
+                "metrics.jsonl": _bounded_jsonl([sample_to_dict(s) for s in samples], ARCHIVE_METRIC_BYTES),
+            }
+            try:
+                objects.create(self.conn, {
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": f"{name}-logs", "labels": {**job_labels(name), KIND: "logs"},
+                                 "ownerReferences": [objects.owner_reference({**record, "apiVersion": "v1", "kind": "ConfigMap"})]},
+                    "data": archive,
+                })
+            except ApiException as e:
+                if e.status != 409:
+                    raise self._api_error(e, f"keep the logs of {name!r}") from e
+            try:
+                objects.patch_config_map_data(self.conn, name, {"status.json": json.dumps(final.to_dict())})
+                for api_version, kind, suffix in self.workload:
+                    objects.delete(self.conn, api_version, kind, name + suffix)
+            except ApiException as e:
+                raise self._api_error(e, f"end job {name!r}") from e
+            self._stop_followers(name)
+            return final
+
+    def cancel(self, name: str) -> JobStatus:
+        current = self.status(name)
+        if current.state.is_terminal():
+            return current
+        now = time.time()
+        cancelled = JobStatus(
+            name=name, backend=self.name, state=JobState.CANCELLED, replicas=tuple(
+                type(r)(rank=r.rank, state=JobState.CANCELLED, host=r.host) for r in current.replicas),
+            message="cancelled by the user", created_at=current.created_at,
+            started_at=current.started_at, finished_at=now,
+        )
+        final = self._finalize(name, cancelled)
+        pods = self._informer("pods")
+        deadline = time.monotonic() + self.cancel_wait
+        seen = pods.version
+        while self._job_pods(name) and time.monotonic() < deadline:
+            seen = pods.wait_for_change(seen, min(1.0, deadline - time.monotonic()))
+        return final
+
+    # -- logs and metrics ------------------------------------------------------------------
+    def pod_node(self, pod: dict[str, Any]) -> int:
+        """The node rank a pod runs (from its ordinal)."""
+        return int(pod["metadata"]["name"].rsplit("-", 1)[1])
+
+    def _follow(self, name: str, logs: JobLogs, pod: dict[str, Any]) -> PodLogFollower:
+        spec = self.spec_of(name)
+        node = self.pod_node(pod)
+        pod_name = pod["metadata"]["name"]
+        pods = self._informer("pods")
+
+        def sink(text: str, when: float) -> None:
+            rank, line = split_rank(text, node, spec.procs_per_node)
+            logs.add(rank, line, when)
+
+        def wait(timeout: float) -> None:
+            pods.wait_for_change(pods.version, timeout)
+
+        return PodLogFollower(self.conn.core, self.namespace, pod_name, CONTAINER, lambda: pods.get(pod_name), wait, sink)
+
+    def _collect_logs(self, name: str) -> JobLogs:
+        """Every line so far: live followers are finished, unread pods read once."""
+        logs = self._logs.setdefault(name, JobLogs())
+        followers = self._followers.setdefault(name, {})
+        for pod in self._job_pods(name):
+            pod_name = pod["metadata"]["name"]
+            if pod_name not in followers:
+                followers[pod_name] = self._follow(name, logs, pod)
+                followers[pod_name].finish()
+            else:
+                followers[pod_name].finish()
+        return logs
+
+    def _stop_followers(self, name: str) -> None:
+        for follower in self._followers.pop(name, {}).values():
+            follower.stop()
+
+    def _job_logs(self, name: str) -> JobLogs:
+        """The job's line buffer: live (following its pods) or loaded from the archive."""
+        record = self._record(name)
+        with self._lock:
+            logs = self._logs.get(name)
+            if logs is None:
+                logs = self._logs[name] = JobLogs()
+                if record.get("data", {}).get("status.json"):
+                    self._load_archive(name, logs)
+                    return logs
+            if record.get("data", {}).get("status.json"):
+                return logs
+            followers = self._followers.setdefault(name, {})
+            for pod in self._job_pods(name):
+                pod_name = pod["metadata"]["name"]
+                if pod_name not in followers:
+                    follower = self._follow(name, logs, pod)
+                    try:
+                        follower.catch_up()
+                    except ApiException:
+                        pass  # not started yet, or refused: the follower retries
+                    followers[pod_name] = follower.start()
+        return logs
+
+    def _load_archive(self, name: str, logs: JobLogs) -> None:
+        try:
+            archive = objects.read(self.conn, "v1", "ConfigMap", f"{name}-logs")
+        except ApiException as e:
+            raise self._api_error(e, f"read the logs of {name!r}") from e
+        data = (archive or {}).get("data") or {}
+        for row in data.get("logs.jsonl", "").splitlines():
+            rank, when, text = json.loads(row)
+            logs.add(rank, text, when, parse_metrics=False)
+        logs.add_samples(MetricSample(**json.loads(row)) for row in data.get("metrics.jsonl", "").splitlines())
+
+    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
+        lines, position = self._job_logs(name).read(cursor or 0, rank, READ_LIMIT)
+        return LogChunk(lines=lines, cursor=position)
+
+    def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
+        lines, position = self._job_logs(name).tail(count, rank)
+        return LogChunk(lines=lines, cursor=position)
+
+    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
+        samples, position = self._job_logs(name).samples(cursor or 0)
+        return MetricChunk(samples=samples, cursor=position)
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._followers):
+                self._stop_followers(name)
+            for informer in (self._pod_informer, self._record_informer):
+                if informer is not None:
+                    informer.stop()
+            self._pod_informer = self._record_informer = None
+            self._logs.clear()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def check(self, spec: JobSpec | None = None) -> Any:
+        """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""
+        from dsnb.backends.kubernetes.preflight import run_preflight
+
+        return run_preflight(self, spec)

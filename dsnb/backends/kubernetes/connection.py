@@ -1,0 +1,125 @@
+"""Connect to a Kubernetes cluster: kubeconfig file and context, in-cluster config, namespace.
+
+The namespace is, in order: the one passed in, the kubeconfig context's namespace, the
+pod's own namespace when running inside a cluster, then ``default``.
+
+Example:
+    >>> conn = connect(kubeconfig="~/.kube/config", context="gpu-cluster", namespace="ml")  # doctest: +SKIP
+    >>> conn.namespace                                                                      # doctest: +SKIP
+    'ml'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client, config
+
+from dsnb.errors import ClusterError
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass
+class Connection:
+    """An API client bound to one cluster and one namespace.
+
+    Attributes:
+        api: the official client's ``ApiClient``.
+        namespace: where jobs are created and looked up.
+        context: the kubeconfig context in use (``"in-cluster"`` inside a pod).
+    """
+
+    api: client.ApiClient
+    namespace: str
+    context: str
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        """Pods, Services, ConfigMaps, Secrets, Events, Nodes."""
+        return client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        """StatefulSets."""
+        return client.AppsV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        """Custom resources (MPIJob, TrainJob, RayJob)."""
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def host(self) -> str:
+        """The API server's URL."""
+        return self.api.configuration.host
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        self.api.close()
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").is_file()
+
+
+def connect(
+    kubeconfig: str | os.PathLike[str] | None = None,
+    context: str | None = None,
+    namespace: str | None = None,
+    in_cluster: bool | None = None,
+    configuration: client.Configuration | None = None,
+) -> Connection:
+    """An API client for the cluster the user means.
+
+    Args:
+        kubeconfig: a kubeconfig file; default ``$KUBECONFIG`` or ``~/.kube/config``.
+        context: a context of that file; default its current context.
+        namespace: where jobs go; see the module docstring for the default.
+        in_cluster: use the pod's service account (default: when running in a pod and no
+            kubeconfig was given).
+        configuration: a ready ``kubernetes.client.Configuration`` (tests, custom auth).
+
+    Raises:
+        ClusterError: no kubeconfig, an unknown context, or an unreadable file;
+            the message names the file and context and says how to fix it.
+
+    Example:
+        >>> connect(kubeconfig="/nonexistent/config")
+        Traceback (most recent call last):
+        ...
+        dsnb.errors.ClusterError: kubeconfig /nonexistent/config: no such file. Fix: point kubeconfig= (or $KUBECONFIG) at your cluster's config file, or run inside the cluster
+    """
+    if configuration is not None:
+        return Connection(client.ApiClient(configuration), namespace or "default", context or "custom")
+    if in_cluster is None:
+        in_cluster = kubeconfig is None and not os.environ.get("KUBECONFIG") and _in_cluster()
+    if in_cluster:
+        try:
+            conf = client.Configuration()
+            config.load_incluster_config(client_configuration=conf)
+        except config.ConfigException as e:
+            raise ClusterError("in-cluster configuration", str(e),
+                               "run inside a pod with a service account, or pass kubeconfig=") from e
+        own = SERVICE_ACCOUNT_DIR / "namespace"
+        default_ns = own.read_text().strip() if own.is_file() else "default"
+        return Connection(client.ApiClient(conf), namespace or default_ns, "in-cluster")
+    path = Path(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or "~/.kube/config").expanduser()
+    if not path.is_file():
+        raise ClusterError(f"kubeconfig {path}", "no such file",
+                           "point kubeconfig= (or $KUBECONFIG) at your cluster's config file, or run inside the cluster")
+    try:
+        contexts, current = config.list_kube_config_contexts(str(path))
+        chosen = current if context is None else next((c for c in contexts if c["name"] == context), None)
+        if chosen is None:
+            names = ", ".join(c["name"] for c in contexts) or "none"
+            raise ClusterError(f"kubeconfig {path}", f"has no context {context!r} (it has: {names})",
+                               "pass one of those as context=, or add the context with kubectl config")
+        conf = client.Configuration()
+        config.load_kube_config(config_file=str(path), context=chosen["name"], client_configuration=conf)
+    except config.ConfigException as e:
+        raise ClusterError(f"kubeconfig {path}", str(e), "check the file with `kubectl config view`") from e
+    default_ns = (chosen.get("context") or {}).get("namespace") or "default"
+    return Connection(client.ApiClient(conf), namespace or default_ns, chosen["name"])

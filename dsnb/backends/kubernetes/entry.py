@@ -1,0 +1,247 @@
+"""The entry point of every pod of a StatefulSet job (standard library only).
+
+dsnb ships this file in the job's ConfigMap and the container runs
+``python3 entry.py LAUNCHER ARGS...``. On each pod it:
+
+1. takes its node rank from its ordinal (pod ``<set>-<i>`` is node ``i``);
+2. waits until every peer's DNS name ``<set>-<j>.<service>.<namespace>.svc.<domain>``
+   resolves, giving up after ``DSNB_PEER_TIMEOUT`` seconds with a message that names
+   the missing peers;
+3. runs the launcher (torchrun or deepspeed) with ``{node_rank}`` and ``{hostfile}``
+   filled in, passing its output through and stopping it on SIGTERM;
+4. writes the outcome (exit code, failing rank, last lines) as JSON to the termination
+   message, where dsnb reads it from the pod's status, and to a marker in the pod's
+   scratch volume, then exits with the launcher's code.
+
+A StatefulSet restarts containers that exit. The restarted container finds the marker
+and idles instead of training again, until dsnb sees that every node finished and
+deletes the set.
+
+Environment: ``DSNB_NODES``, ``DSNB_PROCS_PER_NODE``, ``DSNB_SET``, ``DSNB_SERVICE``,
+``DSNB_NAMESPACE``, ``DSNB_CLUSTER_DOMAIN``, ``DSNB_PEER_TIMEOUT``, ``DSNB_TIMEOUT``,
+``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``.
+
+Example (what a pod runs)::
+
+    python3 /var/run/dsnb/job/entry.py torchrun --nnodes=2 --node_rank={node_rank} ... train.py
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+EXIT_PEERS_TIMEOUT = 75
+EXIT_TIMEOUT = 124
+LAST_LINES = 20
+TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
+_LOCAL_PREFIX = re.compile(r"^\[(?:[A-Za-z_]*?)(\d+)\]:")
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_ROOT_CODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def say(text: str) -> None:
+    """One line of dsnb's own output in the pod log."""
+    print(f"dsnb: {text}", flush=True)
+
+
+def node_rank(pod_name: str, set_name: str) -> int:
+    """The ordinal of pod ``<set>-<i>``.
+
+    >>> node_rank("tiny-gpt-x7k2-1", "tiny-gpt-x7k2")
+    1
+    """
+    prefix = set_name + "-"
+    if not pod_name.startswith(prefix) or not pod_name[len(prefix):].isdigit():
+        raise SystemExit(f"dsnb: pod name {pod_name!r} is not '<{set_name}>-<ordinal>'")
+    return int(pod_name[len(prefix):])
+
+
+def peer_names(nodes: int, set_name: str, service: str, namespace: str, domain: str) -> list[str]:
+    """The stable DNS names of every node's pod, node 0 first.
+
+    >>> peer_names(2, "j", "j", "ml", "cluster.local")
+    ['j-0.j.ml.svc.cluster.local', 'j-1.j.ml.svc.cluster.local']
+    """
+    return [f"{set_name}-{i}.{service}.{namespace}.svc.{domain}" for i in range(nodes)]
+
+
+def resolves(name: str) -> bool:
+    """True when ``name`` has an address now."""
+    try:
+        socket.getaddrinfo(name, None)
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_peers(names: list[str], timeout: float, poll: float = 1.0) -> list[str]:
+    """Wait until every name resolves; return those that still do not after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    missing = list(names)
+    said = 0.0
+    while True:
+        missing = [n for n in missing if not resolves(n)]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        if time.monotonic() - said > 10:
+            say(f"waiting for {len(missing)} peer(s) to resolve: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+            said = time.monotonic()
+        time.sleep(poll)
+
+
+class Outcome:
+    """What the launcher printed that matters afterwards: last lines per rank, the root cause."""
+
+    def __init__(self, node: int, procs_per_node: int) -> None:
+        self.node = node
+        self.procs = procs_per_node
+        self.lines: dict[int, collections.deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=LAST_LINES))
+        self.failed_rank: int | None = None
+        self.rank_exit_code: int | None = None
+        self._in_root_cause = False
+
+    def feed(self, line: str) -> None:
+        """Remember one line of output."""
+        found = _LOCAL_PREFIX.match(line)
+        if found and int(found.group(1)) < self.procs:
+            rank = self.node * self.procs + int(found.group(1))
+            self.lines[rank].append(line[found.end():])
+            return
+        self.lines[-1].append(line)
+        # torchrun ends a failure with a "Root Cause" block naming the rank and its exit code.
+        if "Root Cause" in line:
+            self._in_root_cause = True
+        elif self._in_root_cause:
+            rank = _ROOT_RANK.match(line)
+            code = _ROOT_CODE.match(line)
+            if rank and self.failed_rank is None:
+                self.failed_rank = int(rank.group(1))
+            if code and self.rank_exit_code is None:
+                self.rank_exit_code = int(code.group(1))
+
+    def report(self, exit_code: int, message: str = "") -> dict:
+        """The JSON-ready outcome of this node."""
+        rank = self.failed_rank if exit_code else None
+        if exit_code and rank is None:
+            # No root cause printed: the first rank of this node that wrote anything.
+            rank = min((r for r in self.lines if r >= 0), default=self.node * self.procs)
+        last = [line for line in self.lines.get(rank, ()) if line.strip()] if rank is not None else []
+        if exit_code and not last:
+            last = [line for line in self.lines.get(-1, ()) if line.strip()]
+        return {"node": self.node, "exit_code": exit_code, "failed_rank": rank,
+                "rank_exit_code": self.rank_exit_code if exit_code else 0, "message": message,
+                "last_lines": [line[:300] for line in last]}
+
+
+def write_outcome(state_dir: str, outcome: dict) -> None:
+    """Leave the outcome where a restart (marker) and dsnb (termination message) find it."""
+    text = json.dumps(outcome)
+    while len(text.encode()) > TERMINATION_LIMIT and outcome["last_lines"]:
+        outcome["last_lines"].pop(0)
+        text = json.dumps(outcome)
+    marker = os.path.join(state_dir, "outcome.json")
+    with open(marker + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(marker + ".tmp", marker)
+    try:
+        with open(os.environ.get("DSNB_TERMINATION_LOG", "/dev/termination-log"), "w") as f:
+            f.write(text)
+    except OSError:
+        pass  # not in a Kubernetes container: the marker is enough
+
+
+def idle_after_finish(state_dir: str) -> None:
+    """A restarted container of a finished node: say so and wait to be deleted."""
+    with open(os.path.join(state_dir, "outcome.json")) as f:
+        outcome = json.load(f)
+    say(f"node {outcome['node']} already finished (exit code {outcome['exit_code']}); idle until dsnb removes the job")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(3600)
+
+
+def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tuple[int, str]:
+    """Run the launcher, pass its output through, stop it on SIGTERM or after ``timeout``."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    stopping = {"why": ""}
+
+    def stop(why: str, sig: int = signal.SIGTERM) -> None:
+        stopping["why"] = stopping["why"] or why
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, lambda *_: stop("stopped by Kubernetes (SIGTERM)"))
+    signal.signal(signal.SIGINT, lambda *_: stop("interrupted", signal.SIGINT))
+    timer = None
+    if timeout:
+        timer = threading.Timer(timeout, stop, args=(f"timed out after {timeout:g} s (JobSpec.timeout)",))
+        timer.daemon = True
+        timer.start()
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        outcome.feed(line)
+    code = proc.wait()
+    if timer is not None:
+        timer.cancel()
+    if stopping["why"].startswith("timed out"):
+        code = EXIT_TIMEOUT
+    return (code if code >= 0 else 128 - code), stopping["why"]
+
+
+def main(argv: list[str]) -> int:
+    env = os.environ
+    state_dir = env.get("DSNB_STATE_DIR", "/var/run/dsnb/state")
+    os.makedirs(state_dir, exist_ok=True)
+    if os.path.exists(os.path.join(state_dir, "outcome.json")):
+        idle_after_finish(state_dir)
+    nodes = int(env.get("DSNB_NODES", "1"))
+    procs = int(env.get("DSNB_PROCS_PER_NODE", "1"))
+    set_name = env["DSNB_SET"]
+    node = node_rank(env.get("DSNB_POD_NAME") or socket.gethostname(), set_name)
+    outcome = Outcome(node, procs)
+    peers = peer_names(nodes, set_name, env.get("DSNB_SERVICE", set_name), env.get("DSNB_NAMESPACE", "default"),
+                       env.get("DSNB_CLUSTER_DOMAIN", "cluster.local"))
+    hostfile = os.path.join(state_dir, "hostfile")
+    with open(hostfile, "w") as f:
+        f.writelines(f"{peer} slots={procs}\n" for peer in peers)
+    if nodes > 1:
+        timeout = float(env.get("DSNB_PEER_TIMEOUT", "600"))
+        say(f"node {node} of {nodes}: waiting for the other pods' DNS names")
+        missing = wait_for_peers(peers, timeout)
+        if missing:
+            message = (f"node {node}: after {timeout:g} s these peers still do not resolve: {', '.join(missing)}. "
+                       "Their pods are not running yet (see job.status() for Pending pods, e.g. waiting for GPUs) "
+                       "or the headless Service is missing; raise DSNB_PEER_TIMEOUT if the cluster is slow to schedule")
+            say(message)
+            write_outcome(state_dir, {**outcome.report(EXIT_PEERS_TIMEOUT, message), "last_lines": [message]})
+            return EXIT_PEERS_TIMEOUT
+        say(f"node {node} of {nodes}: all peers resolve; starting {procs} rank(s)")
+    command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) for a in argv]
+    job_timeout = float(env["DSNB_TIMEOUT"]) if env.get("DSNB_TIMEOUT") else None
+    code, why = run_launcher(command, outcome, job_timeout)
+    result = outcome.report(code, why)
+    if code and outcome.rank_exit_code:
+        code_text = f"rank {result['failed_rank']} exited with code {outcome.rank_exit_code}"
+    else:
+        code_text = f"exit code {code}"
+    say(f"node {node} finished: {code_text}" + (f" ({why})" if why else ""))
+    write_outcome(state_dir, result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

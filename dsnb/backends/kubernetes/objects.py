@@ -1,0 +1,117 @@
+"""Create, read and delete the kinds dsnb manages, from their dict manifests.
+
+One table maps each kind to the official client's calls, so backends handle manifests
+as plain dicts (what ``dryrun`` prints) and still use the typed client.
+
+Example:
+    >>> ref = owner_reference({"apiVersion": "v1", "kind": "ConfigMap",
+    ...                        "metadata": {"name": "j", "uid": "1234"}})
+    >>> ref["kind"], ref["uid"]
+    ('ConfigMap', '1234')
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from dsnb.backends.kubernetes.connection import Connection
+
+#: kind -> (client attribute, method suffix) for core and apps kinds.
+_TYPED = {
+    "ConfigMap": ("core", "config_map"),
+    "Secret": ("core", "secret"),
+    "Service": ("core", "service"),
+    "Pod": ("core", "pod"),
+    "StatefulSet": ("apps", "stateful_set"),
+}
+#: kind -> plural for custom resources.
+_CUSTOM_PLURALS = {
+    "MPIJob": "mpijobs",
+    "TrainJob": "trainjobs",
+    "RayJob": "rayjobs",
+    "RayService": "rayservices",
+    "RayCluster": "rayclusters",
+}
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to ``owner`` (a created object), so deleting it collects the dependent."""
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+            "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
+
+
+def _read_json(response: Any) -> dict[str, Any]:
+    try:
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=response.data)
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
+
+
+def create(conn: Connection, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create ``manifest`` in the connection's namespace; return the stored object as a dict.
+
+    Raises:
+        ApiException: the server refused (409 exists, 403 forbidden, 422 invalid, ...).
+    """
+    kind = manifest["kind"]
+    if kind in _TYPED:
+        api, suffix = _TYPED[kind]
+        call = getattr(getattr(conn, api), f"create_namespaced_{suffix}")
+        return _read_json(call(conn.namespace, manifest, _preload_content=False))
+    group, version = manifest["apiVersion"].split("/")
+    return conn.custom.create_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], manifest)
+
+
+def read(conn: Connection, api_version: str, kind: str, name: str) -> dict[str, Any] | None:
+    """The object as a dict, or None when it does not exist.
+
+    Raises:
+        ApiException: any error other than 404.
+    """
+    try:
+        if kind in _TYPED:
+            api, suffix = _TYPED[kind]
+            call = getattr(getattr(conn, api), f"read_namespaced_{suffix}")
+            return _read_json(call(name, conn.namespace, _preload_content=False))
+        group, version = api_version.split("/")
+        return conn.custom.get_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def patch_config_map_data(conn: Connection, name: str, data: dict[str, str]) -> None:
+    """Merge ``data`` into a ConfigMap's data.
+
+    Raises:
+        ApiException: the server refused.
+    """
+    _read_json(conn.core.patch_namespaced_config_map(name, conn.namespace, {"data": data}, _preload_content=False))
+
+
+def delete(conn: Connection, api_version: str, kind: str, name: str) -> bool:
+    """Delete an object and, in the background, what it owns. False when it was already gone.
+
+    Raises:
+        ApiException: any error other than 404.
+    """
+    try:
+        if kind in _TYPED:
+            api, suffix = _TYPED[kind]
+            call = getattr(getattr(conn, api), f"delete_namespaced_{suffix}")
+            _read_json(call(name, conn.namespace, propagation_policy="Background", _preload_content=False))
+        else:
+            group, version = api_version.split("/")
+            conn.custom.delete_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name,
+                                                        propagation_policy="Background")
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise

@@ -1,0 +1,266 @@
+"""``Cluster("statefulset")``: a StatefulSet and a headless Service, wired by dsnb itself.
+
+Each job is four objects (plus a Secret when the spec's env holds secrets):
+
+- the record ConfigMap ``<job>``: the spec, the pods' entry script and the DeepSpeed config;
+- a headless Service ``<job>`` (``clusterIP: None``, ``publishNotReadyAddresses: true``),
+  which gives pod ``<job>-<i>`` the DNS name ``<job>-<i>.<job>.<namespace>.svc.<domain>``
+  before it is ready;
+- a StatefulSet ``<job>`` with ``podManagementPolicy: Parallel`` and one replica per node.
+
+Every pod runs :mod:`dsnb.backends.kubernetes.entry`: node rank from the ordinal, wait for
+the peers' DNS names, then torchrun (or the deepspeed launcher) with the master at
+ordinal 0. dsnb reads each node's outcome from its pod status, and ends the job when
+every node finished or one failed.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, procs_per_node=2, image="ghcr.io/org/train:1")
+    >>> plan = Cluster("statefulset", namespace="ml").dryrun(spec)
+    >>> [m["kind"] for m in plan.manifests]
+    ['ConfigMap', 'Service', 'StatefulSet']
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from dsnb.backends.base import Plan
+from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.diagnose import classify
+from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.pod_status import container_status, node_outcome, started_at
+from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+JOB_DIR = "/var/run/dsnb/job"
+STATE_DIR = "/var/run/dsnb/state"
+TERMINATION_LOG = "/var/run/dsnb/termination-log"
+MASTER_PORT = 29500
+ROLE = "dsnb.io/role"
+#: A StatefulSet's name goes into its pods' controller-revision-hash label (63 characters at most).
+MAX_SET_NAME = 52
+LAUNCHERS = ("torchrun", "deepspeed")
+
+
+def entry_source() -> str:
+    """The source of the pods' entry script, as shipped in the record."""
+    return resources.files("dsnb.backends.kubernetes").joinpath("entry.py").read_text()
+
+
+def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
+    """The launcher command every node runs; ``{node_rank}`` and ``{hostfile}`` are filled in the pod.
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> launcher_argv(JobSpec(name="a", script="train.py", nodes=2, procs_per_node=2), "torchrun", "a-0.a")
+        ['torchrun', '--nnodes=2', '--nproc_per_node=2', '--node_rank={node_rank}', '--master_addr=a-0.a', '--master_port=29500', '--tee=3', '--log-dir=/var/run/dsnb/state/torchrun', 'train.py']
+    """
+    if spec.script is not None:
+        program = [spec.script, *spec.args]
+    else:
+        program = [*spec.command, *spec.args]  # type: ignore[misc]
+    if launcher == "deepspeed":
+        argv = ["deepspeed"]
+        if spec.nodes > 1:
+            argv += ["--hostfile={hostfile}", "--no_ssh", "--node_rank={node_rank}",
+                     f"--master_addr={master_addr}", f"--master_port={MASTER_PORT}"]
+        else:
+            argv += [f"--num_gpus={spec.procs_per_node}", f"--master_port={MASTER_PORT}"]
+        if spec.script is None:
+            argv.append("--no_python")
+        return argv + program
+    argv = ["torchrun"]
+    if spec.nodes > 1:
+        argv += [f"--nnodes={spec.nodes}", f"--nproc_per_node={spec.procs_per_node}", "--node_rank={node_rank}",
+                 f"--master_addr={master_addr}", f"--master_port={MASTER_PORT}"]
+    else:
+        argv += ["--standalone", f"--nproc_per_node={spec.procs_per_node}"]
+    # --tee prefixes each line with the local rank, which dsnb turns into the global rank.
+    argv += ["--tee=3", f"--log-dir={STATE_DIR}/torchrun"]
+    if spec.max_restarts:
+        argv.append(f"--max-restarts={spec.max_restarts}")
+    if spec.script is None:
+        argv.append("--no-python")
+    return argv + program
+
+
+class StatefulSetBackend(KubernetesBackend):
+    """DeepSpeed on a StatefulSet + headless Service; see the module docstring.
+
+    Args:
+        launcher: ``"torchrun"`` (default; log lines split per rank) or ``"deepspeed"``.
+        cluster_domain: the cluster's DNS domain.
+        peer_timeout: seconds a pod waits for its peers' DNS names before failing.
+        **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
+
+    Raises:
+        InvalidSpecError: an unknown launcher.
+
+    Example:
+        >>> StatefulSetBackend(namespace="ml", launcher="deepspeed").launcher
+        'deepspeed'
+    """
+
+    name = "statefulset"
+    permissions = STATEFULSET_PERMISSIONS
+    workload = (("apps/v1", "StatefulSet", ""), ("v1", "Service", ""), ("v1", "Secret", "-env"))
+
+    def __init__(self, launcher: str = "torchrun", cluster_domain: str = "cluster.local",
+                 peer_timeout: float = 600, **options: Any) -> None:
+        if launcher not in LAUNCHERS:
+            raise InvalidSpecError("launcher", f"unknown launcher {launcher!r}", f"use one of {', '.join(LAUNCHERS)}")
+        super().__init__(**options)
+        self.launcher = launcher
+        self.cluster_domain = cluster_domain
+        self.peer_timeout = peer_timeout
+
+    # -- rendering -------------------------------------------------------------------------
+    def _env(self, spec: JobSpec) -> dict[str, str]:
+        env = {
+            "DSNB_JOB_NAME": spec.name,
+            "DSNB_NODES": str(spec.nodes),
+            "DSNB_PROCS_PER_NODE": str(spec.procs_per_node),
+            "DSNB_SET": spec.name,
+            "DSNB_SERVICE": spec.name,
+            "DSNB_CLUSTER_DOMAIN": self.cluster_domain,
+            "DSNB_PEER_TIMEOUT": f"{self.peer_timeout:g}",
+            "DSNB_STATE_DIR": STATE_DIR,
+            "DSNB_TERMINATION_LOG": TERMINATION_LOG,
+            "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
+            "LOCAL_SIZE": str(spec.procs_per_node),  # DeepSpeed's AutoTP on CPU reads it
+            "PYTHONUNBUFFERED": "1",
+        }
+        if spec.timeout:
+            env["DSNB_TIMEOUT"] = f"{spec.timeout:g}"
+        if not spec.resources.gpus:
+            env["DS_ACCELERATOR"] = "cpu"
+        if spec.nodes > 1:
+            env["GLOO_SOCKET_IFNAME"] = "eth0"  # else gloo binds the hostname's loopback address
+        cpu = spec.resources.cpu
+        if isinstance(cpu, (int, float)):
+            env["OMP_NUM_THREADS"] = str(max(1, int(cpu) // spec.procs_per_node))
+        if spec.deepspeed_config is not None:
+            env["DSNB_DEEPSPEED_CONFIG"] = f"{JOB_DIR}/deepspeed.json"
+        return env
+
+    def dryrun(self, spec: JobSpec) -> Plan:
+        unique = spec.with_unique_name()
+        if len(unique.name) > MAX_SET_NAME:
+            raise InvalidSpecError("name", f"{unique.name!r} is too long for a StatefulSet ({MAX_SET_NAME} characters with the suffix)",
+                                   f"use at most {MAX_SET_NAME - 5} characters")
+        name, namespace = unique.name, self.namespace
+        master = f"{name}-0.{name}.{namespace}.svc.{self.cluster_domain}"
+        files = {"entry.py": entry_source()}
+        if unique.deepspeed_config is not None:
+            files["deepspeed.json"] = json.dumps(unique.deepspeed_config, indent=1)
+        record = record_manifest(unique, self.name, files)
+        secrets = secret_env_keys(unique.env)
+        node_labels = {**job_labels(name), ROLE: "node"}
+        template = build_pod_template(
+            unique, ["python3", f"{JOB_DIR}/entry.py"], self._env(unique), self.pod_options, {ROLE: "node"},
+            args=launcher_argv(unique, self.launcher, master),
+            downward_env={"DSNB_POD_NAME": "metadata.name", "DSNB_NAMESPACE": "metadata.namespace"},
+            secret_name=f"{name}-env" if secrets else None,
+            volumes=[
+                ExtraVolume({"name": "dsnb-job", "configMap": {"name": name, "defaultMode": 0o444}}, JOB_DIR, read_only=True),
+                ExtraVolume({"name": "dsnb-state", "emptyDir": {}}, STATE_DIR),
+            ],
+            termination_message_path=TERMINATION_LOG,
+        )
+        template["spec"]["restartPolicy"] = "Always"  # the only policy a StatefulSet accepts
+        service = {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": job_labels(name)},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": node_labels,
+                     "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]},
+        }
+        stateful_set = {
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": name, "labels": job_labels(name)},
+            "spec": {"serviceName": name, "replicas": unique.nodes, "podManagementPolicy": "Parallel",
+                     "selector": {"matchLabels": node_labels}, "template": template},
+        }
+        manifests = [record, service, stateful_set]
+        if secrets:
+            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                 "metadata": {"name": f"{name}-env", "labels": job_labels(name)},
+                                 "stringData": {k: unique.env[k] for k in secrets}})
+        for manifest in manifests:
+            manifest["metadata"]["namespace"] = namespace
+        ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
+        notes = [
+            f"dsnb statefulset plan for {name} in namespace {namespace}: {unique.nodes} pod(s) x {unique.procs_per_node} rank(s) via {ranks}",
+            "apply with: kubectl apply -f <this file>; remove with: kubectl delete statefulset,service,configmap,secret -l dsnb.io/job=" + name,
+        ]
+        if secrets:
+            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes)
+
+    # -- status ----------------------------------------------------------------------------
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]]) -> JobStatus:
+        by_node: dict[int, dict[str, Any]] = {}
+        for pod in pods:
+            try:
+                by_node[self.pod_node(pod)] = pod
+            except (IndexError, ValueError):
+                continue
+        outcomes = {node: node_outcome(pod, CONTAINER) for node, pod in by_node.items()}
+        diagnoses = {node: classify(pod) for node, pod in by_node.items() if outcomes[node] is None}
+        starts = [t for t in (started_at(p, CONTAINER) for p in by_node.values()) if t is not None]
+        started = min(starts) if starts else None
+        procs = spec.procs_per_node
+        node_states: dict[int, JobState] = {}
+        for node in range(spec.nodes):
+            pod, outcome = by_node.get(node), outcomes.get(node)
+            if outcome is not None:
+                node_states[node] = JobState.SUCCEEDED if outcome.ok else JobState.FAILED
+            elif pod is not None and (container_status(pod, CONTAINER).get("state") or {}).get("running"):
+                node_states[node] = JobState.RUNNING
+            elif pod is not None and (pod.get("spec") or {}).get("nodeName"):
+                node_states[node] = JobState.STARTING
+            else:
+                node_states[node] = JobState.PENDING
+        replicas = tuple(
+            ReplicaStatus(
+                rank=rank, state=node_states[rank // procs],
+                exit_code=outcomes[rank // procs].exit_code if outcomes.get(rank // procs) else None,
+                host=by_node[rank // procs]["metadata"]["name"] if rank // procs in by_node else None,
+            )
+            for rank in range(spec.world_size)
+        )
+        common = {"name": name, "backend": self.name, "replicas": replicas, "created_at": created_at, "started_at": started}
+        failed = sorted(((o.finished_at or 0.0, node, o) for node, o in outcomes.items() if o is not None and not o.ok),
+                        key=lambda item: (item[0], item[1]))
+        if failed:
+            _, node, outcome = failed[0]
+            pod_name = by_node[node]["metadata"]["name"]
+            rank = outcome.failed_rank if outcome.failed_rank is not None else node * procs
+            what = "was killed: out of memory (OOMKilled)" if outcome.reason == "OOMKilled" else f"exited with code {outcome.exit_code}"
+            message = f"rank {rank} (pod {pod_name}) {what}" + (f"; {outcome.message}" if outcome.message else "")
+            return JobStatus(**common, state=JobState.FAILED, message=message, failed_rank=rank,
+                             exit_code=outcome.exit_code, last_lines=outcome.last_lines,
+                             finished_at=outcome.finished_at)
+        fatal = [(node, d) for node, d in sorted(diagnoses.items()) if d is not None and d.fatal]
+        if fatal:
+            node, diagnosis = fatal[0]
+            return JobStatus(**common, state=JobState.FAILED, message=str(diagnosis), failed_rank=node * procs)
+        if len(outcomes) == spec.nodes and all(o is not None and o.ok for o in outcomes.values()):
+            finished = max((o.finished_at or 0.0) for o in outcomes.values() if o is not None) or None
+            return JobStatus(**common, state=JobState.SUCCEEDED, message=f"all {spec.nodes} node(s) finished", finished_at=finished)
+        waiting = [str(d) for d in diagnoses.values() if d is not None]
+        states = set(node_states.values())
+        if states <= {JobState.RUNNING, JobState.SUCCEEDED}:
+            return JobStatus(**common, state=JobState.RUNNING, message=f"{spec.world_size} rank(s) on {spec.nodes} pod(s)")
+        if JobState.RUNNING in states or JobState.STARTING in states:
+            ready = sum(s in (JobState.RUNNING, JobState.SUCCEEDED) for s in node_states.values())
+            return JobStatus(**common, state=JobState.STARTING,
+                             message=waiting[0] if waiting else f"{ready} of {spec.nodes} pod(s) running")
+        message = waiting[0] if waiting else (f"waiting for the StatefulSet to create {spec.nodes} pod(s)" if not by_node
+                                              else f"{len(by_node)} pod(s) waiting to be scheduled")
+        return JobStatus(**common, state=JobState.PENDING, message=message)
