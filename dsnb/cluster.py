@@ -14,6 +14,7 @@ from typing import Any
 
 from dsnb.backends.base import Backend, Plan, load_backend
 from dsnb.job import Job
+from dsnb.preflight import PreflightReport
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
@@ -62,6 +63,29 @@ class Cluster:
             'tiny-gpt-x7k2'
         """
         return Job(self.backend, self.backend.submit(spec))
+
+    def check(self, spec: JobSpec | None = None) -> PreflightReport:
+        """Check now that this backend can run jobs, and ``spec`` in particular; start nothing.
+
+        What is checked depends on the backend (see ``docs/preflight.md``): on Kubernetes the
+        API, the namespace, every permission dsnb needs and, for a GPU spec, GPU nodes; locally
+        torch, deepspeed, CPU cores and GPUs. In a notebook the report shows as a table.
+
+        Raises:
+            Nothing on purpose: problems are failed lines; ``.raise_for_problems()`` raises
+            a ClusterError for the first one.
+
+        Example:
+            >>> report = Cluster().check()
+            >>> [r.name for r in report.results]
+            ['torch', 'deepspeed', 'CPU cores']
+            >>> print(report)                  # doctest: +SKIP
+            ✓ torch: torch 2.4.0
+            ✓ deepspeed: deepspeed 0.16.2
+            ✓ CPU cores: 16 usable for 1 rank(s)
+            >>> Cluster("statefulset", namespace="ml").check(spec).raise_for_problems()  # doctest: +SKIP
+        """
+        return self.backend.check(spec)
 
     def jobs(self) -> list[JobStatus]:
         """Statuses of this backend's jobs, newest first."""

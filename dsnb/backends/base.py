@@ -23,13 +23,16 @@ import collections
 import importlib
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dsnb.errors import BackendUnavailable
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobStatus, LogLine, MetricSample
+
+if TYPE_CHECKING:
+    from dsnb.preflight import PreflightReport
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Plan:
     def to_yaml(self) -> str:
         """The plan as YAML: the manifests, or the commands as a list of mappings."""
         if self.manifests:
-            return yaml.safe_dump_all(self.manifests, sort_keys=False)
+            return yaml.dump_all([_redact_manifest(m) for m in self.manifests], Dumper=_ReadableDumper, sort_keys=False)
         return yaml.safe_dump(
             {
                 "backend": self.backend,
@@ -104,6 +107,26 @@ class Plan:
     def _repr_markdown_(self) -> str:
         lang = "yaml" if self.manifests else "bash"
         return f"```{lang}\n{self}\n```"
+
+
+class _ReadableDumper(yaml.SafeDumper):
+    """Writes multi-line strings (scripts, JSON files in ConfigMaps) as literal blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_ReadableDumper.add_representer(str, _represent_str)
+
+
+def _redact_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A Secret with its values shown as ``***``; any other manifest unchanged."""
+    if manifest.get("kind") != "Secret":
+        return manifest
+    hidden = {key: {k: "***" for k in manifest[key]} for key in ("data", "stringData") if manifest.get(key)}
+    return {**manifest, **hidden}
 
 
 def _shell_quote(text: str) -> str:
@@ -210,6 +233,30 @@ class Backend(abc.ABC):
     def spec_of(self, name: str) -> JobSpec:
         """The spec a job was submitted with (used by ``attach``). Raises: JobNotFound."""
 
+    def check(self, spec: JobSpec | None = None) -> PreflightReport:
+        """Preflight: whether this backend can run jobs (and ``spec`` in particular), checked now.
+
+        Backends with something to check (cluster access, permissions, GPUs) override this;
+        the default has one passing line. Nothing is created or started.
+
+        Args:
+            spec: the job to check resources for; None checks only access.
+
+        Raises:
+            Nothing on purpose: problems are failed lines of the report
+            (``report.raise_for_problems()`` turns the first into a ClusterError).
+
+        Example:
+            >>> class Nothing(Backend):
+            ...     name = "nothing"
+            ...     dryrun = apply = status = read_logs = read_metrics = cancel = jobs = spec_of = None
+            >>> print(Nothing().check())
+            ✓ backend: 'nothing' needs no preflight
+        """
+        from dsnb.preflight import CheckResult, PreflightReport
+
+        return PreflightReport(self.name, [CheckResult("backend", True, f"{self.name!r} needs no preflight")])
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a backend holds resources
         """Release clients and background threads; running jobs keep running."""
 
@@ -219,6 +266,7 @@ class Backend(abc.ABC):
 #: name -> ("module:Class", extra that provides its dependencies)
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "local": ("dsnb.backends.local:LocalBackend", None),
+    "statefulset": ("dsnb.backends.kubernetes.statefulset:StatefulSetBackend", "k8s"),
 }
 _registered: dict[str, tuple[str | type[Backend], str | None]] = {}
 ENTRY_POINT_GROUP = "dsnb.backends"

@@ -10,6 +10,8 @@ Examples::
     dsnb cancel train-x7k2
     dsnb dryrun train.py --procs 2                             # the commands, nothing started
     dsnb demo                                                  # the bundled tiny GPT, 2 ranks
+    dsnb check --backend statefulset --gpus 8 --nodes 2        # can this cluster run it? (exit 1 if not)
+    dsnb rbac --namespace ml --user alice@example.com          # the Role a Kubernetes backend needs
 
 Options of ``run`` and ``dryrun`` may come before or after SCRIPT; every other argument goes
 to the script. Put script arguments that share a name with a dsnb option after ``--``.
@@ -34,6 +36,7 @@ from rich.live import Live
 from rich.markup import escape
 
 import dsnb
+from dsnb.backends.base import load_backend
 from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.cluster import Cluster
 from dsnb.console.view import format_duration, jobs_table, render, status_view
@@ -90,7 +93,7 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo)."""
+    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo, check, rbac)."""
     parser = argparse.ArgumentParser(
         prog="dsnb", description="Launch, watch and stop distributed DeepSpeed jobs.", allow_abbrev=False
     )
@@ -122,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the bundled tiny GPT example on 2 ranks", allow_abbrev=False)
     demo.add_argument("--detach", action="store_true", help="start the job and return at once")
     demo.add_argument("--backend", default="local")
+
+    check = sub.add_parser("check", help="check a backend can run jobs (access, permissions, GPUs); start nothing",
+                           allow_abbrev=False)
+    check.add_argument("--backend", default="local", help="backend name (default: local)")
+    check.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig context's)")
+    check.add_argument("--context", help="kubeconfig context (default: the current one)")
+    check.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    check.add_argument("--gpus", type=int, default=0, metavar="G", help="also check for nodes offering G GPUs each")
+    check.add_argument("--nodes", type=int, metavar="M", help="nodes the job needs (default 1)")
+    check.add_argument("--procs", type=int, metavar="N", help="ranks per node (default: one per GPU, else 1)")
+
+    rbac = sub.add_parser("rbac", help="print the Role and RoleBinding a Kubernetes backend needs", allow_abbrev=False)
+    rbac.add_argument("--backend", default="statefulset", help="a Kubernetes backend (default: statefulset)")
+    rbac.add_argument("--namespace", help="where the jobs go (default: the kubeconfig context's, else default)")
+    rbac.add_argument("--name", default="dsnb", help="name of the Role and the RoleBinding (default: dsnb)")
+    subject = rbac.add_mutually_exclusive_group()
+    subject.add_argument("--service-account", metavar="NAME",
+                         help="bind it to this service account of the namespace (the default, with NAME default)")
+    subject.add_argument("--user", metavar="NAME", help="bind it to this user instead")
+    subject.add_argument("--group", metavar="NAME", help="bind it to this group instead")
     return parser
 
 
@@ -330,6 +353,64 @@ def _cmd_cancel(ui: _Ui, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_CHECK_STYLES = {"passed": "green", "failed": "red", "warning": "yellow", "not run": "dim"}
+
+
+def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
+    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig") if getattr(args, key) is not None}
+    try:
+        spec = None
+        if args.gpus or args.nodes is not None or args.procs is not None:
+            spec = JobSpec(name="preflight", command=["true"], nodes=1 if args.nodes is None else args.nodes,
+                           procs_per_node=args.procs or max(1, args.gpus), resources=Resources(gpus=args.gpus))
+    except InvalidSpecError as e:
+        return _spec_error(ui, e)
+    load_backend(args.backend)  # an unknown backend or a missing extra: the install hint
+    try:
+        cluster = Cluster(args.backend, **options)
+    except TypeError:
+        given = ", ".join(f"--{key}" for key in options)
+        _error(ui, f"backend {args.backend!r} takes no {given}; those options are for Kubernetes backends (--backend statefulset)")
+        return EXIT_USAGE
+    with cluster:
+        report = cluster.check(spec)
+    for result in report.results:
+        _plain(ui.out, str(result), style=_CHECK_STYLES[result.status])
+    _plain(ui.out, report.summary(), style="bold green" if report.ok else "bold red")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
+    backend_class = load_backend(args.backend)
+    permissions = getattr(backend_class, "permissions", ())
+    if not permissions:
+        _error(ui, f"backend {args.backend!r} creates nothing on Kubernetes, so it needs no Role; "
+                   "name a Kubernetes backend, e.g. --backend statefulset")
+        return EXIT_USAGE
+    namespace = args.namespace
+    if namespace is None:
+        backend = backend_class()
+        try:
+            namespace = backend.namespace  # the kubeconfig context's; reading it contacts no cluster
+        finally:
+            backend.close()
+    from dsnb.backends.kubernetes.rbac import render_rbac
+
+    if args.user is not None:
+        kind, who = "User", args.user
+    elif args.group is not None:
+        kind, who = "Group", args.group
+    else:
+        kind, who = "ServiceAccount", args.service_account if args.service_account is not None else "default"
+    try:
+        text = render_rbac(permissions, namespace, kind, who, name=args.name, backend=args.backend)
+    except ValueError as e:
+        _error(ui, str(e))
+        return EXIT_USAGE
+    _plain(ui.out, text.rstrip("\n"))
+    return EXIT_OK
+
+
 def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         at = argv.index("--")
@@ -375,7 +456,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
                 _error(ui, f"dsnb {args.command}: give the SCRIPT to run, e.g. dsnb {args.command} train.py --procs 2")
                 return EXIT_USAGE
             return _cmd_run(ui, args, extras + tail)
-        command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo}
+        command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo,
+                   "check": _cmd_check, "rbac": _cmd_rbac}
         return command[args.command](ui, args)
     except DsnbError as e:
         _error(ui, str(e))

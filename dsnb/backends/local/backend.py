@@ -25,6 +25,7 @@ from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan, RankCommand
 from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_lines, read_last_lines, write_json_atomic
 from dsnb.backends.local.procs import is_alive, stop_groups
 from dsnb.errors import InvalidSpecError, JobNotFound
+from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 
@@ -143,6 +144,33 @@ class LocalBackend(Backend):
             "MASTER_PORT is a free port chosen at launch; ranks also inherit the caller's environment",
         ]
         return Plan(backend=self.name, spec=unique, commands=commands, notes=notes)
+
+    def check(self, spec: JobSpec | None = None) -> PreflightReport:
+        """torch and deepspeed importable, CPU cores for the ranks, and the GPUs ``spec`` asks for.
+
+        Example:
+            >>> from dsnb import Resources
+            >>> report = LocalBackend().check(JobSpec(name="a", command=["true"], resources=Resources(gpus=1)))
+            >>> [r.name for r in report.results]
+            ['torch', 'deepspeed', 'CPU cores', 'GPUs']
+        """
+        import importlib.metadata
+        import importlib.util
+
+        results = []
+        for package in ("torch", "deepspeed"):
+            if importlib.util.find_spec(package) is None:
+                results.append(CheckResult(package, False, f"not installed for {sys.executable}", "pip install 'dsnb[local]'"))
+            else:
+                results.append(CheckResult(package, True, f"{package} {importlib.metadata.version(package)}"))
+        cores, ranks = usable_cpus(), spec.world_size if spec is not None else 1
+        results.append(CheckResult("CPU cores", cores >= ranks, f"{cores} usable for {ranks} rank(s)",
+                                   f"ranks will share cores and run slower; run at most {cores}", warning=cores < ranks))
+        if spec is not None and spec.resources.gpus:
+            need, have = spec.resources.gpus * spec.nodes, visible_gpus()
+            results.append(CheckResult("GPUs", have >= need, f"{need} asked ({spec.resources.gpus} per node x {spec.nodes} "
+                                       f"node(s)), this machine shows {have}", "set gpus=0 to run on CPU, or ask for fewer"))
+        return PreflightReport(self.name, results)
 
     def apply(self, plan: Plan) -> None:
         job_dir = JobDir(self.root / plan.name)

@@ -1,0 +1,126 @@
+"""The API permissions each Kubernetes backend needs, and the namespaced Role that grants them.
+
+Example:
+    >>> print(STATEFULSET_PERMISSIONS[0])
+    configmaps: create, get, list, watch, patch, delete
+    >>> role, binding = role_manifests(STATEFULSET_PERMISSIONS, "ml")
+    >>> role["rules"][0]
+    {'apiGroups': [''], 'resources': ['configmaps'], 'verbs': ['create', 'get', 'list', 'watch', 'patch', 'delete']}
+    >>> binding["subjects"]
+    [{'kind': 'ServiceAccount', 'name': 'default', 'namespace': 'ml'}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+RBAC_API = "rbac.authorization.k8s.io"
+SUBJECT_KINDS = ("ServiceAccount", "User", "Group")
+
+
+@dataclass(frozen=True)
+class Permission:
+    """Verbs on one resource of one API group ("" is the core group)."""
+
+    group: str
+    resource: str
+    verbs: tuple[str, ...]
+
+    def __str__(self) -> str:
+        where = f"{self.resource}.{self.group}" if self.group else self.resource
+        return f"{where}: {', '.join(self.verbs)}"
+
+
+#: What dsnb itself does in the namespace for every Kubernetes backend: job records,
+#: log archives, Secrets for secret env values, watching pods, reading logs and events.
+COMMON_PERMISSIONS = (
+    Permission("", "configmaps", ("create", "get", "list", "watch", "patch", "delete")),
+    Permission("", "secrets", ("create", "delete")),
+    Permission("", "pods", ("get", "list", "watch")),
+    Permission("", "pods/log", ("get",)),
+    Permission("", "events", ("list",)),
+)
+
+STATEFULSET_PERMISSIONS = (
+    *COMMON_PERMISSIONS,
+    Permission("", "services", ("create", "delete")),
+    Permission("apps", "statefulsets", ("create", "get", "delete")),
+)
+
+
+def role_manifests(
+    permissions: Sequence[Permission],
+    namespace: str,
+    subject_kind: str = "ServiceAccount",
+    subject_name: str = "default",
+    name: str = "dsnb",
+) -> list[dict[str, Any]]:
+    """A Role granting ``permissions`` in ``namespace``, and a RoleBinding giving it to one subject.
+
+    Args:
+        permissions: what the backend needs, e.g. ``STATEFULSET_PERMISSIONS``.
+        namespace: where the jobs go.
+        subject_kind: ``"ServiceAccount"`` (a notebook pod's identity), ``"User"`` or ``"Group"``.
+        subject_name: the service account (in ``namespace``), user or group name.
+        name: the name of both the Role and the RoleBinding.
+
+    Raises:
+        ValueError: an unknown subject kind, or an empty subject name.
+
+    Example:
+        >>> role, binding = role_manifests(STATEFULSET_PERMISSIONS, "ml", "User", "alice@example.com")
+        >>> binding["subjects"], binding["roleRef"]["name"]
+        ([{'kind': 'User', 'apiGroup': 'rbac.authorization.k8s.io', 'name': 'alice@example.com'}], 'dsnb')
+    """
+    if subject_kind not in SUBJECT_KINDS:
+        raise ValueError(f"RoleBinding {name!r}: unknown subject kind {subject_kind!r}; use one of {', '.join(SUBJECT_KINDS)}")
+    if not subject_name:
+        raise ValueError(f"RoleBinding {name!r}: the {subject_kind} name is empty; name who gets the Role")
+    rules = [{"apiGroups": [p.group], "resources": [p.resource], "verbs": list(p.verbs)} for p in permissions]
+    if subject_kind == "ServiceAccount":
+        subject = {"kind": subject_kind, "name": subject_name, "namespace": namespace}
+    else:
+        subject = {"kind": subject_kind, "apiGroup": RBAC_API, "name": subject_name}
+    role = {
+        "apiVersion": f"{RBAC_API}/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": rules,
+    }
+    binding = {
+        "apiVersion": f"{RBAC_API}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "subjects": [subject],
+        "roleRef": {"apiGroup": RBAC_API, "kind": "Role", "name": name},
+    }
+    return [role, binding]
+
+
+def render_rbac(
+    permissions: Sequence[Permission],
+    namespace: str,
+    subject_kind: str = "ServiceAccount",
+    subject_name: str = "default",
+    name: str = "dsnb",
+    backend: str = "",
+) -> str:
+    """The Role and RoleBinding of :func:`role_manifests` as YAML for ``kubectl apply -f -``.
+
+    Raises:
+        ValueError: an unknown subject kind, or an empty subject name.
+
+    Example:
+        >>> print(render_rbac(STATEFULSET_PERMISSIONS, "ml", backend="statefulset").splitlines()[0])
+        # Role for dsnb's statefulset backend in namespace ml, bound to ServiceAccount ml/default.
+    """
+    manifests = role_manifests(permissions, namespace, subject_kind, subject_name, name)
+    who = f"{namespace}/{subject_name}" if subject_kind == "ServiceAccount" else subject_name
+    what = f"dsnb's {backend} backend" if backend else "dsnb"
+    header = (f"# Role for {what} in namespace {namespace}, bound to {subject_kind} {who}.\n"
+              "# Apply it with: kubectl apply -f <this file>\n")
+    return header + yaml.safe_dump_all(manifests, sort_keys=False)
