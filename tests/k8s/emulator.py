@@ -1,0 +1,1594 @@
+"""An in-process Kubernetes API server for tests: real HTTP, an in-memory store, watches and logs.
+
+The official ``kubernetes`` client talks to it as it would to a cluster, while test code plays
+the controllers and the kubelet through direct store calls (``create``, ``patch_status``,
+``append_log``, ...), which need no HTTP. Standard library only; every structure is bounded.
+
+Example:
+    >>> from kubernetes import client
+    >>> with KubeEmulator(namespaces=("ml",)) as emu:
+    ...     with client.ApiClient(emu.configuration()) as api:
+    ...         _ = client.CoreV1Api(api).create_namespaced_config_map("ml", {"metadata": {"name": "cfg"}, "data": {"a": "1"}})
+    ...     emu.get("v1", "ConfigMap", "ml", "cfg")["data"]
+    {'a': '1'}
+
+Close to the real API server where the official client can tell:
+    * errors are ``Status`` bodies; a watch from a forgotten resourceVersion gets a 410 ERROR event;
+    * a resource with a ``/status`` subresource ignores ``.status`` in writes to the main resource
+      (and drops it on create), while ``/status`` writes change nothing else;
+    * a write that changes nothing keeps the resourceVersion and sends no event;
+    * deleting a batch/v1 Job through the API orphans its pods unless a propagationPolicy says otherwise;
+    * a request for something in ``denied`` is answered 403 (set ``enforce_denied = False`` to only
+      make SelfSubjectAccessReview say no);
+    * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
+      and a pod with several containers needs ``container=``.
+
+Not emulated: admission, finalizers and graceful deletion (deletes are immediate), server-side apply,
+``limit``/``continue`` paging, strategic merge by list keys (strategic merge patches are JSON merge
+patches, so lists are replaced), and most defaulting.
+"""
+
+from __future__ import annotations
+
+import calendar
+import copy
+import itertools
+import json
+import random
+import re
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from kubernetes.client import Configuration
+
+Obj = dict[str, Any]
+
+KUBE_VERSION = {
+    "major": "1", "minor": "32", "gitVersion": "v1.32.0", "gitCommit": "70d3cc986aa8221cd1dfb1121852688902d3bf53",
+    "gitTreeState": "clean", "buildDate": "2024-12-11T17:59:15Z", "goVersion": "go1.23.3", "compiler": "gc",
+    "platform": "linux/amd64",
+}
+USER = "system:serviceaccount:default:tester"
+MERGE_PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+JSON_PATCH_TYPE = "application/json-patch+json"
+POLICIES = ("Background", "Foreground", "Orphan")
+# Seconds a serving thread waits before looking again for a hung-up client or a passed deadline.
+POLL_S = 0.5
+
+
+# -- the kinds served ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One kind the emulator serves, with its URL name and scope.
+
+    Example:
+        >>> r = Resource("apps/v1", "StatefulSet", "statefulsets", status=True)
+        >>> (r.group, r.version)
+        ('apps', 'v1')
+    """
+
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+    status: bool = False  # has a /status subresource
+    returns_deleted: bool = True  # DELETE answers with the object, else with a Status
+    default_propagation: str = "Background"
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    @property
+    def path(self) -> tuple[str, str, str]:
+        """What identifies it in URLs and in the store: (group, version, plural)."""
+        return self.group, self.version, self.plural
+
+
+#: The kinds every emulator starts with; extend with ``KubeEmulator.add_resource``.
+RESOURCES: list[Resource] = [
+    Resource("v1", "Namespace", "namespaces", namespaced=False, status=True),
+    Resource("v1", "Node", "nodes", namespaced=False, status=True, returns_deleted=False),
+    Resource("v1", "Pod", "pods", status=True),
+    Resource("v1", "Service", "services", status=True),
+    Resource("v1", "ConfigMap", "configmaps", returns_deleted=False),
+    Resource("v1", "Secret", "secrets", returns_deleted=False),
+    Resource("v1", "Event", "events", returns_deleted=False),
+    Resource("v1", "ServiceAccount", "serviceaccounts"),
+    Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims", status=True),
+    Resource("apps/v1", "StatefulSet", "statefulsets", status=True, returns_deleted=False),
+    Resource("apps/v1", "Deployment", "deployments", status=True, returns_deleted=False),
+    # The API (unlike kubectl) orphans a Job's pods unless told otherwise.
+    Resource("batch/v1", "Job", "jobs", status=True, returns_deleted=False, default_propagation="Orphan"),
+    Resource("rbac.authorization.k8s.io/v1", "Role", "roles", returns_deleted=False),
+    Resource("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", returns_deleted=False),
+    Resource("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", namespaced=False, returns_deleted=False),
+    Resource("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", namespaced=False, returns_deleted=False),
+    Resource("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False, status=True),
+    Resource("kubeflow.org/v2beta1", "MPIJob", "mpijobs", status=True),
+    Resource("trainer.kubeflow.org/v1alpha1", "TrainJob", "trainjobs", status=True),
+    Resource("trainer.kubeflow.org/v1alpha1", "TrainingRuntime", "trainingruntimes"),
+    Resource("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime", "clustertrainingruntimes", namespaced=False),
+    Resource("jobset.x-k8s.io/v1alpha2", "JobSet", "jobsets", status=True),
+    Resource("ray.io/v1", "RayJob", "rayjobs", status=True),
+    Resource("ray.io/v1", "RayCluster", "rayclusters", status=True),
+    Resource("ray.io/v1", "RayService", "rayservices", status=True),
+]
+NAMESPACE, POD = RESOURCES[0], RESOURCES[2]
+
+
+def _plural(kind: str) -> str:
+    """A kind's URL name, the way CRDs usually spell it: ``Policy`` -> ``policies``."""
+    lower = kind.lower()
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + ("es" if lower.endswith("s") else "s")
+
+
+def _kind_from_plural(plural: str) -> str:
+    """Best guess at the kind behind a URL name: ``widgets`` -> ``Widget``."""
+    if plural.endswith("ies"):
+        singular = plural[:-3] + "y"
+    elif plural.endswith("ses"):
+        singular = plural[:-2]
+    else:
+        singular = plural.removesuffix("s")
+    return singular[:1].upper() + singular[1:]
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A failure, carrying the ``Status`` body the API server would send.
+
+    Example:
+        >>> ApiError(404, "NotFound", 'pods "x" not found').status()["reason"]
+        'NotFound'
+    """
+
+    def __init__(self, code: int, reason: str, message: str, details: Obj | None = None) -> None:
+        super().__init__(f"{code} {reason}: {message}")
+        self.code, self.reason, self.message, self.details = code, reason, message, details
+
+    def status(self) -> Obj:
+        body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                     "message": self.message, "reason": self.reason, "code": self.code}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+def _details(res: Resource, name: str) -> Obj:
+    return {"name": name, "group": res.group, "kind": res.plural}
+
+
+def _not_found(res: Resource, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{res.plural} "{name}" not found', _details(res, name))
+
+
+def _no_route() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def _bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+def _conflict(res: Resource, name: str) -> ApiError:
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been '
+                    "modified; please apply your changes to the latest version and try again", _details(res, name))
+
+
+def _invalid(res: Resource, name: str, path: str, why: str) -> ApiError:
+    details = {"name": name, "group": res.group, "kind": res.kind,
+               "causes": [{"reason": "FieldValueInvalid", "message": why, "field": path}]}
+    return ApiError(422, "Invalid", f'{res.kind} "{name}" is invalid: {path}: {why}', details)
+
+
+def _expired(since: int, oldest: int) -> ApiError:
+    return ApiError(410, "Expired", f"too old resource version: {since} ({oldest})")
+
+
+# -- time -----------------------------------------------------------------------------------------------
+
+
+def _rfc3339(seconds: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _rfc3339_nano(ns: int) -> str:
+    """A kubelet-style timestamp with all nine digits.
+
+    Example:
+        >>> _rfc3339_nano(1_800_000_000_000_000_123)
+        '2027-01-15T08:00:00.000000123Z'
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+
+
+_TIME = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+
+
+def _parse_seconds(text: str) -> int:
+    """Whole seconds since the epoch of an RFC 3339 time; the fraction is dropped, as the server does.
+
+    Example:
+        >>> _parse_seconds("1970-01-01T00:01:05.9+00:01")
+        5
+    """
+    m = _TIME.match(text)
+    if m is None:
+        raise _bad_request(f'invalid time "{text}": expected RFC 3339')
+    seconds = calendar.timegm(tuple(int(g) for g in m.groups()[:6]))
+    zone = m.group(8)
+    if zone not in ("Z", "z"):
+        offset = int(zone[1:3]) * 3600 + int(zone[4:6]) * 60
+        seconds -= offset if zone[0] == "+" else -offset
+    return seconds
+
+
+# -- selectors ----------------------------------------------------------------------------------------
+
+LabelTest = Callable[[dict[str, str]], bool]
+_SET_TERM = re.compile(r"^([^\s!=(),]+)\s+(in|notin)\s*\(([^()]*)\)$")
+_EQ_TERM = re.compile(r"^([^\s!=(),]+)\s*(==|=|!=)\s*([^\s!=(),]*)$")
+_KEY_TERM = re.compile(r"^(!?)\s*([^\s!=(),]+)$")
+
+
+def _terms(text: str) -> list[str]:
+    """Split on the commas that are not inside ``( )``."""
+    terms, depth, current = [], 0, []
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            terms.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    terms.append("".join(current))
+    return [t.strip() for t in terms if t.strip()]
+
+
+def _label_test(term: str) -> LabelTest:
+    if m := _SET_TERM.match(term):
+        key, values = m.group(1), {v.strip() for v in m.group(3).split(",") if v.strip()}
+        if m.group(2) == "in":
+            return lambda labels: labels.get(key) in values
+        return lambda labels: labels.get(key) not in values
+    if m := _EQ_TERM.match(term):
+        key, op, value = m.groups()
+        if op == "!=":
+            return lambda labels: labels.get(key) != value
+        return lambda labels: labels.get(key) == value
+    if m := _KEY_TERM.match(term):
+        negate, key = m.group(1) == "!", m.group(2)
+        return lambda labels: (key in labels) != negate
+    raise _bad_request(f'unable to parse requirement: found "{term}", expected a label selector term')
+
+
+def parse_label_selector(text: str) -> list[LabelTest]:
+    """Tests that all have to hold for a label selector to match.
+
+    Example:
+        >>> tests = parse_label_selector("app=web,tier in (a, b),!legacy")
+        >>> all(t({"app": "web", "tier": "b"}) for t in tests), all(t({"app": "web"}) for t in tests)
+        (True, False)
+    """
+    return [_label_test(term) for term in _terms(text)]
+
+
+def _field_value(obj: Obj, path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def parse_field_selector(text: str) -> list[Callable[[Obj], bool]]:
+    """Tests for a field selector; any dotted path works (the real server allows only some per kind).
+
+    Example:
+        >>> [t({"metadata": {"name": "a"}}) for t in parse_field_selector("metadata.name=a,status.phase!=Running")]
+        [True, True]
+    """
+    tests = []
+    for term in _terms(text):
+        m = re.match(r"^([A-Za-z0-9_.]+)\s*(==|=|!=)\s*(.*)$", term)
+        if m is None:
+            raise _bad_request(f'invalid field selector "{term}"')
+        path, op, value = m.groups()
+        tests.append((lambda o, p=path, v=value: _field_value(o, p) != v) if op == "!=" else
+                     (lambda o, p=path, v=value: _field_value(o, p) == v))
+    return tests
+
+
+# -- patches ------------------------------------------------------------------------------------------
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, null deletes, anything else replaces.
+
+    Example:
+        >>> merge_patch({"a": 1, "b": {"c": 2}}, {"a": None, "b": {"d": 3}})
+        {'b': {'c': 2, 'd': 3}}
+    """
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _pointer(path: Any) -> list[str]:
+    if not isinstance(path, str) or (path and not path.startswith("/")):
+        raise _patch_error(f"invalid JSON pointer {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+
+
+def _patch_error(why: str) -> ApiError:
+    return ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {why}")
+
+
+def _index(container: list[Any], token: str, adding: bool) -> int:
+    if adding and token == "-":
+        return len(container)
+    if not token.isdigit() or int(token) > len(container) - (0 if adding else 1):
+        raise _patch_error(f"array index {token!r} out of range")
+    return int(token)
+
+
+def _parent(doc: Any, tokens: list[str]) -> Any:
+    for token in tokens[:-1]:
+        if isinstance(doc, dict) and token in doc:
+            doc = doc[token]
+        elif isinstance(doc, list):
+            doc = doc[_index(doc, token, False)]
+        else:
+            raise _patch_error(f"path segment {token!r} does not exist")
+    return doc
+
+
+def _get_at(doc: Any, tokens: list[str]) -> Any:
+    if not tokens:
+        return doc
+    parent, last = _parent(doc, tokens), tokens[-1]
+    if isinstance(parent, dict) and last in parent:
+        return parent[last]
+    if isinstance(parent, list):
+        return parent[_index(parent, last, False)]
+    raise _patch_error(f"path segment {last!r} does not exist")
+
+
+def _add_at(doc: Any, tokens: list[str], value: Any, replace: bool) -> Any:
+    if not tokens:
+        return value
+    parent, last = _parent(doc, tokens), tokens[-1]
+    if isinstance(parent, dict):
+        if replace and last not in parent:
+            raise _patch_error(f"cannot replace missing key {last!r}")
+        parent[last] = value
+    elif isinstance(parent, list):
+        i = _index(parent, last, not replace)
+        if replace:
+            parent[i] = value
+        else:
+            parent.insert(i, value)
+    else:
+        raise _patch_error(f"cannot add {last!r} to a scalar")
+    return doc
+
+
+def _remove_at(doc: Any, tokens: list[str]) -> Any:
+    if not tokens:
+        raise _patch_error("cannot remove the whole document")
+    parent, last = _parent(doc, tokens), tokens[-1]
+    if isinstance(parent, dict) and last in parent:
+        del parent[last]
+    elif isinstance(parent, list):
+        del parent[_index(parent, last, False)]
+    else:
+        raise _patch_error(f"cannot remove missing {last!r}")
+    return doc
+
+
+def json_patch(doc: Any, operations: Iterable[Obj]) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, move, copy, test), applied to a copy of ``doc``.
+
+    Example:
+        >>> json_patch({"a": [1]}, [{"op": "add", "path": "/a/-", "value": 2}, {"op": "remove", "path": "/a/0"}])
+        {'a': [2]}
+    """
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        if not isinstance(op, dict):
+            raise _patch_error("every operation must be an object")
+        name, tokens = op.get("op"), _pointer(op.get("path"))
+        if name in ("add", "replace"):
+            if "value" not in op:
+                raise _patch_error(f"{name} needs a value")
+            doc = _add_at(doc, tokens, copy.deepcopy(op["value"]), replace=name == "replace")
+        elif name == "remove":
+            doc = _remove_at(doc, tokens)
+        elif name in ("move", "copy"):
+            source = _pointer(op.get("from"))
+            value = copy.deepcopy(_get_at(doc, source))
+            if name == "move":
+                doc = _remove_at(doc, source)
+            doc = _add_at(doc, tokens, value, replace=False)
+        elif name == "test":
+            if _get_at(doc, tokens) != op.get("value"):
+                raise _patch_error(f"test operation failed at {op.get('path')!r}")
+        else:
+            raise _patch_error(f"unknown operation {name!r}")
+    return doc
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_PART = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def _name_problem(kind: str, name: str) -> str | None:
+    if kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
+        bad = name in (".", "..") or "/" in name or "%" in name
+        return "may not be '.' or '..' or contain '/' or '%'" if bad else None
+    if kind == "Namespace":
+        ok = len(name) <= 63 and _DNS_LABEL.match(name)
+        return None if ok else "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
+    if kind == "Service":
+        ok = len(name) <= 63 and _DNS1035_LABEL.match(name)
+        return None if ok else "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"
+    ok = len(name) <= 253 and _SUBDOMAIN.match(name)
+    return None if ok else "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+
+
+def _label_problem(key: Any, value: Any) -> str | None:
+    if not isinstance(key, str) or not isinstance(value, str):
+        return "label keys and values must be strings"
+    prefix, _, name = key.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not _SUBDOMAIN.match(prefix))) or not name or len(name) > 63 or not _LABEL_PART.match(name):
+        return f'Invalid value: "{key}": name part must consist of alphanumeric characters, \'-\', \'_\' or \'.\', and must start and end with an alphanumeric character'
+    if len(value) > 63 or not _LABEL_PART.match(value):
+        return f'Invalid value: "{value}": a valid label must be an empty string or consist of alphanumeric characters, \'-\', \'_\' or \'.\', and must start and end with an alphanumeric character'
+    return None
+
+
+def _validate(res: Resource, obj: Obj) -> None:
+    meta = obj["metadata"]
+    name = meta["name"]
+    if not isinstance(name, str) or (problem := _name_problem(res.kind, name)):
+        raise _invalid(res, str(name), "metadata.name", f'Invalid value: "{name}": {problem or "must be a string"}')
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise _invalid(res, name, "metadata.labels", "must be an object")
+    for key, value in labels.items():
+        if problem := _label_problem(key, value):
+            raise _invalid(res, name, "metadata.labels", problem)
+
+
+def _spec_part(obj: Obj) -> Obj:
+    """What a change of bumps ``metadata.generation``."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+# -- watches and logs -----------------------------------------------------------------------------------
+
+Matcher = Callable[[Resource, Obj], bool]
+
+
+class _Watch:
+    """One open watch: events are queued under the store lock and drained by the serving thread."""
+
+    def __init__(self, lock: threading.RLock, wanted: Matcher, limit: int) -> None:
+        self.cond = threading.Condition(lock)
+        self.wanted = wanted
+        self.limit = limit
+        self.queue: deque[tuple[str, Obj]] = deque()
+        self.closed = False
+        self.error: Obj | None = None
+        self.done = threading.Event()  # set once the response is finished
+
+    def offer(self, kind: str, res: Resource, obj: Obj) -> None:
+        """Queue an event if it matches (the caller holds the lock)."""
+        if self.closed or not self.wanted(res, obj):
+            return
+        self.queue.append((kind, obj))
+        if len(self.queue) > self.limit:
+            # A reader this far behind cannot catch up: make it list again, like an expired version.
+            self.queue.clear()
+            self.close(ApiError(410, "Expired", "too many events queued for a slow watch; list again").status())
+        else:
+            self.cond.notify_all()
+
+    def close(self, error: Obj | None = None) -> None:
+        """End the stream after the queued events, optionally with an ERROR event (caller holds the lock)."""
+        if not self.closed:
+            self.closed, self.error = True, error
+        self.cond.notify_all()
+
+
+class _Log:
+    """One container's output: (timestamp in ns, text) lines, the oldest dropped past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.lines: deque[tuple[int, str]] = deque(maxlen=limit)
+        self.first = 0  # sequence number of lines[0]
+        self.ended = False
+
+    def add(self, ns: int, text: str) -> None:
+        if len(self.lines) == self.lines.maxlen:
+            self.first += 1
+        self.lines.append((ns, text))
+
+    @property
+    def end(self) -> int:
+        """Sequence number the next line will get."""
+        return self.first + len(self.lines)
+
+    def since(self, seq: int) -> list[tuple[int, str]]:
+        return list(itertools.islice(self.lines, max(seq - self.first, 0), None))
+
+
+def _split_lines(text: str) -> list[str]:
+    """``"a\\nb\\n"`` is two lines; ``""`` is one empty line."""
+    return text.removesuffix("\n").split("\n")
+
+
+def _log_bytes(lines: list[tuple[int, str]], timestamps: bool) -> bytes:
+    if timestamps:
+        return "".join(f"{_rfc3339_nano(ns)} {text}\n" for ns, text in lines).encode()
+    return "".join(f"{text}\n" for _, text in lines).encode()
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("true", "1")
+
+
+def _int_param(query: dict[str, str], name: str) -> int | None:
+    if name not in query:
+        return None
+    try:
+        return int(query[name])
+    except ValueError:
+        raise _bad_request(f'invalid value for {name}: "{query[name]}"') from None
+
+
+@dataclass
+class _Reply:
+    code: int
+    body: Any  # sent as JSON, or as is when bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+Streamer = Callable[["_Handler"], None]
+
+
+# -- the emulator -----------------------------------------------------------------------------------------
+
+
+class KubeEmulator:
+    """An API server on 127.0.0.1 with an in-memory store, watches, pod logs and access reviews.
+
+    Args:
+        namespaces: namespaces that exist from the start.
+        token: when set, every request must carry ``Authorization: Bearer <token>`` (else 401).
+        history: how many events are kept for watches that resume from a resourceVersion.
+
+    Attributes:
+        url: ``http://127.0.0.1:PORT`` once started.
+        denied: ``(verb, group, resource)`` triples that access reviews answer "no" for; the resource
+            may name a subresource (``"pods/log"``) and any part may be ``"*"``.
+        enforce_denied: also answer matching requests with 403 Forbidden (default True).
+        requests: ``(method, path with query)`` of every HTTP request, the last 10,000.
+
+    Example:
+        >>> with KubeEmulator() as emu:
+        ...     _ = emu.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}})
+        ...     emu.get("v1", "Pod", "default", "p")["status"]
+        {'phase': 'Pending'}
+    """
+
+    watch_queue_limit = 100_000
+    log_line_limit = 100_000
+    requests_limit = 10_000
+    bookmark_interval = 5.0
+
+    def __init__(self, namespaces: Iterable[str] = ("default",), token: str | None = None, history: int = 10_000) -> None:
+        self.token = token
+        self.url = ""
+        self.denied: set[tuple[str, str, str]] = set()
+        self.enforce_denied = True
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.RLock()
+        self._log_cond = threading.Condition(self._lock)
+        self._kinds: dict[tuple[str, str], Resource] = {}
+        self._paths: dict[tuple[str, str, str], Resource] = {}
+        for res in RESOURCES:
+            self.add_resource(res)
+        self._objects: dict[tuple[str, str, str], dict[tuple[str, str], Obj]] = {}  # path -> (namespace, name) -> object
+        self._uids: set[str] = set()
+        self._rv = 0
+        self._history: deque[tuple[int, str, Resource, Obj]] = deque(maxlen=max(history, 0))
+        self._floor = 0  # every event after this resourceVersion is still in _history
+        self._watches: set[_Watch] = set()
+        self._logs: dict[tuple[str, str, str], _Log] = {}
+        self._previous: dict[tuple[str, str, str], _Log] = {}
+        self._follows: set[threading.Event] = set()
+        self._cuts = 0  # bumped by drop_log_streams
+        self._clock_ns = 0
+        self._next_ip = 1
+        self._stopping = False
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._conn_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._handler_threads: set[threading.Thread] = set()
+        for name in namespaces:
+            self.add_namespace(name)
+
+    # -- life cycle --------------------------------------------------------------------------------------
+    def start(self) -> KubeEmulator:
+        """Listen on a free port of 127.0.0.1 and serve in daemon threads."""
+        if self._server is None:
+            self._server = _Server(("127.0.0.1", 0), _Handler)
+            self._server.emulator = self
+            self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="kube-emulator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End every watch and log stream (normally), stop listening and close every connection."""
+        server = self._server
+        if server is None:
+            return
+        with self._lock:
+            self._stopping = True
+            open_streams = [w.done for w in self._watches] + list(self._follows)
+            for w in list(self._watches):
+                w.close()
+            self._log_cond.notify_all()
+        for done in open_streams:
+            done.wait(2)
+        server.shutdown()
+        server.server_close()
+        with self._conn_lock:
+            self._server = None
+            conns, threads = list(self._conns), list(self._handler_threads)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes handlers waiting for a next keep-alive request
+            except OSError:
+                pass
+        for t in threads + [self._thread]:
+            if t is not None:
+                t.join(2)
+
+    def __enter__(self) -> KubeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The server's threads that are still alive (none after ``stop``)."""
+        with self._conn_lock:
+            threads = list(self._handler_threads)
+        return [t for t in [self._thread, *threads] if t is not None and t.is_alive()]
+
+    def configuration(self) -> Configuration:
+        """A client configuration for this server (with the bearer token, if any).
+
+        Example:
+            >>> KubeEmulator(token="t").configuration().api_key
+            {'authorization': 'Bearer t'}
+        """
+        from kubernetes import client
+
+        conf = client.Configuration()
+        conf.host = self.url
+        if self.token:
+            conf.api_key = {"authorization": f"Bearer {self.token}"}
+        return conf
+
+    def write_kubeconfig(self, path: str | Path, namespace: str = "default", context: str = "emulator") -> str:
+        """Write a kubeconfig (JSON, which is YAML) whose current context points here; returns the path.
+
+        Example:
+            >>> import tempfile, os
+            >>> p = KubeEmulator().write_kubeconfig(os.path.join(tempfile.mkdtemp(), "config"))
+            >>> json.load(open(p))["current-context"]
+            'emulator'
+        """
+        user = {"token": self.token} if self.token else {}
+        config = {
+            "apiVersion": "v1", "kind": "Config", "preferences": {}, "current-context": context,
+            "clusters": [{"name": context, "cluster": {"server": self.url}}],
+            "users": [{"name": context, "user": user}],
+            "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
+        }
+        Path(path).write_text(json.dumps(config, indent=2))
+        return str(path)
+
+    def add_resource(self, res: Resource) -> None:
+        """Serve another kind (or replace how one is served)."""
+        with self._lock:
+            self._kinds[res.api_version, res.kind] = res
+            self._paths[res.group, res.version, res.plural] = res
+
+    # -- direct store access -----------------------------------------------------------------------------
+    def create(self, obj: Obj) -> Obj:
+        """Store a new object (status included) and emit ADDED; namespaced kinds default to "default".
+
+        Raises:
+            ApiError: 409 if it exists, 404 if its namespace does not, 422 if its name is missing or invalid.
+        """
+        meta = obj.get("metadata") or {}
+        res = self._resource(obj.get("apiVersion", ""), obj.get("kind", ""), bool(meta.get("namespace")))
+        with self._lock:
+            return copy.deepcopy(self._create(res, obj, meta.get("namespace")))
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
+        """A copy of the stored object, or None."""
+        res = self._resource(api_version, kind, namespace is not None)
+        with self._lock:
+            found = self._find(res, namespace, name)
+            return copy.deepcopy(found) if found is not None else None
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None, label_selector: str = "") -> list[Obj]:
+        """Copies of the stored objects of a kind (in one namespace, or all), ordered by namespace and name."""
+        res = self._resource(api_version, kind, True)
+        with self._lock:
+            return copy.deepcopy(self._select(res, self._matcher(res, namespace, label_selector)))
+
+    def update(self, obj: Obj) -> Obj:
+        """Replace a stored object, status included; a set ``metadata.resourceVersion`` must be current (else 409)."""
+        meta = obj.get("metadata") or {}
+        res = self._resource(obj.get("apiVersion", ""), obj.get("kind", ""), bool(meta.get("namespace")))
+        with self._lock:
+            ns = (meta.get("namespace") or "default") if res.namespaced else None
+            return copy.deepcopy(self._replace(res, ns, meta.get("name", ""), obj))
+
+    def patch_status(self, api_version: str, kind: str, namespace: str | None, name: str, status: Obj) -> Obj:
+        """Merge ``status`` into the object's ``.status`` (null deletes a key) and emit MODIFIED.
+
+        Example:
+            >>> emu = KubeEmulator()
+            >>> _ = emu.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}})
+            >>> emu.patch_status("v1", "Pod", "default", "p", {"phase": "Running"})["status"]
+            {'phase': 'Running'}
+        """
+        res = self._resource(api_version, kind, namespace is not None)
+        with self._lock:
+            current = self._find(res, namespace, name)
+            if current is None:
+                raise _not_found(res, name)
+            doc = dict(current, status=merge_patch(current.get("status") or {}, status))
+            return copy.deepcopy(self._replace(res, namespace, name, doc, subresource="status"))
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> None:
+        """Delete an object now and collect its dependents (see ``ownerReferences``) per ``propagation``.
+
+        Raises:
+            ApiError: 404 if there is no such object.
+        """
+        res = self._resource(api_version, kind, namespace is not None)
+        with self._lock:
+            self._delete(res, namespace, name, propagation=propagation)
+
+    def add_namespace(self, name: str) -> None:
+        """Create a namespace unless it exists."""
+        with self._lock:
+            if self._find(NAMESPACE, None, name) is None:
+                self._create(NAMESPACE, {"metadata": {"name": name}}, None)
+
+    def add_node(self, name: str, labels: dict[str, str] | None = None, allocatable: dict[str, str] | None = None) -> None:
+        """Create (or replace) a Ready node with these labels and allocatable resources.
+
+        Example:
+            >>> emu = KubeEmulator()
+            >>> emu.add_node("gpu-1", {"pool": "a100"}, {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8"})
+            >>> emu.get("v1", "Node", None, "gpu-1")["status"]["allocatable"]["nvidia.com/gpu"]
+            '8'
+        """
+        amounts = dict(allocatable or {"cpu": "8", "memory": "32Gi", "pods": "110"})
+        node = {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **(labels or {})}},
+            "spec": {},
+            "status": {"allocatable": amounts, "capacity": dict(amounts),
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]},
+        }
+        with self._lock:
+            current = self._find(self._kinds["v1", "Node"], None, name)
+            if current is None:
+                self._create(self._kinds["v1", "Node"], node, None)
+            else:
+                self._replace(self._kinds["v1", "Node"], None, name, node)
+
+    # -- watch control ----------------------------------------------------------------------------------
+    def compact(self) -> None:
+        """Forget the event history: a watch from any older resourceVersion now gets 410 Expired."""
+        with self._lock:
+            self._history.clear()
+            self._floor = self._rv
+
+    def drop_watches(self) -> None:
+        """End every open watch stream now, cleanly: the client sees the end of the stream.
+
+        ``kubernetes.watch.Watch().stream`` then stops iterating when ``timeout_seconds`` was given,
+        and otherwise quietly watches again from the last resourceVersion it saw.
+        """
+        with self._lock:
+            watches = list(self._watches)
+            for w in watches:
+                w.close()
+        for w in watches:
+            w.done.wait(5)
+
+    # -- logs ----------------------------------------------------------------------------------------------
+    def append_log(self, namespace: str, pod: str, text: str, container: str | None = None) -> None:
+        """Add ``\\n``-separated lines to a container's log, each with a later timestamp than any before.
+
+        The pod need not exist yet; the container defaults to the pod's first container, or ``"main"``.
+        """
+        with self._lock:
+            log = self._current_log(namespace, pod, container)
+            for line in _split_lines(text):
+                log.add(self._tick(), line)
+            self._log_cond.notify_all()
+
+    def end_log(self, namespace: str, pod: str, container: str | None = None) -> None:
+        """The container terminated: following streams send what is left and end normally."""
+        with self._lock:
+            self._current_log(namespace, pod, container).ended = True
+            self._log_cond.notify_all()
+
+    def restart_container(self, namespace: str, pod: str, container: str | None = None) -> None:
+        """The container restarted: its log becomes the ``previous=true`` one and a new, empty one begins."""
+        with self._lock:
+            key = (namespace, pod, self._container_name(namespace, pod, container))
+            old = self._logs.pop(key, None) or _Log(self.log_line_limit)
+            old.ended = True
+            self._previous[key] = old
+            self._logs[key] = _Log(self.log_line_limit)
+            self._log_cond.notify_all()
+
+    def drop_log_streams(self) -> None:
+        """Cut every open ``follow=true`` log stream mid-way (the TCP connection closes, no final chunk).
+
+        A client reading the body sees ``urllib3.exceptions.ProtocolError`` ("Response ended prematurely")
+        rather than a normal end.
+        """
+        with self._lock:
+            self._cuts += 1
+            follows = list(self._follows)
+            self._log_cond.notify_all()
+        for done in follows:
+            done.wait(5)
+
+    # -- store internals (callers hold self._lock) ------------------------------------------------------
+    def _resource(self, api_version: str, kind: str, namespaced: bool) -> Resource:
+        with self._lock:
+            res = self._kinds.get((api_version, kind))
+            group, _, version = api_version.rpartition("/")
+            if res is None and kind and group and any(g == group for g, _, _ in self._paths):
+                res = Resource(api_version, kind, _plural(kind), namespaced=namespaced, status=True)
+                self.add_resource(res)
+            if res is None:
+                raise ApiError(404, "NotFound", f'no matches for kind "{kind}" in version "{api_version}"')
+            return res
+
+    def _find(self, res: Resource, namespace: str | None, name: str) -> Obj | None:
+        return self._objects.get(res.path, {}).get(((namespace or "") if res.namespaced else "", name))
+
+    def _matcher(self, res: Resource, namespace: str | None, labels: str = "", fields: str = "") -> Matcher:
+        label_tests, field_tests = parse_label_selector(labels), parse_field_selector(fields)
+        namespace = namespace if res.namespaced else None
+
+        def wanted(r: Resource, obj: Obj) -> bool:
+            meta = obj["metadata"]
+            if r.path != res.path or (namespace is not None and meta.get("namespace") != namespace):
+                return False
+            own = meta.get("labels") or {}
+            return all(t(own) for t in label_tests) and all(t(obj) for t in field_tests)
+
+        return wanted
+
+    def _select(self, res: Resource, wanted: Matcher) -> list[Obj]:
+        return [o for _, o in sorted(self._objects.get(res.path, {}).items()) if wanted(res, o)]
+
+    def _tick(self) -> int:
+        """Now in ns, strictly later than the previous tick."""
+        self._clock_ns = max(time.time_ns(), self._clock_ns + 1)
+        return self._clock_ns
+
+    def _stamp(self, obj: Obj) -> Obj:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        return obj
+
+    def _emit(self, kind: str, res: Resource, obj: Obj) -> None:
+        if len(self._history) == self._history.maxlen:
+            self._floor = self._history[0][0] if self._history else self._rv
+        self._history.append((self._rv, kind, res, obj))
+        for w in list(self._watches):
+            w.offer(kind, res, obj)
+
+    def _namespace_of(self, res: Resource, meta: Obj, from_path: str | None) -> str | None:
+        if not res.namespaced:
+            meta.pop("namespace", None)
+            return None
+        given = meta.get("namespace")
+        if given and from_path and given != from_path:
+            raise _bad_request("the namespace of the provided object does not match the namespace sent on the request")
+        meta["namespace"] = from_path or given or "default"
+        return meta["namespace"]
+
+    def _generate_name(self, res: Resource, namespace: str | None, prefix: str) -> str:
+        alphabet = "bcdfghjklmnpqrstvwxz2456789"  # the API server's: no vowels, no look-alikes
+        for _ in range(100):
+            name = prefix + "".join(random.choices(alphabet, k=5))
+            if self._find(res, namespace, name) is None:
+                return name
+        raise ApiError(409, "AlreadyExists", f"could not generate a free name from {prefix!r}")
+
+    def _create(self, res: Resource, body: Any, namespace: str | None, *, dry_run: bool = False, from_api: bool = False) -> Obj:
+        if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+            raise _bad_request("the object must be a JSON object with an object as metadata")
+        if body.get("kind") not in (None, res.kind):
+            raise _bad_request(f"the object is a {body.get('kind')}, not a {res.kind}")
+        obj = copy.deepcopy(body)
+        obj["apiVersion"], obj["kind"] = res.api_version, res.kind
+        meta = obj.setdefault("metadata", {})
+        ns = self._namespace_of(res, meta, namespace)
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise _invalid(res, "", "metadata.name", "Required value: name or generateName is required")
+            meta["name"] = self._generate_name(res, ns, meta["generateName"])
+        _validate(res, obj)
+        if ns is not None and self._find(NAMESPACE, None, ns) is None:
+            raise _not_found(NAMESPACE, ns)
+        if self._find(res, ns, meta["name"]) is not None:
+            raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" already exists', _details(res, meta["name"]))
+        for key in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):
+            meta.pop(key, None)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_rfc3339(), generation=1)
+        if from_api and res.status:
+            obj.pop("status", None)
+        self._default(res, obj)
+        if dry_run:
+            return obj
+        self._stamp(obj)
+        self._objects.setdefault(res.path, {})[ns or "", meta["name"]] = obj
+        self._uids.add(meta["uid"])
+        self._emit("ADDED", res, obj)
+        return obj
+
+    def _default(self, res: Resource, obj: Obj) -> None:
+        """The few defaults clients commonly read back."""
+        if res.api_version != "v1":
+            return
+        if res.kind == "Pod":
+            obj.setdefault("status", {}).setdefault("phase", "Pending")
+        elif res.kind == "Namespace":
+            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+            obj.setdefault("spec", {"finalizers": ["kubernetes"]})
+            obj.setdefault("status", {"phase": "Active"})
+        elif res.kind == "Service":
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("type", "ClusterIP")
+            if not spec.get("clusterIP"):
+                spec["clusterIP"] = f"10.96.{self._next_ip // 250}.{self._next_ip % 250 + 1}"
+                self._next_ip += 1
+            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+
+    def _replace(self, res: Resource, namespace: str | None, name: str, body: Any, *, subresource: str | None = None,
+                 dry_run: bool = False, from_api: bool = False) -> Obj:
+        current = self._find(res, namespace, name)
+        if current is None:
+            raise _not_found(res, name)
+        if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+            raise _bad_request("the object must be a JSON object with an object as metadata")
+        given = body.get("metadata") or {}
+        if given.get("name") not in (None, name):
+            raise _bad_request(f"the name of the object ({given['name']}) does not match the name on the URL ({name})")
+        if given.get("resourceVersion") and given["resourceVersion"] != current["metadata"]["resourceVersion"]:
+            raise _conflict(res, name)
+        if subresource == "status":
+            new = copy.deepcopy(current)
+            new.pop("status", None)
+            if "status" in body:
+                new["status"] = copy.deepcopy(body["status"])
+        else:
+            new = copy.deepcopy(body)
+            if from_api and res.status:
+                new.pop("status", None)
+                if "status" in current:
+                    new["status"] = copy.deepcopy(current["status"])
+        return self._write(res, current, new, dry_run)
+
+    def _write(self, res: Resource, current: Obj, new: Obj, dry_run: bool = False) -> Obj:
+        """Store ``new`` over ``current``, keeping the fields the server owns."""
+        old_meta = current["metadata"]
+        meta = new.setdefault("metadata", {})
+        new["apiVersion"], new["kind"] = current["apiVersion"], current["kind"]
+        for key in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion"):
+            if key in old_meta:
+                meta[key] = old_meta[key]
+            else:
+                meta.pop(key, None)
+        meta["generation"] = old_meta.get("generation", 1) + (_spec_part(new) != _spec_part(current))
+        _validate(res, new)
+        if new == current or dry_run:
+            return current if new == current else new
+        self._stamp(new)
+        self._objects[res.path][meta.get("namespace", ""), meta["name"]] = new
+        self._emit("MODIFIED", res, new)
+        return new
+
+    def _patch(self, res: Resource, namespace: str | None, name: str, patch: Any, content_type: str, *,
+               subresource: str | None = None, dry_run: bool = False) -> Obj:
+        current = self._find(res, namespace, name)
+        if current is None:
+            raise _not_found(res, name)
+        media = content_type.split(";")[0].strip().lower()
+        if media == JSON_PATCH_TYPE:
+            if not isinstance(patch, list):
+                raise _bad_request("a JSON patch must be a list of operations")
+            doc = json_patch(current, patch)
+        elif media in MERGE_PATCH_TYPES:
+            if not isinstance(patch, dict):
+                raise _bad_request("a merge patch must be a JSON object")
+            doc = merge_patch(copy.deepcopy(current), patch)
+        else:
+            raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format ({media}) - "
+                           f"accepted media types include: {JSON_PATCH_TYPE}, {', '.join(MERGE_PATCH_TYPES)}")
+        return self._replace(res, namespace, name, doc, subresource=subresource, dry_run=dry_run, from_api=True)
+
+    def _delete(self, res: Resource, namespace: str | None, name: str, *, propagation: str | None = None,
+                preconditions: Obj | None = None, dry_run: bool = False) -> Obj:
+        current = self._find(res, namespace, name)
+        if current is None:
+            raise _not_found(res, name)
+        for key in ("uid", "resourceVersion"):
+            wanted = (preconditions or {}).get(key)
+            if wanted and wanted != current["metadata"].get(key):
+                raise _conflict(res, name)
+        policy = propagation or res.default_propagation
+        if policy not in POLICIES:
+            raise _bad_request(f"propagationPolicy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        return current if dry_run else self._remove(res, current, policy)
+
+    def _remove(self, res: Resource, obj: Obj, policy: str) -> Obj:
+        meta = obj["metadata"]
+        uid, ns, name = meta["uid"], meta.get("namespace", ""), meta["name"]
+        if policy != "Background":  # Foreground deletes, Orphan releases, dependents before the owner goes
+            self._collect(uid, policy)
+        if res.path == NAMESPACE.path:
+            for path, objects in list(self._objects.items()):
+                for key in [k for k in objects if self._paths[path].namespaced and k[0] == name]:
+                    if (found := objects.get(key)) is not None:
+                        self._remove(self._paths[path], found, "Background")
+        if (current := self._find(res, ns or None, name)) is None or current["metadata"]["uid"] != uid:
+            return obj  # already collected through an ownership cycle
+        if res.path == POD.path:
+            self._forget_logs(ns, name)
+        del self._objects[res.path][ns, name]
+        self._uids.discard(uid)
+        gone = dict(current, metadata=dict(current["metadata"]))
+        self._stamp(gone)  # a DELETED event carries the deletion's resourceVersion, as etcd's does
+        self._emit("DELETED", res, gone)
+        if policy == "Background":
+            self._collect(uid, policy)
+        return gone
+
+    def _collect(self, owner_uid: str, policy: str) -> None:
+        """Garbage-collect the dependents of a deleted owner, synchronously."""
+        dependents = [(self._paths[path], key) for path, objects in self._objects.items() for key, o in objects.items()
+                      if any(r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or [])]
+        for res, key in dependents:
+            obj = self._objects.get(res.path, {}).get(key)
+            if obj is None:
+                continue
+            others = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != owner_uid]
+            if policy == "Orphan" or any(r.get("uid") in self._uids for r in others):
+                new = copy.deepcopy(obj)
+                if others:
+                    new["metadata"]["ownerReferences"] = others
+                else:
+                    del new["metadata"]["ownerReferences"]
+                self._write(res, obj, new)
+            else:
+                self._remove(res, obj, policy)
+
+    # -- log internals ----------------------------------------------------------------------------------
+    def _container_name(self, namespace: str, pod: str, container: str | None) -> str:
+        if container:
+            return container
+        found = self._find(POD, namespace, pod)
+        containers = ((found or {}).get("spec") or {}).get("containers") or []
+        return containers[0].get("name", "main") if containers else "main"
+
+    def _current_log(self, namespace: str, pod: str, container: str | None) -> _Log:
+        key = (namespace, pod, self._container_name(namespace, pod, container))
+        if key not in self._logs:
+            self._logs[key] = _Log(self.log_line_limit)
+        return self._logs[key]
+
+    def _forget_logs(self, namespace: str, pod: str) -> None:
+        for logs in (self._logs, self._previous):
+            for key in [k for k in logs if k[:2] == (namespace, pod)]:
+                logs.pop(key).ended = True
+        self._log_cond.notify_all()
+
+    # -- HTTP --------------------------------------------------------------------------------------------
+    def _record(self, method: str, path: str) -> None:
+        with self._conn_lock:
+            self.requests.append((method, path))
+            if len(self.requests) > self.requests_limit:
+                del self.requests[: -self.requests_limit]
+
+    def _track(self, sock: socket.socket) -> bool:
+        """Remember a connection so that ``stop`` can close it; False once stopped."""
+        with self._conn_lock:
+            self._handler_threads = {t for t in self._handler_threads if t.is_alive()}
+            if self._server is None:
+                return False
+            self._conns.add(sock)
+            self._handler_threads.add(threading.current_thread())
+            return True
+
+    def _untrack(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._conns.discard(sock)
+
+    def _dispatch(self, method: str, target: str, headers: Any, raw: bytes) -> _Reply | Streamer:
+        if self.token and headers.get("Authorization") != f"Bearer {self.token}":
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        url = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as e:
+                raise _bad_request(f"the request body is not JSON: {e}") from None
+        if method == "GET" and len(parts) <= 3 and (reply := self._discovery(parts)) is not None:
+            return reply
+        if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
+            return _Reply(201, self._access_review(body))
+        res, namespace, name, sub, watch_path = self._route(parts)
+        return self._serve_resource(method, res, namespace, name, sub, query, body, headers, watch_path)
+
+    def _route(self, parts: list[str]) -> tuple[Resource, str | None, str | None, str | None, bool]:
+        """(resource, namespace, name, subresource, legacy /watch/ path) of a resource URL."""
+        if parts[:2] == ["api", "v1"]:
+            group, version, rest = "", "v1", parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            raise _no_route()
+        watch_path = rest[:1] == ["watch"]
+        rest = rest[1:] if watch_path else rest
+        namespaced = len(rest) >= 3 and rest[0] == "namespaces" and rest[2] not in ("status", "finalize")
+        namespace, rest = (rest[1], rest[2:]) if namespaced else (None, rest)
+        if not 1 <= len(rest) <= 3:
+            raise _no_route()
+        with self._lock:
+            res = self._paths.get((group, version, rest[0]))
+            if res is None and group and any(g == group for g, _, _ in self._paths):
+                res = Resource(f"{group}/{version}", _kind_from_plural(rest[0]), rest[0], namespaced=namespaced, status=True)
+                self.add_resource(res)
+        if res is None or (namespaced and not res.namespaced) or (res.namespaced and not namespaced and len(rest) > 1):
+            raise _no_route()
+        return res, namespace, (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None), watch_path
+
+    def _authorize(self, verb: str, res: Resource, sub: str | None, namespace: str | None, name: str | None) -> None:
+        resource = f"{res.plural}/{sub}" if sub else res.plural
+        if self.enforce_denied and self._is_denied(verb, res.group, resource):
+            what = f'{resource} "{name}"' if name else resource
+            where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            raise ApiError(403, "Forbidden", f'{what} is forbidden: User "{USER}" cannot {verb} resource "{resource}" '
+                           f'in API group "{res.group}"{where}', _details(res, name or ""))
+
+    def _is_denied(self, verb: str, group: str, resource: str) -> bool:
+        return any(v in (verb, "*") and g in (group, "*") and r in (resource, "*") for v, g, r in list(self.denied))
+
+    def _serve_resource(self, method: str, res: Resource, namespace: str | None, name: str | None, sub: str | None,
+                        query: dict[str, str], body: Any, headers: Any, watch_path: bool) -> _Reply | Streamer:
+        dry_run = query.get("dryRun") == "All"
+        watching = watch_path or _truthy(query.get("watch"))
+        if name is None:
+            verb = {"GET": "watch" if watching else "list", "POST": "create", "DELETE": "deletecollection"}.get(method)
+        else:
+            verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
+        if verb is None or (sub is not None and (sub, method) not in (("status", "GET"), ("status", "PUT"), ("status", "PATCH"), ("log", "GET"))):
+            raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})")
+        if (sub == "status" and not res.status) or (sub == "log" and res.path != POD.path) or (verb == "create" and res.namespaced and namespace is None):
+            raise _no_route()
+        self._authorize(verb, res, sub, namespace, name)
+        if verb == "watch":
+            return self._open_watch(res, namespace, query)
+        if sub == "log":
+            return self._read_log(namespace or "", name or "", query)
+        with self._lock:
+            if verb == "list":
+                items = self._select(res, self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", "")))
+                return _Reply(200, {"apiVersion": res.api_version, "kind": f"{res.kind}List",
+                                    "metadata": {"resourceVersion": str(self._rv)}, "items": items})
+            if verb == "create":
+                return _Reply(201, self._create(res, body, namespace, dry_run=dry_run, from_api=True))
+            if verb == "get":
+                found = self._find(res, namespace, name or "")
+                if found is None:
+                    raise _not_found(res, name or "")
+                return _Reply(200, found)
+            if verb == "update":
+                return _Reply(200, self._replace(res, namespace, name or "", body, subresource=sub, dry_run=dry_run, from_api=True))
+            if verb == "patch":
+                return _Reply(200, self._patch(res, namespace, name or "", body, headers.get("Content-Type", ""),
+                                               subresource=sub, dry_run=dry_run))
+            options = body if isinstance(body, dict) else {}
+            policy = query.get("propagationPolicy") or options.get("propagationPolicy")
+            if policy is None and (_truthy(query.get("orphanDependents")) or options.get("orphanDependents") is True):
+                policy = "Orphan"
+            warn = [] if policy else [("Warning", '299 - "child pods are preserved by default when jobs are deleted; '
+                                                  'set propagationPolicy=Background to remove them"')]
+            warn = warn if res.default_propagation == "Orphan" else []
+            if verb == "deletecollection":
+                wanted = self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+                for obj in self._select(res, wanted):
+                    meta = obj["metadata"]
+                    self._delete(res, meta.get("namespace"), meta["name"], propagation=policy, dry_run=dry_run)
+                return _Reply(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}, headers=warn)
+            gone = self._delete(res, namespace, name or "", propagation=policy, preconditions=options.get("preconditions"), dry_run=dry_run)
+            if res.returns_deleted:
+                return _Reply(200, gone, headers=warn)
+            details = {**_details(res, name or ""), "uid": gone["metadata"]["uid"]}
+            return _Reply(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}, headers=warn)
+
+    def _discovery(self, parts: list[str]) -> _Reply | None:
+        with self._lock:
+            resources = list(self._paths.values())
+        groups: dict[str, list[str]] = {}
+        for res in resources:
+            versions = groups.setdefault(res.group, [])
+            if res.version not in versions:
+                versions.append(res.version)
+
+        def group_body(name: str) -> Obj:
+            versions = [{"groupVersion": f"{name}/{v}", "version": v} for v in groups[name]]
+            return {"name": name, "versions": versions, "preferredVersion": versions[0]}
+
+        def resource_list(group: str, version: str) -> Obj:
+            verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+            listed = []
+            for res in resources:
+                if (res.group, res.version) == (group, version):
+                    listed.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced, "kind": res.kind, "verbs": verbs})
+                    if res.status:
+                        listed.append({"name": f"{res.plural}/status", "singularName": "", "namespaced": res.namespaced, "kind": res.kind, "verbs": ["get", "patch", "update"]})
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}".lstrip("/"), "resources": listed}
+
+        if parts == ["version"]:
+            return _Reply(200, KUBE_VERSION)
+        if parts == ["api"]:
+            return _Reply(200, {"kind": "APIVersions", "versions": ["v1"],
+                                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": self.url.removeprefix("http://")}]})
+        if parts == ["apis"]:
+            return _Reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_body(g) for g in groups if g]})
+        if parts == ["api", "v1"]:
+            return _Reply(200, resource_list("", "v1"))
+        if len(parts) == 2 and parts[0] == "apis" and parts[1] in groups:
+            return _Reply(200, {"kind": "APIGroup", "apiVersion": "v1", **group_body(parts[1])})
+        if len(parts) == 3 and parts[0] == "apis" and parts[2] in groups.get(parts[1], []):
+            return _Reply(200, resource_list(parts[1], parts[2]))
+        return None
+
+    def _access_review(self, body: Any) -> Obj:
+        spec = (body or {}).get("spec") or {}
+        attrs = spec.get("resourceAttributes")
+        allowed = True
+        if attrs:
+            resource = attrs.get("resource", "") + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+            allowed = not self._is_denied(attrs.get("verb", ""), attrs.get("group", ""), resource)
+        return {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                "metadata": {"creationTimestamp": None}, "spec": spec,
+                "status": {"allowed": allowed, "reason": "RBAC: allowed" if allowed else "RBAC: denied"}}
+
+    # -- watch serving ----------------------------------------------------------------------------------
+    def _open_watch(self, res: Resource, namespace: str | None, query: dict[str, str]) -> Streamer:
+        wanted = self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+        timeout = _int_param(query, "timeoutSeconds")
+        bookmarks = _truthy(query.get("allowWatchBookmarks"))
+        since_text = query.get("resourceVersion", "")
+        watch = _Watch(self._lock, wanted, self.watch_queue_limit)
+        with self._lock:
+            if since_text in ("", "0"):
+                watch.queue.extend(("ADDED", o) for o in self._select(res, wanted))
+            else:
+                since = _int_param(query, "resourceVersion") or 0
+                if since < self._floor:
+                    watch.close(_expired(since, self._floor).status())
+                else:
+                    watch.queue.extend((kind, o) for rv, kind, r, o in self._history if rv > since and wanted(r, o))
+            if len(watch.queue) > watch.limit:
+                watch.queue.clear()
+                watch.close(_expired(int(since_text or 0), self._floor).status())
+            if self._stopping:
+                watch.close()
+            if not watch.closed:
+                self._watches.add(watch)
+        return lambda handler: self._serve_watch(handler, watch, res, timeout, bookmarks)
+
+    def _serve_watch(self, handler: _Handler, watch: _Watch, res: Resource, timeout: int | None, bookmarks: bool) -> None:
+        deadline = time.monotonic() + timeout if timeout else None
+        last_bookmark = time.monotonic()
+
+        def bookmark(rv: int) -> bytes:
+            return _event_line("BOOKMARK", {"kind": res.kind, "apiVersion": res.api_version, "metadata": {"resourceVersion": str(rv)}})
+
+        try:
+            handler.start_chunks("application/json")
+            while True:
+                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+                with self._lock:
+                    if not watch.queue and not watch.closed and wait > 0:
+                        watch.cond.wait(wait)
+                    batch = list(watch.queue)
+                    watch.queue.clear()
+                    closed, error, rv = watch.closed, watch.error, self._rv
+                handler.chunk(b"".join(_event_line(kind, obj) for kind, obj in batch))
+                if closed:
+                    if error is not None:
+                        handler.chunk(_event_line("ERROR", error))
+                    break
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    if bookmarks:
+                        handler.chunk(bookmark(rv))
+                    break
+                if bookmarks and now - last_bookmark >= self.bookmark_interval:
+                    handler.chunk(bookmark(rv))
+                    last_bookmark = now
+                if not batch and handler.client_gone():
+                    raise ConnectionAbortedError("the client hung up")
+            handler.end_chunks()
+        except OSError:
+            handler.close_connection = True
+        finally:
+            with self._lock:
+                watch.closed = True
+                self._watches.discard(watch)
+            watch.done.set()
+
+    # -- log serving ------------------------------------------------------------------------------------
+    def _read_log(self, namespace: str, name: str, query: dict[str, str]) -> _Reply | Streamer:
+        timestamps, follow, previous = (_truthy(query.get(k)) for k in ("timestamps", "follow", "previous"))
+        tail, since_seconds, limit = (_int_param(query, k) for k in ("tailLines", "sinceSeconds", "limitBytes"))
+        since_ns = _parse_seconds(query["sinceTime"]) * 10**9 if "sinceTime" in query else None
+        if since_seconds is not None:
+            since_ns = time.time_ns() - since_seconds * 10**9
+        with self._lock:
+            pod = self._find(POD, namespace, name)
+            if pod is None:
+                raise _not_found(POD, name)
+            container = self._log_container(pod, query.get("container"))
+            key = (namespace, name, container)
+            if previous:
+                log = self._previous.get(key)
+                if log is None:
+                    raise _bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
+            else:
+                log = self._logs.get(key)
+                if log is None and (pod.get("status") or {}).get("phase", "Pending") == "Pending":
+                    raise _bad_request(f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating')
+                log = log or self._logs.setdefault(key, _Log(self.log_line_limit))
+            lines, cursor = log.since(0), log.end
+        if since_ns is not None:
+            lines = [line for line in lines if line[0] >= since_ns]
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        first = _log_bytes(lines, timestamps)
+        if not follow or previous:
+            return _Reply(200, first[:limit] if limit is not None else first, "text/plain")
+        return lambda handler: self._serve_follow(handler, log, cursor, first, timestamps, limit)
+
+    def _log_container(self, pod: Obj, requested: str | None) -> str:
+        spec, name = pod.get("spec") or {}, pod["metadata"]["name"]
+        names = [c.get("name") for c in spec.get("containers") or []]
+        others = [c.get("name") for key in ("initContainers", "ephemeralContainers") for c in spec.get(key) or []]
+        if requested:
+            if names and requested not in names + others:
+                raise _bad_request(f"container {requested} is not valid for pod {name}")
+            return requested
+        if len(names) > 1:
+            raise _bad_request(f"a container name must be specified for pod {name}, choose one of: [{' '.join(names)}]")
+        return names[0] if names else "main"
+
+    def _serve_follow(self, handler: _Handler, log: _Log, cursor: int, first: bytes, timestamps: bool, limit: int | None) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._follows.add(done)
+            cuts = self._cuts
+        sent = 0
+        try:
+            handler.start_chunks("text/plain")
+            data = first
+            while True:
+                if limit is not None:
+                    data = data[: max(limit - sent, 0)]
+                handler.chunk(data)
+                sent += len(data)
+                with self._lock:
+                    if log.end == cursor and not log.ended and self._cuts == cuts and not self._stopping:
+                        self._log_cond.wait(POLL_S)
+                    new, cursor = log.since(cursor), log.end
+                    ended, cut = log.ended or self._stopping, self._cuts != cuts
+                if cut:
+                    handler.cut()
+                    return
+                data = _log_bytes(new, timestamps)
+                if (ended and not data) or (limit is not None and sent >= limit):
+                    break
+                if not data and handler.client_gone():
+                    raise ConnectionAbortedError("the client hung up")
+            handler.end_chunks()
+        except OSError:
+            handler.close_connection = True
+        finally:
+            with self._lock:
+                self._follows.discard(done)
+            done.set()
+
+
+def _event_line(kind: str, obj: Obj) -> bytes:
+    return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+# -- the HTTP server ------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    emulator: KubeEmulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-response (Watch.stop, cut streams, stop()) are normal here.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else small writes wait ~40 ms for delayed ACKs
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        if not self.server.emulator._track(self.connection):
+            self.connection.shutdown(socket.SHUT_RDWR)  # accepted while stopping: serve nothing
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.emulator._untrack(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _serve(self, method: str) -> None:
+        emulator = self.server.emulator
+        raw = self._read_body()  # always, so that a keep-alive connection stays in step
+        emulator._record(method, self.path)
+        try:
+            result = emulator._dispatch(method, self.path, self.headers, raw)
+        except ApiError as e:
+            result = _Reply(e.code, e.status())
+        except Exception as e:  # an emulator bug: say so loudly, and answer like a server would
+            traceback.print_exc()
+            result = _Reply(500, ApiError(500, "InternalError", f"emulator failure: {e!r}").status())
+        if isinstance(result, _Reply):
+            data = result.body if isinstance(result.body, bytes) else json.dumps(result.body, separators=(",", ":")).encode()
+            self.send_response(result.code)
+            self.send_header("Content-Type", result.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in result.headers:
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            result(self)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    # -- streaming helpers -----------------------------------------------------------------------------
+    def start_chunks(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+
+    def end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def cut(self) -> None:
+        """Close the connection without finishing the response."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def client_gone(self) -> bool:
+        """True once the client closed its end (no client sends anything while a response streams)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True

@@ -1,0 +1,52 @@
+"""Fixtures shared by the Kubernetes tests: an API emulator, the simulated cluster, a Cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import REPO, settled
+
+from dsnb import Cluster, JobSpec
+from k8s.emulator import KubeEmulator
+from k8s.sim import ClusterSim
+
+NAMESPACE = "ml"
+IMAGE = "registry.example/dsnb-test:1"
+CONFORMANCE_DIR = REPO / "tests" / "conformance"
+
+
+@pytest.fixture
+def emulator() -> Iterator[KubeEmulator]:
+    with KubeEmulator(namespaces=("default", NAMESPACE)) as running:
+        yield running
+
+
+@pytest.fixture
+def sim(emulator: KubeEmulator) -> Iterator[ClusterSim]:
+    with ClusterSim(emulator, NAMESPACE) as running:
+        yield running
+
+
+def make_cluster(emulator: KubeEmulator, **options: Any) -> Cluster:
+    """A statefulset Cluster talking to ``emulator`` over HTTP."""
+    return Cluster("statefulset", namespace=NAMESPACE, configuration=emulator.configuration(), **options)
+
+
+def workload(mode: str, **fields: Any) -> JobSpec:
+    """The conformance workload on one pod with two ranks."""
+    return JobSpec(**{"name": f"wl-{mode}", "script": "workload.py", "args": [mode], "working_dir": str(CONFORMANCE_DIR),
+                      "procs_per_node": 2, "image": IMAGE, **fields})
+
+
+def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]:
+    """What job ``name`` still has: workload objects, pods and live processes (after settling)."""
+
+    def find() -> list[str]:
+        found = [f"{kind} {o['metadata']['name']}" for api, kind in (("v1", "Pod"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("v1", "Secret"))
+                 for o in emulator.list(api, kind, NAMESPACE, f"dsnb.io/job={name}")]
+        found += [f"process of {pod}" for pod in sim.running_processes() if pod.startswith(name + "-")]
+        return found
+
+    return settled(find)

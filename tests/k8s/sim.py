@@ -1,0 +1,280 @@
+"""Test code that plays Kubernetes' controllers and kubelet against the API emulator.
+
+dsnb talks to the emulator over HTTP exactly as it would to a real API server; this
+module stands in for what the cluster does on its own side:
+
+- the StatefulSet controller: creates pods ``<set>-<i>`` from the template, owned by the
+  set (so deleting the set collects them), ``podManagementPolicy: Parallel``;
+- the scheduler: binds pods to a node, or marks them Unschedulable when told to;
+- the kubelet: runs each pod's container command as a real process in its own mount
+  namespace, with the pod's volumes (ConfigMaps written out, emptyDirs, a tmpfs
+  ``/dev/shm``, the termination-message file) mounted at their paths, the pod's
+  environment (values, field references, Secret references), optionally inside a network
+  namespace; it streams the output into the pod's log, records how the container ended
+  (exit code, reason, termination message or the log's end) and restarts it as
+  ``restartPolicy: Always`` does, keeping emptyDirs across restarts; deleting a pod
+  stops its processes.
+
+The security context is not enforced (processes run as the test's user).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+POLL_S = 0.05
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class PodRunner:
+    """One pod's container, run as a process tree; restarts it while the pod exists."""
+
+    def __init__(self, sim: ClusterSim, pod: dict[str, Any]) -> None:
+        self.sim = sim
+        self.namespace = pod["metadata"]["namespace"]
+        self.name = pod["metadata"]["name"]
+        self.pod = pod
+        self.root = Path(tempfile.mkdtemp(prefix=f"pod-{self.name}-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+        self.thread = threading.Thread(target=self._run, name=f"kubelet-{self.name}", daemon=True)
+
+    # -- sandbox ---------------------------------------------------------------------------
+    def _volume_dirs(self) -> dict[str, tuple[str, str]]:
+        """volume name -> (host path, kind); ConfigMaps and Secrets written out."""
+        result: dict[str, tuple[str, str]] = {}
+        for volume in self.pod["spec"].get("volumes") or []:
+            path = self.root / "volumes" / volume["name"]
+            if "configMap" in volume or "secret" in volume:
+                path.mkdir(parents=True, exist_ok=True)
+                if "configMap" in volume:
+                    source = self.sim.emulator.get("v1", "ConfigMap", self.namespace, volume["configMap"]["name"]) or {}
+                    files = dict(source.get("data") or {})
+                else:
+                    source = self.sim.emulator.get("v1", "Secret", self.namespace, volume["secret"]["secretName"]) or {}
+                    files = {k: base64.b64decode(v).decode() for k, v in (source.get("data") or {}).items()}
+                    files.update(source.get("stringData") or {})
+                for key, text in files.items():
+                    (path / key).write_text(text)
+                result[volume["name"]] = (str(path), "files")
+            elif "emptyDir" in volume:
+                memory = (volume.get("emptyDir") or {}).get("medium") == "Memory"
+                path.mkdir(parents=True, exist_ok=True)
+                result[volume["name"]] = (str(path), "tmpfs" if memory else "dir")
+        return result
+
+    def _env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": os.environ.get("HOME", "/root"),
+               "HOSTNAME": self.name}
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = var["value"]
+                continue
+            source = var.get("valueFrom") or {}
+            if "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                env[var["name"]] = {"metadata.name": self.name, "metadata.namespace": self.namespace}[path]
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                secret = self.sim.emulator.get("v1", "Secret", self.namespace, ref["name"]) or {}
+                if ref["key"] in (secret.get("stringData") or {}):
+                    env[var["name"]] = secret["stringData"][ref["key"]]
+                else:
+                    env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
+
+    def _argv(self, container: dict[str, Any], volumes: dict[str, tuple[str, str]]) -> list[str]:
+        steps = []
+        for mount in container.get("volumeMounts") or []:
+            host, kind = volumes[mount["name"]]
+            target = shlex.quote(mount["mountPath"])
+            if kind == "tmpfs":
+                steps.append(f"mkdir -p {target} && mount -t tmpfs -o size=1g tmpfs {target}")
+            else:
+                steps.append(f"mkdir -p {target} && mount --bind {shlex.quote(host)} {target}")
+        termination = container.get("terminationMessagePath") or "/dev/termination-log"
+        self.termination_file = self.root / "termination-log"
+        self.termination_file.write_text("")
+        steps.append(f"mkdir -p {shlex.quote(os.path.dirname(termination))} && touch {shlex.quote(termination)} "
+                     f"&& mount --bind {shlex.quote(str(self.termination_file))} {shlex.quote(termination)}")
+        if container.get("workingDir"):
+            steps.append(f"cd {shlex.quote(container['workingDir'])}")
+        script = " && ".join(steps) + ' && exec "$@"'
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                *(container.get("command") or []), *(container.get("args") or [])]
+        netns = self.sim.netns_for(self.name) if self.sim.netns_for else None
+        return (["ip", "netns", "exec", netns] if netns else []) + argv
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> PodRunner:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+        self.thread.join(15)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _set_status(self, container_status: dict[str, Any], phase: str = "Running") -> None:
+        self.sim.emulator.patch_status("v1", "Pod", self.namespace, self.name,
+                                       {"phase": phase, "containerStatuses": [container_status]})
+
+    def _run(self) -> None:
+        container = self.pod["spec"]["containers"][0]
+        volumes = self._volume_dirs()
+        last_terminated: dict[str, Any] | None = None
+        while not self.stopping.is_set():
+            started = now_rfc3339()
+            self.process = subprocess.Popen(self._argv(container, volumes), env=self._env(container),
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            status = {"name": container["name"], "restartCount": self.restarts, "ready": True,
+                      "image": container.get("image"), "imageID": "", "containerID": f"sim://{self.name}-{self.restarts}",
+                      "state": {"running": {"startedAt": started}}}
+            if last_terminated:
+                status["lastState"] = {"terminated": last_terminated}
+            self._set_status(status)
+            tail: list[str] = []
+            assert self.process.stdout is not None
+            for raw in self.process.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                tail = (tail + [line])[-80:]
+                self.sim.emulator.append_log(self.namespace, self.name, line)
+            code = self.process.wait()
+            if self.stopping.is_set() or self.sim.emulator.get("v1", "Pod", self.namespace, self.name) is None:
+                return
+            message = self.termination_file.read_text()
+            if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+                message = "\n".join(tail)[-2048:]
+            last_terminated = {"exitCode": code if code >= 0 else 128 - code, "reason": "Completed" if code == 0 else "Error",
+                               "message": message, "startedAt": started, "finishedAt": now_rfc3339()}
+            self.sim.emulator.end_log(self.namespace, self.name)
+            self._set_status({"name": container["name"], "restartCount": self.restarts, "ready": False,
+                              "image": container.get("image"), "imageID": "", "state": {"terminated": last_terminated}})
+            self.stopping.wait(self.sim.restart_delay)
+            if self.stopping.is_set() or self.sim.emulator.get("v1", "Pod", self.namespace, self.name) is None:
+                return
+            self.restarts += 1
+            self.sim.emulator.restart_container(self.namespace, self.name)
+
+
+class ClusterSim:
+    """StatefulSet controller, scheduler and kubelet for one namespace of the emulator.
+
+    Args:
+        emulator: the running ``KubeEmulator``.
+        namespace: the namespace to act in.
+        netns_for: pod name -> network namespace to run it in (None: the host's network).
+        unschedulable: a message; when set, new pods stay Pending as Unschedulable with it.
+        image_pull_error: a message; when set, scheduled pods never start: ImagePullBackOff.
+        restart_delay: seconds before an exited container is restarted.
+    """
+
+    def __init__(self, emulator: Any, namespace: str, netns_for: Callable[[str], str | None] | None = None,
+                 unschedulable: str | None = None, image_pull_error: str | None = None,
+                 restart_delay: float = 0.3) -> None:
+        self.emulator = emulator
+        self.namespace = namespace
+        self.netns_for = netns_for
+        self.unschedulable = unschedulable
+        self.image_pull_error = image_pull_error
+        self.restart_delay = restart_delay
+        self.runners: dict[str, PodRunner] = {}
+        self.pods_created = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cluster-sim", daemon=True)
+
+    def __enter__(self) -> ClusterSim:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for runner in list(self.runners.values()):
+            runner.stop()
+        self.runners.clear()
+
+    def running_processes(self) -> list[str]:
+        """Pods whose container process is still alive."""
+        return [name for name, r in self.runners.items() if r.process is not None and r.process.poll() is None]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reconcile()
+            except Exception as e:  # noqa: BLE001 - keep playing the cluster; show what went wrong
+                print(f"cluster-sim: {e!r}", file=sys.stderr)
+            self._stop.wait(POLL_S)
+
+    def _reconcile(self) -> None:
+        em, ns = self.emulator, self.namespace
+        for stateful_set in em.list("apps/v1", "StatefulSet", ns):
+            name = stateful_set["metadata"]["name"]
+            template = stateful_set["spec"]["template"]
+            for ordinal in range(stateful_set["spec"].get("replicas", 1)):
+                pod_name = f"{name}-{ordinal}"
+                if em.get("v1", "Pod", ns, pod_name) is not None:
+                    continue
+                labels = {**template["metadata"].get("labels", {}), "statefulset.kubernetes.io/pod-name": pod_name,
+                          "apps.kubernetes.io/pod-index": str(ordinal)}
+                em.create({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
+                                                      "uid": stateful_set["metadata"]["uid"], "controller": True}]},
+                    "spec": {**template["spec"], "hostname": pod_name, "subdomain": stateful_set["spec"]["serviceName"]},
+                    "status": {"phase": "Pending"},
+                })
+                self.pods_created += 1
+        pods = {p["metadata"]["name"]: p for p in em.list("v1", "Pod", ns)}
+        for pod_name in list(self.runners):
+            if pod_name not in pods:
+                self.runners.pop(pod_name).stop()
+        for pod_name, pod in pods.items():
+            if pod_name in self.runners:
+                continue
+            if not pod["spec"].get("nodeName"):
+                if self.unschedulable:
+                    em.patch_status("v1", "Pod", ns, pod_name, {"conditions": [{
+                        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": self.unschedulable}]})
+                    continue
+                pod = em.update({**pod, "spec": {**pod["spec"], "nodeName": "node-1"}})
+                em.patch_status("v1", "Pod", ns, pod_name, {"conditions": [{"type": "PodScheduled", "status": "True"}]})
+            if self.image_pull_error:
+                container = pod["spec"]["containers"][0]
+                em.patch_status("v1", "Pod", ns, pod_name, {"containerStatuses": [{
+                    "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": self.image_pull_error}}}]})
+                continue
+            self.runners[pod_name] = PodRunner(self, pod).start()
