@@ -1230,14 +1230,7 @@ class KubeEmulator:
 
     def _serve_resource(self, method: str, res: Resource, namespace: str | None, name: str | None, sub: str | None,
                         query: dict[str, str], body: Any, headers: Any, watch_path: bool) -> _Reply | Streamer:
-        dry_run = query.get("dryRun") == "All"
-        watching = watch_path or _truthy(query.get("watch"))
-        if name is None:
-            verb = {"GET": "watch" if watching else "list", "POST": "create", "DELETE": "deletecollection"}.get(method)
-        else:
-            verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
-        if verb is None or (sub is not None and (sub, method) not in (("status", "GET"), ("status", "PUT"), ("status", "PATCH"), ("log", "GET"))):
-            raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})")
+        verb = _verb(method, name, sub, watch_path or _truthy(query.get("watch")))
         if (sub == "status" and not res.status) or (sub == "log" and res.path != POD.path) or (verb == "create" and res.namespaced and namespace is None):
             raise _no_route()
         self._authorize(verb, res, sub, namespace, name)
@@ -1245,6 +1238,7 @@ class KubeEmulator:
             return self._open_watch(res, namespace, query)
         if sub == "log":
             return self._read_log(namespace or "", name or "", query)
+        dry_run = query.get("dryRun") == "All"
         with self._lock:
             if verb == "list":
                 items = self._select(res, self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", "")))
@@ -1262,24 +1256,30 @@ class KubeEmulator:
             if verb == "patch":
                 return _Reply(200, self._patch(res, namespace, name or "", body, headers.get("Content-Type", ""),
                                                subresource=sub, dry_run=dry_run))
-            options = body if isinstance(body, dict) else {}
-            policy = query.get("propagationPolicy") or options.get("propagationPolicy")
-            if policy is None and (_truthy(query.get("orphanDependents")) or options.get("orphanDependents") is True):
-                policy = "Orphan"
-            warn = [] if policy else [("Warning", '299 - "child pods are preserved by default when jobs are deleted; '
-                                                  'set propagationPolicy=Background to remove them"')]
-            warn = warn if res.default_propagation == "Orphan" else []
-            if verb == "deletecollection":
-                wanted = self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
-                for obj in self._select(res, wanted):
-                    meta = obj["metadata"]
+            return self._serve_delete(res, namespace, name, query, body if isinstance(body, dict) else {}, dry_run)
+
+    def _serve_delete(self, res: Resource, namespace: str | None, name: str | None, query: dict[str, str],
+                      options: Obj, dry_run: bool) -> _Reply:
+        """DELETE of one object or (without a name) of every object a selector matches."""
+        policy = query.get("propagationPolicy") or options.get("propagationPolicy")
+        if policy is None and (_truthy(query.get("orphanDependents")) or options.get("orphanDependents") is True):
+            policy = "Orphan"
+        warnings = []
+        if policy is None and res.default_propagation == "Orphan":
+            warnings.append(("Warning", '299 - "child pods are preserved by default when jobs are deleted; '
+                                        'set propagationPolicy=Background to remove them"'))
+        success: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        if name is None:
+            wanted = self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+            for obj in self._select(res, wanted):
+                meta = obj["metadata"]
+                if self._find(res, meta.get("namespace"), meta["name"]) is not None:  # not collected meanwhile
                     self._delete(res, meta.get("namespace"), meta["name"], propagation=policy, dry_run=dry_run)
-                return _Reply(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}, headers=warn)
-            gone = self._delete(res, namespace, name or "", propagation=policy, preconditions=options.get("preconditions"), dry_run=dry_run)
-            if res.returns_deleted:
-                return _Reply(200, gone, headers=warn)
-            details = {**_details(res, name or ""), "uid": gone["metadata"]["uid"]}
-            return _Reply(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}, headers=warn)
+            return _Reply(200, success, headers=warnings)
+        gone = self._delete(res, namespace, name, propagation=policy, preconditions=options.get("preconditions"), dry_run=dry_run)
+        if res.returns_deleted:
+            return _Reply(200, gone, headers=warnings)
+        return _Reply(200, {**success, "details": {**_details(res, name), "uid": gone["metadata"]["uid"]}}, headers=warnings)
 
     def _discovery(self, parts: list[str]) -> _Reply | None:
         with self._lock:
@@ -1474,6 +1474,20 @@ class KubeEmulator:
             with self._lock:
                 self._follows.discard(done)
             done.set()
+
+
+def _verb(method: str, name: str | None, sub: str | None, watching: bool) -> str:
+    """The RBAC verb of a request; 405 for a method the URL does not take."""
+    if name is None:
+        verb = {"GET": "watch" if watching else "list", "POST": "create", "DELETE": "deletecollection"}.get(method)
+    elif sub is None:
+        verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
+    else:
+        allowed = {"status": {"GET": "get", "PUT": "update", "PATCH": "patch"}, "log": {"GET": "get"}}
+        verb = allowed.get(sub, {}).get(method)
+    if verb is None:
+        raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})")
+    return verb
 
 
 def _event_line(kind: str, obj: Obj) -> bytes:

@@ -227,7 +227,7 @@ class ClusterSim:
 
     def running_processes(self) -> list[str]:
         """Pods whose container process is still alive."""
-        return [name for name, r in self.runners.items() if r.process is not None and r.process.poll() is None]
+        return [name for name, r in list(self.runners.items()) if r.process is not None and r.process.poll() is None]
 
     def _loop(self) -> None:
         while not self._stop.is_set():
