@@ -197,6 +197,22 @@ def test_an_unschedulable_pod_keeps_the_job_pending_with_the_reason(emulator) ->
             assert leftovers(emulator, sim_, job.name) == []
 
 
+def test_a_pod_waiting_for_its_volume_says_so_from_its_events(emulator) -> None:  # noqa: F811
+    with ClusterSim(emulator, NAMESPACE, hold=True) as sim_:
+        with make_cluster(emulator, pod_options=PodOptions(checkpoint_pvc="ckpt")) as cluster:
+            job = cluster.submit(workload("ok"))
+            wait_until(lambda: emulator.get("v1", "Pod", NAMESPACE, f"{job.name}-0") is not None, timeout=10)
+            emulator.create({"apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{job.name}-0.1", "namespace": NAMESPACE},
+                             "involvedObject": {"kind": "Pod", "name": f"{job.name}-0", "namespace": NAMESPACE},
+                             "reason": "FailedMount", "type": "Warning", "lastTimestamp": "2026-11-28T10:00:00Z",
+                             "message": 'MountVolume.SetUp failed for volume "checkpoints": persistentvolumeclaim "ckpt" not found'})
+            wait_until(lambda: "cannot mount a volume" in job.status().message, timeout=15)
+            assert job.status().state in (JobState.PENDING, JobState.STARTING)
+            assert "checkpoint_pvc" in job.status().message
+            job.cancel()
+            assert leftovers(emulator, sim_, job.name) == []
+
+
 @needs_sandbox
 def test_attach_from_a_fresh_cluster_to_a_running_job(emulator, sim) -> None:  # noqa: F811
     with make_cluster(emulator) as first:

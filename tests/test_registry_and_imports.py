@@ -70,6 +70,12 @@ NO_EXTRAS = textwrap.dedent("""
     spec = JobSpec(name="x", command=["true"], procs_per_node=2, deepspeed={"train_micro_batch_size_per_gpu": 4})
     print("plan", Cluster().dryrun(spec).name.startswith("x-"))
     print("config", spec.deepspeed_config["train_batch_size"])
+    job = Cluster().submit(JobSpec(name="y", command=[sys.executable, "-c", "print('ran')"]))
+    print("local", job.wait(timeout=60).state.value, [line.text for line in job.logs()])
+    try:
+        Cluster("statefulset")
+    except dsnb.BackendUnavailable as e:
+        print("statefulset:", e)
 """)
 
 
@@ -77,6 +83,9 @@ def test_import_without_torch_kubernetes_or_ray() -> None:
     run = subprocess.run([sys.executable, "-c", NO_EXTRAS], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "plan True" in run.stdout and "config 8" in run.stdout
+    assert "local SUCCEEDED ['ran']" in run.stdout
+    assert "statefulset: backend 'statefulset': needs the 'kubernetes' package" in run.stdout
+    assert "pip install 'dsnb[k8s]'" in run.stdout
 
 
 def test_import_is_light() -> None:

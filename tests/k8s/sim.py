@@ -194,17 +194,19 @@ class ClusterSim:
         netns_for: pod name -> network namespace to run it in (None: the host's network).
         unschedulable: a message; when set, new pods stay Pending as Unschedulable with it.
         image_pull_error: a message; when set, scheduled pods never start: ImagePullBackOff.
+        hold: when True, scheduled pods stay in ContainerCreating (e.g. waiting for a volume).
         restart_delay: seconds before an exited container is restarted.
     """
 
     def __init__(self, emulator: Any, namespace: str, netns_for: Callable[[str], str | None] | None = None,
                  unschedulable: str | None = None, image_pull_error: str | None = None,
-                 restart_delay: float = 0.3) -> None:
+                 hold: bool = False, restart_delay: float = 0.3) -> None:
         self.emulator = emulator
         self.namespace = namespace
         self.netns_for = netns_for
         self.unschedulable = unschedulable
         self.image_pull_error = image_pull_error
+        self.hold = hold
         self.restart_delay = restart_delay
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
@@ -271,6 +273,8 @@ class ClusterSim:
                     continue
                 pod = em.update({**pod, "spec": {**pod["spec"], "nodeName": "node-1"}})
                 em.patch_status("v1", "Pod", ns, pod_name, {"conditions": [{"type": "PodScheduled", "status": "True"}]})
+            if self.hold:
+                continue
             if self.image_pull_error:
                 container = pod["spec"]["containers"][0]
                 em.patch_status("v1", "Pod", ns, pod_name, {"containerStatuses": [{

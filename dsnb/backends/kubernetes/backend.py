@@ -29,7 +29,7 @@ from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection, connect
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
-from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, split_rank
+from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, container_started, split_rank
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.backends.kubernetes.pod_template import CONTAINER
 from dsnb.backends.kubernetes.rbac import Permission
@@ -43,6 +43,7 @@ BACKEND = "dsnb.io/backend"
 CREATED = "dsnb.io/created-at"
 RECORD_SELECTOR = f"{MANAGED_SELECTOR},{KIND}=record"
 SYNC_TIMEOUT_S = 30
+EVENTS_EVERY_S = 5.0
 READ_LIMIT = 5000
 ARCHIVE_LOG_BYTES = 700_000
 ARCHIVE_METRIC_BYTES = 250_000
@@ -122,6 +123,7 @@ class KubernetesBackend(Backend):
         self._followers: dict[str, dict[str, PodLogFollower]] = {}
         self._finalizing: dict[str, threading.Lock] = {}
         self._specs: dict[str, JobSpec] = {}
+        self._events: dict[str, tuple[float, dict[str, list[dict[str, Any]]]]] = {}
 
     # -- connection ------------------------------------------------------------------------
     @property
@@ -227,8 +229,36 @@ class KubernetesBackend(Backend):
 
     # -- status ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]]) -> JobStatus:
-        """The status of a running job from its pods (pure; no API calls)."""
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
+                       events: dict[str, list[dict[str, Any]]] | None = None) -> JobStatus:
+        """The status of a running job from its pods and their recent events (pure; no API calls)."""
+
+    def _waiting_pod_events(self, name: str, pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Events of the job's pods that have not started (a mount or pull problem shows only there).
+
+        Read at most every ``EVENTS_EVERY_S`` per job, and only while some pod waits; events
+        are best effort (without the permission, the diagnosis uses pod status alone).
+        """
+        waiting = {p["metadata"]["name"] for p in pods if not container_started(p, CONTAINER)}
+        if not waiting:
+            return {}
+        now = time.monotonic()
+        cached = self._events.get(name)
+        if cached is not None and now - cached[0] < EVENTS_EVERY_S:
+            return cached[1]
+        found: dict[str, list[dict[str, Any]]] = {}
+        try:
+            response = self.conn.core.list_namespaced_event(self.namespace, _preload_content=False)
+            for event in objects.read_json(response).get("items") or []:
+                involved = event.get("involvedObject") or {}
+                if involved.get("kind") == "Pod" and involved.get("name") in waiting:
+                    found.setdefault(involved["name"], []).append(event)
+        except ApiException:
+            pass
+        for events in found.values():
+            events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        self._events[name] = (now, found)
+        return found
 
     def status(self, name: str) -> JobStatus:
         record = self._record(name)
@@ -236,7 +266,12 @@ class KubernetesBackend(Backend):
         if final:
             return JobStatus.from_dict(json.loads(final))
         created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
-        current = self.compute_status(name, self.spec_of(name), created, self._job_pods(name))
+        pods = self._job_pods(name)
+        current = self.compute_status(name, self.spec_of(name), created, pods)
+        if current.state in (JobState.PENDING, JobState.STARTING):
+            events = self._waiting_pod_events(name, pods)
+            if events:
+                current = self.compute_status(name, self.spec_of(name), created, pods, events)
         if current.state.is_terminal():
             return self._finalize(name, current)
         return current

@@ -26,6 +26,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from dsnb.backends.kubernetes.objects import read_json
+
 log = logging.getLogger(__name__)
 
 #: Seconds a watch request stays open before it is renewed (servers cut them anyway).
@@ -143,14 +145,7 @@ class Informer:
             self._changed.notify_all()
 
     def _list_all(self) -> str:
-        result = self._list(*self._args, label_selector=self._selector, _preload_content=False)
-        try:
-            if not 200 <= result.status < 300:
-                # Unread responses come back raw: raise as the client would for a read one.
-                raise ApiException(status=result.status, reason=result.reason, body=result.data)
-            data = json.loads(result.data)
-        finally:
-            result.release_conn()
+        data = read_json(self._list(*self._args, label_selector=self._selector, _preload_content=False))
         self._replace(data.get("items") or [])
         self._synced.set()
         return data["metadata"]["resourceVersion"]

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dsnb.backends.kubernetes.pod_status import container_status
 from dsnb.metrics import MetricParser
 from dsnb.status import LogLine, MetricSample, node_line_rank
 
@@ -131,16 +132,9 @@ class JobLogs:
             return self._dropped + len(self._lines)
 
 
-def _container_status(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == container:
-            return status
-    return None
-
-
 def container_started(pod: dict[str, Any], container: str) -> bool:
     """True once the container has run (running now, or terminated, or restarted)."""
-    status = _container_status(pod, container)
+    status = container_status(pod, container)
     if not status:
         return False
     state = status.get("state") or {}
@@ -201,7 +195,7 @@ class PodLogFollower:
         pod = self._pod_state()
         if pod is None or not container_started(pod, self.container):
             return
-        restarts = int((_container_status(pod, self.container) or {}).get("restartCount") or 0)
+        restarts = int((container_status(pod, self.container) or {}).get("restartCount") or 0)
         if restarts > 0 and (self._segment is None or restarts > self._segment):
             self._read(previous=True, follow=False)
         self._segment = restarts
@@ -307,7 +301,7 @@ class PodLogFollower:
             if not container_started(pod, self.container):
                 self._wait(1.0)
                 continue
-            status = _container_status(pod, self.container) or {}
+            status = container_status(pod, self.container) or {}
             restarts = int(status.get("restartCount") or 0)
             before = self._last_ns
             try:

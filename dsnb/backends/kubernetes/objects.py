@@ -43,7 +43,8 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
             "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
 
 
-def _read_json(response: Any) -> dict[str, Any]:
+def read_json(response: Any) -> dict[str, Any]:
+    """The JSON body of an unread (``_preload_content=False``) response; raises on an error status."""
     try:
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason, body=response.data)
@@ -62,7 +63,7 @@ def create(conn: Connection, manifest: dict[str, Any]) -> dict[str, Any]:
     if kind in _TYPED:
         api, suffix = _TYPED[kind]
         call = getattr(getattr(conn, api), f"create_namespaced_{suffix}")
-        return _read_json(call(conn.namespace, manifest, _preload_content=False))
+        return read_json(call(conn.namespace, manifest, _preload_content=False))
     group, version = manifest["apiVersion"].split("/")
     return conn.custom.create_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], manifest)
 
@@ -77,7 +78,7 @@ def read(conn: Connection, api_version: str, kind: str, name: str) -> dict[str, 
         if kind in _TYPED:
             api, suffix = _TYPED[kind]
             call = getattr(getattr(conn, api), f"read_namespaced_{suffix}")
-            return _read_json(call(name, conn.namespace, _preload_content=False))
+            return read_json(call(name, conn.namespace, _preload_content=False))
         group, version = api_version.split("/")
         return conn.custom.get_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name)
     except ApiException as e:
@@ -92,7 +93,7 @@ def patch_config_map_data(conn: Connection, name: str, data: dict[str, str]) -> 
     Raises:
         ApiException: the server refused.
     """
-    _read_json(conn.core.patch_namespaced_config_map(name, conn.namespace, {"data": data}, _preload_content=False))
+    read_json(conn.core.patch_namespaced_config_map(name, conn.namespace, {"data": data}, _preload_content=False))
 
 
 def delete(conn: Connection, api_version: str, kind: str, name: str) -> bool:
@@ -105,7 +106,7 @@ def delete(conn: Connection, api_version: str, kind: str, name: str) -> bool:
         if kind in _TYPED:
             api, suffix = _TYPED[kind]
             call = getattr(getattr(conn, api), f"delete_namespaced_{suffix}")
-            _read_json(call(name, conn.namespace, propagation_policy="Background", _preload_content=False))
+            read_json(call(name, conn.namespace, propagation_policy="Background", _preload_content=False))
         else:
             group, version = api_version.split("/")
             conn.custom.delete_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name,

@@ -203,7 +203,8 @@ class StatefulSetBackend(KubernetesBackend):
         return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes)
 
     # -- status ----------------------------------------------------------------------------
-    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]]) -> JobStatus:
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
+                       events: dict[str, list[dict[str, Any]]] | None = None) -> JobStatus:
         by_node: dict[int, dict[str, Any]] = {}
         for pod in pods:
             try:
@@ -211,7 +212,8 @@ class StatefulSetBackend(KubernetesBackend):
             except (IndexError, ValueError):
                 continue
         outcomes = {node: node_outcome(pod, CONTAINER) for node, pod in by_node.items()}
-        diagnoses = {node: classify(pod) for node, pod in by_node.items() if outcomes[node] is None}
+        diagnoses = {node: classify(pod, (events or {}).get(pod["metadata"]["name"]))
+                     for node, pod in by_node.items() if outcomes[node] is None}
         starts = [t for t in (started_at(p, CONTAINER) for p in by_node.values()) if t is not None]
         started = min(starts) if starts else None
         procs = spec.procs_per_node
