@@ -285,3 +285,32 @@ def test_a_finished_job_keeps_its_logs_and_metrics_for_a_later_session(emulator,
         assert again.status().state == JobState.SUCCEEDED
         assert [(s.step, s.value) for s in again.metrics("loss", rank=1)] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
         assert "rank 1 done" in [line.text for line in again.logs(rank=1)]
+
+
+@needs_sandbox
+def test_the_command_line_runs_and_lists_a_statefulset_job(emulator, sim, tmp_path) -> None:  # noqa: F811
+    import io
+
+    from rich.console import Console
+
+    from dsnb.console.cli import main
+
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "config", namespace=NAMESPACE)
+
+    def run(*argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        code = main(list(argv), console=Console(file=out, width=200))
+        return code, out.getvalue()
+
+    common = ("--backend", "statefulset", "--kubeconfig", kubeconfig)
+    code, text = run("dryrun", "workload.py", "ok", "--procs", "2", "--image", IMAGE, *common)
+    assert code == 0 and "kind: StatefulSet" in text and f"image: {IMAGE}" in text
+    code, text = run("run", "workload.py", "--procs", "2", "--image", IMAGE, "--working-dir", str(workload("ok").working_dir),
+                     "--name", "cli", *common, "--", "ok")
+    assert code == 0, text
+    code, text = run("jobs", *common)
+    assert code == 0 and "cli-" in text and "SUCCEEDED" in text
+    with make_cluster(emulator) as listing:
+        name = listing.jobs()[0].name
+    code, text = run("logs", name, "--rank", "1", *common)
+    assert code == 0 and "[rank 1] hello from rank 1 of 2" in text

@@ -44,7 +44,7 @@ EXPECTED = {
 }
 
 
-def _runs(path: Path) -> pytest.param:
+def _runs(path: Path) -> object:
     marks = [pytest.mark.deepspeed] if EXPECTED.get(path.stem, Expected()).deepspeed else []
     return pytest.param(path, id=path.stem, marks=marks)
 

@@ -40,7 +40,7 @@ from dsnb.backends.base import load_backend
 from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.cluster import Cluster
 from dsnb.console.view import format_duration, jobs_table, render, status_view
-from dsnb.errors import DsnbError, InvalidSpecError
+from dsnb.errors import ClusterError, DsnbError, InvalidSpecError
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
 from dsnb.spec import JobSpec, Resources, suggest_name
@@ -89,7 +89,32 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all ranks up to K times after a failure")
     parser.add_argument("--gpus", type=int, default=0, metavar="G", help="GPUs per node (default 0: CPU with gloo)")
     parser.add_argument("--working-dir", metavar="DIR", help="where the ranks start (default: the current directory)")
+    parser.add_argument("--image", help="container image (Kubernetes backends)")
+    _add_cluster_options(parser)
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="local", help="backend name (default: local)")
+    parser.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig context's)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    """The Cluster the arguments name; Kubernetes options only when given.
+
+    Raises:
+        BackendUnavailable: unknown backend or missing extra.
+        ClusterError: Kubernetes options given to a backend that takes none.
+    """
+    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig") if getattr(args, key, None) is not None}
+    load_backend(args.backend)  # an unknown backend or a missing extra: the install hint
+    try:
+        return Cluster(args.backend, **options)
+    except TypeError as e:
+        given = ", ".join(f"--{key}" for key in options)
+        raise ClusterError(f"backend {args.backend!r}", f"takes no {given}",
+                           "those options are for Kubernetes backends (e.g. --backend statefulset)") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,19 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(dry)
 
     jobs = sub.add_parser("jobs", help="list jobs", allow_abbrev=False)
-    jobs.add_argument("--backend", default="local")
+    _add_cluster_options(jobs)
 
     logs = sub.add_parser("logs", help="print a job's log lines", allow_abbrev=False)
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     logs.add_argument("--rank", type=int, help="only this rank")
     logs.add_argument("--tail", type=int, metavar="N", help="start with the last N lines")
-    logs.add_argument("--backend", default="local")
+    _add_cluster_options(logs)
 
     for name, text in (("status", "show a job's status"), ("cancel", "stop a job and everything it started")):
         cmd = sub.add_parser(name, help=text, allow_abbrev=False)
         cmd.add_argument("name")
-        cmd.add_argument("--backend", default="local")
+        _add_cluster_options(cmd)
 
     demo = sub.add_parser("demo", help="run the bundled tiny GPT example on 2 ranks", allow_abbrev=False)
     demo.add_argument("--detach", action="store_true", help="start the job and return at once")
@@ -183,6 +208,7 @@ def spec_from_args(args: argparse.Namespace, script_args: list[str]) -> JobSpec:
         script=args.script,
         args=script_args,
         working_dir=args.working_dir,
+        image=getattr(args, "image", None),
         nodes=args.nodes,
         procs_per_node=args.procs,
         resources=Resources(gpus=args.gpus),
@@ -267,8 +293,8 @@ def _lines_per_rank(height: int, ranks: int) -> int:
     return max(1, min(5, room // max(1, ranks) - 2))
 
 
-def _submit_and_watch(ui: _Ui, backend: str, spec: JobSpec, detach: bool) -> int:
-    with Cluster(backend) as cluster:
+def _submit_and_watch(ui: _Ui, args: argparse.Namespace, spec: JobSpec, detach: bool) -> int:
+    with _cluster(args) as cluster:
         job = cluster.submit(spec)
         if detach:
             _plain(ui.out, job.name)
@@ -281,10 +307,10 @@ def _cmd_run(ui: _Ui, args: argparse.Namespace, script_args: list[str]) -> int:
     try:
         spec = spec_from_args(args, script_args)
         if args.command == "dryrun":
-            with Cluster(args.backend) as cluster:
+            with _cluster(args) as cluster:
                 _plain(ui.out, str(cluster.dryrun(spec)))
             return EXIT_OK
-        return _submit_and_watch(ui, args.backend, spec, args.detach)
+        return _submit_and_watch(ui, args, spec, args.detach)
     except InvalidSpecError as e:
         return _spec_error(ui, e)
 
@@ -305,13 +331,13 @@ def _cmd_demo(ui: _Ui, args: argparse.Namespace) -> int:
         demo_args = ["--no-resume", "--checkpoint-dir", str(dsnb_home() / "checkpoints" / DEMO_NAME)]
         spec = JobSpec(name=DEMO_NAME, script=script.name, working_dir=str(folder), procs_per_node=2,
                        deepspeed=str(config), args=demo_args)
-        return _submit_and_watch(ui, args.backend, spec, args.detach)
+        return _submit_and_watch(ui, args, spec, args.detach)
     except InvalidSpecError as e:
         return _spec_error(ui, e)
 
 
 def _cmd_jobs(ui: _Ui, args: argparse.Namespace) -> int:
-    with Cluster(args.backend) as cluster:
+    with _cluster(args) as cluster:
         statuses = cluster.jobs()
     if not statuses:
         _plain(ui.out, "no jobs yet; start one with: dsnb run SCRIPT")
@@ -321,7 +347,7 @@ def _cmd_jobs(ui: _Ui, args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(ui: _Ui, args: argparse.Namespace) -> int:
-    with Cluster(args.backend) as cluster:
+    with _cluster(args) as cluster:
         job = cluster.attach(args.name)
         out = ui.out.file
         try:
@@ -336,13 +362,13 @@ def _cmd_logs(ui: _Ui, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(ui: _Ui, args: argparse.Namespace) -> int:
-    with Cluster(args.backend) as cluster:
+    with _cluster(args) as cluster:
         ui.out.print(status_view(cluster.attach(args.name).status()))
     return EXIT_OK
 
 
 def _cmd_cancel(ui: _Ui, args: argparse.Namespace) -> int:
-    with Cluster(args.backend) as cluster:
+    with _cluster(args) as cluster:
         job = cluster.attach(args.name)
         before = job.status().state
         status = job.cancel()
@@ -357,7 +383,6 @@ _CHECK_STYLES = {"passed": "green", "failed": "red", "warning": "yellow", "not r
 
 
 def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
-    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig") if getattr(args, key) is not None}
     try:
         spec = None
         if args.gpus or args.nodes is not None or args.procs is not None:
@@ -365,12 +390,10 @@ def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
                            procs_per_node=args.procs or max(1, args.gpus), resources=Resources(gpus=args.gpus))
     except InvalidSpecError as e:
         return _spec_error(ui, e)
-    load_backend(args.backend)  # an unknown backend or a missing extra: the install hint
     try:
-        cluster = Cluster(args.backend, **options)
-    except TypeError:
-        given = ", ".join(f"--{key}" for key in options)
-        _error(ui, f"backend {args.backend!r} takes no {given}; those options are for Kubernetes backends (--backend statefulset)")
+        cluster = _cluster(args)
+    except ClusterError as e:
+        _error(ui, str(e))
         return EXIT_USAGE
     with cluster:
         report = cluster.check(spec)
