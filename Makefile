@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet "$(TORCH)"
 	# DeepSpeed builds from source and imports torch in its setup.py: build it against the torch above.
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "$(DEEPSPEED)"
-	$(PIP) install --quiet -e ".[local,notebook,dev]"
+	$(PIP) install --quiet -e ".[local,k8s,notebook,dev]"
 	touch $@
 
 venv: $(VENV)/.installed
