@@ -5,6 +5,7 @@ Example:
     >>> spec = JobSpec(name="tiny-gpt", script="train.py", procs_per_node=2)
 """
 
+from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.cluster import Cluster
 from dsnb.errors import (
     BackendUnavailable,
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
-    "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "ReplicaStatus",
+    "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "PodOptions", "ReplicaStatus",
     "Resources", "WaitTimeout", "deepspeed_config", "report",
 ]

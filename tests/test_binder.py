@@ -20,8 +20,12 @@ def _dist_name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
+#: What a tutorial needs installed when it makes a Cluster on a backend (the backend's extra).
+BACKEND_PACKAGES = {"statefulset": "kubernetes", "mpijob": "kubernetes", "trainjob": "kubernetes", "ray": "ray"}
+
+
 def notebook_imports() -> set[str]:
-    """Top-level modules imported by any code cell of any tutorial."""
+    """Top-level modules imported by any code cell of any tutorial, and those its backends import."""
     modules = set()
     for path in (REPO / "notebooks").glob("*.ipynb"):
         for cell in nbformat.read(path, as_version=4).cells:
@@ -32,6 +36,9 @@ def notebook_imports() -> set[str]:
                     modules.update(alias.name.split(".")[0] for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     modules.add(node.module.split(".")[0])
+                elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Cluster" and node.args
+                      and isinstance(node.args[0], ast.Constant) and node.args[0].value in BACKEND_PACKAGES):
+                    modules.add(BACKEND_PACKAGES[node.args[0].value])
     return modules
 
 
@@ -41,7 +48,7 @@ def binder_installs() -> set[str]:
              if line.strip() and not line.startswith(("#", "-"))}
     post_build = (BINDER / "postBuild").read_text()
     names.update(_dist_name(m) for m in re.findall(r"pip install [^\n]*?\b([a-z][a-z0-9_-]*==[0-9.]+)", post_build))
-    extras = re.search(r'pip install [^\n]*-e "\.\[([a-z,]+)\]"', post_build)
+    extras = re.search(r'pip install [^\n]*-e "\.\[([a-z0-9,]+)\]"', post_build)
     assert extras, "postBuild must install dsnb itself with its extras"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names.add(project["name"])

@@ -62,7 +62,8 @@ class Plan:
         commands: processes to start (process backends).
         manifests: resources to create (Kubernetes backends), in creation order.
         notes: human remarks shown above the plan (e.g. what is chosen at launch).
-        extra: backend-private data that ``apply`` needs.
+        extra: backend-private data that ``apply`` needs (such as secret values, which
+            ``manifests`` shows only as ``***``).
     """
 
     backend: str
@@ -70,7 +71,7 @@ class Plan:
     commands: list[RankCommand] = field(default_factory=list)
     manifests: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold secret values
 
     @property
     def name(self) -> str:

@@ -208,9 +208,12 @@ class KubernetesBackend(Backend):
 
     # -- submitting ------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
-        """Create the record, then every other manifest owned by it; undo all on a refusal."""
-        manifests = plan.extra.get("manifests", plan.manifests)
-        record, rest = manifests[0], manifests[1:]
+        """Create the record, then every other manifest owned by it; undo all on a refusal.
+
+        Secrets are shown as ``***`` in ``plan.manifests``; their values come from ``plan.extra``.
+        """
+        record, rest = plan.manifests[0], plan.manifests[1:]
+        secret_values = plan.extra.get("secret_values", {})
         try:
             created = objects.create(self.conn, record)
         except ApiException as e:
@@ -220,6 +223,8 @@ class KubernetesBackend(Backend):
         owner = objects.owner_reference(created)
         for manifest in rest:
             body = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
+            if manifest["kind"] == "Secret":
+                body["stringData"] = secret_values[manifest["metadata"]["name"]]
             try:
                 objects.create(self.conn, body)
             except ApiException as e:

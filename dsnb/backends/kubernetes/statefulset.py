@@ -32,7 +32,7 @@ from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_status import container_status, node_outcome, started_at
-from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, ExtraVolume, build_pod_template, secret_env_keys
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
@@ -190,7 +190,7 @@ class StatefulSetBackend(KubernetesBackend):
         if secrets:
             manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                                  "metadata": {"name": f"{name}-env", "labels": job_labels(name)},
-                                 "stringData": {k: unique.env[k] for k in secrets}})
+                                 "stringData": {k: REDACTED for k in secrets}})
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
@@ -200,7 +200,8 @@ class StatefulSetBackend(KubernetesBackend):
         ]
         if secrets:
             notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes)
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
+                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
 
     # -- status ----------------------------------------------------------------------------
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
