@@ -110,7 +110,7 @@ class Plan:
         return f"```{lang}\n{self}\n```"
 
 
-class _ReadableDumper(yaml.SafeDumper):
+class _ReadableDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # libyaml's is ~10x faster
     """Writes multi-line strings (scripts, JSON files in ConfigMaps) as literal blocks."""
 
 

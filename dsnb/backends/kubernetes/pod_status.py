@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import calendar
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,9 @@ def parse_time(stamp: str | None) -> float | None:
     """Seconds since the epoch of a Kubernetes timestamp (``2026-11-28T10:00:09Z``)."""
     if not stamp:
         return None
-    return float(calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")))
+    # Fixed positions (YYYY-MM-DDTHH:MM:SS): several times faster than strptime over 512 pods.
+    return float(calendar.timegm((int(stamp[0:4]), int(stamp[5:7]), int(stamp[8:10]),
+                                  int(stamp[11:13]), int(stamp[14:16]), int(stamp[17:19]), 0, 0, 0)))
 
 
 def container_status(pod: dict[str, Any], container: str) -> dict[str, Any]:
