@@ -132,7 +132,7 @@ def test_dsnb_check_locally(monkeypatch):
 
 def test_dsnb_check_rejects_kubernetes_options_and_bad_counts_locally():
     code, out = run_cli("check", "--namespace", "ml")
-    assert code == 2 and "backend 'local' takes no --namespace" in out
+    assert code == 2 and "backend 'local': takes no --namespace" in out
     code, out = run_cli("check", "--gpus", "2", "--procs", "3")
     assert code == 2 and "(option --procs)" in out
     code, out = run_cli("check", "--nodes", "0")
