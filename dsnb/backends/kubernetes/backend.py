@@ -370,16 +370,15 @@ class KubernetesBackend(Backend):
 
     def _collect_logs(self, name: str) -> JobLogs:
         """Every line so far: live followers are finished, unread pods read once."""
-        logs = self._logs.setdefault(name, JobLogs())
-        followers = self._followers.setdefault(name, {})
-        for pod in self._job_pods(name):
-            pod_name = pod["metadata"]["name"]
-            if pod_name not in followers:
-                followers[pod_name] = self._follow(name, logs, pod)
+        with self._lock:
+            logs = self._logs.setdefault(name, JobLogs())
+            followers = self._followers.setdefault(name, {})
+            for pod in self._job_pods(name):
+                pod_name = pod["metadata"]["name"]
+                if pod_name not in followers:
+                    followers[pod_name] = self._follow(name, logs, pod)
                 followers[pod_name].finish()
-            else:
-                followers[pod_name].finish()
-        return logs
+            return logs
 
     def _stop_followers(self, name: str) -> None:
         for follower in self._followers.pop(name, {}).values():

@@ -133,14 +133,14 @@ class Informer:
             self._changed.notify_all()
 
     def _apply(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            return  # BOOKMARK: only a newer resourceVersion, taken by the caller
         name = obj["metadata"]["name"]
         with self._changed:
             if kind == "DELETED":
                 self._objects.pop(name, None)
-            elif kind in ("ADDED", "MODIFIED"):
-                self._objects[name] = obj
             else:
-                return
+                self._objects[name] = obj
             self._version += 1
             self._changed.notify_all()
 
