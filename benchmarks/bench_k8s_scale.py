@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import platform
 import statistics
 import sys
 import threading
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from machine import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the API emulator lives with the tests
@@ -287,17 +286,10 @@ def bench_status(nodes: int, reps: int) -> dict[str, Any]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     import kubernetes
 
     import dsnb
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, "
-            f"kubernetes client {kubernetes.__version__}, PyYAML {yaml.__version__}, dsnb {dsnb.__version__}")
+    return describe(**{"kubernetes client": kubernetes.__version__, "PyYAML": yaml.__version__, "dsnb": dsnb.__version__})
 
 
 def report(nodes: int, reps: int, rv: dict[str, Any], st: dict[str, Any]) -> tuple[str, bool]:

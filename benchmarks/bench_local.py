@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import platform
 import re
 import shutil
 import socket
@@ -37,6 +36,8 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+
+from machine import describe
 
 from dsnb import Cluster, JobSpec
 
@@ -155,18 +156,11 @@ def label(name: str) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import deepspeed  # noqa: F401 - only for its version
+    import deepspeed
     import torch
 
     import dsnb
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, DeepSpeed {deepspeed.__version__}, dsnb {dsnb.__version__}")
+    return describe(torch=torch.__version__, DeepSpeed=deepspeed.__version__, dsnb=dsnb.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:
