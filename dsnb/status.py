@@ -147,8 +147,14 @@ class LogLine:
         return f"[{self.source}] {self.text}"
 
 
+#: ``LogLine.rank`` of lines from a job-wide launcher (e.g. ``mpirun``) rather than from a rank.
+LAUNCHER_LINE_RANK = -1_000_000
+
+
 def rank_label(rank: int) -> str:
-    """How views name a log source: ``rank 3``, or ``node 0`` for a launcher's lines."""
+    """How views name a log source: ``rank 3``, ``node 0`` for a node's launcher, or ``launcher``."""
+    if rank == LAUNCHER_LINE_RANK:
+        return "launcher"
     return f"rank {rank}" if rank >= 0 else f"node {-rank - 1}"
 
 

@@ -268,6 +268,8 @@ class Backend(abc.ABC):
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "local": ("dsnb.backends.local:LocalBackend", None),
     "statefulset": ("dsnb.backends.kubernetes.statefulset:StatefulSetBackend", "k8s"),
+    "mpijob": ("dsnb.backends.kubernetes.mpijob:MPIJobBackend", "k8s"),
+    "trainjob": ("dsnb.backends.kubernetes.trainjob:TrainJobBackend", "k8s"),
 }
 _registered: dict[str, tuple[str | type[Backend], str | None]] = {}
 ENTRY_POINT_GROUP = "dsnb.backends"

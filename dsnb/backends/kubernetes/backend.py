@@ -16,6 +16,7 @@ computes a job's status from its pods.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import os
 import threading
@@ -27,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection, connect
+from dsnb.backends.kubernetes.entry import Outcome
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
 from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, container_started, split_rank
@@ -95,6 +97,10 @@ class KubernetesBackend(Backend):
 
     #: What the backend does in the namespace (checked by ``check()``, printed by ``dsnb rbac``).
     permissions: tuple[Permission, ...] = ()
+    #: Whether one launcher's log carries every rank's output (mpirun), so failures are read from it.
+    launcher_logs = False
+    #: (group, version, plural) of the custom object whose status the backend reads, if any.
+    workload_resource: tuple[str, str, str] | None = None
     #: The workload's kinds, deleted when the job ends: (apiVersion, kind, name suffix).
     workload: tuple[tuple[str, str, str], ...] = ()
 
@@ -117,8 +123,7 @@ class KubernetesBackend(Backend):
                               "configuration": configuration}
         self._conn: Connection | None = None
         self._lock = threading.RLock()
-        self._pod_informer: Informer | None = None
-        self._record_informer: Informer | None = None
+        self._informers: dict[str, Informer] = {}
         self._logs: dict[str, JobLogs] = {}
         self._followers: dict[str, dict[str, PodLogFollower]] = {}
         self._finalizing: dict[str, threading.Lock] = {}
@@ -172,17 +177,19 @@ class KubernetesBackend(Backend):
                             "check the cluster is up and your kubeconfig points at it (kubectl get pods)")
 
     def _informer(self, kind: str) -> Informer:
+        """The watch cache of ``"pods"``, ``"records"`` or ``"workloads"`` (the backend's custom objects)."""
         with self._lock:
-            if kind == "pods":
-                if self._pod_informer is None:
-                    self._pod_informer = Informer(self.conn.core.list_namespaced_pod, self.namespace,
-                                                  label_selector=MANAGED_SELECTOR).start()
-                informer = self._pod_informer
-            else:
-                if self._record_informer is None:
-                    self._record_informer = Informer(self.conn.core.list_namespaced_config_map, self.namespace,
-                                                     label_selector=RECORD_SELECTOR).start()
-                informer = self._record_informer
+            if kind not in self._informers:
+                if kind == "pods":
+                    informer = Informer(self.conn.core.list_namespaced_pod, self.namespace, label_selector=MANAGED_SELECTOR)
+                elif kind == "records":
+                    informer = Informer(self.conn.core.list_namespaced_config_map, self.namespace, label_selector=RECORD_SELECTOR)
+                else:
+                    group, version, plural = self.workload_resource  # type: ignore[misc]
+                    informer = Informer(self.conn.custom.list_namespaced_custom_object, group, version, self.namespace, plural,
+                                        label_selector=MANAGED_SELECTOR)
+                self._informers[kind] = informer.start()
+            informer = self._informers[kind]
         if not informer.wait_synced(SYNC_TIMEOUT_S):
             raise self._unreachable(informer)
         return informer
@@ -200,6 +207,9 @@ class KubernetesBackend(Backend):
 
     def _job_pods(self, name: str) -> list[dict[str, Any]]:
         return self._informer("pods").items(lambda p: (p["metadata"].get("labels") or {}).get(JOB) == name)
+
+    def _log_pods(self, name: str) -> list[dict[str, Any]]:
+        return [pod for pod in self._job_pods(name) if self.logs_from(pod)]
 
     def spec_of(self, name: str) -> JobSpec:
         if name not in self._specs:
@@ -235,8 +245,10 @@ class KubernetesBackend(Backend):
     # -- status ----------------------------------------------------------------------------
     @abc.abstractmethod
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
-                       events: dict[str, list[dict[str, Any]]] | None = None) -> JobStatus:
-        """The status of a running job from its pods and their recent events (pure; no API calls)."""
+                       events: dict[str, list[dict[str, Any]]] | None = None,
+                       workload: dict[str, Any] | None = None) -> JobStatus:
+        """The status of a running job from its pods, their recent events and the workload
+        object (an MPIJob, a TrainJob) where the backend has one (pure; no API calls)."""
 
     def _waiting_pod_events(self, name: str, pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """Events of the job's pods that have not started (a mount or pull problem shows only there).
@@ -272,14 +284,33 @@ class KubernetesBackend(Backend):
             return JobStatus.from_dict(json.loads(final))
         created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
         pods = self._job_pods(name)
-        current = self.compute_status(name, self.spec_of(name), created, pods)
+        workload = self._informer("workloads").get(name) if self.workload_resource else None
+        current = self.compute_status(name, self.spec_of(name), created, pods, None, workload)
         if current.state in (JobState.PENDING, JobState.STARTING):
             events = self._waiting_pod_events(name, pods)
             if events:
-                current = self.compute_status(name, self.spec_of(name), created, pods, events)
+                current = self.compute_status(name, self.spec_of(name), created, pods, events, workload)
+        if current.state == JobState.FAILED and current.failed_rank is None and self.launcher_logs:
+            current = self._failure_from_launcher(name, current)
         if current.state.is_terminal():
             return self._finalize(name, current)
         return current
+
+    def _failure_from_launcher(self, name: str, failed: JobStatus) -> JobStatus:
+        """Name the failing rank, its exit code and last lines from the launcher's output
+        (mpirun reports the first process that exited non-zero)."""
+        outcome = Outcome(node=0, procs_per_node=self.spec_of(name).procs_per_node)
+        lines, _ = self._collect_logs(name).read(0, None, 10**9)
+        for line in lines:
+            outcome.feed(f"[1,{line.rank}]<stdout>:{line.text}" if line.rank >= 0 else line.text)
+        if outcome.failed_rank is None:
+            return failed
+        report = outcome.report(1)
+        code = outcome.rank_exit_code
+        return dataclasses.replace(
+            failed, failed_rank=report["failed_rank"], exit_code=code, last_lines=tuple(report["last_lines"]),
+            message=f"rank {report['failed_rank']} exited with code {code}; {failed.message}",
+        )
 
     def jobs(self) -> list[JobStatus]:
         records = [r for r in self._informer("records").items()
@@ -349,9 +380,13 @@ class KubernetesBackend(Backend):
         return final
 
     # -- logs and metrics ------------------------------------------------------------------
-    def pod_node(self, pod: dict[str, Any]) -> int:
-        """The node rank a pod runs (from its ordinal)."""
+    def pod_node(self, pod: dict[str, Any]) -> int | None:
+        """The node rank a pod runs (from its ordinal); None for a job-wide launcher."""
         return int(pod["metadata"]["name"].rsplit("-", 1)[1])
+
+    def logs_from(self, pod: dict[str, Any]) -> bool:
+        """Whether the ranks' output appears in this pod's log (MPI workers only run sshd)."""
+        return True
 
     def _follow(self, name: str, logs: JobLogs, pod: dict[str, Any]) -> PodLogFollower:
         spec = self.spec_of(name)
@@ -373,7 +408,7 @@ class KubernetesBackend(Backend):
         with self._lock:
             logs = self._logs.setdefault(name, JobLogs())
             followers = self._followers.setdefault(name, {})
-            for pod in self._job_pods(name):
+            for pod in self._log_pods(name):
                 pod_name = pod["metadata"]["name"]
                 if pod_name not in followers:
                     followers[pod_name] = self._follow(name, logs, pod)
@@ -397,7 +432,7 @@ class KubernetesBackend(Backend):
             if record.get("data", {}).get("status.json"):
                 return logs
             followers = self._followers.setdefault(name, {})
-            for pod in self._job_pods(name):
+            for pod in self._log_pods(name):
                 pod_name = pod["metadata"]["name"]
                 if pod_name not in followers:
                     follower = self._follow(name, logs, pod)
@@ -435,14 +470,17 @@ class KubernetesBackend(Backend):
         with self._lock:
             for name in list(self._followers):
                 self._stop_followers(name)
-            for informer in (self._pod_informer, self._record_informer):
-                if informer is not None:
-                    informer.stop()
-            self._pod_informer = self._record_informer = None
+            for informer in self._informers.values():
+                informer.stop()
+            self._informers.clear()
             self._logs.clear()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def operator_checks(self, conn: Connection) -> list[Any]:
+        """Preflight lines for what the backend relies on in the cluster (CRDs, operators)."""
+        return []
 
     def check(self, spec: JobSpec | None = None) -> Any:
         """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""

@@ -44,8 +44,11 @@ EXIT_TIMEOUT = 124
 LAST_LINES = 20
 TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
 _LOCAL_PREFIX = re.compile(r"^\[(?:[A-Za-z_]*?)(\d+)\]:")
+_MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
 _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _ROOT_CODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+_MPI_RANK = re.compile(r"^\s*Process name:\s*\[\[\d+,\d+\],(\d+)\]")
+_MPI_CODE = re.compile(r"^\s*Exit code:\s*(-?\d+)")
 
 
 def say(text: str) -> None:
@@ -99,7 +102,11 @@ def wait_for_peers(names: list[str], timeout: float, poll: float = 1.0) -> list[
 
 
 class Outcome:
-    """What the launcher printed that matters afterwards: last lines per rank, the root cause."""
+    """What the launcher printed that matters afterwards: last lines per rank, the root cause.
+
+    Reads torchrun (``--tee`` prefixes, its "Root Cause" block) and ``mpirun --tag-output``
+    (``[job,rank]<stdout>:`` tags, its "Process name: [[job,1],rank]" / "Exit code:" lines).
+    """
 
     def __init__(self, node: int, procs_per_node: int) -> None:
         self.node = node
@@ -111,6 +118,15 @@ class Outcome:
 
     def feed(self, line: str) -> None:
         """Remember one line of output."""
+        tagged = _MPIRUN_TAG.match(line)
+        if tagged:
+            self.lines[int(tagged.group(1))].append(line[tagged.end():])
+            return
+        mpi_rank, mpi_code = _MPI_RANK.match(line), _MPI_CODE.match(line)
+        if mpi_rank and self.failed_rank is None:
+            self.failed_rank = int(mpi_rank.group(1))
+        if mpi_code and self.rank_exit_code is None and self.failed_rank is not None:
+            self.rank_exit_code = int(mpi_code.group(1))
         found = _LOCAL_PREFIX.match(line)
         if found and int(found.group(1)) < self.procs:
             rank = self.node * self.procs + int(found.group(1))

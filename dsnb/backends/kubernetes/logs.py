@@ -18,6 +18,8 @@ Example:
     (3, 'loss 2.1')
     >>> split_rank("dsnb: waiting for peers", node=1, procs_per_node=2)
     (-2, 'dsnb: waiting for peers')
+    >>> split_rank("[1,3]<stdout>:loss 2.1", node=None, procs_per_node=2)
+    (3, 'loss 2.1')
 """
 
 from __future__ import annotations
@@ -34,15 +36,25 @@ from typing import Any
 
 from dsnb.backends.kubernetes.pod_status import container_status
 from dsnb.metrics import MetricParser
-from dsnb.status import LogLine, MetricSample, node_line_rank
+from dsnb.status import LAUNCHER_LINE_RANK, LogLine, MetricSample, node_line_rank
 
 _TORCHRUN_PREFIX = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:")
+_MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
 #: Seconds of overlap asked for when a stream resumes; the overlap is skipped by timestamp.
 RESUME_MARGIN_S = 2
 
 
-def split_rank(text: str, node: int, procs_per_node: int) -> tuple[int, str]:
-    """The global rank of one pod log line and the line without its launcher prefix."""
+def split_rank(text: str, node: int | None, procs_per_node: int) -> tuple[int, str]:
+    """The global rank of one pod log line and the line without its launcher prefix.
+
+    ``node`` is the node rank of the pod, or None for a job-wide launcher (``mpirun
+    --tag-output`` prefixes ``[job,rank]<stdout>:``; its own lines are the launcher's).
+    """
+    tagged = _MPIRUN_TAG.match(text)
+    if tagged:
+        return int(tagged.group(1)), text[tagged.end():]
+    if node is None:
+        return LAUNCHER_LINE_RANK, text
     found = _TORCHRUN_PREFIX.match(text)
     if found and int(found.group(1)) < procs_per_node:
         return node * procs_per_node + int(found.group(1)), text[found.end():]

@@ -94,6 +94,7 @@ def run_preflight(backend: KubernetesBackend, spec: JobSpec | None = None) -> Pr
     namespace = backend.namespace
     report.results.append(check_namespace(conn, namespace))
     report.results += check_permissions(conn, namespace, backend.permissions, backend.name)
+    report.results += backend.operator_checks(conn)
     if spec is not None and gpus:
         report.results += check_gpus(conn, gpus, spec.nodes)
     return report
@@ -309,3 +310,79 @@ def _operator(nodes: list[dict[str, Any]] | None, plugins: list[dict[str, Any]] 
                            "ask your cluster admin whether the NVIDIA GPU Operator runs", warning=True)
     return CheckResult("GPU Operator", False, "no sign of the NVIDIA GPU Operator (no GPU node labels, no device plugin pods)",
                        f"install it: {OPERATOR_INSTALL}", warning=True)
+
+
+def check_crd(conn: Connection, namespace: str, group: str, version: str, plural: str, kind: str, install: str) -> CheckResult:
+    """Whether the API serves ``kind`` (its CustomResourceDefinition is installed).
+
+    Raises:
+        Nothing: every outcome is a result.
+    """
+    name = f"{kind} CRD"
+    try:
+        conn.custom.list_namespaced_custom_object(group, version, namespace, plural, limit=1, _request_timeout=TIMEOUT_S)
+    except ApiException as e:
+        if e.status == 404:
+            return CheckResult(name, False, f"the API does not serve {plural}.{group}/{version}", f"install it: {install}")
+        if e.status == 403:
+            return CheckResult(name, True, f"{plural}.{group}/{version} is served (listing it is not allowed, see the permissions)")
+        return CheckResult(name, False, f"asking for {plural}.{group} failed: {_message(e)}", "run the check again")
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        return CheckResult(name, False, f"asking for {plural}.{group} failed: {_reason(e)}", "run the check again")
+    return CheckResult(name, True, f"{plural}.{group}/{version} is served")
+
+
+def check_controller(conn: Connection, what: str, selectors: tuple[str, ...], install: str) -> CheckResult:
+    """Whether a running pod of the operator ``what`` can be seen (any namespace).
+
+    Raises:
+        Nothing: every outcome is a result; not being allowed to look is a warning.
+    """
+    seen_any = False
+    for selector in selectors:
+        try:
+            pods = _list(conn.core.list_pod_for_all_namespaces, label_selector=selector)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            why = _message(e) if isinstance(e, ApiException) else _reason(e)
+            return CheckResult(what, False, f"listing its pods failed: {why}", "run the check again", warning=True)
+        if pods is None:
+            continue
+        seen_any = True
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if running:
+            where = running[0]["metadata"].get("namespace", "?")
+            return CheckResult(what, True, f"{len(running)} pod(s) running in namespace {where}")
+        if pods:
+            phase = (pods[0].get("status") or {}).get("phase", "?")
+            return CheckResult(what, False, f"its pod {pods[0]['metadata']['name']} is {phase}, not Running",
+                               f"kubectl describe pod -n {pods[0]['metadata'].get('namespace', '?')} {pods[0]['metadata']['name']}")
+    if not seen_any:
+        return CheckResult(what, False, "cannot list pods across namespaces, so it cannot be seen",
+                           f"ask your cluster admin whether {what} runs", warning=True)
+    return CheckResult(what, False, f"no running pod of {what} found", f"install it: {install}")
+
+
+def check_runtime(conn: Connection, namespace: str, kind: str, runtime: str, install: str) -> CheckResult:
+    """Whether the training runtime a TrainJob names exists.
+
+    Raises:
+        Nothing: every outcome is a result.
+    """
+    group, version = "trainer.kubeflow.org", "v1alpha1"
+    try:
+        if kind == "ClusterTrainingRuntime":
+            conn.custom.get_cluster_custom_object(group, version, "clustertrainingruntimes", runtime, _request_timeout=TIMEOUT_S)
+        else:
+            conn.custom.get_namespaced_custom_object(group, version, namespace, "trainingruntimes", runtime, _request_timeout=TIMEOUT_S)
+    except ApiException as e:
+        if e.status == 404:
+            where = "in the cluster" if kind == "ClusterTrainingRuntime" else f"in namespace {namespace}"
+            return CheckResult("runtime", False, f"no {kind} {runtime!r} {where}",
+                               f"install the stock runtimes ({install}), or pass runtime= one of cluster.runtimes()")
+        if e.status == 403:
+            return CheckResult("runtime", False, f"not allowed to read {kind} {runtime!r}, so it cannot be checked",
+                               "ask for read access to training runtimes (the Trainer's view role)", warning=True)
+        return CheckResult("runtime", False, f"reading {kind} {runtime!r} failed: {_message(e)}", "run the check again")
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        return CheckResult("runtime", False, f"reading {kind} {runtime!r} failed: {_reason(e)}", "run the check again")
+    return CheckResult("runtime", True, f"{kind} {runtime!r} exists")

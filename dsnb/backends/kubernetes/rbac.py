@@ -124,3 +124,17 @@ def render_rbac(
     header = (f"# Role for {what} in namespace {namespace}, bound to {subject_kind} {who}.\n"
               "# Apply it with: kubectl apply -f <this file>\n")
     return header + yaml.safe_dump_all(manifests, sort_keys=False)
+
+MPIJOB_PERMISSIONS = (
+    *COMMON_PERMISSIONS,
+    Permission("kubeflow.org", "mpijobs", ("create", "get", "list", "watch", "delete")),
+)
+
+#: ClusterTrainingRuntimes are cluster-wide: reading them needs a ClusterRole (Kubeflow
+#: Trainer's install aggregates read access into the ``view`` role), so only the namespaced
+#: kinds are here.
+TRAINJOB_PERMISSIONS = (
+    *COMMON_PERMISSIONS,
+    Permission("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
+    Permission("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
+)

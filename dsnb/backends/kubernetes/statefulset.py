@@ -205,11 +205,12 @@ class StatefulSetBackend(KubernetesBackend):
 
     # -- status ----------------------------------------------------------------------------
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
-                       events: dict[str, list[dict[str, Any]]] | None = None) -> JobStatus:
+                       events: dict[str, list[dict[str, Any]]] | None = None,
+                       workload: dict[str, Any] | None = None) -> JobStatus:
         by_node: dict[int, dict[str, Any]] = {}
         for pod in pods:
             try:
-                by_node[self.pod_node(pod)] = pod
+                by_node[int(pod["metadata"]["name"].rsplit("-", 1)[1])] = pod
             except (IndexError, ValueError):
                 continue
         outcomes = {node: node_outcome(pod, CONTAINER) for node, pod in by_node.items()}

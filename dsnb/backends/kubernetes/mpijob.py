@@ -1,0 +1,273 @@
+"""``Cluster("mpijob")``: DeepSpeed over OpenMPI through the MPI Operator (``kubeflow.org/v2beta1``).
+
+The operator does the wiring: it starts the workers (non-root ``sshd``), waits until they are
+ready, writes ``/etc/mpi/hostfile`` (one line per worker, ``slots`` = processes per node) and
+the ssh keys, then starts the launcher. dsnb renders the MPIJob, the launcher's ``mpirun``
+command, follows the job and explains its failures.
+
+Each rank is started by ``mpirun`` through a few lines of Python (:data:`RANK_SHIM`) that
+turn Open MPI's variables (``OMPI_COMM_WORLD_RANK``...) into the torch.distributed ones
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` = the hostfile's first host), so
+the same training script runs here as on every other backend, without mpi4py.
+``--tag-output`` marks each line with its rank, so logs are split per rank.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, procs_per_node=2, image="ghcr.io/org/train:1")
+    >>> plan = Cluster("mpijob", namespace="ml").dryrun(spec)
+    >>> [m["kind"] for m in plan.manifests]
+    ['ConfigMap', 'MPIJob']
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dsnb.backends.base import Plan
+from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.diagnose import classify
+from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v2beta1", "mpijobs"
+HOSTFILE = "/etc/mpi/hostfile"
+SSH_DIR = "/home/mpiuser/.ssh"
+SSHD_PORT = 2222
+MASTER_PORT = 29500
+ROLE = "dsnb.io/role"
+OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
+
+#: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then the program.
+RANK_SHIM = (
+    "import os,sys;e=os.environ;"
+    "e['RANK']=e['OMPI_COMM_WORLD_RANK'];e['LOCAL_RANK']=e['OMPI_COMM_WORLD_LOCAL_RANK'];"
+    "e['WORLD_SIZE']=e['OMPI_COMM_WORLD_SIZE'];"
+    "e['LOCAL_WORLD_SIZE']=e['LOCAL_SIZE']=e['OMPI_COMM_WORLD_LOCAL_SIZE'];"
+    "e['NODE_RANK']=e['GROUP_RANK']=str(int(e['RANK'])//int(e['LOCAL_SIZE']));"
+    f"e.setdefault('MASTER_ADDR',open(e.get('DSNB_HOSTFILE','{HOSTFILE}')).readline().split()[0]);"
+    f"e.setdefault('MASTER_PORT','{MASTER_PORT}');"
+    "os.execvp(sys.argv[1],sys.argv[1:])"
+)
+
+
+def program_argv(spec: JobSpec) -> list[str]:
+    """What every rank runs after the shim: the script under python, or the command."""
+    if spec.script is not None:
+        return ["python3", "-u", spec.script, *spec.args]
+    return [*spec.command, *spec.args]  # type: ignore[misc]
+
+
+def rank_env(spec: JobSpec) -> dict[str, str]:
+    """The environment mpirun passes to every rank (with ``-x``), beside ``spec.env``.
+
+    Ranks start under the workers' sshd, not from the pod spec, so the DeepSpeed config
+    travels inline (``DSNB_DEEPSPEED_CONFIG_JSON``) rather than as a mounted file.
+    """
+    env = {
+        "DSNB_JOB_NAME": spec.name,
+        "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_PORT": str(MASTER_PORT),
+        "GLOO_SOCKET_IFNAME": "eth0",
+    }
+    if not spec.resources.gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+    if isinstance(spec.resources.cpu, (int, float)):
+        env["OMP_NUM_THREADS"] = str(max(1, int(spec.resources.cpu) // spec.procs_per_node))
+    if spec.deepspeed_config is not None:
+        env["DSNB_DEEPSPEED_CONFIG_JSON"] = json.dumps(spec.deepspeed_config, separators=(",", ":"))
+    return env
+
+
+def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) -> list[str]:
+    """The launcher's command: ``mpirun`` over the operator's hostfile, one process per slot.
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> mpirun_argv(JobSpec(name="a", script="t.py", nodes=2, procs_per_node=2), ["DSNB_DIST_BACKEND"])[:8]
+        ['mpirun', '--tag-output', '-np', '4', '--hostfile', '/etc/mpi/hostfile', '--map-by', 'slot']
+    """
+    argv = ["mpirun", "--tag-output", "-np", str(spec.world_size), "--hostfile", hostfile,
+            "--map-by", "slot", "--bind-to", "none",
+            # TCP only, on the pod network: no InfiniBand/UCX assumptions for the MPI part
+            # (NCCL still uses what the nodes offer for the collectives).
+            "--mca", "pml", "ob1", "--mca", "btl", "tcp,self",
+            "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0"]
+    if spec.working_dir:
+        argv += ["--wdir", spec.working_dir]
+    for name in exported:
+        argv += ["-x", name]
+    return argv + ["python3", "-c", RANK_SHIM, *program_argv(spec)]
+
+
+class MPIJobBackend(KubernetesBackend):
+    """DeepSpeed on an MPI Operator MPIJob; see the module docstring.
+
+    Args:
+        clean_pod_policy: the MPIJob's ``runPolicy.cleanPodPolicy`` (``Running`` keeps the
+            launcher's log after the job ends; ``All`` removes every pod).
+        ttl_seconds_after_finished: the operator deletes the MPIJob this long after it ends.
+        **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
+
+    Raises:
+        InvalidSpecError: an unknown clean pod policy.
+    """
+
+    name = "mpijob"
+    permissions = MPIJOB_PERMISSIONS
+    workload_resource = (GROUP, VERSION, PLURAL)
+    launcher_logs = True
+    workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Secret", "-env"))
+
+    def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = 3600,
+                 **options: Any) -> None:
+        if clean_pod_policy not in ("None", "Running", "All"):
+            raise InvalidSpecError("clean_pod_policy", f"unknown policy {clean_pod_policy!r}", "use 'None', 'Running' or 'All'")
+        super().__init__(**options)
+        self.clean_pod_policy = clean_pod_policy
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+
+    # -- rendering -------------------------------------------------------------------------
+    def dryrun(self, spec: JobSpec) -> Plan:
+        unique = spec.with_unique_name()
+        name, namespace = unique.name, self.namespace
+        env = rank_env(unique)
+        secrets = secret_env_keys(unique.env)
+        # Ranks inherit the launcher's environment only through mpirun -x.
+        exported = [*env, *unique.env, *self.pod_options.nccl]
+        launcher = build_pod_template(
+            unique, mpirun_argv(unique, exported), env, self.pod_options, {"dsnb.io/role": "launcher"},
+            secret_name=f"{name}-env" if secrets else None,
+        )
+        # The launcher only runs mpirun: it needs no GPUs and little memory.
+        launcher["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "500m", "memory": "512Mi"}}
+        worker = build_pod_template(
+            unique, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
+            {"dsnb.io/role": "worker"}, secret_name=f"{name}-env" if secrets else None,
+        )
+        worker["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": SSHD_PORT}, "initialDelaySeconds": 2, "periodSeconds": 2}
+        run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": unique.max_restarts}
+        if self.ttl_seconds_after_finished is not None:
+            run_policy["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
+        if unique.timeout:
+            run_policy["activeDeadlineSeconds"] = max(1, int(unique.timeout))
+        mpijob = {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "MPIJob",
+            "metadata": {"name": name, "labels": job_labels(name)},
+            "spec": {
+                "slotsPerWorker": unique.procs_per_node,
+                "runLauncherAsWorker": False,
+                "mpiImplementation": "OpenMPI",
+                "launcherCreationPolicy": "WaitForWorkersReady",
+                "sshAuthMountPath": SSH_DIR,
+                "runPolicy": run_policy,
+                "mpiReplicaSpecs": {
+                    "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": launcher},
+                    "Worker": {"replicas": unique.nodes, "restartPolicy": "Never", "template": worker},
+                },
+            },
+        }
+        record = record_manifest(unique, self.name, {})
+        manifests = [record, mpijob]
+        if secrets:
+            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                 "metadata": {"name": f"{name}-env", "labels": job_labels(name)},
+                                 "stringData": {k: REDACTED for k in secrets}})
+        for manifest in manifests:
+            manifest["metadata"]["namespace"] = namespace
+        notes = [
+            f"dsnb mpijob plan for {name} in namespace {namespace}: {unique.nodes} worker(s) x {unique.procs_per_node} slot(s), "
+            "mpirun on the launcher; needs the MPI Operator (kubeflow.org/v2beta1)",
+            "the image needs Open MPI, a non-root sshd for user mpiuser on port 2222 "
+            "(like mpioperator/openmpi), torch and DeepSpeed",
+        ]
+        if secrets:
+            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
+                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
+
+    def operator_checks(self, conn: Any) -> list[Any]:
+        from dsnb.backends.kubernetes.preflight import check_controller, check_crd
+
+        return [check_crd(conn, self.namespace, GROUP, VERSION, PLURAL, "MPIJob", OPERATOR_INSTALL),
+                check_controller(conn, "MPI Operator", ("app.kubernetes.io/name=mpi-operator", "app=mpi-operator"), OPERATOR_INSTALL)]
+
+    # -- pods ------------------------------------------------------------------------------
+    @staticmethod
+    def _role(pod: dict[str, Any]) -> str:
+        return (pod["metadata"].get("labels") or {}).get(ROLE, "")
+
+    def pod_node(self, pod: dict[str, Any]) -> int | None:
+        if self._role(pod) == "launcher":
+            return None
+        return int(pod["metadata"]["name"].rsplit("-", 1)[1])
+
+    def logs_from(self, pod: dict[str, Any]) -> bool:
+        return self._role(pod) == "launcher"  # mpirun gathers every rank's output there
+
+    # -- status ----------------------------------------------------------------------------
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
+                       events: dict[str, list[dict[str, Any]]] | None = None,
+                       workload: dict[str, Any] | None = None) -> JobStatus:
+        status = (workload or {}).get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        workers = {}
+        for pod in pods:
+            if self._role(pod) == "worker":
+                workers[self.pod_node(pod)] = pod
+        launchers = [p for p in pods if self._role(p) == "launcher"]
+        procs = spec.procs_per_node
+        finished = parse_time((conditions.get("Succeeded") or conditions.get("Failed") or {}).get("lastTransitionTime"))
+        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
+                                  "started_at": parse_time(status.get("startTime"))}
+
+        def replicas(state_of: Any) -> tuple[ReplicaStatus, ...]:
+            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs),
+                                       host=workers[r // procs]["metadata"]["name"] if r // procs in workers else None)
+                         for r in range(spec.world_size))
+
+        if "Succeeded" in conditions:
+            return JobStatus(**common, state=JobState.SUCCEEDED, replicas=replicas(lambda _: JobState.SUCCEEDED),
+                             message="the launcher finished", finished_at=finished)
+        if "Failed" in conditions:
+            reason = conditions["Failed"].get("message") or conditions["Failed"].get("reason") or "the MPIJob failed"
+            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
+                             message=reason, finished_at=finished)
+        for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+            diagnosis = classify(pod, (events or {}).get(pod["metadata"]["name"]))
+            if diagnosis is not None and diagnosis.fatal:
+                node = self.pod_node(pod)
+                return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
+                                 message=str(diagnosis), failed_rank=None if node is None else node * procs)
+
+        def worker_state(node: int) -> JobState:
+            pod = workers.get(node)
+            if pod is None:
+                return JobState.PENDING
+            if (container_status(pod, CONTAINER).get("state") or {}).get("running"):
+                return JobState.RUNNING if "Running" in conditions else JobState.STARTING
+            return JobState.STARTING if (pod.get("spec") or {}).get("nodeName") else JobState.PENDING
+
+        waiting = [str(d) for d in (classify(p, (events or {}).get(p["metadata"]["name"])) for p in pods) if d is not None]
+        if "Suspended" in conditions:
+            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(lambda _: JobState.PENDING),
+                             message="the MPIJob is suspended")
+        if "Running" in conditions:
+            message = "restarting the launcher" if "Restarting" in conditions else f"{spec.world_size} rank(s) on {spec.nodes} worker(s)"
+            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(worker_state), message=message)
+        states = {worker_state(n) for n in range(spec.nodes)}
+        if launchers or states & {JobState.STARTING, JobState.RUNNING}:
+            ready = sum(worker_state(n) != JobState.PENDING for n in range(spec.nodes))
+            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(worker_state),
+                             message=waiting[0] if waiting else f"{ready} of {spec.nodes} worker(s) scheduled; "
+                                                                 "the launcher starts when all are ready")
+        message = waiting[0] if waiting else ("waiting for the MPI Operator to create the pods" if not workload or not pods
+                                              else f"{len(workers)} worker(s) waiting to be scheduled")
+        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(worker_state), message=message)
+

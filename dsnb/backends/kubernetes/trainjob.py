@@ -1,0 +1,258 @@
+"""``Cluster("trainjob")``: a Kubeflow Trainer TrainJob (``trainer.kubeflow.org/v1alpha1``).
+
+The TrainJob names a training runtime (by default the ``deepspeed-distributed``
+ClusterTrainingRuntime, which runs DeepSpeed over Open MPI with the launcher acting as node
+0). The Trainer turns runtime + TrainJob into a JobSet, writes ``/etc/mpi/hostfile`` and the
+ssh keys, and starts the pods; dsnb fills the trainer part (image, the launcher's ``mpirun``
+command, env, ``numNodes``, ``numProcPerNode``, ``resourcesPerNode``) and adds the pod
+options and its labels through ``runtimePatches``. The manifest is built and checked with the
+Kubeflow SDK's models (``kubeflow_trainer_api``).
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, procs_per_node=2, image="ghcr.io/org/train:1")
+    >>> plan = Cluster("trainjob", namespace="ml").dryrun(spec)
+    >>> trainjob = plan.manifests[-1]
+    >>> trainjob["spec"]["runtimeRef"]["name"], trainjob["spec"]["trainer"]["numNodes"]
+    ('deepspeed-distributed', 2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubeflow_trainer_api import models
+from kubernetes.client.exceptions import ApiException
+
+from dsnb.backends.base import Plan
+from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.diagnose import classify
+from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_template import REDACTED, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
+#: The runtime's container that the trainer settings apply to, and its replicated jobs.
+RUNTIME_CONTAINER = "node"
+REPLICATED_JOBS = ("launcher", "node")
+ROLE = "dsnb.io/role"
+PATCH_MANAGER = "dsnb.io/pod-options"
+JOB_INDEX = "batch.kubernetes.io/job-completion-index"
+TRAINER_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0"'
+RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=v2.3.0"'
+
+
+class TrainJobBackend(KubernetesBackend):
+    """DeepSpeed on a Kubeflow Trainer TrainJob; see the module docstring.
+
+    Args:
+        runtime: the training runtime to use.
+        runtime_kind: ``"ClusterTrainingRuntime"`` (cluster-wide) or ``"TrainingRuntime"``
+            (in the job's namespace).
+        **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
+
+    Raises:
+        InvalidSpecError: an unknown runtime kind or an empty runtime name.
+    """
+
+    name = "trainjob"
+    permissions = TRAINJOB_PERMISSIONS
+    workload_resource = (GROUP, VERSION, PLURAL)
+    launcher_logs = True
+    workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Secret", "-env"))
+
+    def __init__(self, runtime: str = "deepspeed-distributed", runtime_kind: str = "ClusterTrainingRuntime",
+                 **options: Any) -> None:
+        if runtime_kind not in RUNTIME_KINDS:
+            raise InvalidSpecError("runtime_kind", f"unknown kind {runtime_kind!r}", f"use one of {', '.join(RUNTIME_KINDS)}")
+        if not runtime:
+            raise InvalidSpecError("runtime", "is empty", "name a runtime, e.g. 'deepspeed-distributed' (see cluster.runtimes())")
+        super().__init__(**options)
+        self.runtime = runtime
+        self.runtime_kind = runtime_kind
+
+    # -- rendering -------------------------------------------------------------------------
+    def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
+        """Pod options and dsnb's labels, as a runtime patch on both replicated jobs."""
+        template = build_pod_template(spec, ["true"], {}, self.pod_options)
+        pod = template["spec"]
+        container = pod["containers"][0]
+        allowed = ("nodeSelector", "tolerations", "affinity", "imagePullSecrets", "serviceAccountName", "volumes")
+        pod_patch = {key: pod[key] for key in allowed if pod.get(key)}
+        jobs = []
+        for role in REPLICATED_JOBS:
+            jobs.append({"name": role, "template": {"spec": {"template": {
+                "metadata": {"labels": {**job_labels(spec.name), ROLE: role}},
+                "spec": {**pod_patch, "containers": [{"name": RUNTIME_CONTAINER, "volumeMounts": container["volumeMounts"]}]},
+            }}}})
+        return [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": jobs}}}}]
+
+    def dryrun(self, spec: JobSpec) -> Plan:
+        if spec.max_restarts:
+            raise InvalidSpecError("max_restarts", "a TrainJob has no restart count (its runtime's JobSet failurePolicy decides)",
+                                   "set max_restarts=0, or use a runtime whose failurePolicy allows restarts")
+        unique = spec.with_unique_name()
+        name, namespace = unique.name, self.namespace
+        env = rank_env(unique)
+        secrets = secret_env_keys(unique.env)
+        exported = [*env, *unique.env, *self.pod_options.nccl]
+        shaped = build_pod_template(unique, mpirun_argv(unique, exported), env, self.pod_options,
+                                    secret_name=f"{name}-env" if secrets else None)["spec"]["containers"][0]
+        trainer: dict[str, Any] = {
+            "image": unique.image,
+            "command": shaped["command"],
+            "env": shaped.get("env") or [],
+            "numNodes": unique.nodes,
+            "numProcPerNode": unique.procs_per_node,
+        }
+        if shaped.get("resources"):
+            trainer["resourcesPerNode"] = shaped["resources"]
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainJob",
+            "metadata": {"name": name, "namespace": namespace, "labels": job_labels(name)},
+            "spec": {
+                "runtimeRef": {"apiGroup": GROUP, "kind": self.runtime_kind, "name": self.runtime},
+                "trainer": trainer,
+                "runtimePatches": self._patches(unique),
+            },
+        }
+        if unique.timeout:
+            body["spec"]["activeDeadlineSeconds"] = max(1, int(unique.timeout))
+        trainjob = models.TrainerV1alpha1TrainJob.from_dict(body).to_dict()
+        record = record_manifest(unique, self.name, {})
+        record["metadata"]["namespace"] = namespace
+        manifests = [record, trainjob]
+        if secrets:
+            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                 "metadata": {"name": f"{name}-env", "namespace": namespace, "labels": job_labels(name)},
+                                 "stringData": {k: REDACTED for k in secrets}})
+        notes = [
+            f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
+            f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",
+        ]
+        if secrets:
+            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
+                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
+
+    def operator_checks(self, conn: Any) -> list[Any]:
+        from dsnb.backends.kubernetes.preflight import check_controller, check_crd, check_runtime
+
+        return [check_crd(conn, self.namespace, GROUP, VERSION, PLURAL, "TrainJob", TRAINER_INSTALL),
+                check_controller(conn, "Kubeflow Trainer", ("app.kubernetes.io/name=trainer",), TRAINER_INSTALL),
+                check_runtime(conn, self.namespace, self.runtime_kind, self.runtime, RUNTIMES_INSTALL)]
+
+    # -- runtimes --------------------------------------------------------------------------
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The training runtimes this namespace can use: name, kind, framework, MPI or torch.
+
+        Raises:
+            ClusterError: the API refused to list TrainingRuntimes (ClusterTrainingRuntimes
+                that cannot be listed are left out).
+        """
+        found = []
+        calls = [("ClusterTrainingRuntime", lambda: self.conn.custom.list_cluster_custom_object(GROUP, VERSION, "clustertrainingruntimes")),
+                 ("TrainingRuntime", lambda: self.conn.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainingruntimes"))]
+        for kind, call in calls:
+            try:
+                items = call().get("items") or []
+            except ApiException as e:
+                if kind == "ClusterTrainingRuntime" and e.status in (403, 404):
+                    continue
+                raise self._api_error(e, f"list {kind}s") from e
+            for item in items:
+                policy = (item.get("spec") or {}).get("mlPolicy") or {}
+                found.append({
+                    "name": item["metadata"]["name"], "kind": kind,
+                    "framework": (item["metadata"].get("labels") or {}).get("trainer.kubeflow.org/framework", ""),
+                    "policy": "mpi" if "mpi" in policy else "torch" if "torch" in policy else "",
+                    "num_nodes": policy.get("numNodes"),
+                })
+        return found
+
+    # -- pods ------------------------------------------------------------------------------
+    @staticmethod
+    def _role(pod: dict[str, Any]) -> str:
+        return (pod["metadata"].get("labels") or {}).get(ROLE, "")
+
+    def pod_node(self, pod: dict[str, Any]) -> int | None:
+        if self._role(pod) == "launcher":
+            return None  # node 0 too (runLauncherAsNode), but its log carries every rank
+        return int((pod["metadata"].get("labels") or {}).get(JOB_INDEX, "0")) + 1
+
+    def logs_from(self, pod: dict[str, Any]) -> bool:
+        return self._role(pod) == "launcher"
+
+    # -- status ----------------------------------------------------------------------------
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
+                       events: dict[str, list[dict[str, Any]]] | None = None,
+                       workload: dict[str, Any] | None = None) -> JobStatus:
+        status = (workload or {}).get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        nodes: dict[int, dict[str, Any]] = {}
+        for pod in pods:
+            node = self.pod_node(pod)
+            nodes[0 if node is None else node] = pod
+        procs = spec.procs_per_node
+        ended = conditions.get("Complete") or conditions.get("Failed") or {}
+        starts = [t for t in (parse_time(((container_status(p, RUNTIME_CONTAINER).get("state") or {}).get("running") or {})
+                                         .get("startedAt")) for p in pods) if t is not None]
+        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
+                                  "started_at": min(starts) if starts else None}
+
+        def node_state(node: int) -> JobState:
+            pod = nodes.get(node)
+            if pod is None:
+                return JobState.PENDING
+            if (container_status(pod, RUNTIME_CONTAINER).get("state") or {}).get("running"):
+                return JobState.RUNNING
+            return JobState.STARTING if (pod.get("spec") or {}).get("nodeName") else JobState.PENDING
+
+        def replicas(state_of: Any) -> tuple[ReplicaStatus, ...]:
+            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs),
+                                       host=nodes[r // procs]["metadata"]["name"] if r // procs in nodes else None)
+                         for r in range(spec.world_size))
+
+        if "Complete" in conditions:
+            return JobStatus(**common, state=JobState.SUCCEEDED, replicas=replicas(lambda _: JobState.SUCCEEDED),
+                             message=ended.get("message") or "the TrainJob completed", finished_at=parse_time(ended.get("lastTransitionTime")))
+        if "Failed" in conditions:
+            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
+                             message=ended.get("message") or ended.get("reason") or "the TrainJob failed",
+                             finished_at=parse_time(ended.get("lastTransitionTime")))
+        diagnoses = [(p["metadata"]["name"], classify(p, (events or {}).get(p["metadata"]["name"]))) for p in pods]
+        fatal = [str(d) for _, d in sorted(diagnoses, key=lambda item: item[0]) if d is not None and d.fatal]
+        if fatal:
+            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED), message=fatal[0])
+        waiting = [str(d) for _, d in diagnoses if d is not None]
+        if "Suspended" in conditions:
+            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(lambda _: JobState.PENDING),
+                             message="the TrainJob is suspended")
+        states = {node_state(n) for n in range(spec.nodes)}
+        progress = _progress(status.get("trainerStatus") or {})
+        if states == {JobState.RUNNING}:
+            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(node_state),
+                             message=progress or f"{spec.world_size} process(es) on {spec.nodes} node(s)")
+        if states & {JobState.RUNNING, JobState.STARTING}:
+            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(node_state),
+                             message=waiting[0] if waiting else f"{len(nodes)} of {spec.nodes} pod(s) created")
+        message = waiting[0] if waiting else ("waiting for Kubeflow Trainer to create the JobSet" if not pods
+                                              else f"{len(pods)} pod(s) waiting to be scheduled")
+        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
+
+
+def _progress(trainer_status: dict[str, Any]) -> str:
+    """The Trainer's progress report in words, e.g. ``42% done, about 3 min left, loss 2.1``."""
+    parts = []
+    if trainer_status.get("progressPercentage") is not None:
+        parts.append(f"{trainer_status['progressPercentage']}% done")
+    if trainer_status.get("estimatedRemainingSeconds") is not None:
+        parts.append(f"about {max(1, round(trainer_status['estimatedRemainingSeconds'] / 60))} min left")
+    parts += [f"{m['name']} {m['value']}" for m in trainer_status.get("metrics") or [] if "name" in m and "value" in m]
+    return ", ".join(parts)

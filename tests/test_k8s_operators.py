@@ -1,0 +1,207 @@
+"""The MPIJob and TrainJob backends' manifests, checked against the upstream CRD schemas.
+
+Custom resources are validated with jsonschema against the CRDs' ``openAPIV3Schema``
+(unknown fields refused), their pod templates against the Kubernetes schema (strict), and
+the TrainJob also round-trips through the Kubeflow SDK's models unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+jsonschema = pytest.importorskip("jsonschema")
+models = pytest.importorskip("kubeflow_trainer_api.models")
+
+import yaml  # noqa: E402
+from k8s.crds import FOLDER, schemas, validate_custom  # noqa: E402
+
+from dsnb import Cluster, InvalidSpecError, JobSpec, JobState, PodOptions, Resources  # noqa: E402
+from dsnb.backends.kubernetes.mpijob import RANK_SHIM, MPIJobBackend  # noqa: E402
+from dsnb.backends.kubernetes.trainjob import TrainJobBackend  # noqa: E402
+
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+SHARED = Path("/work/shared/k8s-schemas")
+FULL = {"nodes": 4, "procs_per_node": 8, "resources": Resources(gpus=8, cpu=64, memory="512Gi"), "timeout": 7200,
+        "env": {"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "INFO"}, "working_dir": "/app",
+        "deepspeed": {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}}
+OPTIONS = PodOptions(service_account="trainer", checkpoint_pvc="ckpt", image_pull_secrets=["regcred"],
+                     node_selector={"pool": "gpu"}, nccl={"NCCL_IB_DISABLE": "1"},
+                     tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+def plan_for(backend: str, options: PodOptions | None = None, **fields):
+    spec = JobSpec(**{"name": "tiny-gpt", "script": "train.py", "image": "ghcr.io/org/train:1", **fields})
+    plan = Cluster(backend, namespace="ml", pod_options=options).dryrun(spec)
+    return plan, list(yaml.safe_load_all(plan.to_yaml()))
+
+
+def as_pod(template: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **template["metadata"]}, "spec": template["spec"]}
+
+
+# -- MPIJob ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, options", [({}, None), (FULL, OPTIONS)], ids=["defaults", "gpus-secrets-options"])
+def test_mpijob_validates_against_the_crd_and_its_pods_against_kubernetes(fields, options) -> None:
+    plan, documents = plan_for("mpijob", options, **fields)
+    kinds = [d["kind"] for d in documents]
+    assert kinds[0] == "ConfigMap" and kinds[-1] == "MPIJob"
+    mpijob = documents[-1]
+    validate_custom(mpijob)
+    for role, spec in mpijob["spec"]["mpiReplicaSpecs"].items():
+        kubernetes_validate.validate(as_pod(spec["template"], f"{plan.name}-{role.lower()}"), K8S_VERSION, strict=True)
+    for document in documents[:-1]:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    assert "hf_secret_value" not in plan.to_yaml() and "hf_secret_value" not in repr(plan)
+
+
+def test_mpijob_fields_follow_the_spec() -> None:
+    plan, documents = plan_for("mpijob", OPTIONS, **FULL, max_restarts=2)
+    mpijob = documents[-1]["spec"]
+    assert mpijob["slotsPerWorker"] == 8 and mpijob["mpiImplementation"] == "OpenMPI"
+    assert mpijob["launcherCreationPolicy"] == "WaitForWorkersReady" and mpijob["runLauncherAsWorker"] is False
+    assert mpijob["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2, "ttlSecondsAfterFinished": 3600,
+                                   "activeDeadlineSeconds": 7200}
+    assert mpijob["sshAuthMountPath"] == "/home/mpiuser/.ssh"
+    workers, launcher = mpijob["mpiReplicaSpecs"]["Worker"], mpijob["mpiReplicaSpecs"]["Launcher"]
+    assert workers["replicas"] == 4 and launcher["replicas"] == 1
+    worker = workers["template"]["spec"]
+    assert worker["containers"][0]["command"][0] == "/usr/sbin/sshd"
+    assert worker["containers"][0]["readinessProbe"]["tcpSocket"]["port"] == 2222
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert worker["securityContext"]["runAsNonRoot"] is True and worker["securityContext"]["runAsUser"] == 1000
+    argv = launcher["template"]["spec"]["containers"][0]["command"]
+    assert argv[:6] == ["mpirun", "--tag-output", "-np", "32", "--hostfile", "/etc/mpi/hostfile"]
+    exported = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+    assert {"HF_TOKEN", "NCCL_DEBUG", "NCCL_IB_DISABLE", "DSNB_DEEPSPEED_CONFIG_JSON", "DSNB_DIST_BACKEND"} <= exported
+    assert argv[argv.index("--wdir") + 1] == "/app"
+    assert argv[-3:] == ["python3", "-u", "train.py"]
+    env = {e["name"]: e for e in launcher["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{plan.name}-env"
+    assert json.loads(env["DSNB_DEEPSPEED_CONFIG_JSON"]["value"])["train_batch_size"] == 4 * 32
+    for template in (worker, launcher["template"]["spec"]):
+        assert template["nodeSelector"] == {"pool": "gpu"} and template["serviceAccountName"] == "trainer"
+
+
+def test_an_unknown_clean_pod_policy_is_refused() -> None:
+    with pytest.raises(InvalidSpecError, match="clean_pod_policy"):
+        MPIJobBackend(clean_pod_policy="Sometimes")
+
+
+def test_the_rank_shim_turns_open_mpi_variables_into_torch_distributed_ones(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("job-worker-0.job.ml.svc slots=2\njob-worker-1.job.ml.svc slots=2\n")
+    env = {**os.environ, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "DSNB_HOSTFILE": str(hostfile)}
+    env.pop("MASTER_ADDR", None)
+    show = "import os; print(*(os.environ[k] for k in ('RANK','LOCAL_RANK','WORLD_SIZE','LOCAL_SIZE','NODE_RANK','MASTER_ADDR','MASTER_PORT')))"
+    out = subprocess.run([sys.executable, "-c", RANK_SHIM, sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "1", "4", "2", "1", "job-worker-0.job.ml.svc", "29500"]
+
+
+# -- TrainJob ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, options", [({}, None), (FULL, OPTIONS)], ids=["defaults", "gpus-secrets-options"])
+def test_trainjob_validates_against_the_crd_and_the_sdk_models(fields, options) -> None:
+    plan, documents = plan_for("trainjob", options, **fields)
+    trainjob = documents[-1]
+    validate_custom(trainjob)
+    assert models.TrainerV1alpha1TrainJob.from_dict(trainjob).to_dict() == trainjob
+    for document in documents[:-1]:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    assert "hf_secret_value" not in plan.to_yaml()
+
+
+def test_trainjob_fields_follow_the_spec() -> None:
+    plan, documents = plan_for("trainjob", OPTIONS, **FULL)
+    spec = documents[-1]["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "deepspeed-distributed"}
+    trainer = spec["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    assert trainer["command"][:4] == ["mpirun", "--tag-output", "-np", "32"]
+    assert spec["activeDeadlineSeconds"] == 7200
+    jobs = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert [j["name"] for j in jobs] == ["launcher", "node"]
+    for job in jobs:
+        pod = job["template"]["spec"]["template"]
+        assert pod["metadata"]["labels"]["dsnb.io/job"] == plan.name
+        assert pod["spec"]["nodeSelector"] == {"pool": "gpu"} and pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        mounts = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts == {"/dev/shm", "/checkpoints"}
+
+
+def test_a_namespaced_runtime_can_be_named() -> None:
+    plan = Cluster("trainjob", namespace="ml", runtime="my-deepspeed", runtime_kind="TrainingRuntime").dryrun(
+        JobSpec(name="a", script="t.py", image="img:1"))
+    assert plan.manifests[-1]["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+    assert plan.manifests[-1]["spec"]["runtimeRef"]["name"] == "my-deepspeed"
+    with pytest.raises(InvalidSpecError, match="runtime_kind"):
+        TrainJobBackend(runtime_kind="JobSet")
+    with pytest.raises(InvalidSpecError, match="max_restarts"):
+        Cluster("trainjob").dryrun(JobSpec(name="a", script="t.py", image="img:1", max_restarts=1))
+
+
+def test_the_validator_refuses_what_the_crd_does_not_allow() -> None:
+    _, documents = plan_for("trainjob")
+    trainjob = documents[-1]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom({**trainjob, "spec": {**trainjob["spec"], "trainer": {**trainjob["spec"]["trainer"], "numNodez": 2}}})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom({**trainjob, "spec": {**trainjob["spec"], "trainer": {**trainjob["spec"]["trainer"], "numNodes": "two"}}})
+    runtime = yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text())
+    validate_custom(runtime)  # the stock runtime itself fits the schema
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared schema folder is not on this machine")
+def test_the_stored_schemas_equal_the_upstream_crds() -> None:
+    for path in FOLDER.glob("*.json.gz"):
+        with gzip.open(path, "rt") as f:
+            stored = json.load(f)
+        crd = yaml.safe_load((SHARED / stored["source"]).read_text())
+        assert stored["versions"] == {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
+    assert len(schemas()) >= 7
+
+
+# -- status from conditions --------------------------------------------------------------------
+
+def condition(kind: str, message: str = "") -> dict:
+    return {"type": kind, "status": "True", "message": message, "lastTransitionTime": "2026-11-28T10:05:00Z"}
+
+
+@pytest.mark.parametrize("backend, workload, state, message", [
+    (MPIJobBackend, {"status": {"conditions": [condition("Created")]}}, JobState.PENDING, "waiting for the MPI Operator"),
+    (MPIJobBackend, {"status": {"conditions": [condition("Created"), condition("Running")]}}, JobState.RUNNING, "4 rank(s)"),
+    (MPIJobBackend, {"status": {"conditions": [condition("Succeeded", "done")]}}, JobState.SUCCEEDED, "launcher finished"),
+    (MPIJobBackend, {"status": {"conditions": [condition("Failed", "MPIJob ml/a has failed")]}}, JobState.FAILED, "has failed"),
+    (MPIJobBackend, {"status": {"conditions": [condition("Suspended")]}}, JobState.PENDING, "suspended"),
+    (TrainJobBackend, {"status": {"conditions": [condition("Complete", "jobset completed")]}}, JobState.SUCCEEDED, "completed"),
+    (TrainJobBackend, {"status": {"conditions": [condition("Failed", "jobset failed")]}}, JobState.FAILED, "jobset failed"),
+    (TrainJobBackend, {"status": {"conditions": [condition("Suspended")]}}, JobState.PENDING, "suspended"),
+    (TrainJobBackend, {}, JobState.PENDING, "waiting for Kubeflow Trainer"),
+], ids=["mpi-created", "mpi-running", "mpi-succeeded", "mpi-failed", "mpi-suspended",
+        "tj-complete", "tj-failed", "tj-suspended", "tj-nothing-yet"])
+def test_status_from_the_workloads_conditions(backend, workload, state, message) -> None:
+    spec = JobSpec(name="a-abcd", script="t.py", nodes=2, procs_per_node=2, image="img:1")
+    status = backend(namespace="ml").compute_status(spec.name, spec, 1.0, [], None, workload)
+    assert status.state == state and message in status.message
+    assert len(status.replicas) == 4
+
+
+def test_trainjob_progress_is_shown_while_running() -> None:
+    spec = JobSpec(name="a-abcd", script="t.py", nodes=1, procs_per_node=2, image="img:1")
+    launcher = {"metadata": {"name": "a-abcd-launcher-0-0-x", "labels": {"dsnb.io/role": "launcher"}},
+                "spec": {"nodeName": "n1"},
+                "status": {"containerStatuses": [{"name": "node", "state": {"running": {"startedAt": "2026-11-28T10:00:00Z"}}}]}}
+    workload = {"status": {"trainerStatus": {"progressPercentage": 42, "estimatedRemainingSeconds": 180,
+                                             "metrics": [{"name": "loss", "value": "2.1"}]}}}
+    status = TrainJobBackend(namespace="ml").compute_status(spec.name, spec, 1.0, [launcher], None, workload)
+    assert status.state == JobState.RUNNING and status.message == "42% done, about 3 min left, loss 2.1"
