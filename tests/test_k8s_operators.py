@@ -24,7 +24,7 @@ import yaml  # noqa: E402
 from k8s.crds import FOLDER, schemas, validate_custom  # noqa: E402
 
 from dsnb import Cluster, InvalidSpecError, JobSpec, JobState, PodOptions, Resources  # noqa: E402
-from dsnb.backends.kubernetes.mpijob import RANK_SHIM, MPIJobBackend  # noqa: E402
+from dsnb.backends.kubernetes.mpijob import MASTER_PRELUDE, RANK_SHIM, MPIJobBackend  # noqa: E402
 from dsnb.backends.kubernetes.trainjob import TrainJobBackend  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -79,9 +79,10 @@ def test_mpijob_fields_follow_the_spec() -> None:
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert worker["securityContext"]["runAsNonRoot"] is True and worker["securityContext"]["runAsUser"] == 1000
     argv = launcher["template"]["spec"]["containers"][0]["command"]
-    assert argv[:6] == ["mpirun", "--tag-output", "-np", "32", "--hostfile", "/etc/mpi/hostfile"]
+    assert argv[:4] == ["sh", "-c", MASTER_PRELUDE, "/etc/mpi/hostfile"]
+    assert argv[4:10] == ["mpirun", "--tag-output", "-np", "32", "--hostfile", "/etc/mpi/hostfile"]
     exported = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
-    assert {"HF_TOKEN", "NCCL_DEBUG", "NCCL_IB_DISABLE", "DSNB_DEEPSPEED_CONFIG_JSON", "DSNB_DIST_BACKEND"} <= exported
+    assert {"MASTER_ADDR", "HF_TOKEN", "NCCL_DEBUG", "NCCL_IB_DISABLE", "DSNB_DEEPSPEED_CONFIG_JSON", "DSNB_DIST_BACKEND"} <= exported
     assert argv[argv.index("--wdir") + 1] == "/app"
     assert argv[-3:] == ["python3", "-u", "train.py"]
     env = {e["name"]: e for e in launcher["template"]["spec"]["containers"][0]["env"]}
@@ -96,14 +97,16 @@ def test_an_unknown_clean_pod_policy_is_refused() -> None:
         MPIJobBackend(clean_pod_policy="Sometimes")
 
 
-def test_the_rank_shim_turns_open_mpi_variables_into_torch_distributed_ones(tmp_path: Path) -> None:
+def test_the_launcher_prelude_and_the_rank_shim_give_the_torch_distributed_environment(tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("job-worker-0.job.ml.svc slots=2\njob-worker-1.job.ml.svc slots=2\n")
     env = {**os.environ, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "DSNB_HOSTFILE": str(hostfile)}
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
     show = "import os; print(*(os.environ[k] for k in ('RANK','LOCAL_RANK','WORLD_SIZE','LOCAL_SIZE','NODE_RANK','MASTER_ADDR','MASTER_PORT')))"
-    out = subprocess.run([sys.executable, "-c", RANK_SHIM, sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    argv = ["sh", "-c", MASTER_PRELUDE, str(hostfile), sys.executable, "-c", RANK_SHIM, sys.executable, "-c", show]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "1", "4", "2", "1", "job-worker-0.job.ml.svc", "29500"]
 
 
@@ -127,7 +130,7 @@ def test_trainjob_fields_follow_the_spec() -> None:
     trainer = spec["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
-    assert trainer["command"][:4] == ["mpirun", "--tag-output", "-np", "32"]
+    assert trainer["command"][4:8] == ["mpirun", "--tag-output", "-np", "32"]
     assert spec["activeDeadlineSeconds"] == 7200
     jobs = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     assert [j["name"] for j in jobs] == ["launcher", "node"]

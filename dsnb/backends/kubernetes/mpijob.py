@@ -7,7 +7,7 @@ command, follows the job and explains its failures.
 
 Each rank is started by ``mpirun`` through a few lines of Python (:data:`RANK_SHIM`) that
 turn Open MPI's variables (``OMPI_COMM_WORLD_RANK``...) into the torch.distributed ones
-(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` = the hostfile's first host), so
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``; ``MASTER_ADDR`` is the hostfile's first host), so
 the same training script runs here as on every other backend, without mpi4py.
 ``--tag-output`` marks each line with its rank, so logs are split per rank.
 
@@ -43,6 +43,9 @@ MASTER_PORT = 29500
 ROLE = "dsnb.io/role"
 OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
 
+#: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
+#: MASTER_ADDR (exported to the ranks; the hostfile is mounted on the launcher only).
+MASTER_PRELUDE = 'export MASTER_ADDR="$(head -n 1 "$0" | cut -d " " -f 1)"; exec "$@"'
 #: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then the program.
 RANK_SHIM = (
     "import os,sys;e=os.environ;"
@@ -50,7 +53,6 @@ RANK_SHIM = (
     "e['WORLD_SIZE']=e['OMPI_COMM_WORLD_SIZE'];"
     "e['LOCAL_WORLD_SIZE']=e['LOCAL_SIZE']=e['OMPI_COMM_WORLD_LOCAL_SIZE'];"
     "e['NODE_RANK']=e['GROUP_RANK']=str(int(e['RANK'])//int(e['LOCAL_SIZE']));"
-    f"e.setdefault('MASTER_ADDR',open(e.get('DSNB_HOSTFILE','{HOSTFILE}')).readline().split()[0]);"
     f"e.setdefault('MASTER_PORT','{MASTER_PORT}');"
     "os.execvp(sys.argv[1],sys.argv[1:])"
 )
@@ -86,14 +88,15 @@ def rank_env(spec: JobSpec) -> dict[str, str]:
 
 
 def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) -> list[str]:
-    """The launcher's command: ``mpirun`` over the operator's hostfile, one process per slot.
+    """The launcher's command: ``mpirun`` over the operator's hostfile, one process per slot,
+    after a shell prelude that sets ``MASTER_ADDR`` to the hostfile's first host.
 
     Example:
         >>> from dsnb import JobSpec
-        >>> mpirun_argv(JobSpec(name="a", script="t.py", nodes=2, procs_per_node=2), ["DSNB_DIST_BACKEND"])[:8]
+        >>> mpirun_argv(JobSpec(name="a", script="t.py", nodes=2, procs_per_node=2), ["DSNB_DIST_BACKEND"])[4:12]
         ['mpirun', '--tag-output', '-np', '4', '--hostfile', '/etc/mpi/hostfile', '--map-by', 'slot']
     """
-    argv = ["mpirun", "--tag-output", "-np", str(spec.world_size), "--hostfile", hostfile,
+    argv = ["sh", "-c", MASTER_PRELUDE, hostfile, "mpirun", "--tag-output", "-np", str(spec.world_size), "--hostfile", hostfile,
             "--map-by", "slot", "--bind-to", "none",
             # TCP only, on the pod network: no InfiniBand/UCX assumptions for the MPI part
             # (NCCL still uses what the nodes offer for the collectives).
@@ -101,7 +104,7 @@ def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) ->
             "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0"]
     if spec.working_dir:
         argv += ["--wdir", spec.working_dir]
-    for name in exported:
+    for name in ["MASTER_ADDR", *exported]:
         argv += ["-x", name]
     return argv + ["python3", "-c", RANK_SHIM, *program_argv(spec)]
 
