@@ -29,9 +29,9 @@ def sim(emulator: KubeEmulator) -> Iterator[ClusterSim]:
         yield running
 
 
-def make_cluster(emulator: KubeEmulator, **options: Any) -> Cluster:
-    """A statefulset Cluster talking to ``emulator`` over HTTP."""
-    return Cluster("statefulset", namespace=NAMESPACE, configuration=emulator.configuration(), **options)
+def make_cluster(emulator: KubeEmulator, backend: str = "statefulset", **options: Any) -> Cluster:
+    """A Cluster on a Kubernetes backend talking to ``emulator`` over HTTP."""
+    return Cluster(backend, namespace=NAMESPACE, configuration=emulator.configuration(), **options)
 
 
 def workload(mode: str, **fields: Any) -> JobSpec:
@@ -44,7 +44,9 @@ def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]:
     """What job ``name`` still has: workload objects, pods and live processes (after settling)."""
 
     def find() -> list[str]:
-        found = [f"{kind} {o['metadata']['name']}" for api, kind in (("v1", "Pod"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("v1", "Secret"))
+        kinds = (("v1", "Pod"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("v1", "Secret"),
+                 ("kubeflow.org/v2beta1", "MPIJob"), ("trainer.kubeflow.org/v1alpha1", "TrainJob"))
+        found = [f"{kind} {o['metadata']['name']}" for api, kind in kinds
                  for o in emulator.list(api, kind, NAMESPACE, f"dsnb.io/job={name}")]
         found += [f"process of {pod}" for pod in sim.running_processes() if pod.startswith(name + "-")]
         return found

@@ -36,3 +36,15 @@ def netns_problem() -> str | None:
         return f"cannot create a network namespace: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "delete", name], capture_output=True)
     return None
+
+
+@functools.cache
+def mpi_problem() -> str | None:
+    """None when Open MPI's ``mpirun`` and ``orted`` are installed here, else why not (the skip reason)."""
+    for program in ("mpirun", "orted"):
+        if not shutil.which(program):
+            return f"Open MPI's {program} is missing (Debian: apt-get install openmpi-bin)"
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True)
+    if version.returncode != 0 or "Open MPI" not in version.stdout:
+        return f"mpirun is not Open MPI's: {(version.stdout + version.stderr).strip()[:200]}"
+    return None

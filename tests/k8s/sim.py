@@ -81,8 +81,9 @@ class PodRunner:
         return result
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
+        (self.root / "tmp").mkdir(exist_ok=True)
         env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": os.environ.get("HOME", "/root"),
-               "HOSTNAME": self.name}
+               "HOSTNAME": self.name, "TMPDIR": str(self.root / "tmp")}  # a container's own /tmp
         for var in container.get("env") or []:
             if "value" in var:
                 env[var["name"]] = var["value"]
@@ -176,8 +177,14 @@ class PodRunner:
             last_terminated = {"exitCode": code if code >= 0 else 128 - code, "reason": "Completed" if code == 0 else "Error",
                                "message": message, "startedAt": started, "finishedAt": now_rfc3339()}
             self.sim.emulator.end_log(self.namespace, self.name)
+            policy = self.pod["spec"].get("restartPolicy", "Always")
+            finished = policy == "Never" or (policy == "OnFailure" and code == 0)
+            phase = ("Succeeded" if code == 0 else "Failed") if finished else "Running"
             self._set_status({"name": container["name"], "restartCount": self.restarts, "ready": False,
-                              "image": container.get("image"), "imageID": "", "state": {"terminated": last_terminated}})
+                              "image": container.get("image"), "imageID": "", "state": {"terminated": last_terminated}},
+                             phase=phase)
+            if finished:
+                return
             self.stopping.wait(self.sim.restart_delay)
             if self.stopping.is_set() or self.sim.emulator.get("v1", "Pod", self.namespace, self.name) is None:
                 return
@@ -195,18 +202,22 @@ class ClusterSim:
         unschedulable: a message; when set, new pods stay Pending as Unschedulable with it.
         image_pull_error: a message; when set, scheduled pods never start: ImagePullBackOff.
         hold: when True, scheduled pods stay in ContainerCreating (e.g. waiting for a volume).
+        controllers: more controllers (``reconcile(sim)`` each), e.g. the simulated operators in
+            ``k8s/operators.py``; pods they mark ``sim.dsnb.io/no-process`` are reported running
+            without running anything (an sshd that mpirun reaches another way).
         restart_delay: seconds before an exited container is restarted.
     """
 
     def __init__(self, emulator: Any, namespace: str, netns_for: Callable[[str], str | None] | None = None,
                  unschedulable: str | None = None, image_pull_error: str | None = None,
-                 hold: bool = False, restart_delay: float = 0.3) -> None:
+                 hold: bool = False, restart_delay: float = 0.3, controllers: list[Any] | None = None) -> None:
         self.emulator = emulator
         self.namespace = namespace
         self.netns_for = netns_for
         self.unschedulable = unschedulable
         self.image_pull_error = image_pull_error
         self.hold = hold
+        self.controllers = controllers or []
         self.restart_delay = restart_delay
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
@@ -226,6 +237,8 @@ class ClusterSim:
         for runner in list(self.runners.values()):
             runner.stop()
         self.runners.clear()
+        for controller in self.controllers:
+            controller.close()
 
     def running_processes(self) -> list[str]:
         """Pods whose container process is still alive."""
@@ -259,6 +272,8 @@ class ClusterSim:
                     "status": {"phase": "Pending"},
                 })
                 self.pods_created += 1
+        for controller in self.controllers:
+            controller.reconcile(self)
         pods = {p["metadata"]["name"]: p for p in em.list("v1", "Pod", ns)}
         for pod_name in list(self.runners):
             if pod_name not in pods:
@@ -274,6 +289,13 @@ class ClusterSim:
                 pod = em.update({**pod, "spec": {**pod["spec"], "nodeName": "node-1"}})
                 em.patch_status("v1", "Pod", ns, pod_name, {"conditions": [{"type": "PodScheduled", "status": "True"}]})
             if self.hold:
+                continue
+            if (pod["metadata"].get("annotations") or {}).get("sim.dsnb.io/no-process"):
+                if (pod.get("status") or {}).get("phase") != "Running":
+                    container = pod["spec"]["containers"][0]
+                    em.patch_status("v1", "Pod", ns, pod_name, {"phase": "Running", "containerStatuses": [{
+                        "name": container["name"], "image": container.get("image"), "imageID": "", "ready": True,
+                        "restartCount": 0, "state": {"running": {"startedAt": now_rfc3339()}}}]})
                 continue
             if self.image_pull_error:
                 container = pod["spec"]["containers"][0]

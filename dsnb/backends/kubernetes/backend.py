@@ -97,6 +97,8 @@ class KubernetesBackend(Backend):
 
     #: What the backend does in the namespace (checked by ``check()``, printed by ``dsnb rbac``).
     permissions: tuple[Permission, ...] = ()
+    #: The container whose log holds the job's output.
+    container_name = CONTAINER
     #: Whether one launcher's log carries every rank's output (mpirun), so failures are read from it.
     launcher_logs = False
     #: (group, version, plural) of the custom object whose status the backend reads, if any.
@@ -256,7 +258,7 @@ class KubernetesBackend(Backend):
         Read at most every ``EVENTS_EVERY_S`` per job, and only while some pod waits; events
         are best effort (without the permission, the diagnosis uses pod status alone).
         """
-        waiting = {p["metadata"]["name"] for p in pods if not container_started(p, CONTAINER)}
+        waiting = {p["metadata"]["name"] for p in pods if not container_started(p, self.container_name)}
         if not waiting:
             return {}
         now = time.monotonic()
@@ -401,7 +403,7 @@ class KubernetesBackend(Backend):
         def wait(timeout: float) -> None:
             pods.wait_for_change(pods.version, timeout)
 
-        return PodLogFollower(self.conn.core, self.namespace, pod_name, CONTAINER, lambda: pods.get(pod_name), wait, sink)
+        return PodLogFollower(self.conn.core, self.namespace, pod_name, self.container_name, lambda: pods.get(pod_name), wait, sink)
 
     def _collect_logs(self, name: str) -> JobLogs:
         """Every line so far: live followers are finished, unread pods read once."""

@@ -45,6 +45,7 @@ LAST_LINES = 20
 TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
 _LOCAL_PREFIX = re.compile(r"^\[(?:[A-Za-z_]*?)(\d+)\]:")
 _MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
+_MPIRUN_TAG_ANY = re.compile(r"\[\d+,\d+\]<std(?:out|err)>:")
 _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _ROOT_CODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 _MPI_RANK = re.compile(r"^\s*Process name:\s*\[\[\d+,\d+\],(\d+)\]")
@@ -120,7 +121,8 @@ class Outcome:
         """Remember one line of output."""
         tagged = _MPIRUN_TAG.match(line)
         if tagged:
-            self.lines[int(tagged.group(1))].append(line[tagged.end():])
+            rest = _MPIRUN_TAG_ANY.sub("", line[tagged.end():])  # a line written in two parts has two tags
+            self.lines[int(tagged.group(1))].append(rest)
             return
         mpi_rank, mpi_code = _MPI_RANK.match(line), _MPI_CODE.match(line)
         if mpi_rank and self.failed_rank is None:

@@ -20,6 +20,8 @@ Example:
     (-2, 'dsnb: waiting for peers')
     >>> split_rank("[1,3]<stdout>:loss 2.1", node=None, procs_per_node=2)
     (3, 'loss 2.1')
+    >>> split_rank("[1,3]<stdout>:loss 2.1 tokens/s 3894[1,3]<stdout>:", node=None, procs_per_node=2)
+    (3, 'loss 2.1 tokens/s 3894')
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dsnb.status import LAUNCHER_LINE_RANK, LogLine, MetricSample, node_line_ran
 
 _TORCHRUN_PREFIX = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:")
 _MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
+_MPIRUN_TAG_ANYWHERE = re.compile(r"\[\d+,\d+\]<std(?:out|err)>:")
 #: Seconds of overlap asked for when a stream resumes; the overlap is skipped by timestamp.
 RESUME_MARGIN_S = 2
 
@@ -52,7 +55,8 @@ def split_rank(text: str, node: int | None, procs_per_node: int) -> tuple[int, s
     """
     tagged = _MPIRUN_TAG.match(text)
     if tagged:
-        return int(tagged.group(1)), text[tagged.end():]
+        # mpirun tags every write: a line written in two parts carries a second tag inside.
+        return int(tagged.group(1)), _MPIRUN_TAG_ANYWHERE.sub("", text[tagged.end():])
     if node is None:
         return LAUNCHER_LINE_RANK, text
     found = _TORCHRUN_PREFIX.match(text)

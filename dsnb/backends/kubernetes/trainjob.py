@@ -65,6 +65,7 @@ class TrainJobBackend(KubernetesBackend):
     permissions = TRAINJOB_PERMISSIONS
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
+    container_name = RUNTIME_CONTAINER
     workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Secret", "-env"))
 
     def __init__(self, runtime: str = "deepspeed-distributed", runtime_kind: str = "ClusterTrainingRuntime",

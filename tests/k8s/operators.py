@@ -1,0 +1,260 @@
+"""Test code that plays the MPI Operator and Kubeflow Trainer against the API emulator.
+
+Each simulated operator reads its custom resources from the emulator and does what the real
+one does on a cluster, closely enough for dsnb's side of the conversation:
+
+- it gives every pod of a job its own network namespace (``tests/k8s/netns.py``) with the
+  DNS names the operator's headless Service would give, and writes ``/etc/mpi/hostfile``
+  (a ConfigMap mounted on the launcher, as the operators do);
+- it creates the worker (MPIJob) or node (TrainJob) pods owned by the job; their sshd is not
+  run: ``mpirun`` reaches their namespaces through ``rsh_agent.py`` instead of ssh;
+- when the workers are ready it creates the launcher pod, with the environment the operator
+  sets for Open MPI (``OMPI_MCA_orte_default_hostfile``, ``..._keep_fqdn_hostnames``) plus
+  the agent; ``ClusterSim`` runs it for real;
+- it reports the job's conditions from the launcher's exit (MPIJob ``Created``/``Running``/
+  ``Succeeded``/``Failed``; TrainJob ``Complete``/``Failed``), and with cleanPodPolicy
+  Running removes the workers when the job ends.
+
+Deleting the job collects its pods (ownerReferences, in the emulator) and the network.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from k8s.netns import PodNetwork
+from k8s.sim import VENV_BIN, ClusterSim, now_rfc3339
+
+AGENT = Path(__file__).with_name("rsh_agent.py")
+LOGIN_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FAKE = "sim.dsnb.io/no-process"  # a pod whose container the kubelet only pretends to run (sshd)
+
+
+def _owner(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": True}
+
+
+def _condition(kind: str, message: str = "") -> dict[str, Any]:
+    return {"type": kind, "status": "True", "reason": kind, "message": message, "lastTransitionTime": now_rfc3339()}
+
+
+class _MPIJobs:
+    """What both operators share: one network, hostfile, launcher and outcome per job."""
+
+    api_version = ""
+    kind = ""
+
+    def __init__(self, subnet: str) -> None:
+        self.subnet = subnet
+        self.networks: dict[str, PodNetwork] = {}
+        self.pods: dict[str, str] = {}  # pod name -> job
+        self.conditions: dict[str, list[dict[str, Any]]] = {}
+
+    # -- what each operator defines --------------------------------------------------------
+    def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
+        """(launcher pod name, [(pod name, DNS name, template, role) of the hosts], slots per host)."""
+        raise NotImplementedError
+
+    def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+    def netns_for(self, pod: str) -> str | None:
+        job = self.pods.get(pod)
+        return self.networks[job].namespace(pod) if job in self.networks else None
+
+    def close(self) -> None:
+        for network in self.networks.values():
+            network.close()
+        self.networks.clear()
+
+    def _set_conditions(self, sim: ClusterSim, job: dict[str, Any], *kinds: tuple[str, str]) -> None:
+        name = job["metadata"]["name"]
+        known = self.conditions.setdefault(name, [])
+        added = [_condition(kind, message) for kind, message in kinds if kind not in {c["type"] for c in known}]
+        if added:
+            known += added
+            sim.emulator.patch_status(self.api_version, self.kind, sim.namespace, name,
+                                      {"conditions": list(known), "startTime": known[0]["lastTransitionTime"]})
+
+    def reconcile(self, sim: ClusterSim) -> None:
+        em, ns = sim.emulator, sim.namespace
+        alive = set()
+        for job in em.list(self.api_version, self.kind, ns):
+            name = job["metadata"]["name"]
+            alive.add(name)
+            launcher, hosts, slots = self.layout(job)
+            if name not in self.networks:
+                network = PodNetwork([launcher, *(pod for pod, _, _, _ in hosts if pod != launcher)], subnet=self.subnet)
+                network.__enter__()
+                network.hosts({pod: [dns, dns + ".cluster.local", dns.split(".")[0]] for pod, dns, _, _ in hosts}
+                              | ({launcher: [launcher]} if launcher not in {p for p, _, _, _ in hosts} else {}))
+                self.networks[name] = network
+                for pod, _, _, _ in hosts:
+                    self.pods[pod] = name
+                self.pods[launcher] = name
+                em.create({"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": {"name": f"{name}-config", "namespace": ns, "ownerReferences": [_owner(job)]},
+                           "data": {"hostfile": "".join(f"{dns} slots={slots}\n" for _, dns, _, _ in hosts)}})
+                self._set_conditions(sim, job, ("Created", f"{self.kind} {ns}/{name} is created."))
+            for pod, _, template, _role in hosts:
+                if pod != launcher and em.get("v1", "Pod", ns, pod) is None and not self._finished(name):
+                    self._create_pod(sim, job, pod, template, fake=True)
+            workers = [em.get("v1", "Pod", ns, pod) for pod, _, _, _ in hosts if pod != launcher]
+            ready = all(p is not None and (p.get("status") or {}).get("phase") == "Running" for p in workers)
+            launcher_pod = em.get("v1", "Pod", ns, launcher)
+            if ready and launcher_pod is None and not self._finished(name):
+                self._create_launcher(sim, job, launcher)
+            elif launcher_pod is not None:
+                self._follow_launcher(sim, job, launcher_pod)
+        for name in list(self.networks):
+            if name not in alive and not any(job == name and pod in sim.runners for pod, job in self.pods.items()):
+                self.networks.pop(name).close()
+
+    def _finished(self, name: str) -> bool:
+        return any(c["type"] in ("Succeeded", "Failed", "Complete") for c in self.conditions.get(name, []))
+
+    def _create_pod(self, sim: ClusterSim, job: dict[str, Any], pod: str, template: dict[str, Any], fake: bool,
+                    extra_spec: dict[str, Any] | None = None) -> None:
+        metadata = template.get("metadata") or {}
+        sim.emulator.create({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": sim.namespace, "labels": dict(metadata.get("labels") or {}),
+                         "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(job)]},
+            "spec": {**template["spec"], **(extra_spec or {})},
+            "status": {"phase": "Pending"},
+        })
+
+    def _create_launcher(self, sim: ClusterSim, job: dict[str, Any], launcher: str) -> None:
+        name = job["metadata"]["name"]
+        template = json.loads(json.dumps(self.launcher_template(job)))
+        spec = template["spec"]
+        container = spec["containers"][0]
+        hostfile = "/etc/mpi/hostfile"
+        container.setdefault("env", []).extend({"name": k, "value": v} for k, v in {
+            # what the operators set for Open MPI
+            "OMPI_MCA_orte_default_hostfile": hostfile,
+            "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
+            "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10",
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            # instead of ssh: enter the worker's network namespace
+            "OMPI_MCA_plm_rsh_agent": f"{sys.executable} {AGENT}",
+            "DSNB_RSH_NETNS": json.dumps({pod: self.networks[name].namespace(pod) for pod, job_name in self.pods.items()
+                                          if job_name == name}),
+            "DSNB_RSH_LOGIN_PATH": LOGIN_PATH,
+        }.items())
+        container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
+        spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}-config"}})
+        spec["restartPolicy"] = "Never"
+        self._create_pod(sim, job, launcher, template, fake=False)
+        self._set_conditions(sim, job, ("Running", f"launcher {launcher} is running"))
+
+    def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed") and not self._finished(job["metadata"]["name"]):
+            statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+            code = ((statuses[0].get("state") or {}).get("terminated") or {}).get("exitCode", 1)
+            self.done(sim, job, code)
+
+
+class MPIOperatorSim(_MPIJobs):
+    """The MPI Operator (kubeflow.org/v2beta1) for one namespace; see the module docstring."""
+
+    api_version = "kubeflow.org/v2beta1"
+    kind = "MPIJob"
+
+    def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
+        name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
+        spec = job["spec"]
+        worker = spec["mpiReplicaSpecs"]["Worker"]
+        hosts = [(f"{name}-worker-{i}", f"{name}-worker-{i}.{name}.{ns}.svc", worker["template"], "worker")
+                 for i in range(worker["replicas"])]
+        return f"{name}-launcher", hosts, spec.get("slotsPerWorker", 1)
+
+    def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
+        return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]
+
+    def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
+        name, ns = job["metadata"]["name"], sim.namespace
+        if code == 0:
+            self._set_conditions(sim, job, ("Succeeded", f"MPIJob {ns}/{name} successfully completed."))
+        else:
+            self._set_conditions(sim, job, ("Failed", f"MPIJob {ns}/{name} has failed"))
+        if (job["spec"].get("runPolicy") or {}).get("cleanPodPolicy", "Running") in ("Running", "All"):
+            for pod, job_name in list(self.pods.items()):
+                if job_name == name and "worker" in pod and sim.emulator.get("v1", "Pod", ns, pod) is not None:
+                    sim.emulator.delete("v1", "Pod", ns, pod)
+
+
+class TrainerSim(_MPIJobs):
+    """Kubeflow Trainer running a TrainJob on an MPI runtime (launcher = node 0)."""
+
+    api_version = "trainer.kubeflow.org/v1alpha1"
+    kind = "TrainJob"
+
+    def __init__(self, subnet: str, runtime: dict[str, Any]) -> None:
+        super().__init__(subnet)
+        self.runtime = runtime
+
+    def _replicated(self, job: dict[str, Any], role: str) -> dict[str, Any]:
+        """The runtime's pod template for ``role``, with the TrainJob's trainer and patches applied."""
+        template = next(j for j in self.runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == role)
+        pod = json.loads(json.dumps(template["template"]["spec"]["template"]))
+        trainer = job["spec"]["trainer"]
+        container = pod["spec"]["containers"][0]
+        container["image"] = trainer["image"]
+        container["resources"] = trainer.get("resourcesPerNode") or {}
+        if role == "launcher":
+            container["command"] = trainer["command"]
+            container["env"] = trainer.get("env") or []
+        for patch in job["spec"].get("runtimePatches") or []:
+            for replicated in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+                if replicated["name"] != role:
+                    continue
+                patched = replicated["template"]["spec"]["template"]
+                pod.setdefault("metadata", {}).setdefault("labels", {}).update(patched.get("metadata", {}).get("labels", {}))
+                spec_patch = dict(patched.get("spec") or {})
+                for container_patch in spec_patch.pop("containers", []):
+                    if container_patch["name"] == container["name"]:
+                        container.setdefault("volumeMounts", []).extend(container_patch.get("volumeMounts", []))
+                pod["spec"].update(spec_patch)
+        return pod
+
+    def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
+        name = job["metadata"]["name"]
+        trainer = job["spec"]["trainer"]
+        launcher = f"{name}-launcher-0-0"
+        node = self._replicated(job, "node")
+        hosts = [(launcher, f"{name}-launcher-0-0.{name}", self._replicated(job, "launcher"), "launcher")]
+        for i in range(trainer["numNodes"] - 1):
+            pod = json.loads(json.dumps(node))
+            pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] = str(i)
+            hosts.append((f"{name}-node-0-{i}", f"{name}-node-0-{i}.{name}", pod, "node"))
+        return launcher, hosts, trainer["numProcPerNode"]
+
+    def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self._replicated(job, "launcher")
+
+    def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
+        name = job["metadata"]["name"]
+        if code == 0:
+            self._set_conditions(sim, job, ("Complete", "jobset completed successfully"))
+        else:
+            self._set_conditions(sim, job, ("Failed", f"jobset failed: the launcher of {name} exited with code {code}"))
+
+
+def wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
