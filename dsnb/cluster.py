@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsnb.backends.base import Backend, Plan, load_backend
+from dsnb.errors import ClusterError
 from dsnb.job import Job
 from dsnb.preflight import PreflightReport
 from dsnb.spec import JobSpec
@@ -86,6 +87,31 @@ class Cluster:
             >>> Cluster("statefulset", namespace="ml").check(spec).raise_for_problems()  # doctest: +SKIP
         """
         return self.backend.check(spec)
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The Kubeflow Trainer runtimes a TrainJob here can name (``Cluster("trainjob")`` only).
+
+        Each is a dict: ``name``, ``kind`` (``ClusterTrainingRuntime`` or ``TrainingRuntime``),
+        ``framework`` (its ``trainer.kubeflow.org/framework`` label), ``policy`` (``"mpi"`` or
+        ``"torch"``) and ``num_nodes``. ClusterTrainingRuntimes the user may not list are left out.
+
+        Raises:
+            ClusterError: this backend has no training runtimes, or the API refused to list
+                the namespace's TrainingRuntimes.
+
+        Example:
+            >>> Cluster("trainjob", namespace="ml").runtimes()  # doctest: +SKIP
+            [{'name': 'deepspeed-distributed', 'kind': 'ClusterTrainingRuntime', 'framework': 'deepspeed', 'policy': 'mpi', 'num_nodes': 1}]
+            >>> Cluster("local").runtimes()  # doctest: +SKIP
+            Traceback (most recent call last):
+            dsnb.errors.ClusterError: backend 'local': has no training runtimes. Fix: ...
+        """
+        runtimes = getattr(self.backend, "runtimes", None)
+        if not callable(runtimes):
+            raise ClusterError(f"backend {self.backend.name!r}", "has no training runtimes",
+                               "training runtimes belong to Kubeflow Trainer: list them with "
+                               "Cluster('trainjob', namespace=...).runtimes()")
+        return runtimes()
 
     def jobs(self) -> list[JobStatus]:
         """Statuses of this backend's jobs, newest first."""

@@ -231,8 +231,8 @@ class MPIJobBackend(KubernetesBackend):
                                   "started_at": parse_time(status.get("startTime"))}
 
         def replicas(state_of: Any) -> tuple[ReplicaStatus, ...]:
-            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs),
-                                       host=workers[r // procs]["metadata"]["name"] if r // procs in workers else None)
+            # Worker pods are named by the operator <job>-worker-<i>, also after cleanPodPolicy removed them.
+            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs), host=f"{name}-worker-{r // procs}")
                          for r in range(spec.world_size))
 
         if "Succeeded" in conditions:
