@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,8 @@ def test_trainjob_validates_against_the_crd_and_the_sdk_models(fields, options) 
 
 def test_trainjob_fields_follow_the_spec() -> None:
     plan, documents = plan_for("trainjob", OPTIONS, **FULL)
+    name = documents[-1]["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63  # an RFC 1035 label
     spec = documents[-1]["spec"]
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "deepspeed-distributed"}
     trainer = spec["trainer"]
