@@ -19,7 +19,10 @@ Close to the real API server where the official client can tell:
     * a write that changes nothing keeps the resourceVersion and sends no event;
     * deleting a batch/v1 Job through the API orphans its pods unless a propagationPolicy says otherwise;
     * a request for something in ``denied`` is answered 403 (set ``enforce_denied = False`` to only
-      make SelfSubjectAccessReview say no);
+      make SelfSubjectAccessReview say no); ``denied_cluster_wide`` does so only at the cluster scope,
+      as for a user whose Roles are bound in some namespaces;
+    * a kind taken away with ``remove_resource`` is not served, as when its CRD is not installed: 404,
+      or 403 for a request ``denied`` would refuse (authorization comes before routing);
     * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
       and a pod with several containers needs ``container=``.
 
@@ -608,6 +611,8 @@ class KubeEmulator:
         url: ``http://127.0.0.1:PORT`` once started.
         denied: ``(verb, group, resource)`` triples that access reviews answer "no" for; the resource
             may name a subresource (``"pods/log"``) and any part may be ``"*"``.
+        denied_cluster_wide: like ``denied``, but only for requests outside a namespace (across all
+            namespaces, or of cluster-scoped kinds) and access reviews without a namespace.
         enforce_denied: also answer matching requests with 403 Forbidden (default True).
         requests: ``(method, path with query)`` of every HTTP request, the last 10,000.
 
@@ -627,12 +632,14 @@ class KubeEmulator:
         self.token = token
         self.url = ""
         self.denied: set[tuple[str, str, str]] = set()
+        self.denied_cluster_wide: set[tuple[str, str, str]] = set()
         self.enforce_denied = True
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.RLock()
         self._log_cond = threading.Condition(self._lock)
         self._kinds: dict[tuple[str, str], Resource] = {}
         self._paths: dict[tuple[str, str, str], Resource] = {}
+        self._removed: dict[tuple[str, str, str], Resource] = {}  # kinds not served, by path
         for res in RESOURCES:
             self.add_resource(res)
         self._objects: dict[tuple[str, str, str], dict[tuple[str, str], Obj]] = {}  # path -> (namespace, name) -> object
@@ -745,8 +752,27 @@ class KubeEmulator:
     def add_resource(self, res: Resource) -> None:
         """Serve another kind (or replace how one is served)."""
         with self._lock:
+            self._removed.pop(res.path, None)
             self._kinds[res.api_version, res.kind] = res
             self._paths[res.group, res.version, res.plural] = res
+
+    def remove_resource(self, api_version: str, kind: str) -> None:
+        """Stop serving a kind, as if its CRD were not installed: its URLs answer 404 and its objects are dropped.
+
+        Other kinds of its API group stay served; ``add_resource`` serves it again.
+
+        Example:
+            >>> emu = KubeEmulator()
+            >>> emu.remove_resource("kubeflow.org/v2beta1", "MPIJob")
+            >>> emu.list("kubeflow.org/v2beta1", "MPIJob")
+            Traceback (most recent call last):
+            k8s.emulator.ApiError: 404 NotFound: no matches for kind "MPIJob" in version "kubeflow.org/v2beta1"
+        """
+        with self._lock:
+            res = self._kinds.pop((api_version, kind), None) or Resource(api_version, kind, _plural(kind))
+            self._paths.pop(res.path, None)
+            self._objects.pop(res.path, None)
+            self._removed[res.path] = res
 
     # -- direct store access -----------------------------------------------------------------------------
     def create(self, obj: Obj) -> Obj:
@@ -904,7 +930,8 @@ class KubeEmulator:
         with self._lock:
             res = self._kinds.get((api_version, kind))
             group, _, version = api_version.rpartition("/")
-            if res is None and kind and group and any(g == group for g, _, _ in self._paths):
+            removed = any((r.api_version, r.kind) == (api_version, kind) for r in self._removed.values())
+            if res is None and kind and group and not removed and any(g == group for g, _, _ in self._paths):
                 res = Resource(api_version, kind, _plural(kind), namespaced=namespaced, status=True)
                 self.add_resource(res)
             if res is None:
@@ -1209,7 +1236,8 @@ class KubeEmulator:
         if not 1 <= len(rest) <= 3:
             raise _no_route()
         with self._lock:
-            res = self._paths.get((group, version, rest[0]))
+            # A removed kind is still routed: authorization comes first, then the 404 (as on a real server).
+            res = self._paths.get((group, version, rest[0])) or self._removed.get((group, version, rest[0]))
             if res is None and group and any(g == group for g, _, _ in self._paths):
                 res = Resource(f"{group}/{version}", _kind_from_plural(rest[0]), rest[0], namespaced=namespaced, status=True)
                 self.add_resource(res)
@@ -1219,14 +1247,15 @@ class KubeEmulator:
 
     def _authorize(self, verb: str, res: Resource, sub: str | None, namespace: str | None, name: str | None) -> None:
         resource = f"{res.plural}/{sub}" if sub else res.plural
-        if self.enforce_denied and self._is_denied(verb, res.group, resource):
+        if self.enforce_denied and self._is_denied(verb, res.group, resource, namespace):
             what = f'{resource} "{name}"' if name else resource
             where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
             raise ApiError(403, "Forbidden", f'{what} is forbidden: User "{USER}" cannot {verb} resource "{resource}" '
                            f'in API group "{res.group}"{where}', _details(res, name or ""))
 
-    def _is_denied(self, verb: str, group: str, resource: str) -> bool:
-        return any(v in (verb, "*") and g in (group, "*") and r in (resource, "*") for v, g, r in list(self.denied))
+    def _is_denied(self, verb: str, group: str, resource: str, namespace: str | None) -> bool:
+        rules = list(self.denied) + ([] if namespace else list(self.denied_cluster_wide))
+        return any(v in (verb, "*") and g in (group, "*") and r in (resource, "*") for v, g, r in rules)
 
     def _serve_resource(self, method: str, res: Resource, namespace: str | None, name: str | None, sub: str | None,
                         query: dict[str, str], body: Any, headers: Any, watch_path: bool) -> _Reply | Streamer:
@@ -1234,6 +1263,8 @@ class KubeEmulator:
         if (sub == "status" and not res.status) or (sub == "log" and res.path != POD.path) or (verb == "create" and res.namespaced and namespace is None):
             raise _no_route()
         self._authorize(verb, res, sub, namespace, name)
+        if res.path in self._removed:
+            raise _no_route()
         if verb == "watch":
             return self._open_watch(res, namespace, query)
         if sub == "log":
@@ -1325,7 +1356,7 @@ class KubeEmulator:
         allowed = True
         if attrs:
             resource = attrs.get("resource", "") + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
-            allowed = not self._is_denied(attrs.get("verb", ""), attrs.get("group", ""), resource)
+            allowed = not self._is_denied(attrs.get("verb", ""), attrs.get("group", ""), resource, attrs.get("namespace"))
         return {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                 "metadata": {"creationTimestamp": None}, "spec": spec,
                 "status": {"allowed": allowed, "reason": "RBAC: allowed" if allowed else "RBAC: denied"}}

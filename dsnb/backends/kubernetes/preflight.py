@@ -315,50 +315,55 @@ def _operator(nodes: list[dict[str, Any]] | None, plugins: list[dict[str, Any]] 
 def check_crd(conn: Connection, namespace: str, group: str, version: str, plural: str, kind: str, install: str) -> CheckResult:
     """Whether the API serves ``kind`` (its CustomResourceDefinition is installed).
 
+    Asks API discovery (``/apis/<group>/<version>``), which every signed-in user may read,
+    so a user not allowed to list the kind still learns whether it exists.
+
     Raises:
         Nothing: every outcome is a result.
     """
     name = f"{kind} CRD"
     try:
-        conn.custom.list_namespaced_custom_object(group, version, namespace, plural, limit=1, _request_timeout=TIMEOUT_S)
+        resources = _json(conn.custom.get_api_resources(group, version, _preload_content=False, _request_timeout=TIMEOUT_S))
     except ApiException as e:
         if e.status == 404:
             return CheckResult(name, False, f"the API does not serve {plural}.{group}/{version}", f"install it: {install}")
-        if e.status == 403:
-            return CheckResult(name, True, f"{plural}.{group}/{version} is served (listing it is not allowed, see the permissions)")
-        return CheckResult(name, False, f"asking for {plural}.{group} failed: {_message(e)}", "run the check again")
+        return CheckResult(name, False, f"asking for {group}/{version} failed: {_message(e)}", "run the check again")
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        return CheckResult(name, False, f"asking for {plural}.{group} failed: {_reason(e)}", "run the check again")
+        return CheckResult(name, False, f"asking for {group}/{version} failed: {_reason(e)}", "run the check again")
+    if not any(r.get("name") == plural for r in resources.get("resources") or []):
+        return CheckResult(name, False, f"the API does not serve {plural}.{group}/{version}", f"install it: {install}")
     return CheckResult(name, True, f"{plural}.{group}/{version} is served")
 
 
 def check_controller(conn: Connection, what: str, selectors: tuple[str, ...], install: str) -> CheckResult:
-    """Whether a running pod of the operator ``what`` can be seen (any namespace).
+    """Whether a running pod of the operator ``what`` can be seen (any namespace, any of ``selectors``).
 
     Raises:
         Nothing: every outcome is a result; not being allowed to look is a warning.
     """
-    seen_any = False
+    found: list[dict[str, Any]] = []
+    allowed = False
     for selector in selectors:
         try:
             pods = _list(conn.core.list_pod_for_all_namespaces, label_selector=selector)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             why = _message(e) if isinstance(e, ApiException) else _reason(e)
             return CheckResult(what, False, f"listing its pods failed: {why}", "run the check again", warning=True)
-        if pods is None:
-            continue
-        seen_any = True
-        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-        if running:
-            where = running[0]["metadata"].get("namespace", "?")
-            return CheckResult(what, True, f"{len(running)} pod(s) running in namespace {where}")
-        if pods:
-            phase = (pods[0].get("status") or {}).get("phase", "?")
-            return CheckResult(what, False, f"its pod {pods[0]['metadata']['name']} is {phase}, not Running",
-                               f"kubectl describe pod -n {pods[0]['metadata'].get('namespace', '?')} {pods[0]['metadata']['name']}")
-    if not seen_any:
+        if pods is not None:
+            allowed = True
+            found += pods
+    running = [p for p in found if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        return CheckResult(what, True, f"{len(running)} pod(s) running in namespace {running[0]['metadata'].get('namespace', '?')}")
+    if not allowed:
         return CheckResult(what, False, "cannot list pods across namespaces, so it cannot be seen",
                            f"ask your cluster admin whether {what} runs", warning=True)
+    waiting = [p for p in found if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")] or found
+    if waiting:
+        pod = waiting[0]["metadata"]
+        phase = (waiting[0].get("status") or {}).get("phase", "?")
+        return CheckResult(what, False, f"its pod {pod['name']} is {phase}, not Running",
+                           f"kubectl describe pod -n {pod.get('namespace', '?')} {pod['name']}")
     return CheckResult(what, False, f"no running pod of {what} found", f"install it: {install}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import urllib3
 from kubeflow_trainer_api import models
 from kubernetes.client.exceptions import ApiException
 
@@ -32,7 +33,7 @@ from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import REDACTED, build_pod_template, secret_env_keys
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
-from dsnb.errors import InvalidSpecError
+from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
@@ -43,6 +44,7 @@ RUNTIME_CONTAINER = "node"
 REPLICATED_JOBS = ("launcher", "node")
 ROLE = "dsnb.io/role"
 PATCH_MANAGER = "dsnb.io/pod-options"
+REQUEST_TIMEOUT_S = 10
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"
 TRAINER_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0"'
 RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=v2.3.0"'
@@ -153,20 +155,30 @@ class TrainJobBackend(KubernetesBackend):
     def runtimes(self) -> list[dict[str, Any]]:
         """The training runtimes this namespace can use: name, kind, framework, MPI or torch.
 
+        ClusterTrainingRuntimes the user may not list are left out (reading them needs
+        cluster-level access); namespaced TrainingRuntimes are always listed.
+
         Raises:
-            ClusterError: the API refused to list TrainingRuntimes (ClusterTrainingRuntimes
-                that cannot be listed are left out).
+            ClusterError: the Trainer is not installed, the API refused, or it did not answer.
         """
         found = []
-        calls = [("ClusterTrainingRuntime", lambda: self.conn.custom.list_cluster_custom_object(GROUP, VERSION, "clustertrainingruntimes")),
-                 ("TrainingRuntime", lambda: self.conn.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainingruntimes"))]
+        calls = [("ClusterTrainingRuntime", lambda: self.conn.custom.list_cluster_custom_object(
+                     GROUP, VERSION, "clustertrainingruntimes", _request_timeout=REQUEST_TIMEOUT_S)),
+                 ("TrainingRuntime", lambda: self.conn.custom.list_namespaced_custom_object(
+                     GROUP, VERSION, self.namespace, "trainingruntimes", _request_timeout=REQUEST_TIMEOUT_S))]
         for kind, call in calls:
             try:
                 items = call().get("items") or []
             except ApiException as e:
-                if kind == "ClusterTrainingRuntime" and e.status in (403, 404):
+                if kind == "ClusterTrainingRuntime" and e.status == 403:
                     continue
+                if e.status == 404:
+                    raise ClusterError(f"the Kubernetes API at {self.conn.host}", f"does not serve {kind}s: Kubeflow Trainer is not installed",
+                                       f"install it: {TRAINER_INSTALL}") from e
                 raise self._api_error(e, f"list {kind}s") from e
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise ClusterError(f"the Kubernetes API at {self.conn.host}", f"did not answer listing {kind}s ({e})",
+                                   "check the cluster is up (kubectl cluster-info)") from e
             for item in items:
                 policy = (item.get("spec") or {}).get("mlPolicy") or {}
                 found.append({
