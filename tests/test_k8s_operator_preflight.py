@@ -253,3 +253,12 @@ def test_dsnb_rbac_prints_a_valid_role_with_exactly_the_backends_verbs(backend: 
     assert len(granted) == len(role["rules"])
     assert granted == {(p.group, p.resource): list(p.verbs) for p in permissions}
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dsnb"}
+
+
+def test_runtimes_without_the_trainer_says_how_to_install_it(emulator: KubeEmulator) -> None:
+    for kind in ("ClusterTrainingRuntime", "TrainingRuntime"):
+        emulator.remove_resource("trainer.kubeflow.org/v1alpha1", kind)
+    with Cluster("trainjob", namespace="ml", configuration=emulator.configuration()) as cluster:
+        with pytest.raises(ClusterError, match="Kubeflow Trainer is not installed") as info:
+            cluster.runtimes()
+    assert TRAINER_INSTALL in str(info.value)
