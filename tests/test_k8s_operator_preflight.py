@@ -21,7 +21,7 @@ from k8s.crds import FOLDER  # noqa: E402
 from k8s.emulator import KubeEmulator  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from dsnb import Cluster  # noqa: E402
+from dsnb import Cluster, JobSpec  # noqa: E402
 from dsnb.backends.kubernetes.mpijob import OPERATOR_INSTALL  # noqa: E402
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS, TRAINJOB_PERMISSIONS, Permission  # noqa: E402
 from dsnb.backends.kubernetes.trainjob import RUNTIMES_INSTALL, TRAINER_INSTALL  # noqa: E402
@@ -262,3 +262,12 @@ def test_runtimes_without_the_trainer_says_how_to_install_it(emulator: KubeEmula
         with pytest.raises(ClusterError, match="Kubeflow Trainer is not installed") as info:
             cluster.runtimes()
     assert TRAINER_INSTALL in str(info.value)
+
+
+def test_submitting_without_the_operator_says_how_to_install_it(emulator: KubeEmulator) -> None:
+    emulator.remove_resource("kubeflow.org/v2beta1", "MPIJob")
+    with Cluster("mpijob", namespace=NAMESPACE, configuration=emulator.configuration()) as cluster:
+        with pytest.raises(ClusterError, match="the operator is not installed") as info:
+            cluster.submit(JobSpec(name="a", script="t.py", image="img:1"))
+        assert OPERATOR_INSTALL in str(info.value)
+        assert cluster.jobs() == []  # the record made first was removed again

@@ -211,3 +211,13 @@ def test_trainjob_progress_is_shown_while_running() -> None:
                                              "metrics": [{"name": "loss", "value": "2.1"}]}}}
     status = TrainJobBackend(namespace="ml").compute_status(spec.name, spec, 1.0, [launcher], None, workload)
     assert status.state == JobState.RUNNING and status.message == "42% done, about 3 min left, loss 2.1"
+
+
+def test_a_worker_that_stops_fails_the_mpijob_with_the_sshd_hint() -> None:
+    spec = JobSpec(name="a-abcd", script="t.py", nodes=2, procs_per_node=2, image="img:1")
+    worker = {"metadata": {"name": "a-abcd-worker-1", "labels": {"dsnb.io/role": "worker"}}, "spec": {"nodeName": "n1"},
+              "status": {"phase": "Failed", "containerStatuses": [{"name": "dsnb", "state": {"terminated": {"exitCode": 127}}}]}}
+    workload = {"status": {"conditions": [condition("Created")]}}
+    status = MPIJobBackend(namespace="ml").compute_status(spec.name, spec, 1.0, [worker], None, workload)
+    assert status.state == JobState.FAILED and status.failed_rank == 2 and status.exit_code == 127
+    assert "sshd" in status.message and "kubectl logs a-abcd-worker-1" in status.message

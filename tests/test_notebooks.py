@@ -1,7 +1,7 @@
 """The tutorial notebooks run end to end here, and are committed without outputs.
 
-The local tutorials train on this machine. The Kubernetes tutorial runs without a cluster:
-its dry run, export, Role and preflight cells run, and the cells that start a job are skipped.
+The local tutorials train on this machine. The Kubernetes tutorials run without a cluster:
+their dry run, export, Role and preflight cells run, and the cells that start a job are skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +40,33 @@ EXPECTED = {
             r"checked in [0-9]\.[0-9] s",                  # in under 10 s
         ),
         deepspeed=False, needs=("kubernetes",), within_s=60,
+    ),
+    "04_mpi_operator": Expected(
+        shows=(
+            r"kind: MPIJob", r"slotsPerWorker: 2", r"launcherCreationPolicy: WaitForWorkersReady",
+            r"- mpirun\n- --tag-output", r"- /usr/sbin/sshd", r"port: 2222",  # the launcher's and the workers' commands
+            r"HF_TOKEN: '\*\*\*'", r"exported to the ranks: True",             # the secret hidden, passed on with -x
+            r"same as the plan: True",                                       # the export parses back
+            r"kind: Role\n", r"- mpijobs", r"kind: RoleBinding",             # dsnb rbac --backend mpijob
+            r"✗ API reachable: cannot reach", r"- namespace: not run",     # the preflight, failing fast
+            r"checked in [0-9]\.[0-9] s",
+        ),
+        deepspeed=False, needs=("kubernetes",), within_s=60,
+    ),
+    "04_kubeflow_trainer": Expected(
+        shows=(
+            r"kind: TrainJob", r"kind: ClusterTrainingRuntime", r"numProcPerNode: 2", r"- mpirun",
+            r"manager: dsnb.io/pod-options",                                 # spec.runtimePatches
+            r"TrainerV1alpha1TrainJob", r"round trip unchanged: True",       # the Kubeflow SDK's type
+            r"'kind': 'TrainingRuntime'",                                    # runtime_kind=
+            r"a TrainJob has no restart count",                              # max_restarts refused
+            r"HF_TOKEN: '\*\*\*'", r"same as the plan: True",
+            r"kind: Role\n", r"- trainjobs", r"- trainingruntimes", r"kind: RoleBinding",
+            r"no cluster configured: skipped",                               # cluster.runtimes() needs one
+            r"✗ API reachable: cannot reach", r"- namespace: not run",
+            r"checked in [0-9]\.[0-9] s",
+        ),
+        deepspeed=False, needs=("kubernetes", "kubeflow_trainer_api"), within_s=60,
     ),
 }
 

@@ -38,7 +38,7 @@ from dsnb.backends.kubernetes.rbac import Permission
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.metrics import sample_to_dict
 from dsnb.spec import JobSpec, redact_env
-from dsnb.status import JobState, JobStatus, MetricSample
+from dsnb.status import LAUNCHER_LINE_RANK, JobState, JobStatus, MetricSample
 
 KIND = "dsnb.io/kind"
 BACKEND = "dsnb.io/backend"
@@ -97,6 +97,8 @@ class KubernetesBackend(Backend):
 
     #: What the backend does in the namespace (checked by ``check()``, printed by ``dsnb rbac``).
     permissions: tuple[Permission, ...] = ()
+    #: How to install what the backend needs in the cluster (an operator), for error messages.
+    install_hint = ""
     #: The container whose log holds the job's output.
     container_name = CONTAINER
     #: Whether one launcher's log carries every rank's output (mpirun), so failures are read from it.
@@ -162,6 +164,9 @@ class KubernetesBackend(Backend):
             return ClusterError(where, f"not allowed to {doing}", f"ask for the Role that `dsnb rbac --backend {self.name}` prints")
         if e.status == 404 and "namespaces" in str(e.body or ""):
             return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
+        if e.status == 404 and self.install_hint and "could not find the requested resource" in str(e.body or ""):
+            return ClusterError(self.conn.host, f"could not {doing}: the API does not serve that kind (the operator is not installed)",
+                                f"install it: {self.install_hint} (dsnb check --backend {self.name} shows what is missing)")
         if e.status == 401:
             return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
         reason = e.reason or ""
@@ -306,7 +311,9 @@ class KubernetesBackend(Backend):
         for line in lines:
             outcome.feed(f"[1,{line.rank}]<stdout>:{line.text}" if line.rank >= 0 else line.text)
         if outcome.failed_rank is None:
-            return failed
+            # mpirun failed before any rank did (ssh, daemons, hostfile): its own last lines say why.
+            said = tuple(line.text for line in lines if line.rank == LAUNCHER_LINE_RANK and line.text.strip())[-20:]
+            return dataclasses.replace(failed, last_lines=said) if said else failed
         report = outcome.report(1)
         code = outcome.rank_exit_code
         return dataclasses.replace(

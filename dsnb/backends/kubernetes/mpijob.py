@@ -126,6 +126,7 @@ class MPIJobBackend(KubernetesBackend):
     permissions = MPIJOB_PERMISSIONS
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
+    install_hint = OPERATOR_INSTALL
     workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Secret", "-env"))
 
     def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = 3600,
@@ -242,6 +243,15 @@ class MPIJobBackend(KubernetesBackend):
             reason = conditions["Failed"].get("message") or conditions["Failed"].get("reason") or "the MPIJob failed"
             return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
                              message=reason, finished_at=finished)
+        for node, pod in sorted(workers.items()):
+            terminated = (container_status(pod, CONTAINER).get("state") or {}).get("terminated")
+            if terminated or (pod.get("status") or {}).get("phase") == "Failed":
+                code = (terminated or {}).get("exitCode")
+                return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
+                                 failed_rank=node * procs, exit_code=code,
+                                 message=f"worker {pod['metadata']['name']} stopped (exit code {code}) before the job ended: "
+                                         "its sshd must keep running; check the image has sshd set up for mpiuser on port "
+                                         f"{SSHD_PORT} (read its log: kubectl logs {pod['metadata']['name']})")
         for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
             diagnosis = classify(pod, (events or {}).get(pod["metadata"]["name"]))
             if diagnosis is not None and diagnosis.fatal:

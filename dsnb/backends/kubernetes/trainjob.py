@@ -68,6 +68,7 @@ class TrainJobBackend(KubernetesBackend):
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
     container_name = RUNTIME_CONTAINER
+    install_hint = TRAINER_INSTALL
     workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Secret", "-env"))
 
     def __init__(self, runtime: str = "deepspeed-distributed", runtime_kind: str = "ClusterTrainingRuntime",
