@@ -214,7 +214,7 @@ PROFILES: tuple[BackendProfile, ...] = (
         workloads=("batch", "serving"),
         node_span="multi",
         needs=("a Kubernetes namespace", "the MPI Operator installed"),
-        suits="multi-node runs on Kubernetes with DeepSpeed's own launcher over OpenMPI and ssh",
+        suits="multi-node runs on Kubernetes clusters with the MPI Operator: mpirun over the operator's hostfile and ssh",
         platforms=("kubernetes",),
         extra="k8s",
     ),

@@ -103,7 +103,8 @@ def test_unavailable_backends_are_marked(case: AvailabilityCase) -> None:
 def test_default_availability_is_this_install() -> None:
     recs = {r.profile.key: r for r in recommend("batch", False)}
     assert recs["local"].available
-    assert not recs["trainjob"].available and recs["trainjob"].fallback == "local"
+    assert recs["trainjob"].available and recs["statefulset"].available
+    assert not recs["ray-train"].available and recs["ray-train"].fallback == "local"
 
 
 def test_profile_table_matches_the_field_notes() -> None:

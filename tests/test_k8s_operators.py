@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_mpijob_fields_follow_the_spec() -> None:
     exported = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
     assert {"MASTER_ADDR", "HF_TOKEN", "NCCL_DEBUG", "NCCL_IB_DISABLE", "DSNB_DEEPSPEED_CONFIG_JSON", "DSNB_DIST_BACKEND"} <= exported
     assert argv[argv.index("--wdir") + 1] == "/app"
-    assert argv[-3:] == ["python3", "-u", "train.py"]
+    assert argv[-2:] == ["--run", "train.py"]
     env = {e["name"]: e for e in launcher["template"]["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{plan.name}-env"
     assert json.loads(env["DSNB_DEEPSPEED_CONFIG_JSON"]["value"])["train_batch_size"] == 4 * 32
@@ -109,6 +110,23 @@ def test_the_launcher_prelude_and_the_rank_shim_give_the_torch_distributed_envir
     argv = ["sh", "-c", MASTER_PRELUDE, str(hostfile), sys.executable, "-c", RANK_SHIM, sys.executable, "-c", show]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "1", "4", "2", "1", "job-worker-0.job.ml.svc", "29500"]
+    # A script runs in the shim's interpreter, with its own directory on sys.path, and each
+    # line of its output reaches the pipe in one write (mpirun forwards writes as they come).
+    script = tmp_path / "job" / "train.py"
+    script.parent.mkdir()
+    (script.parent / "helper_module.py").write_text("VALUE = 'imported'\n")
+    script.write_text("import os, sys, helper_module\nprint(helper_module.VALUE, sys.argv[1:], os.environ['RANK'])\n"
+                      "print('partial', end='', flush=False); print(' line')\nsys.exit(3)\n")
+    traced = subprocess.run(["strace", "-f", "-e", "trace=write", "-o", str(tmp_path / "writes"),
+                             sys.executable, "-c", RANK_SHIM, "--run", str(script), "--lr", "0.1"],
+                            env={**env, "MASTER_ADDR": "h"}, capture_output=True, text=True) if shutil.which("strace") else None
+    run = subprocess.run([sys.executable, "-c", RANK_SHIM, "--run", str(script), "--lr", "0.1"],
+                         env={**env, "MASTER_ADDR": "h"}, capture_output=True, text=True)
+    assert run.returncode == 3
+    assert run.stdout.splitlines() == ["imported ['--lr', '0.1'] 3", "partial line"]
+    if traced is not None:
+        writes = (tmp_path / "writes").read_text()
+        assert 'write(1, "partial line\\n"' in writes
 
 
 # -- TrainJob ----------------------------------------------------------------------------------

@@ -322,7 +322,7 @@ def test_error_fields_map_to_widgets(spec_field: str, key: str) -> None:
     [
         ("batch", False, "laptop", "recommended: Local", "Local"),
         ("batch", False, "ray", "recommended: Ray Train (not available here yet: falls back to local)", "Ray Train"),
-        ("serving", True, "any", "recommended: Kubeflow Trainer (not available here yet)", "Kubeflow Trainer"),
+        ("serving", True, "any", "recommended: Kubeflow Trainer</b>", "Kubeflow Trainer"),
     ],
 )
 def test_recommendations_follow_the_choices(form: LaunchForm, workload: str, multi_node: bool, platform: str,
@@ -348,8 +348,8 @@ def test_backend_list_marks_what_is_not_available(form: LaunchForm) -> None:
     assert labels["ray-train"] == "Ray Train — ease 5/5 — batch, 1..n nodes — not available here"
     assert "not available" not in labels["local"]
     assert form.backend.value == "local"
-    form.backend.value = "mpijob"
-    assert "not in this dsnb install" in form.backend_note.value and "dsnb[k8s]" in form.backend_note.value
+    form.backend.value = "ray-train"
+    assert "not in this dsnb install" in form.backend_note.value and "dsnb[ray]" in form.backend_note.value
     assert "stay on <code>local</code>" in form.backend_note.value
     assert form.cluster.backend.name == "local"
 

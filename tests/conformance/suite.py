@@ -63,10 +63,11 @@ class BackendConformance:
 
     def test_follow_yields_every_line_then_ends(self, cluster: Cluster, workload_spec) -> None:
         job = cluster.submit(workload_spec("ok"))
-        texts = [line.text for line in job.logs(follow=True)]
+        lines = list(job.logs(follow=True))
+        texts = [line.text for line in lines]
         assert job.status().state.is_terminal()
         for rank in (0, 1):
-            assert f"hello from rank {rank} of 2" in texts and f"rank {rank} done" in texts
+            assert f"hello from rank {rank} of 2" in texts and f"rank {rank} done" in texts, [str(x) for x in lines]
 
     def test_failure_names_rank_exit_code_and_last_lines(self, cluster: Cluster, workload_spec, nothing_left) -> None:
         job = cluster.submit(workload_spec("fail"))
@@ -105,7 +106,8 @@ class BackendConformance:
         again = cluster.attach(job.name)
         assert again.status().state == JobState.SUCCEEDED
         assert again.spec.name == job.name and again.spec.world_size == 2
-        assert [line.text for line in again.logs(rank=0)][:1] == ["hello from rank 0 of 2"]
+        first = [str(line) for line in again.logs(rank=0)]
+        assert first[:1] == ["[rank 0] hello from rank 0 of 2"], first
 
     def test_unknown_job_is_not_found(self, cluster: Cluster) -> None:
         with pytest.raises(JobNotFound, match="cluster.jobs"):

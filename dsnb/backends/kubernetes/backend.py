@@ -133,6 +133,7 @@ class KubernetesBackend(Backend):
         self._finalizing: dict[str, threading.Lock] = {}
         self._specs: dict[str, JobSpec] = {}
         self._events: dict[str, tuple[float, dict[str, list[dict[str, Any]]]]] = {}
+        self._ended: dict[str, JobStatus] = {}  # jobs this backend ended, until the watch shows it
 
     # -- connection ------------------------------------------------------------------------
     @property
@@ -286,6 +287,8 @@ class KubernetesBackend(Backend):
 
     def status(self, name: str) -> JobStatus:
         record = self._record(name)
+        if name in self._ended:  # ended here: the watch may not have brought the record's update yet
+            return self._ended[name]
         final = record.get("data", {}).get("status.json")
         if final:
             return JobStatus.from_dict(json.loads(final))
@@ -340,6 +343,8 @@ class KubernetesBackend(Backend):
             lock = self._finalizing.setdefault(name, threading.Lock())
         with lock:
             record = self._record(name)
+            if name in self._ended:
+                return self._ended[name]
             done = record.get("data", {}).get("status.json")
             if done:
                 return JobStatus.from_dict(json.loads(done))
@@ -367,6 +372,7 @@ class KubernetesBackend(Backend):
             except ApiException as e:
                 raise self._api_error(e, f"end job {name!r}") from e
             self._stop_followers(name)
+            self._ended[name] = final
             return final
 
     def cancel(self, name: str) -> JobStatus:
@@ -431,14 +437,15 @@ class KubernetesBackend(Backend):
     def _job_logs(self, name: str) -> JobLogs:
         """The job's line buffer: live (following its pods) or loaded from the archive."""
         record = self._record(name)
+        ended = name in self._ended or bool(record.get("data", {}).get("status.json"))
         with self._lock:
             logs = self._logs.get(name)
             if logs is None:
                 logs = self._logs[name] = JobLogs()
-                if record.get("data", {}).get("status.json"):
+                if ended:
                     self._load_archive(name, logs)
                     return logs
-            if record.get("data", {}).get("status.json"):
+            if ended:
                 return logs
             followers = self._followers.setdefault(name, {})
             for pod in self._log_pods(name):

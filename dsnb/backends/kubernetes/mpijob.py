@@ -46,22 +46,29 @@ OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent
 #: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
 #: MASTER_ADDR (exported to the ranks; the hostfile is mounted on the launcher only).
 MASTER_PRELUDE = 'export MASTER_ADDR="$(head -n 1 "$0" | cut -d " " -f 1)"; exec "$@"'
-#: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then the program.
+#: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then
+#: ``--run SCRIPT ARGS`` runs a Python script in this interpreter with line-buffered output
+#: (mpirun forwards each write as it comes, so a line written in two parts, as unbuffered
+#: print does, could interleave with another rank's), or anything else is executed as given.
 RANK_SHIM = (
-    "import os,sys;e=os.environ;"
+    "import os,runpy,sys;e=os.environ;"
     "e['RANK']=e['OMPI_COMM_WORLD_RANK'];e['LOCAL_RANK']=e['OMPI_COMM_WORLD_LOCAL_RANK'];"
     "e['WORLD_SIZE']=e['OMPI_COMM_WORLD_SIZE'];"
     "e['LOCAL_WORLD_SIZE']=e['LOCAL_SIZE']=e['OMPI_COMM_WORLD_LOCAL_SIZE'];"
     "e['NODE_RANK']=e['GROUP_RANK']=str(int(e['RANK'])//int(e['LOCAL_SIZE']));"
-    f"e.setdefault('MASTER_PORT','{MASTER_PORT}');"
-    "os.execvp(sys.argv[1],sys.argv[1:])"
+    f"e.setdefault('MASTER_PORT','{MASTER_PORT}');a=sys.argv[1:]\n"
+    "if a[0]=='--run':\n"
+    " [s.reconfigure(line_buffering=True,write_through=False) for s in (sys.stdout,sys.stderr)]\n"
+    " sys.argv=a[1:];sys.path[0]=os.path.dirname(os.path.abspath(a[1]));runpy.run_path(a[1],run_name='__main__')\n"
+    "else:\n"
+    " os.execvp(a[0],a)"
 )
 
 
 def program_argv(spec: JobSpec) -> list[str]:
-    """What every rank runs after the shim: the script under python, or the command."""
+    """What every rank runs after the shim: the script (run by the shim itself), or the command."""
     if spec.script is not None:
-        return ["python3", "-u", spec.script, *spec.args]
+        return ["--run", spec.script, *spec.args]
     return [*spec.command, *spec.args]  # type: ignore[misc]
 
 
@@ -74,7 +81,6 @@ def rank_env(spec: JobSpec) -> dict[str, str]:
     env = {
         "DSNB_JOB_NAME": spec.name,
         "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
-        "PYTHONUNBUFFERED": "1",
         "MASTER_PORT": str(MASTER_PORT),
         "GLOO_SOCKET_IFNAME": "eth0",
     }

@@ -1,0 +1,302 @@
+"""KubeRay manifests (``ray.io/v1``) for a :class:`~dsnb.spec.JobSpec`: a RayCluster spec, a RayJob, a RayService.
+
+Pure functions: nothing here talks to a cluster. The Ray cluster has one head and one worker
+group of ``spec.nodes`` fixed-size workers. Its pods come from the pod template every
+Kubernetes backend uses (dsnb's labels, GPU limits, a memory-backed ``/dev/shm``, a non-root
+security context, the :class:`PodOptions`), without the container command: KubeRay writes
+``ray start`` there itself.
+
+Secret-looking variables of ``spec.env`` (``HF_TOKEN``, ``*_API_KEY``...) never appear in a
+manifest. The pods read them from the Secret named by :func:`env_secret_name` (one key per
+variable), which the caller creates next to the RayJob or RayService; Ray's processes inherit
+the pods' environment. The other variables are set on the pods and in the Ray runtime
+environment too.
+
+Example:
+    >>> from dsnb import JobSpec, PodOptions, Resources
+    >>> spec = JobSpec(name="tiny-gpt-x7k2", script="train.py", nodes=2, image="ghcr.io/org/train:1",
+    ...                resources=Resources(gpus=1))
+    >>> job = render_rayjob(spec, PodOptions(), ["python", "-m", "dsnb.backends.ray.train_entry", "--", "train.py"])
+    >>> job["spec"]["entrypoint"]
+    'python -m dsnb.backends.ray.train_entry -- train.py'
+    >>> workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    >>> workers["replicas"], workers["rayStartParams"]
+    (2, {'num-gpus': '1'})
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import shlex
+from typing import Any
+
+import yaml
+
+from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.pod_options import PodOptions
+from dsnb.backends.kubernetes.pod_template import build_pod_template, secret_env_keys
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec, Resources
+
+API_VERSION = "ray.io/v1"
+DEFAULT_RAY_VERSION = "2.60.0"
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+WORKER_GROUP = "workers"
+ROLE = "dsnb.io/role"
+#: The head's ports, under the names KubeRay looks them up by (head service, job submission, serve service).
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
+#: KubeRay refuses longer RayJob and RayService names: it adds 6 characters to name the
+#: RayCluster, whose service names must stay within 63.
+MAX_NAME_LEN = 47
+_INT32_MAX = 2**31 - 1
+_RAY_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def default_head_resources() -> Resources:
+    """What the head asks for when none is given: it runs the GCS, the dashboard and the driver, no training.
+
+    Example:
+        >>> default_head_resources()
+        Resources(cpu=1, memory='4Gi')
+    """
+    return Resources(cpu=1, memory="4Gi")
+
+
+def env_secret_name(spec: JobSpec) -> str | None:
+    """The Secret the pods read the secret-looking variables of ``spec.env`` from, or None if there are none.
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> env_secret_name(JobSpec(name="a-x7k2", script="t.py", env={"HF_TOKEN": "hf_x"}))
+        'a-x7k2-env'
+    """
+    return f"{spec.name}-env" if secret_env_keys(spec.env) else None
+
+
+def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
+                     head_resources: Resources | None = None) -> dict[str, Any]:
+    """The ``spec`` of a RayCluster: one head, and one worker group of ``spec.nodes`` workers.
+
+    The head starts with ``num-cpus: "0"`` so that Ray places no task or actor needing a CPU
+    there: the training workers all land on the worker pods, while the driver and Ray's own
+    actors (which ask for no CPU) still run on the head. Each worker offers Ray the spec's
+    GPUs (``num-gpus``) and, for a numeric CPU count, its CPUs rounded up (``num-cpus``;
+    KubeRay derives it from the CPU limit otherwise, rounding up as well).
+
+    Args:
+        spec: the job, already carrying its unique name; ``resources`` are per worker.
+        options: scheduling, volumes and security settings of every pod.
+        ray_version: the Ray version in ``spec.image``, ``"major.minor.patch"``.
+        head_resources: the head pod's CPU and memory; :func:`default_head_resources` if None.
+
+    Returns:
+        A dict for a RayCluster's ``spec``, a RayJob's ``rayClusterSpec`` or a RayService's
+        ``rayClusterConfig``.
+
+    Raises:
+        InvalidSpecError: no image, no nodes, a malformed Ray version, or head resources with GPUs.
+
+    Example:
+        >>> from dsnb import JobSpec, PodOptions, Resources
+        >>> spec = JobSpec(name="a-x7k2", script="t.py", nodes=3, image="rayproject/ray:2.60.0",
+        ...                resources=Resources(cpu=8, gpus=2), procs_per_node=2)
+        >>> cluster = ray_cluster_spec(spec, PodOptions(), "2.60.0")
+        >>> cluster["headGroupSpec"]["rayStartParams"]
+        {'dashboard-host': '0.0.0.0', 'num-cpus': '0'}
+        >>> cluster["workerGroupSpecs"][0]["rayStartParams"]
+        {'num-cpus': '8', 'num-gpus': '2'}
+    """
+    _check_spec(spec, ray_version)
+    head_resources = default_head_resources() if head_resources is None else head_resources
+    if not isinstance(head_resources, Resources):
+        raise InvalidSpecError("head_resources", f"must be a Resources, got {type(head_resources).__name__}",
+                               "pass Resources(cpu=1, memory='4Gi')")
+    if head_resources.gpus:
+        raise InvalidSpecError("head_resources.gpus", "the head runs no training, its GPUs would stay idle",
+                               "set gpus=0 on head_resources (the workers get spec.resources.gpus)")
+    secret_name = env_secret_name(spec)
+    head_spec = copy.copy(spec)
+    head_spec.resources = head_resources
+    head = _ray_pod_template(head_spec, options, HEAD_CONTAINER, "head", secret_name)
+    head["spec"]["containers"][0]["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS.items()]
+    worker_params: dict[str, str] = {}
+    if isinstance(spec.resources.cpu, (int, float)):
+        worker_params["num-cpus"] = str(math.ceil(spec.resources.cpu))
+    if spec.resources.gpus:
+        worker_params["num-gpus"] = str(spec.resources.gpus)
+    return {
+        "rayVersion": ray_version,
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+            "template": head,
+        },
+        "workerGroupSpecs": [{
+            "groupName": WORKER_GROUP,
+            "replicas": spec.nodes,
+            "minReplicas": spec.nodes,
+            "maxReplicas": spec.nodes,
+            "rayStartParams": worker_params,
+            "template": _ray_pod_template(spec, options, WORKER_CONTAINER, "worker", secret_name),
+        }],
+    }
+
+
+def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray_version: str = DEFAULT_RAY_VERSION, *,
+                  ttl_seconds_after_finished: int = 3600, head_resources: Resources | None = None) -> dict[str, Any]:
+    """A RayJob that creates a Ray cluster for ``spec``, runs ``entrypoint`` on it as the driver, then removes it.
+
+    KubeRay submits the job from a Kubernetes Job (``K8sJobMode``) once the cluster is up, and
+    deletes the cluster ``ttl_seconds_after_finished`` after the job ends; the cluster keeps
+    its GPUs until then, so a short TTL frees them sooner and a long one keeps the logs
+    readable longer. ``spec.max_restarts`` becomes ``backoffLimit`` (each retry runs on a new
+    cluster) and ``spec.timeout`` ``activeDeadlineSeconds``.
+
+    Secrets: the secret-looking variables of ``spec.env`` are left out of ``runtimeEnvYAML``
+    (which is stored in the RayJob in clear text). The pods take them from the Secret named
+    by :func:`env_secret_name`, which must exist before the RayJob is created.
+
+    Args:
+        spec: the job, already carrying its unique name.
+        options: see :func:`ray_cluster_spec`.
+        entrypoint: the driver's command line as a list, e.g.
+            ``["python", "-m", "dsnb.backends.ray.train_entry", "--", "train.py"]``; it is
+            quoted into one shell command, so each item reaches the driver unchanged.
+        ray_version: the Ray version in ``spec.image``.
+        ttl_seconds_after_finished: seconds between the job's end and the cluster's deletion.
+        head_resources: see :func:`ray_cluster_spec`.
+
+    Returns:
+        The RayJob as a dict (no namespace: the caller sets it).
+
+    Raises:
+        InvalidSpecError: as :func:`ray_cluster_spec`, or a name KubeRay refuses, an empty
+            entrypoint, a negative TTL or a timeout beyond KubeRay's range.
+
+    Example:
+        >>> from dsnb import JobSpec, PodOptions
+        >>> spec = JobSpec(name="a-x7k2", script="t.py", image="rayproject/ray:2.60.0", timeout=600, max_restarts=1)
+        >>> job = render_rayjob(spec, PodOptions(), ["python", "t.py", "--note", "two words"])
+        >>> job["spec"]["entrypoint"], job["spec"]["activeDeadlineSeconds"], job["spec"]["backoffLimit"]
+        ("python t.py --note 'two words'", 600, 1)
+    """
+    _check_name(spec, "RayJob")
+    if isinstance(entrypoint, str):
+        raise InvalidSpecError("entrypoint", "must be a list of strings, got one string", f"write entrypoint={shlex.split(entrypoint)!r}")
+    if not isinstance(entrypoint, (list, tuple)) or not entrypoint or not all(isinstance(a, str) for a in entrypoint):
+        raise InvalidSpecError("entrypoint", f"must be a non-empty list of strings, got {entrypoint!r}",
+                               "write entrypoint=['python', '-m', 'dsnb.backends.ray.train_entry', '--', 'train.py']")
+    if (isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
+            or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
+        raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
+                               "set ttl_seconds_after_finished=3600, or 0 to delete the cluster as soon as the job ends")
+    job_spec: dict[str, Any] = {"entrypoint": shlex.join(entrypoint)}
+    runtime_env = _runtime_env(spec)
+    if runtime_env:
+        job_spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
+    job_spec.update({
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": spec.max_restarts,
+    })
+    if spec.timeout:
+        if spec.timeout > _INT32_MAX:
+            raise InvalidSpecError("timeout", f"{spec.timeout:g} s is beyond what KubeRay accepts ({_INT32_MAX} s)",
+                                   "set a shorter timeout, or None for no limit")
+        job_spec["activeDeadlineSeconds"] = max(1, int(spec.timeout))
+    job_spec["rayClusterSpec"] = ray_cluster_spec(spec, options, ray_version, head_resources=head_resources)
+    return {"apiVersion": API_VERSION, "kind": "RayJob",
+            "metadata": {"name": spec.name, "labels": job_labels(spec.name)}, "spec": job_spec}
+
+
+def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str, deployment: dict[str, Any],
+                      ray_version: str = DEFAULT_RAY_VERSION, *, head_resources: Resources | None = None) -> dict[str, Any]:
+    """A RayService serving one Serve application (``import_path``, one deployment) on a Ray cluster for ``spec``.
+
+    The application is named after the job and answers on ``/`` of the serve port (8000).
+    Secrets are handled as in :func:`render_rayjob`: ``serveConfigV2`` carries only the
+    variables that are not secret-looking.
+
+    Args:
+        spec: the job, already carrying its unique name; ``resources`` are per worker.
+        options: see :func:`ray_cluster_spec`.
+        import_path: where Serve finds the application, ``"module:app"`` or ``"module.app"``.
+        deployment: the deployment's Serve settings, as written in a Serve config file
+            (``name``, ``num_replicas`` or ``autoscaling_config``, ``ray_actor_options``...);
+            kept as given.
+        ray_version: the Ray version in ``spec.image``.
+        head_resources: see :func:`ray_cluster_spec`.
+
+    Returns:
+        The RayService as a dict (no namespace: the caller sets it).
+
+    Raises:
+        InvalidSpecError: as :func:`ray_cluster_spec`, or a name KubeRay refuses, a malformed
+            import path, or a deployment without a name or with both a fixed replica count
+            and autoscaling.
+
+    Example:
+        >>> from dsnb import JobSpec, PodOptions
+        >>> spec = JobSpec(name="chat-x7k2", script="serve.py", image="rayproject/ray:2.60.0")
+        >>> service = render_rayservice(spec, PodOptions(), "serve_app:app", {"name": "Chat", "num_replicas": 2})
+        >>> yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+        [{'name': 'Chat', 'num_replicas': 2}]
+    """
+    _check_name(spec, "RayService")
+    if not isinstance(import_path, str) or not re.fullmatch(r"[A-Za-z_][\w.]*[.:][A-Za-z_]\w*", import_path):
+        raise InvalidSpecError("import_path", f"{import_path!r} is not a Serve import path",
+                               "write it like 'serve_app:app' (module, then the bound application)")
+    if not isinstance(deployment, dict) or not isinstance(deployment.get("name"), str) or not deployment["name"]:
+        raise InvalidSpecError("deployment.name", "every deployment needs a name", "pass deployment={'name': 'Model', 'num_replicas': 1}")
+    replicas = deployment.get("num_replicas")
+    if deployment.get("autoscaling_config") and isinstance(replicas, int) and not isinstance(replicas, bool):
+        raise InvalidSpecError("deployment.num_replicas", "a fixed replica count cannot go with autoscaling_config",
+                               "remove num_replicas (or set it to 'auto') and let autoscaling_config decide")
+    app = {"name": spec.name, "import_path": import_path, "route_prefix": "/", "runtime_env": _runtime_env(spec),
+           "deployments": [copy.deepcopy(deployment)]}
+    try:
+        serve_config = yaml.safe_dump({"applications": [app]}, sort_keys=False)
+    except yaml.YAMLError as e:
+        raise InvalidSpecError("deployment", f"cannot be written as YAML ({e})",
+                               "use only strings, numbers, booleans, lists and dicts") from e
+    return {"apiVersion": API_VERSION, "kind": "RayService",
+            "metadata": {"name": spec.name, "labels": job_labels(spec.name)},
+            "spec": {"serveConfigV2": serve_config,
+                     "rayClusterConfig": ray_cluster_spec(spec, options, ray_version, head_resources=head_resources)}}
+
+
+def _check_spec(spec: JobSpec, ray_version: str) -> None:
+    if not spec.image:
+        raise InvalidSpecError("image", "KubeRay runs the job in a container image",
+                               "set image= an image with Ray, torch, DeepSpeed and your code (e.g. built FROM rayproject/ray)")
+    if isinstance(spec.nodes, bool) or not isinstance(spec.nodes, int) or spec.nodes < 1:
+        raise InvalidSpecError("nodes", f"must be a whole number >= 1, got {spec.nodes!r}", "set nodes=1 or more")
+    if not isinstance(ray_version, str) or not _RAY_VERSION.match(ray_version):
+        raise InvalidSpecError("ray_version", f"{ray_version!r} is not a Ray version",
+                               f"write the version in the image as major.minor.patch, e.g. {DEFAULT_RAY_VERSION!r}")
+
+
+def _check_name(spec: JobSpec, kind: str) -> None:
+    if len(spec.name) > MAX_NAME_LEN:
+        raise InvalidSpecError("name", f"{spec.name!r} has {len(spec.name)} characters; KubeRay allows at most {MAX_NAME_LEN} for a {kind}",
+                               f"use a name of at most {MAX_NAME_LEN - 5} characters (dsnb adds a 5-character suffix)")
+
+
+def _runtime_env(spec: JobSpec) -> dict[str, Any]:
+    hidden = set(secret_env_keys(spec.env))
+    env_vars = {k: v for k, v in spec.env.items() if k not in hidden}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def _ray_pod_template(spec: JobSpec, options: PodOptions, container: str, role: str,
+                      secret_name: str | None) -> dict[str, Any]:
+    template = build_pod_template(spec, [], {}, options, {ROLE: role}, secret_name=secret_name)
+    main = template["spec"]["containers"][0]
+    main["name"] = container
+    # KubeRay writes the command itself (``ray start`` with the rayStartParams); one set here would run before it.
+    main.pop("command", None)
+    main.pop("args", None)
+    return template
