@@ -33,7 +33,7 @@ from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
 from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, container_started, split_rank
 from dsnb.backends.kubernetes.pod_options import PodOptions
-from dsnb.backends.kubernetes.pod_template import CONTAINER
+from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, secret_env_keys
 from dsnb.backends.kubernetes.rbac import Permission
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.metrics import sample_to_dict
@@ -65,6 +65,43 @@ def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[
         },
         "data": {"spec.json": json.dumps(data, indent=1), **files},
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSecret:
+    """The Secret holding a job's secret-looking env values, as a plan carries it.
+
+    Attributes:
+        name: the Secret's name (``<job>-env``), or None when the spec has no secret values.
+        manifest: the Secret with its values shown as ``***`` (what the plan prints).
+        values: ``{secret name: {key: value}}`` for ``plan.extra["secret_values"]`` (what apply creates).
+        notes: a remark for the plan's notes.
+    """
+
+    name: str | None
+    manifest: dict[str, Any] | None
+    values: dict[str, dict[str, str]]
+    notes: tuple[str, ...]
+
+
+def env_secret(spec: JobSpec, namespace: str) -> EnvSecret:
+    """The Secret for ``spec.env``'s secret-looking values (pods reference it with ``secretKeyRef``).
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> secret = env_secret(JobSpec(name="a-x1y2", script="t.py", env={"HF_TOKEN": "hf_x"}), "ml")
+        >>> secret.manifest["stringData"], secret.values
+        ({'HF_TOKEN': '***'}, {'a-x1y2-env': {'HF_TOKEN': 'hf_x'}})
+    """
+    keys = secret_env_keys(spec.env)
+    if not keys:
+        return EnvSecret(None, None, {}, ())
+    name = f"{spec.name}-env"
+    manifest = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace, "labels": job_labels(spec.name)},
+                "stringData": {k: REDACTED for k in keys}}
+    note = f"the Secret's values ({', '.join(keys)}) are shown as *** here; fill them in before applying"
+    return EnvSecret(name, manifest, {name: {k: spec.env[k] for k in keys}}, (note,))
 
 
 def _bounded_jsonl(rows: list[Any], limit: int) -> str:

@@ -25,11 +25,11 @@ import json
 from typing import Any
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
-from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
@@ -148,18 +148,18 @@ class MPIJobBackend(KubernetesBackend):
         unique = spec.with_unique_name()
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
-        secrets = secret_env_keys(unique.env)
+        secret = env_secret(unique, namespace)
         # Ranks inherit the launcher's environment only through mpirun -x.
         exported = [*env, *unique.env, *self.pod_options.nccl]
         launcher = build_pod_template(
             unique, mpirun_argv(unique, exported), env, self.pod_options, {"dsnb.io/role": "launcher"},
-            secret_name=f"{name}-env" if secrets else None,
+            secret_name=secret.name,
         )
         # The launcher only runs mpirun: it needs no GPUs and little memory.
         launcher["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "500m", "memory": "512Mi"}}
         worker = build_pod_template(
             unique, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
-            {"dsnb.io/role": "worker"}, secret_name=f"{name}-env" if secrets else None,
+            {"dsnb.io/role": "worker"}, secret_name=secret.name,
         )
         worker["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": SSHD_PORT}, "initialDelaySeconds": 2, "periodSeconds": 2}
         run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": unique.max_restarts}
@@ -184,11 +184,7 @@ class MPIJobBackend(KubernetesBackend):
             },
         }
         record = record_manifest(unique, self.name, {})
-        manifests = [record, mpijob]
-        if secrets:
-            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                                 "metadata": {"name": f"{name}-env", "labels": job_labels(name)},
-                                 "stringData": {k: REDACTED for k in secrets}})
+        manifests = [record, *([secret.manifest] if secret.manifest else []), mpijob]
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         notes = [
@@ -196,11 +192,9 @@ class MPIJobBackend(KubernetesBackend):
             "mpirun on the launcher; needs the MPI Operator (kubeflow.org/v2beta1)",
             "the image needs Open MPI, a non-root sshd for user mpiuser on port 2222 "
             "(like mpioperator/openmpi), torch and DeepSpeed",
+            *secret.notes,
         ]
-        if secrets:
-            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
-                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd

@@ -28,11 +28,11 @@ from importlib import resources
 from typing import Any
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_status import container_status, node_outcome, started_at
-from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, ExtraVolume, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
@@ -160,13 +160,13 @@ class StatefulSetBackend(KubernetesBackend):
         if unique.deepspeed_config is not None:
             files["deepspeed.json"] = json.dumps(unique.deepspeed_config, indent=1)
         record = record_manifest(unique, self.name, files)
-        secrets = secret_env_keys(unique.env)
+        secret = env_secret(unique, namespace)
         node_labels = {**job_labels(name), ROLE: "node"}
         template = build_pod_template(
             unique, ["python3", f"{JOB_DIR}/entry.py"], self._env(unique), self.pod_options, {ROLE: "node"},
             args=launcher_argv(unique, self.launcher, master),
             downward_env={"DSNB_POD_NAME": "metadata.name", "DSNB_NAMESPACE": "metadata.namespace"},
-            secret_name=f"{name}-env" if secrets else None,
+            secret_name=secret.name,
             volumes=[
                 ExtraVolume({"name": "dsnb-job", "configMap": {"name": name, "defaultMode": 0o444}}, JOB_DIR, read_only=True),
                 ExtraVolume({"name": "dsnb-state", "emptyDir": {}}, STATE_DIR),
@@ -186,22 +186,16 @@ class StatefulSetBackend(KubernetesBackend):
             "spec": {"serviceName": name, "replicas": unique.nodes, "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": node_labels}, "template": template},
         }
-        manifests = [record, service, stateful_set]
-        if secrets:
-            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                                 "metadata": {"name": f"{name}-env", "labels": job_labels(name)},
-                                 "stringData": {k: REDACTED for k in secrets}})
+        manifests = [record, *([secret.manifest] if secret.manifest else []), service, stateful_set]
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
         notes = [
             f"dsnb statefulset plan for {name} in namespace {namespace}: {unique.nodes} pod(s) x {unique.procs_per_node} rank(s) via {ranks}",
             "apply with: kubectl apply -f <this file>; remove with: kubectl delete statefulset,service,configmap,secret -l dsnb.io/job=" + name,
+            *secret.notes,
         ]
-        if secrets:
-            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
-                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
 
     # -- status ----------------------------------------------------------------------------
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],

@@ -26,12 +26,12 @@ from kubeflow_trainer_api import models
 from kubernetes.client.exceptions import ApiException
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, record_manifest
+from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
-from dsnb.backends.kubernetes.pod_template import REDACTED, build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
@@ -104,10 +104,10 @@ class TrainJobBackend(KubernetesBackend):
         unique = spec.with_unique_name()
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
-        secrets = secret_env_keys(unique.env)
+        secret = env_secret(unique, namespace)
         exported = [*env, *unique.env, *self.pod_options.nccl]
         shaped = build_pod_template(unique, mpirun_argv(unique, exported), env, self.pod_options,
-                                    secret_name=f"{name}-env" if secrets else None)["spec"]["containers"][0]
+                                    secret_name=secret.name)["spec"]["containers"][0]
         trainer: dict[str, Any] = {
             "image": unique.image,
             "command": shaped["command"],
@@ -131,19 +131,13 @@ class TrainJobBackend(KubernetesBackend):
         trainjob = models.TrainerV1alpha1TrainJob.from_dict(body).to_dict()
         record = record_manifest(unique, self.name, {})
         record["metadata"]["namespace"] = namespace
-        manifests = [record, trainjob]
-        if secrets:
-            manifests.insert(1, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                                 "metadata": {"name": f"{name}-env", "namespace": namespace, "labels": job_labels(name)},
-                                 "stringData": {k: REDACTED for k in secrets}})
+        manifests = [record, *([secret.manifest] if secret.manifest else []), trainjob]
         notes = [
             f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
             f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",
+            *secret.notes,
         ]
-        if secrets:
-            notes.append(f"the Secret's values ({', '.join(secrets)}) are shown as *** here; fill them in before applying")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,
-                    extra={"secret_values": {f"{name}-env": {k: unique.env[k] for k in secrets}}})
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd, check_runtime
