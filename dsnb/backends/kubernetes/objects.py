@@ -43,6 +43,12 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
             "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
 
 
+def _typed_call(conn: Connection, verb: str, kind: str) -> Any:
+    """The official client's ``<verb>_namespaced_<kind>`` method for a core or apps kind."""
+    api, suffix = _TYPED[kind]
+    return getattr(getattr(conn, api), f"{verb}_namespaced_{suffix}")
+
+
 def read_json(response: Any) -> dict[str, Any]:
     """The JSON body of an unread (``_preload_content=False``) response; raises on an error status."""
     try:
@@ -61,8 +67,7 @@ def create(conn: Connection, manifest: dict[str, Any]) -> dict[str, Any]:
     """
     kind = manifest["kind"]
     if kind in _TYPED:
-        api, suffix = _TYPED[kind]
-        call = getattr(getattr(conn, api), f"create_namespaced_{suffix}")
+        call = _typed_call(conn, "create", kind)
         return read_json(call(conn.namespace, manifest, _preload_content=False))
     group, version = manifest["apiVersion"].split("/")
     return conn.custom.create_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], manifest)
@@ -76,8 +81,7 @@ def read(conn: Connection, api_version: str, kind: str, name: str) -> dict[str, 
     """
     try:
         if kind in _TYPED:
-            api, suffix = _TYPED[kind]
-            call = getattr(getattr(conn, api), f"read_namespaced_{suffix}")
+            call = _typed_call(conn, "read", kind)
             return read_json(call(name, conn.namespace, _preload_content=False))
         group, version = api_version.split("/")
         return conn.custom.get_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name)
@@ -104,8 +108,7 @@ def delete(conn: Connection, api_version: str, kind: str, name: str) -> bool:
     """
     try:
         if kind in _TYPED:
-            api, suffix = _TYPED[kind]
-            call = getattr(getattr(conn, api), f"delete_namespaced_{suffix}")
+            call = _typed_call(conn, "delete", kind)
             read_json(call(name, conn.namespace, propagation_policy="Background", _preload_content=False))
         else:
             group, version = api_version.split("/")
