@@ -18,7 +18,7 @@ from dsnb.errors import (
 )
 from dsnb.job import Job
 from dsnb.metrics import report
-from dsnb.runtime import deepspeed_config
+from dsnb.runtime import checkpoint_dir, deepspeed_config
 from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus
 
@@ -27,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
     "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "PodOptions", "ReplicaStatus",
-    "Resources", "WaitTimeout", "deepspeed_config", "report",
+    "Resources", "WaitTimeout", "checkpoint_dir", "deepspeed_config", "report",
 ]

@@ -33,11 +33,11 @@ class InvalidSpecError(DsnbError, ValueError):
         fix: how to fix it.
     """
 
-    def __init__(self, field: str, problem: str, fix: str) -> None:
+    def __init__(self, field: str, problem: str, fix: str, *, spec: str = "JobSpec") -> None:
         self.field = field
         self.problem = problem
         self.fix = fix
-        super().__init__(f"JobSpec.{field}: {problem}. Fix: {fix}")
+        super().__init__(f"{spec}.{field}: {problem}. Fix: {fix}")
 
 
 class BackendUnavailable(DsnbError, ImportError):

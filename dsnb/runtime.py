@@ -35,3 +35,22 @@ def deepspeed_config() -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def checkpoint_dir(default: str) -> str:
+    """Where this rank saves and resumes checkpoints: ``default`` unless the backend provides one.
+
+    The Ray backend gives each worker a directory that Ray Train fills from the run's last
+    checkpoint before the script starts, and takes back as a checkpoint when it ends
+    (``DSNB_CHECKPOINT_DIR``). Elsewhere ``default`` is used as given (a shared volume on
+    Kubernetes, a local path on this machine).
+
+    Example:
+        >>> import os; os.environ.pop("DSNB_CHECKPOINT_DIR", None)
+        >>> checkpoint_dir("./checkpoints/tiny-gpt")
+        './checkpoints/tiny-gpt'
+
+    Raises:
+        Nothing.
+    """
+    return os.environ.get("DSNB_CHECKPOINT_DIR") or default

@@ -270,6 +270,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "statefulset": ("dsnb.backends.kubernetes.statefulset:StatefulSetBackend", "k8s"),
     "mpijob": ("dsnb.backends.kubernetes.mpijob:MPIJobBackend", "k8s"),
     "trainjob": ("dsnb.backends.kubernetes.trainjob:TrainJobBackend", "k8s"),
+    "ray": ("dsnb.backends.ray.backend:RayBackend", "ray"),
 }
 _registered: dict[str, tuple[str | type[Backend], str | None]] = {}
 ENTRY_POINT_GROUP = "dsnb.backends"

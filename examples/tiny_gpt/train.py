@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="seed for model initialisation and data order (default: %(default)s)")
     parser.add_argument("--report-every", type=int, default=1, help="report loss and tokens/s every N steps; the first and last step always (default: %(default)s)")
     parser.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps; 0 saves only at the end (default: %(default)s)")
-    parser.add_argument("--checkpoint-dir", default="./checkpoints/tiny-gpt", help="where checkpoints are saved and resumed from (default: %(default)s)")
+    parser.add_argument("--checkpoint-dir", default=dsnb.checkpoint_dir("./checkpoints/tiny-gpt"),
+                        help="where checkpoints are saved and resumed from (default: %(default)s; on Ray, a directory Ray Train keeps)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch even if a checkpoint exists")
     parser.add_argument("--no-save", dest="save", action="store_false", help="save no checkpoint at all (for benchmarks)")
     parser.add_argument("--data", default=str(HERE / "data.txt"), help="text file to train on, read as bytes (default: data.txt next to this script)")

@@ -31,10 +31,11 @@ from dsnb.backends.kubernetes.connection import Connection, connect
 from dsnb.backends.kubernetes.entry import Outcome
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
-from dsnb.backends.kubernetes.logs import JobLogs, PodLogFollower, container_started, split_rank
+from dsnb.backends.kubernetes.logs import PodLogFollower, container_started, split_rank
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, secret_env_keys
 from dsnb.backends.kubernetes.rbac import Permission
+from dsnb.backends.logbuffer import JobLogs
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.metrics import sample_to_dict
 from dsnb.spec import JobSpec, redact_env

@@ -9,11 +9,6 @@ previous container's log is read first. Each line is attributed to a rank: torch
 the pod) are the node's (a negative rank, see :func:`dsnb.status.node_line_rank`).
 
 Example:
-    >>> buffer = JobLogs(capacity=3)
-    >>> for text in ("a", "b", "c", "d"):
-    ...     buffer.add(0, text, 0.0)
-    >>> [line.text for line in buffer.read(0, None, 10)[0]]
-    ['b', 'c', 'd']
     >>> split_rank("[default1]:loss 2.1", node=1, procs_per_node=2)
     (3, 'loss 2.1')
     >>> split_rank("dsnb: waiting for peers", node=1, procs_per_node=2)
@@ -27,18 +22,16 @@ Example:
 from __future__ import annotations
 
 import calendar
-import collections
 import email.utils
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from dsnb.backends.kubernetes.pod_status import container_status
-from dsnb.metrics import MetricParser
-from dsnb.status import LAUNCHER_LINE_RANK, LogLine, MetricSample, node_line_rank
+from dsnb.status import LAUNCHER_LINE_RANK, node_line_rank
 
 _TORCHRUN_PREFIX = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:")
 _MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
@@ -76,76 +69,6 @@ def parse_timestamp(stamp: str) -> int:
     seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
     digits = re.match(r"\d*", fraction).group(0)  # type: ignore[union-attr]
     return seconds * 1_000_000_000 + int((digits + "000000000")[:9])
-
-
-class JobLogs:
-    """The lines and metric samples of one job, in arrival order, with a cap.
-
-    Cursors are absolute line numbers, so a reader that falls behind the cap skips ahead
-    instead of reading the same lines twice.
-    """
-
-    def __init__(self, capacity: int = 100_000, metric_capacity: int = 200_000) -> None:
-        self._lines: collections.deque[LogLine] = collections.deque(maxlen=capacity)
-        self._dropped = 0
-        self._samples: collections.deque[MetricSample] = collections.deque(maxlen=metric_capacity)
-        self._samples_dropped = 0
-        self._parser = MetricParser()
-        self._lock = threading.Lock()
-
-    def add(self, rank: int, text: str, when: float, parse_metrics: bool = True) -> None:
-        """Keep one line and (unless told not to) the metric samples it carries."""
-        with self._lock:
-            if len(self._lines) == self._lines.maxlen:
-                self._dropped += 1
-            self._lines.append(LogLine(rank=rank, text=text, time=when))
-            if parse_metrics:
-                self._keep_samples(self._parser.feed(rank, text, when))
-
-    def add_samples(self, samples: Iterable[MetricSample]) -> None:
-        """Keep metric samples read from elsewhere (an archive)."""
-        with self._lock:
-            self._keep_samples(samples)
-
-    def _keep_samples(self, samples: Iterable[MetricSample]) -> None:
-        for sample in samples:
-            if len(self._samples) == self._samples.maxlen:
-                self._samples_dropped += 1
-            self._samples.append(sample)
-
-    def read(self, cursor: int, rank: int | None, limit: int) -> tuple[list[LogLine], int]:
-        """Up to ``limit`` lines after line number ``cursor`` (of ``rank``), and the next cursor."""
-        with self._lock:
-            start = max(cursor, self._dropped)
-            lines = list(self._lines)[start - self._dropped:]
-        chosen: list[LogLine] = []
-        position = start
-        for line in lines:
-            if len(chosen) >= limit:
-                break
-            position += 1
-            if rank is None or line.rank == rank:
-                chosen.append(line)
-        return chosen, position
-
-    def tail(self, count: int, rank: int | None) -> tuple[list[LogLine], int]:
-        """The last ``count`` lines (of ``rank``) and the cursor after them."""
-        with self._lock:
-            lines = list(self._lines)
-            end = self._dropped + len(lines)
-        chosen = [line for line in lines if rank is None or line.rank == rank]
-        return chosen[-count:] if count > 0 else [], end
-
-    def samples(self, cursor: int) -> tuple[list[MetricSample], int]:
-        """Metric samples after number ``cursor`` and the next cursor."""
-        with self._lock:
-            start = max(cursor, self._samples_dropped)
-            samples = list(self._samples)[start - self._samples_dropped:]
-        return samples, start + len(samples)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._dropped + len(self._lines)
 
 
 def container_started(pod: dict[str, Any], container: str) -> bool:

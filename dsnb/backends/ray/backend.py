@@ -1,0 +1,421 @@
+"""``Cluster("ray")``: DeepSpeed under Ray Train, submitted through Ray's Job Submission API.
+
+Three placements, one backend:
+
+- ``Cluster("ray")``: a private Ray head on 127.0.0.1 (see :mod:`.head`), started on first
+  use, shared by the process's ray clusters, stopped when the last one closes;
+- ``Cluster("ray", address="http://HOST:8265", token=...)``: an existing Ray cluster (its
+  dashboard address); the token is sent when the cluster uses token authentication;
+- ``Cluster("ray", kuberay=True, namespace=...)``: KubeRay on Kubernetes, see
+  :mod:`.kuberay_backend`.
+
+A job is one Ray job whose driver (:mod:`.train_entry`) fits a ``TorchTrainer`` running the
+user's script on ``world_size`` workers. Status comes from Ray's job status, logs from the
+job's driver log (each worker line mapped back to its rank), metrics from the ``dsnb.report``
+lines in it. The submission id is the dsnb job name, so ``cluster.attach(name)`` works from
+any process that reaches the same Ray cluster.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> plan = Cluster("ray").dryrun(JobSpec(name="tiny-gpt", script="train.py", procs_per_node=2))
+    >>> plan.manifests[0]["entrypoint"]
+    'python -m dsnb.backends.ray.train_entry'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
+from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.ray import train_entry
+from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
+from dsnb.backends.ray.logs import DriverLogParser
+from dsnb.errors import ClusterError, JobNotFound
+from dsnb.preflight import PreflightReport
+from dsnb.spec import JobSpec, redact_env
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+JOB_KEY = "dsnb.io/job"
+SPEC_KEY = "dsnb.io/spec"
+READ_LIMIT = 5000
+#: Seconds between two reads of a running job's driver log (each read returns the whole log).
+LOG_REFRESH_S = 0.25
+CANCEL_TIMEOUT_S = 60.0
+#: Left out of the working directory Ray uploads for the job.
+UPLOAD_EXCLUDES = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "checkpoints/", ".venv/"]
+_STATES = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
+           "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
+
+
+def dsnb_home() -> Path:
+    from dsnb.backends.local.jobdir import dsnb_home as home
+
+    return home()
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """What this client has read of one job's driver log."""
+
+    logs: JobLogs = dataclasses.field(default_factory=JobLogs)
+    parser: DriverLogParser = dataclasses.field(default_factory=DriverLogParser)
+    offset: int = 0
+    read_at: float = 0.0
+    complete: bool = False
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+class RayBackend(Backend):
+    """Ray Train jobs on a local Ray head, an existing Ray cluster, or (``kuberay=True``) KubeRay.
+
+    Args:
+        address: the Ray dashboard of an existing cluster, ``"http://HOST:8265"``; None
+            starts a private head on this machine.
+        token: the cluster's auth token (token authentication); by default ``RAY_AUTH_TOKEN``
+            or ``~/.ray/auth_token`` when either exists. Never shown or logged.
+        storage_path: where Ray Train keeps runs and checkpoints: a directory every Ray node
+            sees, or a URI (``s3://...``, ``gs://...``); default ``$DSNB_HOME/ray-runs`` locally,
+            Ray's own default (``~/ray_results`` on the head) on a cluster.
+        num_cpus: logical CPUs the private head offers (default ``max(cores, 8)``).
+        kuberay: submit RayJobs to Kubernetes instead; the other options are then those of
+            the Kubernetes backends (``namespace``, ``context``, ``kubeconfig``, ``pod_options``...).
+
+    Raises:
+        ClusterError: (on first use) the Ray cluster cannot be reached or refuses the token.
+
+    Example:
+        >>> Cluster("ray", address="http://ray-head.ml:8265")   # doctest: +SKIP
+        Cluster(backend='ray')
+    """
+
+    name = "ray"
+
+    def __new__(cls, *args: Any, kuberay: bool = False, **options: Any) -> Any:
+        if kuberay:
+            from dsnb.backends.ray.kuberay_backend import KubeRayBackend
+
+            return KubeRayBackend(*args, **options)
+        return super().__new__(cls)
+
+    def __init__(self, address: str | None = None, *, token: str | None = None, storage_path: str | None = None,
+                 num_cpus: int | None = None, kuberay: bool = False) -> None:
+        self.address = address.rstrip("/") if address else None
+        if self.address and "://" not in self.address:
+            self.address = f"http://{self.address}"
+        self._token = token if token is not None else (_default_token() if address else None)
+        self.storage_path = storage_path or (None if address else str(dsnb_home() / "ray-runs"))
+        self._num_cpus = num_cpus
+        self._head: LocalHead | None = None
+        self._client_obj: Any = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+
+    # -- connection --------------------------------------------------------------------
+
+    @property
+    def dashboard_url(self) -> str:
+        """The Ray dashboard this backend talks to (starting the private head if needed).
+
+        Raises:
+            ClusterError: the private head did not start.
+        """
+        if self.address:
+            return self.address
+        return self._local_head().dashboard_url
+
+    def _local_head(self) -> LocalHead:
+        with self._lock:
+            if self._head is None or not self._head.alive:
+                if self._head is not None:
+                    release_head(self._head)
+                self._head = acquire_head(self._num_cpus)
+                self._client_obj = None
+            return self._head
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _client(self) -> Any:
+        url = self.dashboard_url
+        with self._lock:
+            if self._client_obj is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client_obj = JobSubmissionClient(url, headers=self.headers or None)
+                except Exception as e:  # ConnectionError, RuntimeError (HTTP 401/403)
+                    raise self._unreachable(e) from e
+            return self._client_obj
+
+    def _unreachable(self, error: Exception) -> ClusterError:
+        text = str(error)
+        if "401" in text or "403" in text or "nauthori" in text or "token" in text.lower():
+            fix = ("pass token= (the cluster's token from `ray get-auth-token` on its head) or set RAY_AUTH_TOKEN"
+                   if not self._token else "the token was refused: check it with `ray get-auth-token` on the head")
+            return ClusterError(f"Ray cluster at {self.address}", "refused the request (authentication)", fix)
+        return ClusterError(f"Ray cluster at {self.dashboard_url}", f"cannot be reached ({text.splitlines()[0][:200] if text else type(error).__name__})",
+                            "check the address (the dashboard's, port 8265) and that the cluster is up: `ray status` on its head")
+
+    def _started(self) -> bool:
+        """Whether there can be jobs at all: a cluster address, or a private head that runs."""
+        return bool(self.address) or (self._head is not None and self._head.alive)
+
+    # -- submit ------------------------------------------------------------------------
+
+    def dryrun(self, spec: JobSpec) -> Plan:
+        """The Ray job submission for ``spec``: entrypoint, runtime environment, metadata; nothing is sent.
+
+        Raises:
+            InvalidSpecError: a ``command`` that is not ``python script.py ...`` (Ray Train runs scripts).
+        """
+        unique = spec.with_unique_name()
+        storage = self.storage_path or "~/ray_results"
+        env = {**train_entry.driver_env(unique, storage), **unique.env}
+        working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
+        runtime_env = {"working_dir": working_dir, "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
+        metadata = {JOB_KEY: unique.name, SPEC_KEY: json.dumps(_public_spec(unique), separators=(",", ":"))}
+        submission = {"address": self.address or "(a private Ray head on 127.0.0.1)", "submission_id": unique.name,
+                      "entrypoint": shlex.join(train_entry.DRIVER_ARGV),
+                      "entrypoint_num_cpus": 0,
+                      "runtime_env": {**runtime_env, "env_vars": redact_env(env)}, "metadata": metadata}
+        notes = [f"Ray Train: TorchTrainer with {unique.world_size} workers "
+                 f"({'GPU, nccl' if unique.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{train_entry.run_name(unique.name)}"]
+        if redact_env(env) != env:
+            notes.append("secret-looking env values travel in the job's runtime environment: "
+                          "whoever can read this Ray cluster's dashboard can read them")
+        return Plan(backend=self.name, spec=unique, manifests=[submission], notes=notes,
+                    extra={"runtime_env": runtime_env, "metadata": metadata})
+
+    def apply(self, plan: Plan) -> None:
+        """Submit the job to Ray.
+
+        Raises:
+            ClusterError: Ray is unreachable or refused the job (nothing is left behind).
+        """
+        client = self._client()
+        try:
+            client.submit_job(entrypoint=shlex.join(train_entry.DRIVER_ARGV), submission_id=plan.name,
+                              runtime_env=plan.extra["runtime_env"], metadata=plan.extra["metadata"],
+                              entrypoint_num_cpus=0)
+        except Exception as e:
+            raise ClusterError(f"Ray job {plan.name!r}", f"was refused: {str(e).strip().splitlines()[-1][:300]}",
+                               "see the message; a working_dir over Ray's upload limit (500 MiB) needs excludes or a smaller directory") from e
+        with self._lock:
+            self._tracked[plan.name] = _Tracked()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _info(self, name: str) -> Any:
+        if not self._started():
+            raise JobNotFound(name, self.name)
+        try:
+            return self._client().get_job_info(name)
+        except ClusterError:
+            raise
+        except Exception as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                raise JobNotFound(name, self.name) from e
+            raise self._unreachable(e) from e
+
+    def _track(self, name: str) -> _Tracked:
+        with self._lock:
+            return self._tracked.setdefault(name, _Tracked())
+
+    def _ingest(self, name: str, terminal: bool) -> _Tracked:
+        """Read what the driver log gained since last time (all of it once the job has ended)."""
+        tracked = self._track(name)
+        with tracked.lock:
+            now = time.monotonic()
+            if tracked.complete or (not terminal and now - tracked.read_at < LOG_REFRESH_S):
+                return tracked
+            tracked.read_at = now
+            try:
+                text = self._client().get_job_logs(name)
+            except Exception as e:
+                if "does not exist" in str(e):
+                    raise JobNotFound(name, self.name) from e
+                raise self._unreachable(e) from e
+            new = text[tracked.offset:]
+            if not terminal:
+                new = new[:new.rfind("\n") + 1]  # a line still being written waits for its end
+            tracked.offset += len(new)
+            when = time.time()
+            for raw in new.splitlines():
+                entry = tracked.parser.feed(raw)
+                if entry is not None:
+                    tracked.logs.add(entry[0], entry[1], when)
+            tracked.complete = terminal
+            return tracked
+
+    def status(self, name: str) -> JobStatus:
+        """The job's status from Ray, with ranks from its log.
+
+        Raises:
+            JobNotFound: Ray has no job of that name.
+            ClusterError: Ray cannot be reached.
+        """
+        info = self._info(name)
+        state = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
+        tracked = self._ingest(name, state.is_terminal())
+        return self._status_from(name, info, state, tracked)
+
+    def _status_from(self, name: str, info: Any, state: JobState, tracked: _Tracked | None) -> JobStatus:
+        world = _world_size(info)
+        ranks = set(tracked.parser.ranks.values()) if tracked else set()
+        if state == JobState.RUNNING and len(ranks) < world:
+            state = JobState.STARTING
+        replicas = tuple(ReplicaStatus(rank=r, state=state if (r in ranks or state.is_terminal()) else JobState.STARTING)
+                         for r in range(world))
+        message = (info.message or "").strip().splitlines()[0][:300] if info.message else ""
+        failed_rank = exit_code = None
+        last_lines: tuple[str, ...] = ()
+        outcome = tracked.parser.outcome if tracked else None
+        if state == JobState.FAILED:
+            exit_code = info.driver_exit_code if info.driver_exit_code is not None else 1
+            if outcome:
+                failed_rank = outcome.get("failed_rank")
+                exit_code = outcome.get("rank_exit_code", exit_code)
+                message = outcome.get("error") or message
+            if tracked is not None:
+                tail, _ = tracked.logs.tail(15, failed_rank if failed_rank is not None else None)
+                last_lines = tuple(line.text for line in tail)
+            if failed_rank is not None:
+                replicas = tuple(dataclasses.replace(r, exit_code=exit_code) if r.rank == failed_rank else r for r in replicas)
+        elif state == JobState.CANCELLED:
+            message = "cancelled"
+        started = info.start_time / 1000 if info.start_time else None
+        return JobStatus(name=name, backend=self.name, state=state, replicas=replicas, message=message,
+                         created_at=started, started_at=started,
+                         finished_at=info.end_time / 1000 if info.end_time else None,
+                         failed_rank=failed_rank, exit_code=exit_code, last_lines=last_lines)
+
+    def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
+        """Lines since ``cursor``. Raises: JobNotFound."""
+        tracked = self._refresh(name)
+        lines, position = tracked.logs.read(cursor or 0, rank, READ_LIMIT)
+        return LogChunk(lines=lines, cursor=position)
+
+    def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
+        """The last ``count`` lines. Raises: JobNotFound."""
+        lines, position = self._refresh(name).logs.tail(count, rank)
+        return LogChunk(lines=lines, cursor=position)
+
+    def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
+        """Samples since ``cursor``. Raises: JobNotFound."""
+        samples, position = self._refresh(name).logs.samples(cursor or 0)
+        return MetricChunk(samples=samples, cursor=position)
+
+    def _refresh(self, name: str) -> _Tracked:
+        tracked = self._track(name)
+        if tracked.complete:
+            return tracked
+        info = self._info(name)
+        return self._ingest(name, _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING).is_terminal())
+
+    # -- control -----------------------------------------------------------------------
+
+    def cancel(self, name: str) -> JobStatus:
+        """Stop the Ray job (its driver, the Train controller and workers) and wait for it to end.
+
+        Raises:
+            JobNotFound: Ray has no job of that name.
+            ClusterError: Ray cannot be reached, or the job did not stop in time.
+        """
+        status = self.status(name)
+        if status.state.is_terminal():
+            return status
+        try:
+            self._client().stop_job(name)
+        except Exception as e:
+            raise self._unreachable(e) from e
+        deadline = time.monotonic() + CANCEL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = self.status(name)
+            if status.state.is_terminal():
+                return status
+            time.sleep(0.2)
+        raise ClusterError(f"Ray job {name!r}", f"still {status.state.value} {CANCEL_TIMEOUT_S:.0f} s after it was stopped",
+                           f"stop it by hand: ray job stop {name} --address {self.dashboard_url}")
+
+    def jobs(self) -> list[JobStatus]:
+        """dsnb's jobs on this Ray cluster, newest first (none before the private head started).
+
+        Raises:
+            ClusterError: Ray cannot be reached.
+        """
+        if not self._started():
+            return []
+        try:
+            infos = self._client().list_jobs()
+        except Exception as e:
+            raise self._unreachable(e) from e
+        found = []
+        for info in infos:
+            name = (info.metadata or {}).get(JOB_KEY)
+            if name and info.submission_id == name:
+                state = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
+                found.append(self._status_from(name, info, state, self._tracked.get(name)))
+        return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
+
+    def spec_of(self, name: str) -> JobSpec:
+        """The spec, from the job's metadata (secret env values as ``***``). Raises: JobNotFound."""
+        info = self._info(name)
+        return JobSpec.from_dict(json.loads((info.metadata or {})[SPEC_KEY]))
+
+    def check(self, spec: JobSpec | None = None) -> PreflightReport:
+        """Ray installed; the cluster reachable with this token; enough CPUs/GPUs for ``spec``.
+
+        Raises:
+            Nothing: problems are failed lines of the report.
+        """
+        from dsnb.backends.ray.preflight import run_preflight
+
+        return run_preflight(self, spec)
+
+    def close(self) -> None:
+        """Forget the client; with a private head, stop it when no other ray cluster of this process uses it."""
+        with self._lock:
+            head, self._head, self._client_obj = self._head, None, None
+        if head is not None:
+            release_head(head)
+
+    def __repr__(self) -> str:
+        return f"RayBackend(address={self.address!r})"
+
+
+def _default_token() -> str | None:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _public_spec(spec: JobSpec) -> dict[str, Any]:
+    data = spec.to_dict()
+    data["env"] = redact_env(spec.env)
+    data["name"] = spec.name
+    return data
+
+
+def _world_size(info: Any) -> int:
+    try:
+        spec = json.loads((info.metadata or {})[SPEC_KEY])
+        return int(spec.get("nodes", 1)) * int(spec.get("procs_per_node", 1))
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+

@@ -1,0 +1,236 @@
+"""The Ray job's driver: runs the user's training script on every Ray Train worker with DeepSpeed.
+
+``python -m dsnb.backends.ray.train_entry`` is the entrypoint dsnb submits through Ray's Job
+Submission API (directly, or from a KubeRay RayJob). It reads the job from ``DSNB_RAY_JOB``
+(JSON, see :func:`driver_env`), builds a ``TorchTrainer`` with ``ScalingConfig(num_workers=
+world size, use_gpu=...)`` and ``TorchConfig(backend="gloo" | "nccl")``, and fits it. On each
+worker the user's script runs in the worker's own Python, as ``__main__``, with the same
+environment every dsnb backend gives a rank (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_SIZE``, ``MASTER_ADDR``...; Ray Train sets most, this module the rest), so
+``deepspeed.init_distributed()`` finds Ray's process group and reuses it.
+
+Checkpoints go through Ray Train: each worker gets ``DSNB_CHECKPOINT_DIR`` (read it with
+:func:`dsnb.checkpoint_dir`), filled from ``ray.train.get_checkpoint()`` when the run has one,
+and reported back with ``ray.train.report`` when the script ends. Runs are named after the
+job without its unique suffix, so submitting the same spec again resumes from the last
+checkpoint (Ray Train keeps its run state under ``storage_path/<name>``).
+
+Log lines: every worker first prints a ``DSNB_RAY_WORKER`` line (its rank and pid); Ray
+prefixes each worker line with ``(RayTrainWorker pid=N)``, which dsnb maps back to the rank.
+The driver ends with a ``DSNB_RAY_OUTCOME`` line (exit code, failing rank, error).
+
+Example:
+    >>> from dsnb import JobSpec
+    >>> env = driver_env(JobSpec(name="t-x7k2", script="train.py", procs_per_node=2), "/tmp/ray-runs")
+    >>> job = json.loads(env[JOB_ENV])
+    >>> job["num_workers"], job["run_name"], job["backend"]
+    (2, 't', 'gloo')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec
+
+JOB_ENV = "DSNB_RAY_JOB"
+WORKER_TAG = "DSNB_RAY_WORKER "
+OUTCOME_TAG = "DSNB_RAY_OUTCOME "
+#: The driver's command line; ``python`` is the one on the Ray node's PATH.
+DRIVER_ARGV = ("python", "-m", "dsnb.backends.ray.train_entry")
+_SUFFIX = re.compile(r"-[a-z0-9]{4}$")
+
+
+def run_name(job_name: str) -> str:
+    """The Ray Train run a job writes to: its name without the unique suffix.
+
+    Example:
+        >>> run_name("tiny-gpt-x7k2")
+        'tiny-gpt'
+    """
+    return _SUFFIX.sub("", job_name)
+
+
+def check_spec(spec: JobSpec) -> None:
+    """Refuse what Ray Train cannot run.
+
+    Raises:
+        InvalidSpecError: a ``command`` that is not ``python <script.py> ...``.
+    """
+    if spec.command is not None:
+        cmd = spec.command
+        if not (len(cmd) >= 2 and Path(cmd[0]).name.startswith("python") and cmd[1].endswith(".py")):
+            raise InvalidSpecError("command", "Ray Train runs a Python script inside each worker, not a command line",
+                                   "set script='train.py' (with args=[...]) instead of command")
+
+
+def script_and_args(spec: JobSpec) -> tuple[str, list[str]]:
+    """The script each worker runs and its arguments (``command=['python', 'x.py', ...]`` allowed)."""
+    if spec.script is not None:
+        return spec.script, list(spec.args)
+    assert spec.command is not None
+    return spec.command[1], [*spec.command[2:], *spec.args]
+
+
+def driver_env(spec: JobSpec, storage_path: str) -> dict[str, str]:
+    """Environment variables of the Ray job (driver and workers), secrets excluded.
+
+    Args:
+        spec: the job, carrying its unique name.
+        storage_path: where Ray Train keeps runs and checkpoints (a directory every node
+            sees, or a URI such as ``s3://bucket/runs``).
+
+    Raises:
+        InvalidSpecError: see :func:`check_spec`.
+    """
+    check_spec(spec)
+    script, args = script_and_args(spec)
+    cpu = spec.resources.cpu
+    cpus_per_rank = (float(cpu) / spec.procs_per_node) if isinstance(cpu, (int, float)) else 1.0
+    use_gpu = spec.resources.gpus > 0
+    job = {
+        "name": spec.name, "script": script, "args": args,
+        "num_workers": spec.world_size, "procs_per_node": spec.procs_per_node,
+        "use_gpu": use_gpu, "cpus_per_worker": cpus_per_rank,
+        "backend": "nccl" if use_gpu else "gloo",
+        "max_failures": spec.max_restarts, "timeout": spec.timeout,
+        "storage_path": storage_path, "run_name": run_name(spec.name),
+    }
+    env = {
+        JOB_ENV: json.dumps(job, separators=(",", ":")),
+        "DSNB_JOB_NAME": spec.name,
+        "DSNB_DIST_BACKEND": job["backend"],
+        "PYTHONUNBUFFERED": "1",
+        # One line per print, in order: Ray's dedup would fold the ranks' equal lines into one,
+        # and Train's print patch would write each line twice.
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_COLOR_PREFIX": "0",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # The script starts in the job's working directory, as on every backend (not in the run's artifacts).
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    }
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    if spec.deepspeed_config is not None:
+        env["DSNB_DEEPSPEED_CONFIG_JSON"] = json.dumps(spec.deepspeed_config, separators=(",", ":"))
+    return env
+
+
+class RankFailed(RuntimeError):
+    """The user's script ended with a non-zero exit code on one rank."""
+
+    def __init__(self, rank: int, exit_code: int) -> None:
+        super().__init__(f"rank {rank} exited with code {exit_code}")
+        self.rank = rank
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RankFailed, (self.rank, self.exit_code))
+
+
+def _worker_loop(job: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker: the user's script, between checkpoint restore and report."""
+    import ray.train as train
+
+    ctx = train.get_context()
+    rank = ctx.get_world_rank()
+    print(WORKER_TAG + json.dumps({"rank": rank, "pid": os.getpid(), "node": ctx.get_node_rank()}), flush=True)
+    os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())  # DeepSpeed's AutoTP reads it
+    os.environ["GROUP_RANK"] = str(ctx.get_node_rank())
+    ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dsnb-{job['run_name']}-rank{rank}-"))
+    os.environ["DSNB_CHECKPOINT_DIR"] = str(ckpt_dir)
+    try:
+        previous = train.get_checkpoint()
+        if previous is not None:
+            previous.to_directory(str(ckpt_dir))
+        code = _run_script(job["script"], job["args"])
+        if code:
+            raise RankFailed(rank, code)
+        checkpoint = None
+        if any(ckpt_dir.iterdir()):
+            from ray.train import Checkpoint
+
+            checkpoint = Checkpoint.from_directory(str(ckpt_dir))
+        # Every worker reports (Ray Train waits for all); their files merge into one checkpoint.
+        train.report({"rank": rank}, checkpoint=checkpoint)
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _run_script(script: str, args: list[str]) -> int:
+    """Run ``script`` as ``__main__`` here; its exit code (0 when it returns)."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [script, *args]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code
+        print(e.code, file=sys.stderr, flush=True)
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _outcome_of(error: BaseException) -> dict[str, Any]:
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        text = str(failures[rank])
+        found = re.search(r"exited with code (-?\d+)", text)
+        code = int(found.group(1)) if found else 1
+        return {"exit_code": 1, "failed_rank": rank, "rank_exit_code": code, "error": text.strip().splitlines()[-1][:500]}
+    return {"exit_code": 1, "failed_rank": None, "error": (str(error).strip().splitlines() or [type(error).__name__])[-1][:500]}
+
+
+def main() -> int:
+    """Fit the job in ``DSNB_RAY_JOB``; print the outcome line; return the driver's exit code."""
+    job = json.loads(os.environ[JOB_ENV])
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": job["cpus_per_worker"]}
+    if job["use_gpu"]:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        lambda _config: _worker_loop(job),
+        scaling_config=ScalingConfig(num_workers=job["num_workers"], use_gpu=job["use_gpu"], resources_per_worker=resources),
+        torch_config=TorchConfig(backend=job["backend"]),
+        run_config=RunConfig(name=job["run_name"], storage_path=job["storage_path"],
+                             failure_config=FailureConfig(max_failures=job["max_failures"])),
+    )
+    if job.get("timeout"):
+        def _timed_out(*_: Any) -> None:
+            raise TimeoutError(f"the job ran longer than its timeout of {job['timeout']:g} s and was stopped")
+
+        signal.signal(signal.SIGALRM, _timed_out)
+        signal.alarm(max(1, int(job["timeout"])))
+    try:
+        trainer.fit()
+        outcome: dict[str, Any] = {"exit_code": 0}
+    except TimeoutError as e:
+        outcome = {"exit_code": 1, "failed_rank": None, "error": str(e), "timeout": True}
+    except Exception as e:  # the outcome line carries it; the traceback goes to the log
+        traceback.print_exc()
+        outcome = _outcome_of(e)
+    print(OUTCOME_TAG + json.dumps(outcome), flush=True)
+    return int(outcome["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
