@@ -7,6 +7,7 @@ Example:
 
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.cluster import Cluster
+from dsnb.endpoint import Endpoint
 from dsnb.errors import (
     BackendUnavailable,
     ClusterError,
@@ -19,13 +20,14 @@ from dsnb.errors import (
 from dsnb.job import Job
 from dsnb.metrics import report
 from dsnb.runtime import checkpoint_dir, deepspeed_config
+from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "InvalidSpecError", "Job", "JobFailed",
+    "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "Endpoint", "InvalidSpecError", "Job", "JobFailed",
     "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "PodOptions", "ReplicaStatus",
-    "Resources", "WaitTimeout", "checkpoint_dir", "deepspeed_config", "report",
+    "Resources", "ServeSpec", "WaitTimeout", "checkpoint_dir", "deepspeed_config", "report",
 ]

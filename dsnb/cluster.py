@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from dsnb.backends.base import Backend, Plan, load_backend
-from dsnb.errors import ClusterError
+from dsnb.endpoint import Endpoint
+from dsnb.errors import ClusterError, JobFailed
 from dsnb.job import Job
 from dsnb.preflight import PreflightReport
+from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
@@ -43,12 +45,17 @@ class Cluster:
         else:
             self.backend = load_backend(backend)(**options)
 
-    def dryrun(self, spec: JobSpec) -> Plan:
-        """What ``submit`` would do; nothing is started or created. ``print(plan)`` shows it.
+    def dryrun(self, spec: JobSpec | ServeSpec) -> Plan:
+        """What ``submit`` (a JobSpec) or ``serve`` (a ServeSpec) would do; nothing is started or created.
+
+        ``print(plan)`` shows it; ``plan.to_yaml()`` is what to hand a platform team.
 
         Raises:
             InvalidSpecError: the spec cannot run on this backend.
+            ClusterError: a ServeSpec on a backend that does not serve.
         """
+        if isinstance(spec, ServeSpec):
+            return self.backend.serve_plan(spec)
         return self.backend.dryrun(spec)
 
     def submit(self, spec: JobSpec) -> Job:
@@ -64,6 +71,49 @@ class Cluster:
             'tiny-gpt-x7k2'
         """
         return Job(self.backend, self.backend.submit(spec))
+
+    def serve(self, spec: ServeSpec, wait: float | None = 600) -> Endpoint:
+        """Deploy ``spec`` under a unique name and return its endpoint, ready to answer.
+
+        Args:
+            spec: the model, replicas and resources.
+            wait: seconds to wait until every replica answers; None or 0 returns at once
+                (then ``endpoint.wait()``).
+
+        Raises:
+            InvalidSpecError: the spec cannot be served here; nothing was deployed.
+            ClusterError: this backend does not serve, or it refused the deployment.
+            JobFailed: the deployment failed while waiting (e.g. the loader raised); it is removed.
+            WaitTimeout: not ready within ``wait`` seconds; it keeps starting.
+
+        Example:
+            >>> endpoint = Cluster("ray").serve(ServeSpec(name="tiny", model="models:build"))  # doctest: +SKIP
+            >>> endpoint.predict({"inputs": [[0.0, 1.0, 2.0, 3.0]]})                          # doctest: +SKIP
+            {'outputs': [[0.12, -0.4]]}
+        """
+        plan = self.backend.serve_plan(spec)
+        self.backend.apply_serve(plan)
+        endpoint = Endpoint(self.backend, plan.name)
+        if wait:
+            try:
+                endpoint.wait(timeout=wait)
+            except JobFailed:
+                endpoint.stop()
+                raise
+        return endpoint
+
+    def endpoint(self, name: str) -> Endpoint:
+        """A handle on an existing endpoint, e.g. after a kernel restart.
+
+        Raises:
+            JobNotFound: no endpoint of that name.
+        """
+        self.backend.endpoint_status(name)
+        return Endpoint(self.backend, name)
+
+    def endpoints(self) -> list[JobStatus]:
+        """Statuses of this backend's endpoints (none where it cannot serve)."""
+        return self.backend.endpoints()
 
     def check(self, spec: JobSpec | None = None) -> PreflightReport:
         """Check now that this backend can run jobs, and ``spec`` in particular; start nothing.

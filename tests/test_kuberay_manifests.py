@@ -21,6 +21,7 @@ from k8s import crds  # noqa: E402
 from dsnb import InvalidSpecError, JobSpec, PodOptions, Resources  # noqa: E402
 from dsnb.backends.ray.kuberay import (  # noqa: E402
     HEAD_CONTAINER,
+    SUBMITTER_CONTAINER,
     WORKER_CONTAINER,
     default_head_resources,
     env_secret_name,
@@ -81,6 +82,7 @@ def test_rayjob_validates_against_the_crd_and_its_pods_against_kubernetes(fields
     job = render_rayjob(make_spec(**fields), options, ENTRYPOINT)
     validate_custom(job)
     check_pods(job["spec"]["rayClusterSpec"])
+    kubernetes_validate.validate(as_pod(job["spec"]["submitterPodTemplate"], "submitter"), K8S_VERSION, strict=True)
 
 
 @CASES
@@ -197,6 +199,29 @@ def test_rayjob_fields_follow_the_spec() -> None:
     assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
 
 
+def test_the_submitter_carries_dsnbs_labels_and_leaves_its_command_to_kuberay() -> None:
+    submitter = render_rayjob(make_spec(**FULL), OPTIONS, ENTRYPOINT)["spec"]["submitterPodTemplate"]
+    assert submitter["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "dsnb", "dsnb.io/job": "tiny-gpt-x7k2",
+                                               "dsnb.io/role": "submitter"}
+    pod = submitter["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    (main,) = pod["containers"]
+    assert main["name"] == SUBMITTER_CONTAINER and main["image"] == "ghcr.io/org/train:1"
+    assert "command" not in main and "args" not in main and "env" not in main and "volumeMounts" not in main
+    assert "nvidia.com/gpu" not in main["resources"]["limits"]  # it only submits and follows the log
+    assert "nodeSelector" not in pod and "tolerations" not in pod and pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_env_vars_join_the_runtime_env_and_the_spec_wins() -> None:
+    job = render_rayjob(make_spec(**FULL), OPTIONS, ENTRYPOINT,
+                        env_vars={"DSNB_RAY_JOB": "{}", "NCCL_DEBUG": "WARN", "RAY_DEDUP_LOGS": "0"})
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {
+        "env_vars": {"DSNB_RAY_JOB": "{}", "NCCL_DEBUG": "INFO", "RAY_DEDUP_LOGS": "0"}}
+    assert SECRET_VALUE not in job["spec"]["runtimeEnvYAML"]
+    only_extra = render_rayjob(make_spec(), PodOptions(), ENTRYPOINT, env_vars={"A": "1"})
+    assert yaml.safe_load(only_extra["spec"]["runtimeEnvYAML"]) == {"env_vars": {"A": "1"}}
+
+
 def test_rayjob_defaults() -> None:
     spec = render_rayjob(make_spec(), PodOptions(), ["python", "train.py"])["spec"]
     assert spec["ttlSecondsAfterFinished"] == 3600 and spec["backoffLimit"] == 0
@@ -251,6 +276,8 @@ def test_bad_input_names_its_field() -> None:
         ("entrypoint", lambda: render_rayjob(spec, options, "python train.py")),
         ("entrypoint", lambda: render_rayjob(spec, options, [])),
         ("ttl_seconds_after_finished", lambda: render_rayjob(spec, options, ENTRYPOINT, ttl_seconds_after_finished=-1)),
+        ("env_vars", lambda: render_rayjob(spec, options, ENTRYPOINT, env_vars={"STEPS": 60})),
+        ("env_vars", lambda: render_rayjob(spec, options, ENTRYPOINT, env_vars=["A=1"])),
         ("name", lambda: render_rayjob(make_spec(name="a" * 48), options, ENTRYPOINT)),
         ("name", lambda: render_rayservice(make_spec(name="a" * 48), options, "app:app", {"name": "M"})),
         ("head_resources.gpus", lambda: ray_cluster_spec(spec, options, "2.60.0", head_resources=Resources(gpus=1))),

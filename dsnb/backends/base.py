@@ -33,6 +33,7 @@ from dsnb.status import JobStatus, LogLine, MetricSample
 
 if TYPE_CHECKING:
     from dsnb.preflight import PreflightReport
+    from dsnb.serving.spec import ServeSpec
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,46 @@ class Backend(abc.ABC):
         from dsnb.preflight import CheckResult, PreflightReport
 
         return PreflightReport(self.name, [CheckResult("backend", True, f"{self.name!r} needs no preflight")])
+
+    # -- serving (optional: backends that serve override these) ---------------------------
+
+    def _cannot_serve(self) -> Exception:
+        from dsnb.errors import ClusterError
+
+        return ClusterError(f"backend {self.name!r}", "cannot serve models", "serve with Cluster('ray') (Ray Serve)")
+
+    def serve_plan(self, spec: ServeSpec) -> Plan:
+        """What ``serve`` would deploy for ``spec``, with a unique name; nothing is deployed.
+
+        Raises:
+            ClusterError: this backend does not serve.
+            InvalidSpecError: the spec cannot be served here.
+        """
+        raise self._cannot_serve()
+
+    def apply_serve(self, plan: Plan) -> None:
+        """Deploy what ``serve_plan`` rendered. Raises: ClusterError."""
+        raise self._cannot_serve()
+
+    def endpoint_url(self, name: str) -> str:
+        """Where the endpoint answers. Raises: JobNotFound, ClusterError."""
+        raise self._cannot_serve()
+
+    def endpoint_headers(self, name: str) -> dict[str, str]:
+        """HTTP headers a request to the endpoint needs (e.g. auth); none by default."""
+        return {}
+
+    def endpoint_status(self, name: str) -> JobStatus:
+        """The endpoint's status. Raises: JobNotFound, ClusterError."""
+        raise self._cannot_serve()
+
+    def stop_endpoint(self, name: str) -> JobStatus:
+        """Remove the endpoint; idempotent. Raises: JobNotFound, ClusterError."""
+        raise self._cannot_serve()
+
+    def endpoints(self) -> list[JobStatus]:
+        """Statuses of the endpoints this backend serves (none where it cannot serve)."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a backend holds resources
         """Release clients and background threads; running jobs keep running."""

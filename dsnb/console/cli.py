@@ -404,7 +404,10 @@ def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
 
 
 def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
-    backend_class = load_backend(args.backend)
+    if args.backend == "ray":  # on Kubernetes, Ray jobs are KubeRay's: Cluster("ray", kuberay=True)
+        from dsnb.backends.ray.kuberay_backend import KubeRayBackend as backend_class
+    else:
+        backend_class = load_backend(args.backend)
     permissions = getattr(backend_class, "permissions", ())
     if not permissions:
         _error(ui, f"backend {args.backend!r} creates nothing on Kubernetes, so it needs no Role; "

@@ -391,3 +391,20 @@ def check_runtime(conn: Connection, namespace: str, kind: str, runtime: str, ins
     except (urllib3.exceptions.HTTPError, OSError) as e:
         return CheckResult("runtime", False, f"reading {kind} {runtime!r} failed: {_reason(e)}", "run the check again")
     return CheckResult("runtime", True, f"{kind} {runtime!r} exists")
+
+
+#: How to install the KubeRay operator (with its CRDs) from its Helm chart.
+KUBERAY_INSTALL = ("helm repo add kuberay https://ray-project.github.io/kuberay-helm/ && "
+                   "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0")
+#: The label the KubeRay Helm chart gives the operator's pods.
+KUBERAY_SELECTORS = ("app.kubernetes.io/name=kuberay-operator",)
+
+
+def check_kuberay(conn: Connection, namespace: str, plural: str = "rayjobs", kind: str = "RayJob") -> list[CheckResult]:
+    """Whether the API serves KubeRay's ``kind`` (``ray.io/v1``) and a KubeRay operator pod runs.
+
+    Raises:
+        Nothing: every outcome is a result.
+    """
+    return [check_crd(conn, namespace, "ray.io", "v1", plural, kind, KUBERAY_INSTALL),
+            check_controller(conn, "KubeRay operator", KUBERAY_SELECTORS, KUBERAY_INSTALL)]

@@ -138,3 +138,11 @@ TRAINJOB_PERMISSIONS = (
     Permission("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
     Permission("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
 )
+
+#: KubeRay (``Cluster("ray", kuberay=True)``): RayJobs for batch jobs, RayServices for serving.
+#: The Ray clusters, submitter Jobs and their pods are KubeRay's to create; dsnb only reads the pods.
+KUBERAY_PERMISSIONS = (
+    *COMMON_PERMISSIONS,
+    Permission("ray.io", "rayjobs", ("create", "get", "list", "watch", "delete")),
+    Permission("ray.io", "rayservices", ("create", "get", "list", "watch", "delete")),
+)

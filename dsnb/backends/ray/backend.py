@@ -35,11 +35,13 @@ from typing import Any
 
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.logbuffer import JobLogs
-from dsnb.backends.ray import train_entry
+from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
 from dsnb.backends.ray.logs import DriverLogParser
+from dsnb.backends.ray.serve import ServeClient, app_state
 from dsnb.errors import ClusterError, JobNotFound
 from dsnb.preflight import PreflightReport
+from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
@@ -85,6 +87,8 @@ class RayBackend(Backend):
             sees, or a URI (``s3://...``, ``gs://...``); default ``$DSNB_HOME/ray-runs`` locally,
             Ray's own default (``~/ray_results`` on the head) on a cluster.
         num_cpus: logical CPUs the private head offers (default ``max(cores, 8)``).
+        serve_url: where the cluster's Serve HTTP proxy answers, for endpoints; default the
+            address's host on port 8000 (the private head picks a free port on 127.0.0.1).
         kuberay: submit RayJobs to Kubernetes instead; the other options are then those of
             the Kubernetes backends (``namespace``, ``context``, ``kubeconfig``, ``pod_options``...).
 
@@ -106,13 +110,14 @@ class RayBackend(Backend):
         return super().__new__(cls)
 
     def __init__(self, address: str | None = None, *, token: str | None = None, storage_path: str | None = None,
-                 num_cpus: int | None = None, kuberay: bool = False) -> None:
+                 num_cpus: int | None = None, serve_url: str | None = None, kuberay: bool = False) -> None:
         self.address = address.rstrip("/") if address else None
         if self.address and "://" not in self.address:
             self.address = f"http://{self.address}"
         self._token = token if token is not None else (_default_token() if address else None)
         self.storage_path = storage_path or (None if address else str(dsnb_home() / "ray-runs"))
         self._num_cpus = num_cpus
+        self._serve_url = serve_url.rstrip("/") if serve_url else None
         self._head: LocalHead | None = None
         self._client_obj: Any = None
         self._tracked: dict[str, _Tracked] = {}
@@ -380,6 +385,101 @@ class RayBackend(Backend):
         from dsnb.backends.ray.preflight import run_preflight
 
         return run_preflight(self, spec)
+
+    # -- serving -----------------------------------------------------------------------
+
+    def _serve(self) -> ServeClient:
+        return ServeClient(self.dashboard_url, self.headers)
+
+    def serve_plan(self, spec: ServeSpec) -> Plan:
+        """The Serve application for ``spec`` (its config, as ``serve deploy`` takes it); nothing is deployed.
+
+        Raises:
+            InvalidSpecError: never beyond ServeSpec's own checks.
+        """
+        unique = spec.with_unique_name()
+        working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
+        app = serve_app.serve_config(unique, route_prefix=f"/{unique.name}", working_dir=working_dir)
+        app["args"][SPEC_KEY] = json.dumps(_public_spec(unique), separators=(",", ":"))
+        shown = {**app, "runtime_env": {**app["runtime_env"], "env_vars": redact_env(app["runtime_env"]["env_vars"])}}
+        notes = [f"Ray Serve application {unique.name!r}: {unique.model} behind deepspeed.init_inference, "
+                 + (f"{unique.min_replicas}..{unique.max_replicas} replicas (autoscaling)" if unique.autoscaling
+                    else f"{unique.replicas} replica(s)")]
+        return Plan(backend=self.name, spec=unique, manifests=[{"applications": [shown]}], notes=notes, extra={"app": app})  # type: ignore[arg-type]
+
+    def apply_serve(self, plan: Plan) -> None:
+        """Deploy the application next to the others running on the cluster.
+
+        Raises:
+            ClusterError: Ray is unreachable or refused the config.
+        """
+        client = self._serve()
+        apps = client.deployed_configs(leave_out=plan.name)
+        app = json.loads(json.dumps(plan.extra["app"]))
+        # A Serve config takes only remote URIs: ship the working directory as a package first,
+        # the way a job submission does (the SDK's own upload, which returns a gcs:// URI).
+        app["runtime_env"]["excludes"] = list(UPLOAD_EXCLUDES)
+        try:
+            self._client()._upload_working_dir_if_needed(app["runtime_env"])
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"working_dir {plan.extra['app']['runtime_env'].get('working_dir')!r}", f"could not be shipped to Ray ({e})",
+                               "use a smaller directory (Ray takes at most 500 MiB) or a remote URI") from e
+        apps[plan.name] = app
+        http_options = None
+        if self.address is None:
+            http_options = {"host": "127.0.0.1", "port": self._local_head().serve_port}
+        client.put(apps, http_options)
+
+    def _app(self, name: str) -> dict[str, Any]:
+        if not self._started():
+            raise JobNotFound(name, self.name)
+        app = self._serve().applications().get(name)
+        if app is None or SPEC_KEY not in ((app.get("deployed_app_config") or {}).get("args") or {}):
+            raise JobNotFound(name, self.name, sorted(self._serve().applications()))
+        return app
+
+    def endpoint_url(self, name: str) -> str:
+        """``<serve proxy>/<name>``. Raises: JobNotFound, ClusterError."""
+        app = self._app(name)
+        prefix = app.get("route_prefix") or f"/{name}"
+        if self._serve_url:
+            base = self._serve_url
+        elif self.address is None:
+            base = f"http://127.0.0.1:{self._local_head().serve_port}"
+        else:
+            host = self.address.split("://", 1)[1].rsplit(":", 1)[0]
+            base = f"http://{host}:8000"
+        return base + prefix
+
+    def endpoint_status(self, name: str) -> JobStatus:
+        """From the application's Serve status and its replicas'. Raises: JobNotFound, ClusterError."""
+        app = self._app(name)
+        state, message, replicas = app_state(app)
+        started = app.get("last_deployed_time_s")
+        return JobStatus(name=name, backend=self.name, state=state, replicas=replicas, message=message,
+                         created_at=started, started_at=started)
+
+    def stop_endpoint(self, name: str) -> JobStatus:
+        """Remove the application (its replicas stop); the others keep running. Raises: JobNotFound."""
+        self._app(name)
+        client = self._serve()
+        client.put(client.deployed_configs(leave_out=name), None)
+        deadline = time.monotonic() + CANCEL_TIMEOUT_S
+        while name in client.applications() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped")
+
+    def endpoints(self) -> list[JobStatus]:
+        """dsnb's Serve applications on this cluster. Raises: ClusterError."""
+        if not self._started():
+            return []
+        found = []
+        for name, app in self._serve().applications().items():
+            if SPEC_KEY in ((app.get("deployed_app_config") or {}).get("args") or {}):
+                state, message, replicas = app_state(app)
+                found.append(JobStatus(name=name, backend=self.name, state=state, replicas=replicas, message=message,
+                                       created_at=app.get("last_deployed_time_s")))
+        return found
 
     def close(self) -> None:
         """Forget the client; with a private head, stop it when no other ray cluster of this process uses it."""

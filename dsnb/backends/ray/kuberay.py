@@ -44,6 +44,10 @@ API_VERSION = "ray.io/v1"
 DEFAULT_RAY_VERSION = "2.60.0"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
+#: KubeRay's name for the container that runs ``ray job submit`` (K8sJobMode).
+SUBMITTER_CONTAINER = "ray-job-submitter"
+#: What the submitter asks for: KubeRay's own default (it only submits and follows the driver's log).
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 WORKER_GROUP = "workers"
 ROLE = "dsnb.io/role"
 #: The head's ports, under the names KubeRay looks them up by (head service, job submission, serve service).
@@ -144,8 +148,33 @@ def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
     }
 
 
+def submitter_pod_template(spec: JobSpec, options: PodOptions) -> dict[str, Any]:
+    """The pod that runs ``ray job submit`` and then follows the driver's log (KubeRay's submitter Job).
+
+    KubeRay writes the container's command itself (as for its default submitter) and runs the
+    first container. Given here so that the pod carries dsnb's labels (role ``submitter``):
+    its log is the Ray job's driver log, which is how dsnb reads a RayJob's output. Like
+    KubeRay's default submitter it is small and GPU-free, with the spec's image and the
+    image pull secrets, and none of the workers' scheduling constraints or volumes.
+
+    Example:
+        >>> from dsnb import JobSpec, PodOptions
+        >>> pod = submitter_pod_template(JobSpec(name="a-x7k2", script="t.py", image="img:1"), PodOptions())
+        >>> pod["metadata"]["labels"]["dsnb.io/role"], pod["spec"]["containers"][0]["name"], pod["spec"]["restartPolicy"]
+        ('submitter', 'ray-job-submitter', 'Never')
+    """
+    template = build_pod_template(spec, [], {}, options, {ROLE: "submitter"})
+    pod = template["spec"]
+    main = pod["containers"][0]
+    container = {"name": SUBMITTER_CONTAINER, "image": main["image"], "resources": copy.deepcopy(SUBMITTER_RESOURCES),
+                 "securityContext": main["securityContext"]}
+    kept = {key: pod[key] for key in ("imagePullSecrets", "securityContext") if pod.get(key)}
+    return {"metadata": template["metadata"], "spec": {"restartPolicy": "Never", "containers": [container], **kept}}
+
+
 def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray_version: str = DEFAULT_RAY_VERSION, *,
-                  ttl_seconds_after_finished: int = 3600, head_resources: Resources | None = None) -> dict[str, Any]:
+                  ttl_seconds_after_finished: int = 3600, head_resources: Resources | None = None,
+                  env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """A RayJob that creates a Ray cluster for ``spec``, runs ``entrypoint`` on it as the driver, then removes it.
 
     KubeRay submits the job from a Kubernetes Job (``K8sJobMode``) once the cluster is up, and
@@ -158,6 +187,9 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
     (which is stored in the RayJob in clear text). The pods take them from the Secret named
     by :func:`env_secret_name`, which must exist before the RayJob is created.
 
+    The submitter pod comes from :func:`submitter_pod_template` (dsnb's labels, so its log,
+    the driver's, can be found and followed).
+
     Args:
         spec: the job, already carrying its unique name.
         options: see :func:`ray_cluster_spec`.
@@ -167,13 +199,18 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
         ray_version: the Ray version in ``spec.image``.
         ttl_seconds_after_finished: seconds between the job's end and the cluster's deletion.
         head_resources: see :func:`ray_cluster_spec`.
+        env_vars: more variables for the Ray job's runtime environment (the driver and every
+            worker), e.g. :func:`dsnb.backends.ray.train_entry.driver_env`; the non-secret
+            variables of ``spec.env`` come after them and win. Not for secret values: they
+            are written into the RayJob as given.
 
     Returns:
         The RayJob as a dict (no namespace: the caller sets it).
 
     Raises:
         InvalidSpecError: as :func:`ray_cluster_spec`, or a name KubeRay refuses, an empty
-            entrypoint, a negative TTL or a timeout beyond KubeRay's range.
+            entrypoint, a negative TTL, a timeout beyond KubeRay's range, or ``env_vars``
+            that are not strings.
 
     Example:
         >>> from dsnb import JobSpec, PodOptions
@@ -192,8 +229,12 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
             or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
         raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
                                "set ttl_seconds_after_finished=3600, or 0 to delete the cluster as soon as the job ends")
+    if env_vars is not None and (not isinstance(env_vars, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
+        raise InvalidSpecError("env_vars", f"must map names to string values, got {env_vars!r}",
+                               "pass env_vars={'NAME': 'value'} (numbers as strings)")
     job_spec: dict[str, Any] = {"entrypoint": shlex.join(entrypoint)}
-    runtime_env = _runtime_env(spec)
+    runtime_env = _runtime_env(spec, env_vars)
     if runtime_env:
         job_spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
     job_spec.update({
@@ -208,6 +249,7 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
                                    "set a shorter timeout, or None for no limit")
         job_spec["activeDeadlineSeconds"] = max(1, int(spec.timeout))
     job_spec["rayClusterSpec"] = ray_cluster_spec(spec, options, ray_version, head_resources=head_resources)
+    job_spec["submitterPodTemplate"] = submitter_pod_template(spec, options)
     return {"apiVersion": API_VERSION, "kind": "RayJob",
             "metadata": {"name": spec.name, "labels": job_labels(spec.name)}, "spec": job_spec}
 
@@ -285,9 +327,9 @@ def _check_name(spec: JobSpec, kind: str) -> None:
                                f"use a name of at most {MAX_NAME_LEN - 5} characters (dsnb adds a 5-character suffix)")
 
 
-def _runtime_env(spec: JobSpec) -> dict[str, Any]:
+def _runtime_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, Any]:
     hidden = set(secret_env_keys(spec.env))
-    env_vars = {k: v for k, v in spec.env.items() if k not in hidden}
+    env_vars = {**(extra or {}), **{k: v for k, v in spec.env.items() if k not in hidden}}
     return {"env_vars": env_vars} if env_vars else {}
 
 

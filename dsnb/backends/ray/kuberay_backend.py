@@ -1,0 +1,333 @@
+"""``Cluster("ray", kuberay=True, namespace=...)``: Ray Train jobs as KubeRay RayJobs (``ray.io/v1``).
+
+A job is one RayJob (:func:`~dsnb.backends.ray.kuberay.render_rayjob`): KubeRay creates a Ray
+cluster for it (a head and ``spec.nodes`` workers), then a submitter Kubernetes Job that runs
+``ray job submit`` with dsnb's driver (:mod:`~dsnb.backends.ray.train_entry`) as the
+entrypoint and follows the driver's log. The driver fits a ``TorchTrainer`` that runs the
+user's script on ``world_size`` Ray Train workers, as with ``Cluster("ray")``.
+
+Everything else is the shared Kubernetes machinery (:mod:`dsnb.backends.kubernetes.backend`):
+the record ConfigMap owning the RayJob and the Secret of secret-looking env values, watch
+caches over the job's pods, the records and the RayJobs, the logs' archive, the final status
+in the record, ``jobs()``/``attach()`` from labels, preflight and RBAC.
+
+- **Status** comes from the RayJob's ``jobDeploymentStatus`` and ``jobStatus`` (see
+  :meth:`KubeRayBackend.compute_status` and ``docs/operators.md``), and from the pods'
+  diagnoses (unschedulable, image pull...), which KubeRay itself does not turn into a failure.
+- **Logs**: the submitter pod carries dsnb's labels (role ``submitter``); its log is the
+  driver's log, where Ray prefixes each worker line with ``(RayTrainWorker pid=N)``.
+  :class:`~dsnb.backends.ray.logs.DriverLogParser` maps those to ranks. A failure names the
+  rank and exit code from the driver's ``DSNB_RAY_OUTCOME`` line.
+- **Cancel** deletes the RayJob: its Ray cluster, submitter Job and their pods go with it
+  (ownerReferences), so nothing keeps running or holding GPUs. Suspending it instead
+  (``spec.suspend``) would also delete the Ray cluster, but keeps the RayJob, which KubeRay
+  starts again from scratch when it is resumed; a cancelled dsnb job is not meant to come back.
+
+Example:
+    >>> from dsnb import Cluster, JobSpec
+    >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, image="ghcr.io/org/train-ray:1")
+    >>> plan = Cluster("ray", kuberay=True, namespace="ml").dryrun(spec)
+    >>> [m["kind"] for m in plan.manifests]
+    ['ConfigMap', 'RayJob']
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import posixpath
+import threading
+import time
+from typing import Any
+
+from dsnb.backends.base import Plan
+from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes.diagnose import classify
+from dsnb.backends.kubernetes.logs import PodLogFollower
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
+from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
+from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.ray import train_entry
+from dsnb.backends.ray.kuberay import (
+    _RAY_VERSION,
+    API_VERSION,
+    DEFAULT_RAY_VERSION,
+    ROLE,
+    SUBMITTER_CONTAINER,
+    render_rayjob,
+)
+from dsnb.backends.ray.logs import DriverLogParser
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec, Resources
+from dsnb.status import JobState, JobStatus, ReplicaStatus
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+#: Where Ray Train keeps runs and checkpoints without a checkpoint PVC: the pod's own disk.
+DEFAULT_STORAGE = "/home/ray/ray-runs"
+#: Seconds to wait, once the RayJob has ended, for the submitter to print the driver log's end.
+DRIVER_LOG_WAIT_S = 10.0
+#: Pod problems Ray recovers from or reports itself, so they do not end the job on their own.
+RAY_HANDLES = ("OOMKilled", "Evicted")
+#: What KubeRay's ``reason`` of a failed RayJob means, in words.
+_FAILED_REASONS = {
+    "DeadlineExceeded": "the job ran longer than its timeout (activeDeadlineSeconds) and was stopped",
+    "SubmissionFailed": "the submitter could not submit the Ray job",
+    "AppFailed": "the Ray job failed",
+    "JobDeploymentStatusTransitionGracePeriodExceeded": "KubeRay lost track of the Ray job",
+}
+
+
+def storage_path(options: Any, given: str | None = None) -> str:
+    """Where Ray Train keeps a job's runs and checkpoints on KubeRay.
+
+    ``given`` (e.g. ``s3://bucket/runs``) if set; else ``<checkpoint mount>/ray-runs`` on the
+    checkpoint PVC, which every pod mounts; else ``/home/ray/ray-runs`` on each pod's own disk
+    (not shared, gone with the pods: resuming from a checkpoint needs the PVC or a URI).
+
+    Example:
+        >>> from dsnb import PodOptions
+        >>> storage_path(PodOptions(checkpoint_pvc="ckpt")), storage_path(PodOptions())
+        ('/checkpoints/ray-runs', '/home/ray/ray-runs')
+    """
+    if given:
+        return given
+    if options.checkpoint_pvc:
+        return posixpath.join(options.checkpoint_mount, "ray-runs")
+    return DEFAULT_STORAGE
+
+
+class KubeRayBackend(KubernetesBackend):
+    """Ray Train jobs on KubeRay; see the module docstring.
+
+    Args:
+        ray_version: the Ray version in ``spec.image`` (``major.minor.patch``); KubeRay
+            starts the cluster for it.
+        ttl_seconds_after_finished: KubeRay deletes the Ray cluster this long after the job
+            ends (dsnb removes the whole RayJob sooner, as soon as a client sees it end).
+        head_resources: the head pod's CPU and memory (default 1 CPU, 4Gi; no GPUs).
+        storage_path: where Ray Train keeps runs and checkpoints (see :func:`storage_path`).
+        **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
+
+    Raises:
+        InvalidSpecError: a malformed Ray version, or head resources that are not a Resources.
+    """
+
+    name = "ray"
+    permissions = KUBERAY_PERMISSIONS
+    workload_resource = (GROUP, VERSION, PLURAL)
+    launcher_logs = True
+    container_name = SUBMITTER_CONTAINER
+    install_hint = KUBERAY_INSTALL
+    workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"))
+
+    def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 3600,
+                 head_resources: Resources | None = None, storage_path: str | None = None, **options: Any) -> None:
+        if not isinstance(ray_version, str) or not _RAY_VERSION.match(ray_version):
+            raise InvalidSpecError("ray_version", f"{ray_version!r} is not a Ray version",
+                                   f"write the version in the image as major.minor.patch, e.g. {DEFAULT_RAY_VERSION!r}")
+        if head_resources is not None and not isinstance(head_resources, Resources):
+            raise InvalidSpecError("head_resources", f"must be a Resources, got {type(head_resources).__name__}",
+                                   "pass Resources(cpu=1, memory='4Gi')")
+        super().__init__(**options)
+        self.ray_version = ray_version
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+        self.head_resources = head_resources
+        self.storage_path = storage_path
+        self._parsers: dict[str, tuple[DriverLogParser, threading.Lock]] = {}
+
+    # -- rendering -------------------------------------------------------------------------
+    def dryrun(self, spec: JobSpec) -> Plan:
+        """The record, the Secret of secret env values (if any) and the RayJob; nothing is created.
+
+        Raises:
+            InvalidSpecError: no image, a ``command`` that is not ``python script.py ...``, a
+                name KubeRay refuses, or a bad Ray version.
+        """
+        unique = spec.with_unique_name()
+        name, namespace = unique.name, self.namespace
+        storage = storage_path(self.pod_options, self.storage_path)
+        driver_spec = unique
+        if unique.working_dir and unique.script and not posixpath.isabs(unique.script):
+            # Ray's workers need not start in the containers' working directory: find the script anyway.
+            driver_spec = copy.copy(unique)
+            driver_spec.script = posixpath.join(unique.working_dir, unique.script)
+        env = train_entry.driver_env(driver_spec, storage)
+        rayjob = render_rayjob(unique, self.pod_options, list(train_entry.DRIVER_ARGV), self.ray_version,
+                               ttl_seconds_after_finished=self.ttl_seconds_after_finished,
+                               head_resources=self.head_resources, env_vars=env)
+        secret = env_secret(unique, namespace)
+        record = record_manifest(unique, self.name, {})
+        manifests = [record, *([secret.manifest] if secret.manifest else []), rayjob]
+        for manifest in manifests:
+            manifest["metadata"]["namespace"] = namespace
+        if self.storage_path:
+            where = "as given"
+        elif self.pod_options.checkpoint_pvc:
+            where = f"on the PersistentVolumeClaim {self.pod_options.checkpoint_pvc!r}, which every pod mounts"
+        else:
+            where = "on each pod's own disk: not shared, and gone with the pods; PodOptions(checkpoint_pvc=...) makes runs resumable"
+        notes = [
+            f"dsnb KubeRay plan for {name} in namespace {namespace}: a RayJob with a Ray {self.ray_version} cluster of one head "
+            f"and {unique.nodes} worker pod(s); Ray Train runs {unique.world_size} worker(s) "
+            f"({'GPU, nccl' if unique.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
+            f"Ray Train runs and checkpoints: {storage}/{train_entry.run_name(name)} ({where})",
+            "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
+            *secret.notes,
+        ]
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+
+    def operator_checks(self, conn: Any) -> list[Any]:
+        from dsnb.backends.kubernetes.preflight import check_kuberay
+
+        return check_kuberay(conn, self.namespace)
+
+    # -- pods and logs ---------------------------------------------------------------------
+    @staticmethod
+    def _role(pod: dict[str, Any]) -> str:
+        return (pod["metadata"].get("labels") or {}).get(ROLE, "")
+
+    def pod_node(self, pod: dict[str, Any]) -> int | None:
+        return None  # Ray places the ranks; the driver's log says which rank wrote a line
+
+    def logs_from(self, pod: dict[str, Any]) -> bool:
+        return self._role(pod) == "submitter"  # it follows the driver's log, which has every rank's lines
+
+    def _parser(self, name: str) -> tuple[DriverLogParser, threading.Lock]:
+        with self._lock:
+            return self._parsers.setdefault(name, (DriverLogParser(), threading.Lock()))
+
+    def _follow(self, name: str, logs: JobLogs, pod: dict[str, Any]) -> PodLogFollower:
+        parser, lock = self._parser(name)
+        pod_name = pod["metadata"]["name"]
+        pods = self._informer("pods")
+
+        def sink(text: str, when: float) -> None:
+            with lock:
+                entry = parser.feed(text)
+            if entry is not None:
+                logs.add(entry[0], entry[1], when)
+
+        def wait(timeout: float) -> None:
+            pods.wait_for_change(pods.version, timeout)
+
+        return PodLogFollower(self.conn.core, self.namespace, pod_name, self.container_name, lambda: pods.get(pod_name), wait, sink)
+
+    def _submitter_done(self, name: str) -> bool:
+        for pod in self._job_pods(name):
+            if self.logs_from(pod) and (container_status(pod, self.container_name).get("state") or {}).get("running"):
+                return False
+        return True
+
+    def _await_driver_log(self, name: str) -> None:
+        """Give the submitter a moment to print the driver log's end (KubeRay reports the end from the dashboard)."""
+        pods = self._informer("pods")
+        deadline = time.monotonic() + DRIVER_LOG_WAIT_S
+        seen = pods.version
+        while not self._submitter_done(name) and time.monotonic() < deadline:
+            seen = pods.wait_for_change(seen, min(1.0, deadline - time.monotonic()))
+
+    def _failure_from_launcher(self, name: str, failed: JobStatus) -> JobStatus:
+        """Name the failing rank, its exit code and last lines from the driver's outcome line."""
+        self._await_driver_log(name)
+        logs = self._collect_logs(name)
+        outcome = self._parser(name)[0].outcome or {}
+        rank = outcome.get("failed_rank")
+        if not isinstance(rank, int):
+            tail, _ = logs.tail(20, None)
+            said = tuple(line.text for line in tail if line.text.strip())
+            error = outcome.get("error")
+            message = f"{error}; {failed.message}" if error and error not in failed.message else failed.message
+            return dataclasses.replace(failed, message=message, last_lines=said or failed.last_lines)
+        code = outcome.get("rank_exit_code")
+        code = code if isinstance(code, int) else failed.exit_code
+        tail, _ = logs.tail(15, rank)
+        replicas = tuple(dataclasses.replace(r, exit_code=code) if r.rank == rank else r for r in failed.replicas)
+        return dataclasses.replace(
+            failed, failed_rank=rank, exit_code=code, replicas=replicas, last_lines=tuple(line.text for line in tail),
+            message=f"rank {rank} exited with code {code}; {failed.message}",
+        )
+
+    def _finalize(self, name: str, final: JobStatus) -> JobStatus:
+        if final.state == JobState.SUCCEEDED:
+            self._await_driver_log(name)  # keep the driver log's last lines in the archive
+        try:
+            return super()._finalize(name, final)
+        finally:
+            with self._lock:
+                self._parsers.pop(name, None)
+
+    # -- status ----------------------------------------------------------------------------
+    def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
+                       events: dict[str, list[dict[str, Any]]] | None = None,
+                       workload: dict[str, Any] | None = None) -> JobStatus:
+        """The job's status from its RayJob and pods (pure; no API calls).
+
+        ``jobDeploymentStatus`` says where KubeRay is (cluster, submission, the end), and once
+        the Ray job runs, ``jobStatus`` is Ray's own (PENDING, RUNNING, SUCCEEDED, FAILED,
+        STOPPED). A pod problem KubeRay waits on forever (an image that cannot be pulled, a
+        crash loop, a missing Secret) fails the job with its diagnosis; a pod killed for memory
+        or evicted is shown while Ray handles it (see :data:`RAY_HANDLES`).
+        """
+        status = (workload or {}).get("status") or {}
+        deployment = status.get("jobDeploymentStatus") or ""
+        ray_status = status.get("jobStatus") or ""
+        info = status.get("rayJobInfo") or {}
+        said = (status.get("message") or "").strip()
+        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
+                                  "started_at": parse_time(info.get("startTime")) or parse_time(status.get("startTime"))}
+        finished_at = parse_time(status.get("endTime")) or parse_time(info.get("endTime"))
+
+        def replicas(state: JobState) -> tuple[ReplicaStatus, ...]:
+            return tuple(ReplicaStatus(rank=r, state=state) for r in range(spec.world_size))
+
+        def ended(state: JobState, message: str) -> JobStatus:
+            return JobStatus(**common, state=state, replicas=replicas(state), message=message, finished_at=finished_at)
+
+        if deployment == "Complete" and ray_status == "SUCCEEDED":
+            return ended(JobState.SUCCEEDED, "the Ray job succeeded")
+        if deployment in ("Complete", "Failed") and ray_status == "STOPPED":
+            return ended(JobState.CANCELLED, "the Ray job was stopped outside dsnb (ray job stop)")
+        if deployment in ("Complete", "Failed"):
+            reason = status.get("reason") or ""
+            what = _FAILED_REASONS.get(reason) or ("the Ray job failed" if ray_status == "FAILED" else "the RayJob failed")
+            if reason == "SubmissionFailed":
+                what += f" (its log: kubectl logs -n {self.namespace} job/{name})"
+            return ended(JobState.FAILED, f"{what}: {said}" if said else what)
+
+        # A pod that died (OOMKilled, evicted) is Ray's to handle (a worker lost, FailureConfig retries)
+        # and the RayJob reports the outcome; only what KubeRay would wait on forever fails the job here.
+        fatal = sorted((p["metadata"]["name"], d) for p in pods
+                       if (d := classify(p, (events or {}).get(p["metadata"]["name"]))) is not None
+                       and d.fatal and d.reason not in RAY_HANDLES)
+        if fatal:
+            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(JobState.FAILED), message=str(fatal[0][1]))
+        waiting = [str(d) for d in (classify(p, (events or {}).get(p["metadata"]["name"])) for p in pods) if d is not None]
+
+        if deployment in ("Suspending", "Suspended"):
+            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(JobState.PENDING),
+                             message="the RayJob is suspended (e.g. waiting in a Kueue queue)")
+        if deployment == "Retrying":
+            attempts = int(status.get("failed") or 0)
+            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
+                             message=f"attempt {attempts} failed; KubeRay retries on a new Ray cluster"
+                                     f"{f' ({said})' if said else ''}")
+        if deployment == "Running" and ray_status == "RUNNING":
+            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(JobState.RUNNING),
+                             message=f"Ray Train: {spec.world_size} worker(s) on {spec.nodes} Ray worker pod(s)")
+        if deployment in ("Running", "Waiting"):
+            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
+                             message=waiting[0] if waiting else "the Ray cluster is up; the driver is starting "
+                                                                 "(runtime environment, placement of the workers)")
+        ray_pods = [p for p in pods if self._role(p) in ("head", "worker")]
+        placed = [p for p in ray_pods if (p.get("spec") or {}).get("nodeName")]
+        running = [p for p in ray_pods if (p.get("status") or {}).get("phase") == "Running"]
+        if placed:
+            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
+                             message=waiting[0] if waiting else f"the Ray cluster starts: {len(running)} of {spec.nodes + 1} pod(s) running")
+        if not workload or not deployment:
+            message = "waiting for the KubeRay operator to take the RayJob (kubectl get pods -A -l app.kubernetes.io/name=kuberay-operator)"
+        else:
+            message = f"KubeRay creates the Ray cluster ({len(ray_pods)} of {spec.nodes + 1} pod(s) so far)"
+        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(JobState.PENDING),
+                         message=waiting[0] if waiting else message)

@@ -1,0 +1,117 @@
+"""Ray Serve applications through the dashboard's Serve REST API (``/api/serve/applications/``).
+
+The API is declarative: a ``PUT`` states every application the cluster should run. So a
+deploy reads what runs now, keeps the other applications as they were deployed, and adds or
+replaces dsnb's; a stop does the same without it. (Applications deployed from Python with
+``serve.run`` have no config to keep, and Ray refuses a ``PUT`` while they run; the error says so.)
+
+Example:
+    >>> client = ServeClient("http://127.0.0.1:8265", {})        # doctest: +SKIP
+    >>> client.applications().keys()                             # doctest: +SKIP
+    dict_keys(['tiny-x7k2'])
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from dsnb.errors import ClusterError
+from dsnb.status import JobState, ReplicaStatus
+
+PATH = "/api/serve/applications/"
+REQUEST_TIMEOUT_S = 30.0
+_APP_STATES = {"NOT_STARTED": JobState.STARTING, "DEPLOYING": JobState.STARTING, "RUNNING": JobState.RUNNING,
+               "UNHEALTHY": JobState.RUNNING, "DEPLOY_FAILED": JobState.FAILED, "DELETING": JobState.CANCELLED}
+_REPLICA_STATES = {"STARTING": JobState.STARTING, "UPDATING": JobState.STARTING, "RECOVERING": JobState.STARTING,
+                   "RUNNING": JobState.RUNNING, "STOPPING": JobState.CANCELLED, "PENDING_MIGRATION": JobState.RUNNING}
+
+
+class ServeClient:
+    """Reads and writes a Ray cluster's Serve applications.
+
+    Args:
+        dashboard_url: ``http://HOST:8265``.
+        headers: sent with every request (the auth token).
+    """
+
+    def __init__(self, dashboard_url: str, headers: dict[str, str]) -> None:
+        self.url = dashboard_url.rstrip("/") + PATH
+        self.headers = headers
+
+    def _request(self, method: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **self.headers})
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                text = response.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace").strip()[-500:]
+            raise ClusterError("Ray Serve", f"{method} {PATH} answered HTTP {e.code}: {detail}",
+                               "pass token= for a cluster with token authentication" if e.code in (401, 403)
+                               else "see the message; `serve status` on the head shows the applications") from e
+        except OSError as e:
+            raise ClusterError("Ray Serve", f"the dashboard at {self.url} cannot be reached ({e})",
+                               "check that the Ray cluster is up") from e
+        return json.loads(text) if text else None
+
+    def details(self) -> dict[str, Any]:
+        """The Serve details: ``applications`` (name -> state) and ``http_options``."""
+        return self._request("GET") or {}
+
+    def applications(self) -> dict[str, Any]:
+        """Running applications by name (empty when Serve has not started)."""
+        return self.details().get("applications") or {}
+
+    def put(self, applications: dict[str, dict[str, Any]], http_options: dict[str, Any] | None) -> None:
+        """State the applications that should run (keeping the others as deployed)."""
+        body: dict[str, Any] = {"applications": list(applications.values())}
+        if http_options:
+            body["http_options"] = http_options
+        self._request("PUT", body)
+
+    def deployed_configs(self, leave_out: str | None = None) -> dict[str, dict[str, Any]]:
+        """The config each running application was deployed with, except ``leave_out``.
+
+        Raises:
+            ClusterError: an application deployed without a config (``serve.run``) runs,
+                which a declarative update would remove.
+        """
+        configs = {}
+        for name, app in self.applications().items():
+            if name == leave_out:
+                continue
+            config = app.get("deployed_app_config")
+            if not config:
+                raise ClusterError("Ray Serve", f"application {name!r} was deployed from Python (serve.run), not from a config",
+                                   f"remove it first (serve.delete({name!r})), or serve from another Ray cluster")
+            configs[name] = config
+        return configs
+
+
+def app_state(app: dict[str, Any] | None) -> tuple[JobState, str, tuple[ReplicaStatus, ...]]:
+    """dsnb's state, a message, and one ReplicaStatus per replica for one application's details.
+
+    Example:
+        >>> state, message, replicas = app_state({"status": "RUNNING", "message": "",
+        ...     "deployments": {"DsnbModel": {"replicas": [{"state": "RUNNING", "pid": 7}]}}})
+        >>> state.value, [(r.rank, r.state.value, r.pid) for r in replicas]
+        ('RUNNING', [(0, 'RUNNING', 7)])
+    """
+    if app is None:
+        return JobState.CANCELLED, "not deployed", ()
+    state = _APP_STATES.get(app.get("status", ""), JobState.STARTING)
+    message = (app.get("message") or "").strip()
+    if app.get("status") == "UNHEALTHY":
+        message = f"unhealthy: {message}" if message else "unhealthy"
+    replicas = []
+    for deployment in (app.get("deployments") or {}).values():
+        for replica in deployment.get("replicas") or []:
+            replicas.append(ReplicaStatus(rank=len(replicas), state=_REPLICA_STATES.get(replica.get("state", ""), JobState.STARTING),
+                                          pid=replica.get("pid"), host=replica.get("node_ip")))
+        if not message and deployment.get("message"):
+            message = deployment["message"].strip()
+    return state, message.splitlines()[-1][:500] if message and state != JobState.FAILED else message[-2000:], tuple(replicas)

@@ -1,0 +1,258 @@
+"""Test code that plays the KubeRay operator (``ray.io/v1`` RayJob, ``K8sJobMode``) against the API emulator.
+
+For each RayJob it does what KubeRay v1.7 does, closely enough for dsnb's side of the
+conversation:
+
+- it sets ``jobDeploymentStatus: Initializing`` (with ``jobId``, ``rayClusterName``,
+  ``dashboardURL``, ``startTime``) and creates a RayCluster owned by the RayJob, carrying the
+  RayJob's labels; the cluster's head and worker pods come from ``rayClusterSpec``'s
+  templates, owned by the RayCluster, with KubeRay's ``ray.io/*`` labels. They run nothing
+  (annotation ``sim.dsnb.io/no-process``): **real Ray cannot run inside the sim**, so no
+  ``ray start`` runs and there is no dashboard;
+- once the head and every worker run, it creates the submitter: a batch/v1 Job named after
+  the RayJob (owned by it) and its pod from ``submitterPodTemplate`` (owned by the Job), and
+  sets ``jobDeploymentStatus: Running``, ``jobStatus: PENDING``. Instead of ``ray job submit``
+  and ``ray job logs --follow``, the pod runs this file as a fake driver
+  (``python kuberay_sim.py driver``) with the runtime environment's variables: it prints what
+  dsnb's real driver's log looks like through ``ray job logs`` (Ray's ``(RayTrainWorker
+  pid=N, ip=...)`` prefixes, each worker's ``DSNB_RAY_WORKER`` announcement, ``DSNB_METRIC``
+  lines, the closing ``DSNB_RAY_OUTCOME``) and exits 0, as ``ray job logs`` does whatever
+  the job's fate. What it prints is chosen by the job's first script argument (see
+  :func:`driver_lines`);
+- it reports ``jobStatus: RUNNING`` while the submitter runs and, when it has ended,
+  ``Complete``/``SUCCEEDED`` or ``Failed``/``FAILED`` with ``reason: AppFailed``, as the
+  dashboard would have told KubeRay;
+- deleting the RayJob collects the RayCluster, the submitter Job and their pods
+  (ownerReferences, in the emulator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FAKE = "sim.dsnb.io/no-process"
+API = "ray.io/v1"
+#: The fake driver's behaviour, by the job's first script argument.
+MODES = ("ok", "fail", "sleep")
+
+
+def _suffix() -> str:
+    return "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+
+
+def _owner(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def runtime_env_vars(rayjob: dict[str, Any]) -> dict[str, str]:
+    """The ``env_vars`` of a RayJob's ``runtimeEnvYAML`` (what Ray gives the driver and workers)."""
+    text = rayjob["spec"].get("runtimeEnvYAML") or ""
+    return dict((yaml.safe_load(text) or {}).get("env_vars") or {}) if text else {}
+
+
+def job_mode(rayjob: dict[str, Any]) -> str:
+    job = json.loads(runtime_env_vars(rayjob).get("DSNB_RAY_JOB", "{}"))
+    args = job.get("args") or []
+    return args[0] if args and args[0] in MODES else "ok"
+
+
+class KubeRaySim:
+    """The KubeRay operator for one namespace; see the module docstring.
+
+    Args:
+        end_early: report the Ray job's end as soon as it runs, while the submitter is still
+            printing the driver log's end (1 s later), as happens when KubeRay hears of the end
+            from the dashboard before ``ray job logs`` has caught up.
+
+    Attributes:
+        seen: RayJob name -> the RayJob as first seen.
+    """
+
+    def __init__(self, end_early: bool = False) -> None:
+        self.end_early = end_early
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}  # RayJob name -> what the operator keeps in memory
+
+    def netns_for(self, pod: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self.jobs.clear()
+
+    # -- the controller --------------------------------------------------------------------
+    def reconcile(self, sim: Any) -> None:
+        em, ns = sim.emulator, sim.namespace
+        alive = set()
+        for rayjob in em.list(API, "RayJob", ns):
+            name = rayjob["metadata"]["name"]
+            alive.add(name)
+            self.seen.setdefault(name, rayjob)
+            state = self.jobs.get(name)
+            if state is None or state["uid"] != rayjob["metadata"]["uid"]:
+                state = self.jobs[name] = {"uid": rayjob["metadata"]["uid"], "cluster": f"{name}-{_suffix()}", "ended": False}
+                self._create_cluster(sim, rayjob, state["cluster"])
+                self._status(sim, name, {"jobDeploymentStatus": "Initializing", "jobId": name, "startTime": _now(),
+                                         "rayClusterName": state["cluster"],
+                                         "dashboardURL": f"{state['cluster']}-head-svc.{ns}.svc.cluster.local:8265"})
+                continue
+            if state["ended"]:
+                continue
+            status = rayjob.get("status") or {}
+            deployment = status.get("jobDeploymentStatus")
+            if deployment == "Initializing":
+                ray_pods = em.list("v1", "Pod", ns, f"ray.io/cluster={state['cluster']}")
+                expected = 1 + sum(g.get("replicas", 1) for g in rayjob["spec"]["rayClusterSpec"].get("workerGroupSpecs") or [])
+                if len(ray_pods) == expected and all((p.get("status") or {}).get("phase") == "Running" for p in ray_pods):
+                    state["submitter"] = self._create_submitter(sim, rayjob)
+                    self._status(sim, name, {"jobDeploymentStatus": "Running", "jobStatus": "PENDING"})
+            elif deployment == "Running":
+                pod = em.get("v1", "Pod", ns, state["submitter"])
+                phase = ((pod or {}).get("status") or {}).get("phase")
+                if phase == "Running" and status.get("jobStatus") == "PENDING":
+                    self._status(sim, name, {"jobStatus": "RUNNING", "rayJobInfo": {"startTime": _now()}})
+                elif phase in ("Succeeded", "Failed") or (self.end_early and status.get("jobStatus") == "RUNNING"):
+                    self._end(sim, rayjob, state)
+        for name in [n for n in self.jobs if n not in alive]:
+            del self.jobs[name]
+
+    def _status(self, sim: Any, name: str, status: dict[str, Any]) -> None:
+        sim.emulator.patch_status(API, "RayJob", sim.namespace, name, status)
+
+    def _create_cluster(self, sim: Any, rayjob: dict[str, Any], cluster_name: str) -> None:
+        em, ns = sim.emulator, sim.namespace
+        spec = rayjob["spec"]["rayClusterSpec"]
+        cluster = em.create({
+            "apiVersion": API, "kind": "RayCluster",
+            "metadata": {"name": cluster_name, "namespace": ns, "ownerReferences": [_owner(rayjob)],
+                         "labels": {**(rayjob["metadata"].get("labels") or {}),
+                                    "ray.io/originated-from-cr-name": rayjob["metadata"]["name"],
+                                    "ray.io/originated-from-crd": "RayJob"}},
+            "spec": spec,
+        })
+        self._pod(sim, f"{cluster_name}-head-{_suffix()}", spec["headGroupSpec"]["template"], cluster,
+                  {"ray.io/cluster": cluster_name, "ray.io/node-type": "head", "ray.io/group": "headgroup"})
+        for group in spec.get("workerGroupSpecs") or []:
+            for _ in range(group.get("replicas", 1)):
+                self._pod(sim, f"{cluster_name}-{group['groupName']}-worker-{_suffix()}", group["template"], cluster,
+                          {"ray.io/cluster": cluster_name, "ray.io/node-type": "worker", "ray.io/group": group["groupName"]})
+
+    def _pod(self, sim: Any, name: str, template: dict[str, Any], owner: dict[str, Any], labels: dict[str, str],
+             fake: bool = True, spec: dict[str, Any] | None = None) -> None:
+        sim.emulator.create({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": sim.namespace,
+                         "labels": {**((template.get("metadata") or {}).get("labels") or {}), **labels},
+                         "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(owner)]},
+            "spec": spec or template["spec"],
+            "status": {"phase": "Pending"},
+        })
+
+    def _create_submitter(self, sim: Any, rayjob: dict[str, Any]) -> str:
+        em, ns = sim.emulator, sim.namespace
+        name = rayjob["metadata"]["name"]
+        template = json.loads(json.dumps(rayjob["spec"].get("submitterPodTemplate") or {}))
+        if not template:
+            head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            template = {"spec": {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter", "image": head["image"]}]}}
+        job = em.create({"apiVersion": "batch/v1", "kind": "Job",
+                         "metadata": {"name": name, "namespace": ns, "ownerReferences": [_owner(rayjob)],
+                                      "labels": {"ray.io/originated-from-cr-name": name, "ray.io/originated-from-crd": "RayJob"}},
+                         "spec": {"backoffLimit": 2, "template": template}})
+        pod_spec = template["spec"]
+        container = pod_spec["containers"][0]
+        state = self.jobs[name]
+        address = f"http://{state['cluster']}-head-svc.{ns}.svc.cluster.local:8265"
+        # What KubeRay adds, then the runtime environment as Ray gives it to the driver.
+        env = {"RAY_DASHBOARD_ADDRESS": address, "RAY_JOB_SUBMISSION_ID": name, **runtime_env_vars(rayjob),
+               "DSNB_SIM_MODE": job_mode(rayjob), "DSNB_SIM_LATE_TAIL": "1" if self.end_early else ""}
+        container["env"] = [*(container.get("env") or []), *({"name": k, "value": v} for k, v in env.items())]
+        container["command"] = [sys.executable, str(Path(__file__).resolve()), "driver"]
+        pod_name = f"{name}-{_suffix()}"
+        self._pod(sim, pod_name, template, job, {"batch.kubernetes.io/job-name": name, "job-name": name},
+                  fake=False, spec=pod_spec)
+        return pod_name
+
+    def _end(self, sim: Any, rayjob: dict[str, Any], state: dict[str, Any]) -> None:
+        name = rayjob["metadata"]["name"]
+        state["ended"] = True
+        end = {"endTime": _now(), "rayJobInfo": {**((rayjob.get("status") or {}).get("rayJobInfo") or {}), "endTime": _now()}}
+        if job_mode(rayjob) == "fail":
+            self._status(sim, name, {**end, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+                                     "failed": 1, "message": "Job failed due to an application error, last available logs "
+                                                             "(truncated to 20,000 chars): rank 1 exited with code 3"})
+        else:
+            self._status(sim, name, {**end, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "succeeded": 1})
+
+
+# -- the fake driver -------------------------------------------------------------------------------
+def driver_lines(job: dict[str, Any], mode: str, submission_id: str) -> tuple[list[str], list[str]]:
+    """(lines before the training steps, lines after them) of the driver's log through ``ray job logs``.
+
+    ``mode``: ``ok`` (3 steps per rank, then success), ``fail`` (rank 1 exits with code 3
+    after one step), ``sleep`` (steps until stopped).
+    """
+    workers, procs = job["num_workers"], job["procs_per_node"]
+    head = [f"Job '{submission_id}' submitted successfully",
+            "Tailing logs until the job exits (disable with --no-wait):",
+            f"(TrainController pid=70) Started training worker group of size {workers}"]
+    for rank in range(workers):
+        node = rank // procs
+        head.append(f"(RayTrainWorker pid={100 + rank}, ip=10.244.{node}.5) DSNB_RAY_WORKER "
+                    + json.dumps({"rank": rank, "pid": 100 + rank, "node": node}))
+    if mode == "fail":
+        tail = [f"(RayTrainWorker pid=101, ip=10.244.{1 // procs}.5) Traceback (most recent call last):",
+                f"(RayTrainWorker pid=101, ip=10.244.{1 // procs}.5) RuntimeError: rank 1 ran out of data",
+                "Training errored after 1 iterations",
+                "DSNB_RAY_OUTCOME " + json.dumps({"exit_code": 1, "failed_rank": 1, "rank_exit_code": 3,
+                                                  "error": "rank 1 exited with code 3"})]
+    else:
+        tail = ["Training finished", "DSNB_RAY_OUTCOME " + json.dumps({"exit_code": 0})]
+    return head, tail
+
+
+def step_lines(job: dict[str, Any], step: int) -> list[str]:
+    procs = job["procs_per_node"]
+    lines = []
+    for rank in range(job["num_workers"]):
+        prefix = f"(RayTrainWorker pid={100 + rank}, ip=10.244.{rank // procs}.5)"
+        lines.append(f"{prefix} step {step} on rank {rank}")
+        lines.append(f"{prefix} DSNB_METRIC " + json.dumps({"step": step, "loss": round(3.0 - 0.5 * step, 3)}))
+    return lines
+
+
+def fake_driver() -> int:
+    job = json.loads(os.environ["DSNB_RAY_JOB"])
+    mode = os.environ.get("DSNB_SIM_MODE", "ok")
+    head, tail = driver_lines(job, mode, os.environ.get("RAY_JOB_SUBMISSION_ID", job["name"]))
+    for line in head:
+        print(line, flush=True)
+    steps = 1 if mode == "fail" else 3
+    step = 0
+    while mode == "sleep" or step < steps:
+        step += 1
+        for line in step_lines(job, step):
+            print(line, flush=True)
+        time.sleep(0.2 if mode == "sleep" else 0.05)
+    if os.environ.get("DSNB_SIM_LATE_TAIL"):
+        time.sleep(1.0)
+    for line in tail:
+        print(line, flush=True)
+    return 0  # `ray job logs --follow` ends with 0 whatever the job's fate
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["driver"]:
+    sys.exit(fake_driver())

@@ -1,0 +1,266 @@
+"""``Cluster("ray")`` against a real Ray: one private head on 127.0.0.1 shared by this module.
+
+Every job here runs for real under Ray Train (TorchTrainer, gloo on CPU), submitted through
+Ray's Job Submission API; the tiny GPT example runs with DeepSpeed ZeRO-2 exactly as on the
+other backends. Ray takes ~15 s to start a head and a few seconds per Train run on 2 cores,
+so the module shares one head (as every ``Cluster("ray")`` of a process does).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from dsnb import Cluster, ClusterError, JobFailed, JobNotFound, JobSpec, JobState, ServeSpec  # noqa: E402
+from dsnb.backends.ray.head import _group_alive  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "tiny_gpt"
+SERVING_CODE = Path(__file__).parent / "serving_code"
+JOB_TIMEOUT = 400
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray-runs")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(storage: Path):
+    with Cluster("ray", storage_path=str(storage)) as cluster:
+        yield cluster
+        for status in cluster.jobs():
+            if not status.state.is_terminal():
+                cluster.attach(status.name).cancel()
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _pids_alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]]
+
+
+def test_dryrun_shows_the_submission_and_starts_nothing(tmp_path: Path) -> None:
+    cluster = Cluster("ray", storage_path=str(tmp_path))
+    spec = JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), procs_per_node=2,
+                   env={"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "WARN"}, deepspeed={"train_micro_batch_size_per_gpu": 4})
+    plan = cluster.dryrun(spec)
+    text = str(plan)
+    assert "hf_secret_value" not in text and "HF_TOKEN: '***'" in text
+    assert "python -m dsnb.backends.ray.train_entry" in text
+    job = json.loads(plan.manifests[0]["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
+    assert (job["num_workers"], job["backend"], job["run_name"], job["storage_path"]) == (2, "gloo", "tiny-gpt", str(tmp_path))
+    assert plan.extra["runtime_env"]["env_vars"]["HF_TOKEN"] == "hf_secret_value"
+    assert any("dashboard can read them" in note for note in plan.notes)
+    assert cluster.backend._head is None and cluster.jobs() == []  # no head was started for any of this
+    with pytest.raises(JobNotFound):
+        cluster.attach("tiny-gpt-zzzz")
+
+
+def test_a_command_that_is_not_a_python_script_is_refused() -> None:
+    with pytest.raises(Exception, match="JobSpec.command: Ray Train runs a Python script"):
+        Cluster("ray").dryrun(JobSpec(name="x", command=["bash", "-c", "true"]))
+    plan = Cluster("ray").dryrun(JobSpec(name="x", command=["python", "train.py", "--steps", "2"], args=["--seed", "1"]))
+    job = json.loads(plan.extra["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
+    assert (job["script"], job["args"]) == ("train.py", ["--steps", "2", "--seed", "1"])
+
+
+def test_tiny_gpt_trains_on_two_ray_workers_and_resumes_from_ray_checkpoints(ray_cluster: Cluster, storage: Path) -> None:
+    spec = JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), procs_per_node=2,
+                   args=["--steps", "3"], deepspeed=str(EXAMPLE / "ds_config.json"))
+    job = ray_cluster.submit(spec)
+    final = job.wait(timeout=JOB_TIMEOUT)
+    assert final.state == JobState.SUCCEEDED
+    assert [r.rank for r in final.replicas] == [0, 1]
+    losses = job.metrics("loss")
+    assert [s.step for s in losses] == [1, 2, 3] and {s.rank for s in losses} == {0}
+    lines = list(job.logs())
+    rank0 = [line.text for line in lines if line.rank == 0]
+    assert any("2 ranks" in text for text in rank0), rank0[:20]
+    assert any(line.rank == 1 for line in lines)
+    assert not any("DSNB_RAY_" in line.text for line in lines)  # dsnb's bookkeeping lines stay hidden
+    checkpoints = list((storage / "tiny-gpt").glob("checkpoint_*"))
+    assert checkpoints and any((c / "latest").is_file() for c in checkpoints)
+
+    again = ray_cluster.submit(JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), procs_per_node=2,
+                                       args=["--steps", "5"], deepspeed=str(EXAMPLE / "ds_config.json")))
+    assert again.wait(timeout=JOB_TIMEOUT).state == JobState.SUCCEEDED
+    assert any(line.rank == 0 and line.text.startswith("resumed from step 3") for line in again.logs())
+    assert [s.step for s in again.metrics("loss")] == [4, 5]
+
+
+def test_a_failing_rank_is_named_with_its_exit_code_and_last_lines(ray_cluster: Cluster, tmp_path: Path) -> None:
+    _script(tmp_path, "fail.py", """
+        import os, sys
+        rank = int(os.environ["RANK"])
+        print(f"rank {rank} of {os.environ['WORLD_SIZE']} local size {os.environ['LOCAL_SIZE']}", flush=True)
+        if rank == 1:
+            print("about to fail", flush=True)
+            sys.exit(3)
+    """)
+    job = ray_cluster.submit(JobSpec(name="fails", script="fail.py", working_dir=str(tmp_path), procs_per_node=2))
+    with pytest.raises(JobFailed) as failed:
+        job.wait(timeout=JOB_TIMEOUT)
+    status = failed.value.status
+    assert (status.failed_rank, status.exit_code) == (1, 3)
+    assert "about to fail" in status.last_lines
+    assert "rank 1 exited with code 3" in str(failed.value)
+    assert "rank 0 of 2 local size 2" in [line.text for line in job.logs(rank=0)]
+
+
+def test_cancel_from_a_reattached_cluster_stops_every_worker(ray_cluster: Cluster, storage: Path, tmp_path: Path) -> None:
+    _script(tmp_path, "forever.py", """
+        import os, time
+        for i in range(100000):
+            print(f"tick {i} pid {os.getpid()}", flush=True)
+            time.sleep(0.2)
+    """)
+    job = ray_cluster.submit(JobSpec(name="forever", script="forever.py", working_dir=str(tmp_path), procs_per_node=2))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while job.status().state != JobState.RUNNING:
+        assert time.monotonic() < deadline, job.status()
+        time.sleep(0.5)
+    pids = sorted({int(line.text.split()[-1]) for line in job.logs() if line.text.startswith("tick")})
+    assert len(pids) == 2
+
+    with Cluster("ray", storage_path=str(storage)) as other:  # a second cluster of the process: same head
+        assert other.backend.dashboard_url == ray_cluster.backend.dashboard_url
+        attached = other.attach(job.name)
+        assert attached.spec.script == "forever.py"
+        assert job.name in [s.name for s in other.jobs()]
+        assert any(line.text.startswith("tick") for line in attached.logs(rank=1, tail=5))
+        final = attached.cancel()
+    assert final.state == JobState.CANCELLED
+    assert job.status().state == JobState.CANCELLED and job.cancel().state == JobState.CANCELLED
+    deadline = time.monotonic() + 30
+    while _pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pids_alive(pids)
+    assert ray_cluster.backend._head is not None and ray_cluster.backend._head.alive  # the other's close kept it
+
+
+def test_serve_answers_on_loopback_with_the_plain_models_outputs(ray_cluster: Cluster) -> None:
+    import torch
+
+    sys.path.insert(0, str(SERVING_CODE))
+    try:
+        from tiny_models import tiny_mlp
+    finally:
+        sys.path.remove(str(SERVING_CODE))
+    inputs = [[0.0, 1.0, 2.0, 3.0], [-1.5, 0.25, 4.0, 2.0]]
+    expected = tiny_mlp()(torch.tensor(inputs)).tolist()
+
+    endpoint = ray_cluster.serve(ServeSpec(name="tiny-mlp", model="tiny_models:tiny_mlp", working_dir=str(SERVING_CODE)))
+    try:
+        assert endpoint.url.startswith("http://127.0.0.1:") and endpoint.url.endswith("/" + endpoint.name)
+        status = endpoint.status()
+        assert status.state == JobState.RUNNING and len(status.replicas) == 1
+        outputs = endpoint.predict({"inputs": inputs})["outputs"]
+        assert torch.allclose(torch.tensor(outputs), torch.tensor(expected), atol=1e-6)
+        with pytest.raises(ClusterError, match="HTTP 400.*non-empty list"):
+            endpoint.predict({"inputs": "not a batch"})
+        with pytest.raises(ClusterError, match="HTTP 400.*could not run these inputs"):
+            endpoint.predict({"inputs": [[1.0, 2.0]]})
+        assert endpoint.name in [s.name for s in ray_cluster.endpoints()]
+        single = ray_cluster.endpoint(endpoint.name).predict({"inputs": inputs[:1]})["outputs"]
+        assert torch.allclose(torch.tensor(single), torch.tensor(expected[:1]), atol=1e-6)
+    finally:
+        assert endpoint.stop().state == JobState.CANCELLED
+    assert endpoint.name not in [s.name for s in ray_cluster.endpoints()]
+    with pytest.raises(JobNotFound):
+        endpoint.status()
+
+
+def test_a_broken_loader_fails_serve_with_its_error_and_leaves_nothing(ray_cluster: Cluster) -> None:
+    with pytest.raises(JobFailed, match="not a torch.nn.Module") as failed:
+        ray_cluster.serve(ServeSpec(name="broken", model="tiny_models:not_a_model", working_dir=str(SERVING_CODE)), wait=300)
+    assert failed.value.status.state == JobState.FAILED
+    assert not [s for s in ray_cluster.endpoints() if s.name.startswith("broken-")]
+
+
+class _TokenDashboard(http.server.BaseHTTPRequestHandler):
+    """Answers /api/version like a Ray dashboard with token authentication."""
+
+    token = "s3cret-token"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b"Unauthorized: token authentication is enabled")
+            return
+        body = json.dumps({"ray_version": "2.60.0", "version": "4"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_address_placement_sends_the_token_and_names_it_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent/token")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenDashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        refused = Cluster("ray", address=address).check()
+        [line] = [r for r in refused.results if r.name == "Ray cluster"]
+        assert not line.ok and "HTTP 401" in line.detail and "token=" in line.fix
+        with pytest.raises(ClusterError, match="authentication.*token="):
+            Cluster("ray", address=address).jobs()
+        accepted = Cluster("ray", address=address, token="s3cret-token")
+        assert "s3cret-token" not in repr(accepted) + repr(accepted.backend)
+        [line] = [r for r in accepted.check().results if r.name == "Ray cluster"]
+        assert line.ok and "2.60.0" in line.detail
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token")  # Ray's own variable is read too
+        assert [r for r in Cluster("ray", address=address).check().results if r.name == "Ray cluster"][0].ok
+    finally:
+        server.shutdown()
+
+
+def test_the_existing_cluster_placement_sees_the_jobs_of_that_cluster(ray_cluster: Cluster) -> None:
+    names = {s.name for s in ray_cluster.jobs()}
+    assert names, "earlier tests submitted jobs"
+    with Cluster("ray", address=ray_cluster.backend.dashboard_url) as remote:
+        assert {s.name for s in remote.jobs()} == names
+        assert remote.check().ok
+
+
+def test_the_private_head_stops_on_close_and_at_process_exit() -> None:
+    code = textwrap.dedent("""
+        import os, sys
+        from dsnb import Cluster
+        a, b = Cluster("ray"), Cluster("ray")
+        head = a.backend._head if a.backend.dashboard_url else None
+        assert b.backend.dashboard_url == a.backend.dashboard_url
+        print(head.process.pid, flush=True)
+        a.close()
+        assert head.alive, "the other cluster still uses it"
+        if sys.argv[1] == "close":
+            b.close()
+            assert not head.alive
+    """)
+    for mode in ("close", "exit"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        pgid = int(done.stdout.split()[0])
+        assert not _group_alive(pgid), f"{mode}: the head's processes outlived it"
