@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench lint clean venv
+.PHONY: demo test bench bench-ray lint clean venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet "$(TORCH)"
 	# DeepSpeed builds from source and imports torch in its setup.py: build it against the torch above.
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "$(DEEPSPEED)"
-	$(PIP) install --quiet -e ".[local,k8s,notebook,dev]"
+	$(PIP) install --quiet -e ".[local,k8s,ray,serve,notebook,dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -29,6 +29,9 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_local.py
+
+bench-ray: venv
+	$(PY) benchmarks/bench_ray.py
 
 lint: venv
 	$(VENV)/bin/ruff check dsnb tests examples benchmarks

@@ -264,6 +264,21 @@ def test_rayservice_serves_one_application_with_the_deployment_as_given() -> Non
     assert yaml.safe_load(plain["spec"]["serveConfigV2"])["applications"][0]["runtime_env"] == {}
 
 
+def test_rayservice_takes_a_whole_application_and_keeps_its_secrets_out() -> None:
+    app = {"import_path": "dsnb.backends.ray.serve_app:build", "args": {"model": "m:f"},
+           "runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO", "HF_TOKEN": SECRET_VALUE, "MY_API_KEY": "k-123"}},
+           "deployments": [DEPLOYMENT]}
+    given = json.loads(json.dumps(app))
+    service = render_rayservice(make_spec(**FULL), OPTIONS, application=given)
+    validate_custom(service)
+    assert given == app  # not modified
+    assert SECRET_VALUE not in json.dumps(service) and "k-123" not in json.dumps(service)
+    [served] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert served == {**app, "runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO"}}, "name": "tiny-gpt-x7k2", "route_prefix": "/"}
+    named = render_rayservice(make_spec(), PodOptions(), application={**app, "name": "other", "route_prefix": "/x"})
+    assert yaml.safe_load(named["spec"]["serveConfigV2"])["applications"][0]["route_prefix"] == "/x"
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 def test_bad_input_names_its_field() -> None:
@@ -287,6 +302,14 @@ def test_bad_input_names_its_field() -> None:
         ("deployment.num_replicas", lambda: render_rayservice(
             spec, options, "app:app", {"name": "M", "num_replicas": 2, "autoscaling_config": {"max_replicas": 4}})),
         ("deployment", lambda: render_rayservice(spec, options, "app:app", {"name": "M", "user_config": object()})),
+        ("import_path", lambda: render_rayservice(spec, options)),
+        ("application", lambda: render_rayservice(spec, options, "app:app", application={"import_path": "app:app"})),
+        ("application", lambda: render_rayservice(spec, options, application=["app:app"])),
+        ("application.import_path", lambda: render_rayservice(spec, options, application={"import_path": "no path"})),
+        ("application.deployments.name", lambda: render_rayservice(
+            spec, options, application={"import_path": "app:app", "deployments": [{}]})),
+        ("application.runtime_env.env_vars", lambda: render_rayservice(
+            spec, options, application={"import_path": "app:app", "runtime_env": {"env_vars": ["A=1"]}})),
     ]
     for field, call in cases:
         with pytest.raises(InvalidSpecError) as info:

@@ -68,6 +68,18 @@ EXPECTED = {
         ),
         deepspeed=False, needs=("kubernetes", "kubeflow_trainer_api"), within_s=60,
     ),
+    "05_ray": Expected(
+        shows=(
+            r"python -m dsnb.backends.ray.train_entry",             # the dry run: the Ray job
+            r"SUCCEEDED \[\(1, ",                                   # trained, with its losses
+            r"resumed from step 4", r"steps of the second run: \[5, 6\]",  # from Ray Train's checkpoint
+            r"equal to the plain model: True",                       # Ray Serve + init_inference
+            r"✗ Ray cluster: http://ray-head.invalid:8265 cannot be reached",
+            r"kind: RayJob", r"shutdownAfterJobFinishes: true", r"HF_TOKEN: '\*\*\*'",
+            r"kind: RayService", r"autoscaling_config",
+        ),
+        needs=("ray", "kubernetes"),
+    ),
 }
 
 

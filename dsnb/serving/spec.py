@@ -68,9 +68,9 @@ class ServeSpec:
 
     def __post_init__(self) -> None:
         # The name, resources, env and image follow the JobSpec rules; reuse its checks.
-        if isinstance(self.resources, dict):
-            self.resources = Resources(**self.resources)
         try:
+            if isinstance(self.resources, dict):
+                self.resources = Resources(**self.resources)
             JobSpec(name=self.name, command=["serve"], resources=self.resources, env=self.env, image=self.image,
                     working_dir=self.working_dir)
         except _InvalidSpecError as e:

@@ -24,6 +24,22 @@ conversation:
   dashboard would have told KubeRay;
 - deleting the RayJob collects the RayCluster, the submitter Job and their pods
   (ownerReferences, in the emulator).
+
+For each RayService, as KubeRay v1.7 does for a new one:
+
+- it creates the RayCluster (owned by the RayService) with head and worker pods that run
+  nothing, and reports it as the *pending* cluster (``pendingServiceStatus.rayClusterName``,
+  conditions ``Ready: False`` reason ``Initializing`` and ``UpgradeInProgress: False``);
+- once every Ray pod runs, it reports the Serve application of ``serveConfigV2`` as Serve
+  would through the dashboard: ``DEPLOYING`` in ``pendingServiceStatus.applicationStatuses``,
+  then either ``DEPLOY_FAILED`` with a traceback-like message (the application's ``args.model``
+  is one of ``deploy_errors``: a loader that raises) or ``RUNNING``/``HEALTHY``;
+- a RUNNING application gets the cluster promoted: the serve Service ``<name>-serve-svc``
+  (port 8000, owned by the RayService) is created, the application statuses move to
+  ``activeServiceStatus``, ``pendingServiceStatus`` is emptied, ``serviceStatus: Running``,
+  ``numServeEndpoints`` and ``Ready: True`` reason ``NonZeroServeEndpoints``.
+
+No Ray Serve runs, and nothing answers on the serve Service's address.
 """
 
 from __future__ import annotations
@@ -82,16 +98,19 @@ class KubeRaySim:
         seen: RayJob name -> the RayJob as first seen.
     """
 
-    def __init__(self, end_early: bool = False) -> None:
+    def __init__(self, end_early: bool = False, deploy_errors: dict[str, str] | None = None) -> None:
         self.end_early = end_early
+        self.deploy_errors = dict(deploy_errors or {})
         self.seen: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}  # RayJob name -> what the operator keeps in memory
+        self.services: dict[str, dict[str, Any]] = {}  # RayService name -> what the operator keeps in memory
 
     def netns_for(self, pod: str) -> str | None:
         return None
 
     def close(self) -> None:
         self.jobs.clear()
+        self.services.clear()
 
     # -- the controller --------------------------------------------------------------------
     def reconcile(self, sim: Any) -> None:
@@ -128,19 +147,20 @@ class KubeRaySim:
                     self._end(sim, rayjob, state)
         for name in [n for n in self.jobs if n not in alive]:
             del self.jobs[name]
+        self._reconcile_services(sim)
 
     def _status(self, sim: Any, name: str, status: dict[str, Any]) -> None:
         sim.emulator.patch_status(API, "RayJob", sim.namespace, name, status)
 
-    def _create_cluster(self, sim: Any, rayjob: dict[str, Any], cluster_name: str) -> None:
+    def _create_cluster(self, sim: Any, owner: dict[str, Any], cluster_name: str) -> None:
         em, ns = sim.emulator, sim.namespace
-        spec = rayjob["spec"]["rayClusterSpec"]
+        spec = owner["spec"]["rayClusterSpec" if owner["kind"] == "RayJob" else "rayClusterConfig"]
         cluster = em.create({
             "apiVersion": API, "kind": "RayCluster",
-            "metadata": {"name": cluster_name, "namespace": ns, "ownerReferences": [_owner(rayjob)],
-                         "labels": {**(rayjob["metadata"].get("labels") or {}),
-                                    "ray.io/originated-from-cr-name": rayjob["metadata"]["name"],
-                                    "ray.io/originated-from-crd": "RayJob"}},
+            "metadata": {"name": cluster_name, "namespace": ns, "ownerReferences": [_owner(owner)],
+                         "labels": {**(owner["metadata"].get("labels") or {}),
+                                    "ray.io/originated-from-cr-name": owner["metadata"]["name"],
+                                    "ray.io/originated-from-crd": owner["kind"]}},
             "spec": spec,
         })
         self._pod(sim, f"{cluster_name}-head-{_suffix()}", spec["headGroupSpec"]["template"], cluster,
@@ -196,6 +216,76 @@ class KubeRaySim:
                                                              "(truncated to 20,000 chars): rank 1 exited with code 3"})
         else:
             self._status(sim, name, {**end, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "succeeded": 1})
+
+    # -- RayServices -----------------------------------------------------------------------
+    def _reconcile_services(self, sim: Any) -> None:
+        em, ns = sim.emulator, sim.namespace
+        alive = set()
+        for service in em.list(API, "RayService", ns):
+            name = service["metadata"]["name"]
+            alive.add(name)
+            state = self.services.get(name)
+            if state is None or state["uid"] != service["metadata"]["uid"]:
+                state = self.services[name] = {"uid": service["metadata"]["uid"], "cluster": f"{name}-{_suffix()}", "step": "cluster"}
+                self._create_cluster(sim, service, state["cluster"])
+                self._service_status(sim, name, {
+                    "conditions": [_condition("Ready", "False", "Initializing", "RayService is initializing"),
+                                   _condition("UpgradeInProgress", "False", "NoActiveCluster", "no active cluster")],
+                    "pendingServiceStatus": {"rayClusterName": state["cluster"]}, "observedGeneration": 1,
+                    "lastUpdateTime": _now()})
+                continue
+            apps = (yaml.safe_load(service["spec"].get("serveConfigV2") or "") or {}).get("applications") or []
+            if state["step"] == "cluster":
+                ray_pods = em.list("v1", "Pod", ns, f"ray.io/cluster={state['cluster']}")
+                expected = 1 + sum(g.get("replicas", 1) for g in service["spec"]["rayClusterConfig"].get("workerGroupSpecs") or [])
+                if len(ray_pods) == expected and all((p.get("status") or {}).get("phase") == "Running" for p in ray_pods):
+                    state["step"] = "deploying"
+                    self._service_status(sim, name, {"pendingServiceStatus": {"applicationStatuses": {
+                        app["name"]: {"status": "DEPLOYING", "serveDeploymentStatuses": {
+                            d["name"]: {"status": "UPDATING"} for d in app.get("deployments") or []}} for app in apps}}})
+            elif state["step"] == "deploying":
+                failing = {app["name"]: self.deploy_errors[model] for app in apps
+                           if (model := (app.get("args") or {}).get("model")) in self.deploy_errors}
+                if failing:
+                    state["step"] = "failed"
+                    self._service_status(sim, name, {"pendingServiceStatus": {"applicationStatuses": {
+                        app: {"status": "DEPLOY_FAILED", "message": _deploy_failure(app, error), "serveDeploymentStatuses": None}
+                        for app, error in failing.items()}}})
+                    continue
+                state["step"] = "running"
+                em.create({"apiVersion": "v1", "kind": "Service",
+                           "metadata": {"name": f"{name}-serve-svc", "namespace": ns, "ownerReferences": [_owner(service)],
+                                        "labels": {"ray.io/serve": f"{name}-serve", "ray.io/originated-from-cr-name": name,
+                                                   "ray.io/originated-from-crd": "RayService"}},
+                           "spec": {"selector": {"ray.io/cluster": state["cluster"], "ray.io/serve": "true"},
+                                    "ports": [{"name": "serve", "port": 8000, "targetPort": 8000}]}})
+                running = {app["name"]: {"status": "RUNNING", "serveDeploymentStatuses": {
+                    d["name"]: {"status": "HEALTHY"} for d in app.get("deployments") or []}} for app in apps}
+                endpoints = len(em.list("v1", "Pod", ns, f"ray.io/cluster={state['cluster']}"))
+                self._service_status(sim, name, {
+                    "activeServiceStatus": {"rayClusterName": state["cluster"], "applicationStatuses": running},
+                    "pendingServiceStatus": None, "serviceStatus": "Running", "numServeEndpoints": endpoints,
+                    "conditions": [_condition("Ready", "True", "NonZeroServeEndpoints", "Number of serve endpoints is greater than 0"),
+                                   _condition("UpgradeInProgress", "False", "NoPendingCluster", "no pending cluster")],
+                    "lastUpdateTime": _now()})
+        for name in [n for n in self.services if n not in alive]:
+            del self.services[name]
+
+    def _service_status(self, sim: Any, name: str, status: dict[str, Any]) -> None:
+        sim.emulator.patch_status(API, "RayService", sim.namespace, name, status)
+
+
+def _condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
+
+
+def _deploy_failure(app: str, error: str) -> str:
+    """What Serve says of an application whose builder or replica constructor raised."""
+    return (f"Deploying application {app} failed: The deployment failed to start 3 times in a row. "
+            "This may be due to a problem with its constructor or initial health check failing.\n"
+            "Traceback (most recent call last):\n"
+            '  File "/home/ray/anaconda3/lib/python3.11/site-packages/dsnb/serving/model.py", line 52, in load_module\n'
+            f"{error}")
 
 
 # -- the fake driver -------------------------------------------------------------------------------

@@ -254,16 +254,23 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
             "metadata": {"name": spec.name, "labels": job_labels(spec.name)}, "spec": job_spec}
 
 
-def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str, deployment: dict[str, Any],
-                      ray_version: str = DEFAULT_RAY_VERSION, *, head_resources: Resources | None = None) -> dict[str, Any]:
-    """A RayService serving one Serve application (``import_path``, one deployment) on a Ray cluster for ``spec``.
+def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str | None = None,
+                      deployment: dict[str, Any] | None = None, ray_version: str = DEFAULT_RAY_VERSION, *,
+                      head_resources: Resources | None = None, application: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A RayService serving one Serve application on a Ray cluster for ``spec``.
 
-    The application is named after the job and answers on ``/`` of the serve port (8000).
-    Secrets are handled as in :func:`render_rayjob`: ``serveConfigV2`` carries only the
-    variables that are not secret-looking.
+    The application is either built here from ``import_path`` and one ``deployment`` (named
+    after the job, answering on ``/`` of the serve port 8000), or given whole as
+    ``application`` (one item of a Serve config's ``applications``, e.g.
+    :func:`dsnb.backends.ray.serve_app.serve_config`); ``name`` and ``route_prefix`` default
+    to the job's name and ``/``. Secrets are handled as in :func:`render_rayjob`:
+    ``serveConfigV2`` carries only the variables that are not secret-looking (those of
+    ``spec.env`` and of the application's ``runtime_env.env_vars`` alike); the pods read the
+    others from the Secret named by :func:`env_secret_name`.
 
     Args:
-        spec: the job, already carrying its unique name; ``resources`` are per worker.
+        spec: the job, already carrying its unique name; ``resources`` are per worker, and
+            ``nodes`` is the worker pod count.
         options: see :func:`ray_cluster_spec`.
         import_path: where Serve finds the application, ``"module:app"`` or ``"module.app"``.
         deployment: the deployment's Serve settings, as written in a Serve config file
@@ -271,14 +278,16 @@ def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str, depl
             kept as given.
         ray_version: the Ray version in ``spec.image``.
         head_resources: see :func:`ray_cluster_spec`.
+        application: the whole application instead of ``import_path`` and ``deployment``;
+            kept as given but for the secret variables.
 
     Returns:
         The RayService as a dict (no namespace: the caller sets it).
 
     Raises:
         InvalidSpecError: as :func:`ray_cluster_spec`, or a name KubeRay refuses, a malformed
-            import path, or a deployment without a name or with both a fixed replica count
-            and autoscaling.
+            import path, a deployment without a name or with both a fixed replica count and
+            autoscaling, or both (or neither of) ``application`` and ``import_path``.
 
     Example:
         >>> from dsnb import JobSpec, PodOptions
@@ -286,28 +295,77 @@ def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str, depl
         >>> service = render_rayservice(spec, PodOptions(), "serve_app:app", {"name": "Chat", "num_replicas": 2})
         >>> yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"]
         [{'name': 'Chat', 'num_replicas': 2}]
+        >>> app = {"import_path": "pkg.serve:build", "args": {"model": "m:f"}, "deployments": [{"name": "M"}]}
+        >>> yaml.safe_load(render_rayservice(spec, PodOptions(), application=app)["spec"]["serveConfigV2"])["applications"][0]
+        {'import_path': 'pkg.serve:build', 'args': {'model': 'm:f'}, 'deployments': [{'name': 'M'}], 'name': 'chat-x7k2', 'route_prefix': '/'}
     """
     _check_name(spec, "RayService")
-    if not isinstance(import_path, str) or not re.fullmatch(r"[A-Za-z_][\w.]*[.:][A-Za-z_]\w*", import_path):
-        raise InvalidSpecError("import_path", f"{import_path!r} is not a Serve import path",
-                               "write it like 'serve_app:app' (module, then the bound application)")
-    if not isinstance(deployment, dict) or not isinstance(deployment.get("name"), str) or not deployment["name"]:
-        raise InvalidSpecError("deployment.name", "every deployment needs a name", "pass deployment={'name': 'Model', 'num_replicas': 1}")
-    replicas = deployment.get("num_replicas")
-    if deployment.get("autoscaling_config") and isinstance(replicas, int) and not isinstance(replicas, bool):
-        raise InvalidSpecError("deployment.num_replicas", "a fixed replica count cannot go with autoscaling_config",
-                               "remove num_replicas (or set it to 'auto') and let autoscaling_config decide")
-    app = {"name": spec.name, "import_path": import_path, "route_prefix": "/", "runtime_env": _runtime_env(spec),
-           "deployments": [copy.deepcopy(deployment)]}
+    if application is not None:
+        if import_path is not None or deployment is not None:
+            raise InvalidSpecError("application", "give either a whole application or import_path and deployment, not both",
+                                   "pass application=... alone, or import_path= and deployment=")
+        app = _given_application(spec, application)
+    else:
+        if import_path is None or deployment is None:
+            raise InvalidSpecError("import_path", "a RayService needs an application",
+                                   "pass import_path='serve_app:app' and deployment={'name': 'Model'}, or application=...")
+        _check_import_path(import_path, "import_path")
+        _check_deployment(deployment, "deployment")
+        app = {"name": spec.name, "import_path": import_path, "route_prefix": "/", "runtime_env": _runtime_env(spec),
+               "deployments": [copy.deepcopy(deployment)]}
     try:
         serve_config = yaml.safe_dump({"applications": [app]}, sort_keys=False)
     except yaml.YAMLError as e:
-        raise InvalidSpecError("deployment", f"cannot be written as YAML ({e})",
+        raise InvalidSpecError("application" if application is not None else "deployment", f"cannot be written as YAML ({e})",
                                "use only strings, numbers, booleans, lists and dicts") from e
     return {"apiVersion": API_VERSION, "kind": "RayService",
             "metadata": {"name": spec.name, "labels": job_labels(spec.name)},
             "spec": {"serveConfigV2": serve_config,
                      "rayClusterConfig": ray_cluster_spec(spec, options, ray_version, head_resources=head_resources)}}
+
+
+def _check_import_path(import_path: Any, field: str) -> None:
+    if not isinstance(import_path, str) or not re.fullmatch(r"[A-Za-z_][\w.]*[.:][A-Za-z_]\w*", import_path):
+        raise InvalidSpecError(field, f"{import_path!r} is not a Serve import path",
+                               "write it like 'serve_app:app' (module, then the bound application)")
+
+
+def _check_deployment(deployment: Any, field: str) -> None:
+    if not isinstance(deployment, dict) or not isinstance(deployment.get("name"), str) or not deployment["name"]:
+        raise InvalidSpecError(f"{field}.name", "every deployment needs a name", "pass deployment={'name': 'Model', 'num_replicas': 1}")
+    replicas = deployment.get("num_replicas")
+    if deployment.get("autoscaling_config") and isinstance(replicas, int) and not isinstance(replicas, bool):
+        raise InvalidSpecError(f"{field}.num_replicas", "a fixed replica count cannot go with autoscaling_config",
+                               "remove num_replicas (or set it to 'auto') and let autoscaling_config decide")
+
+
+def _given_application(spec: JobSpec, application: Any) -> dict[str, Any]:
+    """``application`` checked, with its defaults and without secret-looking variables (a copy)."""
+    if not isinstance(application, dict):
+        raise InvalidSpecError("application", f"must be a dict (one Serve application), got {type(application).__name__}",
+                               "pass application=serve_config(spec, route_prefix='/')")
+    _check_import_path(application.get("import_path"), "application.import_path")
+    deployments = application.get("deployments", [])
+    if not isinstance(deployments, list):
+        raise InvalidSpecError("application.deployments", f"must be a list, got {type(deployments).__name__}",
+                               "write deployments=[{'name': 'Model', 'num_replicas': 1}]")
+    for deployment in deployments:
+        _check_deployment(deployment, "application.deployments")
+    app = copy.deepcopy(application)
+    app.setdefault("name", spec.name)
+    app.setdefault("route_prefix", "/")
+    runtime_env = app.get("runtime_env")
+    if runtime_env is not None and not isinstance(runtime_env, dict):
+        raise InvalidSpecError("application.runtime_env", f"must be a dict, got {type(runtime_env).__name__}",
+                               "write runtime_env={'env_vars': {'NAME': 'value'}}")
+    env_vars = (runtime_env or {}).get("env_vars")
+    if env_vars:
+        if not isinstance(env_vars, dict):
+            raise InvalidSpecError("application.runtime_env.env_vars", f"must map names to values, got {env_vars!r}",
+                                   "write env_vars={'NAME': 'value'}")
+        hidden = set(secret_env_keys(spec.env)) | set(secret_env_keys({k: str(v) for k, v in env_vars.items()}))
+        app["runtime_env"]["env_vars"] = {k: v for k, v in env_vars.items() if k not in hidden}
+    return app
 
 
 def _check_spec(spec: JobSpec, ray_version: str) -> None:

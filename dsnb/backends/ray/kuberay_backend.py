@@ -23,6 +23,12 @@ in the record, ``jobs()``/``attach()`` from labels, preflight and RBAC.
   (``spec.suspend``) would also delete the Ray cluster, but keeps the RayJob, which KubeRay
   starts again from scratch when it is resumed; a cancelled dsnb job is not meant to come back.
 
+Serving (``cluster.serve(ServeSpec(...))``) makes a RayService instead: the endpoint's record
+(``dsnb.io/kind: endpoint``, so ``jobs()`` leaves it out), the Secret, and a RayService whose
+Ray cluster has one worker pod per replica and whose ``serveConfigV2`` is dsnb's Serve
+application (:mod:`~dsnb.backends.ray.serve_app`); the status comes from the RayService's
+``Ready`` condition and the application's Serve status (:meth:`KubeRayBackend.serve_status`).
+
 Example:
     >>> from dsnb import Cluster, JobSpec
     >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, image="ghcr.io/org/train-ray:1")
@@ -35,20 +41,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import posixpath
 import threading
 import time
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes import objects
+from dsnb.backends.kubernetes.backend import BACKEND, CREATED, KIND, KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
+from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_template import secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
 from dsnb.backends.logbuffer import JobLogs
-from dsnb.backends.ray import train_entry
+from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.kuberay import (
     _RAY_VERSION,
     API_VERSION,
@@ -56,13 +68,21 @@ from dsnb.backends.ray.kuberay import (
     ROLE,
     SUBMITTER_CONTAINER,
     render_rayjob,
+    render_rayservice,
 )
 from dsnb.backends.ray.logs import DriverLogParser
-from dsnb.errors import InvalidSpecError
-from dsnb.spec import JobSpec, Resources
+from dsnb.errors import InvalidSpecError, JobNotFound
+from dsnb.serving.spec import InvalidSpecError as ServeSpecError
+from dsnb.serving.spec import ServeSpec
+from dsnb.spec import JobSpec, Resources, redact_env
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+#: The ``dsnb.io/kind`` of an endpoint's record (a job's is ``record``), so ``jobs()`` leaves endpoints out.
+ENDPOINT_KIND = "endpoint"
+ENDPOINT_SELECTOR = f"{MANAGED_SELECTOR},{KIND}={ENDPOINT_KIND}"
+#: The port of KubeRay's serve Service ``<name>-serve-svc`` (Ray Serve's HTTP proxy).
+SERVE_PORT = 8000
 #: Where Ray Train keeps runs and checkpoints without a checkpoint PVC: the pod's own disk.
 DEFAULT_STORAGE = "/home/ray/ray-runs"
 #: Seconds to wait, once the RayJob has ended, for the submitter to print the driver log's end.
@@ -107,6 +127,9 @@ class KubeRayBackend(KubernetesBackend):
             ends (dsnb removes the whole RayJob sooner, as soon as a client sees it end).
         head_resources: the head pod's CPU and memory (default 1 CPU, 4Gi; no GPUs).
         storage_path: where Ray Train keeps runs and checkpoints (see :func:`storage_path`).
+        serve_url: where endpoints answer, e.g. ``"http://127.0.0.1:8000"`` through
+            ``kubectl port-forward svc/<endpoint>-serve-svc 8000``; default the serve
+            Service's in-cluster address (see :meth:`endpoint_url`).
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -122,7 +145,8 @@ class KubeRayBackend(KubernetesBackend):
     workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"))
 
     def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 3600,
-                 head_resources: Resources | None = None, storage_path: str | None = None, **options: Any) -> None:
+                 head_resources: Resources | None = None, storage_path: str | None = None,
+                 serve_url: str | None = None, **options: Any) -> None:
         if not isinstance(ray_version, str) or not _RAY_VERSION.match(ray_version):
             raise InvalidSpecError("ray_version", f"{ray_version!r} is not a Ray version",
                                    f"write the version in the image as major.minor.patch, e.g. {DEFAULT_RAY_VERSION!r}")
@@ -134,6 +158,8 @@ class KubeRayBackend(KubernetesBackend):
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
         self.head_resources = head_resources
         self.storage_path = storage_path
+        self.serve_url = serve_url.rstrip("/") if serve_url else None
+        self._stopped_endpoints: set[str] = set()
         self._parsers: dict[str, tuple[DriverLogParser, threading.Lock]] = {}
 
     # -- rendering -------------------------------------------------------------------------
@@ -331,3 +357,257 @@ class KubeRayBackend(KubernetesBackend):
             message = f"KubeRay creates the Ray cluster ({len(ray_pods)} of {spec.nodes + 1} pod(s) so far)"
         return JobStatus(**common, state=JobState.PENDING, replicas=replicas(JobState.PENDING),
                          message=waiting[0] if waiting else message)
+
+    # -- serving ---------------------------------------------------------------------------
+    def serve_plan(self, spec: ServeSpec) -> Plan:
+        """The endpoint's record, the Secret of secret env values (if any) and a RayService; nothing is created.
+
+        The RayService's Ray cluster has one head (``num-cpus: "0"``: no replica there) and one
+        worker pod per replica (``max_replicas`` when autoscaling), each with the per-replica
+        resources. ``serveConfigV2`` holds one application, dsnb's
+        (:func:`~dsnb.backends.ray.serve_app.serve_config` on route ``/``) without a working
+        directory: the model's code must be in the image. Secret-looking env values are left out
+        of it; the pods read them from the Secret, and Ray's processes inherit them.
+
+        Raises:
+            InvalidSpecError: no image, a name KubeRay refuses, or a bad Ray version.
+        """
+        if not spec.image:
+            raise ServeSpecError("image", "KubeRay serves the model from a container image",
+                                 f"set image= an image built FROM rayproject/ray:{self.ray_version} with dsnb, torch, "
+                                 "DeepSpeed and the model's code")
+        unique = spec.with_unique_name()
+        name, namespace = unique.name, self.namespace
+        workers = unique.max_replicas if unique.autoscaling else unique.replicas
+        assert workers is not None
+        cluster_spec = JobSpec(name=name, command=["serve"], nodes=workers, image=unique.image, env=dict(unique.env),
+                               resources=unique.resources)
+        app = serve_app.serve_config(unique, route_prefix="/")
+        hidden = set(secret_env_keys(unique.env))
+        app["runtime_env"]["env_vars"] = {k: v for k, v in app["runtime_env"]["env_vars"].items() if k not in hidden}
+        rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,
+                                       head_resources=self.head_resources, application=app)
+        secret = env_secret(cluster_spec, namespace)
+        record = record_manifest(cluster_spec, self.name, {})
+        record["metadata"]["labels"][KIND] = ENDPOINT_KIND
+        shown = unique.to_dict()
+        shown["env"] = redact_env(unique.env)
+        record["data"]["spec.json"] = json.dumps(shown, indent=1)
+        manifests = [record, *([secret.manifest] if secret.manifest else []), rayservice]
+        for manifest in manifests:
+            manifest["metadata"]["namespace"] = namespace
+        replicas = (f"{unique.min_replicas}..{unique.max_replicas} replicas (autoscaling)" if unique.autoscaling
+                    else f"{unique.replicas} replica(s)")
+        notes = [
+            f"dsnb KubeRay plan for endpoint {name} in namespace {namespace}: a RayService with a Ray {self.ray_version} "
+            f"cluster of one head and {workers} worker pod(s), one per replica; Ray Serve runs {unique.model} behind "
+            f"deepspeed.init_inference, {replicas}; needs the KubeRay operator (ray.io/v1)",
+            "the image needs Ray (the same version), torch, DeepSpeed, dsnb and the model's code: nothing is shipped "
+            "(no working_dir), so the loader's module must be importable in the image (installed, or on PYTHONPATH)"
+            + (f"; working_dir {unique.working_dir!r} is not used on KubeRay" if unique.working_dir else ""),
+            f"in-cluster URL: {self._in_cluster_url(name)} (KubeRay's serve Service, made once the application runs); "
+            f"from outside: kubectl port-forward -n {namespace} svc/{name}-serve-svc {SERVE_PORT} and "
+            f"serve_url='http://127.0.0.1:{SERVE_PORT}'",
+            *secret.notes,
+        ]
+        if unique.model_kind == "huggingface":
+            notes.insert(2, f"the model directory {unique.model} must exist in the pods (in the image or on a mounted volume)")
+        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,  # type: ignore[arg-type]
+                    extra={"secret_values": secret.values})
+
+    def apply_serve(self, plan: Plan) -> None:
+        """Create the record, then the Secret and the RayService owned by it; undo all on a refusal.
+
+        Raises:
+            ClusterError: the API refused (without the RayService CRD: how to install KubeRay).
+        """
+        try:
+            self.apply(plan)
+        finally:
+            self._specs.pop(plan.name, None)  # an endpoint is no job
+        self._stopped_endpoints.discard(plan.name)
+
+    def _in_cluster_url(self, name: str) -> str:
+        return f"http://{name}-serve-svc.{self.namespace}.svc.cluster.local:{SERVE_PORT}/"
+
+    def _endpoint_records(self) -> list[dict[str, Any]]:
+        try:
+            response = self.conn.core.list_namespaced_config_map(
+                self.namespace, label_selector=f"{ENDPOINT_SELECTOR},{BACKEND}={self.name}", _preload_content=False)
+            return list(objects.read_json(response).get("items") or [])
+        except ApiException as e:
+            raise self._api_error(e, "list ConfigMaps") from e
+
+    def _endpoint_record(self, name: str) -> dict[str, Any] | None:
+        try:
+            record = objects.read(self.conn, "v1", "ConfigMap", name)
+        except ApiException as e:
+            raise self._api_error(e, f"read ConfigMap {name!r}") from e
+        labels = ((record or {}).get("metadata") or {}).get("labels") or {}
+        return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.name else None
+
+    def _endpoint_not_found(self, name: str) -> JobNotFound:
+        return JobNotFound(name, self.name, sorted(r["metadata"]["name"] for r in self._endpoint_records()))
+
+    def _rayservice(self, name: str) -> dict[str, Any] | None:
+        try:
+            return objects.read(self.conn, API_VERSION, "RayService", name)
+        except ApiException as e:
+            raise self._api_error(e, f"read RayService {name!r}") from e
+
+    def endpoint_url(self, name: str) -> str:
+        """KubeRay's serve Service in the cluster, ``http://<name>-serve-svc.<namespace>.svc.cluster.local:8000/``,
+        or ``serve_url`` when given (e.g. a ``kubectl port-forward``). Raises: JobNotFound."""
+        if self._endpoint_record(name) is None:
+            raise self._endpoint_not_found(name)
+        return f"{self.serve_url}/" if self.serve_url else self._in_cluster_url(name)
+
+    def endpoint_status(self, name: str) -> JobStatus:
+        """From the RayService's status and the Ray pods (see :meth:`serve_status`). Raises: JobNotFound, ClusterError."""
+        record = self._endpoint_record(name)
+        if record is None:
+            if name in self._stopped_endpoints:
+                return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped")
+            raise self._endpoint_not_found(name)
+        return self.serve_status(name, _created(record), self._rayservice(name), self._job_pods(name))
+
+    def stop_endpoint(self, name: str) -> JobStatus:
+        """Delete the record: the RayService (its Ray cluster and pods) and the Secret go with it.
+
+        Waits up to ``cancel_wait`` seconds for the RayService and the pods to be gone; safe
+        to call again.
+
+        Raises:
+            JobNotFound: no endpoint of that name.
+        """
+        record = self._endpoint_record(name)
+        if record is None:
+            if name in self._stopped_endpoints:
+                return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped")
+            raise self._endpoint_not_found(name)
+        try:
+            objects.delete(self.conn, "v1", "ConfigMap", name)
+        except ApiException as e:
+            raise self._api_error(e, f"delete the endpoint {name!r}") from e
+        self._stopped_endpoints.add(name)
+        pods = self._informer("pods")
+        deadline = time.monotonic() + self.cancel_wait
+        seen = pods.version
+        while (self._job_pods(name) or self._rayservice(name) is not None) and time.monotonic() < deadline:
+            seen = pods.wait_for_change(seen, min(0.5, max(0.0, deadline - time.monotonic())))
+        return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped by the user",
+                         created_at=_created(record), finished_at=time.time())
+
+    def endpoints(self) -> list[JobStatus]:
+        """The statuses of this namespace's endpoints (their records), newest first. Raises: ClusterError."""
+        records = sorted(self._endpoint_records(), key=_created, reverse=True)
+        if not records:
+            return []
+        try:
+            listed = self.conn.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "rayservices",
+                                                                    label_selector=MANAGED_SELECTOR)
+        except ApiException as e:
+            if e.status != 404:
+                raise self._api_error(e, "list RayServices") from e
+            listed = {}
+        services = {s["metadata"]["name"]: s for s in listed.get("items") or []}
+        return [self.serve_status(r["metadata"]["name"], _created(r), services.get(r["metadata"]["name"]),
+                                  self._job_pods(r["metadata"]["name"])) for r in records]
+
+    def serve_status(self, name: str, created_at: float | None, service: dict[str, Any] | None,
+                     pods: list[dict[str, Any]]) -> JobStatus:
+        """An endpoint's status from its RayService and Ray pods (pure; no API calls).
+
+        KubeRay's ``Ready`` condition (``status.serviceStatus: Running`` before conditions
+        existed) says requests are served; the Serve application's status (in
+        ``activeServiceStatus``, or ``pendingServiceStatus`` until KubeRay first promotes the
+        cluster) says where the replicas are: ``DEPLOYING`` while they load the model,
+        ``DEPLOY_FAILED`` when the loader raised, with Serve's message. One replica status per
+        Ray worker pod.
+        """
+        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at}
+        if service is None:
+            return JobStatus(**common, state=JobState.CANCELLED,
+                             message="the RayService is gone (deleted outside dsnb); endpoint.stop() removes its record")
+        status = service.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+        ready = conditions.get("Ready") or {}
+        serving = ready.get("status") == "True" if ready else status.get("serviceStatus") == "Running"
+        active = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+        pending = (status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}
+        app = active.get(name) or pending.get(name) or {}
+        app_status = app.get("status") or ""
+        said = _app_message(app)
+        workers = sorted((p for p in pods if self._role(p) == "worker"), key=lambda p: p["metadata"]["name"])
+        ray_pods = [p for p in pods if self._role(p) in ("head", "worker")]
+        groups = ((service.get("spec") or {}).get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
+        expected = 1 + sum(int(g.get("replicas") or 0) for g in groups)
+
+        def replicas(state: JobState) -> tuple[ReplicaStatus, ...]:
+            result = []
+            for rank, pod in enumerate(workers):
+                running = (pod.get("status") or {}).get("phase") == "Running"
+                shown = JobState.STARTING if state == JobState.RUNNING and not running else state
+                result.append(ReplicaStatus(rank=rank, state=shown, host=(pod.get("spec") or {}).get("nodeName"),
+                                            message=f"Ray worker pod {pod['metadata']['name']}"))
+            return tuple(result)
+
+        def made(state: JobState, message: str, **more: Any) -> JobStatus:
+            return JobStatus(**common, state=state, replicas=replicas(state), message=message, **more)
+
+        if ready.get("status") == "False" and ready.get("reason") == "InitializingTimeout":
+            told = (ready.get("message") or "").strip()
+            return made(JobState.FAILED, "KubeRay gave up: the RayService was not ready within its initializing timeout"
+                                         + (f" ({told})" if told else "") + (f"; {said}" if said else ""))
+        if app_status == "DEPLOY_FAILED":
+            return made(JobState.FAILED, f"the Serve application failed to deploy: {said}" if said
+                        else "the Serve application failed to deploy (kubectl describe rayservice shows Serve's message)")
+        fatal = sorted((p["metadata"]["name"], d) for p in ray_pods
+                       if (d := classify(p)) is not None and d.fatal and d.reason not in RAY_HANDLES)
+        if fatal:
+            return made(JobState.FAILED, str(fatal[0][1]))
+        waiting = [str(d) for d in (classify(p) for p in ray_pods) if d is not None]
+        started = parse_time(ready.get("lastTransitionTime")) if serving else None
+        if serving:
+            if app_status == "UNHEALTHY":
+                return made(JobState.RUNNING, f"unhealthy: {said}" if said else "unhealthy", started_at=started)
+            return made(JobState.RUNNING, f"Ray Serve answers with {len(workers)} Ray worker pod(s) "
+                                          f"({status.get('numServeEndpoints', 0)} serve endpoint(s))", started_at=started)
+        if app_status in ("NOT_STARTED", "DEPLOYING"):
+            return made(JobState.STARTING, "the replicas load the model (Serve application DEPLOYING)"
+                                           + (f": {said}" if said else ""))
+        if app_status == "UNHEALTHY":
+            return made(JobState.STARTING, f"unhealthy: {said}" if said else "unhealthy")
+        if app_status == "RUNNING":
+            return made(JobState.STARTING, "the application runs; KubeRay points its serve Service at the Ray pods")
+        running = [p for p in ray_pods if (p.get("status") or {}).get("phase") == "Running"]
+        if any((p.get("spec") or {}).get("nodeName") for p in ray_pods):
+            return made(JobState.STARTING, waiting[0] if waiting else
+                        f"the Ray cluster starts: {len(running)} of {expected} pod(s) running"
+                        + ("; then Serve deploys the application" if len(running) == expected else ""))
+        if not status:
+            message = ("waiting for the KubeRay operator to take the RayService "
+                       "(kubectl get pods -A -l app.kubernetes.io/name=kuberay-operator)")
+        else:
+            message = f"KubeRay creates the Ray cluster ({len(ray_pods)} of {expected} pod(s) so far)"
+        return made(JobState.PENDING, waiting[0] if waiting else message)
+
+
+def _created(record: dict[str, Any]) -> float | None:
+    try:
+        return float((record["metadata"].get("annotations") or {}).get(CREATED, "0") or 0) or None
+    except ValueError:
+        return None
+
+
+def _app_message(app: dict[str, Any]) -> str:
+    """Serve's message on an application, else the first unhealthy deployment's; a failure's in full (its traceback)."""
+    message = (app.get("message") or "").strip()
+    if not message:
+        for deployment in (app.get("serveDeploymentStatuses") or {}).values():
+            if (deployment or {}).get("status") != "HEALTHY" and (deployment or {}).get("message"):
+                message = deployment["message"].strip()
+                break
+    if not message:
+        return ""
+    return message[-2000:] if app.get("status") == "DEPLOY_FAILED" else message.splitlines()[-1][:500]

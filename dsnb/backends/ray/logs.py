@@ -28,18 +28,24 @@ from dsnb.status import LAUNCHER_LINE_RANK
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PREFIX = re.compile(r"^\((?P<actor>[\w.:-]+) pid=(?P<pid>\d+)(?:, ip=(?P<ip>[\w.:-]+))?\) ?")
+# Ray Train's controller lists its workers once they started: "- (ip=10.0.0.3, pid=4242) world_rank=1, ..."
+_CONTROLLER_RANK = re.compile(r"^- \(ip=[^,]+, pid=(?P<pid>\d+)\) world_rank=(?P<rank>\d+)")
 
 
 class DriverLogParser:
     """Attributes each line of a Ray job's driver log to a rank (or the launcher).
 
+    Ray reads a worker's stdout and stderr from two files, so lines of the two streams can
+    arrive out of order; a worker announces itself on both, and the controller's list of
+    workers is read too, so a worker's first lines are rarely left unattributed.
+
     Attributes:
-        ranks: (ip, pid) -> rank, learnt from the workers' announcements.
+        ranks: pid -> rank, learnt from the workers' announcements.
         outcome: the driver's outcome record once its last line was read, else None.
     """
 
     def __init__(self) -> None:
-        self.ranks: dict[tuple[str, int], int] = {}
+        self.ranks: dict[int, int] = {}
         self.outcome: dict[str, Any] | None = None
 
     def feed(self, raw: str) -> tuple[int, str] | None:
@@ -52,12 +58,15 @@ class DriverLogParser:
                 return None
             return LAUNCHER_LINE_RANK, text
         body = text[match.end():]
-        key = (match["ip"] or "", int(match["pid"]))
+        key = int(match["pid"])
         if body.startswith(WORKER_TAG):
             record = _json(body[len(WORKER_TAG):])
             if isinstance(record, dict) and isinstance(record.get("rank"), int):
                 self.ranks[key] = record["rank"]
             return None
+        listed = _CONTROLLER_RANK.match(body)
+        if listed:
+            self.ranks.setdefault(int(listed["pid"]), int(listed["rank"]))
         rank = self.ranks.get(key)
         if rank is None:
             return LAUNCHER_LINE_RANK, f"({match['actor']}) {body}"

@@ -108,10 +108,17 @@ def app_state(app: dict[str, Any] | None) -> tuple[JobState, str, tuple[ReplicaS
     if app.get("status") == "UNHEALTHY":
         message = f"unhealthy: {message}" if message else "unhealthy"
     replicas = []
+    details = []
     for deployment in (app.get("deployments") or {}).values():
         for replica in deployment.get("replicas") or []:
             replicas.append(ReplicaStatus(rank=len(replicas), state=_REPLICA_STATES.get(replica.get("state", ""), JobState.STARTING),
                                           pid=replica.get("pid"), host=replica.get("node_ip")))
-        if not message and deployment.get("message"):
-            message = deployment["message"].strip()
-    return state, message.splitlines()[-1][:500] if message and state != JobState.FAILED else message[-2000:], tuple(replicas)
+        lines = [line for line in (deployment.get("message") or "").strip().splitlines() if line.strip()]
+        if lines:
+            details.append(lines[-1].strip())  # a traceback's last line says what went wrong
+    if state == JobState.FAILED:
+        # Serve's application message only says which deployments failed; theirs say why.
+        message = "; ".join([m for m in [message.splitlines()[-1] if message else "", *details] if m])
+    elif not message and details:
+        message = details[0]
+    return state, message[:2000], tuple(replicas)

@@ -145,7 +145,9 @@ def _worker_loop(job: dict[str, Any]) -> None:
 
     ctx = train.get_context()
     rank = ctx.get_world_rank()
-    print(WORKER_TAG + json.dumps({"rank": rank, "pid": os.getpid(), "node": ctx.get_node_rank()}), flush=True)
+    announcement = WORKER_TAG + json.dumps({"rank": rank, "pid": os.getpid(), "node": ctx.get_node_rank()})
+    print(announcement, flush=True)
+    print(announcement, file=sys.stderr, flush=True)  # Ray reads stderr apart: announce there too
     os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())  # DeepSpeed's AutoTP reads it
     os.environ["GROUP_RANK"] = str(ctx.get_node_rank())
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dsnb-{job['run_name']}-rank{rank}-"))

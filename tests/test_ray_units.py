@@ -1,0 +1,111 @@
+"""Pieces of the Ray backend that need no Ray: the driver log parser, the driver's job, the Serve config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsnb import InvalidSpecError, JobSpec, Resources, ServeSpec
+from dsnb.backends.ray import serve_app, train_entry
+from dsnb.backends.ray.logs import DriverLogParser
+from dsnb.backends.ray.serve import app_state
+from dsnb.status import LAUNCHER_LINE_RANK, JobState
+
+
+def test_driver_log_lines_are_attributed_to_ranks() -> None:
+    parser = DriverLogParser()
+    raw = [
+        "2026-01-01 00:00:00,000\tINFO worker.py:2029 -- Connected to Ray cluster.",
+        "(TrainController pid=7) Attempting to start training worker group of size 2",
+        # stderr of rank 1 read before its stdout announcement: the controller's list names it
+        "(RayTrainWorker pid=12) Setting up process group for: env:// [rank=1, world_size=2]",
+        "(TrainController pid=7) - (ip=10.0.0.3, pid=12) world_rank=1, local_rank=1, node_rank=0",
+        '\x1b[36m(RayTrainWorker pid=11)\x1b[0m DSNB_RAY_WORKER {"rank": 0, "pid": 11, "node": 0}',
+        '(RayTrainWorker pid=12, ip=10.0.0.3) DSNB_RAY_WORKER {"rank": 1, "pid": 12, "node": 0}',
+        "(RayTrainWorker pid=11) step 1 loss 2.5",
+        "(RayTrainWorker pid=12, ip=10.0.0.3) step 1 loss 2.6",
+        "(RayTrainWorker pid=99) a worker that never announced itself",
+        'DSNB_RAY_OUTCOME {"exit_code": 1, "failed_rank": 1, "rank_exit_code": 3, "error": "rank 1 exited with code 3"}',
+    ]
+    seen = [parser.feed(line) for line in raw]
+    kept = [entry for entry in seen if entry is not None]
+    assert kept == [
+        (LAUNCHER_LINE_RANK, "2026-01-01 00:00:00,000\tINFO worker.py:2029 -- Connected to Ray cluster."),
+        (LAUNCHER_LINE_RANK, "(TrainController) Attempting to start training worker group of size 2"),
+        (LAUNCHER_LINE_RANK, "(RayTrainWorker) Setting up process group for: env:// [rank=1, world_size=2]"),
+        (LAUNCHER_LINE_RANK, "(TrainController) - (ip=10.0.0.3, pid=12) world_rank=1, local_rank=1, node_rank=0"),
+        (0, "step 1 loss 2.5"),
+        (1, "step 1 loss 2.6"),
+        (LAUNCHER_LINE_RANK, "(RayTrainWorker) a worker that never announced itself"),
+    ]
+    assert parser.ranks == {11: 0, 12: 1}
+    assert parser.outcome == {"exit_code": 1, "failed_rank": 1, "rank_exit_code": 3, "error": "rank 1 exited with code 3"}
+
+
+def test_the_driver_job_carries_world_size_gpus_deepspeed_and_restarts() -> None:
+    spec = JobSpec(name="big-x7k2", script="train.py", nodes=2, procs_per_node=4, max_restarts=2, timeout=60,
+                   resources=Resources(cpu=16, gpus=4), deepspeed={"train_micro_batch_size_per_gpu": 2})
+    env = train_entry.driver_env(spec, "s3://bucket/runs")
+    job = json.loads(env[train_entry.JOB_ENV])
+    assert (job["num_workers"], job["use_gpu"], job["backend"], job["cpus_per_worker"]) == (8, True, "nccl", 4.0)
+    assert (job["max_failures"], job["timeout"], job["run_name"]) == (2, 60, "big")
+    assert "DS_ACCELERATOR" not in env and env["DSNB_DIST_BACKEND"] == "nccl"
+    assert json.loads(env["DSNB_DEEPSPEED_CONFIG_JSON"])["train_batch_size"] == 16
+    assert env["RAY_DEDUP_LOGS"] == "0" and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+
+
+def test_the_driver_outcome_names_the_first_failed_rank() -> None:
+    class Failure(Exception):
+        worker_failures = {2: RuntimeError("Traceback ...\nRankFailed: rank 2 exited with code 7"), 3: RuntimeError("x")}
+
+    outcome = train_entry._outcome_of(Failure("Training failed"))
+    assert (outcome["failed_rank"], outcome["rank_exit_code"], outcome["exit_code"]) == (2, 7, 1)
+    assert train_entry._outcome_of(ValueError("no workers\nat all"))["error"] == "at all"
+
+
+def test_serve_config_for_fixed_and_autoscaled_replicas() -> None:
+    fixed = serve_app.serve_config(ServeSpec(name="m-x7k2", model="models:build", replicas=2, env={"A": "1"},
+                                             resources=Resources(cpu=2)), route_prefix="/m-x7k2", working_dir="gcs://pkg.zip")
+    assert fixed["import_path"] == "dsnb.backends.ray.serve_app:build"
+    assert fixed["deployments"] == [{"name": "DsnbModel", "num_replicas": 2, "ray_actor_options": {"num_cpus": 2.0}}]
+    assert fixed["runtime_env"] == {"env_vars": {"DS_ACCELERATOR": "cpu", "A": "1"}, "working_dir": "gcs://pkg.zip"}
+    gpu = serve_app.serve_config(ServeSpec(name="g", model="models:build", min_replicas=0, max_replicas=4,
+                                           resources=Resources(gpus=1)), route_prefix="/")
+    assert gpu["deployments"][0]["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1}
+    assert gpu["deployments"][0]["ray_actor_options"]["num_gpus"] == 1 and "DS_ACCELERATOR" not in gpu["runtime_env"]["env_vars"]
+
+
+def test_serve_application_states() -> None:
+    failed = app_state({"status": "DEPLOY_FAILED", "message": "Failed to update the deployments ['DsnbModel'].",
+                        "deployments": {"DsnbModel": {"message": "Traceback (most recent call last):\n  File ...\n"
+                                                                 "TypeError: m:f returned str, not a torch.nn.Module\n"}}})
+    assert failed[:2] == (JobState.FAILED, "Failed to update the deployments ['DsnbModel'].; TypeError: m:f returned str, not a torch.nn.Module")
+    starting = app_state({"status": "DEPLOYING", "deployments": {"DsnbModel": {"replicas": [{"state": "STARTING"}, {"state": "RUNNING"}]}}})
+    assert starting[0] == JobState.STARTING and [r.state for r in starting[2]] == [JobState.STARTING, JobState.RUNNING]
+    assert app_state({"status": "UNHEALTHY", "message": "replica died"})[:2] == (JobState.RUNNING, "unhealthy: replica died")
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"model": "nope"}, "model"),
+    ({"model": ""}, "model"),
+    ({"model": "m:f", "replicas": 0}, "replicas"),
+    ({"model": "m:f", "min_replicas": 1}, "max_replicas"),
+    ({"model": "m:f", "min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+    ({"model": "m:f", "min_replicas": 1, "max_replicas": 2, "replicas": 5}, "replicas"),
+    ({"model": "m:f", "dtype": "int8"}, "dtype"),
+    ({"model": "m:f", "name": "Bad_Name"}, "name"),
+    ({"model": "m:f", "env": {"RANK": "1"}}, "env.RANK"),
+    ({"model": "m:f", "resources": {"memory": "4GB"}}, "resources.memory"),
+])
+def test_bad_serve_specs_name_their_field(fields: dict, field: str) -> None:
+    with pytest.raises(InvalidSpecError) as error:
+        ServeSpec(**{"name": "m", **fields})
+    assert error.value.field == field and str(error.value).startswith(f"ServeSpec.{field}:") and "Fix:" in str(error.value)
+
+
+def test_a_serve_spec_round_trips() -> None:
+    spec = ServeSpec(name="m", model="models:build", min_replicas=1, max_replicas=3, resources=Resources(cpu=2))
+    assert ServeSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(InvalidSpecError, match="ServeSpec.replica: is not a ServeSpec field"):
+        ServeSpec.from_dict({"name": "m", "model": "m:f", "replica": 2})
