@@ -109,3 +109,26 @@ def test_a_serve_spec_round_trips() -> None:
     assert ServeSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(InvalidSpecError, match="ServeSpec.replica: is not a ServeSpec field"):
         ServeSpec.from_dict({"name": "m", "model": "m:f", "replica": 2})
+
+
+def test_the_command_line_takes_ray_placements(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from dsnb.console.cli import main
+
+    def dsnb(*argv: str) -> tuple[int, str]:
+        console = Console(file=io.StringIO(), width=200, color_system=None)
+        return main(list(argv), console=console), console.file.getvalue()
+
+    pytest.importorskip("ray")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = dsnb("dryrun", "train.py", "--backend", "ray", "--procs", "2", "--address", "http://ray-head:8265")
+    assert code == 0 and "address: http://ray-head:8265" in out and "python -m dsnb.backends.ray.train_entry" in out
+    pytest.importorskip("kubernetes")
+    code, out = dsnb("dryrun", "train.py", "--backend", "ray", "--kuberay", "--namespace", "ml", "--image", "ghcr.io/org/t:1")
+    assert code == 0 and "kind: RayJob" in out and "namespace: ml" in out
+    code, out = dsnb("jobs", "--address", "http://ray-head:8265")
+    assert code == 1 and "--address and --kuberay for --backend ray" in out

@@ -98,6 +98,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig context's)")
     parser.add_argument("--context", help="kubeconfig context (default: the current one)")
     parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--address", metavar="URL", help="Ray dashboard of an existing Ray cluster, http://HOST:8265 "
+                        "(--backend ray; its token from $RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+    parser.add_argument("--kuberay", action="store_true", help="--backend ray on Kubernetes through KubeRay (RayJob)")
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
@@ -107,14 +110,17 @@ def _cluster(args: argparse.Namespace) -> Cluster:
         BackendUnavailable: unknown backend or missing extra.
         ClusterError: Kubernetes options given to a backend that takes none.
     """
-    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig") if getattr(args, key, None) is not None}
+    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig", "address") if getattr(args, key, None) is not None}
+    if getattr(args, "kuberay", False):
+        options["kuberay"] = True
     load_backend(args.backend)  # an unknown backend or a missing extra: the install hint
     try:
         return Cluster(args.backend, **options)
     except TypeError as e:
         given = ", ".join(f"--{key}" for key in options)
         raise ClusterError(f"backend {args.backend!r}", f"takes no {given}",
-                           "those options are for Kubernetes backends (e.g. --backend statefulset)") from e
+                           "--namespace/--context/--kubeconfig are for Kubernetes backends (e.g. --backend statefulset), "
+                           "--address and --kuberay for --backend ray") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
