@@ -76,16 +76,21 @@ class ClusterError(DsnbError, ConnectionError):
 
 
 class JobNotFound(DsnbError, LookupError):
-    """No job of that name exists on the backend."""
+    """No job (or, with ``kind="endpoint"``, no served model) of that name exists on the backend.
 
-    def __init__(self, name: str, backend: str, known: list[str] | None = None) -> None:
+    Example:
+        >>> print(JobNotFound("mlp-x7k2", "ray", ["mlp-a1b2"], kind="endpoint"))
+        endpoint 'mlp-x7k2' not found on backend 'ray'; list endpoints with cluster.endpoints() (known: mlp-a1b2)
+    """
+
+    def __init__(self, name: str, backend: str, known: list[str] | None = None, *, kind: str = "job") -> None:
         self.name = name
         self.backend = backend
-        hint = "list jobs with cluster.jobs()"
+        hint = f"list {kind}s with cluster.{kind}s()"
         if known:
             shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
             hint += f" (known: {shown})"
-        super().__init__(f"job {name!r} not found on backend {backend!r}; {hint}")
+        super().__init__(f"{kind} {name!r} not found on backend {backend!r}; {hint}")
 
 
 class JobFailed(DsnbError):

@@ -104,9 +104,10 @@ def test_tiny_gpt_trains_on_two_ray_workers_and_resumes_from_ray_checkpoints(ray
     assert [s.step for s in again.metrics("loss")] == [4, 5]
 
 
-def test_a_failing_rank_is_named_and_a_running_job_is_cancelled_from_a_reattached_cluster(
+def test_a_failing_rank_is_named_a_timeout_stops_a_job_and_a_running_job_is_cancelled_from_a_reattached_cluster(
         ray_cluster: Cluster, storage: Path, tmp_path: Path) -> None:
-    """Two jobs at once (Ray Train's start-up dominates on 2 cores): one fails on rank 1, one runs until cancelled."""
+    """Three jobs at once (Ray Train's start-up dominates on 2 cores): one fails on rank 1, one
+    outlives its timeout, one runs until cancelled from another cluster."""
     _script(tmp_path, "fail.py", """
         import os, sys
         rank = int(os.environ["RANK"])
@@ -123,6 +124,7 @@ def test_a_failing_rank_is_named_and_a_running_job_is_cancelled_from_a_reattache
     """)
     failing = ray_cluster.submit(JobSpec(name="fails", script="fail.py", working_dir=str(tmp_path), procs_per_node=2))
     job = ray_cluster.submit(JobSpec(name="forever", script="forever.py", working_dir=str(tmp_path), procs_per_node=2))
+    late = ray_cluster.submit(JobSpec(name="late", script="forever.py", working_dir=str(tmp_path), timeout=15))
 
     with pytest.raises(JobFailed) as failed:
         failing.wait(timeout=JOB_TIMEOUT)
@@ -131,6 +133,9 @@ def test_a_failing_rank_is_named_and_a_running_job_is_cancelled_from_a_reattache
     assert "about to fail" in status.last_lines
     assert "rank 1 exited with code 3" in str(failed.value)
     assert "rank 0 of 2 local size 2" in [line.text for line in failing.logs(rank=0)]
+
+    with pytest.raises(JobFailed, match="longer than its timeout of 15 s"):
+        late.wait(timeout=JOB_TIMEOUT)
 
     deadline = time.monotonic() + JOB_TIMEOUT
     while job.status().state != JobState.RUNNING:

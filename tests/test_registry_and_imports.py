@@ -76,6 +76,14 @@ NO_EXTRAS = textwrap.dedent("""
         Cluster("statefulset")
     except dsnb.BackendUnavailable as e:
         print("statefulset:", e)
+    try:
+        Cluster("ray")
+    except dsnb.BackendUnavailable as e:
+        print("ray:", e)
+    try:
+        Cluster("ray", kuberay=True)
+    except dsnb.BackendUnavailable as e:
+        print("kuberay:", e)
 """)
 
 
@@ -86,6 +94,8 @@ def test_import_without_torch_kubernetes_or_ray() -> None:
     assert "local SUCCEEDED ['ran']" in run.stdout
     assert "statefulset: backend 'statefulset': needs the 'kubernetes' package" in run.stdout
     assert "pip install 'dsnb[k8s]'" in run.stdout
+    assert "ray: backend 'ray': needs the 'ray' package" in run.stdout and "pip install 'dsnb[ray]'" in run.stdout
+    assert "kuberay: backend 'ray': kuberay=True needs the 'kubernetes' package" in run.stdout
 
 
 def test_import_is_light() -> None:

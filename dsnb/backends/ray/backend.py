@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shlex
@@ -39,7 +40,7 @@ from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.backends.ray.serve import ServeClient, app_state
-from dsnb.errors import ClusterError, JobNotFound
+from dsnb.errors import BackendUnavailable, ClusterError, JobNotFound
 from dsnb.preflight import PreflightReport
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, redact_env
@@ -104,9 +105,14 @@ class RayBackend(Backend):
 
     def __new__(cls, *args: Any, kuberay: bool = False, **options: Any) -> Any:
         if kuberay:
-            from dsnb.backends.ray.kuberay_backend import KubeRayBackend
-
+            try:
+                from dsnb.backends.ray.kuberay_backend import KubeRayBackend
+            except ModuleNotFoundError as e:
+                raise BackendUnavailable("ray", f"kuberay=True needs the {(e.name or 'kubernetes').split('.')[0]!r} package, which is not installed",
+                                         "pip install 'dsnb[k8s]'") from e
             return KubeRayBackend(*args, **options)
+        if importlib.util.find_spec("ray") is None:
+            raise BackendUnavailable("ray", "needs the 'ray' package, which is not installed", "pip install 'dsnb[ray]'")
         return super().__new__(cls)
 
     def __init__(self, address: str | None = None, *, token: str | None = None, storage_path: str | None = None,
@@ -432,10 +438,11 @@ class RayBackend(Backend):
 
     def _app(self, name: str) -> dict[str, Any]:
         if not self._started():
-            raise JobNotFound(name, self.name)
-        app = self._serve().applications().get(name)
+            raise JobNotFound(name, self.name, kind="endpoint")
+        apps = self._serve().applications()
+        app = apps.get(name)
         if app is None or SPEC_KEY not in ((app.get("deployed_app_config") or {}).get("args") or {}):
-            raise JobNotFound(name, self.name, sorted(self._serve().applications()))
+            raise JobNotFound(name, self.name, sorted(apps), kind="endpoint")
         return app
 
     def endpoint_url(self, name: str) -> str:

@@ -447,7 +447,7 @@ class KubeRayBackend(KubernetesBackend):
         return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.name else None
 
     def _endpoint_not_found(self, name: str) -> JobNotFound:
-        return JobNotFound(name, self.name, sorted(r["metadata"]["name"] for r in self._endpoint_records()))
+        return JobNotFound(name, self.name, sorted(r["metadata"]["name"] for r in self._endpoint_records()), kind="endpoint")
 
     def _rayservice(self, name: str) -> dict[str, Any] | None:
         try:
