@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -37,7 +38,8 @@ from dsnb import Cluster, JobSpec, JobState
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny_gpt"
 RESULTS = ROOT / "benchmarks" / "results" / "ray.md"
-POLL_S = 0.25
+POLL_S = 0.5  # as often as dsnb reads a running job's status and log
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the worker prefixes
 RUN_TIMEOUT_S = 900
 TARGET_RATIO = 1.05
 
@@ -79,7 +81,7 @@ def run_direct(cluster: Cluster, steps: int, storage: str) -> Run:
     while True:
         status = client.get_job_status(job_id)
         if first is None and any(line.startswith("(RayTrainWorker pid=") and "Setting up process group" not in line
-                                 for line in client.get_job_logs(job_id).splitlines()):
+                                 for line in _ANSI.sub("", client.get_job_logs(job_id)).splitlines()):
             first = time.perf_counter() - start
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break

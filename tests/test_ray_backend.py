@@ -245,6 +245,44 @@ def test_address_placement_sends_the_token_and_names_it_when_refused(monkeypatch
         server.shutdown()
 
 
+def test_a_real_head_with_token_authentication(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray start --head`` with token auth (Ray's default): dsnb sends the token; without it, a clear refusal."""
+    import secrets
+    import signal
+
+    from dsnb.backends.ray.head import _stop_group, free_port
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    token = secrets.token_hex(16)
+    gcs, dashboard, client = free_port(), free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp_dir = Path(f"/tmp/dsnbtok-{secrets.token_hex(3)}")
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--disable-usage-stats",
+                             "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", "--num-cpus=1",
+                             f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while not Cluster("ray", address=address, token=token).check().ok:
+            assert time.monotonic() < deadline and head.poll() is None, "the token-auth head did not come up"
+            time.sleep(1)
+        with Cluster("ray", address=address, token=token) as cluster:
+            assert cluster.jobs() == [] and cluster.endpoints() == []
+        with pytest.raises(ClusterError, match="authentication.*token="):
+            Cluster("ray", address=address).jobs()
+        with pytest.raises(ClusterError, match="token was refused"):
+            Cluster("ray", address=address, token="wrong").jobs()
+    finally:
+        _stop_group(head)
+        assert head.poll() is not None or head.send_signal(signal.SIGKILL) is None
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def test_the_existing_cluster_placement_sees_the_jobs_of_that_cluster(ray_cluster: Cluster) -> None:
     names = {s.name for s in ray_cluster.jobs()}
     assert names, "earlier tests submitted jobs"

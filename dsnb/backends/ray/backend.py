@@ -49,8 +49,10 @@ from dsnb.status import JobState, JobStatus, ReplicaStatus
 JOB_KEY = "dsnb.io/job"
 SPEC_KEY = "dsnb.io/spec"
 READ_LIMIT = 5000
-#: Seconds between two reads of a running job's driver log (each read returns the whole log).
-LOG_REFRESH_S = 0.25
+#: Seconds between two reads of a running job's driver log (each read returns the whole log),
+#: and how long a running job's status is reused: every read is work for the head's dashboard,
+#: which shares the machine with the training.
+LOG_REFRESH_S = 0.5
 CANCEL_TIMEOUT_S = 60.0
 #: Left out of the working directory Ray uploads for the job.
 UPLOAD_EXCLUDES = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "checkpoints/", ".venv/"]
@@ -73,6 +75,9 @@ class _Tracked:
     offset: int = 0
     read_at: float = 0.0
     complete: bool = False
+    info: Any = None
+    info_at: float = 0.0
+    info_final: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -226,6 +231,18 @@ class RayBackend(Backend):
     # -- reading -----------------------------------------------------------------------
 
     def _info(self, name: str) -> Any:
+        tracked = self._tracked.get(name)
+        now = time.monotonic()
+        if tracked is not None and tracked.info is not None and (
+                tracked.info_final or now - tracked.info_at < LOG_REFRESH_S):
+            return tracked.info
+        info = self._fetch_info(name)
+        tracked = self._track(name)
+        tracked.info, tracked.info_at = info, now
+        tracked.info_final = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING).is_terminal()
+        return info
+
+    def _fetch_info(self, name: str) -> Any:
         if not self._started():
             raise JobNotFound(name, self.name)
         try:

@@ -159,15 +159,30 @@ def _worker_loop(job: dict[str, Any]) -> None:
         code = _run_script(job["script"], job["args"])
         if code:
             raise RankFailed(rank, code)
-        checkpoint = None
-        if any(ckpt_dir.iterdir()):
+        saved = any(ckpt_dir.iterdir())
+        # ray.train.report is collective (every worker must call it), so the workers agree on
+        # whether any of them saved before reporting; a run that saved nothing skips the round.
+        if _any_rank(saved):
             from ray.train import Checkpoint
 
-            checkpoint = Checkpoint.from_directory(str(ckpt_dir))
-        # Every worker reports (Ray Train waits for all); their files merge into one checkpoint.
-        train.report({"rank": rank}, checkpoint=checkpoint)
+            checkpoint = Checkpoint.from_directory(str(ckpt_dir)) if saved else None
+            # The files of every worker merge into one checkpoint (DeepSpeed names its shards per rank).
+            train.report({"rank": rank}, checkpoint=checkpoint)
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any worker (an all-reduce over Ray Train's process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _run_script(script: str, args: list[str]) -> int:
