@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("ray")
 
 from dsnb import Cluster, ClusterError, JobFailed, JobNotFound, JobSpec, JobState, ServeSpec  # noqa: E402
-from dsnb.backends.ray.head import _group_alive  # noqa: E402
+from dsnb.backends.ray.head_guard import head_processes, stop_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_gpt"
@@ -248,9 +248,9 @@ def test_address_placement_sends_the_token_and_names_it_when_refused(monkeypatch
 def test_a_real_head_with_token_authentication(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ray start --head`` with token auth (Ray's default): dsnb sends the token; without it, a clear refusal."""
     import secrets
-    import signal
+    import shutil
 
-    from dsnb.backends.ray.head import _stop_group, free_port
+    from dsnb.backends.ray.head import free_port
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token-here"))
@@ -276,10 +276,9 @@ def test_a_real_head_with_token_authentication(tmp_path: Path, monkeypatch: pyte
         with pytest.raises(ClusterError, match="token was refused"):
             Cluster("ray", address=address, token="wrong").jobs()
     finally:
-        _stop_group(head)
-        assert head.poll() is not None or head.send_signal(signal.SIGKILL) is None
-        import shutil
-
+        stop_head(head, head.pid, str(temp_dir))
+        head.wait(timeout=10)
+        assert not head_processes(head.pid, str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -291,23 +290,41 @@ def test_the_existing_cluster_placement_sees_the_jobs_of_that_cluster(ray_cluste
         assert remote.check().ok
 
 
-def test_the_private_head_stops_on_close_and_at_process_exit() -> None:
+def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() -> None:
+    """Closing the last cluster, a normal exit, and a SIGKILLed owner all leave no Ray process.
+
+    A Ray job's driver runs in a session of its own (a plain one here, submitted with Ray's own
+    client, so no Train start-up is needed); it must go too.
+    """
     code = textwrap.dedent("""
-        import os, sys
+        import sys, time
+        from ray.job_submission import JobSubmissionClient
         from dsnb import Cluster
         a, b = Cluster("ray"), Cluster("ray")
-        head = a.backend._head if a.backend.dashboard_url else None
         assert b.backend.dashboard_url == a.backend.dashboard_url
-        print(head.process.pid, flush=True)
+        head = a.backend._head
+        client = JobSubmissionClient(head.dashboard_url)
+        job = client.submit_job(entrypoint="python -c 'import time; print(\\"up\\", flush=True); time.sleep(600)'")
+        while "up" not in client.get_job_logs(job):
+            time.sleep(0.3)
+        print(head.process.pid, head.temp_dir, flush=True)
         a.close()
         assert head.alive, "the other cluster still uses it"
         if sys.argv[1] == "close":
             b.close()
             assert not head.alive
+        elif sys.argv[1] == "kill":
+            time.sleep(600)  # killed by the test
     """)
-    for mode in ("close", "exit"):
-        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=180,
-                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-        assert done.returncode == 0, done.stderr[-2000:]
-        pgid = int(done.stdout.split()[0])
-        assert not _group_alive(pgid), f"{mode}: the head's processes outlived it"
+    for mode in ("close", "exit", "kill"):
+        owner = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        session, temp_dir = owner.stdout.readline().split()
+        assert head_processes(int(session), temp_dir), "the head and the job run"
+        if mode == "kill":
+            owner.kill()
+        assert owner.wait(timeout=180) == (-9 if mode == "kill" else 0), owner.stderr.read()[-2000:]
+        deadline = time.monotonic() + 30
+        while head_processes(int(session), temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not head_processes(int(session), temp_dir), f"{mode}: the head's processes outlived it"

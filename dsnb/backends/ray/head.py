@@ -4,7 +4,8 @@
 session, bound to loopback with authentication off (nothing outside this machine can reach
 it), with its own ports and temporary directory, so it never touches another Ray on the
 machine. Every ``Cluster("ray")`` of the process shares it; the last one closed stops it
-(and the jobs still running on it), and so does the end of the process.
+(and the jobs still running on it), and so does the end of the process, however it ends (a
+guard process watches this one, see :mod:`.head_guard`).
 
 Example:
     >>> head = acquire_head()          # doctest: +SKIP
@@ -18,7 +19,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,11 +29,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsnb.backends.local.procs import process_start_time
+from dsnb.backends.ray.head_guard import head_processes, stop_head
 from dsnb.errors import ClusterError
 
 START_TIMEOUT_S = 90.0
-#: ``ray start --block`` stops its daemons on SIGTERM within ~1 s; its autoscaler monitor may linger, so SIGKILL follows.
-STOP_GRACE_S = 3.0
 #: Logical CPUs the private head offers at least: Ray places one worker per CPU it counts,
 #: and a laptop run of 4 ranks on 2 cores should start, as it does on the local backend.
 MIN_LOGICAL_CPUS = 8
@@ -69,8 +69,13 @@ class LocalHead:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        """Stop the head and every process it started (workers, jobs); wait for them."""
-        _stop_group(self.process)
+        """Stop the head and every process it started (daemons, workers, job drivers); wait for them."""
+        # The guard leads the head's session (start_new_session): its pid is the session id.
+        stop_head(self.process, self.process.pid, str(self.temp_dir))
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -138,8 +143,11 @@ def _start(num_cpus: int) -> LocalHead:
             "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"]
+    # The guard stops the head when this process is gone, even killed (see head_guard.py).
+    guarded = [sys.executable, "-m", "dsnb.backends.ray.head_guard", str(os.getpid()),
+               str(process_start_time(os.getpid()) or 0), str(temp_dir), *argv]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(guarded, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
     head = LocalHead(dashboard_url=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{gcs_port}",
                      serve_port=serve_port, temp_dir=temp_dir, process=process)
@@ -167,26 +175,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no output)"
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the head's session (``ray start --block`` stops its daemons), then SIGKILL what is left."""
-    pgid = process.pid
-    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _group_alive(pgid):
-            time.sleep(0.1)
-        if not _group_alive(pgid):
-            break
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    from dsnb.backends.local.procs import group_alive
-
-    return group_alive(pgid)
+def head_alive(head: LocalHead) -> bool:
+    """Whether any process of ``head`` (daemons, workers, job drivers) still runs."""
+    return bool(head_processes(head.process.pid, str(head.temp_dir)))

@@ -34,9 +34,9 @@ import os
 import re
 import runpy
 import shutil
-import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -232,16 +232,20 @@ def main() -> int:
                              failure_config=FailureConfig(max_failures=job["max_failures"])),
     )
     if job.get("timeout"):
-        def _timed_out(*_: Any) -> None:
-            raise TimeoutError(f"the job ran longer than its timeout of {job['timeout']:g} s and was stopped")
+        # A watchdog, not SIGALRM: fit() waits inside Ray's C++ code, where a Python signal
+        # handler may not run for as long as the run lasts. Ending the driver ends the job's
+        # actors (the Train controller and its workers) with it.
+        def _timed_out() -> None:
+            error = f"the job ran longer than its timeout of {job['timeout']:g} s and was stopped"
+            print(OUTCOME_TAG + json.dumps({"exit_code": 1, "failed_rank": None, "error": error, "timeout": True}), flush=True)
+            os._exit(1)
 
-        signal.signal(signal.SIGALRM, _timed_out)
-        signal.alarm(max(1, int(job["timeout"])))
+        watchdog = threading.Timer(float(job["timeout"]), _timed_out)
+        watchdog.daemon = True
+        watchdog.start()
     try:
         trainer.fit()
         outcome: dict[str, Any] = {"exit_code": 0}
-    except TimeoutError as e:
-        outcome = {"exit_code": 1, "failed_rank": None, "error": str(e), "timeout": True}
     except Exception as e:  # the outcome line carries it; the traceback goes to the log
         traceback.print_exc()
         outcome = _outcome_of(e)
