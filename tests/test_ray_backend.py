@@ -304,7 +304,13 @@ def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() 
         assert b.backend.dashboard_url == a.backend.dashboard_url
         head = a.backend._head
         client = JobSubmissionClient(head.dashboard_url)
-        job = client.submit_job(entrypoint="python -c 'import time; print(\\"up\\", flush=True); time.sleep(600)'")
+        for attempt in range(120):  # a head that just started answers before its job agent registered
+            try:
+                job = client.submit_job(entrypoint="python -c 'import time; print(\\"up\\", flush=True); time.sleep(600)'")
+                break
+            except RuntimeError as e:
+                assert "No available agent" in str(e), e
+                time.sleep(0.5)
         while "up" not in client.get_job_logs(job):
             time.sleep(0.3)
         print(head.process.pid, head.temp_dir, flush=True)
@@ -319,7 +325,9 @@ def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() 
     for mode in ("close", "exit", "kill"):
         owner = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-        session, temp_dir = owner.stdout.readline().split()
+        first = owner.stdout.readline().split()
+        assert len(first) == 2, f"{mode}: {owner.wait(timeout=60)} {owner.stderr.read()[-3000:]}"
+        session, temp_dir = first
         assert head_processes(int(session), temp_dir), "the head and the job run"
         if mode == "kill":
             owner.kill()

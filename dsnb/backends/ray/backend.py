@@ -54,6 +54,9 @@ READ_LIMIT = 5000
 #: which shares the machine with the training.
 LOG_REFRESH_S = 0.5
 CANCEL_TIMEOUT_S = 60.0
+#: How long a submit waits for a just-started head's job agent, and for one answer.
+AGENT_WAIT_S = 60.0
+SUBMIT_TIMEOUT_S = 120.0
 #: Left out of the working directory Ray uploads for the job.
 UPLOAD_EXCLUDES = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "checkpoints/", ".venv/"]
 _STATES = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
@@ -218,13 +221,21 @@ class RayBackend(Backend):
             ClusterError: Ray is unreachable or refused the job (nothing is left behind).
         """
         client = self._client()
-        try:
-            client.submit_job(entrypoint=shlex.join(train_entry.DRIVER_ARGV), submission_id=plan.name,
-                              runtime_env=plan.extra["runtime_env"], metadata=plan.extra["metadata"],
-                              entrypoint_num_cpus=0)
-        except Exception as e:
-            raise ClusterError(f"Ray job {plan.name!r}", f"was refused: {str(e).strip().splitlines()[-1][:300]}",
-                               "see the message; a working_dir over Ray's upload limit (500 MiB) needs excludes or a smaller directory") from e
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                _bounded(lambda: client.submit_job(
+                    entrypoint=shlex.join(train_entry.DRIVER_ARGV), submission_id=plan.name,
+                    runtime_env=plan.extra["runtime_env"], metadata=plan.extra["metadata"], entrypoint_num_cpus=0),
+                    SUBMIT_TIMEOUT_S, f"Ray at {self.dashboard_url} did not answer the submit")
+                break
+            except Exception as e:
+                # A head that just started answers before its node's agent has registered.
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise ClusterError(f"Ray job {plan.name!r}", f"was refused: {str(e).strip().splitlines()[-1][:300]}",
+                                   "see the message; a working_dir over Ray's upload limit (500 MiB) needs excludes or a smaller directory") from e
         with self._lock:
             self._tracked[plan.name] = _Tracked()
 
@@ -514,6 +525,32 @@ class RayBackend(Backend):
 
     def __repr__(self) -> str:
         return f"RayBackend(address={self.address!r})"
+
+
+def _bounded(call: Any, timeout: float, what: str) -> Any:
+    """``call()`` in a daemon thread, so that a server that never answers cannot hang the caller.
+
+    Ray's SDK sends its requests without a time limit; a cell must not wait forever.
+
+    Raises:
+        TimeoutError: no answer within ``timeout`` seconds (the thread is left to end on its own).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="dsnb-ray-request")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} within {timeout:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def _default_token() -> str | None:

@@ -129,7 +129,7 @@ def _start(num_cpus: int) -> LocalHead:
         raise ClusterError("Ray", f"no 'ray' command next to {sys.executable}", "pip install 'dsnb[ray]' in this environment")
     # Ray puts socket paths under the temp dir, and Unix sockets allow ~107 bytes: keep it short.
     temp_dir = Path(tempfile.mkdtemp(prefix="dsnbray-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    gcs_port, dashboard_port, client_port, serve_port = (free_port() for _ in range(4))
+    gcs_port, dashboard_port, client_port, serve_port, agent_port = (free_port() for _ in range(5))
     env = dict(os.environ)
     env.update({
         "RAY_AUTH_MODE": "disabled",  # loopback only; token auth would need every client to hold the token
@@ -142,7 +142,8 @@ def _start(num_cpus: int) -> LocalHead:
     argv = [str(ray_cli), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"]
+            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"]
     # The guard stops the head when this process is gone, even killed (see head_guard.py).
     guarded = [sys.executable, "-m", "dsnb.backends.ray.head_guard", str(os.getpid()),
                str(process_start_time(os.getpid()) or 0), str(temp_dir), *argv]
@@ -151,21 +152,26 @@ def _start(num_cpus: int) -> LocalHead:
                                    env=env, start_new_session=True)
     head = LocalHead(dashboard_url=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{gcs_port}",
                      serve_port=serve_port, temp_dir=temp_dir, process=process)
+    # Ready means the dashboard answers and so does the node's agent: a job submitted before the
+    # agent listens is refused ("No available agent") or, worse, waits without end.
+    probes = [f"{head.dashboard_url}/api/version", f"http://127.0.0.1:{agent_port}/api/local_raylet_healthz"]
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not head.alive:
-            break
-        try:
-            with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2) as response:
-                if response.status == 200:
-                    return head
-        except OSError:
-            pass
+    while time.monotonic() < deadline and head.alive:
+        if all(_answers(url) for url in probes):
+            return head
         time.sleep(0.3)
     tail = _tail(log_path)
     head.stop()
     raise ClusterError("local Ray head", f"did not start within {START_TIMEOUT_S:.0f} s; its last lines:\n{tail}",
                        "check that 'ray start --head' works in this environment, or pass address= of a running Ray cluster")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:

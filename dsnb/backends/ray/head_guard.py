@@ -17,6 +17,7 @@ session or working under the temporary directory, until none is left.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
 
     def stop(*_: object) -> None:
         stop_head(head, session, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         sys.exit(0)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
