@@ -268,10 +268,8 @@ class JobSpec:
             >>> len(JobSpec(name="a", script="t.py").with_unique_name().name)
             6
         """
-        alphabet = string.ascii_lowercase + string.digits
-        suffix = "".join(secrets.choice(alphabet) for _ in range(_SUFFIX_LEN))
         unique = copy.deepcopy(self)  # not replace(): the suffixed name may exceed MAX_NAME_LEN
-        unique.name = f"{self.name}-{suffix}"
+        unique.name = unique_name(self.name)
         return unique
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,10 +283,7 @@ class JobSpec:
         Raises:
             InvalidSpecError: unknown keys, or any invalid field.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidSpecError(unknown[0], "is not a JobSpec field", f"use one of: {', '.join(sorted(known))}")
+        check_known_fields(cls, data)
         data = dict(data)
         if isinstance(data.get("resources"), dict):
             data["resources"] = Resources(**data["resources"])
@@ -296,6 +291,30 @@ class JobSpec:
 
     def __repr__(self) -> str:
         return _repr_non_default(self)
+
+
+def unique_name(name: str) -> str:
+    """``<name>-<4 random lower-case letters or digits>``, the name every submit or deploy uses.
+
+    Example:
+        >>> len(unique_name("tiny-gpt"))
+        13
+    """
+    alphabet = string.ascii_lowercase + string.digits
+    return f"{name}-{''.join(secrets.choice(alphabet) for _ in range(_SUFFIX_LEN))}"
+
+
+def check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    """Refuse keys of ``data`` that are not fields of the dataclass ``cls``.
+
+    Raises:
+        InvalidSpecError: the first unknown key, with the known ones.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidSpecError(unknown[0], f"is not a {cls.__name__} field", f"use one of: {', '.join(sorted(known))}",
+                               spec=cls.__name__)
 
 
 def _repr_non_default(obj: Any) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.errors import InvalidSpecError as _InvalidSpecError
-from dsnb.spec import JobSpec, Resources, _repr_non_default
+from dsnb.spec import JobSpec, Resources, _repr_non_default, check_known_fields, unique_name
 
 _LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -118,7 +118,7 @@ class ServeSpec:
     def with_unique_name(self) -> ServeSpec:
         """A copy named ``<name>-<4 random characters>``, as every deploy does."""
         unique = copy.deepcopy(self)
-        unique.name = JobSpec(name=self.name, command=["serve"]).with_unique_name().name
+        unique.name = unique_name(self.name)
         return unique
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,10 +132,7 @@ class ServeSpec:
         Raises:
             InvalidSpecError: unknown keys, or any invalid field.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidSpecError(unknown[0], "is not a ServeSpec field", f"use one of: {', '.join(sorted(known))}")
+        check_known_fields(cls, data)
         return cls(**data)
 
     def __repr__(self) -> str:
