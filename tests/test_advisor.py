@@ -104,7 +104,7 @@ def test_default_availability_is_this_install() -> None:
     recs = {r.profile.key: r for r in recommend("batch", False)}
     assert recs["local"].available
     assert recs["trainjob"].available and recs["statefulset"].available
-    assert not recs["ray-train"].available and recs["ray-train"].fallback == "local"
+    assert recs["ray-train"].available and recs["ray-train"].fallback is None
 
 
 def test_profile_table_matches_the_field_notes() -> None:

@@ -321,7 +321,7 @@ def test_error_fields_map_to_widgets(spec_field: str, key: str) -> None:
     ("workload", "multi_node", "platform", "headline", "first"),
     [
         ("batch", False, "laptop", "recommended: Local", "Local"),
-        ("batch", False, "ray", "recommended: Ray Train (not available here yet: falls back to local)", "Ray Train"),
+        ("batch", False, "ray", "recommended: Ray Train</b>", "Ray Train"),
         ("serving", True, "any", "recommended: Kubeflow Trainer</b>", "Kubeflow Trainer"),
     ],
 )
@@ -342,7 +342,11 @@ def test_nodes_field_moves_the_multi_node_choice(form: LaunchForm) -> None:
     assert form.multi_node.value is False
 
 
-def test_backend_list_marks_what_is_not_available(form: LaunchForm) -> None:
+def test_backend_list_marks_what_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsnb.backends import base
+
+    monkeypatch.delitem(base._BUILTIN, "ray")  # a dsnb without the Ray backend
+    form = LaunchForm(Cluster())
     labels = dict((key, label) for label, key in form.backend.options)
     assert set(labels) == {"local", "ray-train", "ray-serve", "trainjob", "mpijob", "statefulset"}
     assert labels["ray-train"] == "Ray Train — ease 5/5 — batch, 1..n nodes — not available here"
@@ -352,6 +356,7 @@ def test_backend_list_marks_what_is_not_available(form: LaunchForm) -> None:
     assert "not in this dsnb install" in form.backend_note.value and "dsnb[ray]" in form.backend_note.value
     assert "stay on <code>local</code>" in form.backend_note.value
     assert form.cluster.backend.name == "local"
+    form.close()
 
 
 class _FakeTrainer(LocalBackend):
