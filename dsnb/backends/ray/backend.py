@@ -250,7 +250,7 @@ class RayBackend(Backend):
         info = self._fetch_info(name)
         tracked = self._track(name)
         tracked.info, tracked.info_at = info, now
-        tracked.info_final = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING).is_terminal()
+        tracked.info_final = _state_of(info).is_terminal()
         return info
 
     def _fetch_info(self, name: str) -> Any:
@@ -303,7 +303,7 @@ class RayBackend(Backend):
             ClusterError: Ray cannot be reached.
         """
         info = self._info(name)
-        state = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
+        state = _state_of(info)
         tracked = self._ingest(name, state.is_terminal())
         return self._status_from(name, info, state, tracked)
 
@@ -358,7 +358,7 @@ class RayBackend(Backend):
         if tracked.complete:
             return tracked
         info = self._info(name)
-        return self._ingest(name, _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING).is_terminal())
+        return self._ingest(name, _state_of(info).is_terminal())
 
     # -- control -----------------------------------------------------------------------
 
@@ -401,7 +401,7 @@ class RayBackend(Backend):
         for info in infos:
             name = (info.metadata or {}).get(JOB_KEY)
             if name and info.submission_id == name:
-                state = _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
+                state = _state_of(info)
                 found.append(self._status_from(name, info, state, self._tracked.get(name)))
         return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
 
@@ -525,6 +525,11 @@ class RayBackend(Backend):
 
     def __repr__(self) -> str:
         return f"RayBackend(address={self.address!r})"
+
+
+def _state_of(info: Any) -> JobState:
+    """dsnb's state for a Ray ``JobDetails``/``JobInfo`` (Ray's STOPPED is CANCELLED)."""
+    return _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
 
 
 def _bounded(call: Any, timeout: float, what: str) -> Any:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsnb.backends.local.procs import process_start_time
-from dsnb.backends.ray.head_guard import head_processes, stop_head
+from dsnb.backends.ray.head_guard import stop_head
 from dsnb.errors import ClusterError
 
 START_TIMEOUT_S = 90.0
@@ -179,8 +179,3 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no output)"
-
-
-def head_alive(head: LocalHead) -> bool:
-    """Whether any process of ``head`` (daemons, workers, job drivers) still runs."""
-    return bool(head_processes(head.process.pid, str(head.temp_dir)))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsnb.backends.ray.head import MIN_LOGICAL_CPUS
+from dsnb.backends.ray.train_entry import cpus_per_rank
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.spec import JobSpec
 
@@ -49,7 +50,7 @@ def run_preflight(backend: RayBackend, spec: JobSpec | None) -> PreflightReport:
         else:
             results.append(CheckResult("Ray head", True, f"a private head starts on 127.0.0.1 at the first submit ({cpus} logical CPUs)"))
         if spec is not None:
-            need = spec.world_size * _cpus_per_rank(spec)
+            need = spec.world_size * cpus_per_rank(spec)
             results.append(CheckResult("CPUs", need <= cpus, f"the job needs {need:g} logical CPUs, the head offers {cpus}",
                                        f"pass Cluster('ray', num_cpus={int(need + 0.999)}) or fewer ranks"))
         return PreflightReport(backend.name, results)
@@ -74,8 +75,3 @@ def _check_cluster(backend: RayBackend, local_version: str) -> CheckResult:
     return CheckResult("Ray cluster", True, f"{backend.address} runs ray {version}"
                        + ("" if same else f"; this client has {local_version}: Ray needs the same version on both sides"),
                        "" if same else f"pip install 'ray=={version}'", warning=not same)
-
-
-def _cpus_per_rank(spec: JobSpec) -> float:
-    cpu = spec.resources.cpu
-    return float(cpu) / spec.procs_per_node if isinstance(cpu, (int, float)) else 1.0

@@ -83,6 +83,18 @@ def script_and_args(spec: JobSpec) -> tuple[str, list[str]]:
     return spec.command[1], [*spec.command[2:], *spec.args]
 
 
+def cpus_per_rank(spec: JobSpec) -> float:
+    """Logical CPUs each Ray Train worker asks for: the node's CPUs shared by its ranks, else 1.
+
+    Example:
+        >>> from dsnb import JobSpec, Resources
+        >>> cpus_per_rank(JobSpec(name="t", script="t.py", procs_per_node=4, resources=Resources(cpu=16)))
+        4.0
+    """
+    cpu = spec.resources.cpu
+    return float(cpu) / spec.procs_per_node if isinstance(cpu, (int, float)) else 1.0
+
+
 def driver_env(spec: JobSpec, storage_path: str) -> dict[str, str]:
     """Environment variables of the Ray job (driver and workers), secrets excluded.
 
@@ -96,13 +108,11 @@ def driver_env(spec: JobSpec, storage_path: str) -> dict[str, str]:
     """
     check_spec(spec)
     script, args = script_and_args(spec)
-    cpu = spec.resources.cpu
-    cpus_per_rank = (float(cpu) / spec.procs_per_node) if isinstance(cpu, (int, float)) else 1.0
     use_gpu = spec.resources.gpus > 0
     job = {
         "name": spec.name, "script": script, "args": args,
         "num_workers": spec.world_size, "procs_per_node": spec.procs_per_node,
-        "use_gpu": use_gpu, "cpus_per_worker": cpus_per_rank,
+        "use_gpu": use_gpu, "cpus_per_worker": cpus_per_rank(spec),
         "backend": "nccl" if use_gpu else "gloo",
         "max_failures": spec.max_restarts, "timeout": spec.timeout,
         "storage_path": storage_path, "run_name": run_name(spec.name),
