@@ -8,8 +8,12 @@ The request and answer are JSON: ``{"inputs": ...}`` in, ``{"outputs": ...}`` ou
   becomes a list or dict of them).
 - A Hugging Face directory takes ``inputs`` as a string or a list of strings. A sequence
   classifier (its ``config.json`` names a ``...ForSequenceClassification`` architecture)
-  answers its logits; any other model the mean of its last hidden states over the real
-  tokens (a sentence embedding, as sentence-transformers pools).
+  answers its logits; a causal language model (``...ForCausalLM``) a completion of each
+  text; any other model the mean of its last hidden states over the real tokens (a
+  sentence embedding, as sentence-transformers pools).
+
+With ``tensor_parallel`` above 1 (the server's world size), ``deepspeed.init_inference``
+splits the model's layers over the ranks (AutoTP); every rank then runs each batch.
 
 Example:
     >>> predictor = Predictor("tests.serving_models:tiny_mlp")          # doctest: +SKIP
@@ -23,6 +27,8 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,38 @@ MAX_INPUT_ITEMS = 1_000_000
 
 class BadRequest(ValueError):
     """The request cannot be answered as sent (a 4xx for HTTP servers); the message says why."""
+
+
+@dataclass
+class Generation:
+    """What to generate for one prompt (the OpenAI sampling options dsnb honours).
+
+    Example:
+        >>> Generation(prompt="Once upon a time", max_tokens=8).do_sample
+        True
+    """
+
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def do_sample(self) -> bool:
+        """Sample (temperature above 0) or take the most likely token (greedy)."""
+        return self.temperature > 0
+
+
+@dataclass
+class Completion:
+    """A generated text and its token counts."""
+
+    text: str
+    finish_reason: str  # "stop" (end of text or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def load_module(model: str, working_dir: str | None = None) -> Any:
@@ -61,28 +99,39 @@ class Predictor:
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         working_dir: where a loader's module is imported from (default: the current directory).
         deepspeed: wrap with ``deepspeed.init_inference`` (False gives the plain model, for comparisons).
+        tensor_parallel: ranks to split the model over (needs ``torch.distributed`` set up
+            with that many ranks, and on CPU ``LOCAL_SIZE`` equal to the ranks per node).
+
+    Attributes:
+        kind: ``"loader"``, ``"embedding"``, ``"classifier"`` or ``"causal-lm"``.
 
     Raises:
         ImportError, TypeError, OSError: the model cannot be loaded.
     """
 
-    def __init__(self, model: str, dtype: str = "float32", working_dir: str | None = None, deepspeed: bool = True) -> None:
+    def __init__(self, model: str, dtype: str = "float32", working_dir: str | None = None, deepspeed: bool = True,
+                 tensor_parallel: int = 1) -> None:
         import torch
 
         self.torch = torch
         self.dtype = getattr(torch, dtype)
-        self.tokenizer = None
+        self.tokenizer: Any = None
         self.kind = "loader" if ":" in model and not Path(model).exists() else "huggingface"
         if self.kind == "loader":
             module = load_module(model, working_dir or os.getcwd())
         else:
             module, self.tokenizer, self.kind = _load_huggingface(model)
         module = module.to(self.dtype).eval()
+        self.plain = module
         if deepspeed:
             import deepspeed as ds
 
-            module = ds.init_inference(module, dtype=self.dtype, replace_with_kernel_inject=False)
+            options: dict[str, Any] = {"dtype": self.dtype, "replace_with_kernel_inject": False}
+            if tensor_parallel > 1:
+                options["tensor_parallel"] = {"tp_size": tensor_parallel}
+            module = ds.init_inference(module, **options)
         self.model = module
+
 
     def predict(self, payload: Any) -> dict[str, Any]:
         """The answer to one request body.
@@ -93,12 +142,27 @@ class Predictor:
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise BadRequest('send a JSON object with "inputs", e.g. {"inputs": [[1.0, 2.0]]}')
         inputs = payload["inputs"]
-        with self.torch.inference_mode():
-            if self.tokenizer is not None:
-                return {"outputs": self._predict_text(inputs)}
-            return {"outputs": _to_json(self.model(self._tensor(inputs)))}
+        if self.kind == "causal-lm":
+            single = isinstance(inputs, str)
+            texts = self.check_texts(inputs)
+            outputs = [self.generate(Generation(prompt=t, temperature=0)).text for t in texts]
+            return {"outputs": outputs[0] if single else outputs}
+        if self.tokenizer is not None:
+            result = self.encode(self.check_texts(inputs))
+            return {"outputs": result[0] if isinstance(inputs, str) else result}
+        return {"outputs": to_json(self.forward(self.check_tensor(inputs)))}
 
-    def _tensor(self, inputs: Any) -> Any:
+    def forward(self, tensor: Any) -> Any:
+        """The model's output for one batch tensor (of a loader model)."""
+        with self.torch.inference_mode():
+            return self.model(tensor)
+
+    def check_tensor(self, inputs: Any) -> Any:
+        """``inputs`` (a nested list of numbers) as a tensor in the model's dtype (integers stay ``long``).
+
+        Raises:
+            BadRequest: not a non-empty rectangular list of numbers, or too large.
+        """
         if not isinstance(inputs, list) or not inputs:
             raise BadRequest('"inputs" must be a non-empty list (a batch), e.g. [[1.0, 2.0]]')
         flat = json.dumps(inputs)
@@ -114,23 +178,99 @@ class Predictor:
             raise BadRequest(f'"inputs" must hold numbers, got {tensor.dtype}')
         return tensor.to(self.dtype)
 
-    def _predict_text(self, inputs: Any) -> Any:
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else inputs
+    def check_texts(self, inputs: Any, field_name: str = "inputs") -> list[str]:
+        """``inputs`` (a string or a list of strings) as a list of strings.
+
+        Raises:
+            BadRequest: not text, empty, or too large.
+        """
+        texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise BadRequest('"inputs" must be a string or a non-empty list of strings')
+            raise BadRequest(f'"{field_name}" must be a string or a non-empty list of strings')
         if sum(len(t) for t in texts) > MAX_INPUT_ITEMS:
-            raise BadRequest(f'"inputs" is too large (at most {MAX_INPUT_ITEMS} characters)')
+            raise BadRequest(f'"{field_name}" is too large (at most {MAX_INPUT_ITEMS} characters)')
+        return texts
+
+    def encode(self, texts: list[str]) -> list[list[float]]:
+        """Sentence embeddings (mean-pooled) or, for a classifier, logits: one list per text."""
         assert self.tokenizer is not None
         encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        output = self.model(**encoded)
+        with self.torch.inference_mode():
+            output = self.model(**encoded)
         if self.kind == "classifier":
             values = output.logits
         else:
-            mask = encoded["attention_mask"].unsqueeze(-1).to(output.last_hidden_state.dtype)
-            values = (output.last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        result = values.float().tolist()
-        return result[0] if single else result
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            values = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return values.float().tolist()
+
+    def generate(self, request: Generation, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Complete ``request.prompt``; ``on_text`` receives the text piece by piece as it is made.
+
+        Every rank of a tensor-parallel server calls this with the same request (and seed),
+        so that the ranks take the same steps.
+
+        Raises:
+            BadRequest: the model does not generate text.
+        """
+        if self.kind != "causal-lm":
+            raise BadRequest("this model does not generate text; use /v1/embeddings or /v2/models/.../infer")
+        torch, tokenizer = self.torch, self.tokenizer
+        encoded = tokenizer(request.prompt, return_tensors="pt")
+        encoded = {key: encoded[key] for key in ("input_ids", "attention_mask") if key in encoded}
+        prompt_tokens = int(encoded["input_ids"].shape[1])
+        options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.do_sample,
+                                   "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+        if request.do_sample:
+            options.update(temperature=request.temperature, top_p=request.top_p)
+        if request.stop:
+            options.update(stop_strings=request.stop, tokenizer=tokenizer)
+        if on_text is not None:
+            options["streamer"] = _TextPieces(tokenizer, on_text)
+        torch.manual_seed(request.seed)
+        generator = getattr(self.model, "module", self.model)
+        with torch.inference_mode():
+            output = generator.generate(**encoded, **options)
+        new_tokens = output[0, prompt_tokens:]
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        finish = "length" if len(new_tokens) >= request.max_tokens else "stop"
+        for stop in request.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens))
+
+
+def count_tokens(tokenizer: Any, texts: list[str]) -> int:
+    """Tokens of ``texts`` as the model sees them (for usage counts)."""
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"])
+
+
+def chat_prompt(tokenizer: Any, messages: Any) -> str:
+    """The prompt a tokenizer's chat template makes of OpenAI ``messages``.
+
+    Raises:
+        BadRequest: the tokenizer has no chat template, or the messages are malformed.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise BadRequest("this model has no chat template; use /v1/completions with a prompt")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise BadRequest('"messages" must be a non-empty list of {"role": ..., "content": "..."}')
+    return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def _TextPieces(tokenizer: Any, on_text: Callable[[str], None]) -> Any:  # noqa: N802 - builds a streamer object
+    """A transformers streamer that hands each finished piece of generated text to ``on_text``."""
+    from transformers import TextStreamer
+
+    class Pieces(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def _load_huggingface(path: str) -> tuple[Any, Any, str]:
@@ -140,18 +280,22 @@ def _load_huggingface(path: str) -> tuple[Any, Any, str]:
         raise ImportError("serving a Hugging Face model directory needs transformers: pip install 'dsnb[serve]'") from e
     config = json.loads((Path(path).expanduser() / "config.json").read_text())
     architectures = config.get("architectures") or []
-    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        kind, auto = "classifier", transformers.AutoModelForSequenceClassification
+    elif any(a.endswith("ForCausalLM") for a in architectures):
+        kind, auto = "causal-lm", transformers.AutoModelForCausalLM
+    else:
+        kind, auto = "embedding", transformers.AutoModel
     model = auto.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, "classifier" if classifier else "embedding"
+    return model, tokenizer, kind
 
 
-def _to_json(output: Any) -> Any:
+def to_json(output: Any) -> Any:
     if hasattr(output, "detach"):
         return output.detach().float().tolist()
     if isinstance(output, dict):
-        return {k: _to_json(v) for k, v in output.items()}
+        return {k: to_json(v) for k, v in output.items()}
     if isinstance(output, (list, tuple)):
-        return [_to_json(v) for v in output]
+        return [to_json(v) for v in output]
     return output

@@ -11,6 +11,9 @@ Example:
     'loader'
     >>> ServeSpec(name="auto", model="models:build", min_replicas=1, max_replicas=4).autoscaling
     True
+    >>> tp = ServeSpec(name="llm", model="/models/llama", procs_per_node=2)
+    >>> tp.world_size, tp.to_job_spec().command[:3]
+    (2, ['python', '-m', 'dsnb.serving'])
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ class ServeSpec:
         image: container image (KubeRay, Kubernetes).
         env: extra environment variables of every replica.
         dtype: the inference dtype, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        nodes: nodes of one server (``local``, Kubernetes): the model is split over
+            ``nodes × procs_per_node`` ranks (tensor parallel) and rank 0 answers HTTP.
+        procs_per_node: ranks per node of one server.
+        port: the HTTP port of rank 0 (``local`` picks a free one).
+        max_batch_size: requests the server gathers into one forward pass at most.
+        max_wait_ms: how long a batch waits for more requests once the first arrived.
+        max_queue: requests waiting at most; more are answered 503 with ``Retry-After``.
+        token: when set, every request but the health probes needs
+            ``Authorization: Bearer <token>``; it travels as the secret variable
+            ``DSNB_SERVE_TOKEN`` and is never printed.
 
     Raises:
         InvalidSpecError: any invalid field; the message names it and the fix.
@@ -65,6 +78,13 @@ class ServeSpec:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     dtype: str = "float32"
+    nodes: int = 1
+    procs_per_node: int = 1
+    port: int = 8000
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # The name, resources, env and image follow the JobSpec rules; reuse its checks.
@@ -72,7 +92,7 @@ class ServeSpec:
             if isinstance(self.resources, dict):
                 self.resources = Resources(**self.resources)
             JobSpec(name=self.name, command=["serve"], resources=self.resources, env=self.env, image=self.image,
-                    working_dir=self.working_dir)
+                    working_dir=self.working_dir, nodes=self.nodes, procs_per_node=self.procs_per_node)
         except _InvalidSpecError as e:
             raise InvalidSpecError(e.field, e.problem, e.fix) from None
         if isinstance(self.working_dir, Path):
@@ -85,7 +105,7 @@ class ServeSpec:
         if not _LOADER.match(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
             raise InvalidSpecError("model", f"{self.model!r} is neither 'module:function' nor a model directory with config.json",
                                    "pass a loader like 'my_models:build', or the directory from save_pretrained()")
-        for name in ("replicas", "min_replicas", "max_replicas"):
+        for name in ("replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queue"):
             value = getattr(self, name)
             if value is None and name != "replicas":
                 continue
@@ -104,6 +124,16 @@ class ServeSpec:
                                        f"set replicas between {self.min_replicas} and {self.max_replicas}")
         if self.dtype not in DTYPES:
             raise InvalidSpecError("dtype", f"{self.dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1024 <= self.port <= 65535:
+            raise InvalidSpecError("port", f"must be a whole number in 1024..65535, got {self.port!r}", "set port=8000")
+        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
+            raise InvalidSpecError("max_wait_ms", f"must be a number of milliseconds in 0..10000, got {self.max_wait_ms!r}",
+                                   "set max_wait_ms=5")
+        if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8 or any(c.isspace() for c in self.token)):
+            raise InvalidSpecError("token", "must be a string of at least 8 characters without spaces",
+                                   "pass a random token, e.g. secrets.token_urlsafe(24)")
+        if "DSNB_SERVE_TOKEN" in self.env:
+            raise InvalidSpecError("env.DSNB_SERVE_TOKEN", "is set by dsnb from ServeSpec.token", "pass token=... instead")
 
     @property
     def model_kind(self) -> str:
@@ -114,6 +144,40 @@ class ServeSpec:
     def autoscaling(self) -> bool:
         """Whether replicas scale between ``min_replicas`` and ``max_replicas``."""
         return self.min_replicas is not None
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one server: ``nodes × procs_per_node`` (the tensor-parallel degree)."""
+        return self.nodes * self.procs_per_node
+
+    def server_args(self) -> list[str]:
+        """The command-line options of ``python -m dsnb.serving`` for this spec (no secrets)."""
+        args = ["--model", self.model, "--served-name", self.name, "--dtype", self.dtype, "--port", str(self.port),
+                "--max-batch-size", str(self.max_batch_size), "--max-wait-ms", f"{self.max_wait_ms:g}",
+                "--max-queue", str(self.max_queue)]
+        if self.working_dir:
+            args += ["--working-dir", self.working_dir]
+        return args
+
+    def to_job_spec(self) -> JobSpec:
+        """The always-on job that runs this server on job backends (local, Kubernetes).
+
+        Every rank runs ``python -m dsnb.serving``; the token, when set, is the secret
+        variable ``DSNB_SERVE_TOKEN``.
+
+        Raises:
+            InvalidSpecError: ``replicas``/autoscaling other than one server, which only Ray Serve offers.
+        """
+        if self.replicas != 1 or self.autoscaling:
+            raise InvalidSpecError("replicas", f"{self.replicas} replicas (or autoscaling) need Ray Serve; this backend runs one "
+                                   "server spread over nodes x procs_per_node ranks",
+                                   "set replicas=1 (and no min/max_replicas), or serve with Cluster('ray')")
+        env = dict(self.env)
+        if self.token:
+            env["DSNB_SERVE_TOKEN"] = self.token
+        return JobSpec(name=self.name, command=["python", "-m", "dsnb.serving"], args=self.server_args(),
+                       working_dir=self.working_dir, nodes=self.nodes, procs_per_node=self.procs_per_node,
+                       resources=self.resources, image=self.image, env=env)
 
     def with_unique_name(self) -> ServeSpec:
         """A copy named ``<name>-<4 random characters>``, as every deploy does."""

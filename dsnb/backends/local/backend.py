@@ -24,7 +24,8 @@ from typing import Any
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan, RankCommand
 from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_lines, read_last_lines, write_json_atomic
 from dsnb.backends.local.procs import is_alive, stop_groups
-from dsnb.errors import InvalidSpecError, JobNotFound
+from dsnb.backends.serving_job import ServesAsJob
+from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
@@ -62,8 +63,11 @@ def _threads_per_rank(spec: JobSpec) -> int:
     return max(1, usable_cpus() // spec.world_size)
 
 
-class LocalBackend(Backend):
+class LocalBackend(ServesAsJob, Backend):
     """Runs ``nodes × procs_per_node`` ranks as processes here, under a detached supervisor.
+
+    ``serve`` runs a model server the same way (:mod:`dsnb.backends.serving_job`): rank 0
+    listens on a free port of 127.0.0.1 and records its URL in the job's directory.
 
     Each job lives in ``$DSNB_HOME/jobs/<name>/`` (see :mod:`dsnb.backends.local.jobdir`),
     so a restarted kernel or another terminal can list, attach to, follow and cancel it.
@@ -304,6 +308,27 @@ class LocalBackend(Backend):
         end = data.rfind(b"\n") + 1
         samples = [MetricSample(**json.loads(raw)) for raw in data[:end].decode().splitlines() if raw]
         return MetricChunk(samples=samples, cursor=start + end)
+
+    # -- serving -----------------------------------------------------------------------------
+    def serving_job(self, spec: Any) -> JobSpec:
+        """The server's job here: this Python, on 127.0.0.1, on a free port."""
+        job = spec.to_job_spec()
+        args = list(job.args)
+        args[args.index("--port") + 1] = "0"
+        return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.serving"], args=[*args, "--host", "127.0.0.1"])
+
+    def endpoint_url(self, name: str) -> str:
+        """Rank 0's address, as it recorded it once listening.
+
+        Raises:
+            JobNotFound: no such job. ClusterError: the server has not recorded its address yet.
+        """
+        path = self._dir(name).path / "endpoint.json"
+        try:
+            return str(json.loads(path.read_text())["url"])
+        except (OSError, ValueError, KeyError):
+            raise ClusterError(f"endpoint {name!r}", "has no address yet (rank 0 is still loading the model)",
+                               "wait with endpoint.wait()") from None
 
     # -- control -----------------------------------------------------------------------------
     def cancel(self, name: str) -> JobStatus:

@@ -1,0 +1,369 @@
+"""Rank 0's HTTP application (Starlette under uvicorn): every route, auth, limits and errors.
+
+Routes:
+
+- ``GET /healthz``, ``GET /v2/health/live``: 200 while the process lives (liveness).
+- ``GET /readyz``, ``GET /v2/health/ready``: 200 once every rank has loaded the model, 503
+  with the reason before, while draining, or after a rank was lost (readiness).
+- ``GET /metrics``: Prometheus text format.
+- ``POST /`` and ``POST /predict``: dsnb's own ``{"inputs": ...}`` → ``{"outputs": ...}``.
+- ``/v1/...``: the OpenAI-compatible API (:mod:`dsnb.serving.openai_api`).
+- ``/v2/...``: the Open Inference Protocol (:mod:`dsnb.serving.kserve`).
+
+With a token, every route but the health probes and ``/metrics`` needs
+``Authorization: Bearer <token>`` (401 otherwise). A body above ``max_body_bytes`` is a
+413, a full queue a 503 with ``Retry-After``, malformed input a 400 naming the problem.
+
+Example:
+    >>> from starlette.testclient import TestClient           # doctest: +SKIP
+    >>> client = TestClient(build_app(server))                # doctest: +SKIP
+    >>> client.get("/readyz").json()                          # doctest: +SKIP
+    {'ready': True}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dsnb.serving import kserve, openai_api
+from dsnb.serving.engine import Draining, Engine, Overloaded, RankLost, Work
+from dsnb.serving.model import BadRequest, Completion, chat_prompt, count_tokens, to_json
+from dsnb.serving.stats import ServerStats
+
+log = logging.getLogger("dsnb.serving")
+RETRY_AFTER_S = 1
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
+
+
+class TooLarge(ValueError):
+    """The request body is above the limit (HTTP 413)."""
+
+
+class Unauthorized(PermissionError):
+    """No or a wrong bearer token (HTTP 401)."""
+
+
+@dataclass
+class ServedModel:
+    """What the HTTP side knows of the model (the engine's thread owns the model itself).
+
+    Attributes:
+        name: the model's name in the APIs (``/v1/models``, ``/v2/models/{name}``).
+        kind: ``"loader"``, ``"embedding"``, ``"classifier"`` or ``"causal-lm"``.
+        runner: the model runner, for checking inputs (no model calls from the HTTP side).
+        tokenizer: a copy of the tokenizer for counting tokens and chat templates (a
+            tokenizer must not be shared between threads).
+    """
+
+    name: str
+    kind: str
+    runner: Any
+    tokenizer: Any = None
+
+    @classmethod
+    def of(cls, name: str, runner: Any) -> ServedModel:
+        """Describe ``runner`` (a :class:`~dsnb.serving.model.Predictor`) served as ``name``."""
+        tokenizer = copy.deepcopy(runner.tokenizer) if getattr(runner, "tokenizer", None) is not None else None
+        return cls(name=name, kind=runner.kind, runner=runner, tokenizer=tokenizer)
+
+
+class ServerApp:
+    """The routes of one server (see the module docstring).
+
+    Args:
+        engine: rank 0's batch loop.
+        stats: counters for ``/metrics`` and the notebook.
+        token: bearer token; None serves without auth.
+        max_body_bytes: larger bodies are refused with 413.
+        version: reported by ``GET /v2``.
+    """
+
+    def __init__(self, engine: Engine, stats: ServerStats, token: str | None = None,
+                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "0") -> None:
+        self.engine = engine
+        self.stats = stats
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.version = version
+        self.model: ServedModel | None = None
+        self.created = int(time.time())
+
+    def starlette(self) -> Starlette:
+        """The ASGI application."""
+        routes = [
+            Route("/healthz", self._route("/healthz", self.live), methods=["GET"]),
+            Route("/v2/health/live", self._route("/v2/health/live", self.live), methods=["GET"]),
+            Route("/readyz", self._route("/readyz", self.ready), methods=["GET"]),
+            Route("/v2/health/ready", self._route("/v2/health/ready", self.ready), methods=["GET"]),
+            Route("/metrics", self._route("/metrics", self.metrics), methods=["GET"]),
+            Route("/", self._route("/predict", self.predict), methods=["POST"]),
+            Route("/predict", self._route("/predict", self.predict), methods=["POST"]),
+            Route("/v1/models", self._route("/v1/models", self.models, openai=True), methods=["GET"]),
+            Route("/v1/embeddings", self._route("/v1/embeddings", self.embeddings, openai=True), methods=["POST"]),
+            Route("/v1/completions", self._route("/v1/completions", self.completions, openai=True), methods=["POST"]),
+            Route("/v1/chat/completions", self._route("/v1/chat/completions", self.chat, openai=True), methods=["POST"]),
+            Route("/v2", self._route("/v2", self.v2_server), methods=["GET"]),
+            Route("/v2/models/{name}", self._route("/v2/models", self.v2_model), methods=["GET"]),
+            Route("/v2/models/{name}/ready", self._route("/v2/models/ready", self.v2_model_ready), methods=["GET"]),
+            Route("/v2/models/{name}/infer", self._route("/v2/models/infer", self.v2_infer), methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _route(self, label: str, handler: Callable[[Request], Awaitable[Response]], openai: bool = False
+               ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                if request.url.path not in _OPEN_PATHS:
+                    self._authorize(request)
+                response = await handler(request)
+            except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+                response = self._error_response(e, openai)
+            self.stats.observe(label, response.status_code, time.perf_counter() - started)
+            return response
+
+        return endpoint
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise Unauthorized("send the endpoint's token as 'Authorization: Bearer <token>'")
+
+    def _error_response(self, error: Exception, openai: bool) -> Response:
+        headers: dict[str, str] = {}
+        if isinstance(error, BadRequest):
+            status, kind = 400, "invalid_request_error"
+        elif isinstance(error, openai_api.UnknownModel):
+            status, kind = 404, "not_found_error"
+        elif isinstance(error, TooLarge):
+            status, kind = 413, "invalid_request_error"
+        elif isinstance(error, Unauthorized):
+            status, kind = 401, "authentication_error"
+            headers["WWW-Authenticate"] = "Bearer"
+        elif isinstance(error, (Overloaded, Draining)):
+            status, kind = 503, "overloaded_error"
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+        elif isinstance(error, RankLost):
+            status, kind = 503, "server_error"
+        else:
+            log.exception("request failed")
+            status, kind = 500, "server_error"
+        message = str(error) or type(error).__name__
+        body = openai_api.error_body(message, kind) if openai else {"error": message}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def _json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise TooLarge(f"the body is {declared} bytes, above the server's limit of {self.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise TooLarge(f"the body is above the server's limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError as e:
+            raise BadRequest(f"the body is not valid JSON ({e})") from None
+
+    def _served(self) -> ServedModel:
+        if self.model is None or not self.engine.ready:
+            raise RankLost(self.engine.lost) if self.engine.lost else Draining(self.engine.not_ready_reason or "not ready")
+        return self.model
+
+    async def _run(self, op: str, data: Any, size: int, key: Any = None) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+        self.engine.submit(Work(op, data, size=size, deliver=deliver, key=key))
+        self.stats.queue.set(self.engine.queued)
+        return await future
+
+    # -- health and metrics --------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.engine.ready and self.model is not None
+        self.stats.ready.set(1 if ready else 0)
+        if ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": self.engine.not_ready_reason or "loading"}, status_code=503)
+
+    async def metrics(self, request: Request) -> Response:
+        self.stats.queue.set(self.engine.queued)
+        return Response(self.stats.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- dsnb's own protocol -------------------------------------------------------------------
+    async def predict(self, request: Request) -> Response:
+        model = self._served()
+        body = await self._json(request)
+        if not isinstance(body, dict) or "inputs" not in body:
+            raise BadRequest('send a JSON object with "inputs", e.g. {"inputs": [[1.0, 2.0]]}')
+        inputs = body["inputs"]
+        if model.kind == "causal-lm":
+            texts = model.runner.check_texts(inputs)
+            outputs = []
+            for text in texts:
+                generation, _ = openai_api.parse_completion({"prompt": text, "temperature": 0}, model.name)
+                outputs.append((await self._run("generate", generation, size=1)).text)
+            return JSONResponse({"outputs": outputs[0] if isinstance(inputs, str) else outputs})
+        if model.tokenizer is not None:
+            texts = model.runner.check_texts(inputs)
+            vectors = await self._run("texts", texts, size=len(texts))
+            return JSONResponse({"outputs": vectors[0] if isinstance(inputs, str) else vectors})
+        tensor = model.runner.check_tensor(inputs)
+        output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype))
+        return JSONResponse({"outputs": to_json(output)})
+
+    # -- OpenAI --------------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        model = self._served()
+        return JSONResponse(openai_api.models_response(model.name, self.created))
+
+    async def embeddings(self, request: Request) -> Response:
+        model = self._served()
+        body = await self._json(request)
+        texts = openai_api.parse_embeddings(body, model.name)
+        if model.kind not in ("embedding", "classifier"):
+            raise BadRequest(f"model {model.name!r} is a {model.kind} model and makes no embeddings")
+        model.runner.check_texts(texts, "input")
+        vectors = await self._run("texts", texts, size=len(texts))
+        return JSONResponse(openai_api.embeddings_response(model.name, vectors, count_tokens(model.tokenizer, texts),
+                                                           body.get("encoding_format", "float")))
+
+    async def completions(self, request: Request) -> Response:
+        model = self._served()
+        generation, stream = openai_api.parse_completion(await self._json(request), model.name)
+        return await self._generate(model, generation, stream, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        model = self._served()
+        body = await self._json(request)
+        messages = openai_api.chat_messages(body, model.name)
+        if model.kind != "causal-lm":
+            raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not chat")
+        generation, stream = openai_api.parse_chat(body, chat_prompt(model.tokenizer, messages))
+        return await self._generate(model, generation, stream, chat=True)
+
+    async def _generate(self, model: ServedModel, generation: Any, stream: bool, chat: bool) -> Response:
+        if model.kind != "causal-lm":
+            raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
+        if not stream:
+            done: Completion = await self._run("generate", generation, size=1)
+            self.stats.tokens.inc(done.completion_tokens)
+            return JSONResponse(openai_api.completion_response(model.name, done, chat))
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("text", text))
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("error", error) if error else ("done", result))
+
+        self.engine.submit(Work("generate", generation, size=1, deliver=deliver, on_text=on_text))
+        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _events(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]]
+                      ) -> AsyncIterator[bytes]:
+        response_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
+        if chat:
+            yield _event(openai_api.stream_chunk(response_id, served, chat, first=True))
+        # A stop string may arrive split over pieces: hold back its length minus one character.
+        hold = max((len(s) for s in stops), default=1) - 1
+        pending, stopped = "", False
+        while True:
+            kind, value = await pieces.get()
+            if kind == "text":
+                if stopped:
+                    continue
+                pending += value
+                cut = min((pending.index(s) for s in stops if s in pending), default=None)
+                if cut is not None:
+                    pending, stopped = pending[:cut], True
+                send, pending = (pending, "") if stopped or hold == 0 else (pending[:-hold], pending[-hold:])
+                if send:
+                    yield _event(openai_api.stream_chunk(response_id, served, chat, text=send))
+                continue
+            if kind == "error":
+                yield _event(openai_api.error_body(str(value), "server_error"))
+                break
+            done: Completion = value
+            self.stats.tokens.inc(done.completion_tokens)
+            if pending and not stopped:
+                yield _event(openai_api.stream_chunk(response_id, served, chat, text=pending))
+            yield _event(openai_api.stream_chunk(response_id, served, chat, finish_reason=done.finish_reason))
+            break
+        yield b"data: [DONE]\n\n"
+
+    # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
+    async def v2_server(self, request: Request) -> Response:
+        return JSONResponse(kserve.server_metadata(self.version))
+
+    def _v2_model(self, request: Request) -> ServedModel:
+        model = self._served()
+        name = request.path_params["name"]
+        if name != model.name:
+            raise openai_api.UnknownModel(f"model {name!r} is not served here; this server serves {model.name!r}")
+        return model
+
+    async def v2_model(self, request: Request) -> Response:
+        model = self._v2_model(request)
+        return JSONResponse(kserve.model_metadata(model.name, model.kind))
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        self._v2_model(request)
+        return JSONResponse({"name": request.path_params["name"], "ready": True})
+
+    async def v2_infer(self, request: Request) -> Response:
+        model = self._v2_model(request)
+        body = await self._json(request)
+        if model.kind == "causal-lm":
+            raise BadRequest(f"model {model.name!r} generates text; use /v1/completions")
+        if model.tokenizer is not None:
+            texts = kserve.parse_texts(body)
+            vectors = await self._run("texts", texts, size=len(texts))
+            import torch
+
+            outputs = kserve.output_tensors(torch.tensor(vectors))
+        else:
+            tensor = kserve.parse_tensor(body, model.runner.dtype)
+            output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype))
+            outputs = kserve.output_tensors(output)
+        return JSONResponse(kserve.infer_response(model.name, body.get("id"), outputs))
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -1,0 +1,367 @@
+"""The batch loop of a multi-rank server: gather requests, share each batch with every rank, run it.
+
+Rank 0 owns an :class:`Engine`: HTTP handlers :meth:`~Engine.submit` work, a thread takes
+the first waiting request, gathers compatible ones for up to ``max_wait_s`` (to at most
+``max_batch_size`` items), sends the batch to the other ranks (:class:`Collective`), runs
+it, and hands every request its slice of the answer. The other ranks run :func:`follow`:
+receive a batch, run it (their part of a tensor-parallel model), repeat. Idle, rank 0
+sends a heartbeat every second, so a rank that died is noticed within about a second: the
+engine turns unready and refuses work with :class:`RankLost` rather than hang.
+
+Example:
+    >>> import threading
+    >>> class Double:                                   # a stand-in model runner
+    ...     def encode(self, texts): return [[2.0 * len(t)] for t in texts]
+    >>> engine = Engine(Double(), Collective(world_size=1), max_batch_size=4, max_wait_s=0.01)
+    >>> engine.start()
+    >>> done = threading.Event(); answers = []
+    >>> engine.submit(Work("texts", ["ab", "c"], size=2, deliver=lambda r, e: (answers.append(r), done.set())))
+    >>> done.wait(5) and answers
+    [[[4.0], [2.0]]]
+    >>> engine.stop()
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Idle rank 0 sends a heartbeat this often, so a dead rank is found while no request comes.
+HEARTBEAT_S = 1.0
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the client should retry after a moment (HTTP 503 with Retry-After)."""
+
+
+class RankLost(RuntimeError):
+    """A rank of the server is gone; the server cannot answer until it is restarted."""
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class Work:
+    """One request for the engine.
+
+    Attributes:
+        op: ``"texts"`` (embed/classify a list of strings), ``"tensor"`` (a loader model's
+            batch tensor) or ``"generate"`` (one :class:`~dsnb.serving.model.Generation`).
+        data: the list of strings, the tensor, or the Generation.
+        size: items in ``data`` (strings or rows); batches hold ``max_batch_size`` items at most.
+        deliver: called once, from the engine's thread, with ``(result, None)`` or ``(None, error)``.
+        on_text: for ``generate``: receives generated text piece by piece (streaming).
+        key: requests batch together only when op and key are equal (e.g. a tensor's row shape).
+    """
+
+    op: str
+    data: Any
+    size: int
+    deliver: Callable[[Any, BaseException | None], None]
+    on_text: Callable[[str], None] | None = None
+    key: Any = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Collective:
+    """Shares each batch of rank 0 with every rank (``torch.distributed`` broadcast; nothing for one rank).
+
+    Raises (from :meth:`share`):
+        RankLost: a rank is gone (its connection closed, or the collective timed out).
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def share(self, message: Any = None) -> Any:
+        """Rank 0 sends ``message``; every other rank receives and returns it."""
+        if self.world_size == 1:
+            return message
+        import torch.distributed as dist
+
+        box = [message]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except Exception as e:  # gloo and nccl raise several types for a lost peer
+            raise RankLost(f"a rank of the server is gone ({type(e).__name__}: {str(e)[:200]})") from e
+        return box[0]
+
+    def finish(self) -> None:
+        """Wait until every rank got the last message (so rank 0 exits after the others read it)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - a rank already gone changes nothing here
+                pass
+
+
+def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], None] | None = None) -> Any:
+    """Run one shared batch on this rank; every rank calls it with the same message.
+
+    Returns the model's answer for the whole batch: a list per text, the output tensor(s),
+    or a :class:`~dsnb.serving.model.Completion`.
+    """
+    op, data = message["op"], message["data"]
+    if op == "texts":
+        return runner.encode(data)
+    if op == "tensor":
+        return runner.forward(data)
+    if op == "generate":
+        return runner.generate(data, on_text=on_text)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def follow(runner: Any, collective: Collective) -> None:
+    """The loop of a rank other than 0: run every batch rank 0 shares, until it says stop.
+
+    Errors of the model are rank 0's to report (every rank meets the same one), so they
+    are skipped here; a lost rank 0 ends the loop with :class:`RankLost`.
+
+    Raises:
+        RankLost: rank 0 (or another rank) is gone.
+    """
+    while True:
+        message = collective.share()
+        if message["op"] == "stop":
+            collective.finish()
+            return
+        if message["op"] == "ping":
+            continue
+        try:
+            run_batch(runner, message)
+        except Exception:  # noqa: BLE001 - rank 0 answers the request with this error
+            continue
+
+
+class Engine:
+    """Rank 0's batching loop (see the module docstring).
+
+    Args:
+        runner: the model runner (:class:`~dsnb.serving.model.Predictor`, or anything with
+            ``encode``/``forward``/``generate``), or None until :meth:`set_runner`.
+        collective: how batches reach the other ranks.
+        max_batch_size: items (strings or rows) per batch at most.
+        max_wait_s: how long the first request of a batch waits for more.
+        max_queue: requests waiting at most; :meth:`submit` raises Overloaded beyond.
+        on_batch: called with each batch's item count (for metrics).
+    """
+
+    def __init__(self, runner: Any, collective: Collective, max_batch_size: int = 16, max_wait_s: float = 0.005,
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
+        self.runner = runner
+        self.collective = collective
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.lost: str | None = None
+        self.draining = False
+        self._waiting: collections.deque[Work] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Every rank is up and the server takes requests."""
+        return self._started.is_set() and self.lost is None and not self.draining
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why the server is not ready ("" when it is)."""
+        if self.lost is not None:
+            return self.lost
+        if self.draining:
+            return "shutting down"
+        if not self._started.is_set():
+            return "loading the model on every rank"
+        return ""
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._waiting)
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, work: Work) -> None:
+        """Queue ``work``; its ``deliver`` is called when it has run.
+
+        Raises:
+            RankLost: a rank is gone. Draining: shutting down. Overloaded: the queue is full.
+        """
+        if self.lost is not None:
+            raise RankLost(self.lost)
+        if self.draining:
+            raise Draining("the server is shutting down")
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            self._waiting.append(work)
+            self._cond.notify()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def set_runner(self, runner: Any) -> None:
+        """Give the engine its model runner once loaded; the engine is ready once :meth:`start` ran."""
+        self.runner = runner
+
+    def start(self) -> None:
+        """Start the batch loop in a thread (the runner must be set and every rank connected)."""
+        self._thread = threading.Thread(target=self._loop, name="dsnb-engine", daemon=True)
+        self._thread.start()
+        self._started.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued work, tell the other ranks to stop, and end the loop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def mark_lost(self, reason: str) -> None:
+        """Turn unready for good and fail every queued request with RankLost."""
+        if self.lost is None:
+            self.lost = reason
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for work in waiting:
+            _deliver(work, None, RankLost(reason))
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                if self._stopping:
+                    if self._share({"op": "stop"}):
+                        self.collective.finish()
+                    return
+                if not self._share({"op": "ping"}):
+                    return
+                continue
+            self._run(batch)
+            if self.lost is not None:
+                return
+
+    def _share(self, message: dict[str, Any]) -> bool:
+        if self.lost is not None:
+            return False
+        try:
+            self.collective.share(message)
+            return True
+        except RankLost as e:
+            self.mark_lost(str(e))
+            return False
+
+    def _next_batch(self) -> list[Work] | None:
+        with self._cond:
+            if not self._waiting:
+                self._cond.wait(HEARTBEAT_S)
+            if not self._waiting:
+                return None
+            first = self._waiting.popleft()
+            batch, size = [first], first.size
+            if first.op == "generate":
+                return batch
+            deadline = first.enqueued + self.max_wait_s
+            while size < self.max_batch_size:
+                taken = self._take_compatible(first, self.max_batch_size - size)
+                if taken is not None:
+                    batch.append(taken)
+                    size += taken.size
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _take_compatible(self, first: Work, room: int) -> Work | None:
+        for index, work in enumerate(self._waiting):
+            if work.op == first.op and work.key == first.key and work.size <= room:
+                del self._waiting[index]
+                return work
+        return None
+
+    def _run(self, batch: list[Work]) -> None:
+        first = batch[0]
+        data = _combine(batch)
+        message = {"op": first.op, "data": data}
+        if not self._share(message):
+            for work in batch:
+                _deliver(work, None, RankLost(self.lost or "a rank is gone"))
+            return
+        if self.on_batch is not None:
+            self.on_batch(sum(w.size for w in batch))
+        try:
+            result = run_batch(self.runner, message, on_text=first.on_text)
+        except Exception as e:  # noqa: BLE001 - handed to the request(s) that caused it
+            if self.collective.world_size > 1 and not self._share({"op": "ping"}):
+                error: BaseException = RankLost(self.lost or "a rank is gone")
+            else:
+                error = e
+            for work in batch:
+                _deliver(work, None, error)
+            return
+        try:
+            parts = _split(first.op, result, [w.size for w in batch])
+        except ValueError as e:
+            for work in batch:
+                _deliver(work, None, e)
+            return
+        for work, part in zip(batch, parts):
+            _deliver(work, part, None)
+
+
+def _deliver(work: Work, result: Any, error: BaseException | None) -> None:
+    try:
+        work.deliver(result, error)
+    except Exception:  # noqa: BLE001 - a client that went away must not stop the loop
+        pass
+
+
+def _combine(batch: list[Work]) -> Any:
+    if len(batch) == 1:
+        return batch[0].data
+    if batch[0].op == "texts":
+        return [text for work in batch for text in work.data]
+    import torch
+
+    return torch.cat([work.data for work in batch])
+
+
+def _split(op: str, result: Any, sizes: list[int]) -> list[Any]:
+    if len(sizes) == 1:
+        return [result]
+    if op == "texts":
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(result[start:start + size])
+            start += size
+        return parts
+    return _split_rows(result, sizes)
+
+
+def _split_rows(output: Any, sizes: list[int]) -> list[Any]:
+    """Cut a batch-major output (tensor, or tuple/list/dict of them) back into one part per request."""
+    if hasattr(output, "split"):
+        if output.dim() == 0 or output.shape[0] != sum(sizes):
+            raise ValueError(f"the model's output has {tuple(output.shape)} rows for a batch of {sum(sizes)}; "
+                             "serve it with max_batch_size=1")
+        return list(output.split(sizes))
+    if isinstance(output, dict):
+        columns = {key: _split_rows(value, sizes) for key, value in output.items()}
+        return [{key: parts[i] for key, parts in columns.items()} for i in range(len(sizes))]
+    if isinstance(output, (list, tuple)):
+        columns = [_split_rows(value, sizes) for value in output]
+        return [type(output)(parts[i] for parts in columns) for i in range(len(sizes))]
+    raise ValueError(f"cannot split a model output of type {type(output).__name__} per request; serve it with max_batch_size=1")
