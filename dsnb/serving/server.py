@@ -243,6 +243,9 @@ class _Server:
                     engine.draining = True
                     announce(False, reason="shutting down")
                 super().handle_exit(sig, frame)
+                # uvicorn raises the signal again once it has stopped, which would end the
+                # process before the other ranks are told to stop; the drain ends with exit 0.
+                self._captured_signals.clear()
 
         return DrainingServer(config)
 

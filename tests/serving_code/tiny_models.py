@@ -12,3 +12,19 @@ def tiny_mlp() -> torch.nn.Module:
 def not_a_model() -> str:
     """A broken loader: returns a string."""
     return "oops"
+
+
+def slow_mlp() -> torch.nn.Module:
+    """``tiny_mlp`` that takes 0.3 s per batch, to fill a server's queue."""
+    import time
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.3)
+            return self.inner(x)
+
+    return Slow()
