@@ -75,9 +75,13 @@ class Cluster:
     def serve(self, spec: ServeSpec, wait: float | None = 600) -> Endpoint:
         """Deploy ``spec`` under a unique name and return its endpoint, ready to answer.
 
+        On ``local`` and Kubernetes every rank of ``nodes × procs_per_node`` runs
+        ``python -m dsnb.serving`` and rank 0 answers; on Ray, Ray Serve runs ``replicas``
+        copies (see ``docs/serving.md``).
+
         Args:
-            spec: the model, replicas and resources.
-            wait: seconds to wait until every replica answers; None or 0 returns at once
+            spec: the model, ranks or replicas, and resources.
+            wait: seconds to wait until the server is ready; None or 0 returns at once
                 (then ``endpoint.wait()``).
 
         Raises:
@@ -87,8 +91,8 @@ class Cluster:
             WaitTimeout: not ready within ``wait`` seconds; it keeps starting.
 
         Example:
-            >>> endpoint = Cluster("ray").serve(ServeSpec(name="tiny", model="models:build"))  # doctest: +SKIP
-            >>> endpoint.predict({"inputs": [[0.0, 1.0, 2.0, 3.0]]})                          # doctest: +SKIP
+            >>> endpoint = Cluster().serve(ServeSpec(name="tiny", model="models:build"))   # doctest: +SKIP
+            >>> endpoint.predict({"inputs": [[0.0, 1.0, 2.0, 3.0]]})                      # doctest: +SKIP
             {'outputs': [[0.12, -0.4]]}
         """
         plan = self.backend.serve_plan(spec)
