@@ -332,6 +332,9 @@ def _repr_non_default(obj: Any) -> str:
             continue
         if f.name == "env":
             value = redact_env(value)
+        if not f.repr:  # a secret such as a token: say that it is set, never what it is
+            parts.append(f"{f.name}='***'")
+            continue
         shown = "{...}" if f.name == "deepspeed" and isinstance(value, dict) else repr(value)
         parts.append(f"{f.name}={shown}")
     return f"{type(obj).__name__}({', '.join(parts)})"

@@ -132,3 +132,13 @@ def test_the_command_line_takes_ray_placements(tmp_path, monkeypatch: pytest.Mon
     assert code == 0 and "kind: RayJob" in out and "namespace: ml" in out
     code, out = dsnb("jobs", "--address", "http://ray-head:8265")
     assert code == 1 and "--address and --kuberay for --backend ray" in out
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"token": "a-token-0123456789"}, "token"), ({"procs_per_node": 2}, "procs_per_node"), ({"nodes": 2}, "nodes")])
+def test_ray_serve_refuses_a_token_or_a_model_split_over_ranks(fields: dict, field: str) -> None:
+    from dsnb.backends.ray.serve_app import check_servable
+    from dsnb.errors import InvalidSpecError
+
+    with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}: .*Cluster\('local'\)"):
+        check_servable(ServeSpec(name="m", model="models:build", **fields))

@@ -186,8 +186,13 @@ class ServeSpec:
         return unique
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that :meth:`from_dict` turns back into an equal spec."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict that :meth:`from_dict` turns back into an equal spec, less the token.
+
+        The token is a secret: it is left out (``None``), so that no record holds it.
+        """
+        data = dataclasses.asdict(self)
+        data["token"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeSpec:

@@ -429,8 +429,9 @@ class RayBackend(Backend):
         """The Serve application for ``spec`` (its config, as ``serve deploy`` takes it); nothing is deployed.
 
         Raises:
-            InvalidSpecError: never beyond ServeSpec's own checks.
+            InvalidSpecError: a token, or a model split over ranks (Ray Serve replicas hold a whole model).
         """
+        serve_app.check_servable(spec)
         unique = spec.with_unique_name()
         working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
         app = serve_app.serve_config(unique, route_prefix=f"/{unique.name}", working_dir=working_dir)

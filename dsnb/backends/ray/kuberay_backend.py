@@ -372,6 +372,7 @@ class KubeRayBackend(KubernetesBackend):
         Raises:
             InvalidSpecError: no image, a name KubeRay refuses, or a bad Ray version.
         """
+        serve_app.check_servable(spec)
         if not spec.image:
             raise ServeSpecError("image", "KubeRay serves the model from a container image",
                                  f"set image= an image built FROM rayproject/ray:{self.ray_version} with dsnb, torch, "

@@ -48,6 +48,25 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
     return deployment
 
 
+def check_servable(spec: ServeSpec) -> None:
+    """Refuse what Ray Serve replicas do not offer: a token, or one model over several ranks.
+
+    Raises:
+        InvalidSpecError: ``token`` is set, or ``nodes``/``procs_per_node`` are above 1.
+    """
+    from dsnb.errors import InvalidSpecError
+
+    if spec.token is not None:
+        raise InvalidSpecError("token", "Ray Serve endpoints are not authenticated by dsnb",
+                               "leave token out and protect the Ray cluster (its token, network policy), or serve on "
+                               "Cluster('local') or a Kubernetes backend", spec="ServeSpec")
+    if spec.world_size > 1:
+        raise InvalidSpecError("procs_per_node" if spec.procs_per_node > 1 else "nodes",
+                               "a Ray Serve replica holds the whole model; splitting one model over ranks needs a job backend",
+                               "use replicas= for more copies, or serve on Cluster('local') or a Kubernetes backend",
+                               spec="ServeSpec")
+
+
 def replica_env(spec: ServeSpec) -> dict[str, str]:
     """Environment of every replica: DeepSpeed on CPU when no GPU is asked for, then the spec's own."""
     env = {} if spec.resources.gpus else {"DS_ACCELERATOR": "cpu"}

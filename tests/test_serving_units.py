@@ -1,0 +1,224 @@
+"""The server's parts without processes: the batch loop, the protocols, the spec's new fields."""
+
+from __future__ import annotations
+
+import doctest
+import threading
+import time
+
+import pytest
+
+from dsnb.errors import InvalidSpecError
+from dsnb.serving import ServeSpec
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
+
+from dsnb.serving import engine as engine_module  # noqa: E402
+from dsnb.serving import kserve, openai_api, stats  # noqa: E402
+from dsnb.serving.engine import Collective, Engine, Overloaded, RankLost, Work  # noqa: E402
+from dsnb.serving.model import BadRequest, Completion  # noqa: E402
+
+
+@pytest.mark.parametrize("module", [engine_module, stats, openai_api, kserve])
+def test_the_docstring_examples_hold(module: object) -> None:
+    result = doctest.testmod(module)  # type: ignore[arg-type]
+    assert result.attempted > 0 and result.failed == 0
+
+
+class Recorder:
+    """A model runner that records each batch it ran."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[object] = []
+        self.delay = delay
+
+    def encode(self, texts: list[str]) -> list[list[float]]:
+        self.batches.append(list(texts))
+        time.sleep(self.delay)
+        return [[float(len(t))] for t in texts]
+
+    def forward(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.batches.append(tuple(tensor.shape))
+        return {"double": tensor * 2, "sum": tensor.sum(dim=1)}
+
+
+def submit_all(engine: Engine, works: list[tuple[str, object, int, object]]) -> list[tuple[object, BaseException | None]]:
+    answers: list[tuple[object, BaseException | None]] = [None] * len(works)  # type: ignore[list-item]
+    done = threading.Semaphore(0)
+
+    def deliver_to(index: int):
+        def deliver(result: object, error: BaseException | None) -> None:
+            answers[index] = (result, error)
+            done.release()
+        return deliver
+
+    for index, (op, data, size, key) in enumerate(works):
+        engine.submit(Work(op, data, size=size, deliver=deliver_to(index), key=key))
+    for _ in works:
+        assert done.acquire(timeout=10)
+    return answers
+
+
+def test_compatible_requests_share_a_batch_and_each_gets_its_slice() -> None:
+    runner = Recorder()
+    engine = Engine(runner, Collective(1), max_batch_size=6, max_wait_s=0.2)
+    rows = [torch.ones(2, 3), torch.full((1, 3), 3.0), torch.ones(1, 5)]
+    works = [("texts", ["a", "bb"], 2, None), ("tensor", rows[0], 2, (3,)), ("texts", ["ccc"], 1, None),
+             ("tensor", rows[1], 1, (3,)), ("tensor", rows[2], 1, (5,))]
+    for op, data, size, key in works:  # queued before the loop starts, so all are waiting together
+        engine._waiting.append(Work(op, data, size=size, deliver=lambda r, e: None, key=key))
+    engine._waiting.clear()
+    engine.start()
+    try:
+        answers = submit_all(engine, works)
+    finally:
+        engine.stop()
+    assert answers[0] == ([[1.0], [2.0]], None) and answers[2] == ([[3.0]], None)
+    assert torch.equal(answers[1][0]["double"], rows[0] * 2) and torch.equal(answers[3][0]["sum"], torch.tensor([9.0]))
+    assert torch.equal(answers[4][0]["double"], rows[2] * 2)
+    assert ["a", "bb", "ccc"] in runner.batches and (3, 3) in runner.batches and (1, 5) in runner.batches
+
+
+def test_a_full_queue_refuses_at_once_and_a_lost_rank_fails_what_waits() -> None:
+    engine = Engine(Recorder(), Collective(1), max_queue=2)
+    failed: list[BaseException | None] = []
+    for _ in range(2):
+        engine.submit(Work("texts", ["x"], size=1, deliver=lambda r, e: failed.append(e)))
+    with pytest.raises(Overloaded, match="max_queue=2"):
+        engine.submit(Work("texts", ["x"], size=1, deliver=lambda r, e: None))
+    engine.mark_lost("rank 1 is gone")
+    assert [type(e) for e in failed] == [RankLost, RankLost]
+    assert not engine.ready and engine.not_ready_reason == "rank 1 is gone"
+    with pytest.raises(RankLost, match="rank 1 is gone"):
+        engine.submit(Work("texts", ["x"], size=1, deliver=lambda r, e: None))
+
+
+class BrokenCollective(Collective):
+    """A collective whose peers are gone after the first message."""
+
+    def __init__(self) -> None:
+        super().__init__(world_size=2)
+        self.sent = 0
+
+    def share(self, message: object = None) -> object:
+        self.sent += 1
+        if self.sent > 1:
+            raise RankLost("a rank of the server is gone (Connection closed by peer)")
+        return message
+
+
+def test_a_lost_peer_turns_the_engine_unready_and_answers_rank_lost() -> None:
+    engine = Engine(Recorder(), BrokenCollective(), max_wait_s=0)
+    engine.start()
+    try:
+        first = submit_all(engine, [("texts", ["a"], 1, None)])
+        second = submit_all(engine, [("texts", ["b"], 1, None)])
+    finally:
+        engine.stop()
+    assert first == [([[1.0]], None)]
+    assert isinstance(second[0][1], RankLost) and engine.lost and not engine.ready
+
+
+def test_a_model_output_that_is_not_batch_major_is_an_error_for_its_requests() -> None:
+    with pytest.raises(ValueError, match="max_batch_size=1"):
+        engine_module._split_rows(torch.ones(3), [1, 1])
+    parts = engine_module._split_rows((torch.arange(3), [torch.ones(3, 2)]), [2, 1])
+    assert parts[0][0].tolist() == [0, 1] and parts[1][1][0].shape == (1, 2)
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"model": "m"}, '"prompt" must be'),
+    ({"model": "m", "prompt": ["a", "b"]}, "one prompt per request"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, '"max_tokens" must be'),
+    ({"model": "m", "prompt": "x", "temperature": 3}, '"temperature"'),
+    ({"model": "m", "prompt": "x", "top_p": 0}, '"top_p"'),
+    ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, '"stop"'),
+    ({"model": "m", "prompt": "x", "logprobs": 2}, '"logprobs" is not supported'),
+    ({"model": "m", "prompt": "x", "stream": "yes"}, '"stream"'),
+    ({"model": "m", "prompt": "x", "seed": 1.5}, '"seed"'),
+])
+def test_completion_options_out_of_range_are_refused(body: dict, says: str) -> None:
+    with pytest.raises(BadRequest, match=says):
+        openai_api.parse_completion(body, "m")
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}, "2 numbers"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "COMPLEX", "data": [1.0]}]}, "not supported"),
+    ({"inputs": [{"name": "x", "shape": [0], "datatype": "FP32", "data": []}]}, "positive whole numbers"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}, '"data"'),
+    ({"inputs": []}, "one input"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "INT8", "data": [1, 1000]}]}, "does not fit"),
+])
+def test_kserve_inputs_that_do_not_make_a_tensor_are_refused(body: dict, says: str) -> None:
+    with pytest.raises(BadRequest, match=says):
+        kserve.parse_tensor(body, torch.float32)
+
+
+def test_kserve_nested_data_and_integer_tensors() -> None:
+    tensor = kserve.parse_tensor({"inputs": [{"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [[1, 2], [3, 4]]}]},
+                                 torch.float16)
+    assert tensor.dtype == torch.int64 and tensor.tolist() == [[1, 2], [3, 4]]
+    outputs = kserve.output_tensors({"logits": torch.zeros(1, 2, dtype=torch.bfloat16), "ids": torch.tensor([7])})
+    assert [(o["name"], o["datatype"], o["shape"]) for o in outputs] == [("logits", "BF16", [1, 2]), ("ids", "INT64", [1])]
+
+
+class Streamer:
+    """A causal-lm runner that hands out fixed pieces of text."""
+
+    kind = "causal-lm"
+    tokenizer = None
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def generate(self, request: object, on_text=None) -> Completion:
+        for piece in self.pieces:
+            if on_text is not None:
+                on_text(piece)
+        return Completion(text="".join(self.pieces), finish_reason="length", prompt_tokens=1, completion_tokens=len(self.pieces))
+
+
+def test_a_stop_string_split_across_streamed_pieces_is_never_sent() -> None:
+    from starlette.testclient import TestClient
+
+    from dsnb.serving.app import ServedModel, ServerApp
+    from dsnb.serving.stats import ServerStats
+
+    engine = Engine(Streamer(["Hello wor", "ld. EN", "D of text", " more"]), Collective(1))
+    app = ServerApp(engine, ServerStats())
+    app.model = ServedModel(name="m", kind="causal-lm", runner=engine.runner)
+    engine.start()
+    try:
+        with TestClient(app.starlette()) as client:
+            response = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True, "stop": ["END"]})
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    finally:
+        engine.stop()
+    assert events[-1] == "[DONE]"
+    import json
+
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello world. "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "END" not in response.text
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"port": 80}, "port"), ({"port": "8000"}, "port"), ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_queue": -1}, "max_queue"), ({"max_wait_ms": -1}, "max_wait_ms"), ({"token": "short"}, "token"),
+    ({"token": "has a space in it"}, "token"), ({"env": {"DSNB_SERVE_TOKEN": "x" * 10}}, "env.DSNB_SERVE_TOKEN"),
+    ({"nodes": 0}, "nodes"), ({"procs_per_node": 0}, "procs_per_node"),
+])
+def test_serve_spec_refuses_bad_server_fields(fields: dict, field: str) -> None:
+    with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}"):
+        ServeSpec(name="m", model="models:build", **fields)
+
+
+def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
+    spec = ServeSpec(name="m", model="models:build", token="tok-0123456789", procs_per_node=2, max_batch_size=4)
+    job = spec.to_job_spec()
+    assert job.env == {"DSNB_SERVE_TOKEN": "tok-0123456789"} and "tok-0123456789" not in " ".join(job.args)
+    assert job.world_size == 2 and job.args[job.args.index("--max-batch-size") + 1] == "4"
+    assert "tok-0123456789" not in repr(spec) and "tok-0123456789" not in repr(job)
