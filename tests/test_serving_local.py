@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from helpers import job_processes  # noqa: E402
+from helpers import job_processes, settled  # noqa: E402
 from serving_servers import SERVING_CODE  # noqa: E402
 
 from dsnb import Cluster  # noqa: E402
@@ -57,7 +59,7 @@ def test_serve_query_reattach_watch_and_stop_an_embedding_endpoint(cluster: Clus
 
     stopped = endpoint.stop()
     assert stopped.state == JobState.CANCELLED
-    assert not job_processes(str(dsnb_home))
+    assert not settled(lambda: job_processes(str(dsnb_home)))
     assert endpoint.stop().state == JobState.CANCELLED  # again: nothing to do
 
 
@@ -70,14 +72,23 @@ def test_a_two_rank_server_on_the_local_backend(cluster: Cluster, tmp_path: Path
     assert endpoint.predict({"inputs": "hello"})["outputs"].startswith(answer.choices[0].text)  # greedy, 16 tokens
     status = endpoint.status()
     assert [r.state for r in status.replicas] == [JobState.RUNNING, JobState.RUNNING]
-    assert endpoint.stop().state == JobState.CANCELLED
-    assert not job_processes(str(dsnb_home))
+
+    os.kill(status.replicas[1].pid, signal.SIGKILL)  # a rank dies: the endpoint fails and says which
+    deadline = time.monotonic() + 60
+    while not endpoint.status().state.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    failed = endpoint.status()
+    assert failed.state == JobState.FAILED and failed.failed_rank == 1 and failed.exit_code == -9, failed
+    with pytest.raises(JobFailed, match="rank 1"):
+        endpoint.wait(timeout=5)
+    assert endpoint.stop().state == JobState.FAILED
+    assert not settled(lambda: job_processes(str(dsnb_home)))
 
 
 def test_a_broken_loader_fails_serve_with_its_error_and_leaves_nothing(cluster: Cluster, dsnb_home: Path) -> None:
     with pytest.raises(JobFailed, match="not a torch.nn.Module"):
         cluster.serve(ServeSpec(name="broken", model="tiny_models:not_a_model", working_dir=SERVING_CODE), wait=120)
-    assert not job_processes(str(dsnb_home))
+    assert not settled(lambda: job_processes(str(dsnb_home)))
 
 
 @pytest.mark.parametrize(("fields", "field"), [
