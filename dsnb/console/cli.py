@@ -12,6 +12,10 @@ Examples::
     dsnb demo                                                  # the bundled tiny GPT, 2 ranks
     dsnb check --backend statefulset --gpus 8 --nodes 2        # can this cluster run it? (exit 1 if not)
     dsnb rbac --namespace ml --user alice@example.com          # the Role a Kubernetes backend needs
+    dsnb serve /models/minilm --name minilm                    # serve a model until Ctrl-C
+    dsnb serve models:build --procs 2 --detach                 # 2 tensor-parallel ranks, return at once
+    dsnb serve /models/llama --backend statefulset --dryrun    # the YAML, nothing created
+    dsnb endpoints                                             # served models and their URLs
 
 Options of ``run`` and ``dryrun`` may come before or after SCRIPT; every other argument goes
 to the script. Put script arguments that share a name with a dsnb option after ``--``.
@@ -30,6 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -40,11 +45,14 @@ from dsnb.backends.base import load_backend
 from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.cluster import Cluster
 from dsnb.console.view import format_duration, jobs_table, render, status_view
-from dsnb.errors import ClusterError, DsnbError, InvalidSpecError
+from dsnb.errors import ClusterError, DsnbError, InvalidSpecError, JobFailed
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
 from dsnb.spec import JobSpec, Resources, suggest_name
 from dsnb.status import JobState, JobStatus
+
+if TYPE_CHECKING:
+    from dsnb.serving import ServeSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -58,6 +66,9 @@ _OPTION_OF_FIELD = {
     "name": "--name", "nodes": "--nodes", "procs_per_node": "--procs", "deepspeed": "--deepspeed",
     "env": "--env", "timeout": "--timeout", "max_restarts": "--max-restarts", "script": "SCRIPT",
     "working_dir": "--working-dir", "resources.gpus": "--gpus",
+    # dsnb serve
+    "model": "MODEL", "replicas": "--replicas", "dtype": "--dtype", "port": "--port",
+    "max_batch_size": "--max-batch-size", "token": "--token-env", "image": "--image",
 }
 
 
@@ -124,7 +135,7 @@ def _cluster(args: argparse.Namespace) -> Cluster:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo, check, rbac)."""
+    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo, check, serve, endpoints, rbac)."""
     parser = argparse.ArgumentParser(
         prog="dsnb", description="Launch, watch and stop distributed DeepSpeed jobs.", allow_abbrev=False
     )
@@ -166,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--gpus", type=int, default=0, metavar="G", help="also check for nodes offering G GPUs each")
     check.add_argument("--nodes", type=int, metavar="M", help="nodes the job needs (default 1)")
     check.add_argument("--procs", type=int, metavar="N", help="ranks per node (default: one per GPU, else 1)")
+
+    serve = sub.add_parser("serve", help="serve a model (until Ctrl-C, or --detach)", allow_abbrev=False)
+    serve.add_argument("model", help="a loader 'module:function' or a Hugging Face model directory")
+    serve.add_argument("--name", help="endpoint name, also the model's name in the APIs (default: from MODEL)")
+    serve.add_argument("--procs", type=int, default=1, metavar="N", help="ranks per node; the model is split over all ranks")
+    serve.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
+    serve.add_argument("--replicas", type=int, default=1, metavar="R", help="copies of the model (Ray Serve)")
+    serve.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    serve.add_argument("--port", type=int, default=8000, help="rank 0's port on Kubernetes (local picks a free one)")
+    serve.add_argument("--max-batch-size", type=int, default=16, metavar="B", help="requests per forward pass at most")
+    serve.add_argument("--token-env", metavar="VAR", help="require the bearer token held by environment variable VAR")
+    serve.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for every rank (repeatable)")
+    serve.add_argument("--gpus", type=int, default=0, metavar="G", help="GPUs per node")
+    serve.add_argument("--working-dir", metavar="DIR", help="where a loader's module lives (default: the current directory)")
+    serve.add_argument("--image", help="container image (Kubernetes backends, KubeRay)")
+    serve.add_argument("--dryrun", action="store_true", help="show what would start (commands or YAML); start nothing")
+    serve.add_argument("--detach", action="store_true", help="return once the endpoint answers")
+    serve.add_argument("--wait", type=float, default=600, metavar="S", help="seconds to wait for the endpoint (default 600)")
+    _add_cluster_options(serve)
+
+    endpoints = sub.add_parser("endpoints", help="list served models and their URLs", allow_abbrev=False)
+    _add_cluster_options(endpoints)
 
     rbac = sub.add_parser("rbac", help="print the Role and RoleBinding a Kubernetes backend needs", allow_abbrev=False)
     rbac.add_argument("--backend", default="statefulset", help="a Kubernetes backend (default: statefulset)")
@@ -409,6 +442,80 @@ def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def serve_spec_from_args(args: argparse.Namespace) -> ServeSpec:
+    """The ServeSpec ``dsnb serve`` options describe.
+
+    Raises:
+        InvalidSpecError: a bad option (named by its field), or ``--token-env`` naming an unset variable.
+    """
+    from dsnb.serving import ServeSpec
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise InvalidSpecError("token", f"--token-env {args.token_env}: the variable is not set",
+                                   f"export {args.token_env}=<a random token> first", spec="ServeSpec")
+    name = args.name or suggest_name(Path(args.model.rstrip("/")).name.partition(":")[0] or "model")
+    return ServeSpec(name=name, model=args.model, working_dir=args.working_dir, nodes=args.nodes, procs_per_node=args.procs,
+                     replicas=args.replicas, dtype=args.dtype, port=args.port, max_batch_size=args.max_batch_size,
+                     resources=Resources(gpus=args.gpus), image=args.image, env=_parse_env(args.env), token=token)
+
+
+def _cmd_serve(ui: _Ui, args: argparse.Namespace) -> int:
+    try:
+        return _serve(ui, args, serve_spec_from_args(args))
+    except InvalidSpecError as e:
+        return _spec_error(ui, e)
+
+
+def _serve(ui: _Ui, args: argparse.Namespace, spec: ServeSpec) -> int:
+    with _cluster(args) as cluster:
+        if args.dryrun:
+            _plain(ui.out, str(cluster.dryrun(spec)))
+            return EXIT_OK
+        endpoint = cluster.serve(spec, wait=0)
+        _plain(ui.err, f"started {endpoint.name} on {cluster.backend.name}; waiting until it answers (up to {args.wait:g} s)")
+        try:
+            endpoint.wait(timeout=args.wait)
+        except JobFailed:
+            endpoint.stop()
+            raise
+        _plain(ui.out, f"{endpoint.name} ready at {endpoint.url}")
+        _plain(ui.err, f"OpenAI clients: base_url={endpoint.url}v1   KServe v2: {endpoint.url}v2/models/{spec.name}/infer")
+        if args.detach:
+            _plain(ui.err, f"stop it with: dsnb cancel {endpoint.name}" if cluster.backend.name != "ray"
+                   else "it runs until the Ray cluster stops it")
+            return EXIT_OK
+        _plain(ui.err, "serving; Ctrl-C stops it")
+        try:
+            while not endpoint.status().state.is_terminal():
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            status = endpoint.stop()
+            _plain(ui.err, f"endpoint {endpoint.name} {status.state.value}")
+            return EXIT_INTERRUPTED
+        status = endpoint.status()
+        _plain(ui.err, f"endpoint {endpoint.name} {status.state.value}: {status.message}", style="red")
+        return EXIT_FAILED
+
+
+def _cmd_endpoints(ui: _Ui, args: argparse.Namespace) -> int:
+    with _cluster(args) as cluster:
+        statuses = cluster.endpoints()
+        if not statuses:
+            _plain(ui.out, "no endpoints; serve a model with: dsnb serve MODEL")
+            return EXIT_OK
+        ui.out.print(jobs_table(statuses))
+        for status in statuses:
+            if status.state == JobState.RUNNING:
+                try:
+                    _plain(ui.out, f"{status.name}: {cluster.endpoint(status.name).url}")
+                except DsnbError:
+                    continue
+    return EXIT_OK
+
+
 def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
     if args.backend == "ray":  # on Kubernetes, Ray jobs are KubeRay's: Cluster("ray", kuberay=True)
         from dsnb.backends.ray.kuberay_backend import KubeRayBackend as backend_class
@@ -489,7 +596,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
                 return EXIT_USAGE
             return _cmd_run(ui, args, extras + tail)
         command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo,
-                   "check": _cmd_check, "rbac": _cmd_rbac}
+                   "check": _cmd_check, "rbac": _cmd_rbac, "serve": _cmd_serve, "endpoints": _cmd_endpoints}
         return command[args.command](ui, args)
     except DsnbError as e:
         _error(ui, str(e))
