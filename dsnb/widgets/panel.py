@@ -20,7 +20,7 @@ import html
 import io
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -86,49 +86,86 @@ def is_throughput(name: str) -> bool:
     return name.endswith(THROUGHPUT_SUFFIXES)
 
 
-def plot_png(monitor: JobMonitor, width: float = 8.0, height: float = 2.8, dpi: int = 80) -> bytes | None:
-    """Loss and throughput against step, one line per rank, as PNG bytes (None with nothing to draw).
+#: A plot of :func:`plot_png`: its title, and which metric names it draws.
+PlotGroup = tuple[str, Callable[[str], bool]]
+#: A job's plots: loss, and throughput.
+JOB_PLOTS: tuple[PlotGroup, ...] = (("loss", is_loss), ("throughput", is_throughput))
+
+
+def plot_png(
+    monitor: JobMonitor,
+    width: float = 8.0,
+    height: float = 2.8,
+    dpi: int = 80,
+    *,
+    groups: Sequence[PlotGroup] = JOB_PLOTS,
+    labels: Mapping[str, str] | None = None,
+    x: str = "step",
+) -> bytes | None:
+    """One plot per group of metrics (loss and throughput by default), one line per rank, as PNG bytes.
 
     It draws on a :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot,
     so it touches no global figure state and is safe off the main thread.
 
+    Args:
+        monitor: where the metric series are.
+        width: inches.
+        height: inches.
+        dpi: dots per inch.
+        groups: ``(title, wanted)`` per plot; a plot draws the metrics ``wanted(name)`` selects,
+            and is left out when it selects none.
+        labels: how a metric is named in the legends (default: its name).
+        x: ``"step"`` (the reported step) or ``"time"`` (seconds since the first point drawn).
+
+    Returns:
+        The PNG, or None with nothing to draw.
+
     Raises:
         ImportError: matplotlib is not installed.
+        ValueError: ``x`` is neither ``"step"`` nor ``"time"``.
 
     Example:
         >>> png = plot_png(monitor)      # doctest: +SKIP
         >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"  # doctest: +SKIP
         True
+        >>> plot_png(monitor, groups=[("latency (ms)", lambda n: n.endswith("_ms"))], x="time")  # doctest: +SKIP
     """
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    labels = labels or {}
     names = monitor.metric_names()
-    groups = [(title, [n for n in names if wanted(n)]) for title, wanted in (("loss", is_loss), ("throughput", is_throughput))]
-    groups = [(title, group) for title, group in groups if group]
-    if not groups:
+    chosen = [(title, [n for n in names if wanted(n)]) for title, wanted in groups]
+    chosen = [(title, group) for title, group in chosen if group]
+    if not chosen:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    series = {name: monitor.series(name) for _, group in chosen for name in group}
+    start = min((s.time for points in series.values() for s in points), default=0.0)
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    for ax, (title, group) in zip(axes, groups):
-        drawn = 0
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, (title, group) in zip(axes, chosen):
+        drawn, labelled = 0, False
         for name in group:
-            by_rank: dict[int, tuple[list[int], list[float]]] = {}
-            for sample in monitor.series(name):
-                steps, values = by_rank.setdefault(sample.rank, ([], []))
-                steps.append(sample.step)
+            by_rank: dict[int, tuple[list[float], list[float]]] = {}
+            for sample in series[name]:
+                xs, values = by_rank.setdefault(sample.rank, ([], []))
+                xs.append(sample.step if x == "step" else sample.time - start)
                 values.append(sample.value)
             ranks = sorted(by_rank)[:MAX_RANKS_PLOTTED]
             for rank in ranks:
-                steps, values = by_rank[rank]
-                label = name if len(ranks) == 1 else f"{name} (rank {rank})"
-                ax.plot(steps, values, label=label, marker="." if len(steps) < 40 else None)
+                xs, values = by_rank[rank]
+                label = labels.get(name, name)
+                label = label if len(ranks) == 1 else f"{label} (rank {rank})"
+                ax.plot(xs, values, label=label, marker="." if len(xs) < 40 else None)
                 drawn += 1
+                labelled = labelled or label != title
         ax.set_title(title, fontsize="medium")
-        ax.set_xlabel("step")
+        ax.set_xlabel("step" if x == "step" else "seconds")
         ax.grid(alpha=0.3)
-        if drawn > 1 or title == "throughput":
+        if drawn > 1 or labelled:
             ax.legend(fontsize="small")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -190,6 +227,19 @@ class JobPanel:
         >>> panel.close()                       # stops following; the job keeps running  # doctest: +SKIP
     """
 
+    #: What the panel shows, in its text and HTML summaries ("dsnb job NAME on BACKEND").
+    kind = "job"
+    #: The label of the button that calls ``job.cancel()``, and its tooltip.
+    stop_label = "Cancel"
+    stop_tooltip = "Stop the job and all its ranks"
+    #: The plots (see :func:`plot_png`), and what their x axis is.
+    plot_groups: tuple[PlotGroup, ...] = JOB_PLOTS
+    plot_x = "step"
+    #: Display names of metrics; the metrics named here are listed first, in this order.
+    metric_labels: Mapping[str, str] = {}
+    #: What a metric sample's step counts, in the latest-values line.
+    step_word = "step"
+
     def __init__(
         self,
         job: Job,
@@ -250,8 +300,8 @@ class JobPanel:
         self.elapsed_label = w.Label("")
         self.world_size_label = w.Label("")
         self.restarts_label = w.Label("restarts 0")
-        self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="danger",
-                                      tooltip="Stop the job and all its ranks", layout=w.Layout(width="auto"))
+        self.cancel_button = w.Button(description=self.stop_label, icon="stop", button_style="danger",
+                                      tooltip=self.stop_tooltip, layout=w.Layout(width="auto"))
         self.cancel_button.on_click(lambda _button: self.cancel())
         self.message_label = w.Label("waiting for the first status")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="progress")
@@ -381,7 +431,7 @@ class JobPanel:
                 self._cancelling = False
                 self._note = f"cancel failed: {type(e).__name__}: {e}"
                 if not self.closed:
-                    self.cancel_button.description = "Cancel"
+                    self.cancel_button.description = self.stop_label
                     self._render_header(self.monitor.status)
 
     def show(self, display: Callable[..., Any]) -> Any:
@@ -502,7 +552,7 @@ class JobPanel:
         terminal = status.state.is_terminal()
         if terminal:
             self.cancel_button.disabled = True
-            self.cancel_button.description = "Cancel"
+            self.cancel_button.description = self.stop_label
         elif not self._cancelling:
             self.cancel_button.disabled = False
         failed = status.state == JobState.FAILED
@@ -546,17 +596,28 @@ class JobPanel:
         if not latest:
             return
         items = "  ".join(
-            f"<b>{html.escape(name)}</b> {format_value(latest[name].value)}"
-            for name in self.monitor.metric_names()[:12]
+            f"<b>{html.escape(self.metric_labels.get(name, name))}</b> {format_value(latest[name].value)}"
+            for name in self.metric_order()[:12]
         )
         step = max(sample.step for sample in latest.values())
-        self.metrics_label.value = f'<span style="font-size:12px">step {step}: {items}</span>'
+        self.metrics_label.value = f'<span style="font-size:12px">{self.step_word} {step}: {items}</span>'
+
+    def metric_order(self) -> list[str]:
+        """The metric names seen so far: those of ``metric_labels`` first (in its order), then the others.
+
+        Example:
+            >>> panel.metric_order()  # doctest: +SKIP
+            ['loss', 'tokens_per_s']
+        """
+        names = self.monitor.metric_names()
+        known = [name for name in self.metric_labels if name in names]
+        return known + [name for name in names if name not in self.metric_labels]
 
     def _render_plot(self) -> None:
         self._plot_dirty = False
         self._last_plot = self.monitor.clock()
         try:
-            png = plot_png(self.monitor)
+            png = plot_png(self.monitor, groups=self.plot_groups, labels=self.metric_labels, x=self.plot_x)
         except ImportError:
             self.metrics_label.value += " <i>(install matplotlib for a plot)</i>"
             return
@@ -616,6 +677,10 @@ class JobPanel:
             self._quiet = False
 
     # -- static views ----------------------------------------------------------------------
+    def _extra_html(self) -> list[str]:
+        """More lines under the static HTML's header (none for a job)."""
+        return []
+
     def to_text(self) -> str:
         """A plain-text summary: name, backend, state, elapsed, world size, and the diagnosis on failure.
 
@@ -625,7 +690,7 @@ class JobPanel:
         """
         status = self.monitor.status
         if status is None:
-            return f"dsnb job {self.job.name} on {self.job.backend.name}: waiting for the first status"
+            return f"dsnb {self.kind} {self.job.name} on {self.job.backend.name}: waiting for the first status"
         parts = [status.state.value]
         elapsed = elapsed_of(status, self.monitor.clock())
         if elapsed is not None:
@@ -635,7 +700,7 @@ class JobPanel:
             parts.append(f"world size {size}")
         if status.restarts:
             parts.append(f"restarts {status.restarts}")
-        text = f"dsnb job {self.job.name} on {self.job.backend.name}: " + ", ".join(parts)
+        text = f"dsnb {self.kind} {self.job.name} on {self.job.backend.name}: " + ", ".join(parts)
         if self.monitor.progress is not None:
             p = self.monitor.progress
             text += f"\nstep {p.step}/{p.total}"
@@ -657,13 +722,13 @@ class JobPanel:
             state = status.state.value if status is not None else "waiting for the first status"
             color = STATE_COLORS.get(status.state, "") if status is not None else ""
             head = (
-                f"<b>dsnb job</b> <code>{html.escape(self.job.name)}</code> on <i>{html.escape(self.job.backend.name)}</i>: "
+                f"<b>dsnb {self.kind}</b> <code>{html.escape(self.job.name)}</code> on <i>{html.escape(self.job.backend.name)}</i>: "
                 f'<b style="color:{color}">{html.escape(state)}</b>'
             )
             details = [label.value for label in (self.elapsed_label, self.world_size_label) if label.value]
             if details:
                 head += " (" + ", ".join(html.escape(d) for d in details) + ")"
-            parts = [f"<div>{head}</div>"]
+            parts = [f"<div>{head}</div>", *self._extra_html()]
             if status is not None and status.message:
                 parts.append(f"<div>{html.escape(status.message)}</div>")
             if self.progress_label.value:

@@ -103,12 +103,16 @@ class TinyGPT(nn.Module):
         # one-minute demo the loss jumps to ~10 for a step now and then; 0.1 trains smoothly.
         nn.init.normal_(self.tok.weight, std=0.1)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The next-byte logits at every position: ``[batch, length, vocab_size]`` (``serve_model.py`` serves them)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.tok(ids) + self.pos(positions)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))
+        return self.head(self.ln_f(x))
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(ids)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
