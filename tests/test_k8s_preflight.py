@@ -200,7 +200,7 @@ def test_the_report_shows_as_an_escaped_table_in_notebooks(emulator):
     emulator.denied.add(("create", "", "secrets"))
     page = check(emulator)._repr_html_()
     assert page.startswith("<table>") and "1 problem(s)" in page
-    assert "<td>permission secrets</td><td>cannot create in namespace ml (allowed: delete)</td>" in page
+    assert "<td>permission secrets</td><td>cannot create in namespace ml (allowed: get, delete)</td>" in page
     assert "`dsnb rbac --backend statefulset --namespace ml`" in page
 
 

@@ -76,11 +76,11 @@ class ServesAsJob:
         """Where rank 0 answers, ending in ``/``. Raises: JobNotFound, ClusterError."""
         raise NotImplementedError
 
-    def server_ready(self, name: str) -> tuple[bool, str]:
-        """Whether rank 0 answers ``GET /readyz`` with 200, and what it says.
+    def server_ready(self, name: str, status: JobStatus) -> tuple[bool, str]:
+        """Whether rank 0 of the running job ``status`` is ready, and what to tell the user.
 
-        Raises:
-            JobNotFound: no such endpoint.
+        By default rank 0 is asked (``GET /readyz`` at :meth:`endpoint_url`); backends whose
+        notebook may not reach the server read it from the cluster instead.
         """
         try:
             url = self.endpoint_url(name)
@@ -98,14 +98,26 @@ class ServesAsJob:
         except OSError as e:
             return False, f"loading the model (no answer at {url} yet: {getattr(e, 'reason', e)})"
 
-    def _serving_status(self, name: str) -> JobStatus:
+    def _serving_spec(self, name: str) -> JobSpec:
+        """The stored spec of endpoint ``name``.
+
+        Raises:
+            JobNotFound: no job of that name, or a job that serves nothing (kind endpoint).
+        """
         try:
             spec = self.spec_of(name)  # type: ignore[attr-defined]
         except JobNotFound:
-            raise JobNotFound(name, self.name, [s.name for s in self.endpoints()], kind="endpoint") from None  # type: ignore[attr-defined]
-        if not is_serving_job(spec):
+            spec = None
+        if spec is None or not is_serving_job(spec):
             raise JobNotFound(name, self.name, [s.name for s in self.endpoints()], kind="endpoint")  # type: ignore[attr-defined]
-        return self.status(name)  # type: ignore[attr-defined]
+        return spec
+
+    def _serving_status(self, name: str) -> JobStatus:
+        self._serving_spec(name)
+        try:
+            return self.status(name)  # type: ignore[attr-defined]
+        except JobNotFound:  # deleted meanwhile
+            raise JobNotFound(name, self.name, kind="endpoint") from None  # type: ignore[attr-defined]
 
     def endpoint_status(self, name: str) -> JobStatus:
         """RUNNING once rank 0 is ready; STARTING while the ranks load; the job's end state after.
@@ -113,11 +125,14 @@ class ServesAsJob:
         Raises:
             JobNotFound: no endpoint of that name.
         """
+        return self._with_readiness(self._serving_status(name))
+
+    def _with_readiness(self, status: JobStatus) -> JobStatus:
         import dataclasses
 
-        status = self._serving_status(name)
+        name = status.name
         if status.state in (JobState.RUNNING, JobState.STARTING):
-            ready, message = self.server_ready(name)
+            ready, message = self.server_ready(name, status)
             state = JobState.RUNNING if ready else JobState.STARTING
             return dataclasses.replace(status, state=state, message=message)
         return status
@@ -132,12 +147,12 @@ class ServesAsJob:
         return self.cancel(name)  # type: ignore[attr-defined]
 
     def endpoints(self) -> list[JobStatus]:
-        """Statuses of this backend's serving jobs, newest first."""
+        """Statuses of this backend's endpoints, newest first (RUNNING only once a server answers)."""
         found = []
         for status in self.jobs():  # type: ignore[attr-defined]
             try:
                 if is_serving_job(self.spec_of(status.name)):  # type: ignore[attr-defined]
-                    found.append(status)
+                    found.append(self._with_readiness(status))
             except JobNotFound:
                 continue
         return found

@@ -24,7 +24,8 @@ Close to the real API server where the official client can tell:
     * a kind taken away with ``remove_resource`` is not served, as when its CRD is not installed: 404,
       or 403 for a request ``denied`` would refuse (authorization comes before routing);
     * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
-      and a pod with several containers needs ``container=``.
+      and a pod with several containers needs ``container=``;
+    * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored.
 
 Not emulated: admission, finalizers and graceful deletion (deletes are immediate), server-side apply,
 ``limit``/``continue`` paging, strategic merge by list keys (strategic merge patches are JSON merge
@@ -33,6 +34,7 @@ patches, so lists are replaced), and most defaulting.
 
 from __future__ import annotations
 
+import base64
 import calendar
 import copy
 import itertools
@@ -1034,6 +1036,11 @@ class KubeEmulator:
             obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             obj.setdefault("status", {"phase": "Active"})
+        elif res.kind == "Secret" and obj.get("stringData"):
+            # As the API server does: stringData is write-only, merged into data (base64).
+            data = dict(obj.get("data") or {})
+            data.update({k: base64.b64encode(str(v).encode()).decode() for k, v in obj.pop("stringData").items()})
+            obj["data"] = data
         elif res.kind == "Service":
             spec = obj.setdefault("spec", {})
             spec.setdefault("type", "ClusterIP")

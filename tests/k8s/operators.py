@@ -6,8 +6,10 @@ one does on a cluster, closely enough for dsnb's side of the conversation:
 - it gives every pod of a job its own network namespace (``tests/k8s/netns.py``) with the
   DNS names the operator's headless Service would give, and writes ``/etc/mpi/hostfile``
   (a ConfigMap mounted on the launcher, as the operators do);
-- it creates the worker (MPIJob) or node (TrainJob) pods owned by the job; their sshd is not
-  run: ``mpirun`` reaches their namespaces through ``rsh_agent.py`` instead of ssh;
+- it creates the worker (MPIJob) or node (TrainJob) pods owned by the job, with the labels the
+  real controllers add (the MPI Operator's ``training.kubeflow.org/...`` with the worker's
+  ``replica-index``; JobSet's ``jobset.sigs.k8s.io/...`` and the Job's completion index);
+  their sshd is not run: ``mpirun`` reaches their namespaces through ``rsh_agent.py`` instead of ssh;
 - when the workers are ready it creates the launcher pod, with the environment the operator
   sets for Open MPI (``OMPI_MCA_orte_default_hostfile``, ``..._keep_fqdn_hostnames``) plus
   the agent; ``ClusterSim`` runs it for real;
@@ -63,6 +65,10 @@ class _MPIJobs:
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
+        """The labels the controller adds to a pod, on top of its template's."""
+        return {}
+
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         raise NotImplementedError
 
@@ -105,9 +111,9 @@ class _MPIJobs:
                            "metadata": {"name": f"{name}-config", "namespace": ns, "ownerReferences": [_owner(job)]},
                            "data": {"hostfile": "".join(f"{dns} slots={slots}\n" for _, dns, _, _ in hosts)}})
                 self._set_conditions(sim, job, ("Created", f"{self.kind} {ns}/{name} is created."))
-            for pod, _, template, _role in hosts:
+            for pod, _, template, role in hosts:
                 if pod != launcher and em.get("v1", "Pod", ns, pod) is None and not self._finished(name):
-                    self._create_pod(sim, job, pod, template, fake=True)
+                    self._create_pod(sim, job, pod, template, fake=True, labels=self.pod_labels(job, pod, role))
             workers = [em.get("v1", "Pod", ns, pod) for pod, _, _, _ in hosts if pod != launcher]
             ready = all(p is not None and (p.get("status") or {}).get("phase") == "Running" for p in workers)
             launcher_pod = em.get("v1", "Pod", ns, launcher)
@@ -123,11 +129,11 @@ class _MPIJobs:
         return any(c["type"] in ("Succeeded", "Failed", "Complete") for c in self.conditions.get(name, []))
 
     def _create_pod(self, sim: ClusterSim, job: dict[str, Any], pod: str, template: dict[str, Any], fake: bool,
-                    extra_spec: dict[str, Any] | None = None) -> None:
+                    extra_spec: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> None:
         metadata = template.get("metadata") or {}
         sim.emulator.create({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": sim.namespace, "labels": dict(metadata.get("labels") or {}),
+            "metadata": {"name": pod, "namespace": sim.namespace, "labels": {**(metadata.get("labels") or {}), **(labels or {})},
                          "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(job)]},
             "spec": {**template["spec"], **(extra_spec or {})},
             "status": {"phase": "Pending"},
@@ -154,7 +160,7 @@ class _MPIJobs:
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
         spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}-config"}})
         spec["restartPolicy"] = "Never"
-        self._create_pod(sim, job, launcher, template, fake=False)
+        self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"))
         self._set_conditions(sim, job, ("Running", f"launcher {launcher} is running"))
 
     def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
@@ -181,6 +187,14 @@ class MPIOperatorSim(_MPIJobs):
 
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
         return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]
+
+    def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
+        """The v2beta1 controller's ``defaultLabels`` (operator, job, role) and, on workers, the replica index."""
+        labels = {"training.kubeflow.org/operator-name": "mpi-operator",
+                  "training.kubeflow.org/job-name": job["metadata"]["name"], "training.kubeflow.org/job-role": role}
+        if role == "worker":
+            labels["training.kubeflow.org/replica-index"] = pod.rsplit("-", 1)[1]
+        return labels
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         name, ns = job["metadata"]["name"], sim.namespace
@@ -242,6 +256,14 @@ class TrainerSim(_MPIJobs):
 
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
         return self._replicated(job, "launcher")
+
+    def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
+        """JobSet's labels; the Job's completion index (the node pods' comes with their template)."""
+        labels = {"jobset.sigs.k8s.io/jobset-name": job["metadata"]["name"], "jobset.sigs.k8s.io/replicatedjob-name": role,
+                  "jobset.sigs.k8s.io/job-index": "0"}
+        if role == "launcher":
+            labels["batch.kubernetes.io/job-completion-index"] = "0"
+        return labels
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         name = job["metadata"]["name"]

@@ -13,7 +13,12 @@ module stands in for what the cluster does on its own side:
   namespace; it streams the output into the pod's log, records how the container ended
   (exit code, reason, termination message or the log's end) and restarts it as
   ``restartPolicy: Always`` does, keeping emptyDirs across restarts; deleting a pod
-  stops its processes.
+  stops its processes;
+- the kubelet's prober: a container with a ``readinessProbe`` (``httpGet`` or ``tcpSocket``,
+  inside the pod's network namespace when it has one) is ready only while its probe passes,
+  checked every ``probe_period`` seconds (not the probe's own ``periodSeconds``: tests are
+  quicker than clusters); the pod's ``Ready`` and ``ContainersReady`` conditions follow, as
+  a Service's endpoints would. Without a probe a running container is ready.
 
 The security context is not enforced (processes run as the test's user).
 """
@@ -25,11 +30,13 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,20 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def pod_conditions(ready: bool) -> list[dict[str, Any]]:
+    """A scheduled pod's conditions, as the kubelet reports them, with ``Ready`` as given."""
+    now = now_rfc3339()
+    return [{"type": kind, "status": "True" if ok else "False", "lastTransitionTime": now}
+            for kind, ok in (("PodScheduled", True), ("Initialized", True), ("ContainersReady", ready), ("Ready", ready))]
+
+
+#: Run inside a pod's network namespace: exit 0 when GET argv[1] answers 200..399, as the kubelet's httpGet probe.
+_HTTP_PROBE = ("import sys,urllib.request,urllib.error\n"
+               "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=float(sys.argv[2]))\n ok=200<=r.status<400\n"
+               "except Exception:\n ok=False\n"
+               "sys.exit(0 if ok else 1)")
 
 
 class PodRunner:
@@ -55,6 +76,8 @@ class PodRunner:
         self.stopping = threading.Event()
         self.restarts = 0
         self.thread = threading.Thread(target=self._run, name=f"kubelet-{self.name}", daemon=True)
+        self._status_lock = threading.Lock()
+        self._status: dict[str, Any] | None = None  # the running container's status, while it runs
 
     # -- sandbox ---------------------------------------------------------------------------
     def _volume_dirs(self) -> dict[str, tuple[str, str]]:
@@ -145,8 +168,63 @@ class PodRunner:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _set_status(self, container_status: dict[str, Any], phase: str = "Running") -> None:
-        self.sim.emulator.patch_status("v1", "Pod", self.namespace, self.name,
-                                       {"phase": phase, "containerStatuses": [container_status]})
+        with self._status_lock:
+            self._status = container_status if "running" in container_status["state"] else None
+            self.sim.emulator.patch_status("v1", "Pod", self.namespace, self.name,
+                                           {"phase": phase, "containerStatuses": [container_status],
+                                            "conditions": pod_conditions(bool(container_status.get("ready")))})
+
+    # -- readiness probes ------------------------------------------------------------------
+    def _probe_passes(self, container: dict[str, Any], probe: dict[str, Any]) -> bool:
+        """One readiness check, from inside the pod's network (its namespace, else the host's)."""
+        netns = self.sim.netns_for(self.name) if self.sim.netns_for else None
+        timeout = float(probe.get("timeoutSeconds", 1))
+        check = probe.get("httpGet") or probe.get("tcpSocket")
+        if check is None:
+            return True  # exec probes are not run here
+        port = check["port"]
+        if isinstance(port, str):  # a named container port
+            port = next(p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port)
+        if "httpGet" in probe:
+            url = f"http://127.0.0.1:{port}{check.get('path', '/')}"
+            if not netns:
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as response:
+                        return 200 <= response.status < 400
+                except (OSError, ValueError):  # HTTPError (4xx, 5xx) is an OSError too
+                    return False
+            argv = [sys.executable, "-c", _HTTP_PROBE, url, str(timeout)]
+            try:
+                return subprocess.run((["ip", "netns", "exec", netns] if netns else []) + argv, capture_output=True,
+                                      timeout=timeout + 5).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
+        if netns:
+            code = f"import socket;socket.create_connection(('127.0.0.1',{int(port)}),{timeout})"
+            return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code], capture_output=True).returncode == 0
+        try:
+            socket.create_connection(("127.0.0.1", int(port)), timeout).close()
+            return True
+        except OSError:
+            return False
+
+    def _probe_loop(self, container: dict[str, Any], probe: dict[str, Any], process: subprocess.Popen[bytes]) -> None:
+        """Probe the running container; patch its ``ready`` and the pod's conditions on every change."""
+        ready = False
+        while not self.stopping.is_set() and process.poll() is None:
+            passes = self._probe_passes(container, probe)
+            if passes != ready:
+                with self._status_lock:
+                    if self._status is None or process.poll() is not None or self.stopping.is_set():
+                        return
+                    self._status = {**self._status, "ready": passes}
+                    try:
+                        self.sim.emulator.patch_status("v1", "Pod", self.namespace, self.name, {
+                            "containerStatuses": [self._status], "conditions": pod_conditions(passes)})
+                    except Exception:  # noqa: BLE001 - the pod was deleted meanwhile
+                        return
+                ready = passes
+            self.stopping.wait(self.sim.probe_period)
 
     def _run(self) -> None:
         container = self.pod["spec"]["containers"][0]
@@ -156,12 +234,16 @@ class PodRunner:
             started = now_rfc3339()
             self.process = subprocess.Popen(self._argv(container, volumes), env=self._env(container),
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            status = {"name": container["name"], "restartCount": self.restarts, "ready": True,
+            probe = container.get("readinessProbe")
+            status = {"name": container["name"], "restartCount": self.restarts, "ready": not probe,
                       "image": container.get("image"), "imageID": "", "containerID": f"sim://{self.name}-{self.restarts}",
                       "state": {"running": {"startedAt": started}}}
             if last_terminated:
                 status["lastState"] = {"terminated": last_terminated}
             self._set_status(status)
+            if probe:
+                threading.Thread(target=self._probe_loop, args=(container, probe, self.process),
+                                 name=f"prober-{self.name}", daemon=True).start()
             tail: list[str] = []
             assert self.process.stdout is not None
             for raw in self.process.stdout:
@@ -206,11 +288,13 @@ class ClusterSim:
             ``k8s/operators.py``; pods they mark ``sim.dsnb.io/no-process`` are reported running
             without running anything (an sshd that mpirun reaches another way).
         restart_delay: seconds before an exited container is restarted.
+        probe_period: seconds between two readiness checks of a container with a ``readinessProbe``.
     """
 
     def __init__(self, emulator: Any, namespace: str, netns_for: Callable[[str], str | None] | None = None,
                  unschedulable: str | None = None, image_pull_error: str | None = None,
-                 hold: bool = False, restart_delay: float = 0.3, controllers: list[Any] | None = None) -> None:
+                 hold: bool = False, restart_delay: float = 0.3, controllers: list[Any] | None = None,
+                 probe_period: float = 0.2) -> None:
         self.emulator = emulator
         self.namespace = namespace
         self.netns_for = netns_for
@@ -219,6 +303,7 @@ class ClusterSim:
         self.hold = hold
         self.controllers = controllers or []
         self.restart_delay = restart_delay
+        self.probe_period = probe_period
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
         self._stop = threading.Event()
@@ -293,7 +378,8 @@ class ClusterSim:
             if (pod["metadata"].get("annotations") or {}).get("sim.dsnb.io/no-process"):
                 if (pod.get("status") or {}).get("phase") != "Running":
                     container = pod["spec"]["containers"][0]
-                    em.patch_status("v1", "Pod", ns, pod_name, {"phase": "Running", "containerStatuses": [{
+                    em.patch_status("v1", "Pod", ns, pod_name, {"phase": "Running", "conditions": pod_conditions(True),
+                                                                "containerStatuses": [{
                         "name": container["name"], "image": container.get("image"), "imageID": "", "ready": True,
                         "restartCount": 0, "state": {"running": {"startedAt": now_rfc3339()}}}]})
                 continue

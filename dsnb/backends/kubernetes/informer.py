@@ -162,6 +162,8 @@ class Informer:
                               _preload_content=False)
         self._response = response
         try:
+            if self._stopping.is_set():
+                return  # stop() came while the request was made, too early to shut this response down
             if not 200 <= response.status < 300:
                 raise ApiException(status=response.status, reason=response.reason, body=response.data)
             for line in iter_resp_lines(response):

@@ -31,6 +31,7 @@ from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -41,6 +42,8 @@ SSH_DIR = "/home/mpiuser/.ssh"
 SSHD_PORT = 2222
 MASTER_PORT = 29500
 ROLE = "dsnb.io/role"
+#: The label the MPI Operator (v2beta1) gives each worker pod: its index, which is its line in the hostfile.
+REPLICA_INDEX = "training.kubeflow.org/replica-index"
 OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
 
 #: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
@@ -115,13 +118,21 @@ def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) ->
     return argv + ["python3", "-c", RANK_SHIM, *program_argv(spec)]
 
 
-class MPIJobBackend(KubernetesBackend):
+class MPIJobBackend(JobServing, KubernetesBackend):
     """DeepSpeed on an MPI Operator MPIJob; see the module docstring.
+
+    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of worker 0, where
+    ``mpirun --map-by slot`` places rank 0 (the hostfile's first host; the launcher runs no
+    rank). The workers keep their sshd readiness probe, which the operator waits for before it
+    starts the launcher (``WaitForWorkersReady``): a ``GET /readyz`` probe there would never
+    pass, since the server starts only with the launcher. Readiness is read from rank 0's
+    ``DSNB_SERVE`` lines in the launcher's log instead.
 
     Args:
         clean_pod_policy: the MPIJob's ``runPolicy.cleanPodPolicy`` (``Running`` keeps the
             launcher's log after the job ends; ``All`` removes every pod).
         ttl_seconds_after_finished: the operator deletes the MPIJob this long after it ends.
+        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -133,7 +144,9 @@ class MPIJobBackend(KubernetesBackend):
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
     install_hint = OPERATOR_INSTALL
-    workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Secret", "-env"))
+    workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (the workers keep "
+                      "their sshd probe: the operator starts the launcher only once they pass it)")
 
     def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = 3600,
                  **options: Any) -> None:
@@ -201,6 +214,18 @@ class MPIJobBackend(KubernetesBackend):
 
         return [check_crd(conn, self.namespace, GROUP, VERSION, PLURAL, "MPIJob", OPERATOR_INSTALL),
                 check_controller(conn, "MPI Operator", ("app.kubernetes.io/name=mpi-operator", "app=mpi-operator"), OPERATOR_INSTALL)]
+
+    # -- serving ---------------------------------------------------------------------------
+    def serving_selector(self, name: str) -> dict[str, str]:
+        """Worker 0: dsnb's worker labels and the operator's replica index."""
+        return {**job_labels(name), ROLE: "worker", REPLICA_INDEX: "0"}
+
+    def decorate_serving(self, plan: Plan, port: int) -> None:
+        """The serving port on the workers (rank 0 listens on worker 0; LOCAL_RANK 0 on the others)."""
+        for manifest in plan.manifests:
+            if manifest["kind"] == "MPIJob":
+                worker = manifest["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+                worker["ports"] = [container_port(port)]
 
     # -- pods ------------------------------------------------------------------------------
     @staticmethod

@@ -45,11 +45,37 @@ COMMON_PERMISSIONS = (
     Permission("", "events", ("list",)),
 )
 
-STATEFULSET_PERMISSIONS = (
+
+
+def with_serving(permissions: Sequence[Permission]) -> tuple[Permission, ...]:
+    """``permissions`` plus what serving a model as a job needs: create and delete its Service,
+    and get Secrets (a reattached endpoint reads its token from ``<job>-env``). Lines for the
+    core group come first, as in :data:`COMMON_PERMISSIONS`.
+
+    Example:
+        >>> [str(p) for p in with_serving(COMMON_PERMISSIONS) if p.resource in ("secrets", "services")]
+        ['secrets: create, get, delete', 'services: create, delete']
+    """
+    order = ("create", "get", "list", "watch", "patch", "delete")
+    wanted = {("", "secrets"): ("create", "get", "delete"), ("", "services"): ("create", "delete")}
+    result = []
+    for permission in permissions:
+        verbs = wanted.pop((permission.group, permission.resource), None)
+        if verbs is not None:
+            merged = {*permission.verbs, *verbs}
+            permission = Permission(permission.group, permission.resource, tuple(v for v in order if v in merged))
+        result.append(permission)
+    core = sum(1 for p in result if not p.group)
+    result[core:core] = [Permission(group, resource, verbs) for (group, resource), verbs in wanted.items()]
+    return tuple(result)
+
+
+#: The StatefulSet backend: its set and headless Service, and serving (a Service, the token's Secret).
+STATEFULSET_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("", "services", ("create", "delete")),
     Permission("apps", "statefulsets", ("create", "get", "delete")),
-)
+))
 
 
 def role_manifests(
@@ -125,19 +151,19 @@ def render_rbac(
               "# Apply it with: kubectl apply -f <this file>\n")
     return header + yaml.safe_dump_all(manifests, sort_keys=False)
 
-MPIJOB_PERMISSIONS = (
+MPIJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("kubeflow.org", "mpijobs", ("create", "get", "list", "watch", "delete")),
-)
+))
 
 #: ClusterTrainingRuntimes are cluster-wide: reading them needs a ClusterRole (Kubeflow
 #: Trainer's install aggregates read access into the ``view`` role), so only the namespaced
 #: kinds are here.
-TRAINJOB_PERMISSIONS = (
+TRAINJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
     Permission("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
-)
+))
 
 #: KubeRay (``Cluster("ray", kuberay=True)``): RayJobs for batch jobs, RayServices for serving.
 #: The Ray clusters, submitter Jobs and their pods are KubeRay's to create; dsnb only reads the pods.

@@ -34,6 +34,7 @@ from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_status import container_status, node_outcome, started_at
 from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -43,6 +44,8 @@ STATE_DIR = "/var/run/dsnb/state"
 TERMINATION_LOG = "/var/run/dsnb/termination-log"
 MASTER_PORT = 29500
 ROLE = "dsnb.io/role"
+#: The label the StatefulSet controller gives each pod: its own name.
+POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 #: A StatefulSet's name goes into its pods' controller-revision-hash label (63 characters at most).
 MAX_SET_NAME = 52
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -90,13 +93,18 @@ def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
     return argv + program
 
 
-class StatefulSetBackend(KubernetesBackend):
+class StatefulSetBackend(JobServing, KubernetesBackend):
     """DeepSpeed on a StatefulSet + headless Service; see the module docstring.
+
+    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of pod ``<job>-0``
+    (rank 0), and the port and a ``GET /readyz`` readiness probe to every pod: the headless
+    Service publishes not-ready pods, so the probe never delays the rendezvous.
 
     Args:
         launcher: ``"torchrun"`` (default; log lines split per rank) or ``"deepspeed"``.
         cluster_domain: the cluster's DNS domain.
         peer_timeout: seconds a pod waits for its peers' DNS names before failing.
+        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -109,7 +117,10 @@ class StatefulSetBackend(KubernetesBackend):
 
     name = "statefulset"
     permissions = STATEFULSET_PERMISSIONS
-    workload = (("apps/v1", "StatefulSet", ""), ("v1", "Service", ""), ("v1", "Secret", "-env"))
+    workload = (("apps/v1", "StatefulSet", ""), ("v1", "Service", ""), ("v1", "Service", SERVICE_SUFFIX),
+                ("v1", "Secret", "-env"))
+    probe_is_readyz = True
+    readiness_note = "readiness: pod <job>-0's Ready condition (every pod probes GET /readyz on the port)"
 
     def __init__(self, launcher: str = "torchrun", cluster_domain: str = "cluster.local",
                  peer_timeout: float = 600, **options: Any) -> None:
@@ -196,6 +207,20 @@ class StatefulSetBackend(KubernetesBackend):
             *secret.notes,
         ]
         return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+
+    # -- serving ---------------------------------------------------------------------------
+    def serving_selector(self, name: str) -> dict[str, str]:
+        """Pod ``<job>-0`` (node 0, where rank 0 runs), by the label the StatefulSet controller sets."""
+        return {**job_labels(name), ROLE: "node", POD_NAME_LABEL: f"{name}-0"}
+
+    def decorate_serving(self, plan: Plan, port: int) -> None:
+        """The port and ``GET /readyz`` on every pod: on node 0 it is rank 0's HTTP API, on the
+        others the LOCAL_RANK 0 process answers the probes only."""
+        for manifest in plan.manifests:
+            if manifest["kind"] == "StatefulSet":
+                container = manifest["spec"]["template"]["spec"]["containers"][0]
+                container["ports"] = [container_port(port)]
+                container["readinessProbe"] = readiness_probe(port)
 
     # -- status ----------------------------------------------------------------------------
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],

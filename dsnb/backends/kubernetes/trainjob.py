@@ -33,6 +33,7 @@ from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
 from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -50,13 +51,21 @@ TRAINER_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/t
 RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=v2.3.0"'
 
 
-class TrainJobBackend(KubernetesBackend):
+class TrainJobBackend(JobServing, KubernetesBackend):
     """DeepSpeed on a Kubeflow Trainer TrainJob; see the module docstring.
+
+    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the launcher pod,
+    which is node 0 on an MPI runtime with ``runLauncherAsNode`` (``deepspeed-distributed``):
+    the Trainer puts it first in the hostfile, so rank 0 runs there. A TrainJob's
+    ``runtimePatches`` may only set a container's env, mounts and security context, so no
+    port or probe can be added from the TrainJob; readiness is read from rank 0's
+    ``DSNB_SERVE`` lines in the launcher's log.
 
     Args:
         runtime: the training runtime to use.
         runtime_kind: ``"ClusterTrainingRuntime"`` (cluster-wide) or ``"TrainingRuntime"``
             (in the job's namespace).
+        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -69,7 +78,9 @@ class TrainJobBackend(KubernetesBackend):
     launcher_logs = True
     container_name = RUNTIME_CONTAINER
     install_hint = TRAINER_INSTALL
-    workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Secret", "-env"))
+    workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (a TrainJob cannot add "
+                      "probes to the runtime's pods)")
 
     def __init__(self, runtime: str = "deepspeed-distributed", runtime_kind: str = "ClusterTrainingRuntime",
                  **options: Any) -> None:
@@ -183,6 +194,11 @@ class TrainJobBackend(KubernetesBackend):
                     "num_nodes": policy.get("numNodes"),
                 })
         return found
+
+    # -- serving ---------------------------------------------------------------------------
+    def serving_selector(self, name: str) -> dict[str, str]:
+        """The launcher pod (node 0, rank 0), by the labels dsnb's runtime patch gives it."""
+        return {**job_labels(name), ROLE: "launcher"}
 
     # -- pods ------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,1 @@
+"""The stand-in server's package; ``python -m dsnb.serving`` runs ``__main__``."""
