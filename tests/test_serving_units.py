@@ -222,3 +222,25 @@ def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
     assert job.env == {"DSNB_SERVE_TOKEN": "tok-0123456789"} and "tok-0123456789" not in " ".join(job.args)
     assert job.world_size == 2 and job.args[job.args.index("--max-batch-size") + 1] == "4"
     assert "tok-0123456789" not in repr(spec) and "tok-0123456789" not in repr(job)
+
+
+def test_a_lone_request_does_not_wait_for_company_but_concurrent_ones_do() -> None:
+    runner = Recorder(delay=0.05)
+    engine = Engine(runner, Collective(1), max_batch_size=8, max_wait_s=1.0)
+    engine.start()
+    try:
+        started = time.monotonic()
+        assert submit_all(engine, [("texts", ["a"], 1, None)]) == [([[1.0]], None)]
+        assert time.monotonic() - started < 0.5  # not held back by max_wait_s
+        # Requests that queue while a batch runs: the next batch finds company, so the first
+        # request after it waits for more.
+        submit_all(engine, [("texts", ["x"], 1, None), ("texts", ["b"], 1, None), ("texts", ["c"], 1, None)])
+        answers: list[object] = []
+        done = threading.Event()
+        engine.submit(Work("texts", ["d"], size=1, deliver=lambda r, e: answers.append(r)))
+        time.sleep(0.2)
+        engine.submit(Work("texts", ["ee"], size=1, deliver=lambda r, e: (answers.append(r), done.set())))
+        assert done.wait(5)
+    finally:
+        engine.stop()
+    assert ["d", "ee"] in runner.batches

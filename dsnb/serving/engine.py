@@ -2,7 +2,8 @@
 
 Rank 0 owns an :class:`Engine`: HTTP handlers :meth:`~Engine.submit` work, a thread takes
 the first waiting request, gathers compatible ones for up to ``max_wait_s`` (to at most
-``max_batch_size`` items), sends the batch to the other ranks (:class:`Collective`), runs
+``max_batch_size`` items; it waits only while requests come concurrently, so that a lone
+client is not slowed), sends the batch to the other ranks (:class:`Collective`), runs
 it, and hands every request its slice of the answer. The other ranks run :func:`follow`:
 receive a batch, run it (their part of a tensor-parallel model), repeat. Idle, rank 0
 sends a heartbeat every second, so a rank that died is noticed within about a second: the
@@ -167,6 +168,7 @@ class Engine:
         self._waiting: collections.deque[Work] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._loaded = False  # the last batch found company: later first requests wait for more
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
 
@@ -272,7 +274,8 @@ class Engine:
             batch, size = [first], first.size
             if first.op == "generate":
                 return batch
-            deadline = first.enqueued + self.max_wait_s
+            # Waiting pays only under concurrent load: one client at a time would just be slowed.
+            deadline = first.enqueued + (self.max_wait_s if self._loaded else 0.0)
             while size < self.max_batch_size:
                 taken = self._take_compatible(first, self.max_batch_size - size)
                 if taken is not None:
@@ -283,6 +286,7 @@ class Engine:
                 if left <= 0 or self._stopping:
                     break
                 self._cond.wait(left)
+            self._loaded = len(batch) > 1 or bool(self._waiting)
             return batch
 
     def _take_compatible(self, first: Work, room: int) -> Work | None:
