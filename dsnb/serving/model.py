@@ -131,6 +131,8 @@ class Predictor:
                 options["tensor_parallel"] = {"tp_size": tensor_parallel}
             module = ds.init_inference(module, **options)
         self.model = module
+        # DeepSpeed places the model on the accelerator; the inputs must follow it there.
+        self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
     def predict(self, payload: Any) -> dict[str, Any]:
@@ -155,7 +157,7 @@ class Predictor:
     def forward(self, tensor: Any) -> Any:
         """The model's output for one batch tensor (of a loader model)."""
         with self.torch.inference_mode():
-            return self.model(tensor)
+            return self.model(tensor.to(self.device))
 
     def check_tensor(self, inputs: Any) -> Any:
         """``inputs`` (a nested list of numbers) as a tensor in the model's dtype (integers stay ``long``).
@@ -194,7 +196,7 @@ class Predictor:
     def encode(self, texts: list[str]) -> list[list[float]]:
         """Sentence embeddings (mean-pooled) or, for a classifier, logits: one list per text."""
         assert self.tokenizer is not None
-        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         with self.torch.inference_mode():
             output = self.model(**encoded)
         if self.kind == "classifier":
@@ -218,7 +220,7 @@ class Predictor:
             raise BadRequest("this model does not generate text; use /v1/embeddings or /v2/models/.../infer")
         torch, tokenizer = self.torch, self.tokenizer
         encoded = tokenizer(request.prompt, return_tensors="pt")
-        encoded = {key: encoded[key] for key in ("input_ids", "attention_mask") if key in encoded}
+        encoded = {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask") if key in encoded}
         prompt_tokens = int(encoded["input_ids"].shape[1])
         options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.do_sample,
                                    "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}

@@ -125,6 +125,10 @@ def announce(ready: bool, **details: Any) -> None:
 
 
 def _init_distributed(place: RankPlace) -> None:
+    if _has_cuda():
+        import torch
+
+        torch.cuda.set_device(place.local_rank % torch.cuda.device_count())  # one GPU per rank of a node
     if place.world_size == 1:
         return
     os.environ.setdefault("LOCAL_SIZE", str(place.local_size))  # DeepSpeed's CPU all-reduce reads it
