@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench bench-ray lint clean venv
+.PHONY: demo test bench bench-ray bench-serve lint clean venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: venv
 
 bench-ray: venv
 	$(PY) benchmarks/bench_ray.py
+
+bench-serve: venv
+	$(PY) benchmarks/bench_serve.py
 
 lint: venv
 	$(VENV)/bin/ruff check dsnb tests examples benchmarks
