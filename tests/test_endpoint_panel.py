@@ -54,7 +54,7 @@ class ScriptedServing(ServesAsJob, ScriptedBackend):
             raise ClusterError(f"endpoint {name!r}", "has no address yet", "wait")
         return URL
 
-    def server_ready(self, name: str) -> tuple[bool, str]:
+    def server_ready(self, name: str, status: Any) -> tuple[bool, str]:
         return (True, f"ready at {URL}") if self.ready else (False, "loading the model")
 
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
