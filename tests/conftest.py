@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,18 @@ def cluster(dsnb_home: Path):
         for status in c.jobs():
             if not status.state.is_terminal():
                 c.attach(status.name).cancel()
+
+
+@pytest.fixture
+def shown(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    """What the display path hands to IPython's ``display`` (object and keyword arguments)."""
+    import IPython.display
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def fake_display(obj: Any, **kwargs: Any) -> Any:
+        calls.append((obj, kwargs))
+        return None
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    return calls

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import IPython.display
 import pytest
 from helpers import wait_until
 from scripted import ScriptedBackend
@@ -86,18 +85,6 @@ class ScriptedServing(ServesAsJob, ScriptedBackend):
 def served() -> tuple[ScriptedServing, Endpoint]:
     backend = ScriptedServing()
     return backend, Endpoint(backend, NAME)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def shown(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
-    calls: list[tuple[Any, dict[str, Any]]] = []
-
-    def fake_display(obj: Any, **kwargs: Any) -> Any:
-        calls.append((obj, kwargs))
-        return None
-
-    monkeypatch.setattr(IPython.display, "display", fake_display)
-    return calls
 
 
 def followed(panel: EndpointPanel, timeout: float = 30.0) -> EndpointPanel:

@@ -40,19 +40,6 @@ print(f"done rank {rank}", flush=True)
 """
 
 
-@pytest.fixture
-def shown(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
-    """What the display path hands to IPython's ``display`` (object and keyword arguments)."""
-    calls: list[tuple[Any, dict[str, Any]]] = []
-
-    def fake_display(obj: Any, **kwargs: Any) -> Any:
-        calls.append((obj, kwargs))
-        return None
-
-    monkeypatch.setattr(IPython.display, "display", fake_display)
-    return calls
-
-
 def py_job(cluster: Cluster, code: str, *args: str, procs: int = 1, name: str = "panel") -> Job:
     return cluster.submit(JobSpec(name=name, command=[PY, "-c", code, *args], procs_per_node=procs))
 

@@ -68,12 +68,7 @@ def panel_for(job: Job, **options: Any) -> JobPanel:
     """
     from dsnb.widgets.panel import JobPanel
 
-    with _cache_lock:
-        panel: JobPanel | None = getattr(job, PANEL_ATTR, None)
-        if panel is None or panel.closed:
-            panel = JobPanel(job, **options)
-            setattr(job, PANEL_ATTR, panel)
-        return panel
+    return _cached_panel(job, JobPanel, options)
 
 
 def endpoint_panel_for(endpoint: Endpoint, **options: Any) -> EndpointPanel:
@@ -93,11 +88,16 @@ def endpoint_panel_for(endpoint: Endpoint, **options: Any) -> EndpointPanel:
     """
     from dsnb.widgets.endpoint_panel import EndpointPanel
 
+    return _cached_panel(endpoint, EndpointPanel, options)
+
+
+def _cached_panel(owner: Any, make: Any, options: dict[str, Any]) -> Any:
+    """``owner``'s open panel, or a new ``make(owner, **options)`` kept on it (one per handle)."""
     with _cache_lock:
-        panel: EndpointPanel | None = getattr(endpoint, PANEL_ATTR, None)
+        panel = getattr(owner, PANEL_ATTR, None)
         if panel is None or panel.closed:
-            panel = EndpointPanel(endpoint, **options)
-            setattr(endpoint, PANEL_ATTR, panel)
+            panel = make(owner, **options)
+            setattr(owner, PANEL_ATTR, panel)
         return panel
 
 
