@@ -182,7 +182,7 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
     url = _url(options.host, sock)
     print(f"dsnb.serving: rank 0 of {place.world_size} listening at {url} (loading {options.model})", flush=True)
     exit_code = {"code": 0}
-    server = _Server(uvicorn.Config(app.starlette(), log_level="warning", access_log=False, lifespan="off",
+    server = _draining_server(uvicorn.Config(app.starlette(), log_level="warning", access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=options.drain_s), engine)
 
     def start_engine() -> None:
@@ -235,23 +235,21 @@ def _watch(engine: Engine, server: Any, stats: Any, options: ServerOptions, exit
             stats.report_window(queued=engine.queued)
 
 
-class _Server:
+def _draining_server(config: Any, engine: Engine) -> Any:
     """uvicorn's server, turning unready before it drains on SIGTERM/SIGINT."""
+    import uvicorn
 
-    def __new__(cls, config: Any, engine: Engine) -> Any:
-        import uvicorn
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not engine.draining:
+                engine.draining = True
+                announce(False, reason="shutting down")
+            super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has stopped, which would end the
+            # process before the other ranks are told to stop; the drain ends with exit 0.
+            self._captured_signals.clear()
 
-        class DrainingServer(uvicorn.Server):
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                if not engine.draining:
-                    engine.draining = True
-                    announce(False, reason="shutting down")
-                super().handle_exit(sig, frame)
-                # uvicorn raises the signal again once it has stopped, which would end the
-                # process before the other ranks are told to stop; the drain ends with exit 0.
-                self._captured_signals.clear()
-
-        return DrainingServer(config)
+    return DrainingServer(config)
 
 
 def serve_follower(options: ServerOptions, place: RankPlace) -> int:
