@@ -57,3 +57,13 @@ def settled(probe, timeout: float = 10.0):
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
+
+
+def followed(panel, timeout: float = 30.0, ended: str = "the job ended"):
+    """Wait for a panel's follower thread and ticker to stop by themselves; returns the panel."""
+    panel.monitor.thread.join(timeout)
+    assert not panel.monitor.thread.is_alive(), f"the follower did not stop when {ended}"
+    if panel.ticker is not None:
+        panel.ticker.join(5)
+        assert not panel.ticker.is_alive()
+    return panel

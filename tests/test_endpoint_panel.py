@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import followed, wait_until
 from scripted import ScriptedBackend
 
 from dsnb.backends.base import LogChunk
@@ -87,16 +87,6 @@ def served() -> tuple[ScriptedServing, Endpoint]:
     return backend, Endpoint(backend, NAME)  # type: ignore[arg-type]
 
 
-def followed(panel: EndpointPanel, timeout: float = 30.0) -> EndpointPanel:
-    """Wait for the panel's follower thread and ticker to stop by themselves."""
-    panel.monitor.thread.join(timeout)
-    assert not panel.monitor.thread.is_alive(), "the follower did not stop when the endpoint stopped"
-    if panel.ticker is not None:
-        panel.ticker.join(5)
-        assert not panel.ticker.is_alive()
-    return panel
-
-
 def test_the_docstring_examples_hold() -> None:
     result = doctest.testmod(endpoint_panel)
     assert result.attempted > 0 and result.failed == 0
@@ -165,7 +155,7 @@ def test_panel_shows_readiness_url_serving_metrics_and_logs_then_stops(served):
 
         panel.cancel_button.click()  # Stop: the endpoint is stopped on another thread
         panel.cancel_thread.join(10)
-        followed(panel)
+        followed(panel, ended="the endpoint stopped")
         assert backend.current.state == JobState.CANCELLED
         assert panel.state_label.value == "CANCELLED" and panel.ready_label.value == "stopped"
         assert panel.cancel_button.disabled and panel.cancel_button.description == "Stop"
@@ -303,7 +293,7 @@ def test_panel_logs_and_metrics_of_a_local_server(cluster, shown):
 
         panel.cancel_button.click()
         panel.cancel_thread.join(30)
-        followed(panel, timeout=30)
+        followed(panel, timeout=30, ended="the endpoint stopped")
         assert panel.ready_label.value == "stopped" and endpoint.status().state == JobState.CANCELLED
     finally:
         endpoint.stop()

@@ -12,7 +12,7 @@ from typing import Any
 
 import IPython.display
 import pytest
-from helpers import wait_until
+from helpers import followed, wait_until
 from scripted import ScriptedBackend
 
 from dsnb import Cluster, JobSpec
@@ -42,16 +42,6 @@ print(f"done rank {rank}", flush=True)
 
 def py_job(cluster: Cluster, code: str, *args: str, procs: int = 1, name: str = "panel") -> Job:
     return cluster.submit(JobSpec(name=name, command=[PY, "-c", code, *args], procs_per_node=procs))
-
-
-def followed(panel: JobPanel, timeout: float = 30.0) -> JobPanel:
-    """Wait for the panel's follower thread and ticker to stop by themselves."""
-    panel.monitor.thread.join(timeout)
-    assert not panel.monitor.thread.is_alive(), "the follower did not stop when the job ended"
-    if panel.ticker is not None:
-        panel.ticker.join(5)
-        assert not panel.ticker.is_alive()
-    return panel
 
 
 def hidden(widget: Any) -> bool:

@@ -150,7 +150,7 @@ def display_job(job: Job) -> JobPanel | None:
         if panel is not None:
             panel.show(_display)
             return panel
-    _display_bundle(_static_job(job))
+    _display_bundle(_static_bundle(job, "job"))
     return None
 
 
@@ -178,7 +178,7 @@ def display_endpoint(endpoint: Endpoint) -> EndpointPanel | None:
         if panel is not None:
             panel.show(_display)
             return panel
-    _display_bundle(_static_endpoint(endpoint))
+    _display_bundle(_static_bundle(endpoint, "endpoint"))
     return None
 
 
@@ -232,20 +232,12 @@ def jobs_table_html(statuses: list[JobStatus], now: float | None = None) -> str:
     )
 
 
-def _static_job(job: Job) -> dict[str, str]:
+def _static_bundle(handle: Job | Endpoint, kind: str) -> dict[str, str]:
     try:
-        body = job._repr_html_()
+        body = handle._repr_html_()
     except Exception as e:  # a display shows the problem rather than raising it
-        body = f"<b>dsnb job</b> <code>{html.escape(job.name)}</code>: status unavailable ({html.escape(str(e))})"
-    return {"text/plain": repr(job), "text/html": body}
-
-
-def _static_endpoint(endpoint: Endpoint) -> dict[str, str]:
-    try:
-        body = endpoint._repr_html_()
-    except Exception as e:  # a display shows the problem rather than raising it
-        body = f"<b>dsnb endpoint</b> <code>{html.escape(endpoint.name)}</code>: status unavailable ({html.escape(str(e))})"
-    return {"text/plain": repr(endpoint), "text/html": body}
+        body = f"<b>dsnb {kind}</b> <code>{html.escape(handle.name)}</code>: status unavailable ({html.escape(str(e))})"
+    return {"text/plain": repr(handle), "text/html": body}
 
 
 def _static_cluster(cluster: Cluster) -> dict[str, str]:
