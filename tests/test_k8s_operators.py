@@ -23,6 +23,7 @@ jsonschema = pytest.importorskip("jsonschema")
 models = pytest.importorskip("kubeflow_trainer_api.models")
 
 import yaml  # noqa: E402
+from helpers import REPO  # noqa: E402
 from k8s.crds import FOLDER, schemas, validate_custom  # noqa: E402
 
 from dsnb import Cluster, InvalidSpecError, JobSpec, JobState, PodOptions, Resources  # noqa: E402
@@ -30,7 +31,7 @@ from dsnb.backends.kubernetes.mpijob import MASTER_PRELUDE, RANK_SHIM, MPIJobBac
 from dsnb.backends.kubernetes.trainjob import TrainJobBackend  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
-SHARED = Path("/work/shared/k8s-schemas")
+SHARED = REPO.parent / "shared" / "k8s-schemas"  # shared/ lies beside the repository, in CI too
 FULL = {"nodes": 4, "procs_per_node": 8, "resources": Resources(gpus=8, cpu=64, memory="512Gi"), "timeout": 7200,
         "env": {"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "INFO"}, "working_dir": "/app",
         "deepspeed": {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}}
@@ -110,23 +111,37 @@ def test_the_launcher_prelude_and_the_rank_shim_give_the_torch_distributed_envir
     argv = ["sh", "-c", MASTER_PRELUDE, str(hostfile), sys.executable, "-c", RANK_SHIM, sys.executable, "-c", show]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "1", "4", "2", "1", "job-worker-0.job.ml.svc", "29500"]
-    # A script runs in the shim's interpreter, with its own directory on sys.path, and each
-    # line of its output reaches the pipe in one write (mpirun forwards writes as they come).
+    # A script runs in the shim's interpreter, with its own directory on sys.path.
+    script = shim_script(tmp_path)
+    run = subprocess.run([sys.executable, "-c", RANK_SHIM, "--run", str(script), "--lr", "0.1"],
+                         env={**env, "MASTER_ADDR": "h"}, capture_output=True, text=True)
+    assert run.returncode == 3
+    assert run.stdout.splitlines() == ["imported ['--lr', '0.1'] 3", "partial line"]
+
+
+def shim_script(tmp_path: Path) -> Path:
+    """A job script with a helper module beside it, a line written in two prints, and exit code 3."""
     script = tmp_path / "job" / "train.py"
     script.parent.mkdir()
     (script.parent / "helper_module.py").write_text("VALUE = 'imported'\n")
     script.write_text("import os, sys, helper_module\nprint(helper_module.VALUE, sys.argv[1:], os.environ['RANK'])\n"
                       "print('partial', end='', flush=False); print(' line')\nsys.exit(3)\n")
+    return script
+
+
+def test_each_line_of_a_ranks_output_reaches_the_pipe_in_one_write(tmp_path: Path) -> None:
+    """mpirun forwards writes as they come, so a line written in two prints must still be one write."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is missing (Debian: apt-get install strace)")
+    env = {**os.environ, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "MASTER_ADDR": "h"}
     traced = subprocess.run(["strace", "-f", "-e", "trace=write", "-o", str(tmp_path / "writes"),
-                             sys.executable, "-c", RANK_SHIM, "--run", str(script), "--lr", "0.1"],
-                            env={**env, "MASTER_ADDR": "h"}, capture_output=True, text=True) if shutil.which("strace") else None
-    run = subprocess.run([sys.executable, "-c", RANK_SHIM, "--run", str(script), "--lr", "0.1"],
-                         env={**env, "MASTER_ADDR": "h"}, capture_output=True, text=True)
-    assert run.returncode == 3
-    assert run.stdout.splitlines() == ["imported ['--lr', '0.1'] 3", "partial line"]
-    if traced is not None:
-        writes = (tmp_path / "writes").read_text()
-        assert 'write(1, "partial line\\n"' in writes
+                             sys.executable, "-c", RANK_SHIM, "--run", str(shim_script(tmp_path)), "--lr", "0.1"],
+                            env=env, capture_output=True, text=True)
+    assert traced.returncode == 3, traced.stderr[-2000:]
+    writes = (tmp_path / "writes").read_text()
+    assert 'write(1, "partial line\\n"' in writes
+    assert 'write(1, "partial"' not in writes
 
 
 # -- TrainJob ----------------------------------------------------------------------------------
@@ -185,8 +200,9 @@ def test_the_validator_refuses_what_the_crd_does_not_allow() -> None:
     validate_custom(runtime)  # the stock runtime itself fits the schema
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared schema folder is not on this machine")
 def test_the_stored_schemas_equal_the_upstream_crds() -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"the shared schema folder {SHARED} is not beside the repository")
     for path in FOLDER.glob("*.json.gz"):
         with gzip.open(path, "rt") as f:
             stored = json.load(f)

@@ -267,7 +267,7 @@ def test_an_unreachable_api_is_a_clear_error() -> None:
     from dsnb import Cluster
 
     configuration = client.Configuration(host="http://127.0.0.1:9")
-    backend_module = pytest.importorskip("dsnb.backends.kubernetes.backend")
+    import dsnb.backends.kubernetes.backend as backend_module
     backend_module.SYNC_TIMEOUT_S, saved = 2, backend_module.SYNC_TIMEOUT_S
     try:
         with Cluster("statefulset", namespace=NAMESPACE, configuration=configuration) as cluster:
