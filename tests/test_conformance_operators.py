@@ -11,10 +11,12 @@ import pytest
 import yaml
 from conformance.suite import BackendConformance
 from k8s.crds import FOLDER
-from k8s.fixtures import NAMESPACE, emulator, leftovers, make_cluster, workload  # noqa: F401 - fixtures
+from k8s.fixtures import NAMESPACE, emulator, footprint_of, leftovers, make_cluster, workload  # noqa: F401 - fixtures
 from k8s.operators import MPIOperatorSim, TrainerSim
 from k8s.sandbox import mpi_problem, netns_problem
 from k8s.sim import ClusterSim
+
+from dsnb import JobSpec
 
 problem = netns_problem() or mpi_problem()
 pytestmark = pytest.mark.skipif(problem is not None, reason=problem or "")
@@ -44,6 +46,14 @@ class TestMPIJobConformance(BackendConformance):
     def nothing_left(self, emulator, sim):  # noqa: F811 - fixtures
         return lambda name: leftovers(emulator, sim, name)
 
+    @pytest.fixture
+    def refused_specs(self):
+        return [("image", JobSpec(**(two_nodes("ok").to_dict() | {"image": None})))]
+
+    @pytest.fixture
+    def footprint(self, emulator, sim):  # noqa: F811 - fixtures
+        return footprint_of(emulator, sim)
+
 
 class TestTrainJobConformance(TestMPIJobConformance):
     @pytest.fixture
@@ -57,3 +67,12 @@ class TestTrainJobConformance(TestMPIJobConformance):
     def cluster(self, emulator, sim):  # noqa: F811 - fixtures
         with make_cluster(emulator, "trainjob", cancel_wait=30) as cluster:
             yield cluster
+
+    @pytest.fixture
+    def refused_specs(self):
+        without_image = two_nodes("ok").to_dict() | {"image": None}
+        return [
+            ("image", JobSpec(**without_image)),
+            # A TrainJob has no restart count of its own: its runtime's JobSet failurePolicy decides.
+            ("max_restarts", JobSpec(**(two_nodes("ok").to_dict() | {"max_restarts": 1}))),
+        ]

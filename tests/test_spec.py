@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dsnb import Cluster, InvalidSpecError, JobSpec, Resources
+from dsnb import InvalidSpecError, JobSpec, Resources
 from dsnb.ds_config import check_deepspeed_config, removed_keys
 
 OK_DS = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}
@@ -82,6 +83,8 @@ BAD_INPUTS = [
     BadInput("cpu negative", base(resources={"cpu": -1}), "resources.cpu", "'2'"),
     BadInput("memory in GB", base(resources={"memory": "4GB"}), "resources.memory", "'4Gi'"),
     BadInput("memory as a number", base(resources={"memory": 4}), "resources.memory", "'4Gi'"),
+    BadInput("negative gpus", base(resources={"gpus": -1}), "resources.gpus", "gpus=0"),
+    BadInput("fractional gpus", base(resources={"gpus": 1.5}), "resources.gpus", "gpus=0"),
 ]
 
 
@@ -96,20 +99,21 @@ def test_bad_input_names_field_and_fix(bad: BadInput) -> None:
     assert isinstance(error, ValueError)
 
 
-def test_table_has_at_least_25_cases() -> None:
-    assert len(BAD_INPUTS) >= 25
+#: JobSpec fields whose problems only a backend can see (the conformance suite's refused specs cover them).
+CHECKED_BY_BACKENDS = {"working_dir"}
+
+
+def test_every_field_of_jobspec_has_a_bad_input_row() -> None:
+    """A field added to JobSpec without a refusal row here fails this test."""
+    covered = {part for bad in BAD_INPUTS for part in bad.field.split(".")[0].split("/")}
+    assert {f.name for f in dataclasses.fields(JobSpec)} - covered == CHECKED_BY_BACKENDS
+    assert {f.name for f in dataclasses.fields(Resources)} <= {bad.field.split(".")[1] for bad in BAD_INPUTS
+                                                               if bad.field.startswith("resources.")}
 
 
 def test_negative_gpus_refused_by_resources() -> None:
     with pytest.raises(InvalidSpecError, match="resources.gpus"):
         Resources(gpus=-1)
-
-
-@pytest.mark.parametrize("bad", BAD_INPUTS[:12], ids=[b.id for b in BAD_INPUTS[:12]])
-def test_bad_input_starts_nothing(bad: BadInput, dsnb_home: Path) -> None:
-    with pytest.raises(InvalidSpecError):
-        Cluster().submit(JobSpec(**bad.kwargs))
-    assert not (dsnb_home / "jobs").exists() or not any((dsnb_home / "jobs").iterdir())
 
 
 @pytest.mark.parametrize(

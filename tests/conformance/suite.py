@@ -5,7 +5,12 @@ A backend's test module subclasses :class:`BackendConformance` and provides thre
 - ``cluster``: a Cluster on that backend, ready to run the workload;
 - ``workload_spec``: a factory ``(mode) -> JobSpec`` running ``workload.py MODE`` on 2 ranks;
 - ``nothing_left``: a callable ``(job_name) -> list`` of whatever the job left running
-  or created (processes, pods, services); the suite requires it empty after cancel and end.
+  or created (processes, pods, services); the suite requires it empty after cancel and end;
+- ``refused_specs``: ``[(field, spec), ...]``, specs that ``JobSpec`` accepts but this backend
+  cannot run (more GPUs than it can place, a name past its limit, a field it does not take),
+  with the field its ``InvalidSpecError`` must name;
+- ``footprint``: a callable ``() -> list`` of everything the backend has created or started
+  (records, objects, processes), compared before and after a refused submit.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class BackendConformance:
         assert plan.name.startswith(spec.name + "-") and len(plan.name) == len(spec.name) + 5
         assert plan.backend == cluster.backend.name
         assert plan.name in str(plan)
-        assert yaml.safe_load_all(plan.to_yaml()) is not None and list(yaml.safe_load_all(plan.to_yaml()))
+        documents = [d for d in yaml.safe_load_all(plan.to_yaml()) if d is not None]
+        assert documents and all(isinstance(d, dict) for d in documents), plan.to_yaml()[:500]
         assert [s.name for s in cluster.jobs()] == before
 
     def test_dryrun_names_are_unique(self, cluster: Cluster, workload_spec) -> None:
@@ -113,10 +119,19 @@ class BackendConformance:
         with pytest.raises(JobNotFound, match="cluster.jobs"):
             cluster.attach("no-such-job-zzzz")
 
-    def test_invalid_spec_creates_nothing(self, cluster: Cluster, workload_spec) -> None:
-        before = [s.name for s in cluster.jobs()]
-        with pytest.raises(InvalidSpecError):
-            cluster.submit(JobSpec(**{**workload_spec("ok").to_dict(), "procs_per_node": 0}))
-        assert [s.name for s in cluster.jobs()] == before
+    def test_specs_the_backend_cannot_run_are_refused_and_create_nothing(self, cluster: Cluster, refused_specs,
+                                                                         footprint) -> None:
+        assert refused_specs, "name at least one spec that JobSpec accepts and this backend refuses"
+        jobs_before, before = [s.name for s in cluster.jobs()], footprint()
+        for field, spec in refused_specs:
+            assert isinstance(spec, JobSpec)  # JobSpec itself accepted it: the refusal is the backend's
+            with pytest.raises(InvalidSpecError) as info:
+                cluster.submit(spec)
+            assert info.value.field == field, (field, str(info.value))
+            assert info.value.fix, str(info.value)
+            with pytest.raises(InvalidSpecError):
+                cluster.dryrun(spec)
+        assert footprint() == before
+        assert [s.name for s in cluster.jobs()] == jobs_before
 
 

@@ -801,6 +801,20 @@ class KubeEmulator:
         with self._lock:
             return copy.deepcopy(self._select(res, self._matcher(res, namespace, label_selector)))
 
+    def inventory(self, namespace: str | None = None) -> list[str]:
+        """``"Kind namespace/name"`` of every stored object (in one namespace, or all), sorted; Events left out.
+
+        Example:
+            >>> with KubeEmulator(namespaces=("ml",)) as emu:
+            ...     _ = emu.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ml"}})
+            ...     emu.inventory("ml")
+            ['ConfigMap ml/c']
+        """
+        with self._lock:
+            return sorted(f"{self._paths[path].kind if path in self._paths else path[2]} {ns}/{name}"
+                          for path, objects in self._objects.items() if path[2] != "events"
+                          for ns, name in objects if namespace is None or ns == namespace)
+
     def update(self, obj: Obj) -> Obj:
         """Replace a stored object, status included; a set ``metadata.resourceVersion`` must be current (else 409)."""
         meta = obj.get("metadata") or {}

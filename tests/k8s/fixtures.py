@@ -52,3 +52,8 @@ def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]:
         return found
 
     return settled(find)
+
+
+def footprint_of(emulator: KubeEmulator, sim: ClusterSim):
+    """A callable listing every object in the emulator and every pod process still running."""
+    return lambda: emulator.inventory() + [f"process of {pod}" for pod in sim.running_processes()]
