@@ -30,7 +30,7 @@ from k8s.sandbox import sandbox_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from dsnb import Cluster, ClusterError, JobFailed, JobSpec, JobState, PodOptions, Resources  # noqa: E402
+from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobSpec, JobState, PodOptions, Resources  # noqa: E402
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS  # noqa: E402
 from dsnb.backends.ray.kuberay_backend import KubeRayBackend  # noqa: E402
@@ -320,3 +320,18 @@ def test_dsnb_rbac_for_ray_prints_a_valid_role_for_rayjobs() -> None:
     granted = {(rule["apiGroups"][0], rule["resources"][0]): rule["verbs"] for rule in role["rules"]}
     assert granted == {(p.group, p.resource): list(p.verbs) for p in KUBERAY_PERMISSIONS}
     assert granted["ray.io", "rayjobs"] == ["create", "get", "list", "watch", "delete"]
+
+
+def test_specs_kuberay_cannot_run_are_refused_and_create_nothing(emulator: KubeEmulator, cluster: Cluster) -> None:  # noqa: F811
+    """Specs that JobSpec accepts but KubeRay would not: refused by the backend, nothing created."""
+    before = emulator.inventory()
+    refused = [
+        ("name", spec(name="r" * 48)),  # KubeRay's MaxRayJobNameLength is 47 (utils/constant.go, v1.7.0)
+        ("image", spec(image=None)),
+        ("timeout", spec(timeout=2**31)),  # past the int32 of activeDeadlineSeconds
+    ]
+    for field, refused_spec in refused:
+        with pytest.raises(InvalidSpecError) as info:
+            cluster.submit(refused_spec)
+        assert info.value.field == field, str(info.value)
+    assert emulator.inventory() == before and cluster.jobs() == []

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from dsnb import Cluster, ClusterError, JobFailed, JobNotFound, JobSpec, JobState, ServeSpec  # noqa: E402
+from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobNotFound, JobSpec, JobState, ServeSpec  # noqa: E402
 from dsnb.backends.ray.head_guard import head_processes, stop_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,11 @@ def test_dryrun_shows_the_submission_and_starts_nothing(tmp_path: Path) -> None:
 
 
 def test_a_command_that_is_not_a_python_script_is_refused() -> None:
-    with pytest.raises(Exception, match="JobSpec.command: Ray Train runs a Python script"):
-        Cluster("ray").dryrun(JobSpec(name="x", command=["bash", "-c", "true"]))
+    with Cluster("ray") as cluster:
+        with pytest.raises(InvalidSpecError, match="JobSpec.command: Ray Train runs a Python script") as info:
+            cluster.submit(JobSpec(name="x", command=["bash", "-c", "true"]))
+        assert info.value.field == "command"
+        assert cluster.backend._head is None  # refused before a Ray head was started for it
     plan = Cluster("ray").dryrun(JobSpec(name="x", command=["python", "train.py", "--steps", "2"], args=["--seed", "1"]))
     job = json.loads(plan.extra["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
     assert (job["script"], job["args"]) == ("train.py", ["--steps", "2", "--seed", "1"])
@@ -282,12 +285,18 @@ def test_a_real_head_with_token_authentication(tmp_path: Path, monkeypatch: pyte
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_the_existing_cluster_placement_sees_the_jobs_of_that_cluster(ray_cluster: Cluster) -> None:
-    names = {s.name for s in ray_cluster.jobs()}
-    assert names, "earlier tests submitted jobs"
-    with Cluster("ray", address=ray_cluster.backend.dashboard_url) as remote:
-        assert {s.name for s in remote.jobs()} == names
-        assert remote.check().ok
+def test_the_existing_cluster_placement_sees_the_jobs_of_that_cluster(ray_cluster: Cluster, tmp_path: Path) -> None:
+    script = _script(tmp_path, "wait.py", "import time\ntime.sleep(600)\n")
+    job = ray_cluster.submit(JobSpec(name="seen", script=script.name, working_dir=str(tmp_path), procs_per_node=1))
+    try:
+        names = {s.name for s in ray_cluster.jobs()}
+        assert job.name in names
+        with Cluster("ray", address=ray_cluster.backend.dashboard_url) as remote:
+            assert {s.name for s in remote.jobs()} == names
+            assert remote.attach(job.name).spec.name == job.name
+            assert remote.check().ok
+    finally:
+        job.cancel()
 
 
 def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() -> None:
