@@ -35,15 +35,18 @@ def job_processes(marker: str) -> list[int]:
     return found
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, message=None):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``message``: a callable whose answer the failure shows (what was seen last).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
+    raise AssertionError(f"condition not met within {timeout} s" + (f": {message()}" if message else ""))
 
 
 def settled(probe, timeout: float = 10.0):

@@ -45,7 +45,6 @@ from k8s.sandbox import mpi_problem, netns_problem, sandbox_problem  # noqa: E40
 from k8s.sim import ClusterSim  # noqa: E402
 
 from dsnb import Cluster, InvalidSpecError, JobFailed, JobNotFound, JobState, Resources  # noqa: E402
-from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS, STATEFULSET_PERMISSIONS, TRAINJOB_PERMISSIONS  # noqa: E402
 from dsnb.backends.kubernetes.serving import matches  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402
 
@@ -158,14 +157,6 @@ def test_a_trainjob_cannot_carry_probes_so_none_are_added() -> None:
             assert set(container) <= {"name", "env", "securityContext", "volumeMounts"}  # all the CRD allows
     selector = by_kind(plan.manifests)["Service"][0]["spec"]["selector"]
     assert selector == {"app.kubernetes.io/managed-by": "dsnb", "dsnb.io/job": plan.name, "dsnb.io/role": "launcher"}
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_serving_permissions_are_in_the_role(backend: str) -> None:
-    permissions = {"statefulset": STATEFULSET_PERMISSIONS, "mpijob": MPIJOB_PERMISSIONS, "trainjob": TRAINJOB_PERMISSIONS}[backend]
-    granted = {(p.group, p.resource): p.verbs for p in permissions}
-    assert len(granted) == len(permissions)  # one line per resource
-    assert {"create", "delete"} <= set(granted["", "services"]) and {"create", "get", "delete"} <= set(granted["", "secrets"])
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -318,3 +318,16 @@ def test_the_command_line_runs_and_lists_a_statefulset_job(emulator, sim, tmp_pa
         name = listing.jobs()[0].name
     code, text = run("logs", name, "--rank", "1", *common)
     assert code == 0 and "[rank 1] hello from rank 1 of 2" in text
+
+
+def test_a_job_is_found_right_after_submit_while_the_watch_lags(emulator) -> None:  # noqa: F811
+    """The API answers a create before its watchers hear of it: status, jobs and attach must not say "not found"."""
+    with make_cluster(emulator) as cluster:
+        assert cluster.jobs() == []  # the watch caches are running
+        emulator.watch_delay = 1.0
+        job = cluster.submit(workload("ok"))
+        assert job.status().state == JobState.PENDING
+        assert job.name in [s.name for s in cluster.jobs()]
+        assert cluster.attach(job.name).spec.name == job.name
+        emulator.watch_delay = 0.0
+        job.cancel()

@@ -18,6 +18,9 @@ Close to the real API server where the official client can tell:
       (and drops it on create), while ``/status`` writes change nothing else;
     * a write that changes nothing keeps the resourceVersion and sends no event;
     * deleting a batch/v1 Job through the API orphans its pods unless a propagationPolicy says otherwise;
+    * a request made with the token of a user added by ``add_user`` is authorized by RBAC over the
+      Roles, ClusterRoles and bindings in the store, as the real RBAC authorizer decides
+      (``k8s/authorizer.py``): 403 for anything no bound rule grants, and access reviews answer the same;
     * a request for something in ``denied`` is answered 403 (set ``enforce_denied = False`` to only
       make SelfSubjectAccessReview say no); ``denied_cluster_wide`` does so only at the cluster scope,
       as for a user whose Roles are bound in some namespaces;
@@ -55,6 +58,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from k8s import authorizer
+from k8s.authorizer import Requester
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
@@ -617,6 +623,7 @@ class KubeEmulator:
             namespaces, or of cluster-scoped kinds) and access reviews without a namespace.
         enforce_denied: also answer matching requests with 403 Forbidden (default True).
         requests: ``(method, path with query)`` of every HTTP request, the last 10,000.
+        granted: ``(user, verb, group, resource)`` of every request RBAC allowed a user added by ``add_user``.
 
     Example:
         >>> with KubeEmulator() as emu:
@@ -626,6 +633,10 @@ class KubeEmulator:
     """
 
     watch_queue_limit = 100_000
+    #: Seconds each batch of watch events waits before it is sent. A real API server answers a
+    #: write before its watchers hear of it (the watch cache is fed asynchronously), so a
+    #: client must not expect its own write in its watch cache the moment the write returns.
+    watch_delay = 0.0
     log_line_limit = 100_000
     requests_limit = 10_000
     bookmark_interval = 5.0
@@ -637,6 +648,8 @@ class KubeEmulator:
         self.denied_cluster_wide: set[tuple[str, str, str]] = set()
         self.enforce_denied = True
         self.requests: list[tuple[str, str]] = []
+        self.granted: set[tuple[str, str, str, str]] = set()
+        self._users: dict[str, Requester] = {}  # bearer token -> who, authorized by RBAC
         self._lock = threading.RLock()
         self._log_cond = threading.Condition(self._lock)
         self._kinds: dict[tuple[str, str], Resource] = {}
@@ -717,8 +730,8 @@ class KubeEmulator:
             threads = list(self._handler_threads)
         return [t for t in [self._thread, *threads] if t is not None and t.is_alive()]
 
-    def configuration(self) -> Configuration:
-        """A client configuration for this server (with the bearer token, if any).
+    def configuration(self, token: str | None = None) -> Configuration:
+        """A client configuration for this server, with ``token`` (a user's, from ``add_user``) or the admin's.
 
         Example:
             >>> KubeEmulator(token="t").configuration().api_key
@@ -728,9 +741,45 @@ class KubeEmulator:
 
         conf = client.Configuration()
         conf.host = self.url
-        if self.token:
-            conf.api_key = {"authorization": f"Bearer {self.token}"}
+        if token or self.token:
+            conf.api_key = {"authorization": f"Bearer {token or self.token}"}
         return conf
+
+    def add_user(self, user: str, groups: Iterable[str] = ()) -> str:
+        """A bearer token for ``user``; its requests are allowed only as far as RBAC objects in the store grant.
+
+        A ServiceAccount is the user ``system:serviceaccount:<namespace>:<name>``.
+
+        Example:
+            >>> emu = KubeEmulator()
+            >>> token = emu.add_user("alice", groups=("ml-team",))
+            >>> emu.requester(f"Bearer {token}")
+            Requester(user='alice', groups=('ml-team', 'system:authenticated'))
+        """
+        if user.startswith("system:serviceaccount:"):
+            _, _, namespace, name = user.split(":", 3)
+            who = Requester.service_account(namespace, name)
+        else:
+            who = Requester(user, (*groups, "system:authenticated"))
+        token = f"user-{uuid.uuid4().hex}"
+        with self._lock:
+            self._users[token] = who
+        return token
+
+    def requester(self, authorization: str | None) -> Requester | None:
+        """Who an ``Authorization`` header speaks for: a user of ``add_user``, or None for the admin.
+
+        Raises:
+            ApiError: 401 when the server has a token and the header carries neither it nor a user's.
+        """
+        token = (authorization or "").removeprefix("Bearer ")
+        with self._lock:
+            who = self._users.get(token)
+        if who is not None:
+            return who
+        if self.token and authorization != f"Bearer {self.token}":
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return None
 
     def write_kubeconfig(self, path: str | Path, namespace: str = "default", context: str = "emulator") -> str:
         """Write a kubeconfig (JSON, which is YAML) whose current context points here; returns the path.
@@ -1224,8 +1273,7 @@ class KubeEmulator:
             self._conns.discard(sock)
 
     def _dispatch(self, method: str, target: str, headers: Any, raw: bytes) -> _Reply | Streamer:
-        if self.token and headers.get("Authorization") != f"Bearer {self.token}":
-            raise ApiError(401, "Unauthorized", "Unauthorized")
+        who = self.requester(headers.get("Authorization"))
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         parts = [unquote(p) for p in url.path.split("/") if p]
@@ -1238,9 +1286,9 @@ class KubeEmulator:
         if method == "GET" and len(parts) <= 3 and (reply := self._discovery(parts)) is not None:
             return reply
         if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
-            return _Reply(201, self._access_review(body))
+            return _Reply(201, self._access_review(body, who))
         res, namespace, name, sub, watch_path = self._route(parts)
-        return self._serve_resource(method, res, namespace, name, sub, query, body, headers, watch_path)
+        return self._serve_resource(method, res, namespace, name, sub, query, body, headers, watch_path, who)
 
     def _route(self, parts: list[str]) -> tuple[Resource, str | None, str | None, str | None, bool]:
         """(resource, namespace, name, subresource, legacy /watch/ path) of a resource URL."""
@@ -1266,7 +1314,20 @@ class KubeEmulator:
             raise _no_route()
         return res, namespace, (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None), watch_path
 
-    def _authorize(self, verb: str, res: Resource, sub: str | None, namespace: str | None, name: str | None) -> None:
+    def _rbac_objects(self, kind: str, namespace: str | None) -> list[Obj]:
+        res = self._kinds[f"{authorizer.RBAC_GROUP}/v1", kind]
+        with self._lock:
+            return [copy.deepcopy(o) for (ns, _), o in sorted(self._objects.get(res.path, {}).items())
+                    if namespace is None or ns == namespace]
+
+    def _authorize(self, verb: str, res: Resource, sub: str | None, namespace: str | None, name: str | None,
+                   who: Requester | None = None) -> None:
+        if who is not None:
+            if not authorizer.allowed(who, verb, res.group, res.plural, sub, namespace, name, self._rbac_objects):
+                raise ApiError(403, "Forbidden", authorizer.forbidden_message(who, verb, res.group, res.plural, sub, namespace, name),
+                               _details(res, name or ""))
+            with self._lock:
+                self.granted.add((who.user, verb, res.group, f"{res.plural}/{sub}" if sub else res.plural))
         resource = f"{res.plural}/{sub}" if sub else res.plural
         if self.enforce_denied and self._is_denied(verb, res.group, resource, namespace):
             what = f'{resource} "{name}"' if name else resource
@@ -1279,11 +1340,12 @@ class KubeEmulator:
         return any(v in (verb, "*") and g in (group, "*") and r in (resource, "*") for v, g, r in rules)
 
     def _serve_resource(self, method: str, res: Resource, namespace: str | None, name: str | None, sub: str | None,
-                        query: dict[str, str], body: Any, headers: Any, watch_path: bool) -> _Reply | Streamer:
+                        query: dict[str, str], body: Any, headers: Any, watch_path: bool,
+                        who: Requester | None = None) -> _Reply | Streamer:
         verb = _verb(method, name, sub, watch_path or _truthy(query.get("watch")))
         if (sub == "status" and not res.status) or (sub == "log" and res.path != POD.path) or (verb == "create" and res.namespaced and namespace is None):
             raise _no_route()
-        self._authorize(verb, res, sub, namespace, name)
+        self._authorize(verb, res, sub, namespace, name, who)
         if res.path in self._removed:
             raise _no_route()
         if verb == "watch":
@@ -1371,13 +1433,17 @@ class KubeEmulator:
             return _Reply(200, resource_list(parts[1], parts[2]))
         return None
 
-    def _access_review(self, body: Any) -> Obj:
+    def _access_review(self, body: Any, who: Requester | None = None) -> Obj:
         spec = (body or {}).get("spec") or {}
         attrs = spec.get("resourceAttributes")
         allowed = True
         if attrs:
             resource = attrs.get("resource", "") + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
             allowed = not self._is_denied(attrs.get("verb", ""), attrs.get("group", ""), resource, attrs.get("namespace"))
+            if who is not None:
+                allowed = allowed and authorizer.allowed(who, attrs.get("verb", ""), attrs.get("group", ""), attrs.get("resource", ""),
+                                                         attrs.get("subresource") or None, attrs.get("namespace") or None,
+                                                         attrs.get("name") or None, self._rbac_objects)
         return {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                 "metadata": {"creationTimestamp": None}, "spec": spec,
                 "status": {"allowed": allowed, "reason": "RBAC: allowed" if allowed else "RBAC: denied"}}
@@ -1424,6 +1490,8 @@ class KubeEmulator:
                     batch = list(watch.queue)
                     watch.queue.clear()
                     closed, error, rv = watch.closed, watch.error, self._rv
+                if batch and self.watch_delay:
+                    time.sleep(self.watch_delay)
                 handler.chunk(b"".join(_event_line(kind, obj) for kind, obj in batch))
                 if closed:
                     if error is not None:

@@ -238,6 +238,9 @@ class KubernetesBackend(Backend):
             informer = self._informers[kind]
         if not informer.wait_synced(SYNC_TIMEOUT_S):
             raise self._unreachable(informer)
+        if informer.refused is not None:  # listed, but the watch that keeps the cache current is refused
+            what = {"pods": "pods", "records": "ConfigMaps (job records)"}.get(kind) or self.workload_resource[2]  # type: ignore[index]
+            raise self._api_error(informer.refused, f"watch {what}")
         return informer
 
     # -- records ---------------------------------------------------------------------------
@@ -287,6 +290,20 @@ class KubernetesBackend(Backend):
                 objects.delete(self.conn, "v1", "ConfigMap", plan.name)  # collects what was created
                 raise self._api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
         self._specs[plan.name] = plan.spec
+        if (record["metadata"].get("labels") or {}).get(KIND) == "record":  # a job's record, which the records' watch sees
+            self._await_cached(plan.name)
+
+    def _await_cached(self, name: str) -> None:
+        """Wait (up to ``SYNC_TIMEOUT_S``) until the records' watch has brought the record just created.
+
+        The API server answers a create before its watchers hear of it, so without this a
+        ``status()`` right after ``submit`` could say the job does not exist.
+        """
+        records = self._informer("records")
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        version = records.version
+        while records.get(name) is None and (left := deadline - time.monotonic()) > 0:
+            version = records.wait_for_change(version, left)
 
     # -- status ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -387,6 +404,11 @@ class KubernetesBackend(Backend):
             if done:
                 return JobStatus.from_dict(json.loads(done))
             logs = self._collect_logs(name)
+            refused = [(pod, f.refused) for pod, f in self._followers.get(name, {}).items() if f.refused is not None]
+            if refused:  # the job still ends and is cleaned up; its status says why it has no logs
+                pod, error = refused[0]
+                why = self._api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
+                final = dataclasses.replace(final, message=f"{final.message}; its logs were not kept: {why}".lstrip("; "))
             lines, _ = logs.read(0, None, 10**9)
             samples, _ = logs.samples(0)
             archive = {
@@ -492,9 +514,14 @@ class KubernetesBackend(Backend):
                     follower = self._follow(name, logs, pod)
                     try:
                         follower.catch_up()
-                    except ApiException:
-                        pass  # not started yet, or refused: the follower retries
+                    except ApiException as e:
+                        if e.status in (401, 403):
+                            raise self._api_error(e, f"read the log of pod {pod_name!r}") from e
+                        # else not started yet: the follower retries
                     followers[pod_name] = follower.start()
+            for pod_name, follower in followers.items():
+                if follower.refused is not None:
+                    raise self._api_error(follower.refused, f"read the log of pod {pod_name!r}")
         return logs
 
     def _load_archive(self, name: str, logs: JobLogs) -> None:

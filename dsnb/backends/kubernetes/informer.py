@@ -89,6 +89,15 @@ class Informer:
             self._thread.join(timeout)
 
     @property
+    def refused(self) -> ApiException | None:
+        """The API's answer when it refused the last list or watch for this user (401 or 403), else None.
+
+        The informer keeps retrying (a Role may be granted meanwhile); a caller turns this into an error.
+        """
+        error = self.error
+        return error if isinstance(error, ApiException) and error.status in (401, 403) else None
+
+    @property
     def running(self) -> bool:
         """True while the background thread runs."""
         return self._thread is not None and self._thread.is_alive()
@@ -166,6 +175,7 @@ class Informer:
                 return  # stop() came while the request was made, too early to shut this response down
             if not 200 <= response.status < 300:
                 raise ApiException(status=response.status, reason=response.reason, body=response.data)
+            self.error = None  # the watch is open: an earlier refusal no longer holds
             for line in iter_resp_lines(response):
                 if not line:
                     continue

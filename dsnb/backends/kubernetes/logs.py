@@ -118,6 +118,7 @@ class PodLogFollower:
         self._stop = threading.Event()
         self._response: Any = None
         self.connections = 0
+        self.refused: Exception | None = None  # the API's 401/403 for the last read, while it lasts
         self._thread = threading.Thread(target=self._run, name=f"dsnb-logs-{pod_name}", daemon=True)
 
     def start(self) -> PodLogFollower:
@@ -146,8 +147,9 @@ class PodLogFollower:
         self._stop.clear()
         try:
             self.catch_up()
-        except Exception:  # noqa: BLE001 - the pod may be gone already; what was read is kept
-            pass
+        except Exception as e:  # noqa: BLE001 - the pod may be gone already; what was read is kept
+            if getattr(e, "status", None) in (401, 403):
+                self.refused = e
         self._stop.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -249,8 +251,11 @@ class PodLogFollower:
                 self._segment = restarts
                 running = bool((status.get("state") or {}).get("running"))
                 self._read(previous=False, follow=running)
-            except Exception:  # noqa: BLE001 - dropped or refused: try again shortly
+            except Exception as e:  # noqa: BLE001 - dropped or refused: try again shortly
+                if getattr(e, "status", None) in (401, 403):
+                    self.refused = e  # the backend tells the user; a Role granted meanwhile clears it
                 self._stop.wait(0.5)
                 continue
+            self.refused = None
             if self._last_ns == before:
                 self._wait(2.0)  # nothing new: wait for the pod to change before asking again

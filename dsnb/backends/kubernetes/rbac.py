@@ -37,10 +37,13 @@ class Permission:
 
 #: What dsnb itself does in the namespace for every Kubernetes backend: job records,
 #: log archives, Secrets for secret env values, watching pods, reading logs and events.
+#: No more: workloads and pods are only listed and watched (never read one by one), and what
+#: a job owns is deleted with its record. ``tests/test_k8s_rbac.py`` runs every backend as a
+#: user bound to exactly this Role and checks that each verb is used.
 COMMON_PERMISSIONS = (
     Permission("", "configmaps", ("create", "get", "list", "watch", "patch", "delete")),
     Permission("", "secrets", ("create", "delete")),
-    Permission("", "pods", ("get", "list", "watch")),
+    Permission("", "pods", ("list", "watch")),
     Permission("", "pods/log", ("get",)),
     Permission("", "events", ("list",)),
 )
@@ -74,7 +77,7 @@ def with_serving(permissions: Sequence[Permission]) -> tuple[Permission, ...]:
 STATEFULSET_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("", "services", ("create", "delete")),
-    Permission("apps", "statefulsets", ("create", "get", "delete")),
+    Permission("apps", "statefulsets", ("create", "delete")),
 ))
 
 
@@ -153,7 +156,7 @@ def render_rbac(
 
 MPIJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
-    Permission("kubeflow.org", "mpijobs", ("create", "get", "list", "watch", "delete")),
+    Permission("kubeflow.org", "mpijobs", ("create", "list", "watch", "delete")),
 ))
 
 #: ClusterTrainingRuntimes are cluster-wide: reading them needs a ClusterRole (Kubeflow
@@ -161,7 +164,7 @@ MPIJOB_PERMISSIONS = with_serving((
 #: kinds are here.
 TRAINJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
-    Permission("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
+    Permission("trainer.kubeflow.org", "trainjobs", ("create", "list", "watch", "delete")),
     Permission("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
 ))
 
@@ -169,6 +172,7 @@ TRAINJOB_PERMISSIONS = with_serving((
 #: The Ray clusters, submitter Jobs and their pods are KubeRay's to create; dsnb only reads the pods.
 KUBERAY_PERMISSIONS = (
     *COMMON_PERMISSIONS,
-    Permission("ray.io", "rayjobs", ("create", "get", "list", "watch", "delete")),
-    Permission("ray.io", "rayservices", ("create", "get", "list", "watch", "delete")),
+    Permission("ray.io", "rayjobs", ("create", "list", "watch", "delete")),
+    # A RayService is read by name and listed, never watched; it goes with its record (ownerReferences).
+    Permission("ray.io", "rayservices", ("create", "get", "list")),
 )
