@@ -29,7 +29,7 @@ from k8s.sim import ClusterSim  # noqa: E402
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobState, Resources  # noqa: E402
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.backends.ray.kuberay_backend import KubeRayBackend  # noqa: E402
-from dsnb.backends.ray.serve_app import IMPORT_PATH, serve_config  # noqa: E402
+from dsnb.backends.ray.serve_app import IMPORT_PATH  # noqa: E402
 from dsnb.endpoint import Endpoint  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402
 
@@ -93,9 +93,15 @@ def test_the_plan_is_a_record_a_secret_and_a_rayservice_that_fit_their_schemas()
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in (record, secret, service))
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     [app] = config["applications"]
-    expected = serve_config(plan.spec, route_prefix="/")  # dsnb's application, without the secret value
-    expected["runtime_env"]["env_vars"].pop("HF_TOKEN")
-    assert app == expected and "working_dir" not in app["runtime_env"]
+    # What Ray Serve runs: dsnb's application at the root, the model for its loader, the spec's
+    # plain variables (the secret one comes from the Secret), CPU inference, autoscaling bounds.
+    assert app == {
+        "name": plan.name, "route_prefix": "/", "import_path": "dsnb.backends.ray.serve_app:build",
+        "args": {"model": "tiny_models:tiny_mlp", "dtype": "float32"},
+        "runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "LOG_LEVEL": "debug"}},
+        "deployments": [{"name": "DsnbModel", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1},
+                         "ray_actor_options": {"num_cpus": 2.0}}],
+    }
     assert app["import_path"] == IMPORT_PATH == "dsnb.backends.ray.serve_app:build"
     assert app["name"] == plan.name and app["args"]["model"] == "tiny_models:tiny_mlp"
     [deployment] = app["deployments"]

@@ -23,7 +23,6 @@ from dsnb.backends.ray.kuberay import (  # noqa: E402
     HEAD_CONTAINER,
     SUBMITTER_CONTAINER,
     WORKER_CONTAINER,
-    default_head_resources,
     env_secret_name,
     ray_cluster_spec,
     render_rayjob,
@@ -157,8 +156,7 @@ def test_the_head_runs_no_training_and_exposes_rays_ports() -> None:
     assert main["name"] == HEAD_CONTAINER and main["image"] == "ghcr.io/org/train:1"
     assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"gcs-server": 6379, "dashboard": 8265,
                                                                        "client": 10001, "serve": 8000}
-    defaults = default_head_resources()
-    assert main["resources"]["limits"] == {"cpu": str(defaults.cpu), "memory": defaults.memory}  # no GPUs
+    assert main["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}  # the documented default; no GPUs
     assert head["template"]["metadata"]["labels"]["dsnb.io/role"] == "head"
     # Shared storage for Ray Train's checkpoints: the driver on the head reads it too.
     assert "/checkpoints" in {m["mountPath"] for m in main["volumeMounts"]}
