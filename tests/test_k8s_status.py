@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,10 +113,33 @@ def test_outcome_reads_torchruns_root_cause() -> None:
     assert outcome.report(0)["failed_rank"] is None
 
 
-def test_waiting_for_peers_gives_up_with_the_missing_names() -> None:
-    started = time.monotonic()
-    missing = entry.wait_for_peers(["localhost", "j-1.j.ml.svc.cluster.invalid"], timeout=0.5, poll=0.1)
-    assert missing == ["j-1.j.ml.svc.cluster.invalid"] and time.monotonic() - started < 5
+class FakeClock:
+    """``time.monotonic`` and ``time.sleep`` for code under test: sleeping moves the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_waiting_for_peers_gives_up_at_the_timeout_with_the_missing_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, asked = FakeClock(), []
+
+    def resolves(name: str) -> bool:  # a resolver that never learns of j-1 (a pod that was never made)
+        asked.append((clock.now, name))
+        return name == "j-0.j.ml.svc.cluster.local"
+
+    monkeypatch.setattr(entry, "time", clock)
+    monkeypatch.setattr(entry, "resolves", resolves)
+    missing = entry.wait_for_peers(["j-0.j.ml.svc.cluster.local", "j-1.j.ml.svc.cluster.invalid"], timeout=0.5, poll=0.1)
+    assert missing == ["j-1.j.ml.svc.cluster.invalid"]
+    assert clock.now == pytest.approx(1000.5)  # gave up at the timeout, not before and not after
+    assert [name for _, name in asked].count("j-0.j.ml.svc.cluster.local") == 1  # a resolved peer is not asked again
+    assert [name for _, name in asked].count("j-1.j.ml.svc.cluster.invalid") == 6  # every 0.1 s from 0 to 0.5
 
 
 def run_entry(tmp_path: Path, *argv: str, **env: str) -> subprocess.Popen:

@@ -244,14 +244,17 @@ def test_metrics_and_progress_from_report_lines(cluster):
     assert monitor.progress == Progress(step=5, total=5)
 
 
-def test_final_poll_after_the_end_gets_the_last_lines(cluster):
-    job = py_job(cluster, "import time\nprint('first', flush=True)\ntime.sleep(1.0)\nprint('last words')")
+def test_final_poll_after_the_end_gets_the_last_lines(cluster, tmp_path):
+    go = tmp_path / "go"  # the job says its last words only once the test has seen the first ones
+    job = py_job(cluster, f"import os, time\nprint('first', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+                          "print('last words')")
     monitor = JobMonitor(job)
     deadline = time.monotonic() + 30
     while not any(line.text == "first" for line in monitor.lines()) and time.monotonic() < deadline:
         monitor.poll()
         time.sleep(0.05)
     assert not monitor.done and "last words" not in [line.text for line in monitor.lines()]
+    go.touch()
     job.wait(timeout=60)
     monitor.poll()
     assert monitor.done

@@ -44,7 +44,24 @@ class Recorder:
         return {"double": tensor * 2, "sum": tensor.sum(dim=1)}
 
 
-def submit_all(engine: Engine, works: list[tuple[str, object, int, object]]) -> list[tuple[object, BaseException | None]]:
+class GatedRecorder(Recorder):
+    """A Recorder that holds the batch containing ``"hold"`` until ``gate`` is set, so that others queue meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+
+    def encode(self, texts: list[str]) -> list[list[float]]:
+        if "hold" in texts:
+            self.holding.set()
+            assert self.gate.wait(10)
+        return super().encode(texts)
+
+
+def submit_all(engine: Engine, works: list[tuple[str, object, int, object]],
+               then_start: bool = False) -> list[tuple[object, BaseException | None]]:
+    """Submit every work, start the engine if asked (so that all were waiting together), wait for the answers."""
     answers: list[tuple[object, BaseException | None]] = [None] * len(works)  # type: ignore[list-item]
     done = threading.Semaphore(0)
 
@@ -56,6 +73,8 @@ def submit_all(engine: Engine, works: list[tuple[str, object, int, object]]) -> 
 
     for index, (op, data, size, key) in enumerate(works):
         engine.submit(Work(op, data, size=size, deliver=deliver_to(index), key=key))
+    if then_start:
+        engine.start()
     for _ in works:
         assert done.acquire(timeout=10)
     return answers
@@ -67,18 +86,14 @@ def test_compatible_requests_share_a_batch_and_each_gets_its_slice() -> None:
     rows = [torch.ones(2, 3), torch.full((1, 3), 3.0), torch.ones(1, 5)]
     works = [("texts", ["a", "bb"], 2, None), ("tensor", rows[0], 2, (3,)), ("texts", ["ccc"], 1, None),
              ("tensor", rows[1], 1, (3,)), ("tensor", rows[2], 1, (5,))]
-    for op, data, size, key in works:  # queued before the loop starts, so all are waiting together
-        engine._waiting.append(Work(op, data, size=size, deliver=lambda r, e: None, key=key))
-    engine._waiting.clear()
-    engine.start()
     try:
-        answers = submit_all(engine, works)
+        answers = submit_all(engine, works, then_start=True)  # all five wait together when the loop starts
     finally:
         engine.stop()
     assert answers[0] == ([[1.0], [2.0]], None) and answers[2] == ([[3.0]], None)
     assert torch.equal(answers[1][0]["double"], rows[0] * 2) and torch.equal(answers[3][0]["sum"], torch.tensor([9.0]))
     assert torch.equal(answers[4][0]["double"], rows[2] * 2)
-    assert ["a", "bb", "ccc"] in runner.batches and (3, 3) in runner.batches and (1, 5) in runner.batches
+    assert runner.batches == [["a", "bb", "ccc"], (3, 3), (1, 5)]
 
 
 def test_a_full_queue_refuses_at_once_and_a_lost_rank_fails_what_waits() -> None:
@@ -225,22 +240,28 @@ def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
 
 
 def test_a_lone_request_does_not_wait_for_company_but_concurrent_ones_do() -> None:
-    runner = Recorder(delay=0.05)
-    engine = Engine(runner, Collective(1), max_batch_size=8, max_wait_s=1.0)
+    """With max_wait_s far beyond the test's limits, a wait for company would hang the test instead of timing it."""
+    runner = GatedRecorder()
+    engine = Engine(runner, Collective(1), max_batch_size=2, max_wait_s=600.0)
     engine.start()
     try:
-        started = time.monotonic()
-        assert submit_all(engine, [("texts", ["a"], 1, None)]) == [([[1.0]], None)]
-        assert time.monotonic() - started < 0.5  # not held back by max_wait_s
-        # Requests that queue while a batch runs: the next batch finds company, so the first
-        # request after it waits for more.
-        submit_all(engine, [("texts", ["x"], 1, None), ("texts", ["b"], 1, None), ("texts", ["c"], 1, None)])
+        assert submit_all(engine, [("texts", ["a"], 1, None)]) == [([[1.0]], None)]  # not held back for company
+        # Two requests that queue while a batch runs are one batch; the engine is then under load.
+        held: list[object] = []
+        engine.submit(Work("texts", ["hold"], size=1, deliver=lambda r, e: held.append(r)))
+        assert runner.holding.wait(10)
+        pair: list[object] = []
+        both = threading.Semaphore(0)
+        for text in ("x", "y"):
+            engine.submit(Work("texts", [text], size=1, deliver=lambda r, e: (pair.append(r), both.release())))
+        runner.gate.set()
+        assert both.acquire(timeout=10) and both.acquire(timeout=10)
+        # Under load, a first request waits for company (here up to 600 s): the next one joins it.
         answers: list[object] = []
         done = threading.Event()
         engine.submit(Work("texts", ["d"], size=1, deliver=lambda r, e: answers.append(r)))
-        time.sleep(0.2)
         engine.submit(Work("texts", ["ee"], size=1, deliver=lambda r, e: (answers.append(r), done.set())))
-        assert done.wait(5)
+        assert done.wait(10)
     finally:
         engine.stop()
-    assert ["d", "ee"] in runner.batches
+    assert runner.batches == [["a"], ["hold"], ["x", "y"], ["d", "ee"]]
