@@ -245,7 +245,9 @@ def test_statefulset_serves_until_stopped(emulator) -> None:  # noqa: F811
         endpoint, seen = serve_until_running(cluster, spec)
         name = endpoint.name
         starting = [message for state, message in seen if state == JobState.STARTING]
-        assert any(f"rank 0 (pod {name}-0) is not ready: loading the model" in m for m in starting), seen
+        # What the real server shows while it loads: no line yet, and the probe not passing.
+        assert any(m == f"starting the server on rank 0 (pod {name}-0): waiting for GET /readyz on port {port} to answer 200"
+                   for m in starting), seen
         assert seen[-1][1] == f"ready: rank 0 (pod {name}-0) passes its readiness probe, GET /readyz on port {port}"
         pod = emulator.get("v1", "Pod", NAMESPACE, f"{name}-0")
         assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "True"
@@ -337,7 +339,8 @@ def test_operator_backends_serve_until_stopped(emulator, backend: str) -> None: 
         endpoint, seen = serve_until_running(cluster, spec)
         name = endpoint.name
         rank0, other = (f"{name}-worker-0", f"{name}-launcher") if backend == "mpijob" else (f"{name}-launcher-0-0", f"{name}-node-0-0")
-        assert any(f"rank 0 (pod {rank0}) is not ready: loading the model" in m for s, m in seen if s == JobState.STARTING), seen
+        assert any(m == f"loading the model: rank 0 (pod {rank0}) has not reported ready yet"
+                   for s, m in seen if s == JobState.STARTING), seen
         assert seen[-1][1] == f"ready: rank 0 (pod {rank0}) answers on port {port}"
         pods = sorted(p["metadata"]["name"] for p in emulator.list("v1", "Pod", NAMESPACE, f"dsnb.io/job={name}"))
         assert len(pods) == (3 if backend == "mpijob" else 2), pods  # launcher and two workers; launcher (node 0) and node 1

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 SERVICE_SUFFIX = "-serve"
 #: The name of the serving port on containers and on the Service.
 PORT_NAME = "http"
-#: What rank 0 prints on every readiness change: ``DSNB_SERVE {"ready": true, "port": 8000}``.
+#: What rank 0 prints when it turns ready, ``DSNB_SERVE {"ready": true, "url": "http://0.0.0.0:8000/", ...}``,
+#: and when it stops being ready, ``DSNB_SERVE {"ready": false, "reason": "stopped"}``; nothing while it loads.
 READY_MARK = "DSNB_SERVE"
 DEFAULT_PORT = 8000
 #: The longest Kubernetes object name (a DNS-1035 label, as Services need).

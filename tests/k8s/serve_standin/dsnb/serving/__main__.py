@@ -8,8 +8,9 @@ with DeepSpeed (seconds to minutes), this one pretends to for ``DSNB_STANDIN_LOA
   ``{"outputs": <inputs>, "rank": 0}``; with ``DSNB_SERVE_TOKEN`` set, only for
   ``Authorization: Bearer <token>``, else 401); every other process with ``LOCAL_RANK`` 0
   answers the two probes only.
-- Rank 0 prints ``DSNB_SERVE {"ready": false, "reason": ...}`` at start and
-  ``DSNB_SERVE {"ready": true, "port": <port>}`` once loaded.
+- Rank 0 prints what the real server prints: nothing while it loads, then
+  ``DSNB_SERVE {"ready": true, "url": "http://<host>:<port>/", ...}`` once loaded, and
+  ``DSNB_SERVE {"ready": false, "reason": "stopped"}`` when it stops.
 - ``DSNB_STANDIN_FAIL=<text>``: instead of loading, print the text and exit 3 (a loader error).
 - SIGTERM: stop serving and exit 0, as the real server drains and exits.
 """
@@ -80,7 +81,6 @@ def main() -> int:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    report(ready=False, reason="loading the model")
     failure = os.environ.get("DSNB_STANDIN_FAIL")
     if stop.wait(float(os.environ.get("DSNB_STANDIN_LOAD_S", "0.5"))):
         return 0
@@ -88,9 +88,10 @@ def main() -> int:
         print(failure, file=sys.stderr, flush=True)
         return 3
     LOADED.set()
-    report(ready=True, port=args.port)
+    report(ready=True, url=f"http://{args.host}:{args.port}/", model="standin", kind="tensor", ranks=int(os.environ.get("WORLD_SIZE", "1")))
     while not stop.wait(3600):
         pass
+    report(ready=False, reason="stopped")
     if server is not None:
         server.shutdown()
     return 0
