@@ -50,13 +50,19 @@ def test_a_410_lists_again_and_replaces_the_cache(emulator) -> None:  # noqa: F8
     conn = connect(configuration=emulator.configuration(), namespace=NAMESPACE)
     informer = Informer(conn.core.list_namespaced_pod, NAMESPACE, label_selector="app.kubernetes.io/managed-by=dsnb").start()
     try:
-        assert informer.wait_synced(10)
+        assert informer.wait_synced(10) and informer.get("a-0") is not None
+        # A gap the watch cannot see: watching is refused while a-0 is deleted and the history forgotten.
+        emulator.denied.add(("watch", "", "pods"))
+        emulator.drop_watches()
+        emulator.delete("v1", "Pod", NAMESPACE, "a-0")
         emulator.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": NAMESPACE}})
         emulator.compact()
-        emulator.drop_watches()
-        wait_until(lambda: informer.resyncs == 1, timeout=10)
+        emulator.denied.discard(("watch", "", "pods"))
+        wait_until(lambda: informer.resyncs == 1, timeout=10)  # the next watch got 410: it listed again
+        wait_until(lambda: informer.get("a-0") is None, timeout=10)  # the cache was replaced, not merged
         emulator.create(pod("a-1"))
         wait_until(lambda: informer.get("a-1") is not None, timeout=10)
+        assert [o["metadata"]["name"] for o in informer.items()] == ["a-1"]
         lists = [path for method, path in emulator.requests if method == "GET" and "/pods?" in path and "watch=true" not in path]
         assert len(lists) == 2
     finally:

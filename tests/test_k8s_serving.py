@@ -38,6 +38,7 @@ pytest.importorskip("jsonschema")
 models = pytest.importorskip("kubeflow_trainer_api.models")
 
 import yaml  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from k8s.crds import FOLDER, validate_custom  # noqa: E402
 from k8s.fixtures import IMAGE, NAMESPACE, emulator, leftovers, make_cluster  # noqa: E402, F401 - fixtures
 from k8s.operators import MPIOperatorSim, TrainerSim  # noqa: E402
@@ -268,10 +269,9 @@ def test_statefulset_selects_only_pod_zero(emulator) -> None:  # noqa: F811
     with ClusterSim(emulator, NAMESPACE, hold=True) as sim, make_cluster(emulator, "statefulset", cancel_wait=20) as cluster:
         endpoint = cluster.serve(serve_spec(nodes=3, port=free_port()), wait=None)
         name = endpoint.name
-        sim_pods = lambda: len(emulator.list("v1", "Pod", NAMESPACE, f"dsnb.io/job={name}"))  # noqa: E731
-        deadline = time.monotonic() + 10
-        while sim_pods() < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        pods = lambda: sorted(p["metadata"]["name"] for p in emulator.list("v1", "Pod", NAMESPACE, f"dsnb.io/job={name}"))  # noqa: E731
+        wait_until(lambda: len(pods()) == 3, timeout=30, message=pods)
+        assert pods() == [f"{name}-0", f"{name}-1", f"{name}-2"]
         assert selected_pods(emulator, name)[1] == [f"{name}-0"]
         status = endpoint.status()
         assert status.state in (JobState.PENDING, JobState.STARTING) and "pod(s)" in status.message, status

@@ -46,7 +46,7 @@ def finished(code: int, finished_at: str = "2026-11-28T10:05:00Z", reason: str |
 class Case:
     pods: list[dict]
     state: JobState
-    message: str = ""
+    message: str
     failed_rank: int | None = None
     exit_code: int | None = None
     last_lines: tuple[str, ...] = ()
@@ -64,7 +64,8 @@ CASES = {
     "both running": Case([pod(0, RUNNING), pod(1, RUNNING)], JobState.RUNNING, "4 rank(s) on 2 pod(s)"),
     "both finished": Case([pod(0, RUNNING, finished(0)), pod(1, RUNNING, finished(0, "2026-11-28T10:06:00Z"))],
                           JobState.SUCCEEDED, "all 2 node(s) finished", replica_states=[JobState.SUCCEEDED] * 4),
-    "one finished, one running": Case([pod(0, RUNNING, finished(0)), pod(1, RUNNING)], JobState.RUNNING),
+    "one finished, one running": Case([pod(0, RUNNING, finished(0)), pod(1, RUNNING)], JobState.RUNNING, "4 rank(s) on 2 pod(s)",
+                                      replica_states=[JobState.SUCCEEDED] * 2 + [JobState.RUNNING] * 2),
     "a rank failed": Case(
         [pod(0, RUNNING), pod(1, {"terminated": finished(1, failed_rank=3, rank_exit_code=7, last_lines=["boom"])})],
         JobState.FAILED, "rank 3 (pod j-abcd-1) exited with code 7", failed_rank=3, exit_code=7, last_lines=("boom",)),
@@ -92,10 +93,10 @@ CASES = {
 def test_status_from_pods(case: Case) -> None:
     status = StatefulSetBackend(namespace="ml").compute_status(SPEC.name, SPEC, 1.0, case.pods)
     assert status.state == case.state, status
-    assert case.message in status.message
+    assert case.message and case.message in status.message, status.message
     if case.state == JobState.FAILED:
         assert (status.failed_rank, status.exit_code) == (case.failed_rank, case.exit_code)
-        assert status.last_lines == case.last_lines or not case.last_lines
+        assert status.last_lines == case.last_lines
     if case.replica_states:
         assert [r.state for r in status.replicas] == case.replica_states
     assert len(status.replicas) == 4

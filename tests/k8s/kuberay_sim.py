@@ -211,9 +211,11 @@ class KubeRaySim:
         state["ended"] = True
         end = {"endTime": _now(), "rayJobInfo": {**((rayjob.get("status") or {}).get("rayJobInfo") or {}), "endTime": _now()}}
         if job_mode(rayjob) == "fail":
+            # KubeRay v1.7.0 copies Ray's job message (rayjob_controller.go, ``Status.Message = jobInfo.Message``);
+            # Ray's own for a failed entrypoint names its exit code and the log's tail, not a rank.
             self._status(sim, name, {**end, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
-                                     "failed": 1, "message": "Job failed due to an application error, last available logs "
-                                                             "(truncated to 20,000 chars): rank 1 exited with code 3"})
+                                     "failed": 1, "message": "Job entrypoint command failed with exit code 1, last available "
+                                                             "logs (truncated to 20,000 chars):\nTraining errored after 1 iterations"})
         else:
             self._status(sim, name, {**end, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "succeeded": 1})
 
