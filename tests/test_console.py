@@ -286,7 +286,8 @@ def test_logs_of_an_unknown_job(home):
     assert code == 1 and "'nope-1234' not found" in out
 
 
-def test_demo_runs_the_bundled_example(home, tmp_path, monkeypatch):
+def test_demo_submits_the_example_with_its_config_on_two_ranks(home, tmp_path, monkeypatch):
+    """What the demo submits, with a stand-in train.py; the real example runs in the test below."""
     examples = tmp_path / "checkout" / "examples"
     (examples / "tiny_gpt").mkdir(parents=True)
     (examples / "tiny_gpt" / "train.py").write_text(
@@ -298,6 +299,18 @@ def test_demo_runs_the_bundled_example(home, tmp_path, monkeypatch):
     code, out = dsnb("demo")
     assert code == 0
     assert "[rank 1] demo rank 1 2" in out and "config 4" in out and "tiny-gpt-" in out
+
+
+@pytest.mark.deepspeed
+def test_demo_runs_the_bundled_example(home):
+    """``dsnb demo`` as a new user runs it: the real tiny GPT on 2 DeepSpeed ranks, its checkpoint under DSNB_HOME."""
+    pytest.importorskip("deepspeed")
+    code, out = dsnb("demo")
+    assert code == 0, out[-3000:]
+    assert "tiny-gpt: " in out and "2 ranks" in out and "SUCCEEDED" in out
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if "[rank 0] step " in line and " loss " in line]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses  # it trained
+    assert list((home / "checkpoints").glob("tiny-gpt*/latest"))  # kept under DSNB_HOME, not in the source tree
 
 
 def test_demo_outside_a_checkout(home, tmp_path, monkeypatch):

@@ -50,10 +50,20 @@ def test_registered_class_is_used_and_options_reach_it(tmp_path: Path) -> None:
     assert "mine" not in available_backends()
 
 
-def test_entry_point_plugins_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(base, "_entry_points", lambda: {"plugged": "dsnb.backends.local:LocalBackend"})
+def test_entry_point_plugins_are_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution that declares a backend in the entry-point group, as pip would lay it out."""
+    (tmp_path / "dsnb_plugged_demo.py").write_text(
+        "from dsnb.backends.local import LocalBackend\n\nclass PluggedBackend(LocalBackend):\n    name = 'plugged'\n")
+    info = tmp_path / "dsnb_plugged_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dsnb-plugged-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{base.ENTRY_POINT_GROUP}]\nplugged = dsnb_plugged_demo:PluggedBackend\n")
+    assert "plugged" not in available_backends()
+    monkeypatch.syspath_prepend(str(tmp_path))
     assert "plugged" in available_backends()
-    assert load_backend("plugged") is LocalBackend
+    plugged = load_backend("plugged")
+    assert plugged.__name__ == "PluggedBackend" and issubclass(plugged, LocalBackend)
+    assert Cluster("plugged").backend.name == "plugged"
 
 
 def test_backend_options_are_checked() -> None:
