@@ -48,7 +48,9 @@ class TestMPIJobConformance(BackendConformance):
 
     @pytest.fixture
     def refused_specs(self):
-        return [("image", JobSpec(**(two_nodes("ok").to_dict() | {"image": None})))]
+        return [("image", JobSpec(**(two_nodes("ok").to_dict() | {"image": None}))),
+                # the MPI Operator's last worker pod, <name>-worker-1, must fit 63 characters
+                ("name", JobSpec(**(two_nodes("ok").to_dict() | {"name": "m" * 50})))]
 
     @pytest.fixture
     def footprint(self, emulator, sim):  # noqa: F811 - fixtures
@@ -75,4 +77,6 @@ class TestTrainJobConformance(TestMPIJobConformance):
             ("image", JobSpec(**without_image)),
             # A TrainJob has no restart count of its own: its runtime's JobSet failurePolicy decides.
             ("max_restarts", JobSpec(**(two_nodes("ok").to_dict() | {"max_restarts": 1}))),
+            # JobSet's pod <name>-launcher-0-0-<5 random> must fit 63 characters
+            ("name", JobSpec(**(two_nodes("ok").to_dict() | {"name": "t" * 40}))),
         ]

@@ -255,3 +255,4 @@ def test_a_worker_that_stops_fails_the_mpijob_with_the_sshd_hint() -> None:
     status = MPIJobBackend(namespace="ml").compute_status(spec.name, spec, 1.0, [worker], None, workload)
     assert status.state == JobState.FAILED and status.failed_rank == 2 and status.exit_code == 127
     assert "sshd" in status.message and "kubectl logs a-abcd-worker-1" in status.message
+

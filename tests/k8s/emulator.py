@@ -30,7 +30,7 @@ Close to the real API server where the official client can tell:
       and a pod with several containers needs ``container=``;
     * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored.
 
-Not emulated: admission, finalizers and graceful deletion (deletes are immediate), server-side apply,
+Not emulated: admission (beyond the ``admission`` checks a test gives), finalizers and graceful deletion (deletes are immediate), server-side apply,
 ``limit``/``continue`` paging, strategic merge by list keys (strategic merge patches are JSON merge
 patches, so lists are replaced), and most defaulting.
 """
@@ -624,6 +624,9 @@ class KubeEmulator:
         enforce_denied: also answer matching requests with 403 Forbidden (default True).
         requests: ``(method, path with query)`` of every HTTP request, the last 10,000.
         granted: ``(user, verb, group, resource)`` of every request RBAC allowed a user added by ``add_user``.
+        admission: checks run on every create, through the API or by a simulated controller (admission
+            plugins and webhooks, e.g. Pod Security): one that returns a message refuses the object
+            with 403 Forbidden.
 
     Example:
         >>> with KubeEmulator() as emu:
@@ -649,6 +652,7 @@ class KubeEmulator:
         self.enforce_denied = True
         self.requests: list[tuple[str, str]] = []
         self.granted: set[tuple[str, str, str, str]] = set()
+        self.admission: list[Callable[[Obj], str | None]] = []
         self._users: dict[str, Requester] = {}  # bearer token -> who, authorized by RBAC
         self._lock = threading.RLock()
         self._log_cond = threading.Condition(self._lock)
@@ -1073,6 +1077,10 @@ class KubeEmulator:
         _validate(res, obj)
         if ns is not None and self._find(NAMESPACE, None, ns) is None:
             raise _not_found(NAMESPACE, ns)
+        for admit in list(self.admission):
+            refused = admit(obj)
+            if refused:  # as Pod Security admission answers: 403 Forbidden, nothing stored
+                raise ApiError(403, "Forbidden", f'{res.plural} "{meta["name"]}" is forbidden: {refused}', _details(res, meta["name"]))
         if self._find(res, ns, meta["name"]) is not None:
             raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" already exists', _details(res, meta["name"]))
         for key in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from k8s.netns import PodNetwork
-from k8s.sim import VENV_BIN, ClusterSim, now_rfc3339
+from k8s.sim import VENV_BIN, ClusterSim, now_rfc3339, warn
 
 AGENT = Path(__file__).with_name("rsh_agent.py")
 LOGIN_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -56,6 +56,7 @@ class _MPIJobs:
         self.networks: dict[str, PodNetwork] = {}
         self.pods: dict[str, str] = {}  # pod name -> job
         self.conditions: dict[str, list[dict[str, Any]]] = {}
+        self.refused: set[str] = set()
 
     # -- what each operator defines --------------------------------------------------------
     def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
@@ -68,6 +69,11 @@ class _MPIJobs:
     def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
         """The labels the controller adds to a pod, on top of its template's."""
         return {}
+
+    def refusal(self, job: dict[str, Any]) -> tuple[str, str, bool] | None:
+        """(reason, message, events.k8s.io recorder) of the Warning Event with which the operator
+        gives up on ``job`` without creating anything, or None when it goes ahead."""
+        return None
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         raise NotImplementedError
@@ -97,6 +103,12 @@ class _MPIJobs:
         for job in em.list(self.api_version, self.kind, ns):
             name = job["metadata"]["name"]
             alive.add(name)
+            refused = self.refusal(job)
+            if refused is not None:  # a Warning Event, no condition, nothing created: the job waits for ever
+                if name not in self.refused:
+                    self.refused.add(name)
+                    warn(em, job, refused[0], refused[1], new_api=refused[2])
+                continue
             launcher, hosts, slots = self.layout(job)
             if name not in self.networks:
                 network = PodNetwork([launcher, *(pod for pod, _, _, _ in hosts if pod != launcher)], subnet=self.subnet)
@@ -188,6 +200,16 @@ class MPIOperatorSim(_MPIJobs):
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
         return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]
 
+    def refusal(self, job: dict[str, Any]) -> tuple[str, str, bool] | None:
+        """MPI Operator v0.8.0: the last worker's name must be a DNS-1035 label, else a ValidationError
+        Event and no requeue (pkg/apis/kubeflow/validation/validation.go; mpi_job_controller.go, syncHandler)."""
+        name = job["metadata"]["name"]
+        host = f"{name}-worker-{max(job['spec']['mpiReplicaSpecs']['Worker'].get('replicas') or 1, 1) - 1}"
+        if len(host) <= 63:
+            return None
+        return ("ValidationError", f'Found validation errors: metadata.name: Invalid value: "{name}": will not able to create pod '
+                                   f'and service with invalid DNS label "{host}": must be no more than 63 characters', False)
+
     def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
         """The v2beta1 controller's ``defaultLabels`` (operator, job, role) and, on workers, the replica index."""
         labels = {"training.kubeflow.org/operator-name": "mpi-operator",
@@ -256,6 +278,21 @@ class TrainerSim(_MPIJobs):
 
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:
         return self._replicated(job, "launcher")
+
+    def refusal(self, job: dict[str, Any]) -> tuple[str, str, bool] | None:
+        """JobSet v0.12.0's webhook refuses a JobSet whose longest pod name, ``<jobset>-<replicatedJob>-<job
+        index>-<pod index>-abcde``, passes 63 characters (pkg/webhooks/jobset_webhook.go); Kubeflow Trainer
+        v2.3.0 then only records TrainJobResourcesCreationFailed (pkg/controller/trainjob_controller.go)."""
+        name = job["metadata"]["name"]
+        counts = {"node": max(job["spec"]["trainer"].get("numNodes", 1) - 1, 1), "launcher": 1}
+        for index, replicated in enumerate(self.runtime["spec"]["template"]["spec"]["replicatedJobs"]):
+            role = replicated["name"]
+            if len(f"{name}-{role}-0-{counts.get(role, 1) - 1}-abcde") > 63:
+                return ("TrainJobResourcesCreationFailed",
+                        'TrainJob resources reconciliation failed: admission webhook "vjobset.kb.io" denied the request: '
+                        f'spec.replicatedJobs[{index}].name: Invalid value: "{name}-{role}-0": JobSet name is too long, '
+                        "pod names generated for this JobSet will exceed 63 characters", True)
+        return None
 
     def pod_labels(self, job: dict[str, Any], pod: str, role: str) -> dict[str, str]:
         """JobSet's labels; the Job's completion index (the node pods' comes with their template)."""

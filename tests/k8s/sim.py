@@ -41,12 +41,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k8s.emulator import ApiError
+
 POLL_S = 0.05
 VENV_BIN = str(Path(sys.executable).parent)
 
 
 def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def warn(emulator: Any, obj: dict[str, Any], reason: str, message: str, new_api: bool = False) -> None:
+    """Record a Warning Event about ``obj``, as a controller's event recorder does.
+
+    ``new_api``: the events.k8s.io recorder (controller-runtime's ``Eventf``, as Kubeflow Trainer
+    v2.3.0 uses), read back through core/v1 with ``eventTime`` set and no ``lastTimestamp``; else
+    client-go's core/v1 recorder (the StatefulSet controller, the MPI Operator), with
+    ``firstTimestamp``/``lastTimestamp``.
+    """
+    meta = obj["metadata"]
+    now = now_rfc3339()
+    event = {"apiVersion": "v1", "kind": "Event",
+             "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta.get("namespace", "default")},
+             "involvedObject": {"apiVersion": obj.get("apiVersion", "v1"), "kind": obj["kind"], "name": meta["name"],
+                                "namespace": meta.get("namespace", "default"), "uid": meta.get("uid", "")},
+             "type": "Warning", "reason": reason, "message": message, "count": 1}
+    if new_api:
+        event |= {"eventTime": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()), "reportingComponent": "trainer",
+                  "action": "Reconciling", "firstTimestamp": None, "lastTimestamp": None}
+    else:
+        event |= {"firstTimestamp": now, "lastTimestamp": now}
+    emulator.create(event)
 
 
 def pod_conditions(ready: bool) -> list[dict[str, Any]]:
@@ -306,6 +331,7 @@ class ClusterSim:
         self.probe_period = probe_period
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
+        self._reported: set[tuple[str, str]] = set()  # (set, message) of the FailedCreate Events recorded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cluster-sim", daemon=True)
 
@@ -348,14 +374,22 @@ class ClusterSim:
                     continue
                 labels = {**template["metadata"].get("labels", {}), "statefulset.kubernetes.io/pod-name": pod_name,
                           "apps.kubernetes.io/pod-index": str(ordinal)}
-                em.create({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
-                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
-                                                      "uid": stateful_set["metadata"]["uid"], "controller": True}]},
-                    "spec": {**template["spec"], "hostname": pod_name, "subdomain": stateful_set["spec"]["serviceName"]},
-                    "status": {"phase": "Pending"},
-                })
+                try:
+                    em.create({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
+                                                          "uid": stateful_set["metadata"]["uid"], "controller": True}]},
+                        "spec": {**template["spec"], "hostname": pod_name, "subdomain": stateful_set["spec"]["serviceName"]},
+                        "status": {"phase": "Pending"},
+                    })
+                except ApiError as e:
+                    # Kubernetes' StatefulSet controller (pkg/controller/statefulset/stateful_pod_control.go,
+                    # recordPodEvent) reports a refused pod only as a FailedCreate Warning on the set, and retries.
+                    if (name, e.message) not in self._reported:
+                        self._reported.add((name, e.message))
+                        warn(em, stateful_set, "FailedCreate", f"create Pod {pod_name} in StatefulSet {name} failed error: {e.message}")
+                    break
                 self.pods_created += 1
         for controller in self.controllers:
             controller.reconcile(self)

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection, connect
+from dsnb.backends.kubernetes.diagnose import classify_object_events, event_time
 from dsnb.backends.kubernetes.entry import Outcome
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
@@ -47,6 +48,9 @@ CREATED = "dsnb.io/created-at"
 RECORD_SELECTOR = f"{MANAGED_SELECTOR},{KIND}=record"
 SYNC_TIMEOUT_S = 30
 EVENTS_EVERY_S = 5.0
+#: Kinds of the objects made for a job whose Warning Events the status shows (their controllers
+#: report there, and only there, what stops them: a refused pod, a name they cannot use).
+OBJECT_EVENT_KINDS = ("StatefulSet", "MPIJob", "TrainJob", "JobSet", "Job", "RayJob", "RayCluster", "RayService")
 READ_LIMIT = 5000
 ARCHIVE_LOG_BYTES = 700_000
 ARCHIVE_METRIC_BYTES = 250_000
@@ -313,32 +317,50 @@ class KubernetesBackend(Backend):
         """The status of a running job from its pods, their recent events and the workload
         object (an MPIJob, a TrainJob) where the backend has one (pure; no API calls)."""
 
-    def _waiting_pod_events(self, name: str, pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        """Events of the job's pods that have not started (a mount or pull problem shows only there).
+    def _waiting_events(self, name: str, pods: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                                              dict[tuple[str, str], list[dict[str, Any]]]]:
+        """Events of the job's pods that have not started (a mount or pull problem shows only there),
+        and of the objects made for the job (a controller that cannot go on says so only there:
+        a refused pod, a name it cannot use), each oldest first.
 
-        Read at most every ``EVENTS_EVERY_S`` per job, and only while some pod waits; events
+        Read at most every ``EVENTS_EVERY_S`` per job, while the job is pending or starting; events
         are best effort (without the permission, the diagnosis uses pod status alone).
         """
-        waiting = {p["metadata"]["name"] for p in pods if not container_started(p, self.container_name)}
-        if not waiting:
-            return {}
         now = time.monotonic()
         cached = self._events.get(name)
         if cached is not None and now - cached[0] < EVENTS_EVERY_S:
             return cached[1]
-        found: dict[str, list[dict[str, Any]]] = {}
+        waiting = {p["metadata"]["name"] for p in pods if not container_started(p, self.container_name)}
+        made_for_job = {name, f"{name}-launcher", f"{name}-launcher-0", f"{name}-node-0"}  # the workload and its Jobs
+        on_pods: dict[str, list[dict[str, Any]]] = {}
+        on_objects: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             response = self.conn.core.list_namespaced_event(self.namespace, _preload_content=False)
             for event in objects.read_json(response).get("items") or []:
                 involved = event.get("involvedObject") or {}
-                if involved.get("kind") == "Pod" and involved.get("name") in waiting:
-                    found.setdefault(involved["name"], []).append(event)
+                kind, involved_name = involved.get("kind"), involved.get("name")
+                if kind == "Pod" and involved_name in waiting:
+                    on_pods.setdefault(involved_name, []).append(event)
+                elif kind in OBJECT_EVENT_KINDS and involved_name in made_for_job:
+                    on_objects.setdefault((kind, involved_name), []).append(event)
         except ApiException:
             pass
-        for events in found.values():
-            events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-        self._events[name] = (now, found)
-        return found
+        for events in [*on_pods.values(), *on_objects.values()]:
+            events.sort(key=event_time)
+        self._events[name] = (now, (on_pods, on_objects))
+        return on_pods, on_objects
+
+    def _object_problem(self, current: JobStatus, on_objects: dict[tuple[str, str], list[dict[str, Any]]]) -> JobStatus:
+        """``current``, unless a controller reported that it cannot go on with the job's objects."""
+        for (kind, object_name), events in sorted(on_objects.items()):
+            problem = classify_object_events(kind, object_name, events)
+            if problem is None:
+                continue
+            if not problem.fatal:
+                return dataclasses.replace(current, message=str(problem))
+            return dataclasses.replace(current, state=JobState.FAILED, message=str(problem), replicas=tuple(
+                dataclasses.replace(r, state=JobState.FAILED) for r in current.replicas))
+        return current
 
     def status(self, name: str) -> JobStatus:
         record = self._record(name)
@@ -352,9 +374,11 @@ class KubernetesBackend(Backend):
         workload = self._informer("workloads").get(name) if self.workload_resource else None
         current = self.compute_status(name, self.spec_of(name), created, pods, None, workload)
         if current.state in (JobState.PENDING, JobState.STARTING):
-            events = self._waiting_pod_events(name, pods)
-            if events:
-                current = self.compute_status(name, self.spec_of(name), created, pods, events, workload)
+            on_pods, on_objects = self._waiting_events(name, pods)
+            if on_pods:
+                current = self.compute_status(name, self.spec_of(name), created, pods, on_pods, workload)
+            if current.state in (JobState.PENDING, JobState.STARTING):
+                current = self._object_problem(current, on_objects)
         if current.state == JobState.FAILED and current.failed_rank is None and self.launcher_logs:
             current = self._failure_from_launcher(name, current)
         if current.state.is_terminal():

@@ -127,3 +127,50 @@ def classify(pod: dict[str, Any], events: list[dict[str, Any]] | None = None) ->
             return Diagnosis(reason, f"pod {_name(pod)} cannot mount a volume: {event.get('message', '')}",
                              "check that the PersistentVolumeClaim in PodOptions(checkpoint_pvc=...) exists and is bound", fatal=False)
     return None
+
+
+#: Warning reasons on the objects dsnb creates (not pods) that say the controller cannot go on.
+_OBJECT_REFUSALS = {
+    # MPI Operator v0.8.0, mpi_job_controller.go: the MPIJob fails validation and is not requeued.
+    "ValidationError": ("the MPI Operator refused it", "fix what the message names (dsnb checks names before it submits; "
+                                                      "an older dsnb may not)"),
+    # Kubeflow Trainer v2.3.0, trainjob_controller.go: the JobSet (or another object) could not be created.
+    "TrainJobResourcesCreationFailed": ("Kubeflow Trainer cannot create its JobSet", "fix what the message names"),
+    # The StatefulSet and Job controllers: a pod the API refused (admission, quota).
+    "FailedCreate": ("its pods cannot be created", "see the message"),
+}
+
+
+def event_time(event: dict[str, Any]) -> str:
+    """When an Event last happened: ``series.lastObservedTime``, ``lastTimestamp`` or ``eventTime`` (new-style events)."""
+    series = event.get("series") or {}
+    return series.get("lastObservedTime") or event.get("lastTimestamp") or event.get("eventTime") or ""
+
+
+def classify_object_events(kind: str, name: str, events: list[dict[str, Any]]) -> Diagnosis | None:
+    """The problem a controller reported with a Warning Event about an object dsnb created, or None.
+
+    Args:
+        kind, name: the object (a StatefulSet, MPIJob, TrainJob, JobSet or Job).
+        events: its Events, oldest first.
+
+    Example:
+        >>> event = {"type": "Warning", "reason": "FailedCreate", "message": 'create Pod j-0 in StatefulSet j failed error: '
+        ...          'pods "j-0" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true'}
+        >>> print(classify_object_events("StatefulSet", "j", [event]))
+        StatefulSet j: its pods cannot be created: create Pod j-0 in StatefulSet j failed error: pods "j-0" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true. Fix: the namespace enforces the "restricted" Pod Security profile: keep dsnb's default security context (do not relax it in PodOptions), or ask for a namespace that allows what the message names
+    """
+    for event in reversed(events):
+        if event.get("type") != "Warning":
+            continue
+        reason, message = event.get("reason", ""), (event.get("message") or "").strip()
+        short = message if len(message) <= 400 else message[:400] + "…"
+        what, fix = _OBJECT_REFUSALS.get(reason, (f"{reason}", "see kubectl describe " + f"{kind.lower()} {name}"))
+        fatal = reason in ("ValidationError",) or "denied the request" in message or "violates PodSecurity" in message
+        if "violates PodSecurity" in message:
+            fix = ('the namespace enforces the "restricted" Pod Security profile: keep dsnb\'s default security context '
+                   "(do not relax it in PodOptions), or ask for a namespace that allows what the message names")
+        elif "exceeded quota" in message:
+            fix = "the namespace's ResourceQuota is used up: wait for other work to end, ask for less (resources=), or for a larger quota"
+        return Diagnosis(reason, f"{kind} {name}: {what}: {short}", fix, fatal=fatal)
+    return None

@@ -28,6 +28,7 @@ from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
@@ -159,6 +160,9 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     # -- rendering -------------------------------------------------------------------------
     def dryrun(self, spec: JobSpec) -> Plan:
         unique = spec.with_unique_name()
+        # MPI Operator v0.8.0 refuses (with only a Warning Event) an MPIJob whose last worker
+        # pod name, <name>-worker-<N-1>, is no DNS-1035 label (pkg/apis/kubeflow/validation/validation.go).
+        check_derived_names(unique.name, [f"{unique.name}-worker-{unique.nodes - 1}"], "the MPI Operator's worker pods")
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
         secret = env_secret(unique, namespace)

@@ -30,6 +30,7 @@ from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, reco
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
+from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
@@ -113,6 +114,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
             raise InvalidSpecError("max_restarts", "a TrainJob has no restart count (its runtime's JobSet failurePolicy decides)",
                                    "set max_restarts=0, or use a runtime whose failurePolicy allows restarts")
         unique = spec.with_unique_name()
+        check_derived_names(unique.name, jobset_pod_names(unique.name, unique.nodes), "JobSet's pods")
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
         secret = env_secret(unique, namespace)
@@ -269,6 +271,21 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         message = waiting[0] if waiting else ("waiting for Kubeflow Trainer to create the JobSet" if not pods
                                               else f"{len(pods)} pod(s) waiting to be scheduled")
         return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
+
+
+def jobset_pod_names(name: str, nodes: int) -> list[str]:
+    """The longest pod names JobSet makes for a TrainJob ``name`` on an MPI runtime, random suffix included.
+
+    The JobSet is named after the TrainJob; its pods are ``<jobset>-<replicatedJob>-<job index>-<pod
+    index>-<5 random>``, which JobSet v0.12.0's webhook requires to be a DNS-1035 label
+    (pkg/webhooks/jobset_webhook.go, placement.GenPodName). Trainer v2.3.0 runs one launcher pod and
+    ``max(numNodes - 1, 1)`` node pods (pkg/runtime/framework/plugins/mpi/mpi.go).
+
+    Example:
+        >>> [len(n) for n in jobset_pod_names("tiny-gpt-x7k2", 3)]
+        [32, 28]
+    """
+    return [f"{name}-launcher-0-0-abcde", f"{name}-node-0-{max(nodes - 1, 1) - 1}-abcde"]
 
 
 def _progress(trainer_status: dict[str, Any]) -> str:
