@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
@@ -58,8 +57,6 @@ READY_MARK = "DSNB_SERVE"
 DEFAULT_PORT = 8000
 #: The longest Kubernetes object name (a DNS-1035 label, as Services need).
 MAX_NAME = 63
-#: Seconds ``serve`` waits for the new record to reach the watch cache.
-RECORD_WAIT_S = 10
 _READ_LIMIT = 5000
 
 
@@ -234,12 +231,6 @@ class JobServing(ServesAsJob):
         token = plan.extra.get("secret_values", {}).get(f"{plan.name}-env", {}).get(TOKEN_ENV)
         if token:
             self._tokens[plan.name] = token
-        # The endpoint is asked for at once: wait until the watch cache holds its record.
-        records = self._informer("records")  # type: ignore[attr-defined]
-        deadline = time.monotonic() + RECORD_WAIT_S
-        seen = records.version
-        while records.get(plan.name) is None and time.monotonic() < deadline:
-            seen = records.wait_for_change(seen, max(0.0, deadline - time.monotonic()))
 
     # -- finding it again ------------------------------------------------------------------
     def _in_cluster_url(self, name: str, port: int) -> str:
