@@ -1,4 +1,5 @@
-"""Multi-node proof of the MPI path: an MPIJob trains DeepSpeed ZeRO-2 across two workers.
+"""Multi-node proof of the MPI path: an MPIJob, and a TrainJob on Trainer v2.3.0's stock runtime, train
+DeepSpeed ZeRO-2 across two pods.
 
 The simulated MPI Operator (``tests/k8s/operators.py``) gives the launcher and each worker its
 own network namespace on a bridge, with the DNS names of the operator's Service; the
@@ -12,9 +13,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO
+import yaml
+from helpers import REPO, wait_until
+from k8s.crds import FOLDER
 from k8s.fixtures import IMAGE, NAMESPACE, emulator, leftovers, make_cluster  # noqa: F401 - fixture
-from k8s.operators import MPIOperatorSim
+from k8s.operators import MPIOperatorSim, TrainerSim
 from k8s.sandbox import mpi_problem, netns_problem
 from k8s.sim import ClusterSim
 
@@ -44,5 +47,29 @@ def test_deepspeed_zero2_trains_across_two_mpi_workers(emulator) -> None:  # noq
         texts = [line.text for line in lines]
         assert any("4 ranks" in text for text in texts), texts[:40]  # one world across both workers
         assert {line.rank for line in lines if line.text.startswith("step ")} == {0}
+        assert [s.step for s in job.metrics("loss", rank=0)] == [1, 2, 3, 4]
+        assert leftovers(emulator, sim, job.name) == []
+
+
+def test_deepspeed_zero2_trains_across_the_launcher_and_a_node_of_a_trainjob(emulator) -> None:  # noqa: F811
+    """Trainer v2.3.0 lists the node pod before the launcher in the hostfile, and Open MPI runs the first
+    ranks on mpirun's own node: rank 0 and MASTER_ADDR must agree, or the ranks never meet."""
+    config = json.loads((EXAMPLE / "ds_config.json").read_text())
+    spec = JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), nodes=2, procs_per_node=2,
+                   args=["--steps", "4", "--no-save", "--no-resume"], image=IMAGE, deepspeed=config,
+                   env={"OMP_NUM_THREADS": "1"})
+    operator = TrainerSim("10.231.24", yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text()))
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "trainjob") as cluster:
+        job = cluster.submit(spec)
+        hostfile = wait_until(lambda: (emulator.get("v1", "ConfigMap", NAMESPACE, f"{job.name}-mpi-hostfile") or {}).get("data"),
+                              timeout=60)["hostfile"]  # it goes with the TrainJob at the end
+        final = job.wait(timeout=300)
+        assert final.state == JobState.SUCCEEDED, final.diagnosis()
+        assert [line.split(".")[0] for line in hostfile.splitlines()] == [f"{job.name}-node-0-0", f"{job.name}-launcher-0-0"]
+        launcher, node = (operator.pod_name(f"{job.name}-{host}") for host in ("launcher-0-0", "node-0-0"))
+        assert [r.host for r in final.replicas] == [launcher] * 2 + [node] * 2
+        texts = [line.text for line in job.logs()]
+        assert any("4 ranks" in text for text in texts), texts[:40]
         assert [s.step for s in job.metrics("loss", rank=0)] == [1, 2, 3, 4]
         assert leftovers(emulator, sim, job.name) == []

@@ -119,6 +119,26 @@ def test_the_launcher_prelude_and_the_rank_shim_give_the_torch_distributed_envir
     assert run.stdout.splitlines() == ["imported ['--lr', '0.1'] 3", "partial line"]
 
 
+@pytest.mark.parametrize("me, first", [
+    ("job-launcher-0-0", "job-launcher-0-0.job"),  # a TrainJob launcher that is a node too: it goes first
+    ("job-launcher-x7k2q", "job-node-0-0.job"),  # an MPIJob launcher is no host of the hostfile: order kept
+])
+def test_the_prelude_puts_the_launchers_own_host_first(tmp_path: Path, me: str, first: str) -> None:
+    """Open MPI 4 runs the first ranks on mpirun's own node wherever the hostfile lists it: the copy
+    given to mpirun lists that node first, so MASTER_ADDR is where rank 0 runs, under every Open MPI."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("job-node-0-0.job slots=2\njob-node-0-1.job slots=2\njob-launcher-0-0.job slots=2\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "hostname").write_text(f"#!/bin/sh\necho {me}\n")
+    (tmp_path / "bin" / "hostname").chmod(0o755)
+    show = "import os,sys; print(os.environ['MASTER_ADDR']); print(open(sys.argv[sys.argv.index('--hostfile') + 1]).read(), end='')"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    argv = ["sh", "-c", MASTER_PRELUDE, str(hostfile), sys.executable, "-c", show, "--hostfile", str(hostfile), "-np", "6"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == first
+    assert out[1].split()[0] == first and sorted(out[1:]) == sorted(hostfile.read_text().splitlines())
+
+
 def shim_script(tmp_path: Path) -> Path:
     """A job script with a helper module beside it, a line written in two prints, and exit code 3."""
     script = tmp_path / "job" / "train.py"

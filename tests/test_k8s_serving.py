@@ -338,11 +338,14 @@ def test_operator_backends_serve_until_stopped(emulator, backend: str) -> None: 
             make_cluster(emulator, backend, cancel_wait=20) as cluster:
         endpoint, seen = serve_until_running(cluster, spec)
         name = endpoint.name
-        rank0, other = (f"{name}-worker-0", f"{name}-launcher") if backend == "mpijob" else (f"{name}-launcher-0-0", f"{name}-node-0-0")
+        # Hosts on the job's network. Trainer v2.3.0's stock runtime lists the node before the launcher, and
+        # Open MPI runs rank 0 on mpirun's own node anyway: the launcher (its pod name adds a random part).
+        rank0_host, other = (f"{name}-worker-0", f"{name}-launcher") if backend == "mpijob" else (f"{name}-launcher-0-0", f"{name}-node-0-0")
+        rank0 = operator.pod_name(rank0_host)
         assert any(m == f"loading the model: rank 0 (pod {rank0}) has not reported ready yet"
                    for s, m in seen if s == JobState.STARTING), seen
         assert seen[-1][1] == f"ready: rank 0 (pod {rank0}) answers on port {port}"
         pods = sorted(p["metadata"]["name"] for p in emulator.list("v1", "Pod", NAMESPACE, f"dsnb.io/job={name}"))
-        assert len(pods) == (3 if backend == "mpijob" else 2), pods  # launcher and two workers; launcher (node 0) and node 1
-        assert answer_from(operator.networks[name], other, rank0, port) == {"outputs": [[1.0, 2.0]], "rank": 0}
+        assert len(pods) == (3 if backend == "mpijob" else 2), pods  # launcher and two workers; the launcher and node 0
+        assert answer_from(operator.networks[name], other, rank0_host, port) == {"outputs": [[1.0, 2.0]], "rank": 0}
         check_lifecycle(emulator, sim, cluster, endpoint, port, rank0)

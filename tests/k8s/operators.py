@@ -22,6 +22,7 @@ Deleting the job collects its pods (ownerReferences, in the emulator) and the ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -50,11 +51,13 @@ class _MPIJobs:
 
     api_version = ""
     kind = ""
+    hostfile_suffix = "-config"  # the ConfigMap holding the hostfile: <job> + this
 
     def __init__(self, subnet: str) -> None:
         self.subnet = subnet
         self.networks: dict[str, PodNetwork] = {}
         self.pods: dict[str, str] = {}  # pod name -> job
+        self.host_of: dict[str, str] = {}  # pod name -> its hostname (its identity on the job's network)
         self.conditions: dict[str, list[dict[str, Any]]] = {}
         self.refused: set[str] = set()
 
@@ -75,13 +78,17 @@ class _MPIJobs:
         gives up on ``job`` without creating anything, or None when it goes ahead."""
         return None
 
+    def pod_name(self, host: str) -> str:
+        """The name of the pod whose hostname is ``host`` (the same, unless a Job controller adds a random part)."""
+        return host
+
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
     def netns_for(self, pod: str) -> str | None:
         job = self.pods.get(pod)
-        return self.networks[job].namespace(pod) if job in self.networks else None
+        return self.networks[job].namespace(self.host_of.get(pod, pod)) if job in self.networks else None
 
     def close(self) -> None:
         for network in self.networks.values():
@@ -116,19 +123,19 @@ class _MPIJobs:
                 network.hosts({pod: [dns, dns + ".cluster.local", dns.split(".")[0]] for pod, dns, _, _ in hosts}
                               | ({launcher: [launcher]} if launcher not in {p for p, _, _, _ in hosts} else {}))
                 self.networks[name] = network
-                for pod, _, _, _ in hosts:
-                    self.pods[pod] = name
-                self.pods[launcher] = name
+                for host in [launcher, *(pod for pod, _, _, _ in hosts)]:
+                    self.pods[self.pod_name(host)] = name
+                    self.host_of[self.pod_name(host)] = host
                 em.create({"apiVersion": "v1", "kind": "ConfigMap",
-                           "metadata": {"name": f"{name}-config", "namespace": ns, "ownerReferences": [_owner(job)]},
+                           "metadata": {"name": f"{name}{self.hostfile_suffix}", "namespace": ns, "ownerReferences": [_owner(job)]},
                            "data": {"hostfile": "".join(f"{dns} slots={slots}\n" for _, dns, _, _ in hosts)}})
                 self._set_conditions(sim, job, ("Created", f"{self.kind} {ns}/{name} is created."))
             for pod, _, template, role in hosts:
-                if pod != launcher and em.get("v1", "Pod", ns, pod) is None and not self._finished(name):
+                if pod != launcher and em.get("v1", "Pod", ns, self.pod_name(pod)) is None and not self._finished(name):
                     self._create_pod(sim, job, pod, template, fake=True, labels=self.pod_labels(job, pod, role))
-            workers = [em.get("v1", "Pod", ns, pod) for pod, _, _, _ in hosts if pod != launcher]
+            workers = [em.get("v1", "Pod", ns, self.pod_name(pod)) for pod, _, _, _ in hosts if pod != launcher]
             ready = all(p is not None and (p.get("status") or {}).get("phase") == "Running" for p in workers)
-            launcher_pod = em.get("v1", "Pod", ns, launcher)
+            launcher_pod = em.get("v1", "Pod", ns, self.pod_name(launcher))
             if ready and launcher_pod is None and not self._finished(name):
                 self._create_launcher(sim, job, launcher)
             elif launcher_pod is not None:
@@ -140,12 +147,14 @@ class _MPIJobs:
     def _finished(self, name: str) -> bool:
         return any(c["type"] in ("Succeeded", "Failed", "Complete") for c in self.conditions.get(name, []))
 
-    def _create_pod(self, sim: ClusterSim, job: dict[str, Any], pod: str, template: dict[str, Any], fake: bool,
+    def _create_pod(self, sim: ClusterSim, job: dict[str, Any], host: str, template: dict[str, Any], fake: bool,
                     extra_spec: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> None:
         metadata = template.get("metadata") or {}
+        # Both operators give each pod its DNS identity: hostname and the job's headless Service as subdomain.
+        extra_spec = {"hostname": host, "subdomain": job["metadata"]["name"], **(extra_spec or {})}
         sim.emulator.create({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": sim.namespace, "labels": {**(metadata.get("labels") or {}), **(labels or {})},
+            "metadata": {"name": self.pod_name(host), "namespace": sim.namespace, "labels": {**(metadata.get("labels") or {}), **(labels or {})},
                          "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(job)]},
             "spec": {**template["spec"], **(extra_spec or {})},
             "status": {"phase": "Pending"},
@@ -165,15 +174,15 @@ class _MPIJobs:
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             # instead of ssh: enter the worker's network namespace
             "OMPI_MCA_plm_rsh_agent": f"{sys.executable} {AGENT}",
-            "DSNB_RSH_NETNS": json.dumps({pod: self.networks[name].namespace(pod) for pod, job_name in self.pods.items()
-                                          if job_name == name}),
+            "DSNB_RSH_NETNS": json.dumps({self.host_of[pod]: self.networks[name].namespace(self.host_of[pod])
+                                          for pod, job_name in self.pods.items() if job_name == name}),
             "DSNB_RSH_LOGIN_PATH": LOGIN_PATH,
         }.items())
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
-        spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}-config"}})
+        spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}{self.hostfile_suffix}"}})
         spec["restartPolicy"] = "Never"
         self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"))
-        self._set_conditions(sim, job, ("Running", f"launcher {launcher} is running"))
+        self._set_conditions(sim, job, ("Running", f"launcher {self.pod_name(launcher)} is running"))
 
     def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
         phase = (pod.get("status") or {}).get("phase")
@@ -231,10 +240,18 @@ class MPIOperatorSim(_MPIJobs):
 
 
 class TrainerSim(_MPIJobs):
-    """Kubeflow Trainer running a TrainJob on an MPI runtime (launcher = node 0)."""
+    """Kubeflow Trainer v2.3.0 running a TrainJob on an MPI runtime whose launcher is a node too."""
 
     api_version = "trainer.kubeflow.org/v1alpha1"
     kind = "TrainJob"
+    hostfile_suffix = "-mpi-hostfile"  # pkg/constants/constants.go MPIHostfileConfigMapSuffix
+
+    def pod_name(self, host: str) -> str:
+        """An Indexed Job's pod: ``<job>-<index>-<5 random>`` (Kubernetes' Job controller), while JobSet sets
+        its hostname to ``<jobset>-<replicatedJob>-<job index>-<pod index>`` (jobset v0.12.0)."""
+        alphabet = "bcdfghjklmnpqrstvwxz2456789"  # apimachinery's rand.String letters
+        digest = hashlib.sha256(host.encode()).digest()
+        return f"{host}-{''.join(alphabet[b % len(alphabet)] for b in digest[:5])}"
 
     def __init__(self, subnet: str, runtime: dict[str, Any]) -> None:
         super().__init__(subnet)
@@ -265,15 +282,23 @@ class TrainerSim(_MPIJobs):
         return pod
 
     def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
+        """Trainer v2.3.0 with runLauncherAsNode: max(numNodes - 1, 1) node pods and the launcher, all in the
+        hostfile with numProcPerNode slots, in the runtime's replicatedJobs order (pkg/runtime/framework/
+        plugins/mpi/mpi.go EnforceMLPolicy and buildHostFileConfigMap; JobSet's endpoints
+        ``<job>-<replicatedJob>-0-<i>.<job>``, pkg/runtime/framework/plugins/jobset/jobset.go)."""
         name = job["metadata"]["name"]
         trainer = job["spec"]["trainer"]
         launcher = f"{name}-launcher-0-0"
-        node = self._replicated(job, "node")
-        hosts = [(launcher, f"{name}-launcher-0-0.{name}", self._replicated(job, "launcher"), "launcher")]
-        for i in range(trainer["numNodes"] - 1):
-            pod = json.loads(json.dumps(node))
-            pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] = str(i)
-            hosts.append((f"{name}-node-0-{i}", f"{name}-node-0-{i}.{name}", pod, "node"))
+        hosts = []
+        for replicated in self.runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+            if replicated["name"] == "launcher":
+                hosts.append((launcher, f"{launcher}.{name}", self._replicated(job, "launcher"), "launcher"))
+            elif replicated["name"] == "node":
+                node = self._replicated(job, "node")
+                for i in range(max(trainer["numNodes"] - 1, 1)):
+                    pod = json.loads(json.dumps(node))
+                    pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] = str(i)
+                    hosts.append((f"{name}-node-0-{i}", f"{name}-node-0-{i}.{name}", pod, "node"))
         return launcher, hosts, trainer["numProcPerNode"]
 
     def launcher_template(self, job: dict[str, Any]) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class PodRunner:
         self.sim = sim
         self.namespace = pod["metadata"]["namespace"]
         self.name = pod["metadata"]["name"]
+        self.hostname = pod["spec"].get("hostname") or self.name  # as the kubelet sets it (63 characters at most)
         self.pod = pod
         self.root = Path(tempfile.mkdtemp(prefix=f"pod-{self.name}-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -165,10 +166,18 @@ class PodRunner:
                      f"&& mount --bind {shlex.quote(str(self.termination_file))} {shlex.quote(termination)}")
         if container.get("workingDir"):
             steps.append(f"cd {shlex.quote(container['workingDir'])}")
-        script = " && ".join(steps) + ' && exec "$@"'
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-                *(container.get("command") or []), *(container.get("args") or [])]
+        # The kubelet gives each pod its own hostname (spec.hostname, else the pod's name) and an /etc/hosts
+        # where it resolves (pkg/kubelet/kubelet_pods.go, ensureHostsFile). A pod in a network namespace gets
+        # that namespace's hosts file from `ip netns exec`; one on this host's network gets its own here.
         netns = self.sim.netns_for(self.name) if self.sim.netns_for else None
+        if netns is None:
+            hosts = self.root / "hosts"
+            hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1\t{self.hostname}\n")
+            steps.append(f"mount --bind {shlex.quote(str(hosts))} /etc/hosts")
+        steps.append(f"hostname {shlex.quote(self.hostname)}")
+        script = " && ".join(steps) + ' && exec "$@"'
+        argv = ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script, "sh",
+                *(container.get("command") or []), *(container.get("args") or [])]
         return (["ip", "netns", "exec", netns] if netns else []) + argv
 
     # -- life cycle ------------------------------------------------------------------------

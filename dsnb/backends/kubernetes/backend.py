@@ -587,6 +587,14 @@ class KubernetesBackend(Backend):
         """Preflight lines for what the backend relies on in the cluster (CRDs, operators)."""
         return []
 
+    def pods_for(self, spec: JobSpec) -> int:
+        """How many pods of ``spec`` ask for ``resources`` (the GPU check counts them)."""
+        return spec.nodes
+
+    def spec_checks(self, spec: JobSpec) -> list[Any]:
+        """Preflight lines about how this backend lays ``spec`` out (none by default)."""
+        return []
+
     def check(self, spec: JobSpec | None = None) -> Any:
         """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""
         from dsnb.backends.kubernetes.preflight import run_preflight

@@ -49,7 +49,17 @@ OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent
 
 #: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
 #: MASTER_ADDR (exported to the ranks; the hostfile is mounted on the launcher only).
-MASTER_PRELUDE = 'export MASTER_ADDR="$(head -n 1 "$0" | cut -d " " -f 1)"; exec "$@"'
+#: Runs on the launcher before mpirun, with the operator's hostfile as ``$0``: when the launcher's own
+#: host is in it (a TrainJob runtime with ``runLauncherAsNode``), that host goes first in the copy
+#: mpirun is given, since Open MPI 4 puts the first ranks on mpirun's own node wherever it is listed;
+#: then ``MASTER_ADDR`` is the first host, where rank 0 runs, under every Open MPI.
+MASTER_PRELUDE = (
+    'me="$(hostname)"; h="${TMPDIR:-/tmp}/dsnb-hostfile.$$"; '
+    'grep -E "^$me([. ]|$)" "$0" > "$h"; grep -vE "^$me([. ]|$)" "$0" >> "$h"; '
+    'export MASTER_ADDR="$(head -n 1 "$h" | cut -d " " -f 1)"; '
+    'for a do shift; [ "$prev" = --hostfile ] && a="$h"; prev="$a"; set -- "$@" "$a"; done; '
+    'exec "$@"'
+)
 #: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then
 #: ``--run SCRIPT ARGS`` runs a Python script in this interpreter with line-buffered output
 #: (mpirun forwards each write as it comes, so a line written in two parts, as unbuffered

@@ -95,8 +95,10 @@ def run_preflight(backend: KubernetesBackend, spec: JobSpec | None = None) -> Pr
     report.results.append(check_namespace(conn, namespace))
     report.results += check_permissions(conn, namespace, backend.permissions, backend.name)
     report.results += backend.operator_checks(conn)
+    if spec is not None:
+        report.results += backend.spec_checks(spec)
     if spec is not None and gpus:
-        report.results += check_gpus(conn, gpus, spec.nodes)
+        report.results += check_gpus(conn, gpus, backend.pods_for(spec))
     return report
 
 

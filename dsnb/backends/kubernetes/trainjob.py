@@ -1,9 +1,9 @@
 """``Cluster("trainjob")``: a Kubeflow Trainer TrainJob (``trainer.kubeflow.org/v1alpha1``).
 
 The TrainJob names a training runtime (by default the ``deepspeed-distributed``
-ClusterTrainingRuntime, which runs DeepSpeed over Open MPI with the launcher acting as node
-0). The Trainer turns runtime + TrainJob into a JobSet, writes ``/etc/mpi/hostfile`` and the
-ssh keys, and starts the pods; dsnb fills the trainer part (image, the launcher's ``mpirun``
+ClusterTrainingRuntime, which runs DeepSpeed over Open MPI with the launcher acting as a node).
+The Trainer turns runtime + TrainJob into a JobSet, writes ``/etc/mpi/hostfile`` and the
+ssh keys, and starts the pods (where the ranks land: :mod:`~dsnb.backends.kubernetes.trainer_layout`); dsnb fills the trainer part (image, the launcher's ``mpirun``
 command, env, ``numNodes``, ``numProcPerNode``, ``resourcesPerNode``) and adds the pod
 options and its labels through ``runtimePatches``. The manifest is built and checked with the
 Kubeflow SDK's models (``kubeflow_trainer_api``).
@@ -35,6 +35,7 @@ from dsnb.backends.kubernetes.pod_status import container_status, parse_time
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
+from dsnb.backends.kubernetes.trainer_layout import node_pods, rank_hosts
 from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -55,9 +56,9 @@ RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/
 class TrainJobBackend(JobServing, KubernetesBackend):
     """DeepSpeed on a Kubeflow Trainer TrainJob; see the module docstring.
 
-    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the launcher pod,
-    which is node 0 on an MPI runtime with ``runLauncherAsNode`` (``deepspeed-distributed``):
-    the Trainer puts it first in the hostfile, so rank 0 runs there. A TrainJob's
+    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the pod of rank 0:
+    the first host of the Trainer's hostfile, which follows the runtime's replicatedJobs order
+    (``<job>-node-0-0`` with Trainer v2.3.0's stock runtimes, the launcher before v2.3). A TrainJob's
     ``runtimePatches`` may only set a container's env, mounts and security context, so no
     port or probe can be added from the TrainJob; readiness is read from rank 0's
     ``DSNB_SERVE`` lines in the launcher's log.
@@ -92,6 +93,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         super().__init__(**options)
         self.runtime = runtime
         self.runtime_kind = runtime_kind
+        self._launcher_is_node: bool | None = None  # the runtime's runLauncherAsNode, once read
 
     # -- rendering -------------------------------------------------------------------------
     def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
@@ -108,6 +110,10 @@ class TrainJobBackend(JobServing, KubernetesBackend):
                 "spec": {**pod_patch, "containers": [{"name": RUNTIME_CONTAINER, "volumeMounts": container["volumeMounts"]}]},
             }}}})
         return [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": jobs}}}}]
+
+    def apply(self, plan: Plan) -> None:
+        self.launcher_is_node()  # learnt once, so that status places the ranks as this runtime does
+        super().apply(plan)
 
     def dryrun(self, spec: JobSpec) -> Plan:
         if spec.max_restarts:
@@ -197,10 +203,58 @@ class TrainJobBackend(JobServing, KubernetesBackend):
                 })
         return found
 
+    # -- layout ----------------------------------------------------------------------------
+    def launcher_is_node(self) -> bool:
+        """Whether the job's runtime runs ranks on the launcher too (``mlPolicy.mpi.runLauncherAsNode``), read
+        once from the cluster; True, as for the stock ``deepspeed-distributed``, when it cannot be read."""
+        if self._launcher_is_node is None:
+            try:
+                if self.runtime_kind == "ClusterTrainingRuntime":
+                    runtime = self.conn.custom.get_cluster_custom_object(GROUP, VERSION, "clustertrainingruntimes", self.runtime,
+                                                                         _request_timeout=REQUEST_TIMEOUT_S)
+                else:
+                    runtime = self.conn.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainingruntimes",
+                                                                            self.runtime, _request_timeout=REQUEST_TIMEOUT_S)
+            except ApiException as e:
+                if e.status in (403, 404):  # not ours to read, or not there: the stock runtimes' layout
+                    self._launcher_is_node = True
+                return True
+            except (ClusterError, urllib3.exceptions.HTTPError, OSError):
+                return True
+            mpi = (((runtime.get("spec") or {}).get("mlPolicy") or {}).get("mpi") or {})
+            self._launcher_is_node = bool(mpi.get("runLauncherAsNode", False))
+        return self._launcher_is_node
+
+    def pods_for(self, spec: JobSpec) -> int:
+        """Pods the job asks ``resourcesPerNode`` for: the node pods and the launcher."""
+        return node_pods(spec.nodes, self.launcher_is_node()) + 1
+
+    def spec_checks(self, spec: JobSpec) -> list[Any]:
+        from dsnb.preflight import CheckResult
+
+        pods = self.pods_for(spec)
+        gpus = f" with {spec.resources.gpus} GPU(s) each" if spec.resources.gpus else ""
+        detail = f"nodes={spec.nodes} makes {pods} pods{gpus}: Kubeflow Trainer gives resourcesPerNode to the launcher too"
+        if not self.launcher_is_node():
+            return [CheckResult("layout", True, f"{detail}; the ranks run on the {spec.nodes} node pod(s)")]
+        if spec.nodes == 1:
+            return [CheckResult("layout", True, f"{detail}, and makes max(nodes-1, 1) = 1 node pod, which runs no rank: "
+                                                "the ranks run on the launcher", warning=True)]
+        return [CheckResult("layout", True, f"{detail}; the first ranks run on the launcher, the others on the node pods")]
+
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:
-        """The launcher pod (node 0, rank 0), by the labels dsnb's runtime patch gives it."""
+        """The pod of rank 0: the launcher when the runtime runs it as a node (see :mod:`trainer_layout`), else node 0."""
+        if self._launcher_is_node is False:
+            return {**job_labels(name), ROLE: "node", JOB_INDEX: "0"}
         return {**job_labels(name), ROLE: "launcher"}
+
+    def apply_serve(self, plan: Plan) -> None:
+        """As for every job backend, with the Service in front of rank 0's pod for the runtime the cluster has."""
+        self.launcher_is_node()
+        service = next(m for m in plan.manifests if m["kind"] == "Service" and m["metadata"]["name"].endswith(SERVICE_SUFFIX))
+        service["spec"]["selector"] = self.serving_selector(plan.name)
+        super().apply_serve(plan)
 
     # -- pods ------------------------------------------------------------------------------
     @staticmethod
@@ -209,8 +263,10 @@ class TrainJobBackend(JobServing, KubernetesBackend):
 
     def pod_node(self, pod: dict[str, Any]) -> int | None:
         if self._role(pod) == "launcher":
-            return None  # node 0 too (runLauncherAsNode), but its log carries every rank
-        return int((pod["metadata"].get("labels") or {}).get(JOB_INDEX, "0")) + 1
+            return None  # its log carries every rank's lines, tagged by mpirun
+        # The node Job's completion index (the label exists from Kubernetes 1.28; the hostname always ends in it).
+        index = int((pod["metadata"].get("labels") or {}).get(JOB_INDEX) or hostname(pod).rsplit("-", 1)[-1])
+        return index + (1 if self._launcher_is_node is not False else 0)
 
     def logs_from(self, pod: dict[str, Any]) -> bool:
         return self._role(pod) == "launcher"
@@ -221,10 +277,10 @@ class TrainJobBackend(JobServing, KubernetesBackend):
                        workload: dict[str, Any] | None = None) -> JobStatus:
         status = (workload or {}).get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-        nodes: dict[int, dict[str, Any]] = {}
-        for pod in pods:
-            node = self.pod_node(pod)
-            nodes[0 if node is None else node] = pod
+        by_host = {hostname(p): p for p in pods}
+        as_node = self._launcher_is_node is not False
+        nodes = {index: by_host[host] for index, host in enumerate(rank_hosts(name, spec.nodes, as_node)) if host in by_host}
+        expected = node_pods(spec.nodes, as_node) + 1
         procs = spec.procs_per_node
         ended = conditions.get("Complete") or conditions.get("Failed") or {}
         starts = [t for t in (parse_time(((container_status(p, RUNTIME_CONTAINER).get("state") or {}).get("running") or {})
@@ -260,17 +316,25 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         if "Suspended" in conditions:
             return JobStatus(**common, state=JobState.PENDING, replicas=replicas(lambda _: JobState.PENDING),
                              message="the TrainJob is suspended")
+        launcher = next((p for p in pods if self._role(p) == "launcher"), None)
         states = {node_state(n) for n in range(spec.nodes)}
+        if states == {JobState.RUNNING} and not (launcher and (container_status(launcher, RUNTIME_CONTAINER).get("state") or {}).get("running")):
+            states = {JobState.STARTING}  # the ranks start with mpirun, on the launcher
         progress = _progress(status.get("trainerStatus") or {})
         if states == {JobState.RUNNING}:
             return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(node_state),
                              message=progress or f"{spec.world_size} process(es) on {spec.nodes} node(s)")
         if states & {JobState.RUNNING, JobState.STARTING}:
             return JobStatus(**common, state=JobState.STARTING, replicas=replicas(node_state),
-                             message=waiting[0] if waiting else f"{len(nodes)} of {spec.nodes} pod(s) created")
+                             message=waiting[0] if waiting else f"{len(pods)} of {expected} pod(s) created")
         message = waiting[0] if waiting else ("waiting for Kubeflow Trainer to create the JobSet" if not pods
                                               else f"{len(pods)} pod(s) waiting to be scheduled")
         return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
+
+
+def hostname(pod: dict[str, Any]) -> str:
+    """A JobSet pod's hostname, ``<jobset>-<replicatedJob>-<job index>-<pod index>`` (its name adds a random part)."""
+    return (pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"]
 
 
 def jobset_pod_names(name: str, nodes: int) -> list[str]:
