@@ -82,6 +82,9 @@ class _MPIJobs:
         """The name of the pod whose hostname is ``host`` (the same, unless a Job controller adds a random part)."""
         return host
 
+    def prepare(self, sim: ClusterSim, job: dict[str, Any]) -> None:
+        """Read what the job refers to, once, before anything else is done with it."""
+
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         raise NotImplementedError
 
@@ -110,6 +113,7 @@ class _MPIJobs:
         for job in em.list(self.api_version, self.kind, ns):
             name = job["metadata"]["name"]
             alive.add(name)
+            self.prepare(sim, job)
             refused = self.refusal(job)
             if refused is not None:  # a Warning Event, no condition, nothing created: the job waits for ever
                 if name not in self.refused:
@@ -177,12 +181,25 @@ class _MPIJobs:
             "DSNB_RSH_NETNS": json.dumps({self.host_of[pod]: self.networks[name].namespace(self.host_of[pod])
                                           for pod, job_name in self.pods.items() if job_name == name}),
             "DSNB_RSH_LOGIN_PATH": LOGIN_PATH,
+            # What each host's image lacks: the user's code, on a pod that does not run the launcher's image.
+            "DSNB_RSH_IMAGE_LACKS": json.dumps(self._lacking(job, container)),
         }.items())
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
         spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}{self.hostfile_suffix}"}})
         spec["restartPolicy"] = "Never"
         self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"))
         self._set_conditions(sim, job, ("Running", f"launcher {self.pod_name(launcher)} is running"))
+
+    def _lacking(self, job: dict[str, Any], launcher: dict[str, Any]) -> dict[str, list[str]]:
+        """Host -> the directories its pod's image has not: the code directory mpirun starts the ranks in
+        (``--wdir``), on each host whose image differs from the launcher's (which is the job's)."""
+        command = list(launcher.get("command") or [])
+        code = command[command.index("--wdir") + 1] if "--wdir" in command else None
+        if code is None:
+            return {}
+        _, hosts, _ = self.layout(job)
+        return {host: [code] for host, _, template, _ in hosts
+                if template["spec"]["containers"][0].get("image") != launcher.get("image")}
 
     def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
         phase = (pod.get("status") or {}).get("phase")
@@ -254,20 +271,50 @@ class TrainerSim(_MPIJobs):
         return f"{host}-{''.join(alphabet[b % len(alphabet)] for b in digest[:5])}"
 
     def __init__(self, subnet: str, runtime: dict[str, Any]) -> None:
+        """``runtime``: a ClusterTrainingRuntime the cluster has installed (put into the emulator on the first round)."""
         super().__init__(subnet)
-        self.runtime = runtime
+        self.installed = runtime
+        self._runtimes: dict[str, dict[str, Any]] = {}  # job -> the runtime it was made from
+
+    def reconcile(self, sim: ClusterSim) -> None:
+        meta = self.installed["metadata"]
+        if sim.emulator.get(self.installed["apiVersion"], self.installed["kind"], None, meta["name"]) is None:
+            sim.emulator.create(json.loads(json.dumps(self.installed)))
+        super().reconcile(sim)
+
+    def prepare(self, sim: ClusterSim, job: dict[str, Any]) -> None:
+        self.runtime_of(sim, job)
+
+    def runtime_of(self, sim: ClusterSim, job: dict[str, Any]) -> dict[str, Any]:
+        """The (Cluster)TrainingRuntime the TrainJob names, read when the job is first seen (as the Trainer does)."""
+        name = job["metadata"]["name"]
+        if name not in self._runtimes:
+            ref = job["spec"]["runtimeRef"]
+            namespace = None if ref.get("kind") == "ClusterTrainingRuntime" else sim.namespace
+            self._runtimes[name] = sim.emulator.get(self.api_version, ref.get("kind", "ClusterTrainingRuntime"), namespace,
+                                                    ref["name"]) or self.installed
+        return self._runtimes[name]
 
     def _replicated(self, job: dict[str, Any], role: str) -> dict[str, Any]:
-        """The runtime's pod template for ``role``, with the TrainJob's trainer and patches applied."""
-        template = next(j for j in self.runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == role)
+        """The runtime's pod template for ``role``, with the TrainJob's trainer and patches applied.
+
+        As Trainer v2.3.0's JobSet builder (pkg/runtime/framework/plugins/jobset/builder.go, ``Trainer``):
+        image, command and args go only to the replicatedJob labelled as the trainer step (the launcher),
+        env to it and, with runLauncherAsNode, to the node too; resourcesPerNode to both
+        (pkg/runtime/core/trainingruntime.go)."""
+        runtime = self._runtimes[job["metadata"]["name"]]
+        template = next(j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == role)
         pod = json.loads(json.dumps(template["template"]["spec"]["template"]))
         trainer = job["spec"]["trainer"]
         container = pod["spec"]["containers"][0]
-        container["image"] = trainer["image"]
+        trainer_step = ((template["template"].get("metadata") or {}).get("labels") or {}).get(
+            "trainer.kubeflow.org/trainjob-ancestor-step") == "trainer"
+        if trainer_step:
+            container["image"] = trainer.get("image") or container.get("image")
+            if trainer.get("command"):
+                container["command"] = trainer["command"]
+        container["env"] = [*(container.get("env") or []), *(trainer.get("env") or [])]
         container["resources"] = trainer.get("resourcesPerNode") or {}
-        if role == "launcher":
-            container["command"] = trainer["command"]
-            container["env"] = trainer.get("env") or []
         for patch in job["spec"].get("runtimePatches") or []:
             for replicated in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
                 if replicated["name"] != role:
@@ -290,7 +337,7 @@ class TrainerSim(_MPIJobs):
         trainer = job["spec"]["trainer"]
         launcher = f"{name}-launcher-0-0"
         hosts = []
-        for replicated in self.runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        for replicated in self._runtimes[name]["spec"]["template"]["spec"]["replicatedJobs"]:
             if replicated["name"] == "launcher":
                 hosts.append((launcher, f"{launcher}.{name}", self._replicated(job, "launcher"), "launcher"))
             elif replicated["name"] == "node":
@@ -310,7 +357,7 @@ class TrainerSim(_MPIJobs):
         v2.3.0 then only records TrainJobResourcesCreationFailed (pkg/controller/trainjob_controller.go)."""
         name = job["metadata"]["name"]
         counts = {"node": max(job["spec"]["trainer"].get("numNodes", 1) - 1, 1), "launcher": 1}
-        for index, replicated in enumerate(self.runtime["spec"]["template"]["spec"]["replicatedJobs"]):
+        for index, replicated in enumerate(self._runtimes[name]["spec"]["template"]["spec"]["replicatedJobs"]):
             role = replicated["name"]
             if len(f"{name}-{role}-0-{counts.get(role, 1) - 1}-abcde") > 63:
                 return ("TrainJobResourcesCreationFailed",

@@ -23,7 +23,10 @@ What the command gets, as from ``ssh``:
 * the hostname HOST's first label (a private UTS namespace, as a pod has), ``/etc/hosts`` from
   ``/etc/netns/<ns>/hosts`` (``ip netns exec`` mounts it);
 * stdin, stdout and stderr passed through, and the command's exit status as the agent's
-  (128 + N when killed by signal N, as a shell reports it).
+  (128 + N when killed by signal N, as a shell reports it);
+* the image's contents, as far as they matter here: ``DSNB_RSH_IMAGE_LACKS`` (JSON, host -> paths)
+  names the directories HOST's image has not (the job's code, on a pod that runs another image),
+  hidden under an empty tmpfs in a private mount namespace.
 
 The command runs under a small init (this program with ``--init``), PID 1 of a private PID
 namespace (``unshare --pid --fork``), which ties its lifetime to the agent's. The init stays
@@ -99,7 +102,7 @@ def login_environment() -> dict[str, str]:
     env = {"PATH": os.environ.get("DSNB_RSH_LOGIN_PATH", LOGIN_PATH), "HOME": os.environ.get("HOME", "/root"), "USER": user, "LOGNAME": user,
            "SHELL": "/bin/sh"}
     # LANG as ssh's AcceptEnv passes it; the mapping so that a daemon can start others (tree spawn).
-    for name in ("LANG", "DSNB_RSH_NETNS", "DSNB_RSH_NETNS_FILE", "DSNB_RSH_LOGIN_PATH"):
+    for name in ("LANG", "DSNB_RSH_NETNS", "DSNB_RSH_NETNS_FILE", "DSNB_RSH_LOGIN_PATH", "DSNB_RSH_IMAGE_LACKS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -116,7 +119,7 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def run_init(label: str, command: str) -> int:
+def run_init(label: str, command: str, hidden: list[str] | None = None) -> int:
     """PID 1 of the command's PID namespace: set the hostname, run the command, stay until all is gone.
 
     A daemon the command leaves behind (``orted --daemonize``, which ``mpirun`` asks for when
@@ -126,6 +129,8 @@ def run_init(label: str, command: str) -> int:
     Returns the command's own exit status.
     """
     socket.sethostname(label)
+    for path in hidden or []:  # what this pod's image has not (a private mount namespace: the host is unchanged)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", path], check=True)
 
     def signal_all(signum: int) -> None:
         try:
@@ -153,8 +158,8 @@ def run_init(label: str, command: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--init"] and len(argv) == 3:
-        return run_init(argv[1], argv[2])
+    if argv[:1] == ["--init"] and len(argv) == 4:
+        return run_init(argv[1], argv[2], json.loads(argv[3]))
     try:
         host, words = split_argv(argv)
         mapping = load_mapping()
@@ -171,8 +176,10 @@ def main(argv: list[str]) -> int:
 
     # unshare --fork makes the --init stage PID 1 of a new PID namespace, and --kill-child sends
     # it SIGTERM when unshare dies; unshare itself gets SIGKILL when this process dies.
+    hidden = json.loads(os.environ.get("DSNB_RSH_IMAGE_LACKS") or "{}").get(label, [])
     child_argv = ["ip", "netns", "exec", netns, "unshare", "--uts", "--pid", "--fork", "--kill-child=SIGTERM",
-                  "--", sys.executable, os.path.abspath(__file__), "--init", label, " ".join(words)]
+                  *(["--mount", "--propagation", "private"] if hidden else []),
+                  "--", sys.executable, os.path.abspath(__file__), "--init", label, " ".join(words), json.dumps(hidden)]
     child = subprocess.Popen(child_argv, env=login_environment(),
                              preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
 

@@ -31,6 +31,7 @@ _TYPED = {
 _CUSTOM_PLURALS = {
     "MPIJob": "mpijobs",
     "TrainJob": "trainjobs",
+    "TrainingRuntime": "trainingruntimes",
     "RayJob": "rayjobs",
     "RayService": "rayservices",
     "RayCluster": "rayclusters",

@@ -160,12 +160,13 @@ MPIJOB_PERMISSIONS = with_serving((
 ))
 
 #: ClusterTrainingRuntimes are cluster-wide: reading them needs a ClusterRole (Kubeflow
-#: Trainer's install aggregates read access into the ``view`` role), so only the namespaced
-#: kinds are here.
+#: Trainer v2.3.0's kubeflow-platform install binds one to every authenticated user), so only
+#: the namespaced kinds are here.
 TRAINJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("trainer.kubeflow.org", "trainjobs", ("create", "list", "watch", "delete")),
-    Permission("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
+    # create, delete: a job whose node pods would run another image gets a TrainingRuntime of its own, for its run.
+    Permission("trainer.kubeflow.org", "trainingruntimes", ("create", "get", "list", "delete")),
 ))
 
 #: KubeRay (``Cluster("ray", kuberay=True)``): RayJobs for batch jobs, RayServices for serving.

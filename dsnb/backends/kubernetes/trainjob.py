@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import urllib3
@@ -80,7 +81,8 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     launcher_logs = True
     container_name = RUNTIME_CONTAINER
     install_hint = TRAINER_INSTALL
-    workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), (f"{GROUP}/{VERSION}", "TrainingRuntime", ""),
+                ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (a TrainJob cannot add "
                       "probes to the runtime's pods)")
 
@@ -93,7 +95,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         super().__init__(**options)
         self.runtime = runtime
         self.runtime_kind = runtime_kind
-        self._launcher_is_node: bool | None = None  # the runtime's runLauncherAsNode, once read
+        self._runtime: dict[str, Any] | None = None  # the runtime the jobs name, once read
 
     # -- rendering -------------------------------------------------------------------------
     def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
@@ -112,7 +114,31 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         return [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": jobs}}}}]
 
     def apply(self, plan: Plan) -> None:
-        self.launcher_is_node()  # learnt once, so that status places the ranks as this runtime does
+        """Create the job; with ranks on node pods that would run another image, from a runtime of its own.
+
+        Kubeflow Trainer v2.3.0 gives the job's image and command to the launcher only
+        (``pkg/runtime/framework/plugins/jobset/builder.go``; kubeflow/trainer#4030): ``node`` pods run
+        the runtime's image, without the job's code. When ranks run there (``nodes`` of 2 or more) and
+        that image is not the job's, the TrainJob names a TrainingRuntime ``<job>``, a copy of the
+        runtime with the job's image on every pod, made in the job's namespace and owned by its record.
+
+        Raises:
+            InvalidSpecError: ranks would run on node pods and the runtime cannot be read to copy it.
+        """
+        runtime = self.base_runtime()  # read once: status places the ranks as this runtime does
+        spec = plan.spec
+        trainjob = next(m for m in plan.manifests if m["kind"] == "TrainJob")
+        ranks_on_nodes = spec.nodes > 1 or (runtime is not None and not self.launcher_is_node())
+        if ranks_on_nodes and runtime is None:
+            raise InvalidSpecError("image", f"the {self.runtime_kind} {self.runtime!r} cannot be read, so dsnb cannot tell whether "
+                                            "its node pods run your image (Kubeflow Trainer gives trainer.image to the launcher only)",
+                                   "ask for read access to it (Trainer's kubeflow-platform install grants it to every user), "
+                                   "or name a TrainingRuntime whose pods run your image: Cluster('trainjob', runtime=..., "
+                                   "runtime_kind='TrainingRuntime')")
+        if ranks_on_nodes and foreign_images(runtime, spec.image):  # type: ignore[arg-type]
+            own = own_runtime(runtime, plan.name, self.namespace, spec.image)  # type: ignore[arg-type]
+            plan.manifests.insert(plan.manifests.index(trainjob), own)
+            trainjob["spec"]["runtimeRef"] = {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": plan.name}
         super().apply(plan)
 
     def dryrun(self, spec: JobSpec) -> Plan:
@@ -204,26 +230,28 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         return found
 
     # -- layout ----------------------------------------------------------------------------
-    def launcher_is_node(self) -> bool:
-        """Whether the job's runtime runs ranks on the launcher too (``mlPolicy.mpi.runLauncherAsNode``), read
-        once from the cluster; True, as for the stock ``deepspeed-distributed``, when it cannot be read."""
-        if self._launcher_is_node is None:
+    def base_runtime(self) -> dict[str, Any] | None:
+        """The runtime the jobs name, read once from the cluster; None when it cannot be read (not allowed,
+        missing, no answer)."""
+        if self._runtime is None:
             try:
                 if self.runtime_kind == "ClusterTrainingRuntime":
-                    runtime = self.conn.custom.get_cluster_custom_object(GROUP, VERSION, "clustertrainingruntimes", self.runtime,
-                                                                         _request_timeout=REQUEST_TIMEOUT_S)
+                    self._runtime = self.conn.custom.get_cluster_custom_object(
+                        GROUP, VERSION, "clustertrainingruntimes", self.runtime, _request_timeout=REQUEST_TIMEOUT_S)
                 else:
-                    runtime = self.conn.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainingruntimes",
-                                                                            self.runtime, _request_timeout=REQUEST_TIMEOUT_S)
-            except ApiException as e:
-                if e.status in (403, 404):  # not ours to read, or not there: the stock runtimes' layout
-                    self._launcher_is_node = True
-                return True
-            except (ClusterError, urllib3.exceptions.HTTPError, OSError):
-                return True
-            mpi = (((runtime.get("spec") or {}).get("mlPolicy") or {}).get("mpi") or {})
-            self._launcher_is_node = bool(mpi.get("runLauncherAsNode", False))
-        return self._launcher_is_node
+                    self._runtime = self.conn.custom.get_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, "trainingruntimes", self.runtime, _request_timeout=REQUEST_TIMEOUT_S)
+            except (ApiException, ClusterError, urllib3.exceptions.HTTPError, OSError):
+                return None
+        return self._runtime
+
+    def launcher_is_node(self) -> bool:
+        """Whether the runtime runs ranks on the launcher too (``mlPolicy.mpi.runLauncherAsNode``); True, as for
+        the stock ``deepspeed-distributed``, when the runtime cannot be read."""
+        runtime = self.base_runtime()
+        if runtime is None:
+            return True
+        return bool((((runtime.get("spec") or {}).get("mlPolicy") or {}).get("mpi") or {}).get("runLauncherAsNode", False))
 
     def pods_for(self, spec: JobSpec) -> int:
         """Pods the job asks ``resourcesPerNode`` for: the node pods and the launcher."""
@@ -245,7 +273,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:
         """The pod of rank 0: the launcher when the runtime runs it as a node (see :mod:`trainer_layout`), else node 0."""
-        if self._launcher_is_node is False:
+        if self._runtime is not None and not self.launcher_is_node():
             return {**job_labels(name), ROLE: "node", JOB_INDEX: "0"}
         return {**job_labels(name), ROLE: "launcher"}
 
@@ -266,7 +294,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
             return None  # its log carries every rank's lines, tagged by mpirun
         # The node Job's completion index (the label exists from Kubernetes 1.28; the hostname always ends in it).
         index = int((pod["metadata"].get("labels") or {}).get(JOB_INDEX) or hostname(pod).rsplit("-", 1)[-1])
-        return index + (1 if self._launcher_is_node is not False else 0)
+        return index + (1 if self._runtime is None or self.launcher_is_node() else 0)
 
     def logs_from(self, pod: dict[str, Any]) -> bool:
         return self._role(pod) == "launcher"
@@ -278,7 +306,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         status = (workload or {}).get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
         by_host = {hostname(p): p for p in pods}
-        as_node = self._launcher_is_node is not False
+        as_node = self._runtime is None or self.launcher_is_node()
         nodes = {index: by_host[host] for index, host in enumerate(rank_hosts(name, spec.nodes, as_node)) if host in by_host}
         expected = node_pods(spec.nodes, as_node) + 1
         procs = spec.procs_per_node
@@ -330,6 +358,34 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         message = waiting[0] if waiting else ("waiting for Kubeflow Trainer to create the JobSet" if not pods
                                               else f"{len(pods)} pod(s) waiting to be scheduled")
         return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
+
+
+def foreign_images(runtime: dict[str, Any], image: str | None) -> list[str]:
+    """The images, other than ``image``, that the runtime's pods would run for the ranks (its ``node`` containers).
+
+    Example:
+        >>> runtime = {"spec": {"template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template":
+        ...     {"spec": {"containers": [{"name": "node", "image": "ghcr.io/kubeflow/trainer/deepspeed-runtime"}]}}}}}]}}}}
+        >>> foreign_images(runtime, "ghcr.io/org/train:1")
+        ['ghcr.io/kubeflow/trainer/deepspeed-runtime']
+    """
+    found = []
+    for job in ((runtime.get("spec") or {}).get("template") or {}).get("spec", {}).get("replicatedJobs") or []:
+        pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+        found += [c.get("image") for c in pod.get("containers") or [] if c.get("name") == RUNTIME_CONTAINER and c.get("image") != image]
+    return found
+
+
+def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str | None) -> dict[str, Any]:
+    """A TrainingRuntime ``name`` in ``namespace``: ``runtime``'s spec with ``image`` on every ``node`` container."""
+    spec = json.loads(json.dumps(runtime.get("spec") or {}))
+    for job in spec.get("template", {}).get("spec", {}).get("replicatedJobs") or []:
+        for container in job["template"]["spec"]["template"]["spec"].get("containers") or []:
+            if container.get("name") == RUNTIME_CONTAINER:
+                container["image"] = image
+    labels = {**((runtime.get("metadata") or {}).get("labels") or {}), **job_labels(name)}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingRuntime",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec}
 
 
 def hostname(pod: dict[str, Any]) -> str:
