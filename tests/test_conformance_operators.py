@@ -75,8 +75,6 @@ class TestTrainJobConformance(TestMPIJobConformance):
         without_image = two_nodes("ok").to_dict() | {"image": None}
         return [
             ("image", JobSpec(**without_image)),
-            # A TrainJob has no restart count of its own: its runtime's JobSet failurePolicy decides.
-            ("max_restarts", JobSpec(**(two_nodes("ok").to_dict() | {"max_restarts": 1}))),
             # JobSet's pod <name>-launcher-0-0-<5 random> must fit 63 characters
             ("name", JobSpec(**(two_nodes("ok").to_dict() | {"name": "t" * 40}))),
         ]

@@ -205,8 +205,8 @@ def test_a_namespaced_runtime_can_be_named() -> None:
     assert plan.manifests[-1]["spec"]["runtimeRef"]["name"] == "my-deepspeed"
     with pytest.raises(InvalidSpecError, match="runtime_kind"):
         TrainJobBackend(runtime_kind="JobSet")
-    with pytest.raises(InvalidSpecError, match="max_restarts"):
-        Cluster("trainjob").dryrun(JobSpec(name="a", script="t.py", image="img:1", max_restarts=1))
+    restarting = Cluster("trainjob").dryrun(JobSpec(name="a", script="t.py", image="img:1", max_restarts=1))
+    assert any("1 restart(s) of the whole job" in note for note in restarting.notes)
 
 
 def test_the_validator_refuses_what_the_crd_does_not_allow() -> None:
@@ -258,8 +258,8 @@ def test_status_from_the_workloads_conditions(backend, workload, state, message)
 
 def test_trainjob_progress_is_shown_while_running() -> None:
     spec = JobSpec(name="a-abcd", script="t.py", nodes=1, procs_per_node=2, image="img:1")
-    launcher = {"metadata": {"name": "a-abcd-launcher-0-0-x", "labels": {"dsnb.io/role": "launcher"}},
-                "spec": {"nodeName": "n1"},
+    launcher = {"metadata": {"name": "a-abcd-launcher-0-0-x7k2q", "labels": {"dsnb.io/role": "launcher"}},
+                "spec": {"nodeName": "n1", "hostname": "a-abcd-launcher-0-0"},  # JobSet sets the hostname
                 "status": {"containerStatuses": [{"name": "node", "state": {"running": {"startedAt": "2026-11-28T10:00:00Z"}}}]}}
     workload = {"status": {"trainerStatus": {"progressPercentage": 42, "estimatedRemainingSeconds": 180,
                                              "metrics": [{"name": "loss", "value": "2.1"}]}}}

@@ -29,6 +29,22 @@ problem = netns_problem() or mpi_problem()
 pytestmark = pytest.mark.skipif(problem is not None, reason=problem or "")
 STOCK = yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text())
 API = "trainer.kubeflow.org/v1alpha1"
+OWN_RUNTIME = trainjob_module.own_runtime
+
+
+def keeping(part: str):
+    """dsnb's own_runtime, except that the named runtime's ``part`` ("images" or "restarts") is kept as it is."""
+    def own(runtime, name, namespace, image, max_restarts=0):
+        made = OWN_RUNTIME(runtime, name, namespace, image, max_restarts)
+        for mine, theirs in zip(made["spec"]["template"]["spec"]["replicatedJobs"], runtime["spec"]["template"]["spec"]["replicatedJobs"]):
+            if part == "images":
+                mine["template"]["spec"]["template"]["spec"]["containers"] = theirs["template"]["spec"]["template"]["spec"]["containers"]
+            else:
+                mine["template"] = theirs["template"]
+        if part == "restarts":
+            made["spec"]["template"]["spec"].pop("failurePolicy")
+        return made
+    return own
 
 
 def trainer(emulator, subnet: str):  # noqa: F811
@@ -55,7 +71,7 @@ def test_two_nodes_on_the_stock_runtime_run_from_a_runtime_with_the_jobs_image(e
 
 def test_without_its_own_runtime_the_ranks_on_the_node_pod_find_no_code(emulator, monkeypatch) -> None:  # noqa: F811
     """The negative control: as dsnb did before, the node pod runs the runtime's image and its ranks fail."""
-    monkeypatch.setattr(trainjob_module, "foreign_images", lambda runtime, image: [])
+    monkeypatch.setattr(trainjob_module, "own_runtime", keeping("images"))
     operator, sim = trainer(emulator, "10.231.72")
     with sim, make_cluster(emulator, "trainjob", cancel_wait=30) as cluster:
         job = cluster.submit(workload("ok", nodes=2, procs_per_node=1))
@@ -77,12 +93,63 @@ def test_one_node_runs_every_rank_on_the_launcher_with_the_runtime_as_named(emul
         assert emulator.list(API, "TrainingRuntime", NAMESPACE) == []
 
 
-def test_ranks_on_node_pods_of_a_runtime_dsnb_cannot_read_are_refused(emulator) -> None:  # noqa: F811
+def test_a_runtime_dsnb_cannot_read_is_refused(emulator) -> None:  # noqa: F811
     operator, sim = trainer(emulator, "10.231.74")
     with sim, Cluster("trainjob", namespace=NAMESPACE, configuration=emulator.configuration(), runtime="team-runtime") as cluster:
         wait_until(lambda: emulator.get(API, "ClusterTrainingRuntime", None, "deepspeed-distributed"), timeout=10)
         before = footprint_of(emulator, sim)()
         with pytest.raises(InvalidSpecError) as info:
-            cluster.submit(workload("ok", nodes=2, procs_per_node=1))
-        assert info.value.field == "image" and "cannot be read" in str(info.value) and "runtime_kind='TrainingRuntime'" in info.value.fix
+            cluster.submit(workload("ok", nodes=1, procs_per_node=1))
+        assert info.value.field == "runtime" and "cannot be read" in str(info.value) and "cluster.runtimes()" in info.value.fix
         assert footprint_of(emulator, sim)() == before
+
+
+# -- restarts --------------------------------------------------------------------------------------
+
+ATTEMPTS = """
+import os, sys
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
+with open(path, "a") as f:
+    f.write("x")
+attempt = os.path.getsize(path)
+print(f"attempt {attempt}", flush=True)
+sys.exit(0 if attempt > int(sys.argv[1]) else 3)
+"""
+
+
+def attempts_job(tmp_path, fails: int, **fields):
+    (tmp_path / "attempts.py").write_text(ATTEMPTS)
+    return workload("ok", script="attempts.py", args=[str(fails)], working_dir=str(tmp_path), nodes=1, procs_per_node=1,
+                    **fields)
+
+
+@pytest.mark.parametrize("max_restarts, fails, state, attempts", [
+    (0, 1, JobState.FAILED, 1),  # no restart: one run, as on every backend (not JobSet's 7)
+    (1, 1, JobState.SUCCEEDED, 2),  # one restart: the second run succeeds
+    (1, 5, JobState.FAILED, 2),
+])
+def test_max_restarts_means_whole_job_restarts(emulator, tmp_path, max_restarts, fails, state, attempts) -> None:  # noqa: F811
+    operator, sim = trainer(emulator, "10.231.75")
+    with sim, make_cluster(emulator, "trainjob", cancel_wait=30) as cluster:
+        job = cluster.submit(attempts_job(tmp_path, fails, max_restarts=max_restarts))
+        own = wait_until(lambda: emulator.get(API, "TrainingRuntime", NAMESPACE, job.name), timeout=30)
+        assert own["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": max_restarts}
+        try:
+            final = job.wait(timeout=120)
+        except JobFailed as e:
+            final = e.status
+        assert final.state == state, final.diagnosis()
+        assert (tmp_path / "attempts").read_text() == "x" * attempts
+        assert leftovers(emulator, sim, job.name) == []
+
+
+def test_the_stock_runtime_alone_would_run_a_failed_job_seven_times(emulator, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """The negative control: JobSet's OnFailure and the Jobs' backoffLimit of 6, as a TrainJob on the stock
+    runtime gets them without dsnb's runtime of its own."""
+    monkeypatch.setattr(trainjob_module, "own_runtime", keeping("restarts"))
+    operator, sim = trainer(emulator, "10.231.76")
+    with sim, make_cluster(emulator, "trainjob", cancel_wait=30) as cluster:
+        job = cluster.submit(attempts_job(tmp_path, 100))
+        wait_until(lambda: (tmp_path / "attempts").exists() and len((tmp_path / "attempts").read_text()) >= 7, timeout=120)
+        job.cancel()
+        assert len((tmp_path / "attempts").read_text()) == 7

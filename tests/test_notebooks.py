@@ -57,7 +57,7 @@ EXPECTED = {
             r"manager: dsnb.io/pod-options",                                 # spec.runtimePatches
             r"TrainerV1alpha1TrainJob", r"round trip unchanged: True",       # the Kubeflow SDK's type
             r"'kind': 'TrainingRuntime'",                                    # runtime_kind=
-            r"a TrainJob has no restart count",                              # max_restarts refused
+            r"runs from a TrainingRuntime '[\w-]+' made from 'deepspeed-distributed'.* 2 restart\(s\)",  # its own runtime
             r"HF_TOKEN: '\*\*\*'", r"same as the plan: True",
             r"kind: Role\n", r"- trainjobs", r"- trainingruntimes", r"kind: RoleBinding",
             r"no cluster configured: skipped",                               # cluster.runtimes() needs one

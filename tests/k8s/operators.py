@@ -186,7 +186,7 @@ class _MPIJobs:
         }.items())
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
         spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}{self.hostfile_suffix}"}})
-        spec["restartPolicy"] = "Never"
+        spec.setdefault("restartPolicy", "Never")  # the MPI Operator's launcher: as its replica spec says (Never here)
         self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"))
         self._set_conditions(sim, job, ("Running", f"launcher {self.pod_name(launcher)} is running"))
 
@@ -265,9 +265,11 @@ class TrainerSim(_MPIJobs):
 
     def pod_name(self, host: str) -> str:
         """An Indexed Job's pod: ``<job>-<index>-<5 random>`` (Kubernetes' Job controller), while JobSet sets
-        its hostname to ``<jobset>-<replicatedJob>-<job index>-<pod index>`` (jobset v0.12.0)."""
+        its hostname to ``<jobset>-<replicatedJob>-<job index>-<pod index>`` (jobset v0.12.0). A JobSet
+        restart makes new Jobs, so new pods with new names."""
         alphabet = "bcdfghjklmnpqrstvwxz2456789"  # apimachinery's rand.String letters
-        digest = hashlib.sha256(host.encode()).digest()
+        attempt = next((n for job, n in self.restarts.items() if host.startswith(job + "-")), 0)
+        digest = hashlib.sha256(f"{host}/{attempt}".encode()).digest()
         return f"{host}-{''.join(alphabet[b % len(alphabet)] for b in digest[:5])}"
 
     def __init__(self, subnet: str, runtime: dict[str, Any]) -> None:
@@ -275,6 +277,7 @@ class TrainerSim(_MPIJobs):
         super().__init__(subnet)
         self.installed = runtime
         self._runtimes: dict[str, dict[str, Any]] = {}  # job -> the runtime it was made from
+        self.restarts: dict[str, int] = {}  # job -> how many times its JobSet was restarted
 
     def reconcile(self, sim: ClusterSim) -> None:
         meta = self.installed["metadata"]
@@ -315,6 +318,8 @@ class TrainerSim(_MPIJobs):
                 container["command"] = trainer["command"]
         container["env"] = [*(container.get("env") or []), *(trainer.get("env") or [])]
         container["resources"] = trainer.get("resourcesPerNode") or {}
+        # JobSet v0.12.0's webhook defaults every pod template to OnFailure (pkg/webhooks/jobset_webhook.go).
+        pod["spec"].setdefault("restartPolicy", "OnFailure")
         for patch in job["spec"].get("runtimePatches") or []:
             for replicated in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
                 if replicated["name"] != role:
@@ -373,6 +378,43 @@ class TrainerSim(_MPIJobs):
         if role == "launcher":
             labels["batch.kubernetes.io/job-completion-index"] = "0"
         return labels
+
+    def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
+        """The launcher's Job and the JobSet: a Job fails once its pod failed more than ``backoffLimit``
+        times (the batch default is 6; with OnFailure the kubelet restarts the container in place and
+        each restart counts), and a failed Job restarts every Job of the JobSet while
+        ``failurePolicy.maxRestarts`` allows, else fails it (jobset v0.12.0 failure policy)."""
+        name = job["metadata"]["name"]
+        if self._finished(name):
+            return
+        status = ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Succeeded":
+            self.done(sim, job, 0)
+            return
+        if not terminated or terminated.get("exitCode", 0) == 0:
+            return
+        launcher = next(j for j in self._runtimes[name]["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "launcher")
+        backoff = (launcher["template"].get("spec") or {}).get("backoffLimit", 6)
+        failures = int(status.get("restartCount") or 0) + 1
+        if phase != "Failed" and failures <= backoff:
+            return  # the kubelet restarts it in place (OnFailure)
+        max_restarts = ((self._runtimes[name]["spec"]["template"]["spec"].get("failurePolicy") or {}).get("maxRestarts", 0))
+        if self.restarts.get(name, 0) < max_restarts:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            for pod_name, job_name in list(self.pods.items()):
+                if job_name == name and sim.emulator.get("v1", "Pod", sim.namespace, pod_name) is not None:
+                    sim.emulator.delete("v1", "Pod", sim.namespace, pod_name)
+            _, hosts, _ = self.layout(job)
+            launcher_host, *_ = self.layout(job)
+            for host in [launcher_host, *(h for h, _, _, _ in hosts)]:
+                self.pods[self.pod_name(host)] = name
+                self.host_of[self.pod_name(host)] = host
+            return
+        if phase != "Failed":  # the Job controller stops a pod that the kubelet would restart again
+            sim.emulator.delete("v1", "Pod", sim.namespace, pod["metadata"]["name"])
+        self.done(sim, job, terminated.get("exitCode", 1))
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         name = job["metadata"]["name"]

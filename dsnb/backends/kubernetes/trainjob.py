@@ -114,37 +114,32 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         return [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": jobs}}}}]
 
     def apply(self, plan: Plan) -> None:
-        """Create the job; with ranks on node pods that would run another image, from a runtime of its own.
+        """Create the job from a TrainingRuntime of its own: the named runtime, with the job's image and restarts.
 
         Kubeflow Trainer v2.3.0 gives the job's image and command to the launcher only
-        (``pkg/runtime/framework/plugins/jobset/builder.go``; kubeflow/trainer#4030): ``node`` pods run
-        the runtime's image, without the job's code. When ranks run there (``nodes`` of 2 or more) and
-        that image is not the job's, the TrainJob names a TrainingRuntime ``<job>``, a copy of the
-        runtime with the job's image on every pod, made in the job's namespace and owned by its record.
+        (``pkg/runtime/framework/plugins/jobset/builder.go``; kubeflow/trainer#4030), so ``node`` pods
+        would run the runtime's image, without the job's code; and JobSet v0.12.0 defaults every pod to
+        ``restartPolicy: OnFailure`` with the Jobs' default ``backoffLimit`` of 6
+        (``pkg/webhooks/jobset_webhook.go``), so a failed ``mpirun`` would train again in place. The
+        TrainJob's ``runtimePatches`` can change neither, so the TrainJob names a TrainingRuntime
+        ``<job>`` (:func:`own_runtime`), made in the job's namespace and deleted when it ends.
 
         Raises:
-            InvalidSpecError: ranks would run on node pods and the runtime cannot be read to copy it.
+            InvalidSpecError: the named runtime cannot be read (so it cannot be copied).
         """
-        runtime = self.base_runtime()  # read once: status places the ranks as this runtime does
-        spec = plan.spec
+        runtime = self.base_runtime()
+        if runtime is None:
+            raise InvalidSpecError("runtime", f"the {self.runtime_kind} {self.runtime!r} cannot be read: dsnb runs a TrainJob "
+                                              "from a copy of it, with your image on every pod and your max_restarts",
+                                   "check its name (cluster.runtimes()), or ask for read access to it (Trainer's "
+                                   "kubeflow-platform install gives it to every user)")
         trainjob = next(m for m in plan.manifests if m["kind"] == "TrainJob")
-        ranks_on_nodes = spec.nodes > 1 or (runtime is not None and not self.launcher_is_node())
-        if ranks_on_nodes and runtime is None:
-            raise InvalidSpecError("image", f"the {self.runtime_kind} {self.runtime!r} cannot be read, so dsnb cannot tell whether "
-                                            "its node pods run your image (Kubeflow Trainer gives trainer.image to the launcher only)",
-                                   "ask for read access to it (Trainer's kubeflow-platform install grants it to every user), "
-                                   "or name a TrainingRuntime whose pods run your image: Cluster('trainjob', runtime=..., "
-                                   "runtime_kind='TrainingRuntime')")
-        if ranks_on_nodes and foreign_images(runtime, spec.image):  # type: ignore[arg-type]
-            own = own_runtime(runtime, plan.name, self.namespace, spec.image)  # type: ignore[arg-type]
-            plan.manifests.insert(plan.manifests.index(trainjob), own)
-            trainjob["spec"]["runtimeRef"] = {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": plan.name}
+        own = own_runtime(runtime, plan.name, self.namespace, plan.spec.image, plan.spec.max_restarts)
+        plan.manifests.insert(plan.manifests.index(trainjob), own)
+        trainjob["spec"]["runtimeRef"] = {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": plan.name}
         super().apply(plan)
 
     def dryrun(self, spec: JobSpec) -> Plan:
-        if spec.max_restarts:
-            raise InvalidSpecError("max_restarts", "a TrainJob has no restart count (its runtime's JobSet failurePolicy decides)",
-                                   "set max_restarts=0, or use a runtime whose failurePolicy allows restarts")
         unique = spec.with_unique_name()
         check_derived_names(unique.name, jobset_pod_names(unique.name, unique.nodes), "JobSet's pods")
         name, namespace = unique.name, self.namespace
@@ -180,6 +175,9 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         notes = [
             f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
             f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",
+            f"at submit, the TrainJob runs from a TrainingRuntime {name!r} made from {self.runtime!r} as the cluster has it: "
+            f"{unique.image} on every pod (Kubeflow Trainer gives trainer.image to the launcher only) and "
+            f"{unique.max_restarts} restart(s) of the whole job (JobSet's failurePolicy); it is deleted when the job ends",
             *secret.notes,
         ]
         return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
@@ -360,27 +358,33 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
 
 
-def foreign_images(runtime: dict[str, Any], image: str | None) -> list[str]:
-    """The images, other than ``image``, that the runtime's pods would run for the ranks (its ``node`` containers).
+def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str | None, max_restarts: int = 0) -> dict[str, Any]:
+    """A TrainingRuntime ``name`` in ``namespace``: ``runtime``'s spec with ``image`` on every ``node`` container,
+    and ``max_restarts`` as the whole job's restarts.
+
+    Each pod gets ``restartPolicy: Never`` and each Job ``backoffLimit: 0``, so that a failed pod
+    fails its Job at once, and the JobSet's ``failurePolicy.maxRestarts`` restarts every Job of the
+    job together, as a restart does on the other backends.
 
     Example:
-        >>> runtime = {"spec": {"template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template":
+        >>> stock = {"spec": {"template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template":
         ...     {"spec": {"containers": [{"name": "node", "image": "ghcr.io/kubeflow/trainer/deepspeed-runtime"}]}}}}}]}}}}
-        >>> foreign_images(runtime, "ghcr.io/org/train:1")
-        ['ghcr.io/kubeflow/trainer/deepspeed-runtime']
+        >>> own = own_runtime(stock, "a-x7k2", "ml", "ghcr.io/org/train:1", max_restarts=2)
+        >>> jobset = own["spec"]["template"]["spec"]
+        >>> jobset["failurePolicy"], jobset["replicatedJobs"][0]["template"]["spec"]["backoffLimit"]
+        ({'maxRestarts': 2}, 0)
+        >>> jobset["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        'ghcr.io/org/train:1'
     """
-    found = []
-    for job in ((runtime.get("spec") or {}).get("template") or {}).get("spec", {}).get("replicatedJobs") or []:
-        pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
-        found += [c.get("image") for c in pod.get("containers") or [] if c.get("name") == RUNTIME_CONTAINER and c.get("image") != image]
-    return found
-
-
-def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str | None) -> dict[str, Any]:
-    """A TrainingRuntime ``name`` in ``namespace``: ``runtime``'s spec with ``image`` on every ``node`` container."""
     spec = json.loads(json.dumps(runtime.get("spec") or {}))
-    for job in spec.get("template", {}).get("spec", {}).get("replicatedJobs") or []:
-        for container in job["template"]["spec"]["template"]["spec"].get("containers") or []:
+    jobset = spec.setdefault("template", {}).setdefault("spec", {})
+    jobset["failurePolicy"] = {"maxRestarts": max_restarts}
+    for job in jobset.get("replicatedJobs") or []:
+        job_spec = job["template"].setdefault("spec", {})
+        job_spec["backoffLimit"] = 0
+        pod = job_spec["template"]["spec"]
+        pod["restartPolicy"] = "Never"
+        for container in pod.get("containers") or []:
             if container.get("name") == RUNTIME_CONTAINER:
                 container["image"] = image
     labels = {**((runtime.get("metadata") or {}).get("labels") or {}), **job_labels(name)}
