@@ -341,6 +341,8 @@ class ClusterSim:
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
         self._reported: set[tuple[str, str]] = set()  # (set, message) of the FailedCreate Events recorded
+        self.apt_sshd_images = {"ghcr.io/kubeflow/trainer/deepspeed-runtime"}  # images whose sshd has no file capability
+        self._capped: Path | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cluster-sim", daemon=True)
 
@@ -354,6 +356,8 @@ class ClusterSim:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self._capped is not None:
+            shutil.rmtree(self._capped.parent, ignore_errors=True)
         for runner in list(self.runners.values()):
             runner.stop()
         self.runners.clear()
@@ -371,6 +375,43 @@ class ClusterSim:
             except Exception as e:  # noqa: BLE001 - keep playing the cluster; show what went wrong
                 print(f"cluster-sim: {e!r}", file=sys.stderr)
             self._stop.wait(POLL_S)
+
+    def _exec_refused(self, pod: dict[str, Any], container: dict[str, Any]) -> str | None:
+        """Exec a pretended container's program as the runtime would, under its security context; the
+        runtime's error when the kernel refuses, else None.
+
+        The program is an sshd as the MPI Operator's base image builds it (build/base/Dockerfile: setcap
+        CAP_NET_BIND_SERVICE=+eip), here a copy of ``true`` with that file capability: the kernel refuses to
+        exec it when the bounding set lacks the capability (security/commoncap.c). Images listed in
+        ``apt_sshd_images`` install sshd without one (Kubeflow Trainer's deepspeed-runtime)."""
+        if container.get("image") in self.apt_sshd_images:
+            return None
+        context = container.get("securityContext") or {}
+        pod_context = pod["spec"].get("securityContext") or {}
+        caps = context.get("capabilities") or {}
+        argv = ["setpriv"]
+        user = context.get("runAsUser", pod_context.get("runAsUser"))
+        if user is not None:
+            argv += [f"--reuid={user}", f"--regid={context.get('runAsGroup', pod_context.get('runAsGroup', user))}", "--clear-groups"]
+        if "ALL" in (caps.get("drop") or []):
+            argv.append("--bounding-set=-all" + "".join(f",+{c.lower()}" for c in caps.get("add") or []))
+        if context.get("allowPrivilegeEscalation") is False:
+            argv.append("--no-new-privs")
+        done = subprocess.run([*argv, str(self._capped_program())], capture_output=True, text=True)
+        if done.returncode == 0:
+            return None
+        program = (container.get("command") or ["?"])[0]
+        return (f"failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: "
+                f'unable to start container process: exec: "{program}": operation not permitted: unknown')
+
+    def _capped_program(self) -> Path:
+        if self._capped is None:
+            folder = Path(tempfile.mkdtemp(prefix="sim-sshd-"))
+            self._capped = folder / "sshd"
+            shutil.copy("/bin/true", self._capped)
+            os.chmod(folder, 0o755)
+            subprocess.run(["setcap", "cap_net_bind_service=+eip", str(self._capped)], check=True)
+        return self._capped
 
     def _reconcile(self) -> None:
         em, ns = self.emulator, self.namespace
@@ -419,8 +460,15 @@ class ClusterSim:
             if self.hold:
                 continue
             if (pod["metadata"].get("annotations") or {}).get("sim.dsnb.io/no-process"):
-                if (pod.get("status") or {}).get("phase") != "Running":
+                if (pod.get("status") or {}).get("phase") not in ("Running", "Failed"):
                     container = pod["spec"]["containers"][0]
+                    refused = self._exec_refused(pod, container)
+                    if refused:
+                        em.patch_status("v1", "Pod", ns, pod_name, {"phase": "Failed", "containerStatuses": [{
+                            "name": container["name"], "image": container.get("image"), "imageID": "", "ready": False,
+                            "restartCount": 0, "state": {"terminated": {"exitCode": 128, "reason": "StartError", "message": refused,
+                                                                        "finishedAt": now_rfc3339()}}}]})
+                        continue
                     em.patch_status("v1", "Pod", ns, pod_name, {"phase": "Running", "conditions": pod_conditions(True),
                                                                 "containerStatuses": [{
                         "name": container["name"], "image": container.get("image"), "imageID": "", "ready": True,

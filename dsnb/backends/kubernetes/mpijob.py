@@ -184,9 +184,12 @@ class MPIJobBackend(JobServing, KubernetesBackend):
         )
         # The launcher only runs mpirun: it needs no GPUs and little memory.
         launcher["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "500m", "memory": "512Mi"}}
+        # The MPI Operator's base image gives sshd a file capability (build/base/Dockerfile: setcap
+        # CAP_NET_BIND_SERVICE=+eip /usr/sbin/sshd), and the kernel refuses to exec such a binary
+        # when the bounding set lacks it: keep that one capability (Pod Security "restricted" allows it).
         worker = build_pod_template(
             unique, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
-            {"dsnb.io/role": "worker"}, secret_name=secret.name,
+            {"dsnb.io/role": "worker"}, secret_name=secret.name, add_capabilities=("NET_BIND_SERVICE",),
         )
         worker["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": SSHD_PORT}, "initialDelaySeconds": 2, "periodSeconds": 2}
         run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": unique.max_restarts}
@@ -286,11 +289,19 @@ class MPIJobBackend(JobServing, KubernetesBackend):
             terminated = (container_status(pod, CONTAINER).get("state") or {}).get("terminated")
             if terminated or (pod.get("status") or {}).get("phase") == "Failed":
                 code = (terminated or {}).get("exitCode")
+                name = pod["metadata"]["name"]
+                said = ((terminated or {}).get("message") or "").strip()
+                if (terminated or {}).get("reason") == "StartError" and "operation not permitted" in said:
+                    why = (f"worker {name} could not start sshd: {said}. Fix: the kernel refuses to run a program whose "
+                           "file capabilities its container may not have (sshd in images built FROM mpioperator/openmpi "
+                           "carries NET_BIND_SERVICE, which dsnb keeps); check the capabilities PodOptions or an admission "
+                           "policy drop")
+                else:
+                    why = (f"worker {name} stopped (exit code {code}) before the job ended: "
+                           f"{said + '; ' if said else ''}its sshd must keep running; check the image has sshd set up "
+                           f"for mpiuser on port {SSHD_PORT} (read its log: kubectl logs {name})")
                 return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                                 failed_rank=node * procs, exit_code=code,
-                                 message=f"worker {pod['metadata']['name']} stopped (exit code {code}) before the job ended: "
-                                         "its sshd must keep running; check the image has sshd set up for mpiuser on port "
-                                         f"{SSHD_PORT} (read its log: kubectl logs {pod['metadata']['name']})")
+                                 failed_rank=node * procs, exit_code=code, message=why)
         for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
             diagnosis = classify(pod, (events or {}).get(pod["metadata"]["name"]))
             if diagnosis is not None and diagnosis.fatal:

@@ -94,6 +94,7 @@ def build_pod_template(
     secret_name: str | None = None,
     volumes: list[ExtraVolume] | None = None,
     termination_message_path: str | None = None,
+    add_capabilities: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The pod template (as a Kubernetes dict) for the pods of ``spec``.
 
@@ -112,6 +113,8 @@ def build_pod_template(
         volumes: volumes the backend adds, with their mount paths.
         termination_message_path: where the container writes its termination message; the
             log's end is used when it writes none.
+        add_capabilities: capabilities kept after dropping all (Pod Security "restricted" allows
+            only ``NET_BIND_SERVICE``), e.g. for an sshd binary that carries it as a file capability.
 
     Returns:
         A ``PodTemplateSpec`` as a dict, ready for a StatefulSet, MPIJob, TrainJob or RayCluster.
@@ -150,7 +153,7 @@ def build_pod_template(
         volume_mounts=mounts,
         security_context=client.V1SecurityContext(
             allow_privilege_escalation=False,
-            capabilities=client.V1Capabilities(drop=["ALL"]),
+            capabilities=client.V1Capabilities(drop=["ALL"], add=list(add_capabilities) or None),
         ),
     )
     pod_spec = client.V1PodSpec(

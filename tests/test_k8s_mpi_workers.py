@@ -1,0 +1,53 @@
+"""MPI workers as the MPI Operator's images and sshd make them: sshd's file capability, the ranks' environment.
+
+The simulated kubelet execs each worker's sshd as the runtime would, under the rendered security
+context (``setpriv`` with the bounding set, user and no-new-privs the context implies), on a
+binary carrying ``CAP_NET_BIND_SERVICE`` as a file capability, as ``mpioperator/openmpi`` builds
+it (``build/base/Dockerfile``): a context that drops the capability fails the worker, as on a
+cluster.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("kubernetes")
+
+from k8s.fixtures import NAMESPACE, emulator, leftovers, make_cluster, workload  # noqa: E402, F401
+from k8s.operators import MPIOperatorSim  # noqa: E402
+from k8s.sandbox import mpi_problem, netns_problem  # noqa: E402
+from k8s.sim import ClusterSim  # noqa: E402
+
+from dsnb import JobFailed, JobState  # noqa: E402
+from dsnb.backends.kubernetes import mpijob as mpijob_module  # noqa: E402
+
+problem = netns_problem() or mpi_problem()
+pytestmark = pytest.mark.skipif(problem is not None, reason=problem or "")
+
+
+def test_workers_keep_net_bind_service_for_sshd_and_drop_everything_else(emulator) -> None:  # noqa: F811
+    operator = MPIOperatorSim("10.231.81")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
+        job = cluster.submit(workload("ok", nodes=2, procs_per_node=1))
+        final = job.wait(timeout=120)
+        assert final.state == JobState.SUCCEEDED, final.diagnosis()
+        assert leftovers(emulator, sim, job.name) == []
+    worker = cluster.dryrun(workload("ok", nodes=2, procs_per_node=1)).manifests[-1]["spec"]["mpiReplicaSpecs"]["Worker"]
+    context = worker["template"]["spec"]["containers"][0]["securityContext"]
+    assert context == {"allowPrivilegeEscalation": False, "capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}
+
+
+def test_a_worker_without_the_capability_cannot_start_sshd(emulator, monkeypatch) -> None:  # noqa: F811
+    """The negative control: with every capability dropped, the kernel refuses to exec sshd."""
+    build = mpijob_module.build_pod_template
+    monkeypatch.setattr(mpijob_module, "build_pod_template", lambda *a, **kw: build(*a, **{**kw, "add_capabilities": ()}))
+    operator = MPIOperatorSim("10.231.82")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
+        job = cluster.submit(workload("ok", nodes=2, procs_per_node=1))
+        with pytest.raises(JobFailed) as info:
+            job.wait(timeout=60)
+        message = info.value.status.message
+        assert "sshd" in message and "operation not permitted" in message, message
+        assert leftovers(emulator, sim, job.name) == []
