@@ -51,3 +51,20 @@ def test_a_worker_without_the_capability_cannot_start_sshd(emulator, monkeypatch
         message = info.value.status.message
         assert "sshd" in message and "operation not permitted" in message, message
         assert leftovers(emulator, sim, job.name) == []
+
+
+def test_ranks_on_workers_run_the_images_python_through_sshds_bare_environment(emulator, monkeypatch) -> None:  # noqa: F811
+    """sshd gives the ranks its default PATH (the system's python3, without dsnb); the launcher passes on the
+    image's PATH, where its Python is (here the test venv, as a venv or conda in an image). Without that,
+    the negative control: the script cannot import dsnb on the workers."""
+    operator = MPIOperatorSim("10.231.83")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
+        assert cluster.submit(workload("ok", nodes=2, procs_per_node=1)).wait(timeout=120).state == JobState.SUCCEEDED
+        monkeypatch.setattr(mpijob_module, "MASTER_PRELUDE", mpijob_module.MASTER_PRELUDE.replace('x="$x -x $v"', "true"))
+        job = cluster.submit(workload("ok", nodes=2, procs_per_node=1))
+        with pytest.raises(JobFailed) as info:
+            job.wait(timeout=120)
+        assert any("ModuleNotFoundError" in line or "No module named" in line for line in info.value.status.last_lines), \
+            info.value.status.diagnosis()
+        assert leftovers(emulator, sim, job.name) == []

@@ -139,6 +139,20 @@ def test_the_prelude_puts_the_launchers_own_host_first(tmp_path: Path, me: str, 
     assert out[1].split()[0] == first and sorted(out[1:]) == sorted(hostfile.read_text().splitlines())
 
 
+def test_the_prelude_passes_the_images_environment_to_the_ranks(tmp_path: Path) -> None:
+    """sshd starts the ranks with its own PATH and none of the image's ENV: mpirun is told to pass them on."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("job-worker-0.job slots=1\n")
+    show = "import sys; print(' '.join(sys.argv[1:]))"
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path), "LD_LIBRARY_PATH": "/opt/conda/lib", "NCCL_IB_DISABLE": "1",
+           "CUDA_HOME": "/usr/local/cuda", "HOME": "/home/mpiuser"}
+    argv = ["sh", "-c", MASTER_PRELUDE, str(hostfile), sys.executable, "-c", show, "mpirun", "-np", "1", "--hostfile", str(hostfile)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.split()
+    passed = [out[i + 1] for i, word in enumerate(out) if word == "-x"]
+    assert out[0] == "mpirun" and set(passed) == {"PATH", "LD_LIBRARY_PATH", "NCCL_IB_DISABLE", "CUDA_HOME"}, out
+    assert "HOME" not in passed and out[out.index("--hostfile") + 1] != str(hostfile)  # the reordered copy
+
+
 def shim_script(tmp_path: Path) -> Path:
     """A job script with a helper module beside it, a line written in two prints, and exit code 3."""
     script = tmp_path / "job" / "train.py"

@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from k8s.netns import PodNetwork
-from k8s.sim import VENV_BIN, ClusterSim, now_rfc3339, warn
+from k8s.sim import ClusterSim, now_rfc3339, warn
 
 AGENT = Path(__file__).with_name("rsh_agent.py")
-LOGIN_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What an sshd session's PATH is: OpenSSH's compiled default user path as Debian builds it, not the
+# image's ENV (the MPI Operator's sshd_config sets no environment). The image's PATH here is the
+# test venv's, which reaches the ranks only if mpirun passes it on (-x PATH).
+LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 FAKE = "sim.dsnb.io/no-process"  # a pod whose container the kubelet only pretends to run (sshd)
 
 

@@ -49,15 +49,24 @@ OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent
 
 #: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
 #: MASTER_ADDR (exported to the ranks; the hostfile is mounted on the launcher only).
-#: Runs on the launcher before mpirun, with the operator's hostfile as ``$0``: when the launcher's own
-#: host is in it (a TrainJob runtime with ``runLauncherAsNode``), that host goes first in the copy
-#: mpirun is given, since Open MPI 4 puts the first ranks on mpirun's own node wherever it is listed;
-#: then ``MASTER_ADDR`` is the first host, where rank 0 runs, under every Open MPI.
+#: Runs on the launcher before mpirun, with the operator's hostfile as ``$0``:
+#:
+#: - when the launcher's own host is in the hostfile (a TrainJob runtime with ``runLauncherAsNode``),
+#:   that host goes first in the copy mpirun is given, since Open MPI 4 puts the first ranks on
+#:   mpirun's own node wherever it is listed; then ``MASTER_ADDR`` is the first host, where rank 0
+#:   runs, under every Open MPI;
+#: - the image's environment goes to the ranks (``-x``): sshd starts them with its own default
+#:   ``PATH`` and none of the image's ``ENV``, so a Python in a venv or conda, ``LD_LIBRARY_PATH``,
+#:   ``PYTHONPATH`` and the image's NCCL and CUDA settings would be lost on the workers.
+IMAGE_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
 MASTER_PRELUDE = (
     'me="$(hostname)"; h="${TMPDIR:-/tmp}/dsnb-hostfile.$$"; '
     'grep -E "^$me([. ]|$)" "$0" > "$h"; grep -vE "^$me([. ]|$)" "$0" >> "$h"; '
     'export MASTER_ADDR="$(head -n 1 "$h" | cut -d " " -f 1)"; '
-    'for a do shift; [ "$prev" = --hostfile ] && a="$h"; prev="$a"; set -- "$@" "$a"; done; '
+    f'x=""; for v in {" ".join(IMAGE_ENV)} $(env | grep -oE "^(NCCL|CUDA|NVIDIA)_[A-Za-z0-9_]*=" | tr -d =); do '
+    'env | grep -q "^$v=" && x="$x -x $v"; done; '
+    'for a do shift; if [ "$a" = mpirun ] && [ -z "$m" ]; then m=1; set -- "$@" "$a" $x; prev="$a"; continue; fi; '
+    '[ "$prev" = --hostfile ] && a="$h"; prev="$a"; set -- "$@" "$a"; done; '
     'exec "$@"'
 )
 #: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then
