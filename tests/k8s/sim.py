@@ -384,8 +384,8 @@ class ClusterSim:
         CAP_NET_BIND_SERVICE=+eip), here a copy of ``true`` with that file capability: the kernel refuses to
         exec it when the bounding set lacks the capability (security/commoncap.c). Images listed in
         ``apt_sshd_images`` install sshd without one (Kubeflow Trainer's deepspeed-runtime)."""
-        if container.get("image") in self.apt_sshd_images:
-            return None
+        if container.get("image") in self.apt_sshd_images or not (container.get("command") or [""])[0].endswith("/sshd"):
+            return None  # only sshd is pretended to carry a file capability
         context = container.get("securityContext") or {}
         pod_context = pod["spec"].get("securityContext") or {}
         caps = context.get("capabilities") or {}
