@@ -68,3 +68,64 @@ def test_ranks_on_workers_run_the_images_python_through_sshds_bare_environment(e
         assert any("ModuleNotFoundError" in line or "No module named" in line for line in info.value.status.last_lines), \
             info.value.status.diagnosis()
         assert leftovers(emulator, sim, job.name) == []
+
+
+# -- the launcher is a batch/v1 Job -------------------------------------------------------------
+
+ATTEMPTS = """
+import os, sys
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
+with open(path, "a") as f:
+    f.write("x")
+print(f"attempt {os.path.getsize(path)}", flush=True)
+sys.exit(0 if os.path.getsize(path) > int(sys.argv[1]) else 3)
+"""
+
+
+def test_max_restarts_are_new_launcher_pods_of_the_launcher_job(emulator, tmp_path) -> None:  # noqa: F811
+    (tmp_path / "attempts.py").write_text(ATTEMPTS)
+    operator = MPIOperatorSim("10.231.84")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
+        job = cluster.submit(workload("ok", script="attempts.py", args=["1"], working_dir=str(tmp_path), nodes=1,
+                                      procs_per_node=1, max_restarts=1))
+        final = job.wait(timeout=120)
+        assert final.state == JobState.SUCCEEDED, final.diagnosis()
+        assert (tmp_path / "attempts").read_text() == "xx"
+        assert [line.text for line in job.logs() if line.text.startswith("attempt")] == ["attempt 1", "attempt 2"]
+        assert leftovers(emulator, sim, job.name) == []
+
+
+def test_the_timeout_is_the_launcher_jobs_deadline(emulator) -> None:  # noqa: F811
+    operator = MPIOperatorSim("10.231.85")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
+        job = cluster.submit(workload("sleep", nodes=1, procs_per_node=1, timeout=3))
+        with pytest.raises(JobFailed) as info:
+            job.wait(timeout=60)
+        assert "DeadlineExceeded" in info.value.status.message, info.value.status.message
+        assert leftovers(emulator, sim, job.name) == []
+
+
+def test_a_job_that_ended_unwatched_keeps_its_log_for_a_later_client(emulator) -> None:  # noqa: F811
+    """No TTL by default: the ended launcher pod (holding no resources) keeps the only copy of the ranks'
+    output until a client finalizes the job; with a TTL, the launcher Job and its pod go."""
+    operator = MPIOperatorSim("10.231.86")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim:
+        with make_cluster(emulator, "mpijob") as first:
+            name = first.submit(workload("ok", nodes=1, procs_per_node=2)).name
+        from helpers import wait_until
+
+        wait_until(lambda: any(c["type"] == "Succeeded" for c in (emulator.get("kubeflow.org/v2beta1", "MPIJob", NAMESPACE, name)
+                                                                  .get("status") or {}).get("conditions") or []), timeout=60)
+        assert emulator.get("batch/v1", "Job", NAMESPACE, f"{name}-launcher") is not None
+        with make_cluster(emulator, "mpijob") as later:
+            job = later.attach(name)
+            assert job.status().state == JobState.SUCCEEDED
+            assert {line.rank for line in job.logs() if line.text.startswith("hello from rank")} == {0, 1}
+        assert leftovers(emulator, sim, name) == []
+        with make_cluster(emulator, "mpijob", ttl_seconds_after_finished=1) as short:
+            brief = short.submit(workload("ok", nodes=1, procs_per_node=2)).name
+        wait_until(lambda: emulator.get("batch/v1", "Job", NAMESPACE, f"{brief}-launcher") is None, timeout=60)
+        assert emulator.get("kubeflow.org/v2beta1", "MPIJob", NAMESPACE, brief) is not None  # the MPIJob stays
+        assert [p for p in emulator.list("v1", "Pod", NAMESPACE) if "launcher" in p["metadata"]["name"]] == []

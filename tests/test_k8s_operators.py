@@ -71,8 +71,7 @@ def test_mpijob_fields_follow_the_spec() -> None:
     mpijob = documents[-1]["spec"]
     assert mpijob["slotsPerWorker"] == 8 and mpijob["mpiImplementation"] == "OpenMPI"
     assert mpijob["launcherCreationPolicy"] == "WaitForWorkersReady" and mpijob["runLauncherAsWorker"] is False
-    assert mpijob["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2, "ttlSecondsAfterFinished": 3600,
-                                   "activeDeadlineSeconds": 7200}
+    assert mpijob["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2, "activeDeadlineSeconds": 7200}  # no TTL
     assert mpijob["sshAuthMountPath"] == "/home/mpiuser/.ssh"
     workers, launcher = mpijob["mpiReplicaSpecs"]["Worker"], mpijob["mpiReplicaSpecs"]["Launcher"]
     assert workers["replicas"] == 4 and launcher["replicas"] == 1

@@ -22,6 +22,7 @@ Deleting the job collects its pods (ownerReferences, in the emulator) and the ne
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import sys
@@ -87,6 +88,10 @@ class _MPIJobs:
 
     def prepare(self, sim: ClusterSim, job: dict[str, Any]) -> None:
         """Read what the job refers to, once, before anything else is done with it."""
+
+    def launcher_owner(self, sim: ClusterSim, job: dict[str, Any]) -> dict[str, Any]:
+        """What owns the launcher pod (the job itself, unless the operator makes a Job for it)."""
+        return job
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
         raise NotImplementedError
@@ -155,14 +160,15 @@ class _MPIJobs:
         return any(c["type"] in ("Succeeded", "Failed", "Complete") for c in self.conditions.get(name, []))
 
     def _create_pod(self, sim: ClusterSim, job: dict[str, Any], host: str, template: dict[str, Any], fake: bool,
-                    extra_spec: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> None:
+                    extra_spec: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
+                    owner: dict[str, Any] | None = None) -> None:
         metadata = template.get("metadata") or {}
         # Both operators give each pod its DNS identity: hostname and the job's headless Service as subdomain.
         extra_spec = {"hostname": host, "subdomain": job["metadata"]["name"], **(extra_spec or {})}
         sim.emulator.create({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.pod_name(host), "namespace": sim.namespace, "labels": {**(metadata.get("labels") or {}), **(labels or {})},
-                         "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(job)]},
+                         "annotations": {FAKE: "true"} if fake else {}, "ownerReferences": [_owner(owner or job)]},
             "spec": {**template["spec"], **(extra_spec or {})},
             "status": {"phase": "Pending"},
         })
@@ -190,7 +196,8 @@ class _MPIJobs:
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
         spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}{self.hostfile_suffix}"}})
         spec.setdefault("restartPolicy", "Never")  # the MPI Operator's launcher: as its replica spec says (Never here)
-        self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"))
+        self._create_pod(sim, job, launcher, template, fake=False, labels=self.pod_labels(job, launcher, "launcher"),
+                         owner=self.launcher_owner(sim, job))
         self._set_conditions(sim, job, ("Running", f"launcher {self.pod_name(launcher)} is running"))
 
     def _lacking(self, job: dict[str, Any], launcher: dict[str, Any]) -> dict[str, list[str]]:
@@ -213,10 +220,73 @@ class _MPIJobs:
 
 
 class MPIOperatorSim(_MPIJobs):
-    """The MPI Operator (kubeflow.org/v2beta1) for one namespace; see the module docstring."""
+    """The MPI Operator (kubeflow.org/v2beta1) for one namespace; see the module docstring.
+
+    The launcher is a ``batch/v1`` Job ``<job>-launcher`` owned by the MPIJob, carrying the
+    MPIJob's ``runPolicy`` as ``ttlSecondsAfterFinished``, ``activeDeadlineSeconds`` and
+    ``backoffLimit`` (mpi_job_controller.go v0.8.0, newLauncherJob); its pods are
+    ``<job>-launcher-<5 random>``, a new one per retry. The sim plays that Job's controller and
+    Kubernetes' TTL controller too; the MPIJob itself is never deleted by a TTL.
+    """
 
     api_version = "kubeflow.org/v2beta1"
     kind = "MPIJob"
+
+    def __init__(self, subnet: str) -> None:
+        super().__init__(subnet)
+        self.attempts: dict[str, int] = {}  # job -> launcher pods started so far, minus one
+        self.ended_at: dict[str, float] = {}
+
+    def pod_name(self, host: str) -> str:
+        """Workers are named as their hosts; the launcher Job's pods get the Job controller's random part."""
+        if not host.endswith("-launcher"):
+            return host
+        attempt = self.attempts.get(host.removesuffix("-launcher"), 0)
+        digest = hashlib.sha256(f"{host}/{attempt}".encode()).digest()
+        return f"{host}-{''.join('bcdfghjklmnpqrstvwxz2456789'[b % 27] for b in digest[:5])}"
+
+    def launcher_owner(self, sim: ClusterSim, job: dict[str, Any]) -> dict[str, Any]:
+        name, policy = job["metadata"]["name"], job["spec"].get("runPolicy") or {}
+        found = sim.emulator.get("batch/v1", "Job", sim.namespace, f"{name}-launcher")
+        if found is None:
+            spec = {"backoffLimit": policy.get("backoffLimit", 6), "template": {"spec": {"containers": [{"name": "launcher"}]}}}
+            for key in ("ttlSecondsAfterFinished", "activeDeadlineSeconds"):
+                if policy.get(key) is not None:
+                    spec[key] = policy[key]
+            found = sim.emulator.create({"apiVersion": "batch/v1", "kind": "Job",
+                                         "metadata": {"name": f"{name}-launcher", "namespace": sim.namespace,
+                                                      "ownerReferences": [_owner(job)]}, "spec": spec})
+        return found
+
+    def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
+        """The launcher Job's controller: a new pod per failure up to ``backoffLimit``, the deadline, the TTL."""
+        em, ns, name = sim.emulator, sim.namespace, job["metadata"]["name"]
+        launcher_job = em.get("batch/v1", "Job", ns, f"{name}-launcher")
+        if launcher_job is None:
+            return
+        if self._finished(name):
+            ttl = launcher_job["spec"].get("ttlSecondsAfterFinished")
+            if ttl is not None and time.time() - self.ended_at.get(name, time.time()) >= ttl:
+                em.delete("batch/v1", "Job", ns, launcher_job["metadata"]["name"], propagation="Background")
+            return
+        deadline = launcher_job["spec"].get("activeDeadlineSeconds")
+        started = calendar_seconds(launcher_job["metadata"]["creationTimestamp"])
+        if deadline is not None and time.time() - started > deadline:
+            em.delete("v1", "Pod", ns, pod["metadata"]["name"])
+            self.done(sim, job, 1, reason="DeadlineExceeded", why="Job was active longer than specified deadline")
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Succeeded":
+            self.done(sim, job, 0)
+        elif phase == "Failed":
+            if self.attempts.get(name, 0) < launcher_job["spec"].get("backoffLimit", 6):
+                self.attempts[name] = self.attempts.get(name, 0) + 1  # the next round starts a new launcher pod
+                self.pods[self.pod_name(f"{name}-launcher")] = name
+                self.host_of[self.pod_name(f"{name}-launcher")] = f"{name}-launcher"
+            else:
+                statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+                code = ((statuses[0].get("state") or {}).get("terminated") or {}).get("exitCode", 1)
+                self.done(sim, job, code, reason="BackoffLimitExceeded", why="Job has reached the specified backoff limit")
 
     def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
         name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
@@ -247,12 +317,14 @@ class MPIOperatorSim(_MPIJobs):
             labels["training.kubeflow.org/replica-index"] = pod.rsplit("-", 1)[1]
         return labels
 
-    def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
+    def done(self, sim: ClusterSim, job: dict[str, Any], code: int, reason: str = "", why: str = "") -> None:
         name, ns = job["metadata"]["name"], sim.namespace
+        self.ended_at[name] = time.time()
         if code == 0:
             self._set_conditions(sim, job, ("Succeeded", f"MPIJob {ns}/{name} successfully completed."))
         else:
-            self._set_conditions(sim, job, ("Failed", f"MPIJob {ns}/{name} has failed"))
+            # v0.8.0 copies the launcher Job's failure: "MPIJob ns/name has failed because ..." (updateMPIJobFailedStatus)
+            self._set_conditions(sim, job, ("Failed", f"MPIJob {ns}/{name} has failed" + (f": {reason}: {why}" if reason else "")))
         if (job["spec"].get("runPolicy") or {}).get("cleanPodPolicy", "Running") in ("Running", "All"):
             for pod, job_name in list(self.pods.items()):
                 if job_name == name and "worker" in pod and sim.emulator.get("v1", "Pod", ns, pod) is not None:
@@ -425,6 +497,11 @@ class TrainerSim(_MPIJobs):
             self._set_conditions(sim, job, ("Complete", "jobset completed successfully"))
         else:
             self._set_conditions(sim, job, ("Failed", f"jobset failed: the launcher of {name} exited with code {code}"))
+
+
+def calendar_seconds(stamp: str) -> float:
+    """Seconds since the epoch of an RFC 3339 timestamp such as ``2026-12-04T10:00:00Z``."""
+    return calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
 
 
 def wait_for(predicate: Any, timeout: float) -> bool:

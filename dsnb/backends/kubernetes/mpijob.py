@@ -151,7 +151,11 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     Args:
         clean_pod_policy: the MPIJob's ``runPolicy.cleanPodPolicy`` (``Running`` keeps the
             launcher's log after the job ends; ``All`` removes every pod).
-        ttl_seconds_after_finished: the operator deletes the MPIJob this long after it ends.
+        ttl_seconds_after_finished: ``runPolicy.ttlSecondsAfterFinished``. The MPI Operator gives it to the
+            launcher's ``batch/v1`` Job, so Kubernetes deletes that Job and its pod, the launcher's log,
+            this long after the end; the MPIJob itself stays. None (the default) keeps the launcher's
+            pod, which holds no resources once it ended, until dsnb finalizes the job (keeping its log
+            in the record) or it is deleted, so a client that looks only later still finds the log.
         serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
@@ -168,7 +172,7 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (the workers keep "
                       "their sshd probe: the operator starts the launcher only once they pass it)")
 
-    def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = 3600,
+    def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = None,
                  **options: Any) -> None:
         if clean_pod_policy not in ("None", "Running", "All"):
             raise InvalidSpecError("clean_pod_policy", f"unknown policy {clean_pod_policy!r}", "use 'None', 'Running' or 'All'")
