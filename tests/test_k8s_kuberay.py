@@ -154,6 +154,10 @@ def rayjob_status(**status) -> dict:
     (rayjob_status(jobDeploymentStatus="Running", jobStatus="RUNNING"), JobState.RUNNING, "Ray Train: 4 worker(s)"),
     (rayjob_status(jobDeploymentStatus="Retrying", jobStatus="FAILED", failed=1), JobState.STARTING, "attempt 1 failed"),
     (rayjob_status(jobDeploymentStatus="Suspended"), JobState.PENDING, "suspended"),
+    # KubeRay v1.7.0 (rayjob_controller.go): a RayJob that fails validation is ValidationFailed for good
+    (rayjob_status(jobDeploymentStatus="ValidationFailed", reason="ValidationFailed",
+                   message="The RayJob metadata is invalid: name exceeds 47 characters"),
+     JobState.FAILED, "KubeRay refused the RayJob: The RayJob metadata is invalid: name exceeds 47 characters"),
     (rayjob_status(jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"), JobState.SUCCEEDED, "succeeded"),
     (rayjob_status(jobDeploymentStatus="Complete", jobStatus="STOPPED"), JobState.CANCELLED, "stopped outside dsnb"),
     (rayjob_status(jobDeploymentStatus="Complete", jobStatus="FAILED"), JobState.FAILED, "the Ray job failed"),
@@ -163,7 +167,7 @@ def rayjob_status(**status) -> dict:
      JobState.FAILED, "longer than its timeout"),
     (rayjob_status(jobDeploymentStatus="Failed", reason="SubmissionFailed", message="submitter failed"),
      JobState.FAILED, "kubectl logs -n ml job/a-abcd"),
-], ids=["nothing-yet", "initializing", "driver-pending", "waiting", "running", "retrying", "suspended", "succeeded",
+], ids=["nothing-yet", "initializing", "driver-pending", "waiting", "running", "retrying", "suspended", "validation-failed", "succeeded",
         "stopped", "complete-failed", "app-failed", "deadline", "submission-failed"])
 def test_status_from_the_rayjobs_deployment_and_job_status(workload, state, message) -> None:
     job = JobSpec(name="a-abcd", script="t.py", nodes=2, procs_per_node=2, image="img:1")

@@ -160,6 +160,9 @@ def pending_app(state: str, message: str = "") -> dict:
     (rayservice(pending_app("DEPLOY_FAILED", "Traceback ...\nTypeError: bad loader")), JobState.FAILED,
      "failed to deploy: Traceback ...\nTypeError: bad loader"),
     (rayservice({"conditions": [condition("Ready", "False", "InitializingTimeout")]}), JobState.FAILED, "initializing timeout"),
+    # KubeRay v1.7.0 (rayservice_controller.go): a RayService that fails validation is Ready=False/ValidationFailed for good
+    (rayservice({"conditions": [{**condition("Ready", "False", "ValidationFailed"), "message": "spec.rayClusterConfig is invalid"}]}),
+     JobState.FAILED, "KubeRay refused the RayService: spec.rayClusterConfig is invalid"),
     (rayservice({"conditions": [condition("Ready", "True", "NonZeroServeEndpoints")], "numServeEndpoints": 3,
                  "activeServiceStatus": {"applicationStatuses": {"e-abcd": {"status": "RUNNING"}}}}),
      JobState.RUNNING, "3 serve endpoint(s)"),
@@ -170,7 +173,7 @@ def pending_app(state: str, message: str = "") -> dict:
     (rayservice({"serviceStatus": "Running", "activeServiceStatus": {"applicationStatuses": {"e-abcd": {"status": "RUNNING"}}}}),
      JobState.RUNNING, "Ray Serve answers"),
     (None, JobState.CANCELLED, "deleted outside dsnb"),
-], ids=["nothing-yet", "initializing", "deploying", "app-running-not-ready", "deploy-failed", "timeout", "ready",
+], ids=["nothing-yet", "initializing", "deploying", "app-running-not-ready", "deploy-failed", "timeout", "validation-failed", "ready",
         "unhealthy", "service-status-only", "gone"])
 def test_status_from_the_rayservices_conditions_and_application(service, state, message) -> None:
     status = KubeRayBackend(namespace="ml").serve_status("e-abcd", 1.0, service, [])

@@ -314,6 +314,8 @@ class KubeRayBackend(KubernetesBackend):
             return ended(JobState.SUCCEEDED, "the Ray job succeeded")
         if deployment in ("Complete", "Failed") and ray_status == "STOPPED":
             return ended(JobState.CANCELLED, "the Ray job was stopped outside dsnb (ray job stop)")
+        if deployment == "ValidationFailed":  # KubeRay v1.7.0 gives up on it for good (rayjob_controller.go)
+            return ended(JobState.FAILED, f"KubeRay refused the RayJob: {said}" if said else "KubeRay refused the RayJob (ValidationFailed)")
         if deployment in ("Complete", "Failed"):
             reason = status.get("reason") or ""
             what = _FAILED_REASONS.get(reason) or ("the Ray job failed" if ray_status == "FAILED" else "the RayJob failed")
@@ -556,6 +558,9 @@ class KubeRayBackend(KubernetesBackend):
         def made(state: JobState, message: str, **more: Any) -> JobStatus:
             return JobStatus(**common, state=state, replicas=replicas(state), message=message, **more)
 
+        if ready.get("status") == "False" and ready.get("reason") == "ValidationFailed":  # for good (rayservice_controller.go v1.7.0)
+            told = (ready.get("message") or "").strip()
+            return made(JobState.FAILED, f"KubeRay refused the RayService: {told}" if told else "KubeRay refused the RayService (ValidationFailed)")
         if ready.get("status") == "False" and ready.get("reason") == "InitializingTimeout":
             told = (ready.get("message") or "").strip()
             return made(JobState.FAILED, "KubeRay gave up: the RayService was not ready within its initializing timeout"
