@@ -25,8 +25,9 @@ models = pytest.importorskip("kubeflow_trainer_api.models")
 import yaml  # noqa: E402
 from helpers import REPO  # noqa: E402
 from k8s.crds import FOLDER, schemas, validate_custom  # noqa: E402
+from k8s.fixtures import NAMESPACE, emulator, make_cluster  # noqa: E402, F401 - fixtures
 
-from dsnb import Cluster, InvalidSpecError, JobSpec, JobState, PodOptions, Resources  # noqa: E402
+from dsnb import Cluster, ClusterError, InvalidSpecError, JobSpec, JobState, PodOptions, Resources  # noqa: E402
 from dsnb.backends.kubernetes.mpijob import MASTER_PRELUDE, RANK_SHIM, MPIJobBackend  # noqa: E402
 from dsnb.backends.kubernetes.trainjob import TrainJobBackend  # noqa: E402
 
@@ -289,3 +290,32 @@ def test_a_worker_that_stops_fails_the_mpijob_with_the_sshd_hint() -> None:
     assert status.state == JobState.FAILED and status.failed_rank == 2 and status.exit_code == 127
     assert "sshd" in status.message and "kubectl logs a-abcd-worker-1" in status.message
 
+
+
+# -- an older operator's CRD ------------------------------------------------------------------------
+
+def test_a_trainer_without_runtime_patches_is_refused_with_the_upgrade(emulator) -> None:  # noqa: F811
+    """Kubeflow Trainer v2.0/v2.1's TrainJob CRD has no spec.runtimePatches: the server would prune dsnb's
+    labels, volumes and scheduling silently, and dsnb would never see the pods. Strict creates refuse instead."""
+    import copy
+
+    schema = copy.deepcopy(schemas()["trainer.kubeflow.org", "v1alpha1", "TrainJob"])
+    del schema["properties"]["spec"]["properties"]["runtimePatches"]  # as in v2.1.0's CRD
+    emulator.add_schema("trainer.kubeflow.org/v1alpha1", "TrainJob", schema)
+    emulator.create(yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text()))
+    with make_cluster(emulator, "trainjob") as cluster:
+        fields = cluster.check(JobSpec(name="old", script="t.py", image="img:1"))["TrainJob fields"]
+        assert fields.failed and "does not know spec.runtimePatches" in fields.detail and "v2.2 or later" in fields.fix
+        with pytest.raises(ClusterError) as info:
+            cluster.submit(JobSpec(name="old", script="t.py", image="img:1"))
+        assert 'does not know spec.runtimePatches' in str(info.value) and "Kubeflow Trainer v2.2 or later" in info.value.fix
+    assert emulator.inventory(NAMESPACE) == []  # the record and the runtime copy were taken back
+    # Without Strict (the server's default, as for a plain kubectl apply of the plan's YAML), it is dropped.
+    from kubernetes import client
+
+    with client.ApiClient(emulator.configuration()) as api:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "trainer.kubeflow.org", "v1alpha1", NAMESPACE, "trainjobs",
+            {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "pruned"},
+             "spec": {"runtimeRef": {"name": "x"}, "runtimePatches": [{"manager": "a.b/c"}]}})
+    assert "runtimePatches" not in emulator.get("trainer.kubeflow.org/v1alpha1", "TrainJob", NAMESPACE, "pruned")["spec"]

@@ -28,7 +28,10 @@ Close to the real API server where the official client can tell:
       or 403 for a request ``denied`` would refuse (authorization comes before routing);
     * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
       and a pod with several containers needs ``container=``;
-    * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored.
+    * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored;
+    * a custom resource whose CRD schema was given (``add_schema``) loses the fields that schema does
+      not know when created or replaced through the API, or is refused (400, "strict decoding error")
+      with ``fieldValidation=Strict``.
 
 Not emulated: admission (beyond the ``admission`` checks a test gives), finalizers and graceful deletion (deletes are immediate), server-side apply,
 ``limit``/``continue`` paging, strategic merge by list keys (strategic merge patches are JSON merge
@@ -59,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from k8s import authorizer
+from k8s import authorizer, structural
 from k8s.authorizer import Requester
 
 if TYPE_CHECKING:
@@ -653,6 +656,7 @@ class KubeEmulator:
         self.requests: list[tuple[str, str]] = []
         self.granted: set[tuple[str, str, str, str]] = set()
         self.admission: list[Callable[[Obj], str | None]] = []
+        self.schemas: dict[tuple[str, str], Obj] = {}  # (apiVersion, kind) -> the CRD's openAPIV3Schema
         self._users: dict[str, Requester] = {}  # bearer token -> who, authorized by RBAC
         self._lock = threading.RLock()
         self._log_cond = threading.Condition(self._lock)
@@ -1322,6 +1326,24 @@ class KubeEmulator:
             raise _no_route()
         return res, namespace, (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None), watch_path
 
+    def _decode(self, res: Resource, body: Any, validation: str) -> Any:
+        """A custom resource as the API server decodes it against its CRD's schema: unknown fields refused
+        with ``fieldValidation=Strict``, else pruned (see ``k8s/structural.py``)."""
+        schema = self.schemas.get((res.api_version, res.kind))
+        if schema is None or not isinstance(body, dict):
+            return body
+        if validation == "Strict":
+            unknown = structural.unknown_fields(body, schema)
+            if unknown:
+                raise _bad_request(f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: strict decoding error: '
+                                   + ", ".join(f'unknown field "{field}"' for field in unknown))
+        return structural.prune(copy.deepcopy(body), schema)
+
+    def add_schema(self, api_version: str, kind: str, schema: Obj) -> None:
+        """Decode ``kind`` against ``schema`` (its CRD's openAPIV3Schema), as an API server with that CRD does."""
+        with self._lock:
+            self.schemas[api_version, kind] = schema
+
     def _rbac_objects(self, kind: str, namespace: str | None) -> list[Obj]:
         res = self._kinds[f"{authorizer.RBAC_GROUP}/v1", kind]
         with self._lock:
@@ -1367,6 +1389,7 @@ class KubeEmulator:
                 return _Reply(200, {"apiVersion": res.api_version, "kind": f"{res.kind}List",
                                     "metadata": {"resourceVersion": str(self._rv)}, "items": items})
             if verb == "create":
+                body = self._decode(res, body, query.get("fieldValidation", ""))
                 return _Reply(201, self._create(res, body, namespace, dry_run=dry_run, from_api=True))
             if verb == "get":
                 found = self._find(res, namespace, name or "")
@@ -1374,6 +1397,7 @@ class KubeEmulator:
                     raise _not_found(res, name or "")
                 return _Reply(200, found)
             if verb == "update":
+                body = self._decode(res, body, query.get("fieldValidation", "")) if sub is None else body
                 return _Reply(200, self._replace(res, namespace, name or "", body, subresource=sub, dry_run=dry_run, from_api=True))
             if verb == "patch":
                 return _Reply(200, self._patch(res, namespace, name or "", body, headers.get("Content-Type", ""),

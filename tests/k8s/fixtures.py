@@ -19,7 +19,12 @@ CONFORMANCE_DIR = REPO / "tests" / "conformance"
 
 @pytest.fixture
 def emulator() -> Iterator[KubeEmulator]:
+    """An API server with the upstream CRDs dsnb renders for installed (their schemas decide what is stored)."""
+    from k8s.crds import schemas
+
     with KubeEmulator(namespaces=("default", NAMESPACE)) as running:
+        for (group, version, kind), schema in schemas().items():
+            running.add_schema(f"{group}/{version}", kind, schema)
         yield running
 
 

@@ -19,6 +19,7 @@ import abc
 import dataclasses
 import json
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -141,6 +142,8 @@ class KubernetesBackend(Backend):
     permissions: tuple[Permission, ...] = ()
     #: How to install what the backend needs in the cluster (an operator), for error messages.
     install_hint = ""
+    #: How to upgrade an operator whose CRD lacks fields dsnb sets, for error messages.
+    upgrade_hint = ""
     #: The container whose log holds the job's output.
     container_name = CONTAINER
     #: Whether one launcher's log carries every rank's output (mpirun), so failures are read from it.
@@ -212,6 +215,11 @@ class KubernetesBackend(Backend):
                                 f"install it: {self.install_hint} (dsnb check --backend {self.name} shows what is missing)")
         if e.status == 401:
             return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
+        if e.status == 400 and "strict decoding error" in str(e.body or ""):
+            fields = re.findall(r'unknown field \\?"([^"\\]+)', str(e.body))
+            return ClusterError(where, f"could not {doing}: the cluster's CustomResourceDefinition does not know "
+                                       f"{', '.join(fields) or 'some fields'} (its operator is older than the version dsnb renders for)",
+                                self.upgrade_hint or "upgrade the operator (dsnb check shows the versions it expects)")
         reason = e.reason or ""
         try:
             reason = json.loads(e.body).get("message", reason)
@@ -592,8 +600,17 @@ class KubernetesBackend(Backend):
         return spec.nodes
 
     def spec_checks(self, spec: JobSpec) -> list[Any]:
-        """Preflight lines about how this backend lays ``spec`` out (none by default)."""
-        return []
+        """Preflight lines about ``spec`` on this cluster: whether the served CRD takes every field dsnb sets."""
+        from dsnb.backends.kubernetes.preflight import check_fields
+
+        if self.workload_resource is None:
+            return []
+        try:
+            plan = self.dryrun(spec)
+        except InvalidSpecError:
+            return []  # the spec's own problem is raised when it is submitted
+        kind = {"mpijobs": "MPIJob", "trainjobs": "TrainJob", "rayjobs": "RayJob"}.get(self.workload_resource[2])
+        return [check_fields(self.conn, self.namespace, m, self.upgrade_hint) for m in plan.manifests if m["kind"] == kind]
 
     def check(self, spec: JobSpec | None = None) -> Any:
         """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""

@@ -168,6 +168,7 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
     install_hint = OPERATOR_INSTALL
+    upgrade_hint = f"dsnb renders MPIJobs for the MPI Operator v0.8 (kubeflow.org/v2beta1): upgrade it: {OPERATOR_INSTALL}"
     workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (the workers keep "
                       "their sshd probe: the operator starts the launcher only once they pass it)")

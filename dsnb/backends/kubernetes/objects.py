@@ -71,7 +71,10 @@ def create(conn: Connection, manifest: dict[str, Any]) -> dict[str, Any]:
         call = _typed_call(conn, "create", kind)
         return read_json(call(conn.namespace, manifest, _preload_content=False))
     group, version = manifest["apiVersion"].split("/")
-    return conn.custom.create_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], manifest)
+    # Strict: an operator's CRD older than what dsnb renders would drop unknown fields silently
+    # (the server's default prunes them), losing dsnb's labels, volumes or limits.
+    return conn.custom.create_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], manifest,
+                                                       field_validation="Strict")
 
 
 def read(conn: Connection, api_version: str, kind: str, name: str) -> dict[str, Any] | None:

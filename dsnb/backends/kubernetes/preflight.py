@@ -337,6 +337,32 @@ def check_crd(conn: Connection, namespace: str, group: str, version: str, plural
     return CheckResult(name, True, f"{plural}.{group}/{version} is served")
 
 
+def check_fields(conn: Connection, namespace: str, manifest: dict[str, Any], upgrade: str) -> CheckResult:
+    """Whether the served CRD of ``manifest`` knows every field dsnb sets: a server-side dry run
+    (``dryRun=All``, nothing stored) with ``fieldValidation=Strict``.
+
+    Raises:
+        Nothing: every outcome is a result; a dry run the user may not make is a warning.
+    """
+    kind, (group, version) = manifest["kind"], manifest["apiVersion"].split("/")
+    name = f"{kind} fields"
+    plural = {"MPIJob": "mpijobs", "TrainJob": "trainjobs", "RayJob": "rayjobs", "RayService": "rayservices"}[kind]
+    try:
+        conn.custom.create_namespaced_custom_object(group, version, namespace, plural, manifest, dry_run="All",
+                                                    field_validation="Strict", _request_timeout=TIMEOUT_S)
+    except ApiException as e:
+        if e.status == 400 and "strict decoding error" in str(e.body or ""):
+            fields = re.findall(r'unknown field \\?"([^"\\]+)', str(e.body))
+            return CheckResult(name, False, f"the served {kind} CRD does not know {', '.join(fields)}: "
+                                            "its operator is older than what dsnb renders for", upgrade)
+        if e.status in (401, 403, 404):
+            return CheckResult(name, True, f"not checked: a dry-run create was refused ({_message(e)})", warning=True)
+        return CheckResult(name, False, f"a dry-run create failed: {_message(e)}", "see the message; check the spec and PodOptions")
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        return CheckResult(name, False, f"a dry-run create failed: {_reason(e)}", "run the check again")
+    return CheckResult(name, True, f"the served {kind} CRD takes every field dsnb sets (server-side dry run)")
+
+
 def check_controller(conn: Connection, what: str, selectors: tuple[str, ...], install: str) -> CheckResult:
     """Whether a running pod of the operator ``what`` can be seen (any namespace, any of ``selectors``).
 

@@ -81,6 +81,9 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     launcher_logs = True
     container_name = RUNTIME_CONTAINER
     install_hint = TRAINER_INSTALL
+    # runtimePatches (labels, volumes, scheduling) and activeDeadlineSeconds exist from Trainer v2.2;
+    # v2.0 had podSpecOverrides, v2.1 podTemplateOverrides (the CRDs at each tag).
+    upgrade_hint = f"dsnb renders TrainJobs for Kubeflow Trainer v2.2 or later (v2.3.0 tested): upgrade it: {TRAINER_INSTALL}"
     workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), (f"{GROUP}/{VERSION}", "TrainingRuntime", ""),
                 ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (a TrainJob cannot add "
@@ -258,15 +261,16 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     def spec_checks(self, spec: JobSpec) -> list[Any]:
         from dsnb.preflight import CheckResult
 
+        found = super().spec_checks(spec)
         pods = self.pods_for(spec)
         gpus = f" with {spec.resources.gpus} GPU(s) each" if spec.resources.gpus else ""
         detail = f"nodes={spec.nodes} makes {pods} pods{gpus}: Kubeflow Trainer gives resourcesPerNode to the launcher too"
         if not self.launcher_is_node():
-            return [CheckResult("layout", True, f"{detail}; the ranks run on the {spec.nodes} node pod(s)")]
+            return [*found, CheckResult("layout", True, f"{detail}; the ranks run on the {spec.nodes} node pod(s)")]
         if spec.nodes == 1:
-            return [CheckResult("layout", True, f"{detail}, and makes max(nodes-1, 1) = 1 node pod, which runs no rank: "
-                                                "the ranks run on the launcher", warning=True)]
-        return [CheckResult("layout", True, f"{detail}; the first ranks run on the launcher, the others on the node pods")]
+            return [*found, CheckResult("layout", True, f"{detail}, and makes max(nodes-1, 1) = 1 node pod, which runs no rank: "
+                                                        "the ranks run on the launcher", warning=True)]
+        return [*found, CheckResult("layout", True, f"{detail}; the first ranks run on the launcher, the others on the node pods")]
 
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:

@@ -142,6 +142,7 @@ class KubeRayBackend(KubernetesBackend):
     launcher_logs = True
     container_name = SUBMITTER_CONTAINER
     install_hint = KUBERAY_INSTALL
+    upgrade_hint = f"dsnb renders RayJobs and RayServices for KubeRay v1.7 (ray.io/v1): upgrade it: {KUBERAY_INSTALL}"
     workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"))
 
     def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 3600,
