@@ -210,6 +210,8 @@ def test_a_pod_waiting_for_its_volume_says_so_from_its_events(emulator) -> None:
             wait_until(lambda: "cannot mount a volume" in job.status().message, timeout=15)
             assert job.status().state in (JobState.PENDING, JobState.STARTING)
             assert "checkpoint_pvc" in job.status().message
+            event_lists = [path for method, path in emulator.requests if method == "GET" and "/events" in path]
+            assert event_lists and all("fieldSelector=type%3DWarning" in path for path in event_lists)  # not every event
             job.cancel()
             assert leftovers(emulator, sim_, job.name) == []
 

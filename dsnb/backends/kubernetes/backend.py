@@ -343,7 +343,8 @@ class KubernetesBackend(Backend):
         on_pods: dict[str, list[dict[str, Any]]] = {}
         on_objects: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
-            response = self.conn.core.list_namespaced_event(self.namespace, _preload_content=False)
+            # Warnings only (what the diagnosis reads): a busy namespace's events are mostly Normal ones.
+            response = self.conn.core.list_namespaced_event(self.namespace, field_selector="type=Warning", _preload_content=False)
             for event in objects.read_json(response).get("items") or []:
                 involved = event.get("involvedObject") or {}
                 kind, involved_name = involved.get("kind"), involved.get("name")
