@@ -281,6 +281,18 @@ def test_trainjob_progress_is_shown_while_running() -> None:
     assert status.state == JobState.RUNNING and status.message == "42% done, about 3 min left, loss 2.1"
 
 
+def test_a_worker_being_deleted_at_the_end_is_no_failure() -> None:
+    """MPI Operator v0.8.0 deletes running workers once it has written Succeeded (mpi_job_controller.go), and a
+    pod being deleted is terminated gracefully: the pod watch may show that before the MPIJob's condition."""
+    spec = JobSpec(name="a-abcd", script="t.py", nodes=2, procs_per_node=2, image="img:1")
+    worker = {"metadata": {"name": "a-abcd-worker-1", "labels": {"dsnb.io/role": "worker"},
+                           "deletionTimestamp": "2026-11-28T10:05:00Z"}, "spec": {"nodeName": "n1"},
+              "status": {"phase": "Running", "containerStatuses": [{"name": "dsnb", "state": {"terminated": {"exitCode": 143}}}]}}
+    status = MPIJobBackend(namespace="ml").compute_status(spec.name, spec, 1.0, [worker], None,
+                                                          {"status": {"conditions": [condition("Running")]}})
+    assert status.state != JobState.FAILED, status
+
+
 def test_a_worker_that_stops_fails_the_mpijob_with_the_sshd_hint() -> None:
     spec = JobSpec(name="a-abcd", script="t.py", nodes=2, procs_per_node=2, image="img:1")
     worker = {"metadata": {"name": "a-abcd-worker-1", "labels": {"dsnb.io/role": "worker"}}, "spec": {"nodeName": "n1"},

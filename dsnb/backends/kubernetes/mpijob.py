@@ -300,6 +300,8 @@ class MPIJobBackend(JobServing, KubernetesBackend):
             return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
                              message=reason, finished_at=finished)
         for node, pod in sorted(workers.items()):
+            if pod["metadata"].get("deletionTimestamp"):
+                continue  # being deleted: the MPI Operator stops workers once the job ended, before its status says so
             terminated = (container_status(pod, CONTAINER).get("state") or {}).get("terminated")
             if terminated or (pod.get("status") or {}).get("phase") == "Failed":
                 code = (terminated or {}).get("exitCode")
