@@ -557,11 +557,20 @@ class _Log:
         self.lines: deque[tuple[int, str]] = deque(maxlen=limit)
         self.first = 0  # sequence number of lines[0]
         self.ended = False
+        self.size = 0  # bytes in the current file
+        self.rotations = 0
 
-    def add(self, ns: int, text: str) -> None:
+    def add(self, ns: int, text: str, rotate_bytes: int | None = None) -> None:
+        if rotate_bytes is not None and self.size + len(text) + 1 > rotate_bytes:
+            # The kubelet's rotation: only the new file is served (pkg/kubelet/logs/container_log_manager.go).
+            self.first += len(self.lines)
+            self.lines.clear()
+            self.size = 0
+            self.rotations += 1
         if len(self.lines) == self.lines.maxlen:
             self.first += 1
         self.lines.append((ns, text))
+        self.size += len(text) + 1
 
     @property
     def end(self) -> int:
@@ -639,6 +648,10 @@ class KubeEmulator:
     """
 
     watch_queue_limit = 100_000
+    #: Bytes after which a container's log is rotated (the kubelet's containerLogMaxSize, 10 MiB by
+    #: default): from then on only the new file is served, and a follow that was open stalls, sending
+    #: nothing more (kubernetes#115701, #126564). None: never rotated.
+    log_rotate_bytes: int | None = None
     #: Seconds each batch of watch events waits before it is sent. A real API server answers a
     #: write before its watchers hear of it (the watch cache is fed asynchronously), so a
     #: client must not expect its own write in its watch cache the moment the write returns.
@@ -966,7 +979,7 @@ class KubeEmulator:
         with self._lock:
             log = self._current_log(namespace, pod, container)
             for line in _split_lines(text):
-                log.add(self._tick(), line)
+                log.add(self._tick(), line, self.log_rotate_bytes)
             self._log_cond.notify_all()
 
     def end_log(self, namespace: str, pod: str, container: str | None = None) -> None:
@@ -1597,6 +1610,7 @@ class KubeEmulator:
         with self._lock:
             self._follows.add(done)
             cuts = self._cuts
+            rotations = log.rotations
         sent = 0
         try:
             handler.start_chunks("text/plain")
@@ -1610,6 +1624,8 @@ class KubeEmulator:
                     if log.end == cursor and not log.ended and self._cuts == cuts and not self._stopping:
                         self._log_cond.wait(POLL_S)
                     new, cursor = log.since(cursor), log.end
+                    if log.rotations != rotations:
+                        new = []  # stalled by a rotation: the stream stays open and silent
                     ended, cut = log.ended or self._stopping, self._cuts != cuts
                 if cut:
                     handler.cut()

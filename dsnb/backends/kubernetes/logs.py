@@ -38,6 +38,13 @@ _MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
 _MPIRUN_TAG_ANYWHERE = re.compile(r"\[\d+,\d+\]<std(?:out|err)>:")
 #: Seconds of overlap asked for when a stream resumes; the overlap is skipped by timestamp.
 RESUME_MARGIN_S = 2
+#: Seconds of silence after which a follow is opened again: after a log rotation the kubelet's follow
+#: may stall, open but silent (kubernetes#115701, #126564); a quiet container costs one request.
+STALL_S = 60.0
+CONNECT_S = 10.0
+#: Put into the log where a resumed read did not find the last line kept: the lines between are lost.
+GAP_MARK = ("[dsnb] lines may be missing before this one: the kubelet rotated this pod's log "
+            "(containerLogMaxSize, 10 MiB by default) before dsnb read them")
 
 
 def split_rank(text: str, node: int | None, procs_per_node: int) -> tuple[int, str]:
@@ -119,6 +126,11 @@ class PodLogFollower:
         self._response: Any = None
         self.connections = 0
         self.refused: Exception | None = None  # the API's 401/403 for the last read, while it lasts
+        self.gaps = 0  # resumed reads that found lines lost (a rotated log)
+        self._read_segment: int | None = None  # restartCount of the container whose current log was read last
+        self._resumed = False  # whether this response continues a log already read in part
+        self._overlap = False  # whether it brought back a line already kept
+        self._gap_said = False
         self._thread = threading.Thread(target=self._run, name=f"dsnb-logs-{pod_name}", daemon=True)
 
     def start(self) -> PodLogFollower:
@@ -187,23 +199,36 @@ class PodLogFollower:
         except ValueError:
             return
         if when_ns < self._last_ns:
+            self._overlap = True
             return
         if when_ns == self._last_ns:
             if self._same_ns_seen < self._same_ns:
                 self._same_ns_seen += 1
+                self._overlap = True
                 return
             self._same_ns += 1
             self._same_ns_seen += 1
         else:
+            if self._resumed and not self._overlap and not self._gap_said:
+                # The window asked for starts before the last line kept: that line is gone (a rotation).
+                self._gap_said = True
+                self.gaps += 1
+                self._sink(GAP_MARK, when_ns / 1e9)
             self._last_ns, self._same_ns, self._same_ns_seen = when_ns, 1, 1
         self._sink(text, when_ns / 1e9)
 
     def _read(self, previous: bool, follow: bool) -> None:
         self._same_ns_seen = 0
         self.connections += 1
+        # A gap can be told only within one container's log: a restarted container's log starts anew.
+        self._resumed = not previous and self._last_ns >= 0 and self._read_segment == self._segment
+        self._overlap = self._gap_said = False
+        if not previous:
+            self._read_segment = self._segment
         response = self.core.read_namespaced_pod_log(
             self.pod_name, self.namespace, container=self.container, follow=follow, previous=previous,
             timestamps=True, since_seconds=self._since_seconds(), _preload_content=False,
+            **({"_request_timeout": (CONNECT_S, STALL_S)} if follow else {}),
         )
         self._response = response
         try:
