@@ -339,3 +339,19 @@ def test_specs_kuberay_cannot_run_are_refused_and_create_nothing(emulator: KubeE
             cluster.submit(refused_spec)
         assert info.value.field == field, str(info.value)
     assert emulator.inventory() == before and cluster.jobs() == []
+
+
+@needs_sandbox
+def test_a_retried_submitter_replaying_the_driver_log_adds_no_line_twice(emulator) -> None:  # noqa: F811
+    """The submitter's follow drops after the first step; its Job starts another pod, whose `ray job logs
+    --follow` prints the driver log from the start. Every line and metric is kept once."""
+    operator = KubeRaySim(drop_submitter_once=True)
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator]) as running, \
+            make_cluster(emulator, "ray", kuberay=True) as cluster:
+        job = cluster.submit(spec("ok"))
+        assert job.wait(timeout=60).state == JobState.SUCCEEDED
+        assert operator.submitter_pods[job.name] == 2  # the dropped one and its retry
+        steps = [line.text for line in job.logs() if line.text.startswith("step ")]
+        assert steps == sorted(set(steps), key=steps.index) and len(steps) == 6, steps  # 3 steps x 2 ranks, once each
+        assert [(s.step, s.rank) for s in job.metrics("loss")] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+        assert leftovers(emulator, running, job.name) == []

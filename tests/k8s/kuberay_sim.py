@@ -93,15 +93,23 @@ class KubeRaySim:
         end_early: report the Ray job's end as soon as it runs, while the submitter is still
             printing the driver log's end (1 s later), as happens when KubeRay hears of the end
             from the dashboard before ``ray job logs`` has caught up.
+        drop_submitter_once: the first submitter pod's ``ray job logs --follow`` fails after the
+            first step (KubeRay v1.7.0 notes it can exit non-zero on a closed WebSocket,
+            rayjob_controller.go); its Job (``backoffLimit: 2``) starts another pod, whose
+            ``ray job logs --follow`` prints the driver's log again from the start.
 
     Attributes:
         seen: RayJob name -> the RayJob as first seen.
+        submitter_pods: RayJob name -> how many submitter pods were made for it.
     """
 
-    def __init__(self, end_early: bool = False, deploy_errors: dict[str, str] | None = None) -> None:
+    def __init__(self, end_early: bool = False, deploy_errors: dict[str, str] | None = None,
+                 drop_submitter_once: bool = False) -> None:
         self.end_early = end_early
+        self.drop_submitter_once = drop_submitter_once
         self.deploy_errors = dict(deploy_errors or {})
         self.seen: dict[str, dict[str, Any]] = {}
+        self.submitter_pods: dict[str, int] = {}  # RayJob name -> submitter pods made for it
         self.jobs: dict[str, dict[str, Any]] = {}  # RayJob name -> what the operator keeps in memory
         self.services: dict[str, dict[str, Any]] = {}  # RayService name -> what the operator keeps in memory
 
@@ -141,6 +149,10 @@ class KubeRaySim:
             elif deployment == "Running":
                 pod = em.get("v1", "Pod", ns, state["submitter"])
                 phase = ((pod or {}).get("status") or {}).get("phase")
+                if phase == "Failed" and state.get("submitters", 1) <= 2:  # the submitter Job's backoffLimit: 2
+                    state["submitters"] = state.get("submitters", 1) + 1
+                    state["submitter"] = self._create_submitter(sim, rayjob, retry=True)
+                    continue
                 if phase == "Running" and status.get("jobStatus") == "PENDING":
                     self._status(sim, name, {"jobStatus": "RUNNING", "rayJobInfo": {"startTime": _now()}})
                 elif phase in ("Succeeded", "Failed") or (self.end_early and status.get("jobStatus") == "RUNNING"):
@@ -181,9 +193,20 @@ class KubeRaySim:
             "status": {"phase": "Pending"},
         })
 
-    def _create_submitter(self, sim: Any, rayjob: dict[str, Any]) -> str:
+    def _create_submitter(self, sim: Any, rayjob: dict[str, Any], retry: bool = False) -> str:
         em, ns = sim.emulator, sim.namespace
         name = rayjob["metadata"]["name"]
+        self.submitter_pods[name] = self.submitter_pods.get(name, 0) + 1
+        if retry:  # another pod of the same submitter Job, whose follow does not drop
+            job = em.get("batch/v1", "Job", ns, name)
+            template = json.loads(json.dumps(self.jobs[name]["submitter_template"]))
+            for var in template["spec"]["containers"][0]["env"]:
+                if var["name"] == "DSNB_SIM_DROP_AFTER":
+                    var["value"] = ""
+            pod_name = f"{name}-{_suffix()}"
+            self._pod(sim, pod_name, template, job, {"batch.kubernetes.io/job-name": name, "job-name": name},
+                      fake=False, spec=template["spec"])
+            return pod_name
         template = json.loads(json.dumps(rayjob["spec"].get("submitterPodTemplate") or {}))
         if not template:
             head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -198,9 +221,11 @@ class KubeRaySim:
         address = f"http://{state['cluster']}-head-svc.{ns}.svc.cluster.local:8265"
         # What KubeRay adds, then the runtime environment as Ray gives it to the driver.
         env = {"RAY_DASHBOARD_ADDRESS": address, "RAY_JOB_SUBMISSION_ID": name, **runtime_env_vars(rayjob),
-               "DSNB_SIM_MODE": job_mode(rayjob), "DSNB_SIM_LATE_TAIL": "1" if self.end_early else ""}
+               "DSNB_SIM_MODE": job_mode(rayjob), "DSNB_SIM_LATE_TAIL": "1" if self.end_early else "",
+               "DSNB_SIM_DROP_AFTER": "1" if self.drop_submitter_once else ""}
         container["env"] = [*(container.get("env") or []), *({"name": k, "value": v} for k, v in env.items())]
         container["command"] = [sys.executable, str(Path(__file__).resolve()), "driver"]
+        state["submitter_template"] = json.loads(json.dumps(template))
         pod_name = f"{name}-{_suffix()}"
         self._pod(sim, pod_name, template, job, {"batch.kubernetes.io/job-name": name, "job-name": name},
                   fake=False, spec=pod_spec)
@@ -338,6 +363,8 @@ def fake_driver() -> int:
         step += 1
         for line in step_lines(job, step):
             print(line, flush=True)
+        if os.environ.get("DSNB_SIM_DROP_AFTER") and step >= int(os.environ["DSNB_SIM_DROP_AFTER"]):
+            return 1  # `ray job logs --follow` lost its connection
         time.sleep(0.2 if mode == "sleep" else 0.05)
     if os.environ.get("DSNB_SIM_LATE_TAIL"):
         time.sleep(1.0)

@@ -85,6 +85,8 @@ ENDPOINT_SELECTOR = f"{MANAGED_SELECTOR},{KIND}={ENDPOINT_KIND}"
 SERVE_PORT = 8000
 #: Where Ray Train keeps runs and checkpoints without a checkpoint PVC: the pod's own disk.
 DEFAULT_STORAGE = "/home/ray/ray-runs"
+#: How many lines of a job's driver log are remembered to skip a retried submitter's replay.
+GIVEN_LIMIT = 200_000
 #: Seconds to wait, once the RayJob has ended, for the submitter to print the driver log's end.
 DRIVER_LOG_WAIT_S = 10.0
 #: Pod problems Ray recovers from or reports itself, so they do not end the job on their own.
@@ -162,6 +164,7 @@ class KubeRayBackend(KubernetesBackend):
         self.serve_url = serve_url.rstrip("/") if serve_url else None
         self._stopped_endpoints: set[str] = set()
         self._parsers: dict[str, tuple[DriverLogParser, threading.Lock]] = {}
+        self._given: dict[str, list[tuple[int, str]]] = {}  # job -> what its submitter pods gave, in order
 
     # -- rendering -------------------------------------------------------------------------
     def dryrun(self, spec: JobSpec) -> Plan:
@@ -225,15 +228,28 @@ class KubeRayBackend(KubernetesBackend):
             return self._parsers.setdefault(name, (DriverLogParser(), threading.Lock()))
 
     def _follow(self, name: str, logs: JobLogs, pod: dict[str, Any]) -> PodLogFollower:
+        """Follow one submitter pod. A retried submitter (its Job's ``backoffLimit`` is 2) runs ``ray job logs
+        --follow`` again, which prints the driver's log from the start: the lines an earlier submitter pod
+        already gave are skipped, in order, so no line or metric is kept twice."""
         parser, lock = self._parser(name)
         pod_name = pod["metadata"]["name"]
         pods = self._informer("pods")
+        given = self._given.setdefault(name, [])  # what this job's submitter pods gave, in order
+        replay = {"at": 0, "live": not given}
 
         def sink(text: str, when: float) -> None:
             with lock:
                 entry = parser.feed(text)
-            if entry is not None:
-                logs.add(entry[0], entry[1], when)
+                if entry is None:
+                    return
+                if not replay["live"]:
+                    if replay["at"] < len(given) and given[replay["at"]] == entry:
+                        replay["at"] += 1
+                        return  # printed again by this retried pod
+                    replay["live"] = True
+                if len(given) < GIVEN_LIMIT:
+                    given.append(entry)
+            logs.add(entry[0], entry[1], when)
 
         def wait(timeout: float) -> None:
             pods.wait_for_change(pods.version, timeout)
@@ -283,6 +299,7 @@ class KubeRayBackend(KubernetesBackend):
         finally:
             with self._lock:
                 self._parsers.pop(name, None)
+                self._given.pop(name, None)
 
     # -- status ----------------------------------------------------------------------------
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
