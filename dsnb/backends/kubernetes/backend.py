@@ -19,7 +19,6 @@ import abc
 import dataclasses
 import json
 import os
-import re
 import threading
 import time
 from typing import Any
@@ -215,8 +214,8 @@ class KubernetesBackend(Backend):
                                 f"install it: {self.install_hint} (dsnb check --backend {self.name} shows what is missing)")
         if e.status == 401:
             return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
-        if e.status == 400 and "strict decoding error" in str(e.body or ""):
-            fields = re.findall(r'unknown field \\?"([^"\\]+)', str(e.body))
+        fields = objects.unknown_fields(e)
+        if fields is not None:
             return ClusterError(where, f"could not {doing}: the cluster's CustomResourceDefinition does not know "
                                        f"{', '.join(fields) or 'some fields'} (its operator is older than the version dsnb renders for)",
                                 self.upgrade_hint or "upgrade the operator (dsnb check shows the versions it expects)")
@@ -610,8 +609,9 @@ class KubernetesBackend(Backend):
             plan = self.dryrun(spec)
         except InvalidSpecError:
             return []  # the spec's own problem is raised when it is submitted
-        kind = {"mpijobs": "MPIJob", "trainjobs": "TrainJob", "rayjobs": "RayJob"}.get(self.workload_resource[2])
-        return [check_fields(self.conn, self.namespace, m, self.upgrade_hint) for m in plan.manifests if m["kind"] == kind]
+        plural = self.workload_resource[2]
+        return [check_fields(self.conn, self.namespace, m, self.upgrade_hint) for m in plan.manifests
+                if m["kind"] in objects.CUSTOM_KINDS and objects.plural(m["kind"]) == plural]
 
     def check(self, spec: JobSpec | None = None) -> Any:
         """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""

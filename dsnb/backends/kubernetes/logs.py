@@ -126,7 +126,6 @@ class PodLogFollower:
         self._response: Any = None
         self.connections = 0
         self.refused: Exception | None = None  # the API's 401/403 for the last read, while it lasts
-        self.gaps = 0  # resumed reads that found lines lost (a rotated log)
         self._read_segment: int | None = None  # restartCount of the container whose current log was read last
         self._resumed = False  # whether this response continues a log already read in part
         self._overlap = False  # whether it brought back a line already kept
@@ -212,7 +211,6 @@ class PodLogFollower:
             if self._resumed and not self._overlap and not self._gap_said:
                 # The window asked for starts before the last line kept: that line is gone (a rotation).
                 self._gap_said = True
-                self.gaps += 1
                 self._sink(GAP_MARK, when_ns / 1e9)
             self._last_ns, self._same_ns, self._same_ns_seen = when_ns, 1, 1
         self._sink(text, when_ns / 1e9)

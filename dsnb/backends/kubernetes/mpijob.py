@@ -47,9 +47,8 @@ ROLE = "dsnb.io/role"
 REPLICA_INDEX = "training.kubeflow.org/replica-index"
 OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
 
-#: The launcher's shell prelude: rank 0 runs on the hostfile's first host, which becomes
-#: MASTER_ADDR (exported to the ranks; the hostfile is mounted on the launcher only).
-#: Runs on the launcher before mpirun, with the operator's hostfile as ``$0``:
+#: The launcher's shell prelude, run before mpirun with the operator's hostfile as ``$0`` (the
+#: hostfile is mounted on the launcher only; ``MASTER_ADDR`` is exported to the ranks):
 #:
 #: - when the launcher's own host is in the hostfile (a TrainJob runtime with ``runLauncherAsNode``),
 #:   that host goes first in the copy mpirun is given, since Open MPI 4 puts the first ranks on

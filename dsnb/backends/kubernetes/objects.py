@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -58,6 +59,35 @@ def read_json(response: Any) -> dict[str, Any]:
         return json.loads(response.data)
     finally:
         response.release_conn()
+
+
+#: The custom kinds dsnb creates.
+CUSTOM_KINDS = frozenset(_CUSTOM_PLURALS)
+
+
+def plural(kind: str) -> str:
+    """The URL name of a custom kind dsnb creates, e.g. ``"trainjobs"`` for ``"TrainJob"``.
+
+    Raises:
+        KeyError: not a custom kind dsnb knows.
+    """
+    return _CUSTOM_PLURALS[kind]
+
+
+def unknown_fields(error: ApiException) -> list[str] | None:
+    """The fields a CRD did not know, when the API refused a ``fieldValidation=Strict`` write for them; else None.
+
+    Example:
+        >>> unknown_fields(ApiException(status=400, reason="Bad Request"))
+        >>> e = ApiException(status=400, reason="Bad Request")
+        >>> e.body = '{"message": "strict decoding error: unknown field \\"spec.runtimePatches\\""}'
+        >>> unknown_fields(e)
+        ['spec.runtimePatches']
+    """
+    body = str(error.body or "")
+    if error.status != 400 or "strict decoding error" not in body:
+        return None
+    return re.findall(r'unknown field \\?"([^"\\]+)', body)
 
 
 def create(conn: Connection, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection
 from dsnb.backends.kubernetes.rbac import Permission
 from dsnb.errors import ClusterError
@@ -346,13 +347,12 @@ def check_fields(conn: Connection, namespace: str, manifest: dict[str, Any], upg
     """
     kind, (group, version) = manifest["kind"], manifest["apiVersion"].split("/")
     name = f"{kind} fields"
-    plural = {"MPIJob": "mpijobs", "TrainJob": "trainjobs", "RayJob": "rayjobs", "RayService": "rayservices"}[kind]
     try:
-        conn.custom.create_namespaced_custom_object(group, version, namespace, plural, manifest, dry_run="All",
+        conn.custom.create_namespaced_custom_object(group, version, namespace, objects.plural(kind), manifest, dry_run="All",
                                                     field_validation="Strict", _request_timeout=TIMEOUT_S)
     except ApiException as e:
-        if e.status == 400 and "strict decoding error" in str(e.body or ""):
-            fields = re.findall(r'unknown field \\?"([^"\\]+)', str(e.body))
+        fields = objects.unknown_fields(e)
+        if fields is not None:
             return CheckResult(name, False, f"the served {kind} CRD does not know {', '.join(fields)}: "
                                             "its operator is older than what dsnb renders for", upgrade)
         if e.status in (401, 403, 404):

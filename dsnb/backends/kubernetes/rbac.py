@@ -165,7 +165,7 @@ MPIJOB_PERMISSIONS = with_serving((
 TRAINJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("trainer.kubeflow.org", "trainjobs", ("create", "list", "watch", "delete")),
-    # create, delete: a job whose node pods would run another image gets a TrainingRuntime of its own, for its run.
+    # create, delete: each job runs from a TrainingRuntime of its own (its image on every pod, its restarts).
     Permission("trainer.kubeflow.org", "trainingruntimes", ("create", "get", "list", "delete")),
 ))
 

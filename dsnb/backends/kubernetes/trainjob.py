@@ -57,9 +57,9 @@ RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/
 class TrainJobBackend(JobServing, KubernetesBackend):
     """DeepSpeed on a Kubeflow Trainer TrainJob; see the module docstring.
 
-    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the pod of rank 0:
-    the first host of the Trainer's hostfile, which follows the runtime's replicatedJobs order
-    (``<job>-node-0-0`` with Trainer v2.3.0's stock runtimes, the launcher before v2.3). A TrainJob's
+    Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the pod of rank 0: the
+    launcher on a runtime that runs it as a node, as ``deepspeed-distributed`` does, else node 0
+    (see :mod:`~dsnb.backends.kubernetes.trainer_layout`). A TrainJob's
     ``runtimePatches`` may only set a container's env, mounts and security context, so no
     port or probe can be added from the TrainJob; readiness is read from rank 0's
     ``DSNB_SERVE`` lines in the launcher's log.
@@ -247,12 +247,17 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         return self._runtime
 
     def launcher_is_node(self) -> bool:
-        """Whether the runtime runs ranks on the launcher too (``mlPolicy.mpi.runLauncherAsNode``); True, as for
-        the stock ``deepspeed-distributed``, when the runtime cannot be read."""
-        runtime = self.base_runtime()
-        if runtime is None:
+        """Whether the runtime runs ranks on the launcher too (``mlPolicy.mpi.runLauncherAsNode``), reading it from
+        the cluster if not read yet; True, as for the stock ``deepspeed-distributed``, when it cannot be read."""
+        self.base_runtime()
+        return self._launcher_is_node_as_known()
+
+    def _launcher_is_node_as_known(self) -> bool:
+        """:meth:`launcher_is_node` from the runtime read so far, without asking the cluster (status is computed
+        from the watch caches alone)."""
+        if self._runtime is None:
             return True
-        return bool((((runtime.get("spec") or {}).get("mlPolicy") or {}).get("mpi") or {}).get("runLauncherAsNode", False))
+        return bool((((self._runtime.get("spec") or {}).get("mlPolicy") or {}).get("mpi") or {}).get("runLauncherAsNode", False))
 
     def pods_for(self, spec: JobSpec) -> int:
         """Pods the job asks ``resourcesPerNode`` for: the node pods and the launcher."""
@@ -275,7 +280,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:
         """The pod of rank 0: the launcher when the runtime runs it as a node (see :mod:`trainer_layout`), else node 0."""
-        if self._runtime is not None and not self.launcher_is_node():
+        if not self._launcher_is_node_as_known():
             return {**job_labels(name), ROLE: "node", JOB_INDEX: "0"}
         return {**job_labels(name), ROLE: "launcher"}
 
@@ -296,7 +301,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
             return None  # its log carries every rank's lines, tagged by mpirun
         # The node Job's completion index (the label exists from Kubernetes 1.28; the hostname always ends in it).
         index = int((pod["metadata"].get("labels") or {}).get(JOB_INDEX) or hostname(pod).rsplit("-", 1)[-1])
-        return index + (1 if self._runtime is None or self.launcher_is_node() else 0)
+        return index + (1 if self._launcher_is_node_as_known() else 0)
 
     def logs_from(self, pod: dict[str, Any]) -> bool:
         return self._role(pod) == "launcher"
@@ -308,7 +313,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         status = (workload or {}).get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
         by_host = {hostname(p): p for p in pods}
-        as_node = self._runtime is None or self.launcher_is_node()
+        as_node = self._launcher_is_node_as_known()
         nodes = {index: by_host[host] for index, host in enumerate(rank_hosts(name, spec.nodes, as_node)) if host in by_host}
         expected = node_pods(spec.nodes, as_node) + 1
         procs = spec.procs_per_node
@@ -413,7 +418,7 @@ def jobset_pod_names(name: str, nodes: int) -> list[str]:
         >>> [len(n) for n in jobset_pod_names("tiny-gpt-x7k2", 3)]
         [32, 28]
     """
-    return [f"{name}-launcher-0-0-abcde", f"{name}-node-0-{max(nodes - 1, 1) - 1}-abcde"]
+    return [f"{name}-launcher-0-0-abcde", f"{name}-node-0-{node_pods(nodes) - 1}-abcde"]
 
 
 def _progress(trainer_status: dict[str, Any]) -> str:
