@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("kubernetes")
 
-from k8s.fixtures import NAMESPACE, emulator, leftovers, make_cluster, workload  # noqa: E402, F401
+from k8s.fixtures import NAMESPACE, attempts_job, emulator, leftovers, make_cluster, workload  # noqa: E402, F401
 from k8s.operators import MPIOperatorSim  # noqa: E402
 from k8s.sandbox import mpi_problem, netns_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
@@ -72,23 +72,11 @@ def test_ranks_on_workers_run_the_images_python_through_sshds_bare_environment(e
 
 # -- the launcher is a batch/v1 Job -------------------------------------------------------------
 
-ATTEMPTS = """
-import os, sys
-path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
-with open(path, "a") as f:
-    f.write("x")
-print(f"attempt {os.path.getsize(path)}", flush=True)
-sys.exit(0 if os.path.getsize(path) > int(sys.argv[1]) else 3)
-"""
-
-
 def test_max_restarts_are_new_launcher_pods_of_the_launcher_job(emulator, tmp_path) -> None:  # noqa: F811
-    (tmp_path / "attempts.py").write_text(ATTEMPTS)
     operator = MPIOperatorSim("10.231.84")
     with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
             make_cluster(emulator, "mpijob", cancel_wait=30) as cluster:
-        job = cluster.submit(workload("ok", script="attempts.py", args=["1"], working_dir=str(tmp_path), nodes=1,
-                                      procs_per_node=1, max_restarts=1))
+        job = cluster.submit(attempts_job(tmp_path, 1, max_restarts=1))
         final = job.wait(timeout=120)
         assert final.state == JobState.SUCCEEDED, final.diagnosis()
         assert (tmp_path / "attempts").read_text() == "xx"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from k8s.operators import MPIOperatorSim, TrainerSim  # noqa: E402
 from k8s.sandbox import mpi_problem, netns_problem, sandbox_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
 from rich.console import Console  # noqa: E402
+from serving_servers import free_port  # noqa: E402
 
 from dsnb import Cluster, ClusterError, JobSpec, JobState  # noqa: E402
 from dsnb.console.cli import main  # noqa: E402
@@ -152,12 +152,6 @@ def role_grants(role: dict) -> set[tuple[str, str, str]]:
 
 def used_by(emulator: KubeEmulator, user: str) -> set[tuple[str, str, str]]:  # noqa: F811
     return {(verb, group, resource) for who, verb, group, resource in emulator.granted if who == user}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 #: Kubeflow Trainer v2.3.0's kubeflow-platform overlay lets every authenticated user read

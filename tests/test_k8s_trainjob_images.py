@@ -17,7 +17,7 @@ pytest.importorskip("kubernetes")
 import yaml  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from k8s.crds import FOLDER  # noqa: E402
-from k8s.fixtures import IMAGE, NAMESPACE, emulator, footprint_of, leftovers, make_cluster, workload  # noqa: E402, F401
+from k8s.fixtures import IMAGE, NAMESPACE, attempts_job, emulator, footprint_of, leftovers, make_cluster, workload  # noqa: E402, F401
 from k8s.operators import TrainerSim  # noqa: E402
 from k8s.sandbox import mpi_problem, netns_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
@@ -105,23 +105,6 @@ def test_a_runtime_dsnb_cannot_read_is_refused(emulator) -> None:  # noqa: F811
 
 
 # -- restarts --------------------------------------------------------------------------------------
-
-ATTEMPTS = """
-import os, sys
-path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
-with open(path, "a") as f:
-    f.write("x")
-attempt = os.path.getsize(path)
-print(f"attempt {attempt}", flush=True)
-sys.exit(0 if attempt > int(sys.argv[1]) else 3)
-"""
-
-
-def attempts_job(tmp_path, fails: int, **fields):
-    (tmp_path / "attempts.py").write_text(ATTEMPTS)
-    return workload("ok", script="attempts.py", args=[str(fails)], working_dir=str(tmp_path), nodes=1, procs_per_node=1,
-                    **fields)
-
 
 @pytest.mark.parametrize("max_restarts, fails, state, attempts", [
     (0, 1, JobState.FAILED, 1),  # no restart: one run, as on every backend (not JobSet's 7)

@@ -62,3 +62,22 @@ def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]:
 def footprint_of(emulator: KubeEmulator, sim: ClusterSim):
     """A callable listing every object in the emulator and every pod process still running."""
     return lambda: emulator.inventory() + [f"process of {pod}" for pod in sim.running_processes()]
+
+
+#: A job script that counts its runs in ``attempts`` beside it and fails until its run number passes ``argv[1]``.
+ATTEMPTS = """
+import os, sys
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
+with open(path, "a") as f:
+    f.write("x")
+attempt = os.path.getsize(path)
+print(f"attempt {attempt}", flush=True)
+sys.exit(0 if attempt > int(sys.argv[1]) else 3)
+"""
+
+
+def attempts_job(folder, fails: int, **fields: Any) -> JobSpec:
+    """A one-rank job of :data:`ATTEMPTS` in ``folder`` that fails its first ``fails`` runs (exit code 3)."""
+    (folder / "attempts.py").write_text(ATTEMPTS)
+    return workload("ok", **{"script": "attempts.py", "args": [str(fails)], "working_dir": str(folder), "nodes": 1,
+                             "procs_per_node": 1, **fields})
