@@ -4,7 +4,7 @@ The emulator asks this for every request made with a user's token (``KubeEmulato
 so a test can run dsnb as a subject bound to exactly the Role ``dsnb rbac`` prints and see
 the 403 a real cluster would answer for a verb that Role lacks.
 
-It plays Kubernetes v1.33's RBAC authorizer: rule matching as in
+It plays the RBAC authorizer of Kubernetes v1.32 (the version the emulator reports): rule matching as in
 ``pkg/apis/rbac/v1/evaluation_helpers.go`` (``VerbMatches``, ``APIGroupMatches``,
 ``ResourceMatches`` with ``*`` and ``*/subresource``, ``ResourceNameMatches``: an empty list
 matches every name, a non-empty one only requests that name an object, so never create, list

@@ -562,7 +562,7 @@ class _Log:
 
     def add(self, ns: int, text: str, rotate_bytes: int | None = None) -> None:
         if rotate_bytes is not None and self.size + len(text) + 1 > rotate_bytes:
-            # The kubelet's rotation: only the new file is served (pkg/kubelet/logs/container_log_manager.go).
+            # The kubelet's rotation: only the new file is served (pkg/kubelet/logs/container_log_manager.go, v1.32).
             self.first += len(self.lines)
             self.lines.clear()
             self.size = 0
@@ -653,7 +653,8 @@ class KubeEmulator:
     #: nothing more (kubernetes#115701, #126564). None: never rotated.
     log_rotate_bytes: int | None = None
     #: Seconds each batch of watch events waits before it is sent. A real API server answers a
-    #: write before its watchers hear of it (the watch cache is fed asynchronously), so a
+    #: write before its watchers hear of it (the watch cache is fed asynchronously, from etcd's
+    #: watch: staging/src/k8s.io/apiserver/pkg/storage/cacher, Kubernetes v1.32), so a
     #: client must not expect its own write in its watch cache the moment the write returns.
     watch_delay = 0.0
     log_line_limit = 100_000
@@ -1096,7 +1097,7 @@ class KubeEmulator:
             raise _not_found(NAMESPACE, ns)
         for admit in list(self.admission):
             refused = admit(obj)
-            if refused:  # as Pod Security admission answers: 403 Forbidden, nothing stored
+            if refused:  # as admission answers (Pod Security: staging/src/k8s.io/pod-security-admission, v1.32): 403, nothing stored
                 raise ApiError(403, "Forbidden", f'{res.plural} "{meta["name"]}" is forbidden: {refused}', _details(res, meta["name"]))
         if self._find(res, ns, meta["name"]) is not None:
             raise ApiError(409, "AlreadyExists", f'{res.plural} "{meta["name"]}" already exists', _details(res, meta["name"]))

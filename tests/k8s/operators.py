@@ -34,7 +34,8 @@ from k8s.netns import PodNetwork
 from k8s.sim import ClusterSim, now_rfc3339, warn
 
 AGENT = Path(__file__).with_name("rsh_agent.py")
-# What an sshd session's PATH is: OpenSSH's compiled default user path as Debian builds it, not the
+# What an sshd session's PATH is: OpenSSH's compiled default user path as Debian 12 builds openssh 9.2
+# (--with-default-path in its debian/rules), not the
 # image's ENV (the MPI Operator's sshd_config sets no environment). The image's PATH here is the
 # test venv's, which reaches the ranks only if mpirun passes it on (-x PATH).
 LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
@@ -46,8 +47,8 @@ def _owner(obj: dict[str, Any]) -> dict[str, Any]:
             "uid": obj["metadata"]["uid"], "controller": True}
 
 
-def _condition(kind: str, message: str = "") -> dict[str, Any]:
-    return {"type": kind, "status": "True", "reason": kind, "message": message, "lastTransitionTime": now_rfc3339()}
+def _condition(kind: str, message: str = "", reason: str = "") -> dict[str, Any]:
+    return {"type": kind, "status": "True", "reason": reason or kind, "message": message, "lastTransitionTime": now_rfc3339()}
 
 
 class _MPIJobs:
@@ -106,10 +107,11 @@ class _MPIJobs:
             network.close()
         self.networks.clear()
 
-    def _set_conditions(self, sim: ClusterSim, job: dict[str, Any], *kinds: tuple[str, str]) -> None:
+    def _set_conditions(self, sim: ClusterSim, job: dict[str, Any], *kinds: tuple[str, ...]) -> None:
+        """Add conditions given as (type, message) or (type, message, reason); the reason defaults to the type."""
         name = job["metadata"]["name"]
         known = self.conditions.setdefault(name, [])
-        added = [_condition(kind, message) for kind, message in kinds if kind not in {c["type"] for c in known}]
+        added = [_condition(*kind) for kind in kinds if kind[0] not in {c["type"] for c in known}]
         if added:
             known += added
             sim.emulator.patch_status(self.api_version, self.kind, sim.namespace, name,
@@ -273,6 +275,7 @@ class MPIOperatorSim(_MPIJobs):
         started = calendar_seconds(launcher_job["metadata"]["creationTimestamp"])
         if deadline is not None and time.time() - started > deadline:
             em.delete("v1", "Pod", ns, pod["metadata"]["name"])
+            # Kubernetes' Job controller (pkg/controller/job/job_controller.go, v1.32): DeadlineExceeded.
             self.done(sim, job, 1, reason="DeadlineExceeded", why="Job was active longer than specified deadline")
             return
         phase = (pod.get("status") or {}).get("phase")
@@ -286,7 +289,10 @@ class MPIOperatorSim(_MPIJobs):
             else:
                 statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
                 code = ((statuses[0].get("state") or {}).get("terminated") or {}).get("exitCode", 1)
-                self.done(sim, job, code, reason="BackoffLimitExceeded", why="Job has reached the specified backoff limit")
+                pod_status = pod.get("status") or {}
+                # Kubernetes' Job controller (pkg/controller/job/job_controller.go, v1.32) says BackoffLimitExceeded.
+                self.done(sim, job, code, reason=f"BackoffLimitExceeded/{pod_status.get('reason') or ''}",
+                          why=f"Job has reached the specified backoff limit: {pod_status.get('message') or ''}")
 
     def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
         name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
@@ -323,8 +329,9 @@ class MPIOperatorSim(_MPIJobs):
         if code == 0:
             self._set_conditions(sim, job, ("Succeeded", f"MPIJob {ns}/{name} successfully completed."))
         else:
-            # v0.8.0 copies the launcher Job's failure: "MPIJob ns/name has failed because ..." (updateMPIJobFailedStatus)
-            self._set_conditions(sim, job, ("Failed", f"MPIJob {ns}/{name} has failed" + (f": {reason}: {why}" if reason else "")))
+            # v0.8.0 copies the launcher Job's Failed condition, reason and message (updateMPIJobFailedStatus in
+            # mpi_job_controller.go); for BackoffLimitExceeded it appends the last failed pod's reason and message.
+            self._set_conditions(sim, job, ("Failed", why or f"MPIJob {ns}/{name} has failed", reason or "MPIJobFailed"))
         if (job["spec"].get("runPolicy") or {}).get("cleanPodPolicy", "Running") in ("Running", "All"):
             for pod, job_name in list(self.pods.items()):
                 if job_name == name and "worker" in pod and sim.emulator.get("v1", "Pod", ns, pod) is not None:

@@ -54,10 +54,10 @@ def now_rfc3339() -> str:
 def warn(emulator: Any, obj: dict[str, Any], reason: str, message: str, new_api: bool = False) -> None:
     """Record a Warning Event about ``obj``, as a controller's event recorder does.
 
-    ``new_api``: the events.k8s.io recorder (controller-runtime's ``Eventf``, as Kubeflow Trainer
-    v2.3.0 uses), read back through core/v1 with ``eventTime`` set and no ``lastTimestamp``; else
-    client-go's core/v1 recorder (the StatefulSet controller, the MPI Operator), with
-    ``firstTimestamp``/``lastTimestamp``.
+    ``new_api``: the events.k8s.io recorder (client-go ``tools/events``, through controller-runtime's
+    ``Eventf`` as Kubeflow Trainer v2.3.0 uses it), read back through core/v1 with ``eventTime`` set
+    and no ``lastTimestamp``; else client-go's core/v1 recorder (``tools/record``, as the StatefulSet
+    controller of Kubernetes v1.32 and the MPI Operator v0.8.0 use it), with ``firstTimestamp``/``lastTimestamp``.
     """
     meta = obj["metadata"]
     now = now_rfc3339()
@@ -167,7 +167,7 @@ class PodRunner:
         if container.get("workingDir"):
             steps.append(f"cd {shlex.quote(container['workingDir'])}")
         # The kubelet gives each pod its own hostname (spec.hostname, else the pod's name) and an /etc/hosts
-        # where it resolves (pkg/kubelet/kubelet_pods.go, ensureHostsFile). A pod in a network namespace gets
+        # where it resolves (pkg/kubelet/kubelet_pods.go in v1.32: GeneratePodHostNameAndDomain, ensureHostsFile). A pod in a network namespace gets
         # that namespace's hosts file from `ip netns exec`; one on this host's network gets its own here.
         netns = self.sim.netns_for(self.name) if self.sim.netns_for else None
         if netns is None:
@@ -380,7 +380,7 @@ class ClusterSim:
         """Exec a pretended container's program as the runtime would, under its security context; the
         runtime's error when the kernel refuses, else None.
 
-        The program is an sshd as the MPI Operator's base image builds it (build/base/Dockerfile: setcap
+        The program is an sshd as the MPI Operator's base image builds it (v0.8.0 build/base/Dockerfile: setcap
         CAP_NET_BIND_SERVICE=+eip), here a copy of ``true`` with that file capability: the kernel refuses to
         exec it when the bounding set lacks the capability (security/commoncap.c). Images listed in
         ``apt_sshd_images`` install sshd without one (Kubeflow Trainer's deepspeed-runtime)."""
@@ -434,7 +434,7 @@ class ClusterSim:
                         "status": {"phase": "Pending"},
                     })
                 except ApiError as e:
-                    # Kubernetes' StatefulSet controller (pkg/controller/statefulset/stateful_pod_control.go,
+                    # Kubernetes' StatefulSet controller (v1.32 pkg/controller/statefulset/stateful_pod_control.go,
                     # recordPodEvent) reports a refused pod only as a FailedCreate Warning on the set, and retries.
                     if (name, e.message) not in self._reported:
                         self._reported.add((name, e.message))

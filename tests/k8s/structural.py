@@ -3,8 +3,8 @@
 Custom resources are decoded against their CRD's ``openAPIV3Schema``. With
 ``fieldValidation=Strict`` an unknown field is refused (400, "strict decoding error: unknown
 field ..."); otherwise it is dropped (pruned) and the object is stored without it, which is what
-happens to fields a newer client sends to an older operator's CRD (kube-apiserver
-``apiextensions-apiserver/pkg/apiserver/schema/pruning``; the default is ``Warn``, whose warning
+happens to fields a newer client sends to an older operator's CRD (Kubernetes v1.32,
+``staging/src/k8s.io/apiextensions-apiserver/pkg/apiserver/schema/pruning``; the default is ``Warn``, whose warning
 the Python client does not show). ``metadata`` is the API server's own and left alone, as are
 subtrees marked ``x-kubernetes-preserve-unknown-fields`` or typed ``x-kubernetes-embedded-resource``.
 

@@ -295,9 +295,11 @@ class MPIJobBackend(JobServing, KubernetesBackend):
             return JobStatus(**common, state=JobState.SUCCEEDED, replicas=replicas(lambda _: JobState.SUCCEEDED),
                              message="the launcher finished", finished_at=finished)
         if "Failed" in conditions:
-            reason = conditions["Failed"].get("message") or conditions["Failed"].get("reason") or "the MPIJob failed"
+            # The operator copies the launcher Job's reason (DeadlineExceeded, BackoffLimitExceeded/...) and message.
+            said, why = conditions["Failed"].get("message") or "", conditions["Failed"].get("reason") or ""
+            message = f"{said} ({why})" if said and why and why != "Failed" and why not in said else said or why or "the MPIJob failed"
             return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                             message=reason, finished_at=finished)
+                             message=message, finished_at=finished)
         for node, pod in sorted(workers.items()):
             if pod["metadata"].get("deletionTimestamp"):
                 continue  # being deleted: the MPI Operator stops workers once the job ended, before its status says so
