@@ -293,7 +293,8 @@ def test_a_user_bound_to_the_printed_role_runs_everything_and_uses_all_of_it(emu
     (("watch", "", "pods"), "not allowed to watch pods"),
     (("create", "", "secrets"), "not allowed to create Secret"),
     (("get", "", "pods/log"), "not allowed to read the log of pod"),
-], ids=["watch-pods", "create-secrets", "get-pods-log"])
+    (("patch", "apps", "statefulsets/scale"), "not allowed to create Role"),
+], ids=["watch-pods", "create-secrets", "get-pods-log", "patch-scale"])
 def test_a_role_without_one_verb_fails_with_the_reason_and_the_fix(emulator, missing, said) -> None:  # noqa: F811
     """The negative control of the test above: one verb fewer is a clear error, not a hang or a job without logs."""
     verb, group, resource = missing
@@ -306,12 +307,22 @@ def test_a_role_without_one_verb_fails_with_the_reason_and_the_fix(emulator, mis
     token = emulator.add_user(USER)
     with simulated(emulator, "statefulset"), as_user(emulator, "statefulset", token, cancel_wait=30) as cluster:
         report = cluster.check()
-        assert [c.name for c in report.problems] == [f"permission {resource}"], report
+        label = f"{resource}.{group}" if group else resource
+        assert [c.name for c in report.problems] == [f"permission {label}"], report
+        before = emulator.inventory(NAMESPACE)
+        job = None
         try:
-            job = cluster.submit(workload("ok", env={"API_TOKEN": "tok-value-1"}))
-            final = job.wait(timeout=60)
-            assert list(job.logs()) == []
-            told = final.message
+            job = cluster.submit(workload("sleep", env={"API_TOKEN": "tok-value-1"}))
+            wait_until(lambda: job.status().state == JobState.RUNNING, timeout=60)
+            list(job.logs())
+            told = "no error"
         except ClusterError as e:
             told = str(e)
+            if job is None:
+                assert emulator.inventory(NAMESPACE) == before  # a refused submit leaves nothing
+        finally:
+            if job is not None and resource != "pods":  # without watching pods dsnb cannot follow a cancel either
+                job.cancel()
         assert said in told and "dsnb rbac --backend statefulset" in told, told
+        if resource == "statefulsets/scale":  # the API server's escalation check names what the job's Role would grant
+            assert 'Resources:["statefulsets/scale"]' in told, told

@@ -211,7 +211,9 @@ def test_a_pod_waiting_for_its_volume_says_so_from_its_events(emulator) -> None:
             assert job.status().state in (JobState.PENDING, JobState.STARTING)
             assert "checkpoint_pvc" in job.status().message
             event_lists = [path for method, path in emulator.requests if method == "GET" and "/events" in path]
-            assert event_lists and all("fieldSelector=type%3DWarning" in path for path in event_lists)  # not every event
+            # Warnings only, and of this job's objects only: never every event of the namespace
+            assert event_lists and all("fieldSelector=type%3DWarning%2CinvolvedObject.name%3D" in path for path in event_lists)
+            assert any(path.endswith(f"involvedObject.name%3D{job.name}-0") for path in event_lists)
             job.cancel()
             assert leftovers(emulator, sim_, job.name) == []
 

@@ -51,12 +51,37 @@ class Case:
     exit_code: int | None = None
     last_lines: tuple[str, ...] = ()
     replica_states: list[JobState] = field(default_factory=list)
+    record: dict | None = None  # the job's record, with what its pods wrote into it
 
 
 UNSCHEDULABLE = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                   "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]
+def deleting(node: int, state: dict) -> dict:
+    """A pod being deleted (the job's release, a cancel, an eviction), its container ended by the SIGTERM."""
+    gone = pod(node, state)
+    gone["metadata"] |= {"deletionTimestamp": "2026-11-28T10:05:30Z", "deletionGracePeriodSeconds": 30}
+    return gone
+
+
+def record(**outcomes: dict) -> dict:
+    """A record holding the outcomes the pods wrote (``node1={...}``)."""
+    return {"data": {f"outcome-{key.removeprefix('node')}.json": json.dumps({"node": int(key.removeprefix("node")), **value})
+                     for key, value in outcomes.items()}}
+
+
+STOPPED = {"terminated": {"exitCode": 143, "reason": "Error", "finishedAt": "2026-11-28T10:05:01Z",
+                          "message": json.dumps({"node": 0, "exit_code": 143, "message": "stopped by Kubernetes (SIGTERM)"})}}
 CASES = {
     "no pods yet": Case([], JobState.PENDING, "waiting for the StatefulSet to create 2 pod(s)"),
+    "released after a failure: the stopped node is no cause": Case(
+        [deleting(0, STOPPED)], JobState.FAILED, "rank 3 (pod j-abcd-1) exited with code 7", failed_rank=3, exit_code=7,
+        last_lines=("boom",), record=record(node1={"exit_code": 1, "failed_rank": 3, "rank_exit_code": 7, "last_lines": ["boom"],
+                                                    "finished_at": 1796000000.0, "started_at": 1795999000.0})),
+    "released after success: pods gone, outcomes in the record": Case(
+        [], JobState.SUCCEEDED, "all 2 node(s) finished", replica_states=[JobState.SUCCEEDED] * 4,
+        record=record(node0={"exit_code": 0, "finished_at": 1796000000.0}, node1={"exit_code": 0, "finished_at": 1796000001.0})),
+    "a pod being deleted mid-run is no failure": Case(
+        [deleting(0, STOPPED), pod(1, RUNNING)], JobState.STARTING, "1 of 2 pod(s) running"),
     "one running, one unschedulable": Case(
         [pod(0, RUNNING), pod(1, None, scheduled=False, conditions=UNSCHEDULABLE, phase="Pending")],
         JobState.STARTING, "no node has enough free nvidia.com/gpu",
@@ -91,7 +116,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_status_from_pods(case: Case) -> None:
-    status = StatefulSetBackend(namespace="ml").compute_status(SPEC.name, SPEC, 1.0, case.pods)
+    status = StatefulSetBackend(namespace="ml").compute_status(SPEC.name, SPEC, 1.0, case.pods, None, case.record)
     assert status.state == case.state, status
     assert case.message and case.message in status.message, status.message
     if case.state == JobState.FAILED:

@@ -222,7 +222,7 @@ def test_env_vars_join_the_runtime_env_and_the_spec_wins() -> None:
 
 def test_rayjob_defaults() -> None:
     spec = render_rayjob(make_spec(), PodOptions(), ["python", "train.py"])["spec"]
-    assert spec["ttlSecondsAfterFinished"] == 3600 and spec["backoffLimit"] == 0
+    assert spec["ttlSecondsAfterFinished"] == 0 and spec["backoffLimit"] == 0  # the Ray cluster goes as the job ends
     assert "activeDeadlineSeconds" not in spec and "runtimeEnvYAML" not in spec
     assert spec["rayClusterSpec"]["rayVersion"] == "2.60.0"
     assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1

@@ -119,3 +119,95 @@ def forbidden_message(who: Requester, verb: str, group: str, resource: str, subr
     what = f'{combined} "{name}"' if name else combined
     where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
     return f'{what} is forbidden: User "{who.user}" cannot {verb} resource "{combined}" in API group "{group}"{where}'
+
+
+# -- escalation prevention ----------------------------------------------------------------------------
+#
+# Creating or updating a Role or RoleBinding is refused unless the requester already holds every
+# permission it grants, as Kubernetes v1.32 decides it: pkg/registry/rbac/role/policybased/storage.go
+# and rolebinding/policybased/storage.go call ConfirmNoEscalation (pkg/registry/rbac/validation/rule.go),
+# which covers each granted rule, broken down into one verb, group, resource and name at a time, by a
+# rule the requester holds (pkg/apis/rbac/validation's Covers). EscalationAllowed
+# (pkg/registry/rbac/escalation_check.go) waives it for the system:masters group and for whoever may
+# ``escalate`` roles; a RoleBinding is also allowed to whoever may ``bind`` the role it names
+# (BindingAuthorized).
+
+MASTERS = "system:masters"
+
+
+def simple_rules(rule: Obj) -> list[tuple[str, str, str, str | None]]:
+    """(verb, group, resource, name) for every combination a rule grants (BreakdownRule)."""
+    names = rule.get("resourceNames") or [None]
+    return [(verb, group, resource, name) for group in rule.get("apiGroups") or [] for resource in rule.get("resources") or []
+            for verb in rule.get("verbs") or [] for name in names]
+
+
+def _covers(owner: Obj, verb: str, group: str, resource: str, name: str | None) -> bool:
+    """Whether a held rule covers one granted (verb, group, resource, name): wildcards cover everything
+    of their kind, a held rule with names covers only grants of those names (rbac validation ruleCovers)."""
+    verbs, groups = owner.get("verbs") or [], owner.get("apiGroups") or []
+    if "*" not in verbs and verb not in verbs:
+        return False
+    if "*" not in groups and group not in groups:
+        return False
+    resources = owner.get("resources") or []
+    sub = resource.partition("/")[2]
+    if not any(r in ("*", resource) or (sub and r == f"*/{sub}") for r in resources):
+        return False
+    held_names = owner.get("resourceNames") or []
+    return not held_names or (name is not None and name in held_names)
+
+
+def missing_for_grant(who: Requester, rules: Iterable[Obj], namespace: str,
+                      lookup: Callable[[str, str | None], Iterable[Obj]]) -> list[str]:
+    """The parts of ``rules`` that ``who`` does not hold in ``namespace``, as the API server lists them
+    (empty: the grant is no escalation)."""
+    held = rules_for(who, namespace, lookup)
+    missing = []
+    for rule in rules:
+        for verb, group, resource, name in simple_rules(rule):
+            if not any(_covers(owner, verb, group, resource, name) for owner in held):
+                names = f', ResourceNames:["{name}"]' if name else ""
+                missing.append(f'{{APIGroups:["{group}"], Resources:["{resource}"]{names}, Verbs:["{verb}"]}}')
+    return missing
+
+
+def escalation_problem(who: Requester, kind: str, obj: Obj, namespace: str,
+                       lookup: Callable[[str, str | None], Iterable[Obj]]) -> str | None:
+    """Why creating or updating the Role or RoleBinding ``obj`` would be an escalation for ``who``, or None.
+
+    Example:
+        >>> alice = Requester("alice", ("system:authenticated",))
+        >>> holds = {"Role": [{"metadata": {"name": "r"}, "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}],
+        ...          "RoleBinding": [{"subjects": [{"kind": "User", "name": "alice"}],
+        ...                           "roleRef": {"apiGroup": RBAC_GROUP, "kind": "Role", "name": "r"}}]}
+        >>> lookup = lambda kind, ns: holds.get(kind, [])
+        >>> escalation_problem(alice, "Role", {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"],
+        ...                                               "resourceNames": ["job"]}]}, "ml", lookup) is None
+        True
+        >>> print(escalation_problem(alice, "Role", {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]},
+        ...                          "ml", lookup))
+        user "alice" (groups=["system:authenticated"]) is attempting to grant RBAC permissions not currently held:
+        {APIGroups:[""], Resources:["secrets"], Verbs:["get"]}
+    """
+    if MASTERS in who.groups:
+        return None
+    plural = "roles" if kind == "Role" else "rolebindings"
+    if allowed(who, "escalate", RBAC_GROUP, plural, None, namespace, None, lookup):
+        return None
+    rules = obj.get("rules") or []
+    if plural == "rolebindings":
+        ref = obj.get("roleRef") or {}
+        if allowed(who, "bind", RBAC_GROUP, "roles" if ref.get("kind") == "Role" else "clusterroles", None, namespace,
+                   ref.get("name"), lookup):
+            return None
+        scope = namespace if ref.get("kind") == "Role" else None
+        role = next((r for r in lookup(ref.get("kind", ""), scope) if r["metadata"]["name"] == ref.get("name")), None)
+        if role is None:  # GetRoleReferenceRules fails: the binding is refused
+            return f'{ref.get("kind", "role").lower()}s.{RBAC_GROUP} "{ref.get("name")}" not found'
+        rules = role.get("rules") or []
+    missing = missing_for_grant(who, rules, namespace, lookup)
+    if not missing:
+        return None
+    groups = ",".join(f'"{g}"' for g in who.groups)
+    return f'user "{who.user}" (groups=[{groups}]) is attempting to grant RBAC permissions not currently held:\n' + "\n".join(missing)

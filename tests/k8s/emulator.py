@@ -29,11 +29,21 @@ Close to the real API server where the official client can tell:
     * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
       and a pod with several containers needs ``container=``;
     * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored;
+    * deleting a pod that runs on a node marks it (``deletionTimestamp``) for its grace period; it goes
+      when its kubelet deletes it with grace 0 (``k8s/sim.py``); an object with ``finalizers`` stays,
+      marked, until they are removed;
+    * every namespace has a ``default`` ServiceAccount; a pod naming a missing account is refused
+      (403), and one that does not opt out gets the projected token volume; a token from
+      ``service_account_token`` is authorized by RBAC as that account, and refused (401) once it is gone;
+      ``in_cluster`` serves the same API over TLS for pods, with a CA of its own;
+    * StatefulSets and Deployments have a ``/scale`` subresource (autoscaling/v1 ``Scale``);
+    * a user may create a Role or RoleBinding only for what the user holds (RBAC's escalation check,
+      ``authorizer.escalation_problem``), unless allowed to ``escalate`` or ``bind``;
     * a custom resource whose CRD schema was given (``add_schema``) loses the fields that schema does
       not know when created or replaced through the API, or is refused (400, "strict decoding error")
       with ``fieldValidation=Strict``.
 
-Not emulated: admission (beyond the ``admission`` checks a test gives), finalizers and graceful deletion (deletes are immediate), server-side apply,
+Not emulated: admission (beyond the ServiceAccount plugin and the ``admission`` checks a test gives), server-side apply,
 ``limit``/``continue`` paging, strategic merge by list keys (strategic merge patches are JSON merge
 patches, so lists are replaced), and most defaulting.
 """
@@ -48,8 +58,11 @@ import json
 import random
 import re
 import select
+import shutil
 import socket
+import ssl
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -81,6 +94,8 @@ JSON_PATCH_TYPE = "application/json-patch+json"
 POLICIES = ("Background", "Foreground", "Orphan")
 # Seconds a serving thread waits before looking again for a hung-up client or a passed deadline.
 POLL_S = 0.5
+#: Where the ServiceAccount admission plugin mounts a pod's token, CA and namespace.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 # -- the kinds served ---------------------------------------------------------------------------------
@@ -148,6 +163,8 @@ RESOURCES: list[Resource] = [
     Resource("ray.io/v1", "RayService", "rayservices", status=True),
 ]
 NAMESPACE, POD = RESOURCES[0], RESOURCES[2]
+#: Kinds with a ``/scale`` subresource.
+SCALABLE = {("apps", "v1", "statefulsets"), ("apps", "v1", "deployments")}
 
 
 def _plural(kind: str) -> str:
@@ -672,6 +689,8 @@ class KubeEmulator:
         self.admission: list[Callable[[Obj], str | None]] = []
         self.schemas: dict[tuple[str, str], Obj] = {}  # (apiVersion, kind) -> the CRD's openAPIV3Schema
         self._users: dict[str, Requester] = {}  # bearer token -> who, authorized by RBAC
+        self._sa_tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, service account, its uid)
+        self._in_cluster: InCluster | None = None
         self._lock = threading.RLock()
         self._log_cond = threading.Condition(self._lock)
         self._kinds: dict[tuple[str, str], Resource] = {}
@@ -727,6 +746,13 @@ class KubeEmulator:
             done.wait(2)
         server.shutdown()
         server.server_close()
+        with self._conn_lock:
+            in_cluster, self._in_cluster = self._in_cluster, None
+        if in_cluster is not None:
+            in_cluster.server.shutdown()
+            in_cluster.server.server_close()
+            in_cluster.thread.join(2)
+            shutil.rmtree(in_cluster.folder, ignore_errors=True)
         with self._conn_lock:
             self._server = None
             conns, threads = list(self._conns), list(self._handler_threads)
@@ -797,11 +823,60 @@ class KubeEmulator:
         token = (authorization or "").removeprefix("Bearer ")
         with self._lock:
             who = self._users.get(token)
+            bound = self._sa_tokens.get(token)
+            if bound is not None:
+                # A service account token is valid only while its account exists (the same uid): Kubernetes
+                # v1.32 pkg/serviceaccount/claims.go (validator.Validate) looks the account up on every request.
+                namespace, name, uid = bound
+                account = self._find(self._kinds["v1", "ServiceAccount"], namespace, name)
+                if account is None or account["metadata"]["uid"] != uid:
+                    raise ApiError(401, "Unauthorized", "Unauthorized")
+                return Requester.service_account(namespace, name)
         if who is not None:
             return who
         if self.token and authorization != f"Bearer {self.token}":
             raise ApiError(401, "Unauthorized", "Unauthorized")
         return None
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token of ServiceAccount ``namespace/name``, as the kubelet asks for one (TokenRequest) to mount in a pod.
+
+        Requests with it are authorized by RBAC as ``system:serviceaccount:<namespace>:<name>``, and
+        answered 401 once that account is deleted.
+
+        Raises:
+            ApiError: 404 when the account does not exist.
+        """
+        res = self._kinds["v1", "ServiceAccount"]
+        with self._lock:
+            account = self._find(res, namespace, name)
+            if account is None:
+                raise _not_found(res, name)
+            token = f"sa-{uuid.uuid4().hex}"
+            self._sa_tokens[token] = (namespace, name, account["metadata"]["uid"])
+        return token
+
+    def in_cluster(self) -> InCluster:
+        """The endpoint pods use (``KUBERNETES_SERVICE_HOST``/``PORT``): the same API over TLS on another
+        port of 127.0.0.1, with a certificate from a CA of its own (``ca_file``, what pods get as ``ca.crt``).
+        Started on first use, stopped with the emulator."""
+        from k8s.tls import make_server_certificate
+
+        with self._conn_lock:
+            if self._in_cluster is None:
+                if self._server is None:
+                    raise RuntimeError("start the emulator first")
+                folder = Path(tempfile.mkdtemp(prefix="emulator-tls-"))
+                certificates = make_server_certificate(folder)
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(certificates.cert_file, certificates.key_file)
+                server = _TLSServer(("127.0.0.1", 0), _Handler, context)
+                server.emulator = self
+                thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                          name="kube-emulator-tls", daemon=True)
+                thread.start()
+                self._in_cluster = InCluster("127.0.0.1", server.server_address[1], certificates.ca_file, folder, server, thread)
+            return self._in_cluster
 
     def write_kubeconfig(self, path: str | Path, namespace: str = "default", context: str = "emulator") -> str:
         """Write a kubeconfig (JSON, which is YAML) whose current context points here; returns the path.
@@ -879,7 +954,7 @@ class KubeEmulator:
             >>> with KubeEmulator(namespaces=("ml",)) as emu:
             ...     _ = emu.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ml"}})
             ...     emu.inventory("ml")
-            ['ConfigMap ml/c']
+            ['ConfigMap ml/c', 'ServiceAccount ml/default']
         """
         with self._lock:
             return sorted(f"{self._paths[path].kind if path in self._paths else path[2]} {ns}/{name}"
@@ -911,15 +986,20 @@ class KubeEmulator:
             doc = dict(current, status=merge_patch(current.get("status") or {}, status))
             return copy.deepcopy(self._replace(res, namespace, name, doc, subresource="status"))
 
-    def delete(self, api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> None:
-        """Delete an object now and collect its dependents (see ``ownerReferences``) per ``propagation``.
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background",
+               grace_period: int | None = None) -> None:
+        """Delete an object as an API request would (graceful for a running pod, held by finalizers) and
+        collect its dependents (see ``ownerReferences``) per ``propagation``.
+
+        ``grace_period``: seconds a pod on a node has to stop (default its ``terminationGracePeriodSeconds``);
+        0 removes it now, as the kubelet's last delete does.
 
         Raises:
             ApiError: 404 if there is no such object.
         """
         res = self._resource(api_version, kind, namespace is not None)
         with self._lock:
-            self._delete(res, namespace, name, propagation=propagation)
+            self._delete(res, namespace, name, propagation=propagation, grace=grace_period)
 
     def add_namespace(self, name: str) -> None:
         """Create a namespace unless it exists."""
@@ -982,6 +1062,13 @@ class KubeEmulator:
             for line in _split_lines(text):
                 log.add(self._tick(), line, self.log_rotate_bytes)
             self._log_cond.notify_all()
+
+    def log_lines(self, namespace: str, pod: str) -> list[str]:
+        """Every line a pod's containers printed that is still kept (the previous run's first), for test checks."""
+        with self._lock:
+            logs = [log for store in (self._previous, self._logs) for (ns, name, _), log in store.items()
+                    if (ns, name) == (namespace, pod)]
+            return [text for log in logs for _, text in log.lines]
 
     def end_log(self, namespace: str, pod: str, container: str | None = None) -> None:
         """The container terminated: following streams send what is left and end normally."""
@@ -1095,6 +1182,8 @@ class KubeEmulator:
         _validate(res, obj)
         if ns is not None and self._find(NAMESPACE, None, ns) is None:
             raise _not_found(NAMESPACE, ns)
+        if res.path == POD.path and ns is not None:
+            self._admit_service_account(res, obj, ns)
         for admit in list(self.admission):
             refused = admit(obj)
             if refused:  # as admission answers (Pod Security: staging/src/k8s.io/pod-security-admission, v1.32): 403, nothing stored
@@ -1113,7 +1202,42 @@ class KubeEmulator:
         self._objects.setdefault(res.path, {})[ns or "", meta["name"]] = obj
         self._uids.add(meta["uid"])
         self._emit("ADDED", res, obj)
+        if res.path == NAMESPACE.path:
+            # Kubernetes' serviceaccounts controller gives every namespace its "default" account
+            # (v1.32 pkg/controller/serviceaccount/serviceaccounts_controller.go).
+            self._create(self._kinds["v1", "ServiceAccount"], {"metadata": {"name": "default"}}, meta["name"])
         return obj
+
+    def _admit_service_account(self, res: Resource, pod: Obj, namespace: str) -> None:
+        """The ServiceAccount admission plugin of Kubernetes v1.32 (plugin/pkg/admission/serviceaccount/admission.go):
+        a pod runs as ``default`` unless it names an account; one that does not exist refuses the pod (403);
+        unless the pod or its account sets ``automountServiceAccountToken: false``, a projected volume
+        ``kube-api-access-<random>`` (a token, the cluster's CA, the namespace) is mounted read-only at
+        /var/run/secrets/kubernetes.io/serviceaccount in every container that mounts nothing there."""
+        spec = pod.setdefault("spec", {})
+        account_name = spec.setdefault("serviceAccountName", "default")
+        account = self._find(self._kinds["v1", "ServiceAccount"], namespace, account_name)
+        if account is None:
+            raise ApiError(403, "Forbidden", f'{res.plural} "{pod["metadata"]["name"]}" is forbidden: error looking up service account '
+                           f'{namespace}/{account_name}: serviceaccount "{account_name}" not found', _details(res, pod["metadata"]["name"]))
+        automount = spec.get("automountServiceAccountToken")
+        if automount is None:
+            automount = account.get("automountServiceAccountToken")
+        if automount is False:
+            return
+        volume_name = "kube-api-access-" + "".join(random.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+        mount = {"name": volume_name, "readOnly": True, "mountPath": SERVICE_ACCOUNT_DIR}
+        needed = False
+        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            if not any(m.get("mountPath") == SERVICE_ACCOUNT_DIR for m in container.get("volumeMounts") or []):
+                container.setdefault("volumeMounts", []).append(dict(mount))
+                needed = True
+        if needed:
+            spec.setdefault("volumes", []).append({"name": volume_name, "projected": {"defaultMode": 0o644, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ]}})
 
     def _default(self, res: Resource, obj: Obj) -> None:
         """The few defaults clients commonly read back."""
@@ -1168,7 +1292,7 @@ class KubeEmulator:
         old_meta = current["metadata"]
         meta = new.setdefault("metadata", {})
         new["apiVersion"], new["kind"] = current["apiVersion"], current["kind"]
-        for key in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion"):
+        for key in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):
             if key in old_meta:
                 meta[key] = old_meta[key]
             else:
@@ -1180,6 +1304,9 @@ class KubeEmulator:
         self._stamp(new)
         self._objects[res.path][meta.get("namespace", ""), meta["name"]] = new
         self._emit("MODIFIED", res, new)
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not meta.get("deletionGracePeriodSeconds"):
+            # The last finalizer of a terminating object is gone: it goes now (store.go, Update's deleteWithoutFinalizers).
+            return self._remove(res, new, "Background")
         return new
 
     def _patch(self, res: Resource, namespace: str | None, name: str, patch: Any, content_type: str, *,
@@ -1202,7 +1329,7 @@ class KubeEmulator:
         return self._replace(res, namespace, name, doc, subresource=subresource, dry_run=dry_run, from_api=True)
 
     def _delete(self, res: Resource, namespace: str | None, name: str, *, propagation: str | None = None,
-                preconditions: Obj | None = None, dry_run: bool = False) -> Obj:
+                preconditions: Obj | None = None, dry_run: bool = False, grace: int | None = None) -> Obj:
         current = self._find(res, namespace, name)
         if current is None:
             raise _not_found(res, name)
@@ -1213,18 +1340,53 @@ class KubeEmulator:
         policy = propagation or res.default_propagation
         if policy not in POLICIES:
             raise _bad_request(f"propagationPolicy must be one of {', '.join(POLICIES)}, not {policy!r}")
-        return current if dry_run else self._remove(res, current, policy)
+        return current if dry_run else self._remove(res, current, policy, grace)
 
-    def _remove(self, res: Resource, obj: Obj, policy: str) -> Obj:
+    def _grace_period(self, res: Resource, obj: Obj, grace: int | None) -> int:
+        """Seconds a deleted object stays, terminating, before it may go: for a pod on a node, the request's
+        grace period, else its ``terminationGracePeriodSeconds`` (default 30); 0 for a pod never scheduled or
+        already finished, and for other kinds (Kubernetes v1.32 pkg/registry/core/pod/strategy.go, CheckGracefulDelete)."""
+        if res.path != POD.path:
+            return 0
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        if not spec.get("nodeName") or status.get("phase") in ("Succeeded", "Failed"):
+            return 0
+        period = grace if grace is not None else spec.get("terminationGracePeriodSeconds", 30)
+        return max(int(period), 0)
+
+    def _begin_deletion(self, res: Resource, obj: Obj, policy: str, period: int) -> Obj:
+        """Mark ``obj`` terminating (``deletionTimestamp``) instead of removing it: a pod until its kubelet has
+        stopped it and deletes it with grace 0, any object until its ``finalizers`` are gone (apiserver v1.32
+        pkg/registry/generic/registry/store.go, updateForGracefulDeletionAndFinalizers). A second delete only
+        shortens a pending grace period (pkg/registry/rest/delete.go, BeforeDelete)."""
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp") and period >= meta.get("deletionGracePeriodSeconds", 0):
+            return obj
+        first = not meta.get("deletionTimestamp")
+        new = copy.deepcopy(obj)
+        new["metadata"]["deletionTimestamp"] = _rfc3339(time.time() + period)
+        new["metadata"]["deletionGracePeriodSeconds"] = period
+        if first and policy != "Background":
+            self._collect(meta["uid"], policy)
+        self._stamp(new)
+        self._objects[res.path][meta.get("namespace", ""), meta["name"]] = new
+        self._emit("MODIFIED", res, new)
+        return new
+
+    def _remove(self, res: Resource, obj: Obj, policy: str, grace: int | None = None, force: bool = False) -> Obj:
         meta = obj["metadata"]
         uid, ns, name = meta["uid"], meta.get("namespace", ""), meta["name"]
+        if not force:
+            period = self._grace_period(res, obj, grace)
+            if period > 0 or meta.get("finalizers"):
+                return self._begin_deletion(res, obj, policy, period)
         if policy != "Background":  # Foreground deletes, Orphan releases, dependents before the owner goes
             self._collect(uid, policy)
         if res.path == NAMESPACE.path:
             for path, objects in list(self._objects.items()):
                 for key in [k for k in objects if self._paths[path].namespaced and k[0] == name]:
                     if (found := objects.get(key)) is not None:
-                        self._remove(self._paths[path], found, "Background")
+                        self._remove(self._paths[path], found, "Background", force=True)
         if (current := self._find(res, ns or None, name)) is None or current["metadata"]["uid"] != uid:
             return obj  # already collected through an ownership cycle
         if res.path == POD.path:
@@ -1379,6 +1541,27 @@ class KubeEmulator:
             raise ApiError(403, "Forbidden", f'{what} is forbidden: User "{USER}" cannot {verb} resource "{resource}" '
                            f'in API group "{res.group}"{where}', _details(res, name or ""))
 
+    def _confirm_no_escalation(self, who: Requester | None, res: Resource, namespace: str | None, obj: Any) -> None:
+        """403 for a user's Role or RoleBinding that grants what the user does not hold (``authorizer.escalation_problem``).
+        What the check found held counts as used in ``granted``: a Role that lets its user grant a job's
+        narrower Role needs those verbs even if the user never calls them."""
+        if who is None or res.group != authorizer.RBAC_GROUP or res.kind not in ("Role", "RoleBinding") or not isinstance(obj, dict):
+            return
+        problem = authorizer.escalation_problem(who, res.kind, obj, namespace or "", self._rbac_objects)
+        name = (obj.get("metadata") or {}).get("name", "")
+        if problem:
+            raise ApiError(403, "Forbidden", f'{res.plural}.{res.group} "{name}" is forbidden: {problem}', _details(res, name))
+        rules = obj.get("rules") or []
+        if res.kind == "RoleBinding":
+            ref = obj.get("roleRef") or {}
+            role = next((r for r in self._rbac_objects(ref.get("kind", ""), namespace if ref.get("kind") == "Role" else None)
+                         if r["metadata"]["name"] == ref.get("name")), {})
+            rules = role.get("rules") or []
+        with self._lock:
+            for rule in rules:
+                for verb, group, resource, _ in authorizer.simple_rules(rule):
+                    self.granted.add((who.user, verb, group, resource))
+
     def _is_denied(self, verb: str, group: str, resource: str, namespace: str | None) -> bool:
         rules = list(self.denied) + ([] if namespace else list(self.denied_cluster_wide))
         return any(v in (verb, "*") and g in (group, "*") and r in (resource, "*") for v, g, r in rules)
@@ -1387,7 +1570,8 @@ class KubeEmulator:
                         query: dict[str, str], body: Any, headers: Any, watch_path: bool,
                         who: Requester | None = None) -> _Reply | Streamer:
         verb = _verb(method, name, sub, watch_path or _truthy(query.get("watch")))
-        if (sub == "status" and not res.status) or (sub == "log" and res.path != POD.path) or (verb == "create" and res.namespaced and namespace is None):
+        if ((sub == "status" and not res.status) or (sub == "log" and res.path != POD.path)
+                or (sub == "scale" and res.path not in SCALABLE) or (verb == "create" and res.namespaced and namespace is None)):
             raise _no_route()
         self._authorize(verb, res, sub, namespace, name, who)
         if res.path in self._removed:
@@ -1398,12 +1582,15 @@ class KubeEmulator:
             return self._read_log(namespace or "", name or "", query)
         dry_run = query.get("dryRun") == "All"
         with self._lock:
+            if sub == "scale":
+                return _Reply(200, self._serve_scale(verb, res, namespace, name or "", body, headers.get("Content-Type", ""), dry_run))
             if verb == "list":
                 items = self._select(res, self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", "")))
                 return _Reply(200, {"apiVersion": res.api_version, "kind": f"{res.kind}List",
                                     "metadata": {"resourceVersion": str(self._rv)}, "items": items})
             if verb == "create":
                 body = self._decode(res, body, query.get("fieldValidation", ""))
+                self._confirm_no_escalation(who, res, namespace, body)
                 return _Reply(201, self._create(res, body, namespace, dry_run=dry_run, from_api=True))
             if verb == "get":
                 found = self._find(res, namespace, name or "")
@@ -1412,11 +1599,45 @@ class KubeEmulator:
                 return _Reply(200, found)
             if verb == "update":
                 body = self._decode(res, body, query.get("fieldValidation", "")) if sub is None else body
+                self._confirm_no_escalation(who, res, namespace, body)
                 return _Reply(200, self._replace(res, namespace, name or "", body, subresource=sub, dry_run=dry_run, from_api=True))
             if verb == "patch":
+                if who is not None and res.group == authorizer.RBAC_GROUP:
+                    patched = self._patch(res, namespace, name or "", body, headers.get("Content-Type", ""), subresource=sub, dry_run=True)
+                    self._confirm_no_escalation(who, res, namespace, patched)
                 return _Reply(200, self._patch(res, namespace, name or "", body, headers.get("Content-Type", ""),
                                                subresource=sub, dry_run=dry_run))
             return self._serve_delete(res, namespace, name, query, body if isinstance(body, dict) else {}, dry_run)
+
+    def _serve_scale(self, verb: str, res: Resource, namespace: str | None, name: str, body: Any, content_type: str,
+                     dry_run: bool) -> Obj:
+        """The ``/scale`` subresource: an autoscaling/v1 Scale read from, and written to, ``spec.replicas``
+        (Kubernetes v1.32 pkg/registry/apps/statefulset/storage/storage.go, ScaleREST)."""
+        current = self._find(res, namespace, name)
+        if current is None:
+            raise _not_found(res, name)
+        scale = _scale_of(current)
+        if verb == "get":
+            return scale
+        if verb == "update":
+            wanted = body if isinstance(body, dict) else {}
+            given = (wanted.get("metadata") or {}).get("resourceVersion")
+            if given and given != current["metadata"]["resourceVersion"]:
+                raise _conflict(res, name)
+        else:
+            media = content_type.split(";")[0].strip().lower()
+            if media == JSON_PATCH_TYPE and isinstance(body, list):
+                wanted = json_patch(scale, body)
+            elif media in MERGE_PATCH_TYPES and isinstance(body, dict):
+                wanted = merge_patch(copy.deepcopy(scale), body)
+            else:
+                raise _bad_request("a scale patch must be a JSON merge patch object or a JSON patch list")
+        replicas = (wanted.get("spec") or {}).get("replicas")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise _invalid(res, name, "spec.replicas", f"Invalid value: {json.dumps(replicas)}: must be greater than or equal to 0")
+        new = copy.deepcopy(current)
+        new["spec"]["replicas"] = replicas
+        return _scale_of(self._write(res, current, new, dry_run))
 
     def _serve_delete(self, res: Resource, namespace: str | None, name: str | None, query: dict[str, str],
                       options: Obj, dry_run: bool) -> _Reply:
@@ -1429,14 +1650,18 @@ class KubeEmulator:
             warnings.append(("Warning", '299 - "child pods are preserved by default when jobs are deleted; '
                                         'set propagationPolicy=Background to remove them"'))
         success: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        grace = _int_param(query, "gracePeriodSeconds")
+        if grace is None and isinstance(options.get("gracePeriodSeconds"), int):
+            grace = options["gracePeriodSeconds"]
         if name is None:
             wanted = self._matcher(res, namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
             for obj in self._select(res, wanted):
                 meta = obj["metadata"]
                 if self._find(res, meta.get("namespace"), meta["name"]) is not None:  # not collected meanwhile
-                    self._delete(res, meta.get("namespace"), meta["name"], propagation=policy, dry_run=dry_run)
+                    self._delete(res, meta.get("namespace"), meta["name"], propagation=policy, dry_run=dry_run, grace=grace)
             return _Reply(200, success, headers=warnings)
-        gone = self._delete(res, namespace, name, propagation=policy, preconditions=options.get("preconditions"), dry_run=dry_run)
+        gone = self._delete(res, namespace, name, propagation=policy, preconditions=options.get("preconditions"), dry_run=dry_run,
+                            grace=grace)
         if res.returns_deleted:
             return _Reply(200, gone, headers=warnings)
         return _Reply(200, {**success, "details": {**_details(res, name), "uid": gone["metadata"]["uid"]}}, headers=warnings)
@@ -1462,6 +1687,9 @@ class KubeEmulator:
                     listed.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced, "kind": res.kind, "verbs": verbs})
                     if res.status:
                         listed.append({"name": f"{res.plural}/status", "singularName": "", "namespaced": res.namespaced, "kind": res.kind, "verbs": ["get", "patch", "update"]})
+                    if res.path in SCALABLE:
+                        listed.append({"name": f"{res.plural}/scale", "singularName": "", "namespaced": True, "kind": "Scale",
+                                       "group": "autoscaling", "version": "v1", "verbs": ["get", "patch", "update"]})
             return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}".lstrip("/"), "resources": listed}
 
         if parts == ["version"]:
@@ -1652,11 +1880,23 @@ def _verb(method: str, name: str | None, sub: str | None, watching: bool) -> str
     elif sub is None:
         verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
     else:
-        allowed = {"status": {"GET": "get", "PUT": "update", "PATCH": "patch"}, "log": {"GET": "get"}}
+        allowed = {"status": {"GET": "get", "PUT": "update", "PATCH": "patch"}, "scale": {"GET": "get", "PUT": "update", "PATCH": "patch"},
+                   "log": {"GET": "get"}}
         verb = allowed.get(sub, {}).get(method)
     if verb is None:
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})")
     return verb
+
+
+def _scale_of(obj: Obj) -> Obj:
+    """The autoscaling/v1 Scale of a workload with ``spec.replicas`` and a label selector."""
+    meta = obj["metadata"]
+    labels = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 1)},
+            "status": {"replicas": (obj.get("status") or {}).get("replicas", 0),
+                       "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items()))}}
 
 
 def _event_line(kind: str, obj: Obj) -> bytes:
@@ -1677,12 +1917,40 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _TLSServer(_Server):
+    """The in-cluster endpoint: TLS on each accepted connection, the handshake done in the handler's thread."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+
+@dataclass
+class InCluster:
+    """Where pods reach the emulator (``KUBERNETES_SERVICE_HOST``/``PORT``) and the CA file they trust."""
+
+    host: str
+    port: int
+    ca_file: str
+    folder: Path
+    server: _TLSServer
+    thread: threading.Thread
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # else small writes wait ~40 ms for delayed ACKs
     server: _Server
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            self.request.do_handshake()  # here, in the handler's thread, not in the accepting loop
+            self.request.settimeout(None)
         super().setup()
         if not self.server.emulator._track(self.connection):
             self.connection.shutdown(socket.SHUT_RDWR)  # accepted while stopping: serve nothing
@@ -1770,6 +2038,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def client_gone(self) -> bool:
         """True once the client closed its end (no client sends anything while a response streams)."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            return False  # a TLS record cannot be peeked at; pods make no long requests
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""

@@ -22,8 +22,11 @@ conversation:
 - it reports ``jobStatus: RUNNING`` while the submitter runs and, when it has ended,
   ``Complete``/``SUCCEEDED`` or ``Failed``/``FAILED`` with ``reason: AppFailed``, as the
   dashboard would have told KubeRay;
-- deleting the RayJob collects the RayCluster, the submitter Job and their pods
-  (ownerReferences, in the emulator).
+- with ``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished`` after the end it deletes the
+  RayCluster (the head and worker pods go with it) and keeps the submitter Job and its pod;
+- a RayJob gets KubeRay's finalizer: deleting it only marks it until the operator, having stopped
+  the Ray job, removes the finalizer; then the RayCluster, the submitter Job and their pods are
+  collected (ownerReferences, in the emulator).
 
 For each RayService, as KubeRay v1.7 does for a new one:
 
@@ -39,7 +42,8 @@ For each RayService, as KubeRay v1.7 does for a new one:
   ``activeServiceStatus``, ``pendingServiceStatus`` is emptied, ``serviceStatus: Running``,
   ``numServeEndpoints`` and ``Ready: True`` reason ``NonZeroServeEndpoints``.
 
-No Ray Serve runs, and nothing answers on the serve Service's address.
+A RayService gets KubeRay's finalizer too: deleted, it stays until the operator has deleted its
+Ray clusters. No Ray Serve runs, and nothing answers on the serve Service's address.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ import yaml
 
 FAKE = "sim.dsnb.io/no-process"
 API = "ray.io/v1"
+JOB_FINALIZER = "ray.io/rayjob-finalizer"  # ray-operator/controllers/ray/utils/constant.go, v1.7.0
+SERVICE_FINALIZER = "ray.io/rayservice-finalizer"
 #: The fake driver's behaviour, by the job's first script argument.
 MODES = ("ok", "fail", "sleep")
 
@@ -127,6 +133,8 @@ class KubeRaySim:
         for rayjob in em.list(API, "RayJob", ns):
             name = rayjob["metadata"]["name"]
             alive.add(name)
+            if self._finalize(sim, rayjob, JOB_FINALIZER, done=True):
+                continue
             self.seen.setdefault(name, rayjob)
             state = self.jobs.get(name)
             if state is None or state["uid"] != rayjob["metadata"]["uid"]:
@@ -137,6 +145,7 @@ class KubeRaySim:
                                          "dashboardURL": f"{state['cluster']}-head-svc.{ns}.svc.cluster.local:8265"})
                 continue
             if state["ended"]:
+                self._shutdown_after_finish(sim, rayjob, state)
                 continue
             status = rayjob.get("status") or {}
             deployment = status.get("jobDeploymentStatus")
@@ -160,6 +169,21 @@ class KubeRaySim:
         for name in [n for n in self.jobs if n not in alive]:
             del self.jobs[name]
         self._reconcile_services(sim)
+
+    def _finalize(self, sim: Any, obj: dict[str, Any], finalizer: str, done: bool) -> bool:
+        """KubeRay v1.7.0's finalizers: a new RayJob or RayService gets its finalizer (rayjob_controller.go,
+        ``RayJobStopJobFinalizer``; rayservice_controller.go, ``RayServiceFinalizer``); one being deleted loses
+        it once KubeRay is done (``done``: the Ray job stopped, whether or not that worked; a RayService's Ray
+        clusters gone), and only then does the API server let it go. True while the object is being deleted."""
+        meta = obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            if done and finalizer in finalizers:
+                sim.emulator.update({**obj, "metadata": {**meta, "finalizers": [f for f in finalizers if f != finalizer]}})
+            return True
+        if finalizer not in finalizers:
+            sim.emulator.update({**obj, "metadata": {**meta, "finalizers": [*finalizers, finalizer]}})
+        return False
 
     def _status(self, sim: Any, name: str, status: dict[str, Any]) -> None:
         sim.emulator.patch_status(API, "RayJob", sim.namespace, name, status)
@@ -231,9 +255,21 @@ class KubeRaySim:
                   fake=False, spec=pod_spec)
         return pod_name
 
+    def _shutdown_after_finish(self, sim: Any, rayjob: dict[str, Any], state: dict[str, Any]) -> None:
+        """KubeRay v1.7.0 with ``shutdownAfterJobFinishes`` (rayjob_controller.go, handleShutdownAfterJobFinishes):
+        ``ttlSecondsAfterFinished`` after the end it deletes the RayCluster, and with it the head and worker
+        pods, but keeps the submitter Job and its pod (the driver's log) and the RayJob."""
+        if not rayjob["spec"].get("shutdownAfterJobFinishes") or state.get("shut_down"):
+            return
+        if time.time() - state["ended_at"] < rayjob["spec"].get("ttlSecondsAfterFinished", 0):
+            return
+        state["shut_down"] = True
+        if sim.emulator.get(API, "RayCluster", sim.namespace, state["cluster"]) is not None:
+            sim.emulator.delete(API, "RayCluster", sim.namespace, state["cluster"])
+
     def _end(self, sim: Any, rayjob: dict[str, Any], state: dict[str, Any]) -> None:
         name = rayjob["metadata"]["name"]
-        state["ended"] = True
+        state["ended"], state["ended_at"] = True, time.time()
         end = {"endTime": _now(), "rayJobInfo": {**((rayjob.get("status") or {}).get("rayJobInfo") or {}), "endTime": _now()}}
         if job_mode(rayjob) == "fail":
             # KubeRay v1.7.0 copies Ray's job message (rayjob_controller.go, ``Status.Message = jobInfo.Message``);
@@ -251,6 +287,14 @@ class KubeRaySim:
         for service in em.list(API, "RayService", ns):
             name = service["metadata"]["name"]
             alive.add(name)
+            if service["metadata"].get("deletionTimestamp"):  # KubeRay deletes its Ray clusters first (cleanUpRayClusterInstance)
+                owned = [c for c in em.list(API, "RayCluster", ns)
+                         if any(r.get("uid") == service["metadata"]["uid"] for r in c["metadata"].get("ownerReferences") or [])]
+                for cluster in owned:
+                    em.delete(API, "RayCluster", ns, cluster["metadata"]["name"])
+                self._finalize(sim, service, SERVICE_FINALIZER, done=not owned)
+                continue
+            self._finalize(sim, service, SERVICE_FINALIZER, done=False)
             state = self.services.get(name)
             if state is None or state["uid"] != service["metadata"]["uid"]:
                 state = self.services[name] = {"uid": service["metadata"]["uid"], "cluster": f"{name}-{_suffix()}", "step": "cluster"}

@@ -499,11 +499,18 @@ class TrainerSim(_MPIJobs):
         self.done(sim, job, terminated.get("exitCode", 1))
 
     def done(self, sim: ClusterSim, job: dict[str, Any], code: int) -> None:
+        """The JobSet's end. A finished JobSet deletes its Jobs that are still active (the node Job, whose
+        pods only run sshd), foreground, so their pods go too (jobset v0.12.0 pkg/controllers/jobset_controller.go,
+        Reconcile: ``if jobSetFinished(js) { r.deleteJobs(ctx, ownedJobs.active) }``)."""
         name = job["metadata"]["name"]
         if code == 0:
             self._set_conditions(sim, job, ("Complete", "jobset completed successfully"))
         else:
             self._set_conditions(sim, job, ("Failed", f"jobset failed: the launcher of {name} exited with code {code}"))
+        for pod_name, job_name in list(self.pods.items()):
+            pod = sim.emulator.get("v1", "Pod", sim.namespace, pod_name) if job_name == name else None
+            if pod is not None and self.host_of.get(pod_name, "").startswith(f"{name}-node-") and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                sim.emulator.delete("v1", "Pod", sim.namespace, pod_name)
 
 
 def calendar_seconds(stamp: str) -> float:

@@ -12,8 +12,11 @@ module stands in for what the cluster does on its own side:
   environment (values, field references, Secret references), optionally inside a network
   namespace; it streams the output into the pod's log, records how the container ended
   (exit code, reason, termination message or the log's end) and restarts it as
-  ``restartPolicy: Always`` does, keeping emptyDirs across restarts; deleting a pod
-  stops its processes;
+  ``restartPolicy: Always`` does, keeping emptyDirs across restarts; a pod being deleted
+  gets SIGTERM, SIGKILL after its grace period, then is deleted for good; the projected
+  service account volume holds a token the emulator honours, its CA and the namespace, and
+  ``KUBERNETES_SERVICE_HOST``/``PORT`` lead to the emulator's TLS endpoint (through a relay
+  from inside a network namespace, ``k8s/relay.py``);
 - the kubelet's prober: a container with a ``readinessProbe`` (``httpGet`` or ``tcpSocket``,
   inside the pod's network namespace when it has one) is ready only while its probe passes,
   checked every ``probe_period`` seconds (not the probe's own ``periodSeconds``: tests are
@@ -101,6 +104,8 @@ class PodRunner:
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.restarts = 0
+        self.terminating = False
+        self.termination_file = self.root / "termination-log"
         self.thread = threading.Thread(target=self._run, name=f"kubelet-{self.name}", daemon=True)
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] | None = None  # the running container's status, while it runs
@@ -123,6 +128,21 @@ class PodRunner:
                 for key, text in files.items():
                     (path / key).write_text(text)
                 result[volume["name"]] = (str(path), "files")
+            elif "projected" in volume:
+                # The kubelet's projected service account volume: a token it asks the API server for (TokenRequest),
+                # the cluster's CA and the namespace (v1.32 pkg/volume/projected). A token for an account that
+                # does not exist cannot be had: the pod then never starts (FailedMount).
+                path.mkdir(parents=True, exist_ok=True)
+                for source in volume["projected"].get("sources") or []:
+                    if "serviceAccountToken" in source:
+                        account = self.pod["spec"].get("serviceAccountName") or "default"
+                        token = self.sim.emulator.service_account_token(self.namespace, account)
+                        (path / source["serviceAccountToken"].get("path", "token")).write_text(token)
+                    elif "configMap" in source:
+                        (path / "ca.crt").write_text(Path(self.sim.in_cluster().ca_file).read_text())
+                    elif "downwardAPI" in source:
+                        (path / "namespace").write_text(self.namespace)
+                result[volume["name"]] = (str(path), "files")
             elif "emptyDir" in volume:
                 memory = (volume.get("emptyDir") or {}).get("medium") == "Memory"
                 path.mkdir(parents=True, exist_ok=True)
@@ -133,6 +153,11 @@ class PodRunner:
         (self.root / "tmp").mkdir(exist_ok=True)
         env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": os.environ.get("HOME", "/root"),
                "HOSTNAME": self.name, "TMPDIR": str(self.root / "tmp")}  # a container's own /tmp
+        # Every container learns where the API server is, as the kubelet's service environment gives it
+        # (v1.32 pkg/kubelet/kubelet_pods.go, getServiceEnvVarMap: the "kubernetes" Service, always).
+        netns = self.sim.netns_for(self.name) if self.sim.netns_for else None
+        host, port = self.sim.api_address(netns)
+        env.update(KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=str(port), KUBERNETES_SERVICE_PORT_HTTPS=str(port))
         for var in container.get("env") or []:
             if "value" in var:
                 env[var["name"]] = var["value"]
@@ -199,6 +224,46 @@ class PodRunner:
                     pass
                 process.wait()
         self.thread.join(15)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def terminate(self, grace: float) -> None:
+        """Stop the container of a pod being deleted, as the kubelet does: SIGTERM, SIGKILL after the grace
+        period, its end recorded in the pod's status, then the pod deleted for good (grace 0)
+        (v1.32 pkg/kubelet/kuberuntime/kuberuntime_container.go killContainer; status_manager.go)."""
+        if self.terminating:
+            return
+        self.terminating = True
+        threading.Thread(target=self._terminate, args=(grace,), name=f"kubelet-kill-{self.name}", daemon=True).start()
+
+    def _terminate(self, grace: float) -> None:
+        self.stopping.set()
+        process = self.process
+        code = None
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                code = process.wait(grace)
+            except ProcessLookupError:
+                code = process.wait()
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                code = process.wait()
+        self.thread.join(15)
+        try:
+            if code is not None:
+                container = self.pod["spec"]["containers"][0]
+                message = self.termination_file.read_text() if self.termination_file.exists() else ""
+                self._set_status({"name": container["name"], "restartCount": self.restarts, "ready": False,
+                                  "image": container.get("image"), "imageID": "", "state": {"terminated": {
+                                      "exitCode": code if code >= 0 else 128 - code, "reason": "Error" if code else "Completed",
+                                      "message": message, "finishedAt": now_rfc3339()}}})
+                self.sim.emulator.end_log(self.namespace, self.name)
+            self.sim.emulator.delete("v1", "Pod", self.namespace, self.name, grace_period=0)
+        except ApiError:
+            pass  # gone already
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _set_status(self, container_status: dict[str, Any], phase: str = "Running") -> None:
@@ -340,10 +405,13 @@ class ClusterSim:
         self.probe_period = probe_period
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
+        self._api_relay: Any = None  # the Unix socket pods in network namespaces reach the API server through
+        self._api_forwarders: dict[str, subprocess.Popen[bytes]] = {}  # network namespace -> its relay process
         self._reported: set[tuple[str, str]] = set()  # (set, message) of the FailedCreate Events recorded
         self.apt_sshd_images = {"ghcr.io/kubeflow/trainer/deepspeed-runtime"}  # images whose sshd has no file capability
         self._capped: Path | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="cluster-sim", daemon=True)
 
     def __enter__(self) -> ClusterSim:
@@ -363,6 +431,46 @@ class ClusterSim:
         self.runners.clear()
         for controller in self.controllers:
             controller.close()
+        for forwarder in self._api_forwarders.values():
+            forwarder.kill()
+            forwarder.wait()
+        self._api_forwarders.clear()
+        if self._api_relay is not None:
+            self._api_relay.close()
+            shutil.rmtree(Path(self._api_relay.path).parent, ignore_errors=True)
+            self._api_relay = None
+
+    def in_cluster(self) -> Any:
+        """The emulator's in-cluster endpoint (TLS, its CA)."""
+        return self.emulator.in_cluster()
+
+    def api_address(self, netns: str | None) -> tuple[str, int]:
+        """Where a pod (on this host's network, or in ``netns``) reaches the API server: the in-cluster
+        endpoint itself, or, inside a namespace, a relay on that namespace's 127.0.0.1 (``k8s/relay.py``)."""
+        endpoint = self.in_cluster()
+        if netns is None:
+            return endpoint.host, endpoint.port
+        from k8s import relay
+
+        with self._lock:
+            if self._api_relay is None:
+                folder = Path(tempfile.mkdtemp(prefix="sim-api-"))
+                os.chmod(folder, 0o755)
+                self._api_relay = relay.UnixToTcp(str(folder / "api.sock"), endpoint.port)
+            if netns not in self._api_forwarders:
+                self._api_forwarders[netns] = subprocess.Popen(
+                    ["ip", "netns", "exec", netns, sys.executable, relay.__file__, str(endpoint.port), self._api_relay.path],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self._wait_listening(netns, endpoint.port)
+        return "127.0.0.1", endpoint.port
+
+    @staticmethod
+    def _wait_listening(netns: str, port: int) -> None:
+        probe = f"import socket;socket.create_connection(('127.0.0.1',{port}),1).close()"
+        for _ in range(100):
+            if subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
 
     def running_processes(self) -> list[str]:
         """Pods whose container process is still alive."""
@@ -415,10 +523,21 @@ class ClusterSim:
 
     def _reconcile(self) -> None:
         em, ns = self.emulator, self.namespace
-        for stateful_set in em.list("apps/v1", "StatefulSet", ns):
+        for stateful_set in em.list("apps/v1", "StatefulSet", ns):  # the StatefulSet controller
             name = stateful_set["metadata"]["name"]
             template = stateful_set["spec"]["template"]
-            for ordinal in range(stateful_set["spec"].get("replicas", 1)):
+            replicas = stateful_set["spec"].get("replicas", 1)
+            owned = [p for p in em.list("v1", "Pod", ns) if any(r.get("uid") == stateful_set["metadata"]["uid"]
+                                                                for r in p["metadata"].get("ownerReferences") or [])]
+            # Scaling down deletes the pods whose ordinal is past the replicas; with podManagementPolicy
+            # Parallel all of them at once (v1.32 pkg/controller/statefulset/stateful_set_control.go, processCondemned).
+            for pod in owned:
+                ordinal = int(pod["metadata"]["name"].rsplit("-", 1)[1])
+                if ordinal >= replicas and not pod["metadata"].get("deletionTimestamp"):
+                    em.delete("v1", "Pod", ns, pod["metadata"]["name"])
+            if (stateful_set.get("status") or {}).get("replicas") != len(owned):
+                em.patch_status("apps/v1", "StatefulSet", ns, name, {"replicas": len(owned)})
+            for ordinal in range(replicas):
                 pod_name = f"{name}-{ordinal}"
                 if em.get("v1", "Pod", ns, pod_name) is not None:
                     continue
@@ -447,8 +566,13 @@ class ClusterSim:
         for pod_name in list(self.runners):
             if pod_name not in pods:
                 self.runners.pop(pod_name).stop()
+            elif pods[pod_name]["metadata"].get("deletionTimestamp"):
+                self.runners[pod_name].terminate(float(pods[pod_name]["metadata"].get("deletionGracePeriodSeconds") or 0))
         for pod_name, pod in pods.items():
             if pod_name in self.runners:
+                continue
+            if pod["metadata"].get("deletionTimestamp"):
+                em.delete("v1", "Pod", ns, pod_name, grace_period=0)  # no container of it runs: the kubelet lets it go
                 continue
             if not pod["spec"].get("nodeName"):
                 if self.unschedulable:

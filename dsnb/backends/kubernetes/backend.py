@@ -48,6 +48,9 @@ CREATED = "dsnb.io/created-at"
 RECORD_SELECTOR = f"{MANAGED_SELECTOR},{KIND}=record"
 SYNC_TIMEOUT_S = 30
 EVENTS_EVERY_S = 5.0
+#: Up to this many objects (waiting pods and the objects made for the job), their Warning Events are
+#: listed one object at a time (``involvedObject.name``); past it, the namespace's Warnings at once.
+PER_OBJECT_EVENT_LISTS = 8
 #: Kinds of the objects made for a job whose Warning Events the status shows (their controllers
 #: report there, and only there, what stops them: a refused pod, a name they cannot use).
 OBJECT_EVENT_KINDS = ("StatefulSet", "MPIJob", "TrainJob", "JobSet", "Job", "RayJob", "RayCluster", "RayService")
@@ -107,6 +110,16 @@ def env_secret(spec: JobSpec, namespace: str) -> EnvSecret:
                 "stringData": {k: REDACTED for k in keys}}
     note = f"the Secret's values ({', '.join(keys)}) are shown as *** here; fill them in before applying"
     return EnvSecret(name, manifest, {name: {k: spec.env[k] for k in keys}}, (note,))
+
+
+def _not_held(e: ApiException) -> str:
+    """The permissions an escalation refusal lists ("attempting to grant RBAC permissions not currently held")."""
+    try:
+        message = json.loads(e.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    _, found, rest = message.partition("not currently held:")
+    return " ".join(rest.split()) if found else ""
 
 
 def _bounded_jsonl(rows: list[Any], limit: int) -> str:
@@ -206,7 +219,9 @@ class KubernetesBackend(Backend):
         """A clear error for a refused request: what was refused, and how to fix it."""
         where = f"namespace {self.namespace!r} on {self.conn.host}"
         if e.status == 403:
-            return ClusterError(where, f"not allowed to {doing}", f"ask for the Role that `dsnb rbac --backend {self.name}` prints")
+            held = _not_held(e)  # a Role or RoleBinding granting more than the user holds (RBAC's escalation check)
+            return ClusterError(where, f"not allowed to {doing}" + (f": it grants what you do not hold: {held}" if held else ""),
+                                f"ask for the Role that `dsnb rbac --backend {self.name}` prints")
         if e.status == 404 and "namespaces" in str(e.body or ""):
             return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
         if e.status == 404 and self.install_hint and "could not find the requested resource" in str(e.body or ""):
@@ -341,16 +356,21 @@ class KubernetesBackend(Backend):
         made_for_job = {name, f"{name}-launcher", f"{name}-launcher-0", f"{name}-node-0"}  # the workload and its Jobs
         on_pods: dict[str, list[dict[str, Any]]] = {}
         on_objects: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        # Warnings only (what the diagnosis reads): a busy namespace's events are mostly Normal ones. Asked
+        # per object while that is a few requests; for a large job one list of the namespace's Warnings is fewer.
+        asked = sorted(waiting | made_for_job)
+        selectors = ([f"type=Warning,involvedObject.name={n}" for n in asked] if len(asked) <= PER_OBJECT_EVENT_LISTS
+                     else ["type=Warning"])
         try:
-            # Warnings only (what the diagnosis reads): a busy namespace's events are mostly Normal ones.
-            response = self.conn.core.list_namespaced_event(self.namespace, field_selector="type=Warning", _preload_content=False)
-            for event in objects.read_json(response).get("items") or []:
-                involved = event.get("involvedObject") or {}
-                kind, involved_name = involved.get("kind"), involved.get("name")
-                if kind == "Pod" and involved_name in waiting:
-                    on_pods.setdefault(involved_name, []).append(event)
-                elif kind in OBJECT_EVENT_KINDS and involved_name in made_for_job:
-                    on_objects.setdefault((kind, involved_name), []).append(event)
+            for selector in selectors:
+                response = self.conn.core.list_namespaced_event(self.namespace, field_selector=selector, _preload_content=False)
+                for event in objects.read_json(response).get("items") or []:
+                    involved = event.get("involvedObject") or {}
+                    kind, involved_name = involved.get("kind"), involved.get("name")
+                    if kind == "Pod" and involved_name in waiting:
+                        on_pods.setdefault(involved_name, []).append(event)
+                    elif kind in OBJECT_EVENT_KINDS and involved_name in made_for_job:
+                        on_objects.setdefault((kind, involved_name), []).append(event)
         except ApiException:
             pass
         for events in [*on_pods.values(), *on_objects.values()]:
@@ -379,7 +399,7 @@ class KubernetesBackend(Backend):
             return JobStatus.from_dict(json.loads(final))
         created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
         pods = self._job_pods(name)
-        workload = self._informer("workloads").get(name) if self.workload_resource else None
+        workload = self.workload_state(name, record)
         current = self.compute_status(name, self.spec_of(name), created, pods, None, workload)
         if current.state in (JobState.PENDING, JobState.STARTING):
             on_pods, on_objects = self._waiting_events(name, pods)
@@ -392,6 +412,13 @@ class KubernetesBackend(Backend):
         if current.state.is_terminal():
             return self._finalize(name, current)
         return current
+
+    def workload_state(self, name: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        """What ``compute_status`` reads beside the pods: the backend's custom object, if it has one."""
+        return self._informer("workloads").get(name) if self.workload_resource else None
+
+    def end_of_logs(self, name: str, logs: JobLogs, record: dict[str, Any]) -> None:
+        """Add to ``logs``, before they are archived, what the job kept of its output elsewhere (its record)."""
 
     def _failure_from_launcher(self, name: str, failed: JobStatus) -> JobStatus:
         """Name the failing rank, its exit code and last lines from the launcher's output
@@ -436,12 +463,14 @@ class KubernetesBackend(Backend):
             if done:
                 return JobStatus.from_dict(json.loads(done))
             logs = self._collect_logs(name)
+            self.end_of_logs(name, logs, record)
             refused = [(pod, f.refused) for pod, f in self._followers.get(name, {}).items() if f.refused is not None]
+            lines, _ = logs.read(0, None, 10**9)
             if refused:  # the job still ends and is cleaned up; its status says why it has no logs
                 pod, error = refused[0]
                 why = self._api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
-                final = dataclasses.replace(final, message=f"{final.message}; its logs were not kept: {why}".lstrip("; "))
-            lines, _ = logs.read(0, None, 10**9)
+                kept = "only the end each node kept in the job's record is shown" if lines else "its logs were not kept"
+                final = dataclasses.replace(final, message=f"{final.message}; {kept}: {why}".lstrip("; "))
             samples, _ = logs.samples(0)
             archive = {
                 "logs.jsonl": _bounded_jsonl([[ln.rank, round(ln.time, 6), ln.text] for ln in lines], ARCHIVE_LOG_BYTES),

@@ -47,6 +47,11 @@ class Connection:
         return client.AppsV1Api(self.api)
 
     @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        """Roles and RoleBindings."""
+        return client.RbacAuthorizationV1Api(self.api)
+
+    @property
     def custom(self) -> client.CustomObjectsApi:
         """Custom resources (MPIJob, TrainJob, RayJob)."""
         return client.CustomObjectsApi(self.api)

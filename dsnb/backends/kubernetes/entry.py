@@ -11,15 +11,19 @@ dsnb ships this file in the job's ConfigMap and the container runs
    filled in, passing its output through and stopping it on SIGTERM;
 4. writes the outcome (exit code, failing rank, last lines) as JSON to the termination
    message, where dsnb reads it from the pod's status, and to a marker in the pod's
-   scratch volume, then exits with the launcher's code.
+   scratch volume;
+5. with ``DSNB_RELEASE=1``, also writes the outcome and the end of its output into the job's
+   record, and when the job has ended (every node finished, or this one failed) scales the
+   StatefulSet to 0, so that a finished job holds no node with no dsnb client running
+   (:mod:`dsnb.backends.kubernetes.pod_api`); then exits with the launcher's code.
 
 A StatefulSet restarts containers that exit. The restarted container finds the marker
-and idles instead of training again, until dsnb sees that every node finished and
-deletes the set.
+and idles instead of training again (retrying step 5 if the API server could not be
+reached), until the job's StatefulSet is scaled to 0 or deleted.
 
 Environment: ``DSNB_NODES``, ``DSNB_PROCS_PER_NODE``, ``DSNB_SET``, ``DSNB_SERVICE``,
 ``DSNB_NAMESPACE``, ``DSNB_CLUSTER_DOMAIN``, ``DSNB_PEER_TIMEOUT``, ``DSNB_TIMEOUT``,
-``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``.
+``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``, ``DSNB_RELEASE``, ``DSNB_JOB_NAME``.
 
 Example (what a pod runs)::
 
@@ -29,6 +33,7 @@ Example (what a pod runs)::
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import re
@@ -43,6 +48,10 @@ EXIT_PEERS_TIMEOUT = 75
 EXIT_TIMEOUT = 124
 LAST_LINES = 20
 TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
+TAIL_LINES = 2000  # lines of output kept for the job's record (pod_api bounds their bytes)
+METRIC_LINES = 5000
+METRIC_TAG = "DSNB_METRIC "
+RETRY_S = (5, 10, 20, 40, 60)
 _LOCAL_PREFIX = re.compile(r"^\[(?:[A-Za-z_]*?)(\d+)\]:")
 _MPIRUN_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
 _MPIRUN_TAG_ANY = re.compile(r"\[\d+,\d+\]<std(?:out|err)>:")
@@ -52,9 +61,14 @@ _MPI_RANK = re.compile(r"^\s*Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _MPI_CODE = re.compile(r"^\s*Exit code:\s*(-?\d+)")
 
 
+_kept_by: Outcome | None = None  # where say() lines are kept for the job's record, once the node is known
+
+
 def say(text: str) -> None:
-    """One line of dsnb's own output in the pod log."""
+    """One line of dsnb's own output in the pod log (and in what the node keeps for the job's record)."""
     print(f"dsnb: {text}", flush=True)
+    if _kept_by is not None:
+        _kept_by.keep(f"dsnb: {text}", time.time())
 
 
 def node_rank(pod_name: str, set_name: str) -> int:
@@ -116,6 +130,15 @@ class Outcome:
         self.failed_rank: int | None = None
         self.rank_exit_code: int | None = None
         self._in_root_cause = False
+        self.tail: collections.deque[list] = collections.deque(maxlen=TAIL_LINES)  # [line number, time, line]
+        self.metric_rows: collections.deque[list] = collections.deque(maxlen=METRIC_LINES)
+        self._printed = 0
+
+    def keep(self, line: str, when: float) -> None:
+        """Remember one line as printed, for the job's record: the end of the output, and every metric line."""
+        row = [self._printed, round(when, 3), line]
+        self._printed += 1
+        (self.metric_rows if METRIC_TAG in line else self.tail).append(row)
 
     def feed(self, line: str) -> None:
         """Remember one line of output."""
@@ -177,12 +200,52 @@ def write_outcome(state_dir: str, outcome: dict) -> None:
         pass  # not in a Kubernetes container: the marker is enough
 
 
-def idle_after_finish(state_dir: str) -> None:
-    """A restarted container of a finished node: say so and wait to be deleted."""
+def save_report(state_dir: str, outcome: Outcome, result: dict) -> None:
+    """Keep what goes into the job's record beside the marker, for a restarted container to send."""
+    path = os.path.join(state_dir, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"outcome": result, "log_rows": list(outcome.tail), "metric_rows": list(outcome.metric_rows)}, f)
+    os.replace(path + ".tmp", path)
+
+
+def report_and_release(state_dir: str, env: os._Environ | dict) -> bool:
+    """Send the saved report to the job's record; scale the job's StatefulSet to 0 if that ended the job.
+    True once done (or nothing to do), False when the API server could not be asked (say why, retry later)."""
+    import pod_api  # shipped beside this file in the job's record
+
+    path = os.path.join(state_dir, "report.json")
+    done = os.path.join(state_dir, "released")
+    if not os.path.exists(path) or os.path.exists(done):
+        return True
+    with open(path) as f:
+        saved = json.load(f)
+    namespace, job = env.get("DSNB_NAMESPACE", "default"), env["DSNB_JOB_NAME"]
+    try:
+        api = pod_api.InClusterApi.from_environment(env)
+        ended = pod_api.report(api, namespace, job, saved["outcome"]["node"], int(env.get("DSNB_NODES", "1")),
+                               saved["outcome"], saved["log_rows"], saved["metric_rows"])
+        if ended:
+            pod_api.release(api, namespace, env.get("DSNB_SET", job))
+            say("the job has ended: its pods are released (StatefulSet scaled to 0)")
+    except pod_api.ApiUnavailable as e:
+        say(f"could not tell the API server the outcome (will retry): {e}")
+        return False
+    with open(done, "w") as f:
+        f.write("1")
+    return True
+
+
+def idle_after_finish(state_dir: str, env: os._Environ | dict) -> None:
+    """A restarted container of a finished node: say so, send the outcome if that failed before, and
+    wait to be stopped (the job's release, or dsnb ending it)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # before saying anything: a stop may come at once
     with open(os.path.join(state_dir, "outcome.json")) as f:
         outcome = json.load(f)
-    say(f"node {outcome['node']} already finished (exit code {outcome['exit_code']}); idle until dsnb removes the job")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    say(f"node {outcome['node']} already finished (exit code {outcome['exit_code']}); idle until the job is released")
+    for delay in itertools.chain(RETRY_S, itertools.repeat(RETRY_S[-1])):
+        if env.get("DSNB_RELEASE") != "1" or report_and_release(state_dir, env):
+            break
+        time.sleep(delay)
     while True:
         time.sleep(3600)
 
@@ -212,6 +275,7 @@ def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tu
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         outcome.feed(line)
+        outcome.keep(line, time.time())
     code = proc.wait()
     if timer is not None:
         timer.cancel()
@@ -222,15 +286,18 @@ def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tu
 
 def main(argv: list[str]) -> int:
     env = os.environ
+    started = round(time.time(), 3)
     state_dir = env.get("DSNB_STATE_DIR", "/var/run/dsnb/state")
     os.makedirs(state_dir, exist_ok=True)
     if os.path.exists(os.path.join(state_dir, "outcome.json")):
-        idle_after_finish(state_dir)
+        idle_after_finish(state_dir, env)
     nodes = int(env.get("DSNB_NODES", "1"))
     procs = int(env.get("DSNB_PROCS_PER_NODE", "1"))
     set_name = env["DSNB_SET"]
     node = node_rank(env.get("DSNB_POD_NAME") or socket.gethostname(), set_name)
     outcome = Outcome(node, procs)
+    global _kept_by
+    _kept_by = outcome
     peers = peer_names(nodes, set_name, env.get("DSNB_SERVICE", set_name), env.get("DSNB_NAMESPACE", "default"),
                        env.get("DSNB_CLUSTER_DOMAIN", "cluster.local"))
     hostfile = os.path.join(state_dir, "hostfile")
@@ -245,7 +312,8 @@ def main(argv: list[str]) -> int:
                        "Their pods are not running yet (see job.status() for Pending pods, e.g. waiting for GPUs) "
                        "or the headless Service is missing; raise DSNB_PEER_TIMEOUT if the cluster is slow to schedule")
             say(message)
-            write_outcome(state_dir, {**outcome.report(EXIT_PEERS_TIMEOUT, message), "last_lines": [message]})
+            result = {**outcome.report(EXIT_PEERS_TIMEOUT, message), "last_lines": [message]}
+            finish(state_dir, env, outcome, {**result, "started_at": started}, stopped=False)
             return EXIT_PEERS_TIMEOUT
         say(f"node {node} of {nodes}: all peers resolve; starting {procs} rank(s)")
     command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) for a in argv]
@@ -257,8 +325,18 @@ def main(argv: list[str]) -> int:
     else:
         code_text = f"exit code {code}"
     say(f"node {node} finished: {code_text}" + (f" ({why})" if why else ""))
-    write_outcome(state_dir, result)
+    finish(state_dir, env, outcome, {**result, "started_at": started}, stopped=why.startswith("stopped by Kubernetes"))
     return code
+
+
+def finish(state_dir: str, env: os._Environ | dict, outcome: Outcome, result: dict, stopped: bool) -> None:
+    """Leave the outcome for dsnb and the restarted container; unless Kubernetes stopped this pod (a cancel,
+    the job's release, an eviction: the job's end is decided elsewhere), tell the job's record."""
+    result["finished_at"] = round(time.time(), 3)
+    write_outcome(state_dir, {**result, "last_lines": list(result["last_lines"])})
+    if env.get("DSNB_RELEASE") == "1" and not stopped:
+        save_report(state_dir, outcome, result)
+        report_and_release(state_dir, env)
 
 
 if __name__ == "__main__":

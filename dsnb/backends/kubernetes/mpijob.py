@@ -29,7 +29,7 @@ from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, reco
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
 from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
@@ -301,7 +301,7 @@ class MPIJobBackend(JobServing, KubernetesBackend):
             return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
                              message=message, finished_at=finished)
         for node, pod in sorted(workers.items()):
-            if pod["metadata"].get("deletionTimestamp"):
+            if terminating(pod):
                 continue  # being deleted: the MPI Operator stops workers once the job ended, before its status says so
             terminated = (container_status(pod, CONTAINER).get("state") or {}).get("terminated")
             if terminated or (pod.get("status") or {}).get("phase") == "Failed":

@@ -27,6 +27,9 @@ _TYPED = {
     "Service": ("core", "service"),
     "Pod": ("core", "pod"),
     "StatefulSet": ("apps", "stateful_set"),
+    "ServiceAccount": ("core", "service_account"),
+    "Role": ("rbac", "role"),
+    "RoleBinding": ("rbac", "role_binding"),
 }
 #: kind -> plural for custom resources.
 _CUSTOM_PLURALS = {

@@ -51,6 +51,7 @@ class NodeOutcome:
         message: the entry's remark (e.g. a timeout or the peers that never resolved).
         last_lines: the failing rank's last lines.
         finished_at: when the container ended.
+        started_at: when the node's launcher started (known from the job's record only).
     """
 
     exit_code: int
@@ -59,6 +60,7 @@ class NodeOutcome:
     message: str
     last_lines: tuple[str, ...]
     finished_at: float | None
+    started_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,18 +81,41 @@ def node_outcome(pod: dict[str, Any], container: str) -> NodeOutcome | None:
     except ValueError:
         data = None
     if isinstance(data, dict):
-        rank_code = data.get("rank_exit_code") or 0
-        return NodeOutcome(
-            exit_code=rank_code if code and rank_code else code,
-            failed_rank=data.get("failed_rank") if code else None,
-            reason=reason,
-            message=data.get("message") or "",
-            last_lines=tuple(data.get("last_lines") or ()),
-            finished_at=parse_time(terminated.get("finishedAt")),
-        )
+        return reported_outcome(data, code, reason, parse_time(terminated.get("finishedAt")))
     # No outcome written (killed before it could): the message is the log's end, if any.
     lines = tuple(line for line in text.splitlines() if line.strip())[-20:]
     return NodeOutcome(code, None, reason, "", lines, parse_time(terminated.get("finishedAt")))
+
+
+def reported_outcome(data: dict[str, Any], code: int | None = None, reason: str | None = None,
+                     finished_at: float | None = None) -> NodeOutcome:
+    """A node's outcome from what its entry wrote (the termination message, or the job's record).
+
+    ``code``, ``reason`` and ``finished_at`` are Kubernetes' when read from a pod; from the record,
+    the entry's own.
+
+    Example:
+        >>> outcome = reported_outcome({"exit_code": 1, "failed_rank": 2, "rank_exit_code": 3, "last_lines": ["x"],
+        ...                             "finished_at": 1700000000.5})
+        >>> outcome.exit_code, outcome.failed_rank, outcome.reason, outcome.finished_at
+        (3, 2, 'Error', 1700000000.5)
+    """
+    code = int(data.get("exit_code", 1)) if code is None else code
+    rank_code = data.get("rank_exit_code") or 0
+    return NodeOutcome(
+        exit_code=rank_code if code and rank_code else code,
+        failed_rank=data.get("failed_rank") if code else None,
+        reason=reason or ("Completed" if code == 0 else "Error"),
+        message=data.get("message") or "",
+        last_lines=tuple(data.get("last_lines") or ()),
+        finished_at=finished_at if finished_at is not None else data.get("finished_at"),
+        started_at=data.get("started_at"),
+    )
+
+
+def terminating(pod: dict[str, Any]) -> bool:
+    """Whether the pod is being deleted: what its container does now is no outcome of the job."""
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def started_at(pod: dict[str, Any], container: str) -> float | None:

@@ -12,11 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from dsnb.backends.kubernetes.labels import job_labels
 
 RBAC_API = "rbac.authorization.k8s.io"
 SUBJECT_KINDS = ("ServiceAccount", "User", "Group")
@@ -73,12 +76,49 @@ def with_serving(permissions: Sequence[Permission]) -> tuple[Permission, ...]:
     return tuple(result)
 
 
-#: The StatefulSet backend: its set and headless Service, and serving (a Service, the token's Secret).
+#: The StatefulSet backend: its set and headless Service, serving (a Service, the token's Secret), and
+#: each job's own ServiceAccount, Role and RoleBinding (:func:`job_role_manifests`). The API server lets
+#: a user grant only what the user holds, so ``statefulsets/scale: patch`` is here for the job's Role to
+#: pass on; they go with the job's record.
 STATEFULSET_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("", "services", ("create", "delete")),
+    Permission("", "serviceaccounts", ("create",)),
     Permission("apps", "statefulsets", ("create", "delete")),
+    Permission("apps", "statefulsets/scale", ("patch",)),
+    Permission(RBAC_API, "roles", ("create",)),
+    Permission(RBAC_API, "rolebindings", ("create",)),
 ))
+
+
+def job_role_manifests(job: str, namespace: str, service_account: str | None = None) -> list[dict[str, Any]]:
+    """What the pods of StatefulSet job ``job`` may do themselves, and nothing more: write their outcome into
+    the job's record and scale the job's StatefulSet to 0 when it ended (see
+    :mod:`dsnb.backends.kubernetes.pod_api`), each by ``resourceNames``.
+
+    Returns a ServiceAccount ``<job>`` (unless the pods run as ``service_account``, which then gets the
+    Role instead), a Role ``<job>`` and a RoleBinding ``<job>``.
+
+    Example:
+        >>> account, role, binding = job_role_manifests("tiny-gpt-x7k2", "ml")
+        >>> [(r["resources"], r["resourceNames"], r["verbs"]) for r in role["rules"]]
+        [(['configmaps'], ['tiny-gpt-x7k2'], ['get', 'patch']), (['statefulsets/scale'], ['tiny-gpt-x7k2'], ['patch'])]
+        >>> binding["subjects"]
+        [{'kind': 'ServiceAccount', 'name': 'tiny-gpt-x7k2', 'namespace': 'ml'}]
+    """
+    rules = [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [job], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "resourceNames": [job], "verbs": ["patch"]},
+    ]
+    meta = {"name": job, "namespace": namespace, "labels": job_labels(job)}
+    manifests: list[dict[str, Any]] = []
+    if service_account is None:
+        manifests.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta)})
+    manifests.append({"apiVersion": f"{RBAC_API}/v1", "kind": "Role", "metadata": copy.deepcopy(meta), "rules": rules})
+    manifests.append({"apiVersion": f"{RBAC_API}/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
+                      "subjects": [{"kind": "ServiceAccount", "name": service_account or job, "namespace": namespace}],
+                      "roleRef": {"apiGroup": RBAC_API, "kind": "Role", "name": job}})
+    return manifests
 
 
 def role_manifests(

@@ -1,8 +1,11 @@
 """``Cluster("statefulset")``: a StatefulSet and a headless Service, wired by dsnb itself.
 
-Each job is four objects (plus a Secret when the spec's env holds secrets):
+Each job is these objects (plus a Secret when the spec's env holds secrets):
 
 - the record ConfigMap ``<job>``: the spec, the pods' entry script and the DeepSpeed config;
+- a ServiceAccount, Role and RoleBinding ``<job>`` that let the job's pods write their
+  outcome into the record and scale their own StatefulSet to 0, and nothing else
+  (:func:`~dsnb.backends.kubernetes.rbac.job_role_manifests`);
 - a headless Service ``<job>`` (``clusterIP: None``, ``publishNotReadyAddresses: true``),
   which gives pod ``<job>-<i>`` the DNS name ``<job>-<i>.<job>.<namespace>.svc.<domain>``
   before it is ready;
@@ -10,15 +13,17 @@ Each job is four objects (plus a Secret when the spec's env holds secrets):
 
 Every pod runs :mod:`dsnb.backends.kubernetes.entry`: node rank from the ordinal, wait for
 the peers' DNS names, then torchrun (or the deepspeed launcher) with the master at
-ordinal 0. dsnb reads each node's outcome from its pod status, and ends the job when
-every node finished or one failed.
+ordinal 0. Each node's outcome goes to its pod status and to the record; when every node
+finished, or one failed, the pod that saw it scales the StatefulSet to 0, so a finished job
+holds no node even when no dsnb client runs. dsnb reads the outcomes from the pods, or from
+the record once the pods are gone, and ends the job.
 
 Example:
     >>> from dsnb import Cluster, JobSpec
     >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, procs_per_node=2, image="ghcr.io/org/train:1")
     >>> plan = Cluster("statefulset", namespace="ml").dryrun(spec)
     >>> [m["kind"] for m in plan.manifests]
-    ['ConfigMap', 'Service', 'StatefulSet']
+    ['ConfigMap', 'ServiceAccount', 'Role', 'RoleBinding', 'Service', 'StatefulSet']
 """
 
 from __future__ import annotations
@@ -31,10 +36,19 @@ from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
-from dsnb.backends.kubernetes.pod_status import container_status, node_outcome, started_at
+from dsnb.backends.kubernetes.pod_status import (
+    NodeOutcome,
+    container_status,
+    node_outcome,
+    reported_outcome,
+    started_at,
+    terminating,
+)
 from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template
-from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS
+from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_manifests
+from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
+from dsnb.backends.logbuffer import JobLogs
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -51,9 +65,10 @@ MAX_SET_NAME = 52
 LAUNCHERS = ("torchrun", "deepspeed")
 
 
-def entry_source() -> str:
-    """The source of the pods' entry script, as shipped in the record."""
-    return resources.files("dsnb.backends.kubernetes").joinpath("entry.py").read_text()
+def entry_files() -> dict[str, str]:
+    """The pods' entry script and the module it reports with, as shipped in the record."""
+    package = resources.files("dsnb.backends.kubernetes")
+    return {name: package.joinpath(name).read_text() for name in ("entry.py", "pod_api.py")}
 
 
 def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
@@ -91,6 +106,26 @@ def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
     if spec.script is None:
         argv.append("--no-python")
     return argv + program
+
+
+def record_outcomes(record: dict[str, Any] | None) -> dict[int, NodeOutcome]:
+    """The outcomes the job's pods wrote into its record, by node.
+
+    Example:
+        >>> record = {"data": {"outcome-1.json": '{"node": 1, "exit_code": 3, "failed_rank": 2, "finished_at": 5.0}'}}
+        >>> record_outcomes(record)[1].failed_rank
+        2
+    """
+    data = (record or {}).get("data") or {}
+    result = {}
+    for key, text in data.items():
+        if key.startswith("outcome-") and key.endswith(".json"):
+            try:
+                report = json.loads(text)
+                result[int(report["node"])] = reported_outcome(report)
+            except (ValueError, KeyError, TypeError):
+                continue  # not written by dsnb's entry
+    return result
 
 
 class StatefulSetBackend(JobServing, KubernetesBackend):
@@ -144,6 +179,7 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             "DSNB_STATE_DIR": STATE_DIR,
             "DSNB_TERMINATION_LOG": TERMINATION_LOG,
             "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
+            "DSNB_RELEASE": "1",  # the pods end the job themselves (pod_api), through the job's Role
             "LOCAL_SIZE": str(spec.procs_per_node),  # DeepSpeed's AutoTP on CPU reads it
             "PYTHONUNBUFFERED": "1",
         }
@@ -167,7 +203,7 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
                                    f"use at most {MAX_SET_NAME - 5} characters")
         name, namespace = unique.name, self.namespace
         master = f"{name}-0.{name}.{namespace}.svc.{self.cluster_domain}"
-        files = {"entry.py": entry_source()}
+        files = entry_files()
         if unique.deepspeed_config is not None:
             files["deepspeed.json"] = json.dumps(unique.deepspeed_config, indent=1)
         record = record_manifest(unique, self.name, files)
@@ -185,6 +221,9 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             termination_message_path=TERMINATION_LOG,
         )
         template["spec"]["restartPolicy"] = "Always"  # the only policy a StatefulSet accepts
+        account = self.pod_options.service_account
+        template["spec"]["serviceAccountName"] = account or name
+        template["spec"]["automountServiceAccountToken"] = True  # the entry reports with it, whatever the account says
         service = {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "labels": job_labels(name)},
@@ -197,13 +236,17 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             "spec": {"serviceName": name, "replicas": unique.nodes, "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": node_labels}, "template": template},
         }
-        manifests = [record, *([secret.manifest] if secret.manifest else []), service, stateful_set]
+        manifests = [record, *([secret.manifest] if secret.manifest else []), *job_role_manifests(name, namespace, account),
+                     service, stateful_set]
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
         notes = [
             f"dsnb statefulset plan for {name} in namespace {namespace}: {unique.nodes} pod(s) x {unique.procs_per_node} rank(s) via {ranks}",
-            "apply with: kubectl apply -f <this file>; remove with: kubectl delete statefulset,service,configmap,secret -l dsnb.io/job=" + name,
+            "apply with: kubectl apply -f <this file>; remove with: kubectl delete "
+            f"statefulset,service,configmap,secret,serviceaccount,role,rolebinding -l dsnb.io/job={name}",
+            f"when the job ends its pods scale StatefulSet {name} to 0 themselves, as ServiceAccount {account or name} "
+            f"(Role {name}: its record and its StatefulSet's scale, nothing else)",
             *secret.notes,
         ]
         return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
@@ -223,19 +266,39 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
                 container["readinessProbe"] = readiness_probe(port)
 
     # -- status ----------------------------------------------------------------------------
+    def workload_state(self, name: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The record: the job's pods write their outcomes into it (``outcome-<node>.json``)."""
+        return record
+
+    def end_of_logs(self, name: str, logs: JobLogs, record: dict[str, Any]) -> None:
+        """Each node's kept output from the record, after the lines read from its pod (see :mod:`record_logs`)."""
+        data = record.get("data") or {}
+        procs = self.spec_of(name).procs_per_node
+        lines, _ = logs.read(0, None, 10**9)
+        for node in range(self.spec_of(name).nodes):
+            have = [(line.rank, line.text) for line in lines if belongs_to(line.rank, node, procs)]
+            for rank, text, when in missing_lines(data, node, procs, have):
+                logs.add(rank, text, when)
+
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
                        workload: dict[str, Any] | None = None) -> JobStatus:
         by_node: dict[int, dict[str, Any]] = {}
         for pod in pods:
+            if terminating(pod):
+                continue  # stopped by its deletion (the job's release, a cancel): that is no outcome
             try:
                 by_node[int(pod["metadata"]["name"].rsplit("-", 1)[1])] = pod
             except (IndexError, ValueError):
                 continue
         outcomes = {node: node_outcome(pod, CONTAINER) for node, pod in by_node.items()}
+        for node, reported in record_outcomes(workload).items():  # what pods gone since wrote into the record
+            if outcomes.get(node) is None:
+                outcomes[node] = reported
         diagnoses = {node: classify(pod, (events or {}).get(pod["metadata"]["name"]))
-                     for node, pod in by_node.items() if outcomes[node] is None}
+                     for node, pod in by_node.items() if outcomes.get(node) is None}
         starts = [t for t in (started_at(p, CONTAINER) for p in by_node.values()) if t is not None]
+        starts += [o.started_at for node, o in outcomes.items() if o is not None and o.started_at is not None and node not in by_node]
         started = min(starts) if starts else None
         procs = spec.procs_per_node
         node_states: dict[int, JobState] = {}
@@ -253,7 +316,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             ReplicaStatus(
                 rank=rank, state=node_states[rank // procs],
                 exit_code=outcomes[rank // procs].exit_code if outcomes.get(rank // procs) else None,
-                host=by_node[rank // procs]["metadata"]["name"] if rank // procs in by_node else None,
+                # the pod's name: pod <job>-<i> runs node i, also after the job's release deleted it
+                host=f"{name}-{rank // procs}" if rank // procs in by_node or outcomes.get(rank // procs) else None,
             )
             for rank in range(spec.world_size)
         )
@@ -262,7 +326,7 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
                         key=lambda item: (item[0], item[1]))
         if failed:
             _, node, outcome = failed[0]
-            pod_name = by_node[node]["metadata"]["name"]
+            pod_name = f"{name}-{node}"
             rank = outcome.failed_rank if outcome.failed_rank is not None else node * procs
             what = "was killed: out of memory (OOMKilled)" if outcome.reason == "OOMKilled" else f"exited with code {outcome.exit_code}"
             message = f"rank {rank} (pod {pod_name}) {what}" + (f"; {outcome.message}" if outcome.message else "")
@@ -273,7 +337,7 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         if fatal:
             node, diagnosis = fatal[0]
             return JobStatus(**common, state=JobState.FAILED, message=str(diagnosis), failed_rank=node * procs)
-        if len(outcomes) == spec.nodes and all(o is not None and o.ok for o in outcomes.values()):
+        if sum(o is not None for o in outcomes.values()) == spec.nodes and all(o is None or o.ok for o in outcomes.values()):
             finished = max((o.finished_at or 0.0) for o in outcomes.values() if o is not None) or None
             return JobStatus(**common, state=JobState.SUCCEEDED, message=f"all {spec.nodes} node(s) finished", finished_at=finished)
         waiting = [str(d) for d in diagnoses.values() if d is not None]

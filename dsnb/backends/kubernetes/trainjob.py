@@ -32,7 +32,7 @@ from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time, started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
@@ -312,14 +312,15 @@ class TrainJobBackend(JobServing, KubernetesBackend):
                        workload: dict[str, Any] | None = None) -> JobStatus:
         status = (workload or {}).get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        # Running or ended: a finished JobSet deletes its node pods, and the launcher's container has terminated.
+        starts = [t for t in (started_at(p, RUNTIME_CONTAINER) for p in pods) if t is not None]
+        pods = [p for p in pods if not terminating(p)]  # stopped by a deletion (the JobSet's end, a restart): no outcome
         by_host = {hostname(p): p for p in pods}
         as_node = self._launcher_is_node_as_known()
         nodes = {index: by_host[host] for index, host in enumerate(rank_hosts(name, spec.nodes, as_node)) if host in by_host}
         expected = node_pods(spec.nodes, as_node) + 1
         procs = spec.procs_per_node
         ended = conditions.get("Complete") or conditions.get("Failed") or {}
-        starts = [t for t in (parse_time(((container_status(p, RUNTIME_CONTAINER).get("state") or {}).get("running") or {})
-                                         .get("startedAt")) for p in pods) if t is not None]
         common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
                                   "started_at": min(starts) if starts else None}
 

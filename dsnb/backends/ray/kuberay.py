@@ -173,14 +173,14 @@ def submitter_pod_template(spec: JobSpec, options: PodOptions) -> dict[str, Any]
 
 
 def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray_version: str = DEFAULT_RAY_VERSION, *,
-                  ttl_seconds_after_finished: int = 3600, head_resources: Resources | None = None,
+                  ttl_seconds_after_finished: int = 0, head_resources: Resources | None = None,
                   env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """A RayJob that creates a Ray cluster for ``spec``, runs ``entrypoint`` on it as the driver, then removes it.
 
     KubeRay submits the job from a Kubernetes Job (``K8sJobMode``) once the cluster is up, and
-    deletes the cluster ``ttl_seconds_after_finished`` after the job ends; the cluster keeps
-    its GPUs until then, so a short TTL frees them sooner and a long one keeps the logs
-    readable longer. ``spec.max_restarts`` becomes ``backoffLimit`` (each retry runs on a new
+    deletes the cluster ``ttl_seconds_after_finished`` after the job ends (default 0: at once);
+    the cluster keeps its GPUs until then. The driver's log stays readable either way: it is
+    the submitter pod's, which KubeRay keeps. ``spec.max_restarts`` becomes ``backoffLimit`` (each retry runs on a new
     cluster) and ``spec.timeout`` ``activeDeadlineSeconds``.
 
     Secrets: the secret-looking variables of ``spec.env`` are left out of ``runtimeEnvYAML``
@@ -228,7 +228,7 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
     if (isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
             or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
         raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
-                               "set ttl_seconds_after_finished=3600, or 0 to delete the cluster as soon as the job ends")
+                               "set ttl_seconds_after_finished=0 to delete the cluster as soon as the job ends, or e.g. 600 to keep it for debugging")
     if env_vars is not None and (not isinstance(env_vars, dict)
                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
         raise InvalidSpecError("env_vars", f"must map names to string values, got {env_vars!r}",

@@ -55,7 +55,7 @@ from dsnb.backends.kubernetes.backend import BACKEND, CREATED, KIND, KubernetesB
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
 from dsnb.backends.kubernetes.pod_template import secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
@@ -125,8 +125,9 @@ class KubeRayBackend(KubernetesBackend):
     Args:
         ray_version: the Ray version in ``spec.image`` (``major.minor.patch``); KubeRay
             starts the cluster for it.
-        ttl_seconds_after_finished: KubeRay deletes the Ray cluster this long after the job
-            ends (dsnb removes the whole RayJob sooner, as soon as a client sees it end).
+        ttl_seconds_after_finished: KubeRay deletes the Ray cluster (and frees its GPUs) this long
+            after the job ends, with no dsnb client needed; default 0, at once. dsnb removes the
+            whole RayJob when a client sees the job end.
         head_resources: the head pod's CPU and memory (default 1 CPU, 4Gi; no GPUs).
         storage_path: where Ray Train keeps runs and checkpoints (see :func:`storage_path`).
         serve_url: where endpoints answer, e.g. ``"http://127.0.0.1:8000"`` through
@@ -147,7 +148,7 @@ class KubeRayBackend(KubernetesBackend):
     upgrade_hint = f"dsnb renders RayJobs and RayServices for KubeRay v1.7 (ray.io/v1): upgrade it: {KUBERAY_INSTALL}"
     workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"))
 
-    def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 3600,
+    def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 0,
                  head_resources: Resources | None = None, storage_path: str | None = None,
                  serve_url: str | None = None, **options: Any) -> None:
         if not isinstance(ray_version, str) or not _RAY_VERSION.match(ray_version):
@@ -314,6 +315,7 @@ class KubeRayBackend(KubernetesBackend):
         or evicted is shown while Ray handles it (see :data:`RAY_HANDLES`).
         """
         status = (workload or {}).get("status") or {}
+        pods = [p for p in pods if not terminating(p)]  # stopped by a deletion (the cluster's shutdown, a cancel): no outcome
         deployment = status.get("jobDeploymentStatus") or ""
         ray_status = status.get("jobStatus") or ""
         info = status.get("rayJobInfo") or {}
