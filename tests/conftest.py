@@ -56,3 +56,16 @@ def shown(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
 
     monkeypatch.setattr(IPython.display, "display", fake_display)
     return calls
+
+
+@pytest.fixture
+def emu():
+    """A bare Kubernetes API emulator (namespaces ``default`` and ``ml``, no CRD schemas); its threads must end with it."""
+    from k8s.emulator import KubeEmulator
+
+    emulator = KubeEmulator(namespaces=("default", "ml")).start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+    assert not emulator.threads, f"server threads outlived stop(): {emulator.threads}"

@@ -26,16 +26,6 @@ MPI = ("kubeflow.org", "v2beta1")
 
 
 @pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    emulator = KubeEmulator(namespaces=("default", NS)).start()
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
-    assert not emulator.threads, f"server threads outlived stop(): {emulator.threads}"
-
-
-@pytest.fixture
 def api(emu: KubeEmulator) -> Iterator[client.ApiClient]:
     with client.ApiClient(emu.configuration()) as api_client:
         yield api_client

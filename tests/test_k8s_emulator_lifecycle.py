@@ -13,7 +13,6 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,16 +22,6 @@ from kubernetes.client.exceptions import ApiException
 
 NS = "ml"
 RBAC = "rbac.authorization.k8s.io"
-
-
-@pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    emulator = KubeEmulator(namespaces=("default", NS)).start()
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
-    assert not emulator.threads, f"server threads outlived stop(): {emulator.threads}"
 
 
 def running_pod(name: str, grace: int | None = None, **spec: Any) -> dict[str, Any]:
