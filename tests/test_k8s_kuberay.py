@@ -314,7 +314,7 @@ def test_preflight_without_kuberay_fails_with_the_helm_install(emulator) -> None
 
 def test_dsnb_rbac_for_ray_prints_a_valid_role_for_rayjobs() -> None:
     console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
-    code = main(["rbac", "--backend", "ray", "--namespace", NAMESPACE], console=console)
+    code = main(["rbac", "--backend", "ray", "--namespace", NAMESPACE, "--user", "alice"], console=console)
     out = console.file.getvalue()
     assert code == 0, out
     assert out.startswith(f"# Role for dsnb's ray backend in namespace {NAMESPACE}")

@@ -243,7 +243,7 @@ def run_cli(*argv: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("backend", "permissions"), [("mpijob", MPIJOB_PERMISSIONS), ("trainjob", TRAINJOB_PERMISSIONS)])
 def test_dsnb_rbac_prints_a_valid_role_for_the_operator_kinds(backend: str, permissions: tuple[Permission, ...]) -> None:
-    code, out = run_cli("rbac", "--backend", backend, "--namespace", NAMESPACE)
+    code, out = run_cli("rbac", "--backend", backend, "--namespace", NAMESPACE, "--user", "alice")
     assert code == 0, out
     assert out.startswith(f"# Role for dsnb's {backend} backend in namespace {NAMESPACE}")
     role, binding = yaml.safe_load_all(out)

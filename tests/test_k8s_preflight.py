@@ -24,7 +24,7 @@ from dsnb.errors import ClusterError  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 NAMESPACE = "ml"
-RBAC_FIX = f"`dsnb rbac --backend statefulset --namespace {NAMESPACE}`"
+RBAC_FIX = f"`dsnb rbac --backend statefulset --namespace {NAMESPACE} --user <you>`"
 OPERATOR_LABELS = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 PERMISSION_LINES = ["permission configmaps", "permission secrets", "permission pods", "permission pods/log",
                     "permission events", "permission services", "permission serviceaccounts", "permission statefulsets.apps",
@@ -203,7 +203,7 @@ def test_the_report_shows_as_an_escaped_table_in_notebooks(emulator):
     page = check(emulator)._repr_html_()
     assert page.startswith("<table>") and "1 problem(s)" in page
     assert "<td>permission secrets</td><td>cannot create in namespace ml (allowed: get, delete)</td>" in page
-    assert "`dsnb rbac --backend statefulset --namespace ml`" in page
+    assert "`dsnb rbac --backend statefulset --namespace ml --user &lt;you&gt;`" in page
 
 
 # -- dsnb rbac -------------------------------------------------------------------------------------------
@@ -212,17 +212,30 @@ def rules_of(role: dict) -> dict[tuple[str, str], list[str]]:
 
 
 def test_dsnb_rbac_prints_a_valid_role_and_binding():
-    """Valid objects bound to the default account; that the verbs suffice and are all used is test_k8s_rbac's."""
-    code, out = run_cli("rbac", "--backend", "statefulset", "--namespace", "ml")
+    """Valid objects bound to the account named; that the verbs suffice and are all used is test_k8s_rbac's."""
+    code, out = run_cli("rbac", "--backend", "statefulset", "--namespace", "ml", "--service-account", "jupyter")
     assert code == 0
-    assert out.startswith("# Role for dsnb's statefulset backend in namespace ml, bound to ServiceAccount ml/default.")
+    assert out.startswith("# Role for dsnb's statefulset backend in namespace ml, bound to ServiceAccount ml/jupyter.")
+    assert "warning" not in out.lower()
     role, binding = yaml.safe_load_all(out)
     for doc in (role, binding):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert (role["kind"], role["metadata"]) == ("Role", {"name": "dsnb", "namespace": "ml"})
     assert rules_of(role)["", "pods/log"] == ["get"] and rules_of(role)["apps", "statefulsets"] == ["create", "delete"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default", "namespace": "ml"}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "jupyter", "namespace": "ml"}]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dsnb"}
+
+
+def test_dsnb_rbac_binds_no_one_unless_told_and_warns_about_the_default_account():
+    code, out = run_cli("rbac", "--backend", "statefulset", "--namespace", "ml")
+    assert code == 2 and "name who gets the Role: --user NAME" in out and "kind: Role" not in out
+    code, out = run_cli("rbac", "--namespace", "ml", "--service-account", "default")
+    assert code == 0
+    assert "warning: binding to ServiceAccount 'default' gives these rights to every pod of the namespace" in out
+    header = [line for line in out.splitlines() if line.startswith("#")]
+    assert header[-1].startswith("# Warning: binding to ServiceAccount 'default'")  # the YAML says it too
+    _, binding = yaml.safe_load_all("\n".join(line for line in out.splitlines() if not line.startswith("warning")))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default", "namespace": "ml"}]
 
 
 @pytest.mark.parametrize(("option", "kind"), [("--user", "User"), ("--group", "Group")])

@@ -205,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     rbac.add_argument("--namespace", help="where the jobs go (default: the kubeconfig context's, else default)")
     rbac.add_argument("--name", default="dsnb", help="name of the Role and the RoleBinding (default: dsnb)")
     subject = rbac.add_mutually_exclusive_group()
+    subject.add_argument("--user", metavar="NAME", help="bind it to this user (your kubeconfig login)")
+    subject.add_argument("--group", metavar="NAME", help="bind it to this group")
     subject.add_argument("--service-account", metavar="NAME",
-                         help="bind it to this service account of the namespace (the default, with NAME default)")
-    subject.add_argument("--user", metavar="NAME", help="bind it to this user instead")
-    subject.add_argument("--group", metavar="NAME", help="bind it to this group instead")
+                         help="bind it to this service account of the namespace (your notebook server's; "
+                              "'default' only with a warning: every pod that names no account runs as it)")
     return parser
 
 
@@ -533,14 +534,20 @@ def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
             namespace = backend.namespace  # the kubeconfig context's; reading it contacts no cluster
         finally:
             backend.close()
-    from dsnb.backends.kubernetes.rbac import render_rbac
+    from dsnb.backends.kubernetes.rbac import DEFAULT_ACCOUNT_WARNING, render_rbac
 
     if args.user is not None:
         kind, who = "User", args.user
     elif args.group is not None:
         kind, who = "Group", args.group
+    elif args.service_account is not None:
+        kind, who = "ServiceAccount", args.service_account
     else:
-        kind, who = "ServiceAccount", args.service_account if args.service_account is not None else "default"
+        _error(ui, "name who gets the Role: --user NAME (you, as your kubeconfig logs in), --group NAME, or "
+                   "--service-account NAME (the account your notebook server runs as); dsnb binds no one by default")
+        return EXIT_USAGE
+    if kind == "ServiceAccount" and who == "default":
+        ui.err.print(f"[yellow]warning:[/] {escape(DEFAULT_ACCOUNT_WARNING)}", soft_wrap=True)
     try:
         text = render_rbac(permissions, namespace, kind, who, name=args.name, backend=args.backend)
     except ValueError as e:

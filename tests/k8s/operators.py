@@ -410,8 +410,10 @@ class TrainerSim(_MPIJobs):
                 pod.setdefault("metadata", {}).setdefault("labels", {}).update(patched.get("metadata", {}).get("labels", {}))
                 spec_patch = dict(patched.get("spec") or {})
                 for container_patch in spec_patch.pop("containers", []):
-                    if container_patch["name"] == container["name"]:
+                    if container_patch["name"] == container["name"]:  # JobSet's strategic merge: containers by name
                         container.setdefault("volumeMounts", []).extend(container_patch.get("volumeMounts", []))
+                        if "securityContext" in container_patch:
+                            container["securityContext"] = {**(container.get("securityContext") or {}), **container_patch["securityContext"]}
                 pod["spec"].update(spec_patch)
         return pod
 

@@ -221,7 +221,7 @@ class KubernetesBackend(Backend):
         if e.status == 403:
             held = _not_held(e)  # a Role or RoleBinding granting more than the user holds (RBAC's escalation check)
             return ClusterError(where, f"not allowed to {doing}" + (f": it grants what you do not hold: {held}" if held else ""),
-                                f"ask for the Role that `dsnb rbac --backend {self.name}` prints")
+                                f"ask for the Role that `dsnb rbac --backend {self.name} --user <you>` prints")
         if e.status == 404 and "namespaces" in str(e.body or ""):
             return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
         if e.status == 404 and self.install_hint and "could not find the requested resource" in str(e.body or ""):

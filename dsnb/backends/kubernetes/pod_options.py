@@ -17,6 +17,8 @@ from dsnb.errors import InvalidSpecError
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+#: The Pod Security Standards a job's pods can be made to meet (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+SECURITY_PROFILES = ("restricted", "baseline")
 
 
 def _check_name(value: str | None, field_name: str, what: str) -> None:
@@ -40,6 +42,11 @@ class PodOptions:
         nccl: NCCL settings (``NCCL_*`` variables such as NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE).
         run_as_user: the non-root user id of the containers; 0 is refused (run as root by
             building an image for it, not from here).
+        security_profile: the Pod Security Standard every pod meets: ``"restricted"`` (default:
+            non-root, no privilege escalation, all capabilities dropped but ``NET_BIND_SERVICE``
+            where sshd needs it, the runtime's default seccomp profile), or ``"baseline"``, which
+            keeps only the seccomp profile and runs as the image's user (root images), for
+            namespaces that allow it.
 
     Raises:
         InvalidSpecError: a malformed name, toleration, quantity, NCCL key or user id.
@@ -55,6 +62,7 @@ class PodOptions:
     shm_size: str | None = None
     nccl: dict[str, str] = field(default_factory=dict)
     run_as_user: int = 1000
+    security_profile: str = "restricted"
 
     def __post_init__(self) -> None:
         _check_name(self.service_account, "options.service_account", "ServiceAccount")
@@ -78,3 +86,6 @@ class PodOptions:
             raise InvalidSpecError("options.checkpoint_mount", f"{self.checkpoint_mount!r} is not an absolute path", "write it like '/checkpoints'")
         if isinstance(self.run_as_user, bool) or not isinstance(self.run_as_user, int) or self.run_as_user <= 0:
             raise InvalidSpecError("options.run_as_user", f"must be a non-root user id, got {self.run_as_user!r}", "use e.g. 1000")
+        if self.security_profile not in SECURITY_PROFILES:
+            raise InvalidSpecError("options.security_profile", f"unknown profile {self.security_profile!r}",
+                                   f"use one of {', '.join(SECURITY_PROFILES)} (the Pod Security Standards dsnb can meet)")

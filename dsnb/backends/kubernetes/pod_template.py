@@ -3,7 +3,10 @@
 Image, command, environment, resources (``nvidia.com/gpu`` as a limit), a memory-backed
 ``/dev/shm`` (NCCL and DataLoader workers need more than the container default of 64 MiB),
 NCCL settings, scheduling (node selector, tolerations, affinity), service account, image pull
-secrets, an optional checkpoint volume, dsnb's labels, and a non-root security context.
+secrets, an optional checkpoint volume, dsnb's labels, and a security context meeting the Pod
+Security Standard ``PodOptions.security_profile`` names ("restricted" by default). Pods get no
+API token (``automountServiceAccountToken: false``): a job's code has no business with the API;
+a backend whose pods do (the StatefulSet's release) gives them an account of their own.
 
 Example:
     >>> from dsnb import JobSpec, Resources
@@ -82,6 +85,35 @@ def _env_vars(variables: dict[str, str], secret_name: str | None, downward: dict
     return result
 
 
+def pod_security_context(options: PodOptions) -> client.V1PodSecurityContext:
+    """The pod's part of ``options.security_profile``: the runtime's default seccomp profile always;
+    for "restricted", a non-root user (``run_as_user``) too.
+
+    Example:
+        >>> _api.sanitize_for_serialization(pod_security_context(PodOptions(security_profile="baseline")))
+        {'seccompProfile': {'type': 'RuntimeDefault'}}
+    """
+    seccomp = client.V1SeccompProfile(type="RuntimeDefault")
+    if options.security_profile != "restricted":
+        return client.V1PodSecurityContext(seccomp_profile=seccomp)
+    uid = options.run_as_user
+    return client.V1PodSecurityContext(run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid, seccomp_profile=seccomp)
+
+
+def container_security_context(options: PodOptions, add_capabilities: tuple[str, ...] = ()) -> client.V1SecurityContext | None:
+    """A container's part of ``options.security_profile``: for "restricted", no privilege escalation and
+    every capability dropped but ``add_capabilities`` (the profile allows ``NET_BIND_SERVICE`` only).
+
+    Example:
+        >>> _api.sanitize_for_serialization(container_security_context(PodOptions()))
+        {'allowPrivilegeEscalation': False, 'capabilities': {'drop': ['ALL']}}
+    """
+    if options.security_profile != "restricted":
+        return None
+    return client.V1SecurityContext(allow_privilege_escalation=False,
+                                    capabilities=client.V1Capabilities(drop=["ALL"], add=list(add_capabilities) or None))
+
+
 def build_pod_template(
     spec: JobSpec,
     command: list[str],
@@ -151,10 +183,7 @@ def build_pod_template(
         termination_message_policy="FallbackToLogsOnError" if termination_message_path else None,
         resources=_resources(spec),
         volume_mounts=mounts,
-        security_context=client.V1SecurityContext(
-            allow_privilege_escalation=False,
-            capabilities=client.V1Capabilities(drop=["ALL"], add=list(add_capabilities) or None),
-        ),
+        security_context=container_security_context(options, add_capabilities),
     )
     pod_spec = client.V1PodSpec(
         containers=[container],
@@ -165,10 +194,8 @@ def build_pod_template(
         tolerations=[_model(t, "V1Toleration") for t in options.tolerations] or None,
         affinity=_model(options.affinity, "V1Affinity") if options.affinity else None,
         image_pull_secrets=[client.V1LocalObjectReference(name=s) for s in options.image_pull_secrets] or None,
-        security_context=client.V1PodSecurityContext(
-            run_as_non_root=True, run_as_user=options.run_as_user, run_as_group=options.run_as_user,
-            fs_group=options.run_as_user,
-        ),
+        security_context=pod_security_context(options),
+        automount_service_account_token=False,
     )
     labels = {**job_labels(spec.name), **(extra_labels or {})}
     template = client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=pod_spec)

@@ -213,7 +213,7 @@ def check_permissions(conn: Connection, namespace: str, permissions: tuple[Permi
     Raises:
         Nothing: a refused or failed review is a result.
     """
-    fix = f"ask your cluster admin for the Role printed by `dsnb rbac --backend {backend} --namespace {namespace}`"
+    fix = f"ask your cluster admin for the Role printed by `dsnb rbac --backend {backend} --namespace {namespace} --user <you>`"
     results = []
     for permission in permissions:
         label = f"{permission.resource}.{permission.group}" if permission.group else permission.resource

@@ -3,11 +3,11 @@
 Example:
     >>> print(STATEFULSET_PERMISSIONS[0])
     configmaps: create, get, list, watch, patch, delete
-    >>> role, binding = role_manifests(STATEFULSET_PERMISSIONS, "ml")
+    >>> role, binding = role_manifests(STATEFULSET_PERMISSIONS, "ml", "ServiceAccount", "jupyter")
     >>> role["rules"][0]
     {'apiGroups': [''], 'resources': ['configmaps'], 'verbs': ['create', 'get', 'list', 'watch', 'patch', 'delete']}
     >>> binding["subjects"]
-    [{'kind': 'ServiceAccount', 'name': 'default', 'namespace': 'ml'}]
+    [{'kind': 'ServiceAccount', 'name': 'jupyter', 'namespace': 'ml'}]
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from dsnb.backends.kubernetes.labels import job_labels
 
 RBAC_API = "rbac.authorization.k8s.io"
 SUBJECT_KINDS = ("ServiceAccount", "User", "Group")
+#: Said (and written into the YAML) when the Role is bound to the namespace's ``default`` account.
+DEFAULT_ACCOUNT_WARNING = ("binding to ServiceAccount 'default' gives these rights to every pod of the namespace that "
+                           "names no account (other tools' pods too; dsnb's own job pods never run with its token); "
+                           "prefer your notebook server's own account (--service-account NAME) or your login (--user NAME)")
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,8 @@ def job_role_manifests(job: str, namespace: str, service_account: str | None = N
 def role_manifests(
     permissions: Sequence[Permission],
     namespace: str,
-    subject_kind: str = "ServiceAccount",
-    subject_name: str = "default",
+    subject_kind: str,
+    subject_name: str,
     name: str = "dsnb",
 ) -> list[dict[str, Any]]:
     """A Role granting ``permissions`` in ``namespace``, and a RoleBinding giving it to one subject.
@@ -173,8 +177,8 @@ def role_manifests(
 def render_rbac(
     permissions: Sequence[Permission],
     namespace: str,
-    subject_kind: str = "ServiceAccount",
-    subject_name: str = "default",
+    subject_kind: str,
+    subject_name: str,
     name: str = "dsnb",
     backend: str = "",
 ) -> str:
@@ -184,14 +188,16 @@ def render_rbac(
         ValueError: an unknown subject kind, or an empty subject name.
 
     Example:
-        >>> print(render_rbac(STATEFULSET_PERMISSIONS, "ml", backend="statefulset").splitlines()[0])
-        # Role for dsnb's statefulset backend in namespace ml, bound to ServiceAccount ml/default.
+        >>> print(render_rbac(STATEFULSET_PERMISSIONS, "ml", "User", "alice@example.com", backend="statefulset").splitlines()[0])
+        # Role for dsnb's statefulset backend in namespace ml, bound to User alice@example.com.
     """
     manifests = role_manifests(permissions, namespace, subject_kind, subject_name, name)
     who = f"{namespace}/{subject_name}" if subject_kind == "ServiceAccount" else subject_name
     what = f"dsnb's {backend} backend" if backend else "dsnb"
     header = (f"# Role for {what} in namespace {namespace}, bound to {subject_kind} {who}.\n"
               "# Apply it with: kubectl apply -f <this file>\n")
+    if subject_kind == "ServiceAccount" and subject_name == "default":
+        header += f"# Warning: {DEFAULT_ACCOUNT_WARNING}.\n"
     return header + yaml.safe_dump_all(manifests, sort_keys=False)
 
 MPIJOB_PERMISSIONS = with_serving((

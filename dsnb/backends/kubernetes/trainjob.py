@@ -103,16 +103,20 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     # -- rendering -------------------------------------------------------------------------
     def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
         """Pod options and dsnb's labels, as a runtime patch on both replicated jobs."""
-        template = build_pod_template(spec, ["true"], {}, self.pod_options)
+        # NET_BIND_SERVICE: the pods run sshd, which images built like the MPI Operator's carry with that file capability.
+        template = build_pod_template(spec, ["true"], {}, self.pod_options, add_capabilities=("NET_BIND_SERVICE",))
         pod = template["spec"]
         container = pod["containers"][0]
-        allowed = ("nodeSelector", "tolerations", "affinity", "imagePullSecrets", "serviceAccountName", "volumes")
+        allowed = ("nodeSelector", "tolerations", "affinity", "imagePullSecrets", "serviceAccountName", "volumes", "securityContext")
         pod_patch = {key: pod[key] for key in allowed if pod.get(key)}
+        # The security context as on every backend (the v2.3.0 CRD lets a patch set the pod's and the container's).
+        patched_container = {"name": RUNTIME_CONTAINER, "volumeMounts": container["volumeMounts"],
+                             **({"securityContext": container["securityContext"]} if container.get("securityContext") else {})}
         jobs = []
         for role in REPLICATED_JOBS:
             jobs.append({"name": role, "template": {"spec": {"template": {
                 "metadata": {"labels": {**job_labels(spec.name), ROLE: role}},
-                "spec": {**pod_patch, "containers": [{"name": RUNTIME_CONTAINER, "volumeMounts": container["volumeMounts"]}]},
+                "spec": {**pod_patch, "containers": [dict(patched_container)]},
             }}}})
         return [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": jobs}}}}]
 
@@ -394,6 +398,7 @@ def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str |
         job_spec["backoffLimit"] = 0
         pod = job_spec["template"]["spec"]
         pod["restartPolicy"] = "Never"
+        pod["automountServiceAccountToken"] = False  # the ranks need no API token (runtimePatches cannot set it)
         for container in pod.get("containers") or []:
             if container.get("name") == RUNTIME_CONTAINER:
                 container["image"] = image

@@ -167,8 +167,8 @@ def submitter_pod_template(spec: JobSpec, options: PodOptions) -> dict[str, Any]
     pod = template["spec"]
     main = pod["containers"][0]
     container = {"name": SUBMITTER_CONTAINER, "image": main["image"], "resources": copy.deepcopy(SUBMITTER_RESOURCES),
-                 "securityContext": main["securityContext"]}
-    kept = {key: pod[key] for key in ("imagePullSecrets", "securityContext") if pod.get(key)}
+                 **({"securityContext": main["securityContext"]} if main.get("securityContext") else {})}
+    kept = {key: pod[key] for key in ("imagePullSecrets", "securityContext", "automountServiceAccountToken") if key in pod}
     return {"metadata": template["metadata"], "spec": {"restartPolicy": "Never", "containers": [container], **kept}}
 
 
