@@ -218,6 +218,27 @@ def test_a_job_succeeds_with_per_rank_logs_and_metrics_and_leaves_nothing_runnin
 
 
 @needs_sandbox
+def test_the_ray_cluster_asks_for_a_token_and_only_kuberays_secret_holds_it(emulator, sim, cluster) -> None:  # noqa: F811
+    """authOptions.mode token (KubeRay v1.7.0): every Ray container and the submitter get RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN from the Secret KubeRay made for the cluster; the sim's driver refuses to submit without it."""
+    plan = cluster.dryrun(spec())
+    rayjob = next(m for m in plan.manifests if m["kind"] == "RayJob")
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    seen: list[dict] = []
+    emulator.admission.append(lambda obj: seen.append(obj) if obj.get("kind") == "Pod" else None)
+    job = cluster.submit(spec())
+    assert job.wait(timeout=30).state == JobState.SUCCEEDED  # the submitter authenticated
+    pods = [p for p in seen if (p["metadata"].get("labels") or {}).get("dsnb.io/job") == job.name]
+    assert {(p["metadata"].get("labels") or {}).get("dsnb.io/role") for p in pods} == {"head", "worker", "submitter"}
+    for pod in pods:
+        env = {var["name"]: var for var in pod["spec"]["containers"][0].get("env") or []}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", pod["metadata"]["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "auth_token" and ref["name"].startswith(job.name)  # the cluster's own Secret
+    assert "RAY_AUTH_TOKEN" not in json.dumps(rayjob)  # the token never passes through dsnb
+
+
+@needs_sandbox
 def test_a_failing_rank_is_named_with_its_exit_code(emulator, sim, cluster) -> None:  # noqa: F811
     job = cluster.submit(spec("fail"))
     with pytest.raises(JobFailed) as info:
@@ -297,7 +318,8 @@ def test_preflight_reports_the_crd_and_the_operator(emulator) -> None:  # noqa: 
         report = cluster.check()
     assert report.ok, str(report)
     names = [r.name for r in report.results]
-    assert names[-4:] == ["permission rayjobs.ray.io", "permission rayservices.ray.io", "RayJob CRD", "KubeRay operator"]
+    assert names[-5:] == ["permission rayjobs.ray.io", "permission rayservices.ray.io", "permission networkpolicies.networking.k8s.io",
+                         "RayJob CRD", "KubeRay operator"]
     text = str(report)
     assert "✓ RayJob CRD: rayjobs.ray.io/v1 is served" in text
     assert "✓ KubeRay operator: 1 pod(s) running in namespace kuberay-system" in text

@@ -89,7 +89,8 @@ def test_mpijob_with_the_crd_and_a_running_operator_passes(emulator: KubeEmulato
     add_operator_pod(emulator, "mpi-operator", MPI_OPERATOR_POD, "mpi-operator")
     report = check(emulator, "mpijob")
     assert report.ok, str(report)
-    assert list(statuses(report))[-3:] == ["permission mpijobs.kubeflow.org", "MPIJob CRD", "MPI Operator"]
+    assert list(statuses(report))[-4:] == ["permission mpijobs.kubeflow.org", "permission networkpolicies.networking.k8s.io",
+                                          "MPIJob CRD", "MPI Operator"]
     assert set(statuses(report).values()) == {"passed"}
     text = str(report)
     assert "✓ MPIJob CRD: mpijobs.kubeflow.org/v2beta1 is served" in text

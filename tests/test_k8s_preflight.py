@@ -29,7 +29,7 @@ OPERATOR_LABELS = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "
 PERMISSION_LINES = ["permission configmaps", "permission secrets", "permission pods", "permission pods/log",
                     "permission events", "permission services", "permission serviceaccounts", "permission statefulsets.apps",
                     "permission statefulsets/scale.apps", "permission roles.rbac.authorization.k8s.io",
-                    "permission rolebindings.rbac.authorization.k8s.io"]
+                    "permission rolebindings.rbac.authorization.k8s.io", "permission networkpolicies.networking.k8s.io"]
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_dsnb_check_passes_on_a_ready_cluster(emulator, tmp_path):
     assert code == 0, out
     assert f"✓ API reachable: Kubernetes v1.32.0 at {emulator.url} (context emulator)" in out
     assert "✓ GPUs: 1 node(s) offer 8 nvidia.com/gpu or more" in out
-    assert out.rstrip().endswith("backend 'statefulset': 15 check(s) passed")
+    assert out.rstrip().endswith("backend 'statefulset': 16 check(s) passed")
 
 
 def test_dsnb_check_exits_1_when_a_check_fails(emulator, tmp_path):

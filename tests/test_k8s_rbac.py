@@ -35,7 +35,7 @@ from k8s.sim import ClusterSim  # noqa: E402
 from rich.console import Console  # noqa: E402
 from serving_servers import free_port  # noqa: E402
 
-from dsnb import Cluster, ClusterError, JobSpec, JobState  # noqa: E402
+from dsnb import Cluster, ClusterError, JobSpec, JobState, PodOptions  # noqa: E402
 from dsnb.console.cli import main  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402
 
@@ -207,7 +207,8 @@ def run_everything(emulator: KubeEmulator, sim: ClusterSim, backend: str, token:
     """What a user does with dsnb: check, a job with a secret, reattach, a pending and a cancelled job,
     serve and stop, and a submit the cluster refuses."""
     rank0, rank1, started = TEXTS.get(backend, ("hello from rank 0", "hello from rank 1", "started"))
-    with as_user(emulator, backend, token, cancel_wait=30) as cluster:
+    isolated = PodOptions(network_policy=True)  # every job with its NetworkPolicy
+    with as_user(emulator, backend, token, cancel_wait=30, pod_options=isolated) as cluster:
         report = cluster.check()
         assert not [c for c in report.results if c.name.startswith("permission") and not c.ok], report
         if backend == "trainjob":  # the runtimes a user may pick, and one of the namespace's own

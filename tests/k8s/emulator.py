@@ -145,6 +145,7 @@ RESOURCES: list[Resource] = [
     Resource("v1", "ServiceAccount", "serviceaccounts"),
     Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims", status=True),
     Resource("apps/v1", "StatefulSet", "statefulsets", status=True, returns_deleted=False),
+    Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", returns_deleted=False),
     Resource("apps/v1", "Deployment", "deployments", status=True, returns_deleted=False),
     # The API (unlike kubectl) orphans a Job's pods unless told otherwise.
     Resource("batch/v1", "Job", "jobs", status=True, returns_deleted=False, default_propagation="Orphan"),

@@ -115,6 +115,7 @@ class KubeRaySim:
         self.drop_submitter_once = drop_submitter_once
         self.deploy_errors = dict(deploy_errors or {})
         self.seen: dict[str, dict[str, Any]] = {}
+        self.auth: dict[str, str] = {}  # RayCluster name -> the Secret holding its token
         self.submitter_pods: dict[str, int] = {}  # RayJob name -> submitter pods made for it
         self.jobs: dict[str, dict[str, Any]] = {}  # RayJob name -> what the operator keeps in memory
         self.services: dict[str, dict[str, Any]] = {}  # RayService name -> what the operator keeps in memory
@@ -199,12 +200,31 @@ class KubeRaySim:
                                     "ray.io/originated-from-crd": owner["kind"]}},
             "spec": spec,
         })
-        self._pod(sim, f"{cluster_name}-head-{_suffix()}", spec["headGroupSpec"]["template"], cluster,
+        auth = self._auth_secret(sim, cluster)
+        head = _with_token(spec["headGroupSpec"]["template"], auth)
+        self._pod(sim, f"{cluster_name}-head-{_suffix()}", head, cluster,
                   {"ray.io/cluster": cluster_name, "ray.io/node-type": "head", "ray.io/group": "headgroup"})
         for group in spec.get("workerGroupSpecs") or []:
             for _ in range(group.get("replicas", 1)):
-                self._pod(sim, f"{cluster_name}-{group['groupName']}-worker-{_suffix()}", group["template"], cluster,
-                          {"ray.io/cluster": cluster_name, "ray.io/node-type": "worker", "ray.io/group": group["groupName"]})
+                self._pod(sim, f"{cluster_name}-{group['groupName']}-worker-{_suffix()}", _with_token(group["template"], auth),
+                          cluster, {"ray.io/cluster": cluster_name, "ray.io/node-type": "worker", "ray.io/group": group["groupName"]})
+
+    def _auth_secret(self, sim: Any, cluster: dict[str, Any]) -> str | None:
+        """KubeRay v1.7.0 with ``authOptions.mode: token`` and no ``secretName`` (raycluster_controller.go,
+        reconcileAuthSecret/createAuthSecret): a Secret named after the RayCluster, owned by it, holding a random
+        ``auth_token``. Its name, or None when the cluster has no token authentication."""
+        options = cluster["spec"].get("authOptions") or {}
+        if options.get("mode", "token" if options else "disabled") != "token":
+            return None
+        if options.get("secretName"):
+            return options["secretName"]
+        name = cluster["metadata"]["name"]
+        sim.emulator.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                             "metadata": {"name": name, "namespace": sim.namespace, "labels": {"ray.io/cluster": name},
+                                          "ownerReferences": [_owner(cluster)]},
+                             "stringData": {"auth_token": "".join(random.choices(string.ascii_letters + string.digits, k=43))}})
+        self.auth[name] = name
+        return name
 
     def _pod(self, sim: Any, name: str, template: dict[str, Any], owner: dict[str, Any], labels: dict[str, str],
              fake: bool = True, spec: dict[str, Any] | None = None) -> None:
@@ -249,6 +269,9 @@ class KubeRaySim:
                "DSNB_SIM_DROP_AFTER": "1" if self.drop_submitter_once else ""}
         container["env"] = [*(container.get("env") or []), *({"name": k, "value": v} for k, v in env.items())]
         container["command"] = [sys.executable, str(Path(__file__).resolve()), "driver"]
+        if state["cluster"] in self.auth:  # rayjob_controller.go v1.7.0: SetContainerTokenAuthEnvVars on the submitter
+            container["env"] = _token_env(container["env"], self.auth[state["cluster"]])
+            container["env"].append({"name": "DSNB_SIM_CLUSTER_AUTH", "value": "token"})
         state["submitter_template"] = json.loads(json.dumps(template))
         pod_name = f"{name}-{_suffix()}"
         self._pod(sim, pod_name, template, job, {"batch.kubernetes.io/job-name": name, "job-name": name},
@@ -346,6 +369,26 @@ class KubeRaySim:
         sim.emulator.patch_status(API, "RayService", sim.namespace, name, status)
 
 
+def _token_env(env: list[dict[str, Any]], secret: str) -> list[dict[str, Any]]:
+    """``env`` with Ray's token variables, as KubeRay v1.7.0 adds them (common/pod.go, SetContainerTokenAuthEnvVars):
+    ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` from the Secret's ``auth_token``, unless already set."""
+    names = {var["name"] for var in env}
+    added = [] if "RAY_AUTH_MODE" in names else [{"name": "RAY_AUTH_MODE", "value": "token"}]
+    if "RAY_AUTH_TOKEN" not in names:
+        added.append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "auth_token"}}})
+    return [*env, *added]
+
+
+def _with_token(template: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """A Ray pod template whose Ray container has the token variables (KubeRay's configureTokenAuth)."""
+    if secret is None:
+        return template
+    template = json.loads(json.dumps(template))
+    container = template["spec"]["containers"][0]
+    container["env"] = _token_env(container.get("env") or [], secret)
+    return template
+
+
 def _condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
     return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
 
@@ -396,6 +439,10 @@ def step_lines(job: dict[str, Any], step: int) -> list[str]:
 
 
 def fake_driver() -> int:
+    if os.environ.get("DSNB_SIM_CLUSTER_AUTH") == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        # What `ray job submit` gets from a head with token authentication when it has no token.
+        print("RuntimeError: Request failed with status code 401: Unauthenticated: no valid authentication token", flush=True)
+        return 1
     job = json.loads(os.environ["DSNB_RAY_JOB"])
     mode = os.environ.get("DSNB_SIM_MODE", "ok")
     head, tail = driver_lines(job, mode, os.environ.get("RAY_JOB_SUBMISSION_ID", job["name"]))

@@ -47,6 +47,11 @@ class Connection:
         return client.AppsV1Api(self.api)
 
     @property
+    def networking(self) -> client.NetworkingV1Api:
+        """NetworkPolicies."""
+        return client.NetworkingV1Api(self.api)
+
+    @property
     def rbac(self) -> client.RbacAuthorizationV1Api:
         """Roles and RoleBindings."""
         return client.RbacAuthorizationV1Api(self.api)

@@ -29,6 +29,7 @@ from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, reco
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.name_limits import check_derived_names
+from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
 from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
@@ -228,6 +229,8 @@ class MPIJobBackend(JobServing, KubernetesBackend):
         }
         record = record_manifest(unique, self.name, {})
         manifests = [record, *([secret.manifest] if secret.manifest else []), mpijob]
+        if self.pod_options.network_policy:
+            manifests.append(network_policy(name, namespace))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         notes = [

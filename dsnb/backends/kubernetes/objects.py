@@ -30,6 +30,7 @@ _TYPED = {
     "ServiceAccount": ("core", "service_account"),
     "Role": ("rbac", "role"),
     "RoleBinding": ("rbac", "role_binding"),
+    "NetworkPolicy": ("networking", "network_policy"),
 }
 #: kind -> plural for custom resources.
 _CUSTOM_PLURALS = {

@@ -17,6 +17,7 @@ from dsnb.errors import InvalidSpecError
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+_PEER_KEYS = {"podSelector", "namespaceSelector", "ipBlock"}
 #: The Pod Security Standards a job's pods can be made to meet (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
 SECURITY_PROFILES = ("restricted", "baseline")
 
@@ -47,6 +48,11 @@ class PodOptions:
             where sshd needs it, the runtime's default seccomp profile), or ``"baseline"``, which
             keeps only the seccomp profile and runs as the image's user (root images), for
             namespaces that allow it.
+        network_policy: add a NetworkPolicy ``<job>`` that lets the job's pods take traffic only
+            from each other (see :mod:`dsnb.backends.kubernetes.network_policy`).
+        serve_ingress_from: with ``network_policy``, who may reach a served model's port:
+            NetworkPolicy peers as dicts, e.g. ``[{"namespaceSelector": {"matchLabels":
+            {"kubernetes.io/metadata.name": "web"}}}]``.
 
     Raises:
         InvalidSpecError: a malformed name, toleration, quantity, NCCL key or user id.
@@ -63,6 +69,8 @@ class PodOptions:
     nccl: dict[str, str] = field(default_factory=dict)
     run_as_user: int = 1000
     security_profile: str = "restricted"
+    network_policy: bool = False
+    serve_ingress_from: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_name(self.service_account, "options.service_account", "ServiceAccount")
@@ -86,6 +94,13 @@ class PodOptions:
             raise InvalidSpecError("options.checkpoint_mount", f"{self.checkpoint_mount!r} is not an absolute path", "write it like '/checkpoints'")
         if isinstance(self.run_as_user, bool) or not isinstance(self.run_as_user, int) or self.run_as_user <= 0:
             raise InvalidSpecError("options.run_as_user", f"must be a non-root user id, got {self.run_as_user!r}", "use e.g. 1000")
+        for peer in self.serve_ingress_from:
+            if not isinstance(peer, dict) or not peer or set(peer) - _PEER_KEYS:
+                raise InvalidSpecError("options.serve_ingress_from", f"{peer!r} is not a NetworkPolicy peer",
+                                       f"use dicts with {sorted(_PEER_KEYS)}, e.g. {{'namespaceSelector': {{'matchLabels': {{'team': 'web'}}}}}}")
+        if self.serve_ingress_from and not self.network_policy:
+            raise InvalidSpecError("options.serve_ingress_from", "says who may reach a served model, but no NetworkPolicy is made",
+                                   "set network_policy=True as well")
         if self.security_profile not in SECURITY_PROFILES:
             raise InvalidSpecError("options.security_profile", f"unknown profile {self.security_profile!r}",
                                    f"use one of {', '.join(SECURITY_PROFILES)} (the Pod Security Standards dsnb can meet)")

@@ -54,6 +54,8 @@ COMMON_PERMISSIONS = (
     Permission("", "pods/log", ("get",)),
     Permission("", "events", ("list",)),
 )
+#: ``PodOptions(network_policy=True)``: a NetworkPolicy ``<job>``, which goes with the job's record (every backend).
+NETWORK_POLICIES = Permission("networking.k8s.io", "networkpolicies", ("create",))
 
 
 
@@ -75,7 +77,7 @@ def with_serving(permissions: Sequence[Permission]) -> tuple[Permission, ...]:
             merged = {*permission.verbs, *verbs}
             permission = Permission(permission.group, permission.resource, tuple(v for v in order if v in merged))
         result.append(permission)
-    core = sum(1 for p in result if not p.group)
+    core = next((i for i, p in enumerate(result) if p.group), len(result))
     result[core:core] = [Permission(group, resource, verbs) for (group, resource), verbs in wanted.items()]
     return tuple(result)
 
@@ -92,7 +94,7 @@ STATEFULSET_PERMISSIONS = with_serving((
     Permission("apps", "statefulsets/scale", ("patch",)),
     Permission(RBAC_API, "roles", ("create",)),
     Permission(RBAC_API, "rolebindings", ("create",)),
-))
+)) + (NETWORK_POLICIES,)
 
 
 def job_role_manifests(job: str, namespace: str, service_account: str | None = None) -> list[dict[str, Any]]:
@@ -203,7 +205,7 @@ def render_rbac(
 MPIJOB_PERMISSIONS = with_serving((
     *COMMON_PERMISSIONS,
     Permission("kubeflow.org", "mpijobs", ("create", "list", "watch", "delete")),
-))
+)) + (NETWORK_POLICIES,)
 
 #: ClusterTrainingRuntimes are cluster-wide: reading them needs a ClusterRole (Kubeflow
 #: Trainer v2.3.0's kubeflow-platform install binds one to every authenticated user), so only
@@ -213,7 +215,7 @@ TRAINJOB_PERMISSIONS = with_serving((
     Permission("trainer.kubeflow.org", "trainjobs", ("create", "list", "watch", "delete")),
     # create, delete: each job runs from a TrainingRuntime of its own (its image on every pod, its restarts).
     Permission("trainer.kubeflow.org", "trainingruntimes", ("create", "get", "list", "delete")),
-))
+)) + (NETWORK_POLICIES,)
 
 #: KubeRay (``Cluster("ray", kuberay=True)``): RayJobs for batch jobs, RayServices for serving.
 #: The Ray clusters, submitter Jobs and their pods are KubeRay's to create; dsnb only reads the pods.
@@ -222,4 +224,5 @@ KUBERAY_PERMISSIONS = (
     Permission("ray.io", "rayjobs", ("create", "list", "watch", "delete")),
     # A RayService is read by name and listed, never watched; it goes with its record (ownerReferences).
     Permission("ray.io", "rayservices", ("create", "get", "list")),
+    NETWORK_POLICIES,
 )

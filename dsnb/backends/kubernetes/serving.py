@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.network_policy import allow_serving
 from dsnb.backends.kubernetes.pod_status import container_status
 from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob
 from dsnb.errors import InvalidSpecError
@@ -209,6 +210,7 @@ class JobServing(ServesAsJob):
                                    spec="ServeSpec")
         port = spec.port
         self.decorate_serving(plan, port)
+        allow_serving(plan.manifests, port, self.pod_options.serve_ingress_from)  # type: ignore[attr-defined]
         plan.manifests.append(serve_service(name, namespace, port, self.serving_selector(name)))
         plan.notes += [
             f"serving: Service {service_name(name)} (ClusterIP, port {port}) selects the pod of rank 0 only; "

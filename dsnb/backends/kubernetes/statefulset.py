@@ -36,6 +36,7 @@ from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import (
     NodeOutcome,
     container_status,
@@ -238,6 +239,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         }
         manifests = [record, *([secret.manifest] if secret.manifest else []), *job_role_manifests(name, namespace, account),
                      service, stateful_set]
+        if self.pod_options.network_policy:
+            manifests.append(network_policy(name, namespace))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"

@@ -32,6 +32,7 @@ from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.name_limits import check_derived_names
+from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
@@ -179,6 +180,8 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         record = record_manifest(unique, self.name, {})
         record["metadata"]["namespace"] = namespace
         manifests = [record, *([secret.manifest] if secret.manifest else []), trainjob]
+        if self.pod_options.network_policy:
+            manifests.append(network_policy(name, namespace))
         notes = [
             f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
             f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",

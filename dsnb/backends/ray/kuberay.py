@@ -84,6 +84,11 @@ def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
                      head_resources: Resources | None = None) -> dict[str, Any]:
     """The ``spec`` of a RayCluster: one head, and one worker group of ``spec.nodes`` workers.
 
+    Ray's token authentication is on (``authOptions.mode: token``): KubeRay v1.5+ makes a Secret
+    with a random token for the cluster and gives it (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``) to
+    every Ray container and to the RayJob's submitter, so the head's dashboard and Jobs API
+    (reachable from any pod through the head Service) run nothing for a caller without it.
+
     The head starts with ``num-cpus: "0"`` so that Ray places no task or actor needing a CPU
     there: the training workers all land on the worker pods, while the driver and Ray's own
     actors (which ask for no CPU) still run on the head. Each worker offers Ray the spec's
@@ -112,6 +117,8 @@ def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
         {'dashboard-host': '0.0.0.0', 'num-cpus': '0'}
         >>> cluster["workerGroupSpecs"][0]["rayStartParams"]
         {'num-cpus': '8', 'num-gpus': '2'}
+        >>> cluster["authOptions"]
+        {'mode': 'token'}
     """
     _check_spec(spec, ray_version)
     head_resources = default_head_resources() if head_resources is None else head_resources
@@ -133,6 +140,7 @@ def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
         worker_params["num-gpus"] = str(spec.resources.gpus)
     return {
         "rayVersion": ray_version,
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
             "template": head,

@@ -55,6 +55,7 @@ from dsnb.backends.kubernetes.backend import BACKEND, CREATED, KIND, KubernetesB
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
+from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
 from dsnb.backends.kubernetes.pod_template import secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
@@ -190,6 +191,8 @@ class KubeRayBackend(KubernetesBackend):
         secret = env_secret(unique, namespace)
         record = record_manifest(unique, self.name, {})
         manifests = [record, *([secret.manifest] if secret.manifest else []), rayjob]
+        if self.pod_options.network_policy:  # KubeRay asks the head's dashboard for the job's status
+            manifests.append(network_policy(name, namespace, [{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}]))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         if self.storage_path:
@@ -417,6 +420,9 @@ class KubeRayBackend(KubernetesBackend):
         shown["env"] = redact_env(unique.env)
         record["data"]["spec.json"] = json.dumps(shown, indent=1)
         manifests = [record, *([secret.manifest] if secret.manifest else []), rayservice]
+        if self.pod_options.network_policy:  # KubeRay asks the head's dashboard for Serve's status
+            manifests.append(network_policy(name, namespace, [{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}]))
+            allow_serving(manifests, SERVE_PORT, self.pod_options.serve_ingress_from)
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         replicas = (f"{unique.min_replicas}..{unique.max_replicas} replicas (autoscaling)" if unique.autoscaling
