@@ -20,6 +20,7 @@ from dsnb.errors import (
 from dsnb.job import Job
 from dsnb.metrics import report
 from dsnb.runtime import checkpoint_dir, deepspeed_config
+from dsnb.secrets import Secret, SecretRef
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus
@@ -29,5 +30,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "Cluster", "ClusterError", "DsnbError", "Endpoint", "InvalidSpecError", "Job", "JobFailed",
     "JobNotFound", "JobSpec", "JobState", "JobStatus", "LogLine", "MetricSample", "PodOptions", "ReplicaStatus",
-    "Resources", "ServeSpec", "WaitTimeout", "checkpoint_dir", "deepspeed_config", "report",
+    "Resources", "Secret", "SecretRef", "ServeSpec", "WaitTimeout", "checkpoint_dir", "deepspeed_config", "report",
 ]

@@ -20,23 +20,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
-import secrets
+import secrets as randomness
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnb import secrets
 from dsnb.ds_config import check_deepspeed_config
 from dsnb.errors import InvalidSpecError
 
 # A DNS-1035 label, as Kubernetes requires for Service and many resource names.
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
 _SUFFIX_LEN = 4
 MAX_NAME_LEN = 63 - 1 - _SUFFIX_LEN  # room for "-xxxx" added on submit
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_KEY = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?\Z")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_SECRET_REF_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_SECRET_REF_KEY = re.compile(r"^[-._a-zA-Z0-9]+\Z")
+
+#: The most nodes and ranks per node a job may ask for (a typo of 10**5 ranks would otherwise fork them all).
+MAX_COUNTS = {"nodes": 4096, "procs_per_node": 256}
 
 #: Environment variables dsnb sets for every rank; a spec may not set them.
 RESERVED_ENV = frozenset(
@@ -45,14 +51,14 @@ RESERVED_ENV = frozenset(
 )
 
 
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    """Copy of ``env`` with the values of secret-looking keys replaced by ``***``.
+def redact_env(env: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``env`` with secret values replaced by ``***`` (see :mod:`dsnb.secrets`).
 
     Example:
-        >>> redact_env({"HF_TOKEN": "hf_abc", "NCCL_DEBUG": "WARN"})
-        {'HF_TOKEN': '***', 'NCCL_DEBUG': 'WARN'}
+        >>> redact_env({"HF_TOKEN": "hf_abc", "NCCL_DEBUG": "WARN", "DB_URL": "postgres://u:pw@db/x"})
+        {'HF_TOKEN': '***', 'NCCL_DEBUG': 'WARN', 'DB_URL': '***'}
     """
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in env.items()}
+    return secrets.redact_env(env)
 
 
 def suggest_name(name: str) -> str:
@@ -70,6 +76,8 @@ def suggest_name(name: str) -> str:
 def _check_quantity(value: Any, field_name: str, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidSpecError(field_name, f"must be a number or a quantity string, got {value!r}", f"write it like {example!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidSpecError(field_name, f"must be a finite number, got {value!r}", f"write it like {example!r}")
     if isinstance(value, (int, float)):
         if value <= 0:
             raise InvalidSpecError(field_name, f"must be positive, got {value!r}", f"write it like {example!r}")
@@ -152,7 +160,7 @@ class JobSpec:
     procs_per_node: int = 1
     resources: Resources = field(default_factory=Resources)
     image: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | secrets.SecretRef] = field(default_factory=dict)
     deepspeed: dict[str, Any] | str | Path | None = None
     max_restarts: int = 0
     timeout: float | None = None
@@ -164,6 +172,9 @@ class JobSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidSpecError(name, f"must be a whole number >= 1, got {value!r}", f"set {name}=1 or more")
+            if value > MAX_COUNTS[name]:
+                raise InvalidSpecError(name, f"{value} is more than dsnb runs ({MAX_COUNTS[name]} at most)",
+                                       f"set {name} to at most {MAX_COUNTS[name]}")
         if isinstance(self.resources, dict):
             self.resources = Resources(**self.resources)
         if not isinstance(self.resources, Resources):
@@ -179,7 +190,8 @@ class JobSpec:
             raise InvalidSpecError("image", f"{self.image!r} is not an image reference", "write it like 'ghcr.io/org/train:1.0'")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise InvalidSpecError("max_restarts", f"must be a whole number >= 0, got {self.max_restarts!r}", "set max_restarts=0 for no restarts")
-        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not math.isfinite(self.timeout) or self.timeout <= 0):
             raise InvalidSpecError("timeout", f"must be a positive number of seconds, got {self.timeout!r}", "set timeout=3600, or None for no limit")
         if self.working_dir is not None and not isinstance(self.working_dir, (str, Path)):
             raise InvalidSpecError("working_dir", f"must be a path, got {self.working_dir!r}", "pass a directory path")
@@ -232,8 +244,15 @@ class JobSpec:
                 raise InvalidSpecError("env", f"{key!r} is not a valid variable name", "use letters, digits and '_', not starting with a digit")
             if key in RESERVED_ENV:
                 raise InvalidSpecError(f"env.{key}", "is set by dsnb for every rank", f"remove {key!r} from env")
+            if isinstance(value, secrets.SecretRef):
+                if not _SECRET_REF_NAME.match(value.name) or len(value.name) > 253 or not _SECRET_REF_KEY.match(value.key):
+                    raise InvalidSpecError(f"env.{key}", f"SecretRef({value.name!r}, {value.key!r}) is not a Secret name and key",
+                                           "name a Secret of the namespace (lower-case, '-', '.') and one of its keys")
+                continue
             if not isinstance(value, str):
-                raise InvalidSpecError(f"env.{key}", f"value must be a string, got {type(value).__name__}", f"write it as {str(value)!r}")
+                shown = "(its value is not shown)" if secrets.is_secret(key, str(value)) else f"{str(value)!r}"
+                raise InvalidSpecError(f"env.{key}", f"value must be a string, got {type(value).__name__}",
+                                       f"write it as a string {shown}")
 
     def _load_deepspeed(self) -> dict[str, Any] | None:
         config = self.deepspeed
@@ -249,6 +268,11 @@ class JobSpec:
                 raise InvalidSpecError("deepspeed", f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})", "fix the JSON") from e
             # Keep the content, not the path: the job must run with what was checked.
             self.deepspeed = config
+        for where in secrets.credential_paths(config):
+            raise InvalidSpecError(f"deepspeed.{where}", "holds a credential: the config is kept with the job, shown in its "
+                                                         "plan and handed to every rank as a file",
+                                   "remove it and put the key in env instead (e.g. COMET_API_KEY, WANDB_API_KEY), which dsnb keeps "
+                                   "secret; DeepSpeed's monitors and their libraries read it from the environment")
         return check_deepspeed_config(config, self.world_size)
 
     @property
@@ -273,8 +297,11 @@ class JobSpec:
         return unique
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that :meth:`from_dict` turns back into an equal spec."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict that :meth:`from_dict` turns back into an equal spec (secret values included:
+        what stores it redacts them, see :func:`redact_env`)."""
+        data = dataclasses.asdict(self)
+        data["env"] = {k: (v.to_dict() if isinstance(v, secrets.SecretRef) else v) for k, v in self.env.items()}  # a Secret stays one
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -287,6 +314,9 @@ class JobSpec:
         data = dict(data)
         if isinstance(data.get("resources"), dict):
             data["resources"] = Resources(**data["resources"])
+        if isinstance(data.get("env"), dict):
+            data["env"] = {k: (secrets.SecretRef.from_dict(v) if isinstance(v, dict) and "secretKeyRef" in v else v)
+                           for k, v in data["env"].items()}
         return cls(**data)
 
     def __repr__(self) -> str:
@@ -301,7 +331,7 @@ def unique_name(name: str) -> str:
         13
     """
     alphabet = string.ascii_lowercase + string.digits
-    return f"{name}-{''.join(secrets.choice(alphabet) for _ in range(_SUFFIX_LEN))}"
+    return f"{name}-{''.join(randomness.choice(alphabet) for _ in range(_SUFFIX_LEN))}"
 
 
 def check_known_fields(cls: type, data: dict[str, Any]) -> None:

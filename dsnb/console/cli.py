@@ -44,10 +44,12 @@ import dsnb
 from dsnb.backends.base import load_backend
 from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.cluster import Cluster
+from dsnb.console.text import printable
 from dsnb.console.view import format_duration, jobs_table, render, status_view
 from dsnb.errors import ClusterError, DsnbError, InvalidSpecError, JobFailed
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
+from dsnb.secrets import is_secret
 from dsnb.spec import JobSpec, Resources, suggest_name
 from dsnb.status import JobState, JobStatus
 
@@ -218,7 +220,10 @@ def _parse_env(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidSpecError("env", f"{item!r} is not KEY=VALUE", "write --env KEY=VALUE")
+            # Never echo what may be a secret typed with the wrong separator (HF_TOKEN:hf_...).
+            name = item.split(":")[0].split(" ")[0]
+            shown = f"the item for {name!r} (its value is not shown)" if is_secret(name, item) else repr(item)
+            raise InvalidSpecError("env", f"{shown} is not KEY=VALUE", "write --env KEY=VALUE")
         env[key] = value
     return env
 
@@ -392,7 +397,7 @@ def _cmd_logs(ui: _Ui, args: argparse.Namespace) -> int:
         out = ui.out.file
         try:
             for line in job.logs(rank=args.rank, follow=args.follow, tail=args.tail):
-                out.write(f"{line}\n")
+                out.write(f"{printable(str(line))}\n")  # a job's output may not steer the terminal
                 if args.follow:
                     out.flush()
         except KeyboardInterrupt:

@@ -28,7 +28,7 @@ from typing import Any
 from dsnb.errors import InvalidSpecError as _InvalidSpecError
 from dsnb.spec import JobSpec, Resources, _repr_non_default, check_known_fields, unique_name
 
-_LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -37,6 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised by the no-extras import
 from dsnb import advisor
 from dsnb.ds_config import check_deepspeed_config
 from dsnb.errors import InvalidSpecError
+from dsnb.secrets import REDACTED, Secret, is_secret
 from dsnb.spec import JobSpec, Resources, redact_env
 from dsnb.widgets.display import panel_for
 
@@ -150,7 +151,9 @@ def parse_env(text: str) -> dict[str, str]:
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep:
-            raise InvalidSpecError("env", f"line {number} {line!r} has no '='", f"write it as {line.split()[0]}=value")
+            name = line.split()[0].split(":")[0]
+            shown = f"line {number} ({name}...)" if is_secret(name, line) else f"line {number} {line!r}"
+            raise InvalidSpecError("env", f"{shown} has no '='", f"write it as {name}=value")
         if key in seen:
             raise InvalidSpecError("env", f"{key} is set twice (lines {seen[key]} and {number})", "keep one of them")
         seen[key] = number
@@ -373,6 +376,8 @@ class LaunchForm:
         self._auto_export_path = ""
         self._available = advisor.available_here()
         self.errors: dict[str, widgets.HTML] = {}
+        # Secret env values typed into the form live here, not in the widget (whose state a notebook may save).
+        self._secret_env: dict[str, str] = {}
         self._build()
         self.load(spec if spec is not None else JobSpec(name="my-job", script="train.py",
                                                           deepspeed={"train_micro_batch_size_per_gpu": 1}))
@@ -486,6 +491,7 @@ class LaunchForm:
         for key in FIELD_KEYS:
             if key != "form":
                 getattr(self, key).observe(self._on_change, names="value")
+        self.env.observe(self._hide_secrets, names="value")
         self.use_deepspeed.observe(self._on_change, names="value")
         self.nodes.observe(self._on_nodes, names="value")
         for w in (self.workload, self.multi_node, self.platform):
@@ -547,7 +553,7 @@ class LaunchForm:
             self.cpu.value = "" if spec.resources.cpu is None else str(spec.resources.cpu)
             self.memory.value = spec.resources.memory or ""
             self.image.value = spec.image or ""
-            self.env.value = format_env(spec.env)
+            self.env.value = format_env(spec.env)  # secret values move to the form's memory (_hide_secrets)
             self.timeout.value = "" if spec.timeout is None else str(spec.timeout)
             self.max_restarts.value = spec.max_restarts
             config = spec.deepspeed if isinstance(spec.deepspeed, dict) else spec.deepspeed_config
@@ -607,7 +613,7 @@ class LaunchForm:
             "nodes": self.nodes.value,
             "procs_per_node": self.procs_per_node.value,
             "image": self.image.value.strip() or None,
-            "env": parse("env", lambda: parse_env(self.env.value), {}),
+            "env": parse("env", self._env, {}),
             "timeout": parse("timeout", lambda: _parse_timeout(self.timeout.value), None),
             "max_restarts": self.max_restarts.value,
         }
@@ -662,6 +668,34 @@ class LaunchForm:
         return spec
 
     # -- live updates -----------------------------------------------------------------------
+    def _hide_secrets(self, _change: Any = None) -> None:
+        """Move every secret env value (by name, by look, or a :class:`~dsnb.secrets.Secret`) out of the
+        widget into the form's memory, leaving ``KEY=***`` on screen (and in any saved widget state)."""
+        try:
+            typed = parse_env(self.env.value)
+        except InvalidSpecError:
+            return  # shown as a problem; nothing to hide until it parses
+        hidden = {k: v for k, v in typed.items() if v != REDACTED and is_secret(k, v)}
+        if hidden:
+            self._secret_env.update(hidden)
+            self.env.value = format_env({k: (REDACTED if k in hidden else v) for k, v in typed.items()})
+
+    def _env(self) -> dict[str, str]:
+        """The env the form stands for: ``KEY=***`` lines take the value the form keeps for KEY.
+
+        Raises:
+            InvalidSpecError: a line that does not parse, or ``KEY=***`` for a value the form never saw.
+        """
+        env: dict[str, str] = {}
+        for key, value in parse_env(self.env.value).items():
+            if value == REDACTED:
+                if key not in self._secret_env:
+                    raise InvalidSpecError(f"env.{key}", "is *** but its value was never typed here", f"type {key}=<its value> again")
+                env[key] = Secret(self._secret_env[key])
+            else:
+                env[key] = value
+        return env
+
     def _on_change(self, _change: Any = None) -> None:
         if not self._loading:
             self._refresh()

@@ -14,8 +14,9 @@ from typing import Any
 
 from dsnb.errors import InvalidSpecError
 
-_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?\Z")
+_NCCL_KEY = re.compile(r"^NCCL_[A-Z0-9_]+\Z")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 _PEER_KEYS = {"podSelector", "namespaceSelector", "ipBlock"}
 #: The Pod Security Standards a job's pods can be made to meet (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
@@ -87,7 +88,7 @@ class PodOptions:
         if self.shm_size is not None and not _QUANTITY.match(str(self.shm_size)):
             raise InvalidSpecError("options.shm_size", f"{self.shm_size!r} is not a Kubernetes quantity", "write it like '8Gi'")
         for key, value in self.nccl.items():
-            if not key.startswith("NCCL_") or not isinstance(value, str):
+            if not isinstance(key, str) or not _NCCL_KEY.match(key) or not isinstance(value, str):
                 raise InvalidSpecError("options.nccl", f"{key!r}={value!r} is not an NCCL setting",
                                        "use NCCL_* names with string values, e.g. {'NCCL_DEBUG': 'WARN'}")
         if not self.checkpoint_mount.startswith("/"):

@@ -28,12 +28,12 @@ from kubernetes import client
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.errors import InvalidSpecError
-from dsnb.spec import JobSpec, redact_env
+from dsnb.secrets import REDACTED, SecretRef, is_secret
+from dsnb.spec import JobSpec
 
 CONTAINER = "dsnb"
 SHM_VOLUME = "dshm"
 CHECKPOINT_VOLUME = "checkpoints"
-REDACTED = "***"
 _api = client.ApiClient()
 
 
@@ -63,26 +63,45 @@ class ExtraVolume:
     read_only: bool = False
 
 
-def secret_env_keys(env: dict[str, str]) -> list[str]:
-    """The keys of ``env`` whose values are kept in a Secret rather than in the pod spec.
+def secret_env_keys(env: dict[str, Any]) -> list[str]:
+    """The keys of ``env`` whose values are kept in the job's Secret rather than in the pod spec
+    (a :class:`~dsnb.secrets.SecretRef` names a Secret of the user's instead).
 
-    >>> secret_env_keys({"HF_TOKEN": "hf_x", "NCCL_DEBUG": "WARN"})
-    ['HF_TOKEN']
+    >>> secret_env_keys({"HF_TOKEN": "hf_x", "NCCL_DEBUG": "WARN", "DB_URL": "postgres://u:pw@db/x", "OLD_TOKEN": "***"})
+    ['HF_TOKEN', 'DB_URL']
     """
-    return [k for k, v in redact_env(env).items() if v == REDACTED and env[k] != REDACTED]
+    return [k for k, v in env.items() if is_secret(k, v) and v != REDACTED]
 
 
-def _env_vars(variables: dict[str, str], secret_name: str | None, downward: dict[str, str]) -> list[client.V1EnvVar]:
+def referenced_env_keys(env: dict[str, Any]) -> list[str]:
+    """The keys of ``env`` that name a key of a Secret the user already has (:class:`~dsnb.secrets.SecretRef`)."""
+    return [k for k, v in env.items() if isinstance(v, SecretRef)]
+
+
+def _env_vars(variables: dict[str, Any], secret_name: str | None, downward: dict[str, str]) -> list[client.V1EnvVar]:
     hidden = set(secret_env_keys(variables)) if secret_name else set()
     result = [client.V1EnvVar(name=k, value_from=client.V1EnvVarSource(
         field_ref=client.V1ObjectFieldSelector(field_path=path))) for k, path in downward.items()]
     for key, value in variables.items():
-        if key in hidden:
+        if isinstance(value, SecretRef):
+            ref = client.V1SecretKeySelector(name=value.name, key=value.key)
+            result.append(client.V1EnvVar(name=key, value_from=client.V1EnvVarSource(secret_key_ref=ref)))
+        elif key in hidden:
             ref = client.V1SecretKeySelector(name=secret_name, key=key)
             result.append(client.V1EnvVar(name=key, value_from=client.V1EnvVarSource(secret_key_ref=ref)))
         else:
             result.append(client.V1EnvVar(name=key, value=value))
     return result
+
+
+def kubelet_literal(text: str) -> str:
+    """``text`` as a container's command or argument, unchanged by the kubelet, which expands
+    ``$(VAR)`` and turns ``$$`` into ``$`` there: every ``$`` is doubled.
+
+    >>> kubelet_literal("--msg=$(HOME) costs $$5")
+    '--msg=$$(HOME) costs $$$$5'
+    """
+    return text.replace("$", "$$")
 
 
 def pod_security_context(options: PodOptions) -> client.V1PodSecurityContext:

@@ -36,7 +36,7 @@ import yaml
 
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.pod_options import PodOptions
-from dsnb.backends.kubernetes.pod_template import build_pod_template, secret_env_keys
+from dsnb.backends.kubernetes.pod_template import build_pod_template, referenced_env_keys, secret_env_keys
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec, Resources
 
@@ -56,7 +56,7 @@ HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8
 #: RayCluster, whose service names must stay within 63.
 MAX_NAME_LEN = 47
 _INT32_MAX = 2**31 - 1
-_RAY_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+_RAY_VERSION = re.compile(r"^\d+\.\d+\.\d+\Z")
 
 
 def default_head_resources() -> Resources:
@@ -371,7 +371,8 @@ def _given_application(spec: JobSpec, application: Any) -> dict[str, Any]:
         if not isinstance(env_vars, dict):
             raise InvalidSpecError("application.runtime_env.env_vars", f"must map names to values, got {env_vars!r}",
                                    "write env_vars={'NAME': 'value'}")
-        hidden = set(secret_env_keys(spec.env)) | set(secret_env_keys({k: str(v) for k, v in env_vars.items()}))
+        hidden = (set(secret_env_keys(spec.env)) | set(referenced_env_keys(spec.env))
+                  | set(secret_env_keys({k: str(v) for k, v in env_vars.items()})))
         app["runtime_env"]["env_vars"] = {k: v for k, v in env_vars.items() if k not in hidden}
     return app
 
@@ -394,7 +395,8 @@ def _check_name(spec: JobSpec, kind: str) -> None:
 
 
 def _runtime_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, Any]:
-    hidden = set(secret_env_keys(spec.env))
+    # Secret values and references to the user's Secrets reach the Ray processes through the pods' env.
+    hidden = set(secret_env_keys(spec.env)) | set(referenced_env_keys(spec.env))
     env_vars = {**(extra or {}), **{k: v for k, v in spec.env.items() if k not in hidden}}
     return {"env_vars": env_vars} if env_vars else {}
 

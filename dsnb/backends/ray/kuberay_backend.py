@@ -57,7 +57,7 @@ from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
 from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
-from dsnb.backends.kubernetes.pod_template import secret_env_keys
+from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
 from dsnb.backends.logbuffer import JobLogs
@@ -409,7 +409,7 @@ class KubeRayBackend(KubernetesBackend):
         cluster_spec = JobSpec(name=name, command=["serve"], nodes=workers, image=unique.image, env=dict(unique.env),
                                resources=unique.resources)
         app = serve_app.serve_config(unique, route_prefix="/")
-        hidden = set(secret_env_keys(unique.env))
+        hidden = set(secret_env_keys(unique.env)) | set(referenced_env_keys(unique.env))
         app["runtime_env"]["env_vars"] = {k: v for k, v in app["runtime_env"]["env_vars"].items() if k not in hidden}
         rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,
                                        head_resources=self.head_resources, application=app)
