@@ -66,7 +66,7 @@ def test_serve_query_reattach_watch_and_stop_an_embedding_endpoint(cluster: Clus
 def test_a_two_rank_server_on_the_local_backend(cluster: Cluster, tmp_path: Path, dsnb_home: Path) -> None:
     model = save_tiny_llama(tmp_path / "llama")
     endpoint = cluster.serve(ServeSpec(name="llama", model=model, procs_per_node=2), wait=240)
-    client = openai.OpenAI(base_url=endpoint.url + "v1", api_key="none")
+    client = openai.OpenAI(base_url=endpoint.url + "v1", api_key=endpoint.token)  # made for it: local servers need one
     answer = client.completions.create(model="llama", prompt="hello", max_tokens=4, temperature=0)
     assert answer.usage.completion_tokens == 4
     assert endpoint.predict({"inputs": "hello"})["outputs"].startswith(answer.choices[0].text)  # greedy, 16 tokens

@@ -11,8 +11,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,14 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan, RankCommand
-from dsnb.backends.local.jobdir import JobDir, jobs_root, parse_log_lines, read_last_lines, write_json_atomic
-from dsnb.backends.local.procs import is_alive, stop_groups
-from dsnb.backends.serving_job import ServesAsJob
+from dsnb.backends.local.jobdir import (
+    JobDir,
+    ensure_private_dir,
+    jobs_root,
+    parse_log_lines,
+    read_last_lines,
+    write_json_atomic,
+    write_private,
+)
+from dsnb.backends.local.procs import boot_id, is_alive, owned_groups, stop_groups
+from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
+from dsnb.secrets import is_secret, redact_env, refuse_references
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 
+JOB_NAME = re.compile(r"\A[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+SERVE_TOKEN_FILE = "serve-token"  # an endpoint's token, 0600, for a reattached Endpoint to send
 MASTER_ADDR = "127.0.0.1"
 READ_CHUNK_BYTES = 256 * 1024
 CANCEL_WAIT_S = 20.0
@@ -88,6 +102,21 @@ class LocalBackend(ServesAsJob, Backend):
 
     # -- planning --------------------------------------------------------------------------
     def dryrun(self, spec: JobSpec) -> Plan:
+        refuse_references(spec.env, self.name)
+        gpus = spec.resources.gpus
+        if gpus:
+            have = visible_gpus()
+            if gpus * spec.nodes > have:
+                raise InvalidSpecError(
+                    "resources.gpus",
+                    f"{gpus} per node x {spec.nodes} nodes asked, this machine has {have}",
+                    "set gpus=0 to run on CPU, or ask for fewer",
+                )
+        most = max(64, 8 * usable_cpus())
+        if spec.world_size > most:
+            raise InvalidSpecError("procs_per_node", f"{spec.world_size} ranks is more than this machine can run "
+                                                     f"({usable_cpus()} usable cores; at most {most} ranks here)",
+                                   f"ask for at most {most} ranks (nodes x procs_per_node), or use a cluster backend")
         unique = spec.with_unique_name()
         while (self.root / unique.name).exists():
             unique = spec.with_unique_name()
@@ -104,15 +133,6 @@ class LocalBackend(ServesAsJob, Backend):
             if not (shutil.which(program) or (cwd / program).is_file()):
                 raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
             argv = [*spec.command, *spec.args]  # type: ignore[misc]
-        gpus = spec.resources.gpus
-        if gpus:
-            have = visible_gpus()
-            if gpus * spec.nodes > have:
-                raise InvalidSpecError(
-                    "resources.gpus",
-                    f"{gpus} per node x {spec.nodes} nodes asked, this machine has {have}",
-                    "set gpus=0 to run on CPU, or ask for fewer",
-                )
         job_dir = JobDir(self.root / unique.name)
         commands = []
         for rank in range(spec.world_size):
@@ -140,7 +160,7 @@ class LocalBackend(ServesAsJob, Backend):
                 env["DS_ACCELERATOR"] = "cpu"
             if unique.deepspeed_config is not None:
                 env["DSNB_DEEPSPEED_CONFIG"] = str(job_dir.ds_config)
-            env.update(spec.env)
+            env.update(spec.env)  # a Secret stays one, so that every view of the plan hides it
             commands.append(RankCommand(rank=rank, argv=tuple(argv), cwd=str(cwd), env=env))
         backend_word = "nccl on GPU" if gpus else "gloo on CPU"
         notes = [
@@ -177,11 +197,19 @@ class LocalBackend(ServesAsJob, Backend):
         return PreflightReport(self.name, results)
 
     def apply(self, plan: Plan) -> None:
+        for folder in ((self.root.parent, self.root) if self.root == jobs_root() else (self.root,)):
+            ensure_private_dir(folder)  # DSNB_HOME and its jobs/: 0700 and yours
         job_dir = JobDir(self.root / plan.name)
-        job_dir.path.mkdir(parents=True, mode=0o700)
+        job_dir.path.mkdir(mode=0o700)
         spec = plan.spec
         created = time.time()
-        write_json_atomic(job_dir.spec, spec.to_dict())
+        # No secret value goes into a file of the record: the supervisor gets them on its stdin.
+        stored = spec.to_dict()
+        stored["env"] = redact_env(spec.env)
+        write_json_atomic(job_dir.spec, stored)
+        secret_values = {k: str(v) for c in plan.commands for k, v in c.env.items() if is_secret(k, v)}
+        if TOKEN_ENV in secret_values:  # what a reattached Endpoint sends: a file only its owner reads
+            write_private(job_dir.path / SERVE_TOKEN_FILE, secret_values[TOKEN_ENV])
         if spec.deepspeed_config is not None:
             write_json_atomic(job_dir.ds_config, spec.deepspeed_config)
         job_dir.write_status(JobStatus(name=plan.name, backend=self.name, state=JobState.PENDING, created_at=created, message="starting the supervisor"))
@@ -196,22 +224,28 @@ class LocalBackend(ServesAsJob, Backend):
                 "max_restarts": spec.max_restarts,
                 "ranks": [
                     {"rank": c.rank, "argv": list(c.argv), "cwd": c.cwd,
-                     "env": {k: v for k, v in c.env.items() if k != "MASTER_PORT"}}
+                     "env": {k: v for k, v in redact_env(c.env).items() if k != "MASTER_PORT"}}
                     for c in plan.commands
                 ],
             },
         )
         with open(job_dir.supervisor_log, "ab") as log:
-            self._supervisors[plan.name] = subprocess.Popen(
+            supervisor = subprocess.Popen(
                 [sys.executable, "-m", "dsnb.backends.local.supervisor", str(job_dir.path)],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # the job outlives the kernel that launched it
             )
+        self._supervisors[plan.name] = supervisor
+        assert supervisor.stdin is not None
+        with supervisor.stdin:  # the secret values, once, through a pipe: in no file and on no command line
+            supervisor.stdin.write(json.dumps(secret_values).encode())
 
     # -- reading ---------------------------------------------------------------------------
     def _dir(self, name: str) -> JobDir:
+        if not isinstance(name, str) or not JOB_NAME.match(name):  # a path would leave DSNB_HOME ("/x", "../x")
+            raise InvalidSpecError("name", f"{name!r} is not a job name", "use a name from cluster.jobs() (letters, digits and '-')")
         job_dir = JobDir(self.root / name)
         if not job_dir.plan.is_file():
             raise JobNotFound(name, self.name, self._names())
@@ -237,7 +271,8 @@ class LocalBackend(ServesAsJob, Backend):
         if status.state.is_terminal():
             return status
         pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
-        if pid is not None and is_alive(pid, start):
+        other_boot = extra.get("boot_id") not in (None, boot_id())
+        if pid is not None and not other_boot and is_alive(pid, start):
             return status
         if pid is None:
             ours = self._supervisors.get(name)
@@ -250,12 +285,16 @@ class LocalBackend(ServesAsJob, Backend):
         if latest is not None and latest.state.is_terminal():
             return latest
         # The supervisor is gone without writing a final state: killed, or the machine restarted.
-        stop_groups(extra.get("rank_pgids", []), grace=1.0)
-        if job_dir.cancel_request.exists():
-            state, message = JobState.CANCELLED, "cancelled; all ranks stopped"
+        if other_boot:  # its pids now name whatever else got them: signal nothing
+            state, message = JobState.FAILED, "the machine restarted while the job ran: its processes are gone"
         else:
-            state = JobState.FAILED
-            message = f"the dsnb supervisor (pid {pid}) stopped unexpectedly; see {job_dir.supervisor_log}"
+            stop_groups(owned_groups(extra.get("rank_pgids", []), extra.get("rank_starts")), grace=1.0)
+            _remove_shm_segments(extra)
+            if job_dir.cancel_request.exists():
+                state, message = JobState.CANCELLED, "cancelled; all ranks stopped"
+            else:
+                state = JobState.FAILED
+                message = f"the dsnb supervisor (pid {pid}) stopped unexpectedly; see {job_dir.supervisor_log}"
         lost = dataclasses.replace(status, state=state, finished_at=time.time(), message=message)
         job_dir.write_status(lost)
         return lost
@@ -311,11 +350,22 @@ class LocalBackend(ServesAsJob, Backend):
 
     # -- serving -----------------------------------------------------------------------------
     def serving_job(self, spec: Any) -> JobSpec:
-        """The server's job here: this Python, on 127.0.0.1, on a free port."""
+        """The server's job here: this Python, on 127.0.0.1, on a free port, with a token: without one, any
+        local user (or a web page the browser visits, by DNS rebinding) could use the server. One is made
+        when the spec has none; ``Endpoint.predict`` sends it and ``Endpoint.token`` gives it."""
+        if spec.token is None:
+            spec = dataclasses.replace(spec, token=secrets.token_urlsafe(32))
         job = spec.to_job_spec()
         args = list(job.args)
         args[args.index("--port") + 1] = "0"
         return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.serving"], args=[*args, "--host", "127.0.0.1"])
+
+    def serving_token(self, name: str) -> str | None:
+        """The endpoint's token, from the file only its owner reads (the records keep none)."""
+        try:
+            return (self._dir(name).path / SERVE_TOKEN_FILE).read_text() or None
+        except FileNotFoundError:
+            return None
 
     def endpoint_url(self, name: str) -> str:
         """Rank 0's address, as it recorded it once listening.
@@ -349,10 +399,12 @@ class LocalBackend(ServesAsJob, Backend):
                 self._wait_supervisor(name)
                 return status
             time.sleep(0.1)
-        # The supervisor did not answer: stop everything ourselves and record the outcome.
+        # The supervisor did not answer: stop everything ourselves (what is still ours) and record the outcome.
         extra = job_dir.read_status_extra()
-        groups = [g for g in [extra.get("supervisor_pid")] if g] + list(extra.get("rank_pgids", []))
-        stop_groups(groups, grace=1.0)
+        supervisor = extra.get("supervisor_pid")
+        ours = [supervisor] if supervisor and is_alive(supervisor, extra.get("supervisor_start")) else []
+        stop_groups(ours + owned_groups(extra.get("rank_pgids", []), extra.get("rank_starts")), grace=1.0)
+        _remove_shm_segments(extra)
         cancelled = dataclasses.replace(status, state=JobState.CANCELLED, finished_at=time.time(),
                                         message="cancelled; the supervisor did not respond and was killed")
         job_dir.write_status(cancelled)
@@ -384,3 +436,12 @@ class LocalBackend(ServesAsJob, Backend):
     def close(self) -> None:
         for name in list(self._supervisors):
             self._reap(name)
+
+
+def _remove_shm_segments(extra: dict[str, Any]) -> None:
+    """The shared-memory segments DeepSpeed's CPU all-reduce left for the job, when its supervisor could not
+    remove them (it was killed): named after this user, the master address and the job's port."""
+    port, address = extra.get("master_port"), extra.get("master_addr", "127.0.0.1")
+    if port:
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_*"):
+            Path(leftover).unlink(missing_ok=True)

@@ -41,12 +41,43 @@ def jobs_root() -> Path:
     return dsnb_home() / "jobs"
 
 
+def ensure_private_dir(path: Path) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner may enter (0700); refuse one that
+    belongs to someone else or that others may write in (they could swap a job's files).
+
+    Raises:
+        ClusterError: the directory is another user's, or writable by others.
+    """
+    from dsnb.errors import ClusterError
+
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ClusterError(str(path), f"belongs to user id {info.st_uid}, not to you ({os.getuid()})",
+                           "use a directory of your own: set DSNB_HOME")
+    if info.st_mode & 0o022:
+        raise ClusterError(str(path), f"others may write in it (mode {oct(info.st_mode & 0o777)})",
+                           f"chmod 700 {path}, or set DSNB_HOME to a directory of your own")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old or the new file, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file that only its owner may read (0600), atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp makes it 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

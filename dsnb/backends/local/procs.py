@@ -12,10 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def process_start_time(pid: int) -> int | None:
@@ -32,6 +36,62 @@ def process_start_time(pid: int) -> int | None:
     if fields[0] == "Z":  # a zombie has exited; only its exit status is left to collect
         return None
     return int(fields[19])
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux's ``/proc/sys/kernel/random/boot_id``), or None where there is none.
+
+    Pids and start times mean something only within one boot: after a restart, a recorded pid
+    belongs to whatever process got that number since.
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def owned_groups(pgids: list[int], starts: list[int | None] | None) -> list[int]:
+    """The process groups of ``pgids`` that are still the ones dsnb started, so that it may signal them.
+
+    A group's leader (the rank) must run with the start time recorded for it. A group whose leader
+    has exited but whose members still run (a rank's DataLoader workers) is still the same group:
+    Linux does not give a pid to a new process while a process group of that number exists. A group
+    recorded without a start time (an older record) is never signalled.
+
+    Example:
+        >>> import os
+        >>> me = os.getpgrp()
+        >>> owned_groups([me], [process_start_time(me)]) == [me], owned_groups([me], [1])
+        (True, [])
+    """
+    owned = []
+    for pgid, start in zip(pgids, starts or [None] * len(pgids)):
+        if start is None:
+            continue
+        now = process_start_time(pgid)
+        if now == start or (now is None and group_alive(pgid)):
+            owned.append(pgid)
+    return owned
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: have the kernel send it SIGTERM when the process that
+    started it dies, however it dies (Linux's ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _load_prctl() -> Any:
+    # Looked up before any fork: a child may not import or allocate between fork and exec.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 def is_alive(pid: int | None, start_time: int | None = None) -> bool:

@@ -16,11 +16,11 @@ It imports neither torch nor DeepSpeed, so it adds little to a job's start-up.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from dsnb.backends.local.jobdir import JobDir, format_log_line, read_last_lines
-from dsnb.backends.local.procs import describe_exit, process_start_time, stop_groups
+from dsnb.backends.local.procs import boot_id, describe_exit, die_with_parent, process_start_time, stop_groups
+from dsnb.backends.local.store import LoopbackStore
 from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
+from dsnb.secrets import REDACTED
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 POLL_S = 0.05
@@ -39,13 +41,6 @@ LAST_LINES = 20
 MAX_LINE_BYTES = 64 * 1024
 KILL_GRACE_S = float(os.environ.get("DSNB_KILL_GRACE", "5"))
 INTERRUPT_GRACE_S = 2.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the rendezvous port of one attempt)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _diagnostic(text: str) -> bool:
@@ -65,14 +60,23 @@ class _OutputPump(threading.Thread):
         super().__init__(name=f"dsnb-rank-{rank}", daemon=True)
         self.rank, self.pipe, self.log, self.sink = rank, pipe, log, sink
         self.saw_output = threading.Event()
+        self.write_error: OSError | None = None  # the log could not be written (a full disk): the job must fail
+        self.dropped = 0
 
     def run(self) -> None:
         for raw in iter(lambda: self.pipe.readline(MAX_LINE_BYTES), b""):
             now = time.time()
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.log.write(format_log_line(now, text))
-            self.log.flush()
             self.saw_output.set()
+            if self.write_error is not None:
+                self.dropped += 1  # keep draining: a rank blocked on a full pipe would hang the job
+                continue
+            try:
+                self.log.write(format_log_line(now, text))
+                self.log.flush()
+            except OSError as e:
+                self.write_error, self.dropped = e, self.dropped + 1
+                continue
             try:
                 self.sink.feed(self.rank, text, now)
             except Exception:  # never stop copying output: a blocked pipe would hang the rank
@@ -99,18 +103,36 @@ class _MetricSink:
             self._file.close()
 
 
+def read_secrets(stream: Any) -> dict[str, str]:
+    """The secret env values the launcher wrote to our stdin (none when it is a terminal or closed)."""
+    try:
+        if stream is None or stream.isatty():
+            return {}
+        text = stream.read()
+    except (OSError, ValueError):
+        return {}
+    values = json.loads(text) if text.strip() else {}
+    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+
+
 class Supervisor:
     """Runs the ranks of one job directory to completion."""
 
-    def __init__(self, job_dir: Path) -> None:
+    def __init__(self, job_dir: Path, secret_values: dict[str, str] | None = None) -> None:
         self.dir = JobDir(job_dir)
         self.plan: dict[str, Any] = json.loads(self.dir.plan.read_text())
+        # The plan shows secret values as ***; the real ones come from whoever launched us (main: on stdin).
+        secret_values = secret_values or {}
+        for rank in self.plan["ranks"]:
+            rank["env"] = {k: secret_values.get(k, v) if v == REDACTED else v for k, v in rank["env"].items()}
         self.name: str = self.plan["name"]
         self.cancel_requested = threading.Event()
         self.created_at: float = self.plan["created_at"]
         self.started_at: float | None = None
         self.restarts = 0
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.rank_starts: list[int | None] = []  # each rank's start time, recorded with its pid
+        self.port: int | None = None
         self.exit_times: dict[int, float] = {}
         self.pumps: list[_OutputPump] = []
         self.replicas: list[ReplicaStatus] = []
@@ -136,7 +158,10 @@ class Supervisor:
             status,
             supervisor_pid=os.getpid(),
             supervisor_start=process_start_time(os.getpid()),
+            boot_id=boot_id(),
             rank_pgids=[p.pid for p in self.procs],
+            rank_starts=list(self.rank_starts),  # each rank's identity, checked before any signal
+            master_addr=self.plan["master_addr"], master_port=self.port,
         )
 
     def _set_replicas(self, state: JobState) -> None:
@@ -152,11 +177,13 @@ class Supervisor:
             log.flush()
 
     # -- one attempt ----------------------------------------------------------------------
-    def _spawn(self, port: int) -> None:
+    def _spawn(self, port: int, store_env: dict[str, str]) -> None:
         base_env = dict(os.environ)
         self.procs, self.pumps, self.exit_times = [], [], {}
+        self.rank_starts, self.port = [], port
         for rank_plan, log in zip(self.plan["ranks"], self.logs):
-            env = {**base_env, **rank_plan["env"], "MASTER_PORT": str(port)}
+            # The spec's env wins (a user who sets GLOO_SOCKET_IFNAME means it); the store's port does not.
+            env = {**base_env, **store_env, **rank_plan["env"], "MASTER_PORT": str(port)}
             proc = subprocess.Popen(
                 rank_plan["argv"],
                 cwd=rank_plan["cwd"],
@@ -165,8 +192,10 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # a supervisor killed with SIGKILL takes its ranks with it
             )
             self.procs.append(proc)  # recorded at once, so a failure below still stops it
+            self.rank_starts.append(process_start_time(proc.pid))
             pump = _OutputPump(rank_plan["rank"], proc.stdout, log, self.sink)  # type: ignore[arg-type]
             pump.start()
             self.pumps.append(pump)
@@ -195,14 +224,15 @@ class Supervisor:
             Path(leftover).unlink(missing_ok=True)
 
     def _attempt(self) -> tuple[str, dict[str, Any]]:
-        """Run all ranks once. Returns ("ok"|"failed"|"cancelled"|"timeout", failure info)."""
+        """Run all ranks once. Returns ("ok"|"failed"|"cancelled"|"timeout"|"log_failed", failure info)."""
         if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
             return "cancelled", {}
-        port = free_port(self.plan["master_addr"])
+        store = LoopbackStore(self.plan["master_addr"])  # the rendezvous, bound to loopback only
+        port = store.port
         timeout = self.plan.get("timeout")
         running_written = False
         try:
-            self._spawn(port)
+            self._spawn(port, store.rank_env())
             if self.started_at is None:
                 self.started_at = time.time()
             self._set_replicas(JobState.STARTING)
@@ -224,6 +254,13 @@ class Supervisor:
                     for pump in self.pumps:
                         pump.join(timeout=5)
                     return "ok", {}
+                broken = next((p for p in self.pumps if p.write_error is not None), None)
+                if broken is not None:
+                    error = broken.write_error
+                    where = getattr(error, "filename", None) or str(self.dir.rank_log(broken.rank))
+                    why = "no space left on" if getattr(error, "errno", None) == errno.ENOSPC else f"cannot write ({error}) to"
+                    return "log_failed", {"failed_rank": broken.rank,
+                                          "message": f"{why} {where}: rank {broken.rank}'s output could not be kept, so the job was stopped"}
                 if not running_written and any(p.saw_output.is_set() for p in self.pumps):
                     self._set_replicas(JobState.RUNNING)
                     self._write(JobState.RUNNING)
@@ -232,6 +269,7 @@ class Supervisor:
         finally:
             still_running = {i for i in range(len(self.procs)) if i not in self.exit_times}
             self._stop_all()
+            store.close()
             self._cleanup_shm(port)
             self._record_exits(still_running)
 
@@ -268,6 +306,9 @@ class Supervisor:
                     self._mark_all(f"[dsnb] {message}")
                     self._write(JobState.FAILED, message)
                     return JobState.FAILED
+                if outcome == "log_failed":  # not worth a restart: the disk stays full
+                    self._write(JobState.FAILED, failure["message"], failed_rank=failure["failed_rank"])
+                    return JobState.FAILED
                 rank, code = failure["failed_rank"], failure["exit_code"]
                 message = f"rank {rank} {describe_exit(code)}"
                 if self.restarts < max_restarts:
@@ -292,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m dsnb.backends.local.supervisor JOB_DIR", file=sys.stderr)
         return 2
-    state = Supervisor(Path(args[0])).run()
+    state = Supervisor(Path(args[0]), read_secrets(sys.stdin)).run()
     return 0 if state == JobState.SUCCEEDED else 1
 
 

@@ -42,6 +42,7 @@ from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.backends.ray.serve import ServeClient, app_state
 from dsnb.errors import BackendUnavailable, ClusterError, JobNotFound
 from dsnb.preflight import PreflightReport
+from dsnb.secrets import refuse_references
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -161,7 +162,8 @@ class RayBackend(Backend):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        token = self._token if self.address else self._local_head().token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _client(self) -> Any:
         url = self.dashboard_url
@@ -196,9 +198,10 @@ class RayBackend(Backend):
         Raises:
             InvalidSpecError: a ``command`` that is not ``python script.py ...`` (Ray Train runs scripts).
         """
+        refuse_references(spec.env, self.name)
         unique = spec.with_unique_name()
         storage = self.storage_path or "~/ray_results"
-        env = {**train_entry.driver_env(unique, storage), **unique.env}
+        env = {**train_entry.driver_env(unique, storage), **{k: str(v) for k, v in unique.env.items()}}
         working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
         runtime_env = {"working_dir": working_dir, "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
         metadata = {JOB_KEY: unique.name, SPEC_KEY: json.dumps(_public_spec(unique), separators=(",", ":"))}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,7 @@ class LocalHead:
         gcs_address: ``host:port`` for ``ray.init(address=...)``.
         serve_port: where Ray Serve's HTTP proxy listens once an application is deployed.
         temp_dir: Ray's session files (logs), removed when the head stops.
+        token: the head's authentication token (never shown).
     """
 
     dashboard_url: str
@@ -62,6 +64,7 @@ class LocalHead:
     serve_port: int
     temp_dir: Path
     process: subprocess.Popen = field(repr=False)
+    token: str = field(default="", repr=False)
     users: int = 0
 
     @property
@@ -131,8 +134,12 @@ def _start(num_cpus: int) -> LocalHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="dsnbray-", dir="/tmp" if os.path.isdir("/tmp") else None))
     gcs_port, dashboard_port, client_port, serve_port, agent_port = (free_port() for _ in range(5))
     env = dict(os.environ)
+    # Token authentication even on loopback: another user of this machine must not run code as ours
+    # through the Jobs API. The token lives in this process and the head's environment only.
+    token = secrets.token_urlsafe(32)
     env.update({
-        "RAY_AUTH_MODE": "disabled",  # loopback only; token auth would need every client to hold the token
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
         # The driver's `python` must be this environment's, which has dsnb, torch and DeepSpeed.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -151,13 +158,13 @@ def _start(num_cpus: int) -> LocalHead:
         process = subprocess.Popen(guarded, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
     head = LocalHead(dashboard_url=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{gcs_port}",
-                     serve_port=serve_port, temp_dir=temp_dir, process=process)
+                     serve_port=serve_port, temp_dir=temp_dir, process=process, token=token)
     # Ready means the dashboard answers and so does the node's agent: a job submitted before the
     # agent listens is refused ("No available agent") or, worse, waits without end.
     probes = [f"{head.dashboard_url}/api/version", f"http://127.0.0.1:{agent_port}/api/local_raylet_healthz"]
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and head.alive:
-        if all(_answers(url) for url in probes):
+        if all(_answers(url, token) for url in probes):
             return head
         time.sleep(0.3)
     tail = _tail(log_path)
@@ -166,9 +173,10 @@ def _start(num_cpus: int) -> LocalHead:
                        "check that 'ray start --head' works in this environment, or pass address= of a running Ray cluster")
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, token: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
