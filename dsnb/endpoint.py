@@ -41,6 +41,22 @@ SERVING_METRICS = {"requests_per_s": "requests/s", "p50_ms": "p50 ms", "p99_ms":
 STATIC_LOG_LINES = 5
 
 
+class _NoCredentialsOnRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect without the endpoint's token: it was given for this endpoint, not for wherever
+    a redirect points (urllib's own handler copies ``Authorization`` to the new request)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            for key in [k for k in new.headers if k.lower() == "authorization"]:
+                del new.headers[key]
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCredentialsOnRedirect)
+
+
 class Endpoint:
     """A handle on one served model of one backend.
 
@@ -52,6 +68,18 @@ class Endpoint:
     def __init__(self, backend: Backend, name: str) -> None:
         self.backend = backend
         self.name = name
+
+    @property
+    def token(self) -> str | None:
+        """The bearer token the server asks for (what an OpenAI client takes as ``api_key``), or None.
+
+        ``predict`` sends it by itself; no repr or panel shows it.
+
+        Example:
+            >>> client = openai.OpenAI(base_url=endpoint.url + "v1", api_key=endpoint.token)  # doctest: +SKIP
+        """
+        header = self.backend.endpoint_headers(self.name).get("Authorization", "")
+        return header.removeprefix("Bearer ") or None
 
     @property
     def url(self) -> str:
@@ -104,7 +132,7 @@ class Endpoint:
         headers = {"Content-Type": "application/json", **self.backend.endpoint_headers(self.name)}
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]

@@ -21,6 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dsnb.console.text import printable
 from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor
 from dsnb.status import JobState, JobStatus, ReplicaStatus, rank_label
@@ -160,7 +161,7 @@ def _rank_logs(monitor: JobMonitor, status: JobStatus | None, lines_per_rank: in
         for i, line in enumerate(lines):
             if i:
                 body.append("\n")
-            body.append(line.text)  # plain text: a log line is never read as markup
+            body.append(printable(line.text))  # plain text: never markup, and no escape sequence reaches the terminal
         if not lines:
             body.append("(no output yet)", style="dim")
         panels.append(Panel(body, title=_replica_title(rank, replicas.get(rank)), title_align="left", box=box.ROUNDED))

@@ -55,6 +55,8 @@ PER_OBJECT_EVENT_LISTS = 8
 #: report there, and only there, what stops them: a refused pod, a name they cannot use).
 OBJECT_EVENT_KINDS = ("StatefulSet", "MPIJob", "TrainJob", "JobSet", "Job", "RayJob", "RayCluster", "RayService")
 READ_LIMIT = 5000
+#: The record's key for the uids of the objects the job created (teardown deletes those only).
+OBJECTS_KEY = "objects.json"
 ARCHIVE_LOG_BYTES = 700_000
 ARCHIVE_METRIC_BYTES = 250_000
 
@@ -110,6 +112,15 @@ def env_secret(spec: JobSpec, namespace: str) -> EnvSecret:
                 "stringData": {k: REDACTED for k in keys}}
     note = f"the Secret's values ({', '.join(keys)}) are shown as *** here; fill them in before applying"
     return EnvSecret(name, manifest, {name: {k: spec.env[k] for k in keys}}, (note,))
+
+
+def _made_objects(record: dict[str, Any]) -> dict[str, str]:
+    """``{"Kind/name": uid}`` of the objects the job's apply created, as its record keeps them."""
+    try:
+        made = json.loads((record.get("data") or {}).get(OBJECTS_KEY) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in made.items()} if isinstance(made, dict) else {}
 
 
 def _not_held(e: ApiException) -> str:
@@ -306,15 +317,21 @@ class KubernetesBackend(Backend):
                 raise InvalidSpecError("name", f"a job called {plan.name!r} exists already", "submit again (a new suffix is drawn)") from e
             raise self._api_error(e, f"create ConfigMap {plan.name!r}") from e
         owner = objects.owner_reference(created)
+        made: dict[str, str] = {}
         for manifest in rest:
             body = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
             if manifest["kind"] == "Secret":
                 body["stringData"] = secret_values[manifest["metadata"]["name"]]
             try:
-                objects.create(self.conn, body)
+                made[f"{manifest['kind']}/{manifest['metadata']['name']}"] = objects.create(self.conn, body)["metadata"]["uid"]
             except ApiException as e:
                 objects.delete(self.conn, "v1", "ConfigMap", plan.name)  # collects what was created
                 raise self._api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
+        try:  # what the job's end may delete: these objects, by uid, and nothing else of those names
+            objects.patch_config_map_data(self.conn, plan.name, {OBJECTS_KEY: json.dumps(made, separators=(",", ":"))})
+        except ApiException as e:
+            objects.delete(self.conn, "v1", "ConfigMap", plan.name)
+            raise self._api_error(e, f"patch ConfigMap {plan.name!r}") from e
         self._specs[plan.name] = plan.spec
         if (record["metadata"].get("labels") or {}).get(KIND) == "record":  # a job's record, which the records' watch sees
             self._await_cached(plan.name)
@@ -448,7 +465,21 @@ class KubernetesBackend(Backend):
                 result.append(self.status(record["metadata"]["name"]))
             except JobNotFound:
                 continue  # deleted meanwhile
+            except (InvalidSpecError, ValueError, KeyError, TypeError) as e:
+                result.append(self._unreadable(record, e))  # one odd record must not hide every other job
         return result
+
+    def _unreadable(self, record: dict[str, Any], error: Exception) -> JobStatus:
+        """What ``jobs()`` lists for a record this dsnb cannot read (a newer dsnb's, or a damaged one):
+        its final status when it has one, else FAILED saying why; nothing of the job is touched."""
+        name = record["metadata"]["name"]
+        try:
+            return JobStatus.from_dict(json.loads(record["data"]["status.json"]))
+        except (KeyError, TypeError, ValueError):
+            created = float((record["metadata"].get("annotations") or {}).get(CREATED, "0") or 0) or None
+            return JobStatus(name=name, backend=self.name, state=JobState.FAILED, created_at=created,
+                             message=f"this dsnb cannot read the job's record ({error}); it may come from a newer dsnb: "
+                                     "look at it with that version, or remove it with kubectl delete configmap " + name)
 
     # -- ending ----------------------------------------------------------------------------
     def _finalize(self, name: str, final: JobStatus) -> JobStatus:
@@ -488,8 +519,11 @@ class KubernetesBackend(Backend):
                     raise self._api_error(e, f"keep the logs of {name!r}") from e
             try:
                 objects.patch_config_map_data(self.conn, name, {"status.json": json.dumps(final.to_dict())})
+                made = _made_objects(record)
                 for api_version, kind, suffix in self.workload:
-                    objects.delete(self.conn, api_version, kind, name + suffix)
+                    uid = made.get(f"{kind}/{name + suffix}")
+                    if uid is not None:  # only what this job created: an object of that name with another uid is left alone
+                        objects.delete(self.conn, api_version, kind, name + suffix, uid=uid)
             except ApiException as e:
                 raise self._api_error(e, f"end job {name!r}") from e
             self._stop_followers(name)

@@ -316,7 +316,10 @@ def main(argv: list[str]) -> int:
             finish(state_dir, env, outcome, {**result, "started_at": started}, stopped=False)
             return EXIT_PEERS_TIMEOUT
         say(f"node {node} of {nodes}: all peers resolve; starting {procs} rank(s)")
-    command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) for a in argv]
+    # Only the launcher's own arguments hold {node_rank} and {hostfile}; the user's (after them) are left as given.
+    templated = int(env.get("DSNB_LAUNCHER_ARGC", len(argv)))
+    command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) if i < templated else a
+               for i, a in enumerate(argv)]
     job_timeout = float(env["DSNB_TIMEOUT"]) if env.get("DSNB_TIMEOUT") else None
     code, why = run_launcher(command, outcome, job_timeout)
     result = outcome.report(code, why)

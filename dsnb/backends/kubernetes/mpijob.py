@@ -31,7 +31,7 @@ from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
-from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template
+from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
 from dsnb.errors import InvalidSpecError
@@ -135,7 +135,8 @@ def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) ->
         argv += ["--wdir", spec.working_dir]
     for name in ["MASTER_ADDR", *exported]:
         argv += ["-x", name]
-    return argv + ["python3", "-c", RANK_SHIM, *program_argv(spec)]
+    # The kubelet would expand $(VAR) in the user's arguments (the container's command): keep them as given.
+    return argv + ["python3", "-c", RANK_SHIM, *(kubelet_literal(a) for a in program_argv(spec))]
 
 
 class MPIJobBackend(JobServing, KubernetesBackend):

@@ -138,22 +138,25 @@ def patch_config_map_data(conn: Connection, name: str, data: dict[str, str]) -> 
     read_json(conn.core.patch_namespaced_config_map(name, conn.namespace, {"data": data}, _preload_content=False))
 
 
-def delete(conn: Connection, api_version: str, kind: str, name: str) -> bool:
-    """Delete an object and, in the background, what it owns. False when it was already gone.
+def delete(conn: Connection, api_version: str, kind: str, name: str, uid: str | None = None) -> bool:
+    """Delete an object and, in the background, what it owns. False when it was already gone, or when
+    ``uid`` is given and the object of that name is another one (the API server checks it: preconditions).
 
     Raises:
-        ApiException: any error other than 404.
+        ApiException: any error other than 404 (and 409 for a uid that does not match).
     """
+    options: dict[str, Any] = {"propagationPolicy": "Background"}
+    if uid is not None:
+        options["preconditions"] = {"uid": uid}
     try:
         if kind in _TYPED:
             call = _typed_call(conn, "delete", kind)
-            read_json(call(name, conn.namespace, propagation_policy="Background", _preload_content=False))
+            read_json(call(name, conn.namespace, body=options, _preload_content=False))
         else:
             group, version = api_version.split("/")
-            conn.custom.delete_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name,
-                                                        propagation_policy="Background")
+            conn.custom.delete_namespaced_custom_object(group, version, conn.namespace, _CUSTOM_PLURALS[kind], name, body=options)
         return True
     except ApiException as e:
-        if e.status == 404:
+        if e.status == 404 or (e.status == 409 and uid is not None):
             return False
         raise

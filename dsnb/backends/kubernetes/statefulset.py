@@ -45,7 +45,7 @@ from dsnb.backends.kubernetes.pod_status import (
     started_at,
     terminating,
 )
-from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template
+from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_manifests
 from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
@@ -72,6 +72,16 @@ def entry_files() -> dict[str, str]:
     return {name: package.joinpath(name).read_text() for name in ("entry.py", "pod_api.py")}
 
 
+def user_argv(spec: JobSpec) -> list[str]:
+    """The user's program and its arguments, as given (the launcher's arguments come before them).
+
+    >>> from dsnb import JobSpec
+    >>> user_argv(JobSpec(name="a", script="train.py", args=["--out={node_rank}"]))
+    ['train.py', '--out={node_rank}']
+    """
+    return [spec.script, *spec.args] if spec.script is not None else [*spec.command, *spec.args]  # type: ignore[misc]
+
+
 def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
     """The launcher command every node runs; ``{node_rank}`` and ``{hostfile}`` are filled in the pod.
 
@@ -80,10 +90,7 @@ def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
         >>> launcher_argv(JobSpec(name="a", script="train.py", nodes=2, procs_per_node=2), "torchrun", "a-0.a")
         ['torchrun', '--nnodes=2', '--nproc_per_node=2', '--node_rank={node_rank}', '--master_addr=a-0.a', '--master_port=29500', '--tee=3', '--log-dir=/var/run/dsnb/state/torchrun', 'train.py']
     """
-    if spec.script is not None:
-        program = [spec.script, *spec.args]
-    else:
-        program = [*spec.command, *spec.args]  # type: ignore[misc]
+    program = user_argv(spec)
     if launcher == "deepspeed":
         argv = ["deepspeed"]
         if spec.nodes > 1:
@@ -210,9 +217,12 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         record = record_manifest(unique, self.name, files)
         secret = env_secret(unique, namespace)
         node_labels = {**job_labels(name), ROLE: "node"}
+        args = launcher_argv(unique, self.launcher, master)
+        program = len(user_argv(unique))
+        env = {**self._env(unique), "DSNB_LAUNCHER_ARGC": str(len(args) - program)}
         template = build_pod_template(
-            unique, ["python3", f"{JOB_DIR}/entry.py"], self._env(unique), self.pod_options, {ROLE: "node"},
-            args=launcher_argv(unique, self.launcher, master),
+            unique, ["python3", f"{JOB_DIR}/entry.py"], env, self.pod_options, {ROLE: "node"},
+            args=args[:len(args) - program] + [kubelet_literal(a) for a in args[len(args) - program:]],
             downward_env={"DSNB_POD_NAME": "metadata.name", "DSNB_NAMESPACE": "metadata.namespace"},
             secret_name=secret.name,
             volumes=[
