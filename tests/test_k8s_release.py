@@ -91,9 +91,9 @@ def test_a_failed_job_releases_its_pods_and_keeps_the_failing_rank(emulator, sim
 
 @needs_sandbox
 def test_a_pod_that_cannot_report_retries_until_it_can(emulator, sim) -> None:  # noqa: F811
-    """The API server refuses the pod's report at first (as a webhook or an outage would): the finished pod says
+    """The API server refuses the pod's report at first (as a webhook would): the finished pod says
     why and keeps its node; once the server accepts, the idle container's retry releases the job."""
-    emulator.denied.add(("patch", "", "configmaps"))
+    emulator.denied_to_service_accounts.add(("patch", "", "configmaps"))
     with make_cluster(emulator) as cluster:
         name = cluster.submit(workload("ok", procs_per_node=1)).name
     said = "dsnb: could not tell the API server the outcome (will retry): PATCH"
@@ -103,7 +103,7 @@ def test_a_pod_that_cannot_report_retries_until_it_can(emulator, sim) -> None:  
 
     wait_until(told, timeout=60, message=lambda: job_left(emulator, sim, name))
     assert emulator.get("apps/v1", "StatefulSet", NAMESPACE, name)["spec"]["replicas"] == 1 and job_left(emulator, sim, name)
-    emulator.denied.discard(("patch", "", "configmaps"))
+    emulator.denied_to_service_accounts.discard(("patch", "", "configmaps"))
     wait_until(lambda: released(emulator, sim, name), timeout=60, message=lambda: job_left(emulator, sim, name))
     assert '"exit_code": 0' in emulator.get("v1", "ConfigMap", NAMESPACE, name)["data"]["outcome-0.json"]
 

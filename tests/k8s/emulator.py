@@ -652,6 +652,8 @@ class KubeEmulator:
         denied_cluster_wide: like ``denied``, but only for requests outside a namespace (across all
             namespaces, or of cluster-scoped kinds) and access reviews without a namespace.
         enforce_denied: also answer matching requests with 403 Forbidden (default True).
+        denied_to_service_accounts: like ``denied``, but only for requests made with a ServiceAccount's
+            token (a job's pods), as a webhook that refuses what pods send would: the client goes on.
         requests: ``(method, path with query)`` of every HTTP request, the last 10,000.
         granted: ``(user, verb, group, resource)`` of every request RBAC allowed a user added by ``add_user``.
         admission: checks run on every create, through the API or by a simulated controller (admission
@@ -685,6 +687,7 @@ class KubeEmulator:
         self.denied: set[tuple[str, str, str]] = set()
         self.denied_cluster_wide: set[tuple[str, str, str]] = set()
         self.enforce_denied = True
+        self.denied_to_service_accounts: set[tuple[str, str, str]] = set()
         self.requests: list[tuple[str, str]] = []
         self.granted: set[tuple[str, str, str, str]] = set()
         self.admission: list[Callable[[Obj], str | None]] = []
@@ -1536,10 +1539,13 @@ class KubeEmulator:
             with self._lock:
                 self.granted.add((who.user, verb, res.group, f"{res.plural}/{sub}" if sub else res.plural))
         resource = f"{res.plural}/{sub}" if sub else res.plural
-        if self.enforce_denied and self._is_denied(verb, res.group, resource, namespace):
+        by_account = who is not None and who.user.startswith("system:serviceaccount:") and any(
+            v in (verb, "*") and g in (res.group, "*") and r in (resource, "*") for v, g, r in self.denied_to_service_accounts)
+        if by_account or (self.enforce_denied and self._is_denied(verb, res.group, resource, namespace)):
             what = f'{resource} "{name}"' if name else resource
             where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-            raise ApiError(403, "Forbidden", f'{what} is forbidden: User "{USER}" cannot {verb} resource "{resource}" '
+            user = who.user if by_account and who is not None else USER
+            raise ApiError(403, "Forbidden", f'{what} is forbidden: User "{user}" cannot {verb} resource "{resource}" '
                            f'in API group "{res.group}"{where}', _details(res, name or ""))
 
     def _confirm_no_escalation(self, who: Requester | None, res: Resource, namespace: str | None, obj: Any) -> None:
