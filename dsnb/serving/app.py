@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import hmac
 import json
@@ -39,8 +40,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dsnb.serving import kserve, openai_api
-from dsnb.serving.engine import Draining, Engine, Overloaded, RankLost, Work
-from dsnb.serving.model import BadRequest, Completion, chat_prompt, count_tokens, to_json
+from dsnb.serving.connections import BODY_BYTES_IN_FLIGHT, BodyBudget, SlowClient, read_body
+from dsnb.serving.engine import Abandoned, Draining, Engine, Overloaded, RankLost, Work
+from dsnb.serving.model import MAX_INPUT_ITEMS, BadRequest, Completion, chat_prompt, count_tokens, to_json
 from dsnb.serving.stats import ServerStats
 
 log = logging.getLogger("dsnb.serving")
@@ -48,8 +50,55 @@ RETRY_AFTER_S = 1
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
+#: JSON values a body may hold: every input a request may carry (``MAX_INPUT_ITEMS`` characters or
+#: numbers) and room for the rest of the request.
+MAX_JSON_VALUES = MAX_INPUT_ITEMS + 100_000
+#: Bodies up to this size are parsed on the event loop; larger ones in a thread.
+INLINE_JSON_BYTES = 64 * 1024
+
+
 class TooLarge(ValueError):
     """The request body is above the limit (HTTP 413)."""
+
+
+class NotJsonSafe(ValueError):
+    """The model's answer holds NaN or infinity, which JSON cannot carry (HTTP 422)."""
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON.
+
+    Before parsing, the values the body can hold are counted from its bytes (an upper bound: every
+    value but the first follows a ``,``, ``[`` or ``:``). A body of more than :data:`MAX_JSON_VALUES`
+    is refused at once: parsing 15 MiB of ``[[],[],...]`` makes 5 million lists, takes seconds
+    holding the interpreter's lock (so no thread helps the event loop meanwhile) and hundreds of MB,
+    and no body the server would take holds that many.
+
+    Raises:
+        BadRequest: not JSON (``NaN`` and ``Infinity``, which Python reads, are not JSON either),
+            too many values, or nested too deeply to parse (a 400, not a crash).
+
+    Example:
+        >>> parse_json(b"[" * 100_000 + b"]" * 100_000)
+        Traceback (most recent call last):
+        dsnb.serving.model.BadRequest: the body is nested too deeply to be read
+        >>> parse_json(b"[" + b"[]," * 2_000_000 + b"[]]")
+        Traceback (most recent call last):
+        dsnb.serving.model.BadRequest: the body holds up to 4000002 JSON values, more than the 1100000 a request may have
+    """
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b":")
+    if values > MAX_JSON_VALUES:
+        raise BadRequest(f"the body holds up to {values} JSON values, more than the {MAX_JSON_VALUES} a request may have")
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply to be read") from None
+    except ValueError as e:
+        raise BadRequest(f"the body is not valid JSON ({e})") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class Unauthorized(PermissionError):
@@ -88,15 +137,21 @@ class ServerApp:
         stats: counters for ``/metrics`` and the notebook.
         token: bearer token; None serves without auth.
         max_body_bytes: larger bodies are refused with 413.
+        body_bytes_in_flight: bytes of bodies held at once; a body that would pass it gets 503.
         version: reported by ``GET /v2``.
     """
 
     def __init__(self, engine: Engine, stats: ServerStats, token: str | None = None,
-                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "0") -> None:
+                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "0",
+                 body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT) -> None:
         self.engine = engine
         self.stats = stats
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.bodies = BodyBudget(max(body_bytes_in_flight, max_body_bytes))
+        # One thread parses large bodies, one at a time: the event loop stays free and at most one
+        # large parsed document exists at once (a 16 MiB '[[],[],...]' is ~300 MB of Python lists).
+        self._parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsnb-json")
         self.version = version
         self.model: ServedModel | None = None
         self.created = int(time.time())
@@ -150,6 +205,12 @@ class ServerApp:
         headers: dict[str, str] = {}
         if isinstance(error, BadRequest):
             status, kind = 400, "invalid_request_error"
+        elif isinstance(error, SlowClient):
+            status, kind = 408, "invalid_request_error"
+        elif isinstance(error, Abandoned):
+            status, kind = 504 if "deadline" in str(error) else 499, "timeout_error"
+        elif isinstance(error, NotJsonSafe):
+            status, kind = 422, "server_error"
         elif isinstance(error, openai_api.UnknownModel):
             status, kind = 404, "not_found_error"
         elif isinstance(error, TooLarge):
@@ -173,32 +234,53 @@ class ServerApp:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise TooLarge(f"the body is {declared} bytes, above the server's limit of {self.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise TooLarge(f"the body is above the server's limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
+        raw = await read_body(request.stream(), self.max_body_bytes, TooLarge, self.bodies, Overloaded)
         try:
-            return json.loads(b"".join(chunks))
-        except ValueError as e:
-            raise BadRequest(f"the body is not valid JSON ({e})") from None
+            if len(raw) <= INLINE_JSON_BYTES:
+                return parse_json(raw)
+            # Parsed in a thread, so that probes (and every other request) are answered meanwhile.
+            return await asyncio.get_running_loop().run_in_executor(self._parser, parse_json, raw)
+        finally:
+            self.bodies.give(len(raw))
 
     def _served(self) -> ServedModel:
         if self.model is None or not self.engine.ready:
             raise RankLost(self.engine.lost) if self.engine.lost else Draining(self.engine.not_ready_reason or "not ready")
         return self.model
 
-    async def _run(self, op: str, data: Any, size: int, key: Any = None) -> Any:
+    async def _run(self, op: str, data: Any, size: int, key: Any = None, request: Request | None = None) -> Any:
+        """The engine's answer to one request; a request above ``max_batch_size`` items runs as several
+        batches (so that one request is never one unbounded forward pass), one after the other."""
+        limit = self.engine.max_batch_size
+        if op in ("texts", "tensor") and size > limit:
+            parts = [await self._run_one(op, data[start:start + limit], min(limit, size - start), key, request)
+                     for start in range(0, size, limit)]
+            return _concatenate(parts)
+        return await self._run_one(op, data, size, key, request)
+
+    async def _run_one(self, op: str, data: Any, size: int, key: Any, request: Request | None,
+                       on_text: Callable[[str], None] | None = None) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
         def deliver(result: Any, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-        self.engine.submit(Work(op, data, size=size, deliver=deliver, key=key))
+        work = Work(op, data, size=size, deliver=deliver, key=key, on_text=on_text, deadline=_deadline(request))
+        self.engine.submit(work)
         self.stats.queue.set(self.engine.queued)
-        return await future
+        try:
+            while True:  # a client that hangs up is noticed within a poll: its work is dropped or stopped
+                done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return future.result()
+                if work.deadline is not None and time.monotonic() >= work.deadline:
+                    raise Abandoned("its deadline passed before it was answered")  # the engine drops or stops it
+                if request is not None and await request.is_disconnected():
+                    raise Abandoned("the client went away")
+        finally:
+            if not future.done():
+                work.cancelled.set()
 
     # -- health and metrics --------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -227,15 +309,16 @@ class ServerApp:
             outputs = []
             for text in texts:
                 generation, _ = openai_api.parse_completion({"prompt": text, "temperature": 0}, model.name)
-                outputs.append((await self._run("generate", generation, size=1)).text)
+                outputs.append((await self._run("generate", generation, size=1, request=request)).text)
             return JSONResponse({"outputs": outputs[0] if isinstance(inputs, str) else outputs})
         if model.tokenizer is not None:
             texts = model.runner.check_texts(inputs)
-            vectors = await self._run("texts", texts, size=len(texts))
-            return JSONResponse({"outputs": vectors[0] if isinstance(inputs, str) else vectors})
+            vectors = await self._run("texts", texts, size=len(texts), request=request)
+            return SafeJSONResponse({"outputs": vectors[0] if isinstance(inputs, str) else vectors})
         tensor = model.runner.check_tensor(inputs)
-        output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype))
-        return JSONResponse({"outputs": to_json(output)})
+        output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype),
+                                 request=request)
+        return SafeJSONResponse({"outputs": to_json(output)})
 
     # -- OpenAI --------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -249,14 +332,14 @@ class ServerApp:
         if model.kind not in ("embedding", "classifier"):
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and makes no embeddings")
         model.runner.check_texts(texts, "input")
-        vectors = await self._run("texts", texts, size=len(texts))
-        return JSONResponse(openai_api.embeddings_response(model.name, vectors, count_tokens(model.tokenizer, texts),
-                                                           body.get("encoding_format", "float")))
+        vectors = await self._run("texts", texts, size=len(texts), request=request)
+        return SafeJSONResponse(openai_api.embeddings_response(model.name, vectors, count_tokens(model.tokenizer, texts),
+                                                               body.get("encoding_format", "float")))
 
     async def completions(self, request: Request) -> Response:
         model = self._served()
         generation, stream = openai_api.parse_completion(await self._json(request), model.name)
-        return await self._generate(model, generation, stream, chat=False)
+        return await self._generate(model, generation, stream, chat=False, request=request)
 
     async def chat(self, request: Request) -> Response:
         model = self._served()
@@ -265,13 +348,13 @@ class ServerApp:
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not chat")
         generation, stream = openai_api.parse_chat(body, chat_prompt(model.tokenizer, messages))
-        return await self._generate(model, generation, stream, chat=True)
+        return await self._generate(model, generation, stream, chat=True, request=request)
 
-    async def _generate(self, model: ServedModel, generation: Any, stream: bool, chat: bool) -> Response:
+    async def _generate(self, model: ServedModel, generation: Any, stream: bool, chat: bool, request: Request) -> Response:
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
         if not stream:
-            done: Completion = await self._run("generate", generation, size=1)
+            done: Completion = await self._run("generate", generation, size=1, request=request)
             self.stats.tokens.inc(done.completion_tokens)
             return JSONResponse(openai_api.completion_response(model.name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -283,12 +366,21 @@ class ServerApp:
         def deliver(result: Any, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, ("error", error) if error else ("done", result))
 
-        self.engine.submit(Work("generate", generation, size=1, deliver=deliver, on_text=on_text))
-        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces), media_type="text/event-stream",
+        work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
+        self.engine.submit(work)
+        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _events(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]]
-                      ) -> AsyncIterator[bytes]:
+    async def _events(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
+                      work: Work) -> AsyncIterator[bytes]:
+        try:
+            async for event in self._event_stream(served, stops, chat, pieces):
+                yield event
+        finally:  # the client hung up (Starlette ends the stream), or it ended: stop the generation either way
+            work.cancelled.set()
+
+    async def _event_stream(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]]
+                            ) -> AsyncIterator[bytes]:
         response_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             yield _event(openai_api.stream_chunk(response_id, served, chat, first=True))
@@ -344,16 +436,63 @@ class ServerApp:
         if model.kind == "causal-lm":
             raise BadRequest(f"model {model.name!r} generates text; use /v1/completions")
         if model.tokenizer is not None:
-            texts = kserve.parse_texts(body)
-            vectors = await self._run("texts", texts, size=len(texts))
+            texts = model.runner.check_texts(kserve.parse_texts(body), "data")  # the same limits as every text route
+            vectors = await self._run("texts", texts, size=len(texts), request=request)
             import torch
 
             outputs = kserve.output_tensors(torch.tensor(vectors))
         else:
             tensor = kserve.parse_tensor(body, model.runner.dtype)
-            output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype))
+            output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype),
+                                     request=request)
             outputs = kserve.output_tensors(output)
-        return JSONResponse(kserve.infer_response(model.name, body.get("id"), outputs))
+        return SafeJSONResponse(kserve.infer_response(model.name, body.get("id"), outputs))
+
+
+#: How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+#: The header a client may send to bound its request: seconds from its arrival (at most an hour).
+DEADLINE_HEADER = "x-request-timeout"
+
+
+def _deadline(request: Request | None) -> float | None:
+    """``time.monotonic()`` at which the request's own deadline (``X-Request-Timeout: <seconds>``) passes.
+
+    Raises:
+        BadRequest: a header that is not a number of seconds between 0 and 3600.
+    """
+    text = request.headers.get(DEADLINE_HEADER) if request is not None else None
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise BadRequest(f'"X-Request-Timeout" must be seconds between 0 and 3600, got {text!r}')
+    return time.monotonic() + seconds
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    """One answer from the answers of a request's batches (lists of rows, or tensors)."""
+    if all(isinstance(part, list) for part in parts):
+        return [row for part in parts for row in part]
+    import torch
+
+    if all(isinstance(part, torch.Tensor) for part in parts):
+        return torch.cat(parts)
+    raise BadRequest("this model's answer cannot be put together from parts; send at most max_batch_size inputs")
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON answer that says so, as a 422, when the model's output holds NaN or infinity."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError as e:
+            raise NotJsonSafe("the model's answer holds NaN or infinity, which JSON cannot carry; check the model "
+                              f"and the inputs ({e})") from None
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

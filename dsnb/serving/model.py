@@ -34,6 +34,10 @@ from typing import Any
 
 #: Inputs above this many numbers (or characters of text) are refused rather than run.
 MAX_INPUT_ITEMS = 1_000_000
+#: Texts (or tensor rows) one request may hold by default (``--max-inputs``).
+MAX_INPUTS = 1024
+#: Prompt tokens a server takes when the model says nothing of its context (``--max-prompt-tokens``).
+DEFAULT_PROMPT_TOKENS = 8192
 
 
 class BadRequest(ValueError):
@@ -101,6 +105,9 @@ class Predictor:
         deepspeed: wrap with ``deepspeed.init_inference`` (False gives the plain model, for comparisons).
         tensor_parallel: ranks to split the model over (needs ``torch.distributed`` set up
             with that many ranks, and on CPU ``LOCAL_SIZE`` equal to the ranks per node).
+        max_inputs: texts or tensor rows one request may hold.
+        max_prompt_tokens: prompt tokens a generation takes at most (also bounded by the model's
+            context, less the tokens asked for).
 
     Attributes:
         kind: ``"loader"``, ``"embedding"``, ``"classifier"`` or ``"causal-lm"``.
@@ -110,10 +117,12 @@ class Predictor:
     """
 
     def __init__(self, model: str, dtype: str = "float32", working_dir: str | None = None, deepspeed: bool = True,
-                 tensor_parallel: int = 1) -> None:
+                 tensor_parallel: int = 1, max_inputs: int = MAX_INPUTS, max_prompt_tokens: int | None = None) -> None:
         import torch
 
         self.torch = torch
+        self.max_inputs = max_inputs
+        self.max_prompt_tokens = max_prompt_tokens
         self.dtype = getattr(torch, dtype)
         self.tokenizer: Any = None
         self.kind = "loader" if ":" in model and not Path(model).exists() else "huggingface"
@@ -134,6 +143,22 @@ class Predictor:
         # DeepSpeed places the model on the accelerator; the inputs must follow it there.
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
+
+    def prompt_limit(self, max_tokens: int) -> int:
+        """Prompt tokens a generation of ``max_tokens`` may start from: the model's context less
+        ``max_tokens``, and at most ``max_prompt_tokens``.
+
+        Example:
+            >>> runner = Predictor.__new__(Predictor); runner.max_prompt_tokens = 400; runner.plain = None
+            >>> runner.prompt_limit(16)
+            400
+        """
+        config = getattr(self.plain, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        limits = [self.max_prompt_tokens if self.max_prompt_tokens is not None else DEFAULT_PROMPT_TOKENS]
+        if isinstance(context, int) and context > 0:
+            limits.append(max(context - max_tokens, 0))
+        return min(limits)
 
     def predict(self, payload: Any) -> dict[str, Any]:
         """The answer to one request body.
@@ -167,6 +192,8 @@ class Predictor:
         """
         if not isinstance(inputs, list) or not inputs:
             raise BadRequest('"inputs" must be a non-empty list (a batch), e.g. [[1.0, 2.0]]')
+        if len(inputs) > self.max_inputs:
+            raise BadRequest(f'"inputs" holds {len(inputs)} rows, at most {self.max_inputs} a request (the server\'s --max-inputs)')
         flat = json.dumps(inputs)
         if len(flat) > MAX_INPUT_ITEMS:
             raise BadRequest(f'"inputs" is too large ({len(flat)} characters, at most {MAX_INPUT_ITEMS})')
@@ -189,8 +216,12 @@ class Predictor:
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequest(f'"{field_name}" must be a string or a non-empty list of strings')
+        if len(texts) > self.max_inputs:
+            raise BadRequest(f'"{field_name}" holds {len(texts)} texts, at most {self.max_inputs} a request (the server\'s --max-inputs)')
         if sum(len(t) for t in texts) > MAX_INPUT_ITEMS:
             raise BadRequest(f'"{field_name}" is too large (at most {MAX_INPUT_ITEMS} characters)')
+        for text in texts:
+            check_unicode(text, field_name)
         return texts
 
     def encode(self, texts: list[str]) -> list[list[float]]:
@@ -207,14 +238,17 @@ class Predictor:
             values = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return values.float().tolist()
 
-    def generate(self, request: Generation, on_text: Callable[[str], None] | None = None) -> Completion:
+    def generate(self, request: Generation, on_text: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Completion:
         """Complete ``request.prompt``; ``on_text`` receives the text piece by piece as it is made.
 
         Every rank of a tensor-parallel server calls this with the same request (and seed),
-        so that the ranks take the same steps.
+        so that the ranks take the same steps. ``should_stop`` (rank 0's) ends the generation at
+        the next step, on every rank at once: its answer is shared each step.
 
         Raises:
-            BadRequest: the model does not generate text.
+            BadRequest: the model does not generate text, or the prompt is longer than the model
+                takes (its context, or the server's ``max_prompt_tokens``).
         """
         if self.kind != "causal-lm":
             raise BadRequest("this model does not generate text; use /v1/embeddings or /v2/models/.../infer")
@@ -222,6 +256,10 @@ class Predictor:
         encoded = tokenizer(request.prompt, return_tensors="pt")
         encoded = {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask") if key in encoded}
         prompt_tokens = int(encoded["input_ids"].shape[1])
+        limit = self.prompt_limit(request.max_tokens)
+        if prompt_tokens > limit:  # every rank sees the same prompt, so every rank refuses it alike
+            raise BadRequest(f"the prompt has {prompt_tokens} tokens; this server takes at most {limit} "
+                             f"with max_tokens={request.max_tokens}; shorten it")
         options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.do_sample,
                                    "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
         if request.do_sample:
@@ -230,17 +268,64 @@ class Predictor:
             options.update(stop_strings=request.stop, tokenizer=tokenizer)
         if on_text is not None:
             options["streamer"] = _TextPieces(tokenizer, on_text)
+        stopper = _StopWhenTold(torch, should_stop)
+        if stopper.needed:
+            from transformers import StoppingCriteriaList
+
+            options["stopping_criteria"] = StoppingCriteriaList([stopper])
         torch.manual_seed(request.seed)
         generator = getattr(self.model, "module", self.model)
         with torch.inference_mode():
             output = generator.generate(**encoded, **options)
         new_tokens = output[0, prompt_tokens:]
+        if stopper.stopped:
+            print(f"dsnb.serving: generation stopped after {len(new_tokens)} of {request.max_tokens} tokens "
+                  "(its client left or its deadline passed)", flush=True)
         text = tokenizer.decode(new_tokens, skip_special_tokens=True)
         finish = "length" if len(new_tokens) >= request.max_tokens else "stop"
         for stop in request.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens))
+
+
+class _StopWhenTold:
+    """A transformers stopping criterion: stop when rank 0's ``should_stop`` says so. With several ranks,
+    rank 0's answer is shared every step (one small all-reduce), so every rank stops at the same step
+    (a rank that went on alone would wait for ever in the next collective)."""
+
+    def __init__(self, torch: Any, should_stop: Callable[[], bool] | None) -> None:
+        self.torch, self.should_stop = torch, should_stop
+        dist = torch.distributed
+        self.shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.needed = self.shared or should_stop is not None
+        self.stopped = False
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        torch = self.torch
+        flag = torch.tensor([1 if self.should_stop is not None and self.should_stop() else 0])
+        if self.shared:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.stopped = self.stopped or bool(flag.item())
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+def check_unicode(text: str, field_name: str) -> None:
+    """Refuse text that is not Unicode a tokenizer can take: JSON may carry a lone surrogate (``"\\ud800"``).
+
+    Raises:
+        BadRequest: the text holds a lone surrogate.
+
+    Example:
+        >>> check_unicode(chr(0xD800), "prompt")
+        Traceback (most recent call last):
+        dsnb.serving.model.BadRequest: "prompt" holds a lone surrogate ('\\ud800' at character 0); send valid Unicode text
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f'"{field_name}" holds a lone surrogate ({text[e.start]!r} at character {e.start}); '
+                         "send valid Unicode text") from None
 
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> int:

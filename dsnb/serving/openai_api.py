@@ -20,11 +20,14 @@ import struct
 import time
 from typing import Any
 
-from dsnb.serving.model import BadRequest, Completion, Generation
+from dsnb.serving.model import MAX_INPUT_ITEMS, BadRequest, Completion, Generation, check_unicode
 
 #: Tokens one completion may ask for at most.
 MAX_NEW_TOKENS = 4096
 _UNSUPPORTED = ("logprobs", "top_logprobs", "best_of", "echo", "suffix", "tools", "functions", "logit_bias")
+
+#: Characters a stop string may have (transformers prepares tables of vocabulary size x length for each).
+MAX_STOP_CHARS = 256
 
 
 class UnknownModel(LookupError):
@@ -101,15 +104,22 @@ def _sampling(body: dict[str, Any], prompt: str, max_tokens_key: str = "max_toke
     top_p = body.get("top_p", 1.0)
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise BadRequest('"top_p" must be a number in (0, 1]')
+    if len(prompt) > MAX_INPUT_ITEMS:
+        raise BadRequest(f'the prompt has {len(prompt)} characters, at most {MAX_INPUT_ITEMS}; shorten it')
+    check_unicode(prompt, "prompt")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest('"stop" must be a string or a list of at most 4 non-empty strings')
+    if any(len(s) > MAX_STOP_CHARS for s in stop):  # the tokenizer's stop-string tables grow with vocabulary x length
+        raise BadRequest(f'each "stop" string may have at most {MAX_STOP_CHARS} characters')
+    for text in stop:
+        check_unicode(text, "stop")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise BadRequest('"seed" must be a whole number')
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BadRequest('"seed" must be a whole number from 0 to 2**63 - 1')
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest('"stream" must be true or false')

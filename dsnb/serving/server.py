@@ -41,7 +41,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dsnb.serving.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
 from dsnb.serving.engine import Collective, Engine, RankLost, follow
+from dsnb.serving.model import MAX_INPUTS
 
 SERVE_TAG = "DSNB_SERVE "
 REPORT_EVERY_S = 5.0
@@ -63,6 +65,10 @@ class ServerOptions:
     max_wait_ms: float = 5.0
     max_queue: int = 256
     max_body_bytes: int = 16 * 1024 * 1024
+    max_inputs: int = MAX_INPUTS
+    max_prompt_tokens: int | None = None
+    max_concurrency: int = 512
+    max_body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT
     drain_s: float = 30.0
     lost_exit_s: float = 10.0
 
@@ -85,6 +91,12 @@ class ServerOptions:
         parser.add_argument("--max-wait-ms", type=float, default=5.0)
         parser.add_argument("--max-queue", type=int, default=256)
         parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+        parser.add_argument("--max-inputs", type=int, default=MAX_INPUTS, help="texts or tensor rows a request may hold")
+        parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                            help="prompt tokens a generation takes at most (also the model's context less max_tokens)")
+        parser.add_argument("--max-concurrency", type=int, default=512, help="connections served at once; more get 503")
+        parser.add_argument("--max-body-bytes-in-flight", type=int, default=BODY_BYTES_IN_FLIGHT,
+                            help="bytes of request bodies held at once, all connections together; more get 503")
         parser.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for requests in flight")
         parser.add_argument("--lost-exit-s", type=float, default=10.0, help="exit this long after a rank was lost")
         args = parser.parse_args(argv)
@@ -147,7 +159,8 @@ def _has_cuda() -> bool:
 def _load(options: ServerOptions, place: RankPlace) -> Any:
     from dsnb.serving.model import Predictor
 
-    return Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir, tensor_parallel=place.world_size)
+    return Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir, tensor_parallel=place.world_size,
+                     max_inputs=options.max_inputs, max_prompt_tokens=options.max_prompt_tokens)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -177,13 +190,14 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
     engine = Engine(None, Collective(place.world_size), max_batch_size=options.max_batch_size,
                     max_wait_s=options.max_wait_ms / 1000, max_queue=options.max_queue, on_batch=stats.observe_batch)
     app = ServerApp(engine, stats, token=os.environ.get("DSNB_SERVE_TOKEN") or None, max_body_bytes=options.max_body_bytes,
-                    version=_version())
+                    version=_version(), body_bytes_in_flight=options.max_body_bytes_in_flight)
     sock = _bind(options.host, options.port)
     url = _url(options.host, sock)
     print(f"dsnb.serving: rank 0 of {place.world_size} listening at {url} (loading {options.model})", flush=True)
     exit_code = {"code": 0}
     server = _draining_server(uvicorn.Config(app.starlette(), log_level="warning", access_log=False, lifespan="off",
-                                    timeout_graceful_shutdown=options.drain_s), engine)
+                                             timeout_graceful_shutdown=options.drain_s, http=guarded_protocol(),
+                                             limit_concurrency=options.max_concurrency), engine)
 
     def start_engine() -> None:
         try:
