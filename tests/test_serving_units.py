@@ -15,13 +15,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 
+from dsnb.serving import app as app_module  # noqa: E402
+from dsnb.serving import connections, kserve, openai_api, stats  # noqa: E402
 from dsnb.serving import engine as engine_module  # noqa: E402
-from dsnb.serving import kserve, openai_api, stats  # noqa: E402
+from dsnb.serving import model as model_module  # noqa: E402
 from dsnb.serving.engine import Collective, Engine, Overloaded, RankLost, Work  # noqa: E402
 from dsnb.serving.model import BadRequest, Completion  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [engine_module, stats, openai_api, kserve])
+@pytest.mark.parametrize("module", [engine_module, stats, openai_api, kserve, model_module, app_module, connections])
 def test_the_docstring_examples_hold(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
@@ -189,7 +191,7 @@ class Streamer:
     def __init__(self, pieces: list[str]) -> None:
         self.pieces = pieces
 
-    def generate(self, request: object, on_text=None) -> Completion:
+    def generate(self, request: object, on_text=None, should_stop=None) -> Completion:
         for piece in self.pieces:
             if on_text is not None:
                 on_text(piece)
@@ -265,3 +267,52 @@ def test_a_lone_request_does_not_wait_for_company_but_concurrent_ones_do() -> No
     finally:
         engine.stop()
     assert runner.batches == [["a"], ["hold"], ["x", "y"], ["d", "ee"]]
+
+
+class SplitHostile(Recorder):
+    """A runner whose first answer cannot be split per request (a scalar, as a loader model may return)."""
+
+    def encode(self, texts: list[str]) -> object:
+        answer = super().encode(texts)
+        return 1.0 if len(self.batches) == 1 else answer
+
+
+def test_an_answer_that_cannot_be_split_fails_its_batch_and_the_next_batch_runs() -> None:
+    engine = Engine(SplitHostile(), Collective(1), max_batch_size=4, max_wait_s=0.2)
+    try:
+        first = submit_all(engine, [("texts", ["a"], 1, None), ("texts", ["b"], 1, None)], then_start=True)
+        second = submit_all(engine, [("texts", ["cc"], 1, None)])
+        assert engine.ready
+    finally:
+        engine.stop()
+    assert all(result is None and isinstance(error, TypeError) for result, error in first)
+    assert second == [([[2.0]], None)]
+
+
+class ExplodingCollective(Collective):
+    """A collective that raises what no code expects (not RankLost) on its second message."""
+
+    def __init__(self) -> None:
+        super().__init__(world_size=1)
+        self.sent = 0
+
+    def share(self, message: object = None) -> object:
+        self.sent += 1
+        if self.sent > 1:
+            raise MemoryError("out of memory while broadcasting")
+        return message
+
+
+def test_a_batch_loop_that_dies_turns_the_server_unready_and_fails_what_waits() -> None:
+    engine = Engine(Recorder(), ExplodingCollective(), max_wait_s=0)
+    engine.start()
+    try:
+        first = submit_all(engine, [("texts", ["a"], 1, None)])
+        second = submit_all(engine, [("texts", ["b"], 1, None)])  # the loop dies while sharing this one
+    finally:
+        engine.stop()
+    assert first == [([[1.0]], None)]
+    assert isinstance(second[0][1], RankLost) and "the batch loop stopped (MemoryError" in str(second[0][1])
+    assert not engine.ready and "the batch loop stopped" in engine.not_ready_reason
+    with pytest.raises(RankLost):
+        engine.submit(Work("texts", ["c"], size=1, deliver=lambda r, e: None))

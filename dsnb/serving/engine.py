@@ -25,12 +25,18 @@ Example:
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsnb.serving.model import BadRequest
+
+#: Row shapes remembered as ones the model takes (a request of another shape that fails is a 400).
+MAX_SHAPES_KEPT = 64
+log = logging.getLogger("dsnb.serving")
 #: Idle rank 0 sends a heartbeat this often, so a dead rank is found while no request comes.
 HEARTBEAT_S = 1.0
 
@@ -47,6 +53,10 @@ class Draining(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
 
+class Abandoned(RuntimeError):
+    """The request's client went away, or its deadline passed, before it was answered: it was dropped."""
+
+
 @dataclass
 class Work:
     """One request for the engine.
@@ -59,6 +69,9 @@ class Work:
         deliver: called once, from the engine's thread, with ``(result, None)`` or ``(None, error)``.
         on_text: for ``generate``: receives generated text piece by piece (streaming).
         key: requests batch together only when op and key are equal (e.g. a tensor's row shape).
+        cancelled: set when the client went away: the engine drops the work, or stops its generation
+            at the next step.
+        deadline: ``time.monotonic()`` after which the work is dropped, or its generation stopped.
     """
 
     op: str
@@ -68,6 +81,17 @@ class Work:
     on_text: Callable[[str], None] | None = None
     key: Any = None
     enqueued: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None
+    answered: bool = False
+
+    def abandoned(self) -> str | None:
+        """Why the work need not run any more (its client left, its deadline passed), or None."""
+        if self.cancelled.is_set():
+            return "the client went away"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "its deadline passed"
+        return None
 
 
 class Collective:
@@ -104,8 +128,12 @@ class Collective:
                 pass
 
 
-def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], None] | None = None) -> Any:
+def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> Any:
     """Run one shared batch on this rank; every rank calls it with the same message.
+
+    ``should_stop`` (rank 0's): whether a generation's client left or its deadline passed; the
+    ranks stop together at the next step (the model runner shares the answer each step).
 
     Returns the model's answer for the whole batch: a list per text, the output tensor(s),
     or a :class:`~dsnb.serving.model.Completion`.
@@ -116,7 +144,7 @@ def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], Non
     if op == "tensor":
         return runner.forward(data)
     if op == "generate":
-        return runner.generate(data, on_text=on_text)
+        return runner.generate(data, on_text=on_text, should_stop=should_stop)
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -171,12 +199,15 @@ class Engine:
         self._loaded = False  # the last batch found company: later first requests wait for more
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._running: list[Work] = []  # the batch being run, answered by _loop if the loop dies under it
+        self._shapes_run: set[Any] = set()  # row shapes the model has taken: a failure on another is the input's fault
 
     # -- state -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Every rank is up and the server takes requests."""
-        return self._started.is_set() and self.lost is None and not self.draining
+        """Every rank is up, the batch loop runs, and the server takes requests."""
+        return (self._started.is_set() and self.lost is None and not self.draining
+                and self._thread is not None and self._thread.is_alive())
 
     @property
     def not_ready_reason(self) -> str:
@@ -187,6 +218,8 @@ class Engine:
             return "shutting down"
         if not self._started.is_set():
             return "loading the model on every rank"
+        if self._thread is None or not self._thread.is_alive():
+            return "the batch loop stopped"
         return ""
 
     @property
@@ -240,6 +273,15 @@ class Engine:
             _deliver(work, None, RankLost(reason))
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the loop must not die silently: fail what waits, turn unready, say why
+            log.exception("the batch loop stopped")
+            self.mark_lost(f"the batch loop stopped ({type(e).__name__}: {e})")
+            for work in self._running:
+                _deliver(work, None, RankLost(self.lost or "the batch loop stopped"))
+
+    def _serve(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -250,7 +292,9 @@ class Engine:
                 if not self._share({"op": "ping"}):
                     return
                 continue
+            self._running = batch
             self._run(batch)
+            self._running = []
             if self.lost is not None:
                 return
 
@@ -271,6 +315,11 @@ class Engine:
             if not self._waiting:
                 return None
             first = self._waiting.popleft()
+            while (why := first.abandoned()) is not None:  # nobody waits for it any more
+                _deliver(first, None, Abandoned(f"dropped unrun: {why}"))
+                if not self._waiting:
+                    return None
+                first = self._waiting.popleft()
             batch, size = [first], first.size
             if first.op == "generate":
                 return batch
@@ -291,26 +340,43 @@ class Engine:
 
     def _take_compatible(self, first: Work, room: int) -> Work | None:
         for index, work in enumerate(self._waiting):
-            if work.op == first.op and work.key == first.key and work.size <= room:
+            if work.op == first.op and work.key == first.key and work.size <= room and work.abandoned() is None:
                 del self._waiting[index]
                 return work
         return None
 
     def _run(self, batch: list[Work]) -> None:
         first = batch[0]
-        data = _combine(batch)
+        try:
+            data = _combine(batch)
+        except Exception as e:  # noqa: BLE001 - requests the engine cannot put together fail, the loop goes on
+            log.exception("could not batch %d request(s)", len(batch))
+            for work in batch:
+                _deliver(work, None, e)
+            return
         message = {"op": first.op, "data": data}
         if not self._share(message):
             for work in batch:
                 _deliver(work, None, RankLost(self.lost or "a rank is gone"))
             return
         if self.on_batch is not None:
-            self.on_batch(sum(w.size for w in batch))
+            try:
+                self.on_batch(sum(w.size for w in batch))
+            except Exception:  # noqa: BLE001 - metrics never stop serving
+                log.exception("the batch metric failed")
         try:
-            result = run_batch(self.runner, message, on_text=first.on_text)
+            result = run_batch(self.runner, message, on_text=first.on_text,
+                               should_stop=(lambda: first.abandoned() is not None) if first.op == "generate" else None)
+            why = first.abandoned() if first.op == "generate" else None
+            if why is not None:
+                raise Abandoned(f"stopped: {why}")
         except Exception as e:  # noqa: BLE001 - handed to the request(s) that caused it
             if self.collective.world_size > 1 and not self._share({"op": "ping"}):
                 error: BaseException = RankLost(self.lost or "a rank is gone")
+            elif first.op == "tensor" and first.key not in self._shapes_run and not isinstance(e, Abandoned):
+                taken = ", ".join(sorted({_row_shape(key) for key in self._shapes_run})[:4])
+                error = BadRequest(f"the model could not take rows of shape {_row_shape(first.key)} ({type(e).__name__}: {e}); "
+                                   + (f"it has taken rows of shape {taken}" if taken else "check the shape the model expects"))
             else:
                 error = e
             for work in batch:
@@ -318,15 +384,27 @@ class Engine:
             return
         try:
             parts = _split(first.op, result, [w.size for w in batch])
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - an output dsnb cannot cut up fails its batch, not the server
+            log.exception("could not split the answer of %d request(s)", len(batch))
             for work in batch:
                 _deliver(work, None, e)
             return
+        if first.op == "tensor" and len(self._shapes_run) < MAX_SHAPES_KEPT:
+            self._shapes_run.add(first.key)
         for work, part in zip(batch, parts):
             _deliver(work, part, None)
 
 
+def _row_shape(key: Any) -> str:
+    """A tensor request's row shape, as its batching key holds it (``((4,), torch.float32)`` -> ``[4]``)."""
+    shape = key[0] if isinstance(key, tuple) and key and isinstance(key[0], tuple) else key
+    return str(list(shape)) if isinstance(shape, tuple) else str(shape)
+
+
 def _deliver(work: Work, result: Any, error: BaseException | None) -> None:
+    if work.answered:
+        return
+    work.answered = True
     try:
         work.deliver(result, error)
     except Exception:  # noqa: BLE001 - a client that went away must not stop the loop
@@ -367,5 +445,7 @@ def _split_rows(output: Any, sizes: list[int]) -> list[Any]:
         return [{key: parts[i] for key, parts in columns.items()} for i in range(len(sizes))]
     if isinstance(output, (list, tuple)):
         columns = [_split_rows(value, sizes) for value in output]
+        if hasattr(output, "_fields"):  # a namedtuple takes its fields as arguments
+            return [type(output)(*(parts[i] for parts in columns)) for i in range(len(sizes))]
         return [type(output)(parts[i] for parts in columns) for i in range(len(sizes))]
     raise ValueError(f"cannot split a model output of type {type(output).__name__} per request; serve it with max_batch_size=1")
