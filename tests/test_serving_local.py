@@ -114,3 +114,23 @@ def test_a_job_is_not_an_endpoint(cluster: Cluster) -> None:
             cluster.backend.endpoint_url(job.name)
     finally:
         job.cancel()
+
+
+def test_stopping_a_two_rank_server_drains_what_it_holds(cluster: Cluster, tmp_path: Path, dsnb_home: Path) -> None:
+    import threading
+
+    endpoint = cluster.serve(ServeSpec(name="llama", model=save_tiny_llama(tmp_path / "llama"), procs_per_node=2), wait=240)
+    client = openai.OpenAI(base_url=endpoint.url + "v1", api_key=endpoint.token, max_retries=0)
+    stream = client.completions.create(model="llama", prompt="deep", max_tokens=200, temperature=0, stream=True)
+    chunks = [next(iter(stream))]  # the generation runs on both ranks
+    stopping = threading.Thread(target=lambda: chunks.append(endpoint.stop()), daemon=True)
+    stopping.start()
+    pieces = [chunk for chunk in stream]  # the stream goes on to its end while the server drains
+    stopping.join(60)
+    stopped = chunks.pop()
+    assert pieces and pieces[-1].choices[0].finish_reason in ("length", "stop")  # finished, not cut off
+    assert stopped.state == JobState.CANCELLED
+    assert [r.exit_code for r in stopped.replicas] == [0, 0], stopped.replicas  # both ranks drained and exited cleanly
+    lines = "\n".join(line.text for line in cluster.attach(endpoint.name).logs())
+    assert "KeyboardInterrupt" not in lines and "is gone" not in lines
+    assert not settled(lambda: job_processes(str(dsnb_home)))

@@ -35,7 +35,7 @@ from dsnb.backends.local.jobdir import (
     write_private,
 )
 from dsnb.backends.local.procs import boot_id, is_alive, owned_groups, stop_groups
-from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob
+from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob, is_serving_job
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.secrets import is_secret, redact_env, refuse_references
@@ -43,6 +43,7 @@ from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 
 JOB_NAME = re.compile(r"\A[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+DEFAULT_DRAIN_S = 30.0  # python -m dsnb.serving's --drain-s
 SERVE_TOKEN_FILE = "serve-token"  # an endpoint's token, 0600, for a reattached Endpoint to send
 MASTER_ADDR = "127.0.0.1"
 READ_CHUNK_BYTES = 256 * 1024
@@ -222,6 +223,7 @@ class LocalBackend(ServesAsJob, Backend):
                 "master_addr": MASTER_ADDR,
                 "timeout": spec.timeout,
                 "max_restarts": spec.max_restarts,
+                "stop": stop_policy(spec),
                 "ranks": [
                     {"rank": c.rank, "argv": list(c.argv), "cwd": c.cwd,
                      "env": {k: v for k, v in redact_env(c.env).items() if k != "MASTER_PORT"}}
@@ -436,6 +438,23 @@ class LocalBackend(ServesAsJob, Backend):
     def close(self) -> None:
         for name in list(self._supervisors):
             self._reap(name)
+
+
+def stop_policy(spec: JobSpec) -> dict[str, float]:
+    """How the supervisor stops the job's ranks: a model server gets SIGTERM alone and its drain time
+    (``--drain-s``, 30 s by default, plus a margin) before SIGKILL; other jobs SIGINT first (so that
+    ``finally`` blocks run), then SIGTERM and SIGKILL after the usual grace.
+
+    Example:
+        >>> from dsnb import ServeSpec
+        >>> stop_policy(ServeSpec(name="m", model="m:f").to_job_spec())
+        {'interrupt_s': 0.0, 'grace_s': 40.0}
+    """
+    if not is_serving_job(spec):
+        return {}
+    args = list(spec.args)
+    drain = float(args[args.index("--drain-s") + 1]) if "--drain-s" in args else DEFAULT_DRAIN_S
+    return {"interrupt_s": 0.0, "grace_s": drain + 10.0}
 
 
 def _remove_shm_segments(extra: dict[str, Any]) -> None:

@@ -208,7 +208,11 @@ class Supervisor:
         self.exit_times[index] = time.monotonic()
 
     def _stop_all(self) -> None:
-        stop_groups([p.pid for p in self.procs], grace=KILL_GRACE_S, interrupt=INTERRUPT_GRACE_S)
+        # A model server drains on SIGTERM (rank 0 answers what it holds, then tells the other ranks to stop),
+        # which SIGINT would cut short: its plan says how long that may take.
+        how = self.plan.get("stop") or {}
+        grace, interrupt = float(how.get("grace_s", KILL_GRACE_S)), float(how.get("interrupt_s", INTERRUPT_GRACE_S))
+        stop_groups([p.pid for p in self.procs], grace=grace, interrupt=interrupt)
         for proc in self.procs:
             try:
                 proc.wait(timeout=KILL_GRACE_S)

@@ -452,7 +452,6 @@ class RayBackend(Backend):
             ClusterError: Ray is unreachable or refused the config.
         """
         client = self._serve()
-        apps = client.deployed_configs(leave_out=plan.name)
         app = json.loads(json.dumps(plan.extra["app"]))
         # A Serve config takes only remote URIs: ship the working directory as a package first,
         # the way a job submission does (the SDK's own upload, which returns a gcs:// URI).
@@ -462,11 +461,10 @@ class RayBackend(Backend):
         except (OSError, RuntimeError, ValueError) as e:
             raise ClusterError(f"working_dir {plan.extra['app']['runtime_env'].get('working_dir')!r}", f"could not be shipped to Ray ({e})",
                                "use a smaller directory (Ray takes at most 500 MiB) or a remote URI") from e
-        apps[plan.name] = app
         http_options = None
         if self.address is None:
             http_options = {"host": "127.0.0.1", "port": self._local_head().serve_port}
-        client.put(apps, http_options)
+        client.change(plan.name, app, http_options)  # safe beside other clients' deploys and stops
 
     def _app(self, name: str) -> dict[str, Any]:
         if not self._started():
@@ -502,7 +500,7 @@ class RayBackend(Backend):
         """Remove the application (its replicas stop); the others keep running. Raises: JobNotFound."""
         self._app(name)
         client = self._serve()
-        client.put(client.deployed_configs(leave_out=name), None)
+        client.change(name, None, None)
         deadline = time.monotonic() + CANCEL_TIMEOUT_S
         while name in client.applications() and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -2,7 +2,11 @@
 
 The API is declarative: a ``PUT`` states every application the cluster should run. So a
 deploy reads what runs now, keeps the other applications as they were deployed, and adds or
-replaces dsnb's; a stop does the same without it. (Applications deployed from Python with
+replaces dsnb's; a stop does the same without it. Two clients that do this at once would drop
+each other's application (the last ``PUT`` wins, and the API has no version to compare), so
+every change is made under a lock of this process and then checked: each client reads the
+applications back a few times over :data:`SETTLE_S`, and writes again, from what runs then,
+while its change is not there (:meth:`ServeClient.change`). (Applications deployed from Python with
 ``serve.run`` have no config to keep, and Ray refuses a ``PUT`` while they run; the error says so.)
 
 Example:
@@ -14,8 +18,11 @@ Example:
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from dsnb.errors import ClusterError
@@ -23,6 +30,11 @@ from dsnb.status import JobState, ReplicaStatus
 
 PATH = "/api/serve/applications/"
 REQUEST_TIMEOUT_S = 30.0
+#: How long a change is checked for (a concurrent writer's PUT may land a moment later), and how often it is retried.
+SETTLE_S = 3.0
+CHANGE_ATTEMPTS = 6
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
 _APP_STATES = {"NOT_STARTED": JobState.STARTING, "DEPLOYING": JobState.STARTING, "RUNNING": JobState.RUNNING,
                "UNHEALTHY": JobState.RUNNING, "DEPLOY_FAILED": JobState.FAILED, "DELETING": JobState.CANCELLED}
 _REPLICA_STATES = {"STARTING": JobState.STARTING, "UPDATING": JobState.STARTING, "RECOVERING": JobState.STARTING,
@@ -73,6 +85,29 @@ class ServeClient:
             body["http_options"] = http_options
         self._request("PUT", body)
 
+    def change(self, name: str, config: dict[str, Any] | None, http_options: dict[str, Any] | None) -> None:
+        """Deploy application ``name`` with ``config``, or remove it (``config`` None), keeping every other
+        application as it runs, and make sure the change holds (see the module docstring).
+
+        Raises:
+            ClusterError: Ray refused, or the change was undone by other writers every time.
+        """
+        def holds() -> bool:
+            apps = self.applications()
+            return name in apps if config is not None else name not in apps
+
+        with _lock_for(self.url):
+            for _ in range(CHANGE_ATTEMPTS):
+                configs = self.deployed_configs(leave_out=name)
+                if config is not None:
+                    configs[name] = config
+                self.put(configs, http_options)
+                if _stays(holds, SETTLE_S):
+                    return
+        raise ClusterError("Ray Serve", f"application {name!r} was changed by another client each time it was "
+                                        f"{'deployed' if config is not None else 'removed'} ({CHANGE_ATTEMPTS} tries)",
+                           "try again when the other deploys are done")
+
     def deployed_configs(self, leave_out: str | None = None) -> dict[str, dict[str, Any]]:
         """The config each running application was deployed with, except ``leave_out``.
 
@@ -90,6 +125,22 @@ class ServeClient:
                                    f"remove it first (serve.delete({name!r})), or serve from another Ray cluster")
             configs[name] = config
         return configs
+
+
+def _lock_for(url: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(url, threading.Lock())
+
+
+def _stays(check: Callable[[], bool], seconds: float, every: float = 0.5) -> bool:
+    """Whether ``check()`` holds each time it is asked over ``seconds`` (False at the first time it does not)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not check():
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(every)
 
 
 def app_state(app: dict[str, Any] | None) -> tuple[JobState, str, tuple[ReplicaStatus, ...]]:
