@@ -12,11 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
-from k8s.crds import FOLDER
-from k8s.fixtures import IMAGE, NAMESPACE, emulator, make_cluster, workload  # noqa: F401 - fixtures
-from k8s.kuberay_sim import KubeRaySim
-from k8s.operators import MPIOperatorSim, TrainerSim
+from k8s.fixtures import IMAGE, NAMESPACE, controller_for, emulator, make_cluster, workload  # noqa: F401 - fixtures
 from k8s.sandbox import mpi_problem, netns_problem, sandbox_problem
 from k8s.sim import ClusterSim
 
@@ -64,14 +60,7 @@ def test_serve_ingress_needs_a_policy_and_takes_only_peers() -> None:
 @pytest.mark.parametrize("backend", [pytest.param("statefulset", marks=needs_sandbox), pytest.param("mpijob", marks=needs_mpi),
                                      pytest.param("trainjob", marks=needs_mpi), pytest.param("kuberay", marks=needs_sandbox)])
 def test_the_policy_selects_every_pod_of_its_job_and_none_of_another(emulator, backend: str) -> None:  # noqa: F811
-    if backend == "mpijob":
-        operator: Any = MPIOperatorSim("10.231.81")
-    elif backend == "trainjob":
-        operator = TrainerSim("10.231.82", yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text()))
-    elif backend == "kuberay":
-        operator = KubeRaySim()
-    else:
-        operator = None
+    operator = controller_for(backend, "10.231.81")
     seen: list[dict[str, Any]] = []
     emulator.admission.append(lambda obj: seen.append(obj) if obj.get("kind") == "Pod" else None)
     options = {"kuberay": True} if backend == "kuberay" else {}

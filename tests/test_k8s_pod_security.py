@@ -17,9 +17,7 @@ import pytest
 import yaml
 from k8s import pod_security
 from k8s.crds import FOLDER
-from k8s.fixtures import IMAGE, NAMESPACE, emulator, make_cluster, workload  # noqa: F401 - fixtures
-from k8s.kuberay_sim import KubeRaySim
-from k8s.operators import MPIOperatorSim, TrainerSim
+from k8s.fixtures import IMAGE, NAMESPACE, controller_for, emulator, make_cluster, workload  # noqa: F401 - fixtures
 from k8s.sandbox import mpi_problem, netns_problem, sandbox_problem
 from k8s.sim import ClusterSim
 
@@ -166,14 +164,7 @@ def restricted_namespace(emulator) -> None:  # noqa: F811
                                      pytest.param("trainjob", marks=needs_mpi), pytest.param("kuberay", marks=needs_sandbox)])
 def test_every_pod_the_controllers_create_is_admitted_in_a_restricted_namespace(emulator, backend: str) -> None:  # noqa: F811
     restricted_namespace(emulator)
-    if backend == "mpijob":
-        operator: Any = MPIOperatorSim("10.231.71")
-    elif backend == "trainjob":
-        operator = TrainerSim("10.231.72", yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text()))
-    elif backend == "kuberay":
-        operator = KubeRaySim()
-    else:
-        operator = None
+    operator = controller_for(backend, "10.231.71")
     seen: dict[str, dict[str, Any]] = {}
 
     def keep(obj: dict[str, Any]) -> None:

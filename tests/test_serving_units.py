@@ -113,16 +113,17 @@ def test_a_full_queue_refuses_at_once_and_a_lost_rank_fails_what_waits() -> None
 
 
 class BrokenCollective(Collective):
-    """A collective whose peers are gone after the first message."""
+    """A collective that raises ``error`` from its second message on (by default: its peers are gone)."""
 
-    def __init__(self) -> None:
-        super().__init__(world_size=2)
+    def __init__(self, error: BaseException | None = None, world_size: int = 2) -> None:
+        super().__init__(world_size=world_size)
+        self.error = error or RankLost("a rank of the server is gone (Connection closed by peer)")
         self.sent = 0
 
     def share(self, message: object = None) -> object:
         self.sent += 1
         if self.sent > 1:
-            raise RankLost("a rank of the server is gone (Connection closed by peer)")
+            raise self.error
         return message
 
 
@@ -289,22 +290,9 @@ def test_an_answer_that_cannot_be_split_fails_its_batch_and_the_next_batch_runs(
     assert second == [([[2.0]], None)]
 
 
-class ExplodingCollective(Collective):
-    """A collective that raises what no code expects (not RankLost) on its second message."""
-
-    def __init__(self) -> None:
-        super().__init__(world_size=1)
-        self.sent = 0
-
-    def share(self, message: object = None) -> object:
-        self.sent += 1
-        if self.sent > 1:
-            raise MemoryError("out of memory while broadcasting")
-        return message
-
-
 def test_a_batch_loop_that_dies_turns_the_server_unready_and_fails_what_waits() -> None:
-    engine = Engine(Recorder(), ExplodingCollective(), max_wait_s=0)
+    exploding = BrokenCollective(MemoryError("out of memory while broadcasting"), world_size=1)  # not RankLost: unexpected
+    engine = Engine(Recorder(), exploding, max_wait_s=0)
     engine.start()
     try:
         first = submit_all(engine, [("texts", ["a"], 1, None)])

@@ -81,3 +81,21 @@ def attempts_job(folder, fails: int, **fields: Any) -> JobSpec:
     (folder / "attempts.py").write_text(ATTEMPTS)
     return workload("ok", **{"script": "attempts.py", "args": [str(fails)], "working_dir": str(folder), "nodes": 1,
                              "procs_per_node": 1, **fields})
+
+
+def controller_for(backend: str, subnet: str) -> Any:
+    """The simulated operator a backend's objects need (None for the StatefulSet, which the kube sim runs),
+    its pods given addresses in ``subnet`` (e.g. ``"10.231.71"``)."""
+    import yaml
+
+    from k8s.crds import FOLDER
+    from k8s.kuberay_sim import KubeRaySim
+    from k8s.operators import MPIOperatorSim, TrainerSim
+
+    if backend == "mpijob":
+        return MPIOperatorSim(subnet)
+    if backend == "trainjob":
+        return TrainerSim(subnet, yaml.safe_load((FOLDER / "runtime-deepspeed-distributed.yaml").read_text()))
+    if backend == "kuberay":
+        return KubeRaySim()
+    return None
