@@ -142,3 +142,40 @@ def test_ray_serve_refuses_a_token_or_a_model_split_over_ranks(fields: dict, fie
 
     with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}: .*Cluster\('local'\)"):
         check_servable(ServeSpec(name="m", model="models:build", **fields))
+
+
+def test_the_first_job_client_of_a_private_head_does_not_wait_on_its_own_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reads the head's URL and token, which take the backend's lock: no self-deadlock."""
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from dsnb.backends.ray import backend as ray_backend
+    from dsnb.errors import ClusterError
+
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        head = ray_backend.LocalHead(dashboard_url="http://127.0.0.1:9", gcs_address="127.0.0.1:9", serve_port=9,
+                                     temp_dir=Path("/nonexistent"), process=idle, token="t0ken")
+        monkeypatch.setattr(ray_backend, "acquire_head", lambda num_cpus=None: head)
+        monkeypatch.setattr(ray_backend, "release_head", lambda head: None)
+        backend = ray_backend.RayBackend()
+        outcome: list[BaseException | None] = []
+
+        def first_client() -> None:
+            try:
+                backend._client()
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - the test reads it below
+                outcome.append(e)
+
+        worker = threading.Thread(target=first_client, daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "the backend's first _client() call is stuck on its own lock"
+        # Nothing listens on port 9: the client is refused, and says where it tried.
+        assert isinstance(outcome[0], ClusterError) and "127.0.0.1:9" in str(outcome[0])
+    finally:
+        idle.kill()
+        idle.wait()

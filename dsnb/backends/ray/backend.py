@@ -166,15 +166,20 @@ class RayBackend(Backend):
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _client(self) -> Any:
-        url = self.dashboard_url
+        with self._lock:
+            if self._client_obj is not None:
+                return self._client_obj
+        # Made outside self._lock: the URL, the token and the error message read the private head,
+        # which takes that lock (not reentrant).
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            client = JobSubmissionClient(self.dashboard_url, headers=self.headers or None)
+        except Exception as e:  # ConnectionError, RuntimeError (HTTP 401/403)
+            raise self._unreachable(e) from e
         with self._lock:
             if self._client_obj is None:
-                from ray.job_submission import JobSubmissionClient
-
-                try:
-                    self._client_obj = JobSubmissionClient(url, headers=self.headers or None)
-                except Exception as e:  # ConnectionError, RuntimeError (HTTP 401/403)
-                    raise self._unreachable(e) from e
+                self._client_obj = client
             return self._client_obj
 
     def _unreachable(self, error: Exception) -> ClusterError:
@@ -233,14 +238,25 @@ class RayBackend(Backend):
                     SUBMIT_TIMEOUT_S, f"Ray at {self.dashboard_url} did not answer the submit")
                 break
             except Exception as e:
-                # A head that just started answers before its node's agent has registered.
-                if "No available agent" in str(e) and time.monotonic() < deadline:
+                # A head that just started answers before its node's job agent has registered, or
+                # while that agent still restarts (the dashboard then reports "Server disconnected").
+                if any(sign in str(e) for sign in _AGENT_STARTING) and time.monotonic() < deadline:
+                    if self._submitted(client, plan.name):
+                        break  # the agent took it before the connection dropped
                     time.sleep(0.5)
                     continue
                 raise ClusterError(f"Ray job {plan.name!r}", f"was refused: {str(e).strip().splitlines()[-1][:300]}",
                                    "see the message; a working_dir over Ray's upload limit (500 MiB) needs excludes or a smaller directory") from e
         with self._lock:
             self._tracked[plan.name] = _Tracked()
+
+    @staticmethod
+    def _submitted(client: Any, name: str) -> bool:
+        try:
+            client.get_job_info(name)
+            return True
+        except Exception:  # noqa: BLE001 - not there (or not readable yet): submit again
+            return False
 
     # -- reading -----------------------------------------------------------------------
 
@@ -558,6 +574,9 @@ def _bounded(call: Any, timeout: float, what: str) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+_AGENT_STARTING = ("No available agent", "Server disconnected")
 
 
 def _default_token() -> str | None:
