@@ -25,23 +25,39 @@ from dsnb.backends.ray.serve import ServeClient
 
 
 class DeclarativeServe:
-    """The Serve REST API's contract: GET the applications, PUT the whole set (the last PUT wins)."""
+    """The Serve REST API's contract: GET the applications, PUT the whole set (the last PUT wins).
 
-    def __init__(self) -> None:
+    As Ray 2.60's ``ray/serve/_private/application_state.py`` does, an application left out of a
+    PUT is not gone at once: it stays listed, with its config and status ``DELETING``, for
+    ``deleting_s`` (until its replicas have stopped).
+    """
+
+    def __init__(self, deleting_s: float = 1.5) -> None:
         self.applications: dict[str, dict] = {}
+        self.deleting: dict[str, tuple[dict, float]] = {}  # name -> (config, listed until)
+        self.deleting_s = deleting_s
         self.puts = 0
         self.after_put = None  # called after each PUT, to play another client
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = {"applications": {name: {"deployed_app_config": config, "status": "RUNNING"}
-                                         for name, config in outer.applications.items()}}
-                self._answer(json.dumps(body).encode())
+                now = time.monotonic()
+                listed = {name: {"deployed_app_config": config, "status": "DELETING"}
+                          for name, (config, until) in outer.deleting.items() if until > now}
+                listed.update({name: {"deployed_app_config": config, "status": "RUNNING"}
+                               for name, config in outer.applications.items()})
+                self._answer(json.dumps({"applications": listed}).encode())
 
             def do_PUT(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.applications = {app["name"]: app for app in body["applications"]}
+                stated = {app["name"]: app for app in body["applications"]}
+                until = time.monotonic() + outer.deleting_s
+                outer.deleting.update({name: (config, until) for name, config in outer.applications.items()
+                                       if name not in stated})
+                for name in stated:
+                    outer.deleting.pop(name, None)
+                outer.applications = stated
                 outer.puts += 1
                 self._answer(b"")
                 if outer.after_put is not None:
@@ -77,6 +93,23 @@ def test_a_deploy_undone_by_a_stale_writer_is_made_again(monkeypatch) -> None:
         ServeClient(api.url, {}).change("ours", {"name": "ours", "import_path": "o:p"}, None)
         assert sorted(api.applications) == ["ours", "rival", "theirs"]  # nobody's application lost
         assert api.puts == 2  # written again once it was seen undone
+    finally:
+        api.server.shutdown()
+        api.server.server_close()
+
+
+def test_a_removal_holds_while_serve_still_lists_the_application_as_deleting(monkeypatch) -> None:
+    monkeypatch.setattr(serve_module, "SETTLE_S", 0.5)
+    api = DeclarativeServe(deleting_s=5.0)
+    api.applications = {"ours": {"name": "ours", "import_path": "o:p"}, "theirs": {"name": "theirs", "import_path": "x:y"}}
+    try:
+        client = ServeClient(api.url, {})
+        client.change("ours", None, None)
+        assert client.applications()["ours"]["status"] == "DELETING"  # still listed while it is removed
+        assert api.puts == 1  # the DELETING listing is the removal holding, not another client's undo
+        # A change of another application does not write the one being deleted back.
+        client.change("new", {"name": "new", "import_path": "n:m"}, None)
+        assert sorted(api.applications) == ["new", "theirs"]
     finally:
         api.server.shutdown()
         api.server.server_close()

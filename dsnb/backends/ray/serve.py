@@ -93,8 +93,9 @@ class ServeClient:
             ClusterError: Ray refused, or the change was undone by other writers every time.
         """
         def holds() -> bool:
-            apps = self.applications()
-            return name in apps if config is not None else name not in apps
+            # A removed application stays listed, DELETING, until its replicas are gone.
+            present = _live(self.applications().get(name))
+            return present if config is not None else not present
 
         with _lock_for(self.url):
             for _ in range(CHANGE_ATTEMPTS):
@@ -117,14 +118,23 @@ class ServeClient:
         """
         configs = {}
         for name, app in self.applications().items():
-            if name == leave_out:
-                continue
+            if name == leave_out or not _live(app):
+                continue  # writing a DELETING application's config again would bring it back
             config = app.get("deployed_app_config")
             if not config:
                 raise ClusterError("Ray Serve", f"application {name!r} was deployed from Python (serve.run), not from a config",
                                    f"remove it first (serve.delete({name!r})), or serve from another Ray cluster")
             configs[name] = config
         return configs
+
+
+def _live(app: dict[str, Any] | None) -> bool:
+    """Whether an application is listed and not being deleted.
+
+    Serve lists an application it was told to remove with status ``DELETING`` until its replicas
+    are gone (``ray/serve/_private/application_state.py``, Ray 2.60).
+    """
+    return app is not None and app.get("status") != "DELETING"
 
 
 def _lock_for(url: str) -> threading.Lock:
