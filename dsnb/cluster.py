@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsnb.backends.base import Backend, Plan, load_backend
+from dsnb.backends.base import Backend, Plan, load_backend, resolve_name
 from dsnb.endpoint import Endpoint
 from dsnb.errors import ClusterError, JobFailed
 from dsnb.job import Job
@@ -43,7 +43,8 @@ class Cluster:
                 raise TypeError("options go to the backend's constructor; pass a name, not an instance")
             self.backend = backend
         else:
-            self.backend = load_backend(backend)(**options)
+            name, options = resolve_name(backend, options)
+            self.backend = load_backend(name)(**options)
 
     def dryrun(self, spec: JobSpec | ServeSpec) -> Plan:
         """What ``submit`` (a JobSpec) or ``serve`` (a ServeSpec) would do; nothing is started or created.

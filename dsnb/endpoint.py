@@ -147,8 +147,7 @@ class Endpoint:
         """Whether a dsnb job runs the server (local, Kubernetes), so that its logs and metrics can be read."""
         from dsnb.backends.serving_job import ServesAsJob
 
-        # The Ray backends (a Ray cluster, KubeRay) serve with Ray Serve whatever else they mix in.
-        return isinstance(self.backend, ServesAsJob) and self.backend.name != "ray"
+        return isinstance(self.backend, ServesAsJob)  # the Ray backends serve with Ray Serve instead
 
     def _job(self, wanted: str) -> Job:
         """The job that runs the server.

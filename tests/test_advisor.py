@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dsnb.advisor import PROFILES, BackendProfile, Platform, Workload, headline, how_to_enable, profile, recommend
+from dsnb.advisor import BackendProfile, Platform, Workload, all_profiles, headline, how_to_enable, profile, recommend
 
 ONLY_LOCAL = {"local"}
-EVERYTHING = {p.backend for p in PROFILES}
+EVERYTHING = {p.backend for p in all_profiles()}
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,15 @@ CASES = [
     Case("ray platform batch is Ray Train", "batch", False, "ray", "ray-train", excluded=("ray-serve", "local", "trainjob")),
     Case("ray platform multi-node batch is Ray Train", "batch", True, "ray", "ray-train"),
     Case("ray platform serving is Ray Serve", "serving", False, "ray", "ray-serve", excluded=("ray-train",)),
-    Case("serving on one node is Ray Serve", "serving", False, None, "ray-serve", excluded=("local", "ray-train", "mpijob")),
+    Case("serving on one node needs nothing on this machine", "serving", False, None, "local", not_first=("ray-serve",),
+         excluded=("ray-train", "mpijob")),
+    Case("laptop serving is local", "serving", False, "laptop", "local", not_first=("ray-serve",), excluded=("trainjob",)),
     Case("serving over many nodes is not Ray Serve", "serving", True, None, "trainjob", not_first=("ray-serve",)),
-    Case("kubernetes serving over many nodes", "serving", True, "kubernetes", "trainjob", not_first=("ray-serve",), excluded=("local",)),
+    Case("kubernetes serving over many nodes", "serving", True, "kubernetes", "trainjob", not_first=("kuberay-serve",),
+         excluded=("local", "ray-serve")),
     Case("multi-node batch anywhere is Ray Train", "batch", True, None, "ray-train", not_first=("local",)),
-    Case("MPI Operator is multi-node only", "batch", False, "kubernetes", "ray-train", excluded=("mpijob", "local")),
+    Case("MPI Operator is multi-node only", "batch", False, "kubernetes", "kuberay-train", excluded=("mpijob", "local", "ray-train")),
+    Case("kubernetes serving on one node is KubeRay", "serving", False, "kubernetes", "kuberay-serve", excluded=("ray-serve",)),
 ]
 
 
@@ -57,8 +61,8 @@ def test_ranking(case: Case) -> None:
 
 def test_ranking_is_by_score_within_a_platform() -> None:
     recs = recommend("batch", True, "kubernetes", available=EVERYTHING)
-    assert [r.profile.key for r in recs] == ["ray-train", "trainjob", "mpijob", "statefulset"]
-    assert [r.score for r in recs] == [5, 3, 2, 1]
+    assert [r.profile.key for r in recs] == ["kuberay-train", "trainjob", "mpijob", "statefulset"]
+    assert [r.score for r in recs] == [4, 3, 2, 1]
 
 
 def test_ray_serve_scores_two_across_nodes() -> None:
@@ -81,7 +85,9 @@ AVAILABILITY = [
     AvailabilityCase("ray missing, local batch fallback", "batch", "ray", frozenset({"local"}),
                      "recommended: Ray Train (not available here yet: falls back to local)"),
     AvailabilityCase("ray present", "batch", "ray", frozenset({"local", "ray"}), "recommended: Ray Train"),
-    AvailabilityCase("no local fallback for serving", "serving", "ray", frozenset({"local"}),
+    AvailabilityCase("local serving is the fallback for serving", "serving", "ray", frozenset({"local"}),
+                     "recommended: Ray Serve (not available here yet: falls back to local)"),
+    AvailabilityCase("no fallback without local", "serving", "ray", frozenset({"trainjob"}),
                      "recommended: Ray Serve (not available here yet)"),
     AvailabilityCase("nothing installed at all", "batch", "laptop", frozenset(),
                      "recommended: Local (not available here yet)"),
@@ -114,9 +120,11 @@ def test_profile_table_matches_the_field_notes() -> None:
         "trainjob": ("trainjob", 3, 3, ("batch", "serving"), True, True),
         "ray-train": ("ray", 5, 5, ("batch",), True, True),
         "ray-serve": ("ray", 5, 2, ("serving",), True, True),
-        "local": ("local", 5, 1, ("batch",), True, True),
+        "local": ("local", 5, 1, ("batch", "serving"), True, True),
+        "kuberay-train": ("kuberay", 4, 4, ("batch",), True, True),
+        "kuberay-serve": ("kuberay", 4, 2, ("serving",), True, True),
     }
-    assert {p.key for p in PROFILES} == set(expected)
+    assert {p.key for p in all_profiles()} == set(expected)
     for key, (backend, score, multi_score, workloads, single, multi) in expected.items():
         p = profile(key)
         assert (p.backend, p.score, p.score_for(True), p.workloads, p.single_node, p.multi_node) == (
@@ -140,10 +148,42 @@ def test_how_to_enable_names_the_install_and_the_needs() -> None:
     [
         (lambda: recommend("training", False), "workload must be one of batch, serving"),  # type: ignore[arg-type]
         (lambda: recommend("batch", False, platform="slurm"), "platform must be one of"),  # type: ignore[arg-type]
-        (lambda: profile("kuberay"), "known: local"),
+        (lambda: profile("slurm"), "known: local"),
         (lambda: BackendProfile("x", "x", "X", 6, ("batch",), "single", (), "", ("laptop",)), "outside 1..5"),
     ],
 )
 def test_bad_requests_are_refused(call, message: str) -> None:
     with pytest.raises((ValueError, KeyError), match=message):
         call()
+
+
+def test_each_profile_says_what_its_backend_really_runs() -> None:
+    """The profiles are declared by the backends: serving is listed exactly where the backend serves."""
+    from dsnb.backends.base import Backend, builtin_backends, load_backend
+    from dsnb.backends.profiles import BUILTIN_PROFILES
+
+    for name in builtin_backends():
+        backend = load_backend(name)
+        assert backend.profiles == BUILTIN_PROFILES[name] and all(p.backend == name for p in backend.profiles)
+        serves = backend.serve_plan is not Backend.serve_plan
+        assert any("serving" in p.workloads for p in backend.profiles) == serves, name
+        assert any("batch" in p.workloads for p in backend.profiles), name
+
+
+def test_a_plugin_backend_that_declares_a_profile_is_ranked() -> None:
+    from dsnb.backends.base import Backend, register_backend, unregister_backend
+
+    class Slurm(Backend):
+        name = "slurm-test"
+        profiles = (BackendProfile(key="slurm-test", backend="slurm-test", label="Slurm", score=4, workloads=("batch",),
+                                   node_span="multi", needs=("a Slurm account",), suits="HPC centres",
+                                   platforms=("kubernetes",)),)
+
+    register_backend("slurm-test", Slurm)
+    try:
+        keys = [r.profile.key for r in recommend("batch", True, "kubernetes")]
+        assert keys[:2] == ["slurm-test", "kuberay-train"]  # both score 4; the plugin needs less
+        assert profile("slurm-test").label == "Slurm"
+    finally:
+        unregister_backend("slurm-test")
+    assert "slurm-test" not in [p.key for p in all_profiles()]

@@ -1,4 +1,4 @@
-"""``Cluster("ray", kuberay=True)``: RayJobs through the shared Kubernetes machinery, over real HTTP.
+"""``Cluster("kuberay")``: RayJobs through the shared Kubernetes machinery, over real HTTP.
 
 The plan is validated against the KubeRay CRD (unknown fields refused) and the Kubernetes
 schema. The conversation runs against the API emulator, with ``tests/k8s/kuberay_sim.py``
@@ -32,7 +32,7 @@ from rich.console import Console  # noqa: E402
 
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobSpec, JobState, PodOptions, Resources  # noqa: E402
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
-from dsnb.backends.ray.kuberay_backend import KubeRayBackend  # noqa: E402
+from dsnb.backends.kubernetes.kuberay import KubeRayBackend  # noqa: E402
 from dsnb.console.cli import main  # noqa: E402
 from dsnb.status import LAUNCHER_LINE_RANK  # noqa: E402
 
@@ -62,7 +62,7 @@ def sim(emulator: KubeEmulator):  # noqa: F811 - fixture
 
 @pytest.fixture
 def cluster(emulator: KubeEmulator, sim: ClusterSim):  # noqa: F811 - fixtures
-    with make_cluster(emulator, "ray", kuberay=True, cancel_wait=20) as made:
+    with make_cluster(emulator, "kuberay", cancel_wait=20) as made:
         yield made
 
 
@@ -84,7 +84,7 @@ def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]: 
 @pytest.mark.parametrize("options", [None, PodOptions(checkpoint_pvc="ckpt", image_pull_secrets=["regcred"])],
                          ids=["defaults", "checkpoint-pvc"])
 def test_the_plan_is_a_record_a_secret_and_a_rayjob_that_fit_their_schemas(options) -> None:
-    cluster = Cluster("ray", kuberay=True, namespace=NAMESPACE, pod_options=options)
+    cluster = Cluster("kuberay", namespace=NAMESPACE, pod_options=options)
     plan = cluster.dryrun(spec(env={"HF_TOKEN": SECRET_VALUE, "NCCL_DEBUG": "INFO"}, resources=Resources(cpu=4, gpus=1),
                                deepspeed={"train_micro_batch_size_per_gpu": 2}))
     text = plan.to_yaml()
@@ -120,7 +120,7 @@ def test_the_plan_is_a_record_a_secret_and_a_rayjob_that_fit_their_schemas(optio
 
 
 def test_the_validator_refuses_a_misspelt_submitter_field() -> None:
-    rayjob = Cluster("ray", kuberay=True, namespace=NAMESPACE).dryrun(spec()).manifests[-1]
+    rayjob = Cluster("kuberay", namespace=NAMESPACE).dryrun(spec()).manifests[-1]
     bad = json.loads(json.dumps(rayjob))
     bad["spec"]["submitterPodTemplate"]["spec"]["restartPolicyy"] = "Never"
     with pytest.raises(jsonschema.ValidationError, match="restartPolicyy"):
@@ -128,16 +128,16 @@ def test_the_validator_refuses_a_misspelt_submitter_field() -> None:
 
 
 def test_a_relative_script_is_found_from_the_working_dir_and_options_are_checked() -> None:
-    rayjob = Cluster("ray", kuberay=True, namespace=NAMESPACE, storage_path="s3://bucket/runs").dryrun(
+    rayjob = Cluster("kuberay", namespace=NAMESPACE, storage_path="s3://bucket/runs").dryrun(
         spec(working_dir="/app")).manifests[-1]
     driver = json.loads(yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]["DSNB_RAY_JOB"])
     assert driver["script"] == "/app/train.py" and driver["storage_path"] == "s3://bucket/runs"
     from dsnb import InvalidSpecError
 
     with pytest.raises(InvalidSpecError, match="ray_version"):
-        Cluster("ray", kuberay=True, ray_version="2.60")
+        Cluster("kuberay", ray_version="2.60")
     with pytest.raises(InvalidSpecError, match="command"):
-        Cluster("ray", kuberay=True).dryrun(JobSpec(name="a", command=["torchrun", "t.py"], image=IMAGE))
+        Cluster("kuberay").dryrun(JobSpec(name="a", command=["torchrun", "t.py"], image=IMAGE))
 
 
 # -- status from the RayJob --------------------------------------------------------------------
@@ -254,7 +254,7 @@ def test_a_failing_rank_is_named_with_its_exit_code(emulator, sim, cluster) -> N
 @needs_sandbox
 def test_the_failing_rank_is_named_when_kuberay_reports_the_end_before_the_log_has_it(emulator) -> None:  # noqa: F811
     with ClusterSim(emulator, NAMESPACE, controllers=[KubeRaySim(end_early=True)]) as running, \
-            make_cluster(emulator, "ray", kuberay=True) as cluster:
+            make_cluster(emulator, "kuberay") as cluster:
         job = cluster.submit(spec("fail"))
         with pytest.raises(JobFailed) as info:
             job.wait(timeout=30)
@@ -278,14 +278,14 @@ def test_cancel_mid_run_removes_the_rayjob_and_its_pods(emulator, sim, cluster) 
 def test_attach_from_a_fresh_cluster_and_list_jobs(emulator, sim, cluster) -> None:  # noqa: F811
     job = cluster.submit(spec("sleep"))
     wait_until(lambda: job.status().state == JobState.RUNNING, timeout=20)
-    with make_cluster(emulator, "ray", kuberay=True, cancel_wait=20) as fresh:
+    with make_cluster(emulator, "kuberay", cancel_wait=20) as fresh:
         assert [s.name for s in fresh.jobs()] == [job.name]
         again = fresh.attach(job.name)
         assert again.status().state == JobState.RUNNING
         wait_until(lambda: any(line.rank == 1 for line in again.logs()), timeout=10)
         again.cancel()
     assert job.status().state == JobState.CANCELLED
-    with make_cluster(emulator, "ray", kuberay=True) as later:  # after the end: from the record and the archive
+    with make_cluster(emulator, "kuberay") as later:  # after the end: from the record and the archive
         ended = later.attach(job.name)
         assert ended.status().state == JobState.CANCELLED and any(line.rank == 0 for line in ended.logs())
     assert leftovers(emulator, sim, job.name) == []
@@ -295,7 +295,7 @@ def test_attach_from_a_fresh_cluster_and_list_jobs(emulator, sim, cluster) -> No
 
 def test_submitting_without_the_rayjob_crd_says_how_to_install_kuberay(emulator) -> None:  # noqa: F811
     emulator.remove_resource("ray.io/v1", "RayJob")
-    with make_cluster(emulator, "ray", kuberay=True) as cluster:
+    with make_cluster(emulator, "kuberay") as cluster:
         with pytest.raises(ClusterError, match="the operator is not installed") as info:
             cluster.submit(spec(env={"HF_TOKEN": SECRET_VALUE}))
         assert KUBERAY_INSTALL in str(info.value)
@@ -314,7 +314,7 @@ def add_kuberay_operator(emulator: KubeEmulator) -> None:  # noqa: F811
 
 def test_preflight_reports_the_crd_and_the_operator(emulator) -> None:  # noqa: F811
     add_kuberay_operator(emulator)
-    with make_cluster(emulator, "ray", kuberay=True) as cluster:
+    with make_cluster(emulator, "kuberay") as cluster:
         report = cluster.check()
     assert report.ok, str(report)
     names = [r.name for r in report.results]
@@ -327,7 +327,7 @@ def test_preflight_reports_the_crd_and_the_operator(emulator) -> None:  # noqa: 
 
 def test_preflight_without_kuberay_fails_with_the_helm_install(emulator) -> None:  # noqa: F811
     emulator.remove_resource("ray.io/v1", "RayJob")
-    with make_cluster(emulator, "ray", kuberay=True) as cluster:
+    with make_cluster(emulator, "kuberay") as cluster:
         report = cluster.check()
     assert [r.name for r in report.problems] == ["RayJob CRD", "KubeRay operator"]
     assert report["RayJob CRD"].fix == report["KubeRay operator"].fix == f"install it: {KUBERAY_INSTALL}"
@@ -369,7 +369,7 @@ def test_a_retried_submitter_replaying_the_driver_log_adds_no_line_twice(emulato
     --follow` prints the driver log from the start. Every line and metric is kept once."""
     operator = KubeRaySim(drop_submitter_once=True)
     with ClusterSim(emulator, NAMESPACE, controllers=[operator]) as running, \
-            make_cluster(emulator, "ray", kuberay=True) as cluster:
+            make_cluster(emulator, "kuberay") as cluster:
         job = cluster.submit(spec("ok"))
         assert job.wait(timeout=60).state == JobState.SUCCEEDED
         assert operator.submitter_pods[job.name] == 2  # the dropped one and its retry

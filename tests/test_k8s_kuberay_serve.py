@@ -1,4 +1,4 @@
-"""``Cluster("ray", kuberay=True).serve(ServeSpec)``: a RayService through the Kubernetes machinery, over real HTTP.
+"""``Cluster("kuberay").serve(ServeSpec)``: a RayService through the Kubernetes machinery, over real HTTP.
 
 The plan is validated against KubeRay v1.7's RayService CRD (unknown fields refused). The
 conversation runs against the API emulator, with ``tests/k8s/kuberay_sim.py`` playing the
@@ -28,7 +28,7 @@ from k8s.sim import ClusterSim  # noqa: E402
 
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobState, Resources  # noqa: E402
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
-from dsnb.backends.ray.kuberay_backend import KubeRayBackend  # noqa: E402
+from dsnb.backends.kubernetes.kuberay import KubeRayBackend  # noqa: E402
 from dsnb.backends.ray.serve_app import IMPORT_PATH  # noqa: E402
 from dsnb.endpoint import Endpoint  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402
@@ -59,7 +59,7 @@ def sim(emulator: KubeEmulator):  # noqa: F811 - fixture
 
 @pytest.fixture
 def cluster(emulator: KubeEmulator, sim: ClusterSim):  # noqa: F811 - fixtures
-    with make_cluster(emulator, "ray", kuberay=True, cancel_wait=20) as made:
+    with make_cluster(emulator, "kuberay", cancel_wait=20) as made:
         yield made
 
 
@@ -80,7 +80,7 @@ def leftovers(emulator: KubeEmulator, name: str) -> list[str]:  # noqa: F811
 def test_the_plan_is_a_record_a_secret_and_a_rayservice_that_fit_their_schemas() -> None:
     spec = serve_spec(min_replicas=1, max_replicas=3, replicas=1, resources=Resources(cpu=2),
                       env={"HF_TOKEN": SECRET_VALUE, "LOG_LEVEL": "debug"})
-    plan = Cluster("ray", kuberay=True, namespace=NAMESPACE).dryrun(spec)
+    plan = Cluster("kuberay", namespace=NAMESPACE).dryrun(spec)
     text = plan.to_yaml()
     assert SECRET_VALUE not in text and SECRET_VALUE not in str(plan) and SECRET_VALUE not in repr(plan)
     record, secret, service = yaml.safe_load_all(text)
@@ -121,7 +121,7 @@ def test_the_plan_is_a_record_a_secret_and_a_rayservice_that_fit_their_schemas()
 
 
 def test_a_fixed_replica_count_gives_as_many_worker_pods_and_gpus_reach_ray() -> None:
-    plan = Cluster("ray", kuberay=True, namespace=NAMESPACE).dryrun(serve_spec(replicas=2, resources=Resources(gpus=1)))
+    plan = Cluster("kuberay", namespace=NAMESPACE).dryrun(serve_spec(replicas=2, resources=Resources(gpus=1)))
     service = plan.manifests[-1]
     assert [m["kind"] for m in plan.manifests] == ["ConfigMap", "RayService"]  # no secret values, no Secret
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
@@ -133,7 +133,7 @@ def test_a_fixed_replica_count_gives_as_many_worker_pods_and_gpus_reach_ray() ->
 
 def test_a_spec_without_an_image_is_refused_naming_the_field() -> None:
     with pytest.raises(InvalidSpecError) as info:
-        Cluster("ray", kuberay=True, namespace=NAMESPACE).dryrun(serve_spec(image=None))
+        Cluster("kuberay", namespace=NAMESPACE).dryrun(serve_spec(image=None))
     assert info.value.field == "image" and "Fix:" in str(info.value) and "rayproject/ray" in str(info.value)
 
 
@@ -224,7 +224,7 @@ def test_serve_runs_lists_and_stops_the_endpoint_leaving_nothing(emulator, sim, 
 
 def test_a_fresh_cluster_finds_the_endpoint_and_serve_url_overrides_its_address(emulator, sim, cluster) -> None:  # noqa: F811
     endpoint = cluster.serve(serve_spec(), wait=60)
-    with make_cluster(emulator, "ray", kuberay=True, cancel_wait=20) as fresh:
+    with make_cluster(emulator, "kuberay", cancel_wait=20) as fresh:
         again = fresh.endpoint(endpoint.name)
         assert again.status().state == JobState.RUNNING and again.url == endpoint.url
         assert [s.name for s in fresh.endpoints()] == [endpoint.name]
@@ -232,7 +232,7 @@ def test_a_fresh_cluster_finds_the_endpoint_and_serve_url_overrides_its_address(
 
         with pytest.raises(JobNotFound):
             fresh.endpoint("nope-abcd")
-    with make_cluster(emulator, "ray", kuberay=True, serve_url="http://127.0.0.1:8000/") as forwarded:
+    with make_cluster(emulator, "kuberay", serve_url="http://127.0.0.1:8000/") as forwarded:
         assert forwarded.endpoint(endpoint.name).url == "http://127.0.0.1:8000/"
         assert forwarded.endpoint(endpoint.name).stop().state == JobState.CANCELLED
     assert leftovers(emulator, endpoint.name) == []
@@ -249,7 +249,7 @@ def test_a_loader_that_fails_to_deploy_fails_serve_with_its_message_and_leaves_n
 
 def test_serving_without_the_rayservice_crd_says_how_to_install_kuberay(emulator) -> None:  # noqa: F811
     emulator.remove_resource("ray.io/v1", "RayService")
-    with make_cluster(emulator, "ray", kuberay=True) as cluster:
+    with make_cluster(emulator, "kuberay") as cluster:
         with pytest.raises(ClusterError, match="the operator is not installed") as info:
             cluster.serve(serve_spec(env={"HF_TOKEN": SECRET_VALUE}), wait=5)
         assert KUBERAY_INSTALL in str(info.value)

@@ -19,7 +19,7 @@ import yaml  # noqa: E402
 from k8s import crds  # noqa: E402
 
 from dsnb import InvalidSpecError, JobSpec, PodOptions, Resources  # noqa: E402
-from dsnb.backends.ray.kuberay import (  # noqa: E402
+from dsnb.backends.kubernetes.kuberay_manifests import (  # noqa: E402
     HEAD_CONTAINER,
     SUBMITTER_CONTAINER,
     WORKER_CONTAINER,

@@ -78,10 +78,10 @@ class Bare(Backend):
 
     name = "bare"
 
-    def dryrun(self, spec: JobSpec) -> Plan:
+    def render(self, spec: JobSpec) -> Plan:
         return Plan(backend=self.name, spec=spec)
 
-    apply = status = read_logs = read_metrics = cancel = jobs = spec_of = None  # type: ignore[assignment]
+    apply = status = read_logs = read_metrics = stop_running = jobs = spec_of = None  # type: ignore[assignment]
 
 
 def test_a_backend_without_a_preflight_passes_with_one_line():

@@ -66,6 +66,45 @@ def test_entry_point_plugins_are_found(tmp_path: Path, monkeypatch: pytest.Monke
     assert Cluster("plugged").backend.name == "plugged"
 
 
+def test_kuberay_is_a_backend_of_its_own_and_the_old_spelling_still_reaches_it() -> None:
+    pytest.importorskip("kubernetes")
+    from dsnb.backends.kubernetes.kuberay import KubeRayBackend
+
+    assert "kuberay" in available_backends() and load_backend("kuberay") is KubeRayBackend
+    with Cluster("kuberay", namespace="ml") as cluster, Cluster("ray", kuberay=True, namespace="ml") as old:
+        assert type(cluster.backend) is type(old.backend) is KubeRayBackend and cluster.backend.name == "kuberay"
+
+
+def test_a_name_in_use_is_not_taken_over_silently() -> None:
+    with pytest.raises(ValueError, match="a backend named 'local' exists already; pass clobber=True"):
+        register_backend("local", "somewhere:Else")
+    assert load_backend("local") is LocalBackend
+    register_backend("local", "dsnb.backends.local:LocalBackend", clobber=True)
+    unregister_backend("local")  # the built-in one again
+    assert load_backend("local") is LocalBackend
+
+
+@pytest.mark.parametrize("name", sorted(base._BUILTIN))
+def test_each_backends_options_are_its_constructors_keywords(name: str) -> None:
+    import inspect
+
+    try:
+        backend = load_backend(name)
+    except BackendUnavailable:
+        pytest.skip(f"{name}'s extra is not installed")
+    keywords: set[str] = set()
+    for cls in backend.__mro__:  # **options pass on to the parent's constructor
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        keywords |= {p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    assert {option.name for option in backend.options} == keywords
+    assert base.backend_options(name) == backend.options
+
+
 def test_backend_options_are_checked() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'namespace'"):
         Cluster("local", namespace="ml")
@@ -91,7 +130,7 @@ NO_EXTRAS = textwrap.dedent("""
     except dsnb.BackendUnavailable as e:
         print("ray:", e)
     try:
-        Cluster("ray", kuberay=True)
+        Cluster("kuberay")
     except dsnb.BackendUnavailable as e:
         print("kuberay:", e)
 """)
@@ -105,7 +144,7 @@ def test_import_without_torch_kubernetes_or_ray() -> None:
     assert "statefulset: backend 'statefulset': needs the 'kubernetes' package" in run.stdout
     assert "pip install 'dsnb[k8s]'" in run.stdout
     assert "ray: backend 'ray': needs the 'ray' package" in run.stdout and "pip install 'dsnb[ray]'" in run.stdout
-    assert "kuberay: backend 'ray': kuberay=True needs the 'kubernetes' package" in run.stdout
+    assert "kuberay: backend 'kuberay': needs the 'kubernetes' package" in run.stdout
 
 
 def test_import_is_light() -> None:

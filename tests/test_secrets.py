@@ -75,7 +75,7 @@ def test_a_secret_ref_never_passes_through_dsnb_on_kubernetes() -> None:
     record = json.loads(next(m for m in plan.manifests if m["kind"] == "ConfigMap")["data"]["spec.json"])
     assert record["env"]["DB_URL"] == {"secretKeyRef": {"name": "db-credentials", "key": "url"}}
     assert JobSpec.from_dict(spec.to_dict()).env["DB_URL"] == SecretRef("db-credentials", "url")  # the record reads back
-    rayjob = next(m for m in Cluster("ray", kuberay=True, namespace="ml").dryrun(spec).manifests if m["kind"] == "RayJob")
+    rayjob = next(m for m in Cluster("kuberay", namespace="ml").dryrun(spec).manifests if m["kind"] == "RayJob")
     assert "DB_URL" not in rayjob["spec"].get("runtimeEnvYAML", "")  # the Ray processes get it from the pods' env
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "DB_URL", "valueFrom": {"secretKeyRef": {"name": "db-credentials", "key": "url"}}} in head["env"]

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import abc
 import collections
+import functools
 import importlib
 import importlib.metadata
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
+from dsnb.backends.options import BUILTIN_OPTIONS, Option
+from dsnb.backends.profiles import BUILTIN_PROFILES, BackendProfile
 from dsnb.errors import BackendUnavailable
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobStatus, LogLine, MetricSample
@@ -164,14 +168,31 @@ class Backend(abc.ABC):
 
     #: Registry name, e.g. ``"local"``.
     name: str = ""
+    #: The constructor's keyword arguments, as the CLI and the form offer them.
+    options: ClassVar[tuple[Option, ...]] = ()
+    profiles: ClassVar[tuple[BackendProfile, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise TypeError(f"backend {self.name!r} takes no options, got {sorted(options)}")
 
-    @abc.abstractmethod
     def dryrun(self, spec: JobSpec) -> Plan:
         """Render what ``submit`` would do, with a unique job name; create nothing.
+
+        The name comes from :meth:`unique_spec`, the plan from :meth:`render`.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend (the field and fix named).
+        """
+        return self.render(self.unique_spec(spec))
+
+    def unique_spec(self, spec: JobSpec) -> JobSpec:
+        """``spec`` under the name its job will have: the name and a random suffix (``tiny-x7k2``)."""
+        return spec.with_unique_name()
+
+    @abc.abstractmethod
+    def render(self, spec: JobSpec) -> Plan:
+        """The plan for ``spec``, which carries its job's unique name already; create nothing.
 
         Raises:
             InvalidSpecError: the spec cannot run on this backend (the field and fix named).
@@ -223,9 +244,19 @@ class Backend(abc.ABC):
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
         """Metric samples since ``cursor`` (None: from the start). Raises: JobNotFound."""
 
-    @abc.abstractmethod
     def cancel(self, name: str) -> JobStatus:
-        """Stop the job and everything it started; idempotent. Raises: JobNotFound."""
+        """Stop the job and everything it started; idempotent: a job that has ended is left as it is.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        status = self.status(name)
+        return status if status.state.is_terminal() else self.stop_running(name, status)
+
+    @abc.abstractmethod
+    def stop_running(self, name: str, status: JobStatus) -> JobStatus:
+        """Stop job ``name``, which had ``status`` (not ended) a moment ago, and everything it started;
+        returns its final status. Raises: JobNotFound."""
 
     @abc.abstractmethod
     def jobs(self) -> list[JobStatus]:
@@ -251,7 +282,7 @@ class Backend(abc.ABC):
         Example:
             >>> class Nothing(Backend):
             ...     name = "nothing"
-            ...     dryrun = apply = status = read_logs = read_metrics = cancel = jobs = spec_of = None
+            ...     render = apply = status = read_logs = read_metrics = stop_running = jobs = spec_of = None
             >>> print(Nothing().check())
             ✓ backend: 'nothing' needs no preflight
         """
@@ -312,25 +343,35 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "mpijob": ("dsnb.backends.kubernetes.mpijob:MPIJobBackend", "k8s"),
     "trainjob": ("dsnb.backends.kubernetes.trainjob:TrainJobBackend", "k8s"),
     "ray": ("dsnb.backends.ray.backend:RayBackend", "ray"),
+    "kuberay": ("dsnb.backends.kubernetes.kuberay:KubeRayBackend", "k8s"),
 }
 _registered: dict[str, tuple[str | type[Backend], str | None]] = {}
 ENTRY_POINT_GROUP = "dsnb.backends"
 
 
-def register_backend(name: str, target: str | type[Backend], extra: str | None = None) -> None:
+def register_backend(name: str, target: str | type[Backend], extra: str | None = None, clobber: bool = False) -> None:
     """Make a backend available under ``name``.
 
     Args:
         name: what ``Cluster(name)`` takes.
         target: the class, or ``"module:Class"`` imported on first use.
         extra: the dsnb extra that installs its dependencies, for the install hint.
+        clobber: replace a backend already known by that name (a built-in one included).
+
+    Raises:
+        ValueError: ``name`` is taken and ``clobber`` is False.
 
     Example:
         >>> register_backend("mine", "dsnb.backends.local:LocalBackend")
         >>> load_backend("mine").__name__
         'LocalBackend'
+        >>> register_backend("local", "mine.module:Faster")
+        Traceback (most recent call last):
+        ValueError: a backend named 'local' exists already; pass clobber=True to replace it
         >>> unregister_backend("mine")
     """
+    if not clobber and (name in _BUILTIN or name in _registered or name in _entry_points()):
+        raise ValueError(f"a backend named {name!r} exists already; pass clobber=True to replace it")
     _registered[name] = (target, extra)
 
 
@@ -340,12 +381,73 @@ def unregister_backend(name: str) -> None:
 
 
 def _entry_points() -> dict[str, str]:
+    # Scanned once per sys.path (about 10 ms a scan), not on every lookup: a path added later
+    # (a plugin installed into it, or put on it) is scanned then.
+    return _entry_points_on(tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _entry_points_on(path: tuple[str, ...]) -> dict[str, str]:
     return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def resolve_name(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The backend name and options that older spellings stand for: ``Cluster("ray", kuberay=True)``
+    is ``Cluster("kuberay")``.
+
+    Example:
+        >>> resolve_name("ray", {"kuberay": True, "namespace": "ml"})
+        ('kuberay', {'namespace': 'ml'})
+    """
+    if name == "ray" and "kuberay" in options:
+        rest = {k: v for k, v in options.items() if k != "kuberay"}
+        return ("kuberay" if options["kuberay"] else "ray"), rest
+    return name, options
 
 
 def available_backends() -> list[str]:
     """Names ``Cluster`` accepts: built-in, registered and entry-point backends."""
     return sorted({*_BUILTIN, *_registered, *_entry_points()})
+
+
+def backend_options(name: str) -> tuple[Option, ...]:
+    """The options backend ``name`` takes; a built-in backend's without importing it.
+
+    Raises:
+        BackendUnavailable: unknown name, or a plugin whose dependencies are missing.
+
+    Example:
+        >>> [option.name for option in backend_options("local")]
+        ['home']
+    """
+    if name in BUILTIN_OPTIONS and name not in _registered:
+        return BUILTIN_OPTIONS[name]
+    return tuple(load_backend(name).options)
+
+
+def backend_profiles(name: str) -> tuple[BackendProfile, ...]:
+    """What backend ``name`` is like to use (for the advisor); a built-in backend's without importing it.
+
+    Raises:
+        BackendUnavailable: unknown name, or a plugin whose dependencies are missing.
+
+    Example:
+        >>> [p.key for p in backend_profiles("kuberay")]
+        ['kuberay-train', 'kuberay-serve']
+    """
+    if name in BUILTIN_PROFILES and name not in _registered:
+        return BUILTIN_PROFILES[name]
+    return tuple(load_backend(name).profiles)
+
+
+def builtin_backends() -> tuple[str, ...]:
+    """The backends dsnb itself provides, in the order the docs list them.
+
+    Example:
+        >>> builtin_backends()[0]
+        'local'
+    """
+    return tuple(_BUILTIN)
 
 
 def load_backend(name: str) -> type[Backend]:

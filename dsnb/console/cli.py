@@ -41,8 +41,9 @@ from rich.live import Live
 from rich.markup import escape
 
 import dsnb
-from dsnb.backends.base import load_backend
+from dsnb.backends.base import backend_options, load_backend
 from dsnb.backends.local.jobdir import dsnb_home
+from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.cluster import Cluster
 from dsnb.console.text import printable
 from dsnb.console.view import format_duration, jobs_table, render, status_view
@@ -108,32 +109,46 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="local", help="backend name (default: local)")
-    parser.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig context's)")
-    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
-    parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    parser.add_argument("--address", metavar="URL", help="Ray dashboard of an existing Ray cluster, http://HOST:8265 "
-                        "(--backend ray; its token from $RAY_AUTH_TOKEN or ~/.ray/auth_token)")
-    parser.add_argument("--kuberay", action="store_true", help="--backend ray on Kubernetes through KubeRay (RayJob)")
+    group = parser.add_argument_group("backend options", "each taken by the backends that list it (dsnb check shows them)")
+    for option, backends in _cli_options().items():
+        group.add_argument(option.flag, dest=_dest(option), choices=option.choices, metavar=option.name.upper().replace("_", "-"),
+                           help=f"{option.help} [{', '.join(backends)}]")
+    group.add_argument("--kuberay", action="store_true", help="with --backend ray: the same as --backend kuberay")
+
+
+def _dest(option: Option) -> str:
+    return f"backend_{option.name}"
+
+
+def _cli_options() -> dict[Option, list[str]]:
+    """Every command-line option of the built-in backends, once, with the backends that take it."""
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for backend, options in BUILTIN_OPTIONS.items():
+        for option in options:
+            if option.on_command_line:
+                found.setdefault(option.name, (option, []))[1].append(backend)
+    return {option: backends for option, backends in found.values()}
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
-    """The Cluster the arguments name; Kubernetes options only when given.
+    """The Cluster the arguments name, with the backend options given.
 
     Raises:
         BackendUnavailable: unknown backend or missing extra.
-        ClusterError: Kubernetes options given to a backend that takes none.
+        ClusterError: an option given to a backend that does not take it (and which do).
+        InvalidSpecError: an option's value is not one it takes.
     """
-    options = {key: getattr(args, key) for key in ("namespace", "context", "kubeconfig", "address") if getattr(args, key, None) is not None}
-    if getattr(args, "kuberay", False):
-        options["kuberay"] = True
-    load_backend(args.backend)  # an unknown backend or a missing extra: the install hint
-    try:
-        return Cluster(args.backend, **options)
-    except TypeError as e:
-        given = ", ".join(f"--{key}" for key in options)
-        raise ClusterError(f"backend {args.backend!r}", f"takes no {given}",
-                           "--namespace/--context/--kubeconfig are for Kubernetes backends (e.g. --backend statefulset), "
-                           "--address and --kuberay for --backend ray") from e
+    name = "kuberay" if args.backend == "ray" and getattr(args, "kuberay", False) else args.backend
+    load_backend(name)  # an unknown backend or a missing extra: the install hint
+    takes = {option.name: option for option in backend_options(name) if option.on_command_line}
+    given = {option: getattr(args, _dest(option)) for option, _ in _cli_options().items()
+             if getattr(args, _dest(option), None) is not None}
+    refused = [option for option in given if option.name not in takes]
+    if refused:
+        others = {option.flag: ", ".join(backends) for option, backends in _cli_options().items() if option in refused}
+        raise ClusterError(f"backend {name!r}", f"takes no {', '.join(others)}",
+                           "; ".join(f"{flag} is for {backends}" for flag, backends in others.items()))
+    return Cluster(name, **{option.name: takes[option.name].parse(value) for option, value in given.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="check a backend can run jobs (access, permissions, GPUs); start nothing",
                            allow_abbrev=False)
-    check.add_argument("--backend", default="local", help="backend name (default: local)")
-    check.add_argument("--namespace", help="Kubernetes namespace (default: the kubeconfig context's)")
-    check.add_argument("--context", help="kubeconfig context (default: the current one)")
-    check.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    _add_cluster_options(check)
     check.add_argument("--gpus", type=int, default=0, metavar="G", help="also check for nodes offering G GPUs each")
     check.add_argument("--nodes", type=int, metavar="M", help="nodes the job needs (default 1)")
     check.add_argument("--procs", type=int, metavar="N", help="ranks per node (default: one per GPU, else 1)")
@@ -490,7 +502,7 @@ def _serve(ui: _Ui, args: argparse.Namespace, spec: ServeSpec) -> int:
         _plain(ui.out, f"{endpoint.name} ready at {endpoint.url}")
         _plain(ui.err, f"OpenAI clients: base_url={endpoint.url}v1   KServe v2: {endpoint.url}v2/models/{spec.name}/infer")
         if args.detach:
-            _plain(ui.err, f"stop it with: dsnb cancel {endpoint.name}" if cluster.backend.name != "ray"
+            _plain(ui.err, f"stop it with: dsnb cancel {endpoint.name}" if endpoint.served_as_job
                    else "it runs until the Ray cluster stops it")
             return EXIT_OK
         _plain(ui.err, "serving; Ctrl-C stops it")
@@ -523,10 +535,7 @@ def _cmd_endpoints(ui: _Ui, args: argparse.Namespace) -> int:
 
 
 def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
-    if args.backend == "ray":  # on Kubernetes, Ray jobs are KubeRay's: Cluster("ray", kuberay=True)
-        from dsnb.backends.ray.kuberay_backend import KubeRayBackend as backend_class
-    else:
-        backend_class = load_backend(args.backend)
+    backend_class = load_backend("kuberay" if args.backend == "ray" else args.backend)  # on Kubernetes, Ray is KubeRay
     permissions = getattr(backend_class, "permissions", ())
     if not permissions:
         _error(ui, f"backend {args.backend!r} creates nothing on Kubernetes, so it needs no Role; "

@@ -375,6 +375,7 @@ class LaunchForm:
         self._last_launch: tuple[float, JobSpec] | None = None
         self._auto_export_path = ""
         self._available = advisor.available_here()
+        self._profiles = {prof.key: prof for prof in advisor.all_profiles()}
         self.errors: dict[str, widgets.HTML] = {}
         # Secret env values typed into the form live here, not in the widget (whose state a notebook may save).
         self._secret_env: dict[str, str] = {}
@@ -503,7 +504,7 @@ class LaunchForm:
 
     def _backend_options(self) -> list[tuple[str, str]]:
         options = []
-        for prof in advisor.PROFILES:
+        for prof in self._profiles.values():
             label = prof.summary()
             if prof.backend not in self._available:
                 label += " — not available here"
@@ -750,7 +751,7 @@ class LaunchForm:
         if self._loading:
             return
         key = change["new"]
-        prof = advisor.PROFILES_BY_KEY.get(key)
+        prof = self._profiles.get(key)
         target = prof.backend if prof is not None else key
         if target != self.cluster.backend.name and target in self._available:
             from dsnb.cluster import Cluster
@@ -769,7 +770,7 @@ class LaunchForm:
         current = self.cluster.backend.name
         self.cluster_label.value = f"Dry run and Launch use: <code>{html.escape(repr(self.cluster), quote=False)}</code>"
         key = self.backend.value
-        prof = advisor.PROFILES_BY_KEY.get(key)
+        prof = self._profiles.get(key)
         if problem:
             note = f"<span style='color:#b00020'>{html.escape(problem)}</span>"
         elif prof is None:

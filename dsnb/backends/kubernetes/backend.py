@@ -33,6 +33,7 @@ from dsnb.backends.kubernetes.entry import Outcome
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
 from dsnb.backends.kubernetes.logs import PodLogFollower, container_started, split_rank
+from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, secret_env_keys
 from dsnb.backends.kubernetes.rbac import Permission
@@ -114,6 +115,24 @@ def env_secret(spec: JobSpec, namespace: str) -> EnvSecret:
     return EnvSecret(name, manifest, {name: {k: spec.env[k] for k in keys}}, (note,))
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one Kubernetes backend renders for a job; the record, the Secret and the NetworkPolicy
+    every job gets are :meth:`KubernetesBackend.render`'s.
+
+    Attributes:
+        manifests: the backend's objects, in creation order (the namespace is filled in for them).
+        notes: remarks for the top of the plan.
+        files: more files for the record ConfigMap (its pods mount it).
+        ingress: more ingress rules for the job's NetworkPolicy (``PodOptions(network_policy=True)``).
+    """
+
+    manifests: list[dict[str, Any]]
+    notes: list[str]
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    ingress: list[dict[str, Any]] | None = None
+
+
 def _made_objects(record: dict[str, Any]) -> dict[str, str]:
     """``{"Kind/name": uid}`` of the objects the job's apply created, as its record keeps them."""
     try:
@@ -175,6 +194,14 @@ class KubernetesBackend(Backend):
     workload_resource: tuple[str, str, str] | None = None
     #: The workload's kinds, deleted when the job ends: (apiVersion, kind, name suffix).
     workload: tuple[tuple[str, str, str], ...] = ()
+    #: The ``dsnb.io/backend`` label of the backend's records; its name unless records made by an
+    #: earlier release carry another (those must stay visible).
+    record_label = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("record_label"):
+            cls.record_label = cls.name
 
     def __init__(
         self,
@@ -283,13 +310,13 @@ class KubernetesBackend(Backend):
     # -- records ---------------------------------------------------------------------------
     def _record(self, name: str) -> dict[str, Any]:
         record = self._informer("records").get(name)
-        if record is None or (record["metadata"].get("labels") or {}).get(BACKEND) != self.name:
+        if record is None or (record["metadata"].get("labels") or {}).get(BACKEND) != self.record_label:
             raise JobNotFound(name, self.name, self._names())
         return record
 
     def _names(self) -> list[str]:
         return sorted(r["metadata"]["name"] for r in self._informer("records").items()
-                      if (r["metadata"].get("labels") or {}).get(BACKEND) == self.name)
+                      if (r["metadata"].get("labels") or {}).get(BACKEND) == self.record_label)
 
     def _job_pods(self, name: str) -> list[dict[str, Any]]:
         return self._informer("pods").items(lambda p: (p["metadata"].get("labels") or {}).get(JOB) == name)
@@ -349,6 +376,36 @@ class KubernetesBackend(Backend):
             version = records.wait_for_change(version, left)
 
     # -- status ----------------------------------------------------------------------------
+    # -- rendering -------------------------------------------------------------------------
+    def render(self, spec: JobSpec) -> Plan:
+        """The job's record ConfigMap, the Secret of its secret env values (if any), the backend's
+        :meth:`render_workload`, and with ``PodOptions(network_policy=True)`` its NetworkPolicy, all in
+        the namespace; nothing is created.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend (see :meth:`render_workload`).
+        """
+        namespace = self.namespace
+        secret = env_secret(spec, namespace)
+        work = self.render_workload(spec, secret)
+        manifests = [record_manifest(spec, self.record_label, work.files), *([secret.manifest] if secret.manifest else []),
+                     *work.manifests]
+        if self.pod_options.network_policy:
+            manifests.append(network_policy(spec.name, namespace, work.ingress))
+        for manifest in manifests:
+            manifest["metadata"]["namespace"] = namespace
+        return Plan(backend=self.name, spec=spec, manifests=manifests, notes=[*work.notes, *secret.notes],
+                    extra={"secret_values": secret.values})
+
+    @abc.abstractmethod
+    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+        """The backend's own objects for ``spec`` (which carries its unique name), whose pods take the
+        secret env values from ``secret``.
+
+        Raises:
+            InvalidSpecError: the spec cannot run on this backend (the field and fix named).
+        """
+
     @abc.abstractmethod
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
@@ -457,7 +514,7 @@ class KubernetesBackend(Backend):
 
     def jobs(self) -> list[JobStatus]:
         records = [r for r in self._informer("records").items()
-                   if (r["metadata"].get("labels") or {}).get(BACKEND) == self.name]
+                   if (r["metadata"].get("labels") or {}).get(BACKEND) == self.record_label]
         records.sort(key=lambda r: float(r["metadata"].get("annotations", {}).get(CREATED, "0") or 0), reverse=True)
         result = []
         for record in records:
@@ -530,10 +587,7 @@ class KubernetesBackend(Backend):
             self._ended[name] = final
             return final
 
-    def cancel(self, name: str) -> JobStatus:
-        current = self.status(name)
-        if current.state.is_terminal():
-            return current
+    def stop_running(self, name: str, current: JobStatus) -> JobStatus:
         now = time.time()
         cancelled = JobStatus(
             name=name, backend=self.name, state=JobState.CANCELLED, replicas=tuple(

@@ -25,15 +25,16 @@ import json
 from typing import Any
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
 from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -165,6 +166,8 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     """
 
     name = "mpijob"
+    options = BUILTIN_OPTIONS["mpijob"]
+    profiles = BUILTIN_PROFILES["mpijob"]
     permissions = MPIJOB_PERMISSIONS
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
@@ -183,14 +186,13 @@ class MPIJobBackend(JobServing, KubernetesBackend):
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
 
     # -- rendering -------------------------------------------------------------------------
-    def dryrun(self, spec: JobSpec) -> Plan:
-        unique = spec.with_unique_name()
+    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+        unique = spec
         # MPI Operator v0.8.0 refuses (with only a Warning Event) an MPIJob whose last worker
         # pod name, <name>-worker-<N-1>, is no DNS-1035 label (pkg/apis/kubeflow/validation/validation.go).
         check_derived_names(unique.name, [f"{unique.name}-worker-{unique.nodes - 1}"], "the MPI Operator's worker pods")
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
-        secret = env_secret(unique, namespace)
         # Ranks inherit the launcher's environment only through mpirun -x.
         exported = [*env, *unique.env, *self.pod_options.nccl]
         launcher = build_pod_template(
@@ -228,20 +230,13 @@ class MPIJobBackend(JobServing, KubernetesBackend):
                 },
             },
         }
-        record = record_manifest(unique, self.name, {})
-        manifests = [record, *([secret.manifest] if secret.manifest else []), mpijob]
-        if self.pod_options.network_policy:
-            manifests.append(network_policy(name, namespace))
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = namespace
         notes = [
             f"dsnb mpijob plan for {name} in namespace {namespace}: {unique.nodes} worker(s) x {unique.procs_per_node} slot(s), "
             "mpirun on the launcher; needs the MPI Operator (kubeflow.org/v2beta1)",
             "the image needs Open MPI, a non-root sshd for user mpiuser on port 2222 "
             "(like mpioperator/openmpi), torch and DeepSpeed",
-            *secret.notes,
         ]
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+        return Workload([mpijob], notes)
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd

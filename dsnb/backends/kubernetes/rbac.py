@@ -217,7 +217,7 @@ TRAINJOB_PERMISSIONS = with_serving((
     Permission("trainer.kubeflow.org", "trainingruntimes", ("create", "get", "list", "delete")),
 )) + (NETWORK_POLICIES,)
 
-#: KubeRay (``Cluster("ray", kuberay=True)``): RayJobs for batch jobs, RayServices for serving.
+#: KubeRay (``Cluster("kuberay")``): RayJobs for batch jobs, RayServices for serving.
 #: The Ray clusters, submitter Jobs and their pods are KubeRay's to create; dsnb only reads the pods.
 KUBERAY_PERMISSIONS = (
     *COMMON_PERMISSIONS,

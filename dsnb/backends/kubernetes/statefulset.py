@@ -33,10 +33,9 @@ from importlib import resources
 from typing import Any
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
-from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import (
     NodeOutcome,
     container_status,
@@ -50,6 +49,8 @@ from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_mani
 from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
 from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -159,6 +160,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
     """
 
     name = "statefulset"
+    options = BUILTIN_OPTIONS["statefulset"]
+    profiles = BUILTIN_PROFILES["statefulset"]
     permissions = STATEFULSET_PERMISSIONS
     workload = (("apps/v1", "StatefulSet", ""), ("v1", "Service", ""), ("v1", "Service", SERVICE_SUFFIX),
                 ("v1", "Secret", "-env"))
@@ -204,8 +207,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             env["DSNB_DEEPSPEED_CONFIG"] = f"{JOB_DIR}/deepspeed.json"
         return env
 
-    def dryrun(self, spec: JobSpec) -> Plan:
-        unique = spec.with_unique_name()
+    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+        unique = spec
         if len(unique.name) > MAX_SET_NAME:
             raise InvalidSpecError("name", f"{unique.name!r} is too long for a StatefulSet ({MAX_SET_NAME} characters with the suffix)",
                                    f"use at most {MAX_SET_NAME - 5} characters")
@@ -214,8 +217,6 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         files = entry_files()
         if unique.deepspeed_config is not None:
             files["deepspeed.json"] = json.dumps(unique.deepspeed_config, indent=1)
-        record = record_manifest(unique, self.name, files)
-        secret = env_secret(unique, namespace)
         node_labels = {**job_labels(name), ROLE: "node"}
         args = launcher_argv(unique, self.launcher, master)
         program = len(user_argv(unique))
@@ -247,12 +248,6 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             "spec": {"serviceName": name, "replicas": unique.nodes, "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": node_labels}, "template": template},
         }
-        manifests = [record, *([secret.manifest] if secret.manifest else []), *job_role_manifests(name, namespace, account),
-                     service, stateful_set]
-        if self.pod_options.network_policy:
-            manifests.append(network_policy(name, namespace))
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = namespace
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
         notes = [
             f"dsnb statefulset plan for {name} in namespace {namespace}: {unique.nodes} pod(s) x {unique.procs_per_node} rank(s) via {ranks}",
@@ -260,9 +255,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             f"statefulset,service,configmap,secret,serviceaccount,role,rolebinding -l dsnb.io/job={name}",
             f"when the job ends its pods scale StatefulSet {name} to 0 themselves, as ServiceAccount {account or name} "
             f"(Role {name}: its record and its StatefulSet's scale, nothing else)",
-            *secret.notes,
         ]
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+        return Workload([*job_role_manifests(name, namespace, account), service, stateful_set], notes, files)
 
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:

@@ -27,17 +27,18 @@ from kubeflow_trainer_api import models
 from kubernetes.client.exceptions import ApiException
 
 from dsnb.backends.base import Plan
-from dsnb.backends.kubernetes.backend import KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_status import container_status, parse_time, started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
 from dsnb.backends.kubernetes.trainer_layout import node_pods, rank_hosts
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, ReplicaStatus
@@ -77,6 +78,8 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     """
 
     name = "trainjob"
+    options = BUILTIN_OPTIONS["trainjob"]
+    profiles = BUILTIN_PROFILES["trainjob"]
     permissions = TRAINJOB_PERMISSIONS
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
@@ -147,12 +150,11 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         trainjob["spec"]["runtimeRef"] = {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": plan.name}
         super().apply(plan)
 
-    def dryrun(self, spec: JobSpec) -> Plan:
-        unique = spec.with_unique_name()
+    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+        unique = spec
         check_derived_names(unique.name, jobset_pod_names(unique.name, unique.nodes), "JobSet's pods")
         name, namespace = unique.name, self.namespace
         env = rank_env(unique)
-        secret = env_secret(unique, namespace)
         exported = [*env, *unique.env, *self.pod_options.nccl]
         shaped = build_pod_template(unique, mpirun_argv(unique, exported), env, self.pod_options,
                                     secret_name=secret.name)["spec"]["containers"][0]
@@ -177,20 +179,14 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         if unique.timeout:
             body["spec"]["activeDeadlineSeconds"] = max(1, int(unique.timeout))
         trainjob = models.TrainerV1alpha1TrainJob.from_dict(body).to_dict()
-        record = record_manifest(unique, self.name, {})
-        record["metadata"]["namespace"] = namespace
-        manifests = [record, *([secret.manifest] if secret.manifest else []), trainjob]
-        if self.pod_options.network_policy:
-            manifests.append(network_policy(name, namespace))
         notes = [
             f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
             f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",
             f"at submit, the TrainJob runs from a TrainingRuntime {name!r} made from {self.runtime!r} as the cluster has it: "
             f"{unique.image} on every pod (Kubeflow Trainer gives trainer.image to the launcher only) and "
             f"{unique.max_restarts} restart(s) of the whole job (JobSet's failurePolicy); it is deleted when the job ends",
-            *secret.notes,
         ]
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+        return Workload([trainjob], notes)
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd, check_runtime

@@ -35,6 +35,8 @@ from dsnb.backends.local.jobdir import (
     write_private,
 )
 from dsnb.backends.local.procs import boot_id, is_alive, owned_groups, stop_groups
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob, is_serving_job
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
@@ -95,6 +97,8 @@ class LocalBackend(ServesAsJob, Backend):
     """
 
     name = "local"
+    options = BUILTIN_OPTIONS["local"]
+    profiles = BUILTIN_PROFILES["local"]
 
     def __init__(self, home: str | Path | None = None) -> None:
         self.root = Path(home) if home is not None else jobs_root()
@@ -102,7 +106,14 @@ class LocalBackend(ServesAsJob, Backend):
         self._rank_counts: dict[str, int] = {}
 
     # -- planning --------------------------------------------------------------------------
-    def dryrun(self, spec: JobSpec) -> Plan:
+    def unique_spec(self, spec: JobSpec) -> JobSpec:
+        """``spec`` under a unique name that no job directory here has."""
+        unique = spec.with_unique_name()
+        while (self.root / unique.name).exists():
+            unique = spec.with_unique_name()
+        return unique
+
+    def render(self, spec: JobSpec) -> Plan:
         refuse_references(spec.env, self.name)
         gpus = spec.resources.gpus
         if gpus:
@@ -118,9 +129,7 @@ class LocalBackend(ServesAsJob, Backend):
             raise InvalidSpecError("procs_per_node", f"{spec.world_size} ranks is more than this machine can run "
                                                      f"({usable_cpus()} usable cores; at most {most} ranks here)",
                                    f"ask for at most {most} ranks (nodes x procs_per_node), or use a cluster backend")
-        unique = spec.with_unique_name()
-        while (self.root / unique.name).exists():
-            unique = spec.with_unique_name()
+        unique = spec
         cwd = Path(spec.working_dir or os.getcwd()).expanduser().resolve()
         if not cwd.is_dir():
             raise InvalidSpecError("working_dir", f"{str(cwd)!r} is not a directory", "pass an existing directory")
@@ -383,11 +392,8 @@ class LocalBackend(ServesAsJob, Backend):
                                "wait with endpoint.wait()") from None
 
     # -- control -----------------------------------------------------------------------------
-    def cancel(self, name: str) -> JobStatus:
+    def stop_running(self, name: str, status: JobStatus) -> JobStatus:
         job_dir = self._dir(name)
-        status = self.status(name)
-        if status.state.is_terminal():
-            return status
         job_dir.cancel_request.touch()
         extra = job_dir.read_status_extra()
         pid = extra.get("supervisor_pid")

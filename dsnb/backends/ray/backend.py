@@ -1,13 +1,12 @@
 """``Cluster("ray")``: DeepSpeed under Ray Train, submitted through Ray's Job Submission API.
 
-Three placements, one backend:
+Two placements, one backend (KubeRay, Ray on Kubernetes, is a backend of its own,
+``Cluster("kuberay", namespace=...)``: :mod:`dsnb.backends.kubernetes.kuberay`):
 
 - ``Cluster("ray")``: a private Ray head on 127.0.0.1 (see :mod:`.head`), started on first
   use, shared by the process's ray clusters, stopped when the last one closes;
 - ``Cluster("ray", address="http://HOST:8265", token=...)``: an existing Ray cluster (its
-  dashboard address); the token is sent when the cluster uses token authentication;
-- ``Cluster("ray", kuberay=True, namespace=...)``: KubeRay on Kubernetes, see
-  :mod:`.kuberay_backend`.
+  dashboard address); the token is sent when the cluster uses token authentication.
 
 A job is one Ray job whose driver (:mod:`.train_entry`) fits a ``TorchTrainer`` running the
 user's script on ``world_size`` workers. Status comes from Ray's job status, logs from the
@@ -36,6 +35,8 @@ from typing import Any
 
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
 from dsnb.backends.ray.logs import DriverLogParser
@@ -86,7 +87,7 @@ class _Tracked:
 
 
 class RayBackend(Backend):
-    """Ray Train jobs on a local Ray head, an existing Ray cluster, or (``kuberay=True``) KubeRay.
+    """Ray Train jobs on a local Ray head or an existing Ray cluster (on Kubernetes, ``Cluster("kuberay")``).
 
     Args:
         address: the Ray dashboard of an existing cluster, ``"http://HOST:8265"``; None
@@ -99,8 +100,6 @@ class RayBackend(Backend):
         num_cpus: logical CPUs the private head offers (default ``max(cores, 8)``).
         serve_url: where the cluster's Serve HTTP proxy answers, for endpoints; default the
             address's host on port 8000 (the private head picks a free port on 127.0.0.1).
-        kuberay: submit RayJobs to Kubernetes instead; the other options are then those of
-            the Kubernetes backends (``namespace``, ``context``, ``kubeconfig``, ``pod_options``...).
 
     Raises:
         ClusterError: (on first use) the Ray cluster cannot be reached or refuses the token.
@@ -111,21 +110,13 @@ class RayBackend(Backend):
     """
 
     name = "ray"
-
-    def __new__(cls, *args: Any, kuberay: bool = False, **options: Any) -> Any:
-        if kuberay:
-            try:
-                from dsnb.backends.ray.kuberay_backend import KubeRayBackend
-            except ModuleNotFoundError as e:
-                raise BackendUnavailable("ray", f"kuberay=True needs the {(e.name or 'kubernetes').split('.')[0]!r} package, which is not installed",
-                                         "pip install 'dsnb[k8s]'") from e
-            return KubeRayBackend(*args, **options)
-        if importlib.util.find_spec("ray") is None:
-            raise BackendUnavailable("ray", "needs the 'ray' package, which is not installed", "pip install 'dsnb[ray]'")
-        return super().__new__(cls)
+    options = BUILTIN_OPTIONS["ray"]
+    profiles = BUILTIN_PROFILES["ray"]
 
     def __init__(self, address: str | None = None, *, token: str | None = None, storage_path: str | None = None,
-                 num_cpus: int | None = None, serve_url: str | None = None, kuberay: bool = False) -> None:
+                 num_cpus: int | None = None, serve_url: str | None = None) -> None:
+        if importlib.util.find_spec("ray") is None:
+            raise BackendUnavailable("ray", "needs the 'ray' package, which is not installed", "pip install 'dsnb[ray]'")
         self.address = address.rstrip("/") if address else None
         if self.address and "://" not in self.address:
             self.address = f"http://{self.address}"
@@ -197,14 +188,14 @@ class RayBackend(Backend):
 
     # -- submit ------------------------------------------------------------------------
 
-    def dryrun(self, spec: JobSpec) -> Plan:
+    def render(self, spec: JobSpec) -> Plan:
         """The Ray job submission for ``spec``: entrypoint, runtime environment, metadata; nothing is sent.
 
         Raises:
             InvalidSpecError: a ``command`` that is not ``python script.py ...`` (Ray Train runs scripts).
         """
         refuse_references(spec.env, self.name)
-        unique = spec.with_unique_name()
+        unique = spec
         storage = self.storage_path or "~/ray_results"
         env = {**train_entry.driver_env(unique, storage), **{k: str(v) for k, v in unique.env.items()}}
         working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
@@ -381,16 +372,13 @@ class RayBackend(Backend):
 
     # -- control -----------------------------------------------------------------------
 
-    def cancel(self, name: str) -> JobStatus:
+    def stop_running(self, name: str, status: JobStatus) -> JobStatus:
         """Stop the Ray job (its driver, the Train controller and workers) and wait for it to end.
 
         Raises:
             JobNotFound: Ray has no job of that name.
             ClusterError: Ray cannot be reached, or the job did not stop in time.
         """
-        status = self.status(name)
-        if status.state.is_terminal():
-            return status
         try:
             self._client().stop_job(name)
         except Exception as e:

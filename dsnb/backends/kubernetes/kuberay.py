@@ -1,6 +1,6 @@
-"""``Cluster("ray", kuberay=True, namespace=...)``: Ray Train jobs as KubeRay RayJobs (``ray.io/v1``).
+"""``Cluster("kuberay", namespace=...)``: Ray Train jobs as KubeRay RayJobs (``ray.io/v1``).
 
-A job is one RayJob (:func:`~dsnb.backends.ray.kuberay.render_rayjob`): KubeRay creates a Ray
+A job is one RayJob (:func:`~dsnb.backends.kubernetes.kuberay_manifests.render_rayjob`): KubeRay creates a Ray
 cluster for it (a head and ``spec.nodes`` workers), then a submitter Kubernetes Job that runs
 ``ray job submit`` with dsnb's driver (:mod:`~dsnb.backends.ray.train_entry`) as the
 entrypoint and follows the driver's log. The driver fits a ``TorchTrainer`` that runs the
@@ -32,7 +32,7 @@ application (:mod:`~dsnb.backends.ray.serve_app`); the status comes from the Ray
 Example:
     >>> from dsnb import Cluster, JobSpec
     >>> spec = JobSpec(name="tiny-gpt", script="train.py", nodes=2, image="ghcr.io/org/train-ray:1")
-    >>> plan = Cluster("ray", kuberay=True, namespace="ml").dryrun(spec)
+    >>> plan = Cluster("kuberay", namespace="ml").dryrun(spec)
     >>> [m["kind"] for m in plan.manifests]
     ['ConfigMap', 'RayJob']
 """
@@ -51,18 +51,18 @@ from kubernetes.client.exceptions import ApiException
 
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes import objects
-from dsnb.backends.kubernetes.backend import BACKEND, CREATED, KIND, KubernetesBackend, env_secret, record_manifest
+from dsnb.backends.kubernetes.backend import (
+    BACKEND,
+    CREATED,
+    KIND,
+    EnvSecret,
+    KubernetesBackend,
+    Workload,
+    env_secret,
+    record_manifest,
+)
 from dsnb.backends.kubernetes.diagnose import classify
-from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
-from dsnb.backends.kubernetes.logs import PodLogFollower
-from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
-from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
-from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
-from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
-from dsnb.backends.logbuffer import JobLogs
-from dsnb.backends.ray import serve_app, train_entry
-from dsnb.backends.ray.kuberay import (
+from dsnb.backends.kubernetes.kuberay_manifests import (
     _RAY_VERSION,
     API_VERSION,
     DEFAULT_RAY_VERSION,
@@ -71,6 +71,17 @@ from dsnb.backends.ray.kuberay import (
     render_rayjob,
     render_rayservice,
 )
+from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
+from dsnb.backends.kubernetes.logs import PodLogFollower
+from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
+from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
+from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
+from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
+from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
+from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.options import BUILTIN_OPTIONS
+from dsnb.backends.profiles import BUILTIN_PROFILES
+from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.serving.spec import InvalidSpecError as ServeSpecError
@@ -140,7 +151,11 @@ class KubeRayBackend(KubernetesBackend):
         InvalidSpecError: a malformed Ray version, or head resources that are not a Resources.
     """
 
-    name = "ray"
+    name = "kuberay"
+    options = BUILTIN_OPTIONS["kuberay"]
+    profiles = BUILTIN_PROFILES["kuberay"]
+    # Its records have said "ray" since it was spelled Cluster("ray", kuberay=True): jobs made then stay visible.
+    record_label = "ray"
     permissions = KUBERAY_PERMISSIONS
     workload_resource = (GROUP, VERSION, PLURAL)
     launcher_logs = True
@@ -169,14 +184,14 @@ class KubeRayBackend(KubernetesBackend):
         self._given: dict[str, list[tuple[int, str]]] = {}  # job -> what its submitter pods gave, in order
 
     # -- rendering -------------------------------------------------------------------------
-    def dryrun(self, spec: JobSpec) -> Plan:
-        """The record, the Secret of secret env values (if any) and the RayJob; nothing is created.
+    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+        """The RayJob; KubeRay's operator may reach its head's dashboard through a NetworkPolicy.
 
         Raises:
             InvalidSpecError: no image, a ``command`` that is not ``python script.py ...``, a
                 name KubeRay refuses, or a bad Ray version.
         """
-        unique = spec.with_unique_name()
+        unique = spec
         name, namespace = unique.name, self.namespace
         storage = storage_path(self.pod_options, self.storage_path)
         driver_spec = unique
@@ -188,13 +203,6 @@ class KubeRayBackend(KubernetesBackend):
         rayjob = render_rayjob(unique, self.pod_options, list(train_entry.DRIVER_ARGV), self.ray_version,
                                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
                                head_resources=self.head_resources, env_vars=env)
-        secret = env_secret(unique, namespace)
-        record = record_manifest(unique, self.name, {})
-        manifests = [record, *([secret.manifest] if secret.manifest else []), rayjob]
-        if self.pod_options.network_policy:  # KubeRay asks the head's dashboard for the job's status
-            manifests.append(network_policy(name, namespace, [{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}]))
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = namespace
         if self.storage_path:
             where = "as given"
         elif self.pod_options.checkpoint_pvc:
@@ -207,9 +215,9 @@ class KubeRayBackend(KubernetesBackend):
             f"({'GPU, nccl' if unique.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
             f"Ray Train runs and checkpoints: {storage}/{train_entry.run_name(name)} ({where})",
             "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
-            *secret.notes,
         ]
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes, extra={"secret_values": secret.values})
+        # KubeRay asks the head's dashboard for the job's status.
+        return Workload([rayjob], notes, ingress=[{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}])
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_kuberay
@@ -414,7 +422,7 @@ class KubeRayBackend(KubernetesBackend):
         rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,
                                        head_resources=self.head_resources, application=app)
         secret = env_secret(cluster_spec, namespace)
-        record = record_manifest(cluster_spec, self.name, {})
+        record = record_manifest(cluster_spec, self.record_label, {})
         record["metadata"]["labels"][KIND] = ENDPOINT_KIND
         shown = unique.to_dict()
         shown["env"] = redact_env(unique.env)
@@ -473,7 +481,7 @@ class KubeRayBackend(KubernetesBackend):
         except ApiException as e:
             raise self._api_error(e, f"read ConfigMap {name!r}") from e
         labels = ((record or {}).get("metadata") or {}).get("labels") or {}
-        return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.name else None
+        return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.record_label else None
 
     def _endpoint_not_found(self, name: str) -> JobNotFound:
         return JobNotFound(name, self.name, sorted(r["metadata"]["name"] for r in self._endpoint_records()), kind="endpoint")
