@@ -1,6 +1,6 @@
 """The conformance suite every backend passes (design.md §4, after fsspec's tests/abstract).
 
-A backend's test module subclasses :class:`BackendConformance` and provides three fixtures:
+A backend's test module subclasses :class:`BackendConformance` and provides five fixtures:
 
 - ``cluster``: a Cluster on that backend, ready to run the workload;
 - ``workload_spec``: a factory ``(mode) -> JobSpec`` running ``workload.py MODE`` on 2 ranks;
