@@ -77,15 +77,15 @@ def profiles_for_backend(backend: str) -> list[BackendProfile]:
 
 
 def available_here() -> set[str]:
-    """Backend names this install of dsnb provides (``available_backends()``, as a set).
+    """Backend names this install of dsnb can run: registered, with their extra's packages installed.
 
     Example:
         >>> "local" in available_here()
         True
     """
-    from dsnb.backends.base import available_backends
+    from dsnb.backends.base import available_backends, backend_installed
 
-    return set(available_backends())
+    return {name for name in available_backends() if backend_installed(name)}
 
 
 def how_to_enable(prof: BackendProfile, available: Iterable[str] | None = None) -> str:
@@ -104,11 +104,13 @@ def how_to_enable(prof: BackendProfile, available: Iterable[str] | None = None) 
     if prof.backend in names:
         return f"{prof.label} is available here (Cluster({prof.backend!r}))" + (f"; it needs {needs}" if needs else "")
     parts = [
-        f"{prof.label}: the {prof.backend!r} backend is not in this dsnb install yet "
+        f"{prof.label}: the {prof.backend!r} backend cannot run in this install "
         f"(available: {', '.join(sorted(names)) or 'none'})."
     ]
     if prof.extra:
-        parts.append(f"Once a dsnb release or plugin provides it, install its dependencies with pip install 'dsnb[{prof.extra}]'.")
+        parts.append(f"Install what it needs with pip install 'dsnb[{prof.extra}]'.")
+    else:
+        parts.append("Install the package that provides it.")
     if needs:
         parts.append(f"It also needs {needs}.")
     return " ".join(parts)

@@ -139,7 +139,7 @@ def test_profile_table_matches_the_field_notes() -> None:
 
 def test_how_to_enable_names_the_install_and_the_needs() -> None:
     text = how_to_enable(profile("mpijob"), available={"local"})
-    assert "not in this dsnb install" in text and "dsnb[k8s]" in text and "MPI Operator installed" in text
+    assert "cannot run in this install" in text and "dsnb[k8s]" in text and "MPI Operator installed" in text
     assert how_to_enable(profile("local"), available={"local"}).startswith("Local is available here")
 
 

@@ -31,8 +31,8 @@ from k8s.sim import ClusterSim  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobSpec, JobState, PodOptions, Resources  # noqa: E402
-from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.backends.kubernetes.kuberay import KubeRayBackend  # noqa: E402
+from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.console.cli import main  # noqa: E402
 from dsnb.status import LAUNCHER_LINE_RANK  # noqa: E402
 

@@ -27,8 +27,8 @@ from k8s.kuberay_sim import KubeRaySim  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
 
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobState, Resources  # noqa: E402
-from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.backends.kubernetes.kuberay import KubeRayBackend  # noqa: E402
+from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
 from dsnb.backends.ray.serve_app import IMPORT_PATH  # noqa: E402
 from dsnb.endpoint import Endpoint  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402

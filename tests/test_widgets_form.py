@@ -345,15 +345,16 @@ def test_nodes_field_moves_the_multi_node_choice(form: LaunchForm) -> None:
 def test_backend_list_marks_what_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
     from dsnb.backends import base
 
-    monkeypatch.delitem(base._BUILTIN, "ray")  # a dsnb without the Ray backend
+    monkeypatch.setitem(base._EXTRA_PACKAGES, "ray", "no_such_ray_zz")  # an install without the ray package
     form = LaunchForm(Cluster())
     labels = dict((key, label) for label, key in form.backend.options)
-    assert set(labels) == {"local", "ray-train", "ray-serve", "trainjob", "mpijob", "statefulset"}
+    assert set(labels) == {"local", "ray-train", "ray-serve", "kuberay-train", "kuberay-serve", "trainjob", "mpijob",
+                           "statefulset"}
     assert labels["ray-train"] == "Ray Train — ease 5/5 — batch, 1..n nodes — not available here"
     assert "not available" not in labels["local"]
     assert form.backend.value == "local"
     form.backend.value = "ray-train"
-    assert "not in this dsnb install" in form.backend_note.value and "dsnb[ray]" in form.backend_note.value
+    assert "cannot run in this install" in form.backend_note.value and "dsnb[ray]" in form.backend_note.value
     assert "stay on <code>local</code>" in form.backend_note.value
     assert form.cluster.backend.name == "local"
     form.close()
@@ -364,7 +365,7 @@ class _FakeTrainer(LocalBackend):
 
 
 def test_choosing_an_available_backend_switches_the_cluster() -> None:
-    register_backend("trainjob", _FakeTrainer)
+    register_backend("trainjob", _FakeTrainer, clobber=True)
     try:
         form = LaunchForm(Cluster())
         assert "not available" not in dict((k, label) for label, k in form.backend.options)["trainjob"]

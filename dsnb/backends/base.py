@@ -23,6 +23,7 @@ import collections
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -437,7 +438,29 @@ def backend_profiles(name: str) -> tuple[BackendProfile, ...]:
     """
     if name in BUILTIN_PROFILES and name not in _registered:
         return BUILTIN_PROFILES[name]
-    return tuple(load_backend(name).profiles)
+    # A subclass registered under another name inherits profiles that describe its parent.
+    declared = tuple(p for p in load_backend(name).profiles if p.backend == name)
+    return declared or BUILTIN_PROFILES.get(name, ())
+
+
+#: The package each extra brings, whose presence says the extra is installed.
+_EXTRA_PACKAGES = {"k8s": "kubernetes", "ray": "ray"}
+
+
+def backend_installed(name: str) -> bool:
+    """Whether backend ``name`` is registered and the packages of its extra are installed
+    (found without importing them).
+
+    Example:
+        >>> backend_installed("local"), backend_installed("slurm")
+        (True, False)
+    """
+    if name in _registered:
+        return True
+    if name in _BUILTIN:
+        package = _EXTRA_PACKAGES.get(_BUILTIN[name][1] or "")
+        return package is None or importlib.util.find_spec(package) is not None
+    return name in _entry_points()
 
 
 def builtin_backends() -> tuple[str, ...]:

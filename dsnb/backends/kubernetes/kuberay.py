@@ -470,7 +470,7 @@ class KubeRayBackend(KubernetesBackend):
     def _endpoint_records(self) -> list[dict[str, Any]]:
         try:
             response = self.conn.core.list_namespaced_config_map(
-                self.namespace, label_selector=f"{ENDPOINT_SELECTOR},{BACKEND}={self.name}", _preload_content=False)
+                self.namespace, label_selector=f"{ENDPOINT_SELECTOR},{BACKEND}={self.record_label}", _preload_content=False)
             return list(objects.read_json(response).get("items") or [])
         except ApiException as e:
             raise self._api_error(e, "list ConfigMaps") from e
