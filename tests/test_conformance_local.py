@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conformance.suite import BackendConformance
-from helpers import WORKLOAD, job_processes, settled
+from conformance.suite import BackendConformance, process_workload
+from helpers import job_processes, settled
 
 from dsnb import Cluster, JobSpec, Resources
 from dsnb.backends.local.jobdir import jobs_root
@@ -21,10 +21,7 @@ class TestLocalConformance(BackendConformance):
 
     @pytest.fixture
     def workload_spec(self, tmp_path: Path):
-        def make(mode: str) -> JobSpec:
-            return JobSpec(name=f"conf-{mode}", command=[sys.executable, str(WORKLOAD), mode], procs_per_node=2,
-                           working_dir=str(tmp_path))
-        return make
+        return process_workload(tmp_path)
 
     @pytest.fixture
     def nothing_left(self):

@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conformance.suite import BackendConformance
+from conformance.suite import BackendConformance, process_workload
 from example_backend import ChildProcessBackend
-from helpers import WORKLOAD
 
 from dsnb import Cluster, JobSpec, Resources
 from dsnb.backends.base import register_backend, unregister_backend
@@ -31,10 +30,7 @@ class TestExampleBackendConformance(BackendConformance):
 
     @pytest.fixture
     def workload_spec(self, tmp_path: Path):
-        def make(mode: str) -> JobSpec:
-            return JobSpec(name=f"conf-{mode}", command=[sys.executable, str(WORKLOAD), mode], procs_per_node=2,
-                           working_dir=str(tmp_path))
-        return make
+        return process_workload(tmp_path)
 
     @pytest.fixture
     def nothing_left(self, cluster: Cluster):

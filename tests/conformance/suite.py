@@ -15,6 +15,10 @@ A backend's test module subclasses :class:`BackendConformance` and provides five
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -22,6 +26,15 @@ from dsnb import Cluster, InvalidSpecError, JobFailed, JobNotFound, JobSpec, Job
 from dsnb.backends.base import available_backends
 
 WAIT_S = 120
+WORKLOAD = Path(__file__).resolve().with_name("workload.py")
+
+
+def process_workload(working_dir: Path) -> Callable[[str], JobSpec]:
+    """A ``workload_spec`` for backends that run commands on this machine: ``workload.py MODE`` on 2 ranks."""
+    def make(mode: str) -> JobSpec:
+        return JobSpec(name=f"conf-{mode}", command=[sys.executable, str(WORKLOAD), mode], procs_per_node=2,
+                       working_dir=str(working_dir))
+    return make
 
 
 class BackendConformance:
