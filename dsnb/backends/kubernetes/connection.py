@@ -85,7 +85,8 @@ def connect(
     """An API client for the cluster the user means.
 
     Args:
-        kubeconfig: a kubeconfig file; default ``$KUBECONFIG`` or ``~/.kube/config``.
+        kubeconfig: a kubeconfig file; default ``$KUBECONFIG`` (every file it lists, merged as
+            kubectl merges them) or ``~/.kube/config``.
         context: a context of that file; default its current context.
         namespace: where jobs go; see the module docstring for the default.
         in_cluster: use the pod's service account (default: when running in a pod and no
@@ -116,20 +117,23 @@ def connect(
         own = SERVICE_ACCOUNT_DIR / "namespace"
         default_ns = own.read_text().strip() if own.is_file() else "default"
         return Connection(client.ApiClient(conf), namespace or default_ns, "in-cluster")
-    path = Path(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or "~/.kube/config").expanduser()
-    if not path.is_file():
-        raise ClusterError(f"kubeconfig {path}", "no such file",
+    # $KUBECONFIG may list several files: the official client merges them, as kubectl does.
+    paths = [Path(p).expanduser() for p in str(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
+    where = f"kubeconfig {os.pathsep.join(str(p) for p in paths)}"
+    if not any(p.is_file() for p in paths):
+        raise ClusterError(where, "no such file" if len(paths) == 1 else "none of these files exists",
                            "point kubeconfig= (or $KUBECONFIG) at your cluster's config file, or run inside the cluster")
+    files = os.pathsep.join(str(p) for p in paths)
     try:
-        contexts, current = config.list_kube_config_contexts(str(path))
+        contexts, current = config.list_kube_config_contexts(files)
         chosen = current if context is None else next((c for c in contexts if c["name"] == context), None)
         if chosen is None:
             names = ", ".join(c["name"] for c in contexts) or "none"
-            raise ClusterError(f"kubeconfig {path}", f"has no context {context!r} (it has: {names})",
+            raise ClusterError(where, f"has no context {context!r} (it has: {names})",
                                "pass one of those as context=, or add the context with kubectl config")
         conf = client.Configuration()
-        config.load_kube_config(config_file=str(path), context=chosen["name"], client_configuration=conf)
+        config.load_kube_config(config_file=files, context=chosen["name"], client_configuration=conf)
     except config.ConfigException as e:
-        raise ClusterError(f"kubeconfig {path}", str(e), "check the file with `kubectl config view`") from e
+        raise ClusterError(where, str(e), "check the file with `kubectl config view`") from e
     default_ns = (chosen.get("context") or {}).get("namespace") or "default"
     return Connection(client.ApiClient(conf), namespace or default_ns, chosen["name"])
