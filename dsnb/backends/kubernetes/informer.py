@@ -16,15 +16,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from dsnb.backends.kubernetes.objects import read_json
 
@@ -160,33 +159,30 @@ class Informer:
         return data["metadata"]["resourceVersion"]
 
     def _events(self, resource_version: str) -> Iterator[dict[str, Any]]:
-        """Watch events as plain dicts.
+        """Watch events, their objects as plain dicts.
 
-        The client's ``Watch`` either validates every object into its strict models (one
-        field a server leaves out ends the watch) or, without that, fails on the ERROR
-        event that carries the 410; so events are read with the client's line reader.
+        The client's ``Watch`` reads the stream; ``return_type=object`` keeps each object the
+        dict the server sent (its default validates objects into the strict models, where one
+        field a server leaves out ends the watch), and with ``timeout_seconds`` given it raises
+        the 410 of an ERROR event as an ``ApiException`` instead of retrying by itself.
         """
-        response = self._list(*self._args, label_selector=self._selector, resource_version=resource_version,
-                              timeout_seconds=WATCH_RENEW_S, allow_watch_bookmarks=True, watch=True,
-                              _preload_content=False)
-        self._response = response
-        try:
+        def opened(*args: Any, **kwargs: Any) -> Any:
+            # The response is kept so that stop() can shut it down under a blocked read.
+            response = self._response = self._list(*args, **kwargs)
             if self._stopping.is_set():
-                return  # stop() came while the request was made, too early to shut this response down
-            if not 200 <= response.status < 300:
-                raise ApiException(status=response.status, reason=response.reason, body=response.data)
-            self.error = None  # the watch is open: an earlier refusal no longer holds
-            for line in iter_resp_lines(response):
-                if not line:
-                    continue
-                event = json.loads(line)
-                if event.get("type") == "ERROR":
-                    status = event.get("object") or {}
-                    raise ApiException(status=status.get("code", 500), reason=status.get("message", "watch error"))
-                yield event
+                response.shutdown()  # stop() came while the request was made
+            elif 200 <= response.status < 300:
+                self.error = None  # the watch is open: an earlier refusal no longer holds
+            return response
+
+        stream = watch.Watch(return_type=object).stream(
+            opened, *self._args, label_selector=self._selector, resource_version=resource_version,
+            timeout_seconds=WATCH_RENEW_S, allow_watch_bookmarks=True)
+        try:
+            yield from stream
         finally:
+            stream.close()
             self._response = None
-            response.release_conn()
 
     def _run(self) -> None:
         failures = 0
