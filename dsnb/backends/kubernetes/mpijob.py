@@ -26,25 +26,22 @@ from typing import Any
 
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
-from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.mpijob_status import ROLE, RULES, SSHD_PORT, MPIReading, first_status, role
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
-from dsnb.backends.kubernetes.pod_template import CONTAINER, build_pod_template, kubelet_literal
+from dsnb.backends.kubernetes.pod_template import build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobStatus
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v2beta1", "mpijobs"
 HOSTFILE = "/etc/mpi/hostfile"
 SSH_DIR = "/home/mpiuser/.ssh"
-SSHD_PORT = 2222
 MASTER_PORT = 29500
-ROLE = "dsnb.io/role"
 #: The label the MPI Operator (v2beta1) gives each worker pod: its index, which is its line in the hostfile.
 REPLICA_INDEX = "training.kubeflow.org/replica-index"
 OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
@@ -257,9 +254,7 @@ class MPIJobBackend(JobServing, KubernetesBackend):
                 worker["ports"] = [container_port(port)]
 
     # -- pods ------------------------------------------------------------------------------
-    @staticmethod
-    def _role(pod: dict[str, Any]) -> str:
-        return (pod["metadata"].get("labels") or {}).get(ROLE, "")
+    _role = staticmethod(role)
 
     def pod_node(self, pod: dict[str, Any]) -> int | None:
         if self._role(pod) == "launcher":
@@ -273,80 +268,6 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
                        workload: dict[str, Any] | None = None) -> JobStatus:
-        status = (workload or {}).get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-        workers = {}
-        for pod in pods:
-            if self._role(pod) == "worker":
-                workers[self.pod_node(pod)] = pod
-        launchers = [p for p in pods if self._role(p) == "launcher"]
-        procs = spec.procs_per_node
-        finished = parse_time((conditions.get("Succeeded") or conditions.get("Failed") or {}).get("lastTransitionTime"))
-        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
-                                  "started_at": parse_time(status.get("startTime"))}
-
-        def replicas(state_of: Any) -> tuple[ReplicaStatus, ...]:
-            # Worker pods are named by the operator <job>-worker-<i>, also after cleanPodPolicy removed them.
-            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs), host=f"{name}-worker-{r // procs}")
-                         for r in range(spec.world_size))
-
-        if "Succeeded" in conditions:
-            return JobStatus(**common, state=JobState.SUCCEEDED, replicas=replicas(lambda _: JobState.SUCCEEDED),
-                             message="the launcher finished", finished_at=finished)
-        if "Failed" in conditions:
-            # The operator copies the launcher Job's reason (DeadlineExceeded, BackoffLimitExceeded/...) and message.
-            said, why = conditions["Failed"].get("message") or "", conditions["Failed"].get("reason") or ""
-            message = f"{said} ({why})" if said and why and why != "Failed" and why not in said else said or why or "the MPIJob failed"
-            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                             message=message, finished_at=finished)
-        for node, pod in sorted(workers.items()):
-            if terminating(pod):
-                continue  # being deleted: the MPI Operator stops workers once the job ended, before its status says so
-            terminated = (container_status(pod, CONTAINER).get("state") or {}).get("terminated")
-            if terminated or (pod.get("status") or {}).get("phase") == "Failed":
-                code = (terminated or {}).get("exitCode")
-                name = pod["metadata"]["name"]
-                said = ((terminated or {}).get("message") or "").strip()
-                if (terminated or {}).get("reason") == "StartError" and "operation not permitted" in said:
-                    why = (f"worker {name} could not start sshd: {said}. Fix: the kernel refuses to run a program whose "
-                           "file capabilities its container may not have (sshd in images built FROM mpioperator/openmpi "
-                           "carries NET_BIND_SERVICE, which dsnb keeps); check the capabilities PodOptions or an admission "
-                           "policy drop")
-                else:
-                    why = (f"worker {name} stopped (exit code {code}) before the job ended: "
-                           f"{said + '; ' if said else ''}its sshd must keep running; check the image has sshd set up "
-                           f"for mpiuser on port {SSHD_PORT} (read its log: kubectl logs {name})")
-                return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                                 failed_rank=node * procs, exit_code=code, message=why)
-        for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-            diagnosis = classify(pod, (events or {}).get(pod["metadata"]["name"]))
-            if diagnosis is not None and diagnosis.fatal:
-                node = self.pod_node(pod)
-                return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                                 message=str(diagnosis), failed_rank=None if node is None else node * procs)
-
-        def worker_state(node: int) -> JobState:
-            pod = workers.get(node)
-            if pod is None:
-                return JobState.PENDING
-            if (container_status(pod, CONTAINER).get("state") or {}).get("running"):
-                return JobState.RUNNING if "Running" in conditions else JobState.STARTING
-            return JobState.STARTING if (pod.get("spec") or {}).get("nodeName") else JobState.PENDING
-
-        waiting = [str(d) for d in (classify(p, (events or {}).get(p["metadata"]["name"])) for p in pods) if d is not None]
-        if "Suspended" in conditions:
-            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(lambda _: JobState.PENDING),
-                             message="the MPIJob is suspended")
-        if "Running" in conditions:
-            message = "restarting the launcher" if "Restarting" in conditions else f"{spec.world_size} rank(s) on {spec.nodes} worker(s)"
-            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(worker_state), message=message)
-        states = {worker_state(n) for n in range(spec.nodes)}
-        if launchers or states & {JobState.STARTING, JobState.RUNNING}:
-            ready = sum(worker_state(n) != JobState.PENDING for n in range(spec.nodes))
-            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(worker_state),
-                             message=waiting[0] if waiting else f"{ready} of {spec.nodes} worker(s) scheduled; "
-                                                                 "the launcher starts when all are ready")
-        message = waiting[0] if waiting else ("waiting for the MPI Operator to create the pods" if not workload or not pods
-                                              else f"{len(workers)} worker(s) waiting to be scheduled")
-        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(worker_state), message=message)
+        """The first answer of :data:`.mpijob_status.RULES` (pure; no API calls)."""
+        return first_status(MPIReading(name, self.name, spec, created_at, tuple(pods), events or {}, workload or {}), RULES)
 
