@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.labels import ROLE, job_labels
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.backends.kubernetes.pod_template import build_pod_template, referenced_env_keys, secret_env_keys
 from dsnb.errors import InvalidSpecError
@@ -49,7 +49,6 @@ SUBMITTER_CONTAINER = "ray-job-submitter"
 #: What the submitter asks for: KubeRay's own default (it only submits and follows the driver's log).
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 WORKER_GROUP = "workers"
-ROLE = "dsnb.io/role"
 #: The head's ports, under the names KubeRay looks them up by (head service, job submission, serve service).
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 #: KubeRay refuses longer RayJob and RayService names: it adds 6 characters to name the

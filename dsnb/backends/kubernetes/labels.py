@@ -14,6 +14,8 @@ MANAGER = "dsnb"
 JOB = "dsnb.io/job"
 #: Selects every resource dsnb manages, in any job.
 MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGER}"
+#: What a pod does in its job: "launcher", "worker", "node", "head", ...
+ROLE = "dsnb.io/role"
 
 
 def job_labels(name: str) -> dict[str, str]:
@@ -24,3 +26,13 @@ def job_labels(name: str) -> dict[str, str]:
 def job_selector(name: str) -> str:
     """A label selector for the resources of job ``name``."""
     return ",".join(f"{k}={v}" for k, v in job_labels(name).items())
+
+
+def role(pod: dict) -> str:
+    """The role dsnb labelled a pod with (``""`` for none).
+
+    Example:
+        >>> role({"metadata": {"labels": {"dsnb.io/role": "launcher"}}})
+        'launcher'
+    """
+    return (pod["metadata"].get("labels") or {}).get(ROLE, "")

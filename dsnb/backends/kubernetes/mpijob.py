@@ -26,8 +26,8 @@ from typing import Any
 
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
-from dsnb.backends.kubernetes.labels import job_labels
-from dsnb.backends.kubernetes.mpijob_status import ROLE, RULES, SSHD_PORT, MPIReading, first_status, role
+from dsnb.backends.kubernetes.labels import ROLE, job_labels, role
+from dsnb.backends.kubernetes.mpijob_status import RULES, SSHD_PORT, MPIReading, first_status
 from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_template import build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS

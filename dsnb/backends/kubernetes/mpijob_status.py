@@ -17,20 +17,15 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from dsnb.backends.kubernetes.labels import role
 from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import CONTAINER
 from dsnb.backends.kubernetes.status_rules import Pod, Reading, first_status
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
-ROLE = "dsnb.io/role"
 SSHD_PORT = 2222
 
 __all__ = ["RULES", "MPIReading", "first_status"]
-
-
-def role(pod: Pod) -> str:
-    """``"launcher"`` or ``"worker"``: the role dsnb labelled the pod with."""
-    return (pod["metadata"].get("labels") or {}).get(ROLE, "")
 
 
 class MPIReading(Reading):

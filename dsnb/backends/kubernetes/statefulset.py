@@ -35,7 +35,7 @@ from typing import Any
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.diagnose import classify
-from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.labels import ROLE, job_labels
 from dsnb.backends.kubernetes.pod_status import (
     NodeOutcome,
     container_status,
@@ -59,7 +59,6 @@ JOB_DIR = "/var/run/dsnb/job"
 STATE_DIR = "/var/run/dsnb/state"
 TERMINATION_LOG = "/var/run/dsnb/termination-log"
 MASTER_PORT = 29500
-ROLE = "dsnb.io/role"
 #: The label the StatefulSet controller gives each pod: its own name.
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 #: A StatefulSet's name goes into its pods' controller-revision-hash label (63 characters at most).

@@ -28,27 +28,26 @@ from kubernetes.client.exceptions import ApiException
 
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
-from dsnb.backends.kubernetes.diagnose import classify
-from dsnb.backends.kubernetes.labels import job_labels
+from dsnb.backends.kubernetes.labels import ROLE, job_labels
+from dsnb.backends.kubernetes.labels import role as pod_role
 from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
 from dsnb.backends.kubernetes.name_limits import check_derived_names
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time, started_at, terminating
+from dsnb.backends.kubernetes.pod_status import started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
-from dsnb.backends.kubernetes.trainer_layout import node_pods, rank_hosts
+from dsnb.backends.kubernetes.trainer_layout import node_pods
+from dsnb.backends.kubernetes.trainjob_status import RULES, RUNTIME_CONTAINER, TrainReading, first_status, hostname
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import ClusterError, InvalidSpecError
 from dsnb.spec import JobSpec
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobStatus
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
 #: The runtime's container that the trainer settings apply to, and its replicated jobs.
-RUNTIME_CONTAINER = "node"
 REPLICATED_JOBS = ("launcher", "node")
-ROLE = "dsnb.io/role"
 PATCH_MANAGER = "dsnb.io/pod-options"
 REQUEST_TIMEOUT_S = 10
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -297,7 +296,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     # -- pods ------------------------------------------------------------------------------
     @staticmethod
     def _role(pod: dict[str, Any]) -> str:
-        return (pod["metadata"].get("labels") or {}).get(ROLE, "")
+        return pod_role(pod)
 
     def pod_node(self, pod: dict[str, Any]) -> int | None:
         if self._role(pod) == "launcher":
@@ -313,63 +312,13 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
                        workload: dict[str, Any] | None = None) -> JobStatus:
-        status = (workload or {}).get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        """The first answer of :data:`.trainjob_status.RULES` (pure; no API calls)."""
         # Running or ended: a finished JobSet deletes its node pods, and the launcher's container has terminated.
         starts = [t for t in (started_at(p, RUNTIME_CONTAINER) for p in pods) if t is not None]
-        pods = [p for p in pods if not terminating(p)]  # stopped by a deletion (the JobSet's end, a restart): no outcome
-        by_host = {hostname(p): p for p in pods}
-        as_node = self._launcher_is_node_as_known()
-        nodes = {index: by_host[host] for index, host in enumerate(rank_hosts(name, spec.nodes, as_node)) if host in by_host}
-        expected = node_pods(spec.nodes, as_node) + 1
-        procs = spec.procs_per_node
-        ended = conditions.get("Complete") or conditions.get("Failed") or {}
-        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
-                                  "started_at": min(starts) if starts else None}
-
-        def node_state(node: int) -> JobState:
-            pod = nodes.get(node)
-            if pod is None:
-                return JobState.PENDING
-            if (container_status(pod, RUNTIME_CONTAINER).get("state") or {}).get("running"):
-                return JobState.RUNNING
-            return JobState.STARTING if (pod.get("spec") or {}).get("nodeName") else JobState.PENDING
-
-        def replicas(state_of: Any) -> tuple[ReplicaStatus, ...]:
-            return tuple(ReplicaStatus(rank=r, state=state_of(r // procs),
-                                       host=nodes[r // procs]["metadata"]["name"] if r // procs in nodes else None)
-                         for r in range(spec.world_size))
-
-        if "Complete" in conditions:
-            return JobStatus(**common, state=JobState.SUCCEEDED, replicas=replicas(lambda _: JobState.SUCCEEDED),
-                             message=ended.get("message") or "the TrainJob completed", finished_at=parse_time(ended.get("lastTransitionTime")))
-        if "Failed" in conditions:
-            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED),
-                             message=ended.get("message") or ended.get("reason") or "the TrainJob failed",
-                             finished_at=parse_time(ended.get("lastTransitionTime")))
-        diagnoses = [(p["metadata"]["name"], classify(p, (events or {}).get(p["metadata"]["name"]))) for p in pods]
-        fatal = [str(d) for _, d in sorted(diagnoses, key=lambda item: item[0]) if d is not None and d.fatal]
-        if fatal:
-            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(lambda _: JobState.FAILED), message=fatal[0])
-        waiting = [str(d) for _, d in diagnoses if d is not None]
-        if "Suspended" in conditions:
-            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(lambda _: JobState.PENDING),
-                             message="the TrainJob is suspended")
-        launcher = next((p for p in pods if self._role(p) == "launcher"), None)
-        states = {node_state(n) for n in range(spec.nodes)}
-        if states == {JobState.RUNNING} and not (launcher and (container_status(launcher, RUNTIME_CONTAINER).get("state") or {}).get("running")):
-            states = {JobState.STARTING}  # the ranks start with mpirun, on the launcher
-        progress = _progress(status.get("trainerStatus") or {})
-        if states == {JobState.RUNNING}:
-            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(node_state),
-                             message=progress or f"{spec.world_size} process(es) on {spec.nodes} node(s)")
-        if states & {JobState.RUNNING, JobState.STARTING}:
-            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(node_state),
-                             message=waiting[0] if waiting else f"{len(pods)} of {expected} pod(s) created")
-        message = waiting[0] if waiting else ("waiting for Kubeflow Trainer to create the JobSet" if not pods
-                                              else f"{len(pods)} pod(s) waiting to be scheduled")
-        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(node_state), message=message)
-
+        live = tuple(p for p in pods if not terminating(p))  # stopped by a deletion (the JobSet's end, a restart): no outcome
+        reading = TrainReading(name, self.name, spec, created_at, live, events or {}, workload or {},
+                               launcher_is_node=self._launcher_is_node_as_known(), first_start=min(starts, default=None))
+        return first_status(reading, RULES)
 
 def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str | None, max_restarts: int = 0) -> dict[str, Any]:
     """A TrainingRuntime ``name`` in ``namespace``: ``runtime``'s spec with ``image`` on every ``node`` container,
@@ -406,10 +355,6 @@ def own_runtime(runtime: dict[str, Any], name: str, namespace: str, image: str |
             "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec}
 
 
-def hostname(pod: dict[str, Any]) -> str:
-    """A JobSet pod's hostname, ``<jobset>-<replicatedJob>-<job index>-<pod index>`` (its name adds a random part)."""
-    return (pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"]
-
 
 def jobset_pod_names(name: str, nodes: int) -> list[str]:
     """The longest pod names JobSet makes for a TrainJob ``name`` on an MPI runtime, random suffix included.
@@ -425,13 +370,3 @@ def jobset_pod_names(name: str, nodes: int) -> list[str]:
     """
     return [f"{name}-launcher-0-0-abcde", f"{name}-node-0-{node_pods(nodes) - 1}-abcde"]
 
-
-def _progress(trainer_status: dict[str, Any]) -> str:
-    """The Trainer's progress report in words, e.g. ``42% done, about 3 min left, loss 2.1``."""
-    parts = []
-    if trainer_status.get("progressPercentage") is not None:
-        parts.append(f"{trainer_status['progressPercentage']}% done")
-    if trainer_status.get("estimatedRemainingSeconds") is not None:
-        parts.append(f"about {max(1, round(trainer_status['estimatedRemainingSeconds'] / 60))} min left")
-    parts += [f"{m['name']} {m['value']}" for m in trainer_status.get("metrics") or [] if "name" in m and "value" in m]
-    return ", ".join(parts)
