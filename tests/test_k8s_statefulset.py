@@ -222,9 +222,12 @@ def test_a_pod_waiting_for_its_volume_says_so_from_its_events(emulator) -> None:
 def test_attach_from_a_fresh_cluster_to_a_running_job(emulator, sim) -> None:  # noqa: F811
     with make_cluster(emulator) as first:
         job = first.submit(workload("sleep"))
-        for line in job.logs(follow=True):
+        started = set()
+        for line in job.logs(follow=True):  # until both ranks have started: they print in no set order
             if line.text.startswith("started"):
-                break
+                started.add(line.text)
+                if len(started) == 2:
+                    break
     with make_cluster(emulator) as second:
         assert job.name in [s.name for s in second.jobs()]
         again = second.attach(job.name)

@@ -34,26 +34,21 @@ from typing import Any
 
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
-from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.labels import ROLE, job_labels
 from dsnb.backends.kubernetes.pod_status import (
-    NodeOutcome,
-    container_status,
-    node_outcome,
-    reported_outcome,
-    started_at,
     terminating,
 )
-from dsnb.backends.kubernetes.pod_template import CONTAINER, ExtraVolume, build_pod_template, kubelet_literal
+from dsnb.backends.kubernetes.pod_template import ExtraVolume, build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_manifests
 from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
+from dsnb.backends.kubernetes.statefulset_status import RULES, SetReading, first_status
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobStatus
 
 JOB_DIR = "/var/run/dsnb/job"
 STATE_DIR = "/var/run/dsnb/state"
@@ -115,25 +110,6 @@ def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
         argv.append("--no-python")
     return argv + program
 
-
-def record_outcomes(record: dict[str, Any] | None) -> dict[int, NodeOutcome]:
-    """The outcomes the job's pods wrote into its record, by node.
-
-    Example:
-        >>> record = {"data": {"outcome-1.json": '{"node": 1, "exit_code": 3, "failed_rank": 2, "finished_at": 5.0}'}}
-        >>> record_outcomes(record)[1].failed_rank
-        2
-    """
-    data = (record or {}).get("data") or {}
-    result = {}
-    for key, text in data.items():
-        if key.startswith("outcome-") and key.endswith(".json"):
-            try:
-                report = json.loads(text)
-                result[int(report["node"])] = reported_outcome(report)
-            except (ValueError, KeyError, TypeError):
-                continue  # not written by dsnb's entry
-    return result
 
 
 class StatefulSetBackend(JobServing, KubernetesBackend):
@@ -289,71 +265,7 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
                        workload: dict[str, Any] | None = None) -> JobStatus:
-        by_node: dict[int, dict[str, Any]] = {}
-        for pod in pods:
-            if terminating(pod):
-                continue  # stopped by its deletion (the job's release, a cancel): that is no outcome
-            try:
-                by_node[int(pod["metadata"]["name"].rsplit("-", 1)[1])] = pod
-            except (IndexError, ValueError):
-                continue
-        outcomes = {node: node_outcome(pod, CONTAINER) for node, pod in by_node.items()}
-        for node, reported in record_outcomes(workload).items():  # what pods gone since wrote into the record
-            if outcomes.get(node) is None:
-                outcomes[node] = reported
-        diagnoses = {node: classify(pod, (events or {}).get(pod["metadata"]["name"]))
-                     for node, pod in by_node.items() if outcomes.get(node) is None}
-        starts = [t for t in (started_at(p, CONTAINER) for p in by_node.values()) if t is not None]
-        starts += [o.started_at for node, o in outcomes.items() if o is not None and o.started_at is not None and node not in by_node]
-        started = min(starts) if starts else None
-        procs = spec.procs_per_node
-        node_states: dict[int, JobState] = {}
-        for node in range(spec.nodes):
-            pod, outcome = by_node.get(node), outcomes.get(node)
-            if outcome is not None:
-                node_states[node] = JobState.SUCCEEDED if outcome.ok else JobState.FAILED
-            elif pod is not None and (container_status(pod, CONTAINER).get("state") or {}).get("running"):
-                node_states[node] = JobState.RUNNING
-            elif pod is not None and (pod.get("spec") or {}).get("nodeName"):
-                node_states[node] = JobState.STARTING
-            else:
-                node_states[node] = JobState.PENDING
-        replicas = tuple(
-            ReplicaStatus(
-                rank=rank, state=node_states[rank // procs],
-                exit_code=outcomes[rank // procs].exit_code if outcomes.get(rank // procs) else None,
-                # the pod's name: pod <job>-<i> runs node i, also after the job's release deleted it
-                host=f"{name}-{rank // procs}" if rank // procs in by_node or outcomes.get(rank // procs) else None,
-            )
-            for rank in range(spec.world_size)
-        )
-        common = {"name": name, "backend": self.name, "replicas": replicas, "created_at": created_at, "started_at": started}
-        failed = sorted(((o.finished_at or 0.0, node, o) for node, o in outcomes.items() if o is not None and not o.ok),
-                        key=lambda item: (item[0], item[1]))
-        if failed:
-            _, node, outcome = failed[0]
-            pod_name = f"{name}-{node}"
-            rank = outcome.failed_rank if outcome.failed_rank is not None else node * procs
-            what = "was killed: out of memory (OOMKilled)" if outcome.reason == "OOMKilled" else f"exited with code {outcome.exit_code}"
-            message = f"rank {rank} (pod {pod_name}) {what}" + (f"; {outcome.message}" if outcome.message else "")
-            return JobStatus(**common, state=JobState.FAILED, message=message, failed_rank=rank,
-                             exit_code=outcome.exit_code, last_lines=outcome.last_lines,
-                             finished_at=outcome.finished_at)
-        fatal = [(node, d) for node, d in sorted(diagnoses.items()) if d is not None and d.fatal]
-        if fatal:
-            node, diagnosis = fatal[0]
-            return JobStatus(**common, state=JobState.FAILED, message=str(diagnosis), failed_rank=node * procs)
-        if sum(o is not None for o in outcomes.values()) == spec.nodes and all(o is None or o.ok for o in outcomes.values()):
-            finished = max((o.finished_at or 0.0) for o in outcomes.values() if o is not None) or None
-            return JobStatus(**common, state=JobState.SUCCEEDED, message=f"all {spec.nodes} node(s) finished", finished_at=finished)
-        waiting = [str(d) for d in diagnoses.values() if d is not None]
-        states = set(node_states.values())
-        if states <= {JobState.RUNNING, JobState.SUCCEEDED}:
-            return JobStatus(**common, state=JobState.RUNNING, message=f"{spec.world_size} rank(s) on {spec.nodes} pod(s)")
-        if JobState.RUNNING in states or JobState.STARTING in states:
-            ready = sum(s in (JobState.RUNNING, JobState.SUCCEEDED) for s in node_states.values())
-            return JobStatus(**common, state=JobState.STARTING,
-                             message=waiting[0] if waiting else f"{ready} of {spec.nodes} pod(s) running")
-        message = waiting[0] if waiting else (f"waiting for the StatefulSet to create {spec.nodes} pod(s)" if not by_node
-                                              else f"{len(by_node)} pod(s) waiting to be scheduled")
-        return JobStatus(**common, state=JobState.PENDING, message=message)
+        """The first answer of :data:`.statefulset_status.RULES` (pure; no API calls); ``workload`` is the record."""
+        live = tuple(p for p in pods if not terminating(p))  # stopped by its deletion (the release, a cancel): no outcome
+        return first_status(SetReading(name, self.name, spec, created_at, live, events or {}, workload or {}), RULES)
+
