@@ -61,7 +61,6 @@ from dsnb.backends.kubernetes.backend import (
     env_secret,
     record_manifest,
 )
-from dsnb.backends.kubernetes.diagnose import classify
 from dsnb.backends.kubernetes.kuberay_manifests import (
     _RAY_VERSION,
     API_VERSION,
@@ -71,10 +70,17 @@ from dsnb.backends.kubernetes.kuberay_manifests import (
     render_rayjob,
     render_rayservice,
 )
+from dsnb.backends.kubernetes.kuberay_status import (
+    RAYJOB_RULES,
+    SERVICE_RULES,
+    RayJobReading,
+    ServiceReading,
+    first_status,
+)
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
 from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
-from dsnb.backends.kubernetes.pod_status import container_status, parse_time, terminating
+from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
@@ -87,7 +93,7 @@ from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.serving.spec import InvalidSpecError as ServeSpecError
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources, redact_env
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobState, JobStatus
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 #: The ``dsnb.io/kind`` of an endpoint's record (a job's is ``record``), so ``jobs()`` leaves endpoints out.
@@ -101,15 +107,6 @@ DEFAULT_STORAGE = "/home/ray/ray-runs"
 GIVEN_LIMIT = 200_000
 #: Seconds to wait, once the RayJob has ended, for the submitter to print the driver log's end.
 DRIVER_LOG_WAIT_S = 10.0
-#: Pod problems Ray recovers from or reports itself, so they do not end the job on their own.
-RAY_HANDLES = ("OOMKilled", "Evicted")
-#: What KubeRay's ``reason`` of a failed RayJob means, in words.
-_FAILED_REASONS = {
-    "DeadlineExceeded": "the job ran longer than its timeout (activeDeadlineSeconds) and was stopped",
-    "SubmissionFailed": "the submitter could not submit the Ray job",
-    "AppFailed": "the Ray job failed",
-    "JobDeploymentStatusTransitionGracePeriodExceeded": "KubeRay lost track of the Ray job",
-}
 
 
 def storage_path(options: Any, given: str | None = None) -> str:
@@ -317,81 +314,12 @@ class KubeRayBackend(KubernetesBackend):
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,
                        workload: dict[str, Any] | None = None) -> JobStatus:
-        """The job's status from its RayJob and pods (pure; no API calls).
+        """The job's status from its RayJob and pods: the first answer of :data:`.kuberay_status.RAYJOB_RULES`
+        (pure; no API calls)."""
+        live = tuple(p for p in pods if not terminating(p))  # stopped by a deletion (the cluster's shutdown, a cancel)
+        reading = RayJobReading(name, self.name, spec, created_at, live, events or {}, workload or {}, namespace=self.namespace)
+        return first_status(reading, RAYJOB_RULES)
 
-        ``jobDeploymentStatus`` says where KubeRay is (cluster, submission, the end), and once
-        the Ray job runs, ``jobStatus`` is Ray's own (PENDING, RUNNING, SUCCEEDED, FAILED,
-        STOPPED). A pod problem KubeRay waits on forever (an image that cannot be pulled, a
-        crash loop, a missing Secret) fails the job with its diagnosis; a pod killed for memory
-        or evicted is shown while Ray handles it (see :data:`RAY_HANDLES`).
-        """
-        status = (workload or {}).get("status") or {}
-        pods = [p for p in pods if not terminating(p)]  # stopped by a deletion (the cluster's shutdown, a cancel): no outcome
-        deployment = status.get("jobDeploymentStatus") or ""
-        ray_status = status.get("jobStatus") or ""
-        info = status.get("rayJobInfo") or {}
-        said = (status.get("message") or "").strip()
-        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at,
-                                  "started_at": parse_time(info.get("startTime")) or parse_time(status.get("startTime"))}
-        finished_at = parse_time(status.get("endTime")) or parse_time(info.get("endTime"))
-
-        def replicas(state: JobState) -> tuple[ReplicaStatus, ...]:
-            return tuple(ReplicaStatus(rank=r, state=state) for r in range(spec.world_size))
-
-        def ended(state: JobState, message: str) -> JobStatus:
-            return JobStatus(**common, state=state, replicas=replicas(state), message=message, finished_at=finished_at)
-
-        if deployment == "Complete" and ray_status == "SUCCEEDED":
-            return ended(JobState.SUCCEEDED, "the Ray job succeeded")
-        if deployment in ("Complete", "Failed") and ray_status == "STOPPED":
-            return ended(JobState.CANCELLED, "the Ray job was stopped outside dsnb (ray job stop)")
-        if deployment == "ValidationFailed":  # KubeRay v1.7.0 gives up on it for good (rayjob_controller.go)
-            return ended(JobState.FAILED, f"KubeRay refused the RayJob: {said}" if said else "KubeRay refused the RayJob (ValidationFailed)")
-        if deployment in ("Complete", "Failed"):
-            reason = status.get("reason") or ""
-            what = _FAILED_REASONS.get(reason) or ("the Ray job failed" if ray_status == "FAILED" else "the RayJob failed")
-            if reason == "SubmissionFailed":
-                what += f" (its log: kubectl logs -n {self.namespace} job/{name})"
-            return ended(JobState.FAILED, f"{what}: {said}" if said else what)
-
-        # A pod that died (OOMKilled, evicted) is Ray's to handle (a worker lost, FailureConfig retries)
-        # and the RayJob reports the outcome; only what KubeRay would wait on forever fails the job here.
-        fatal = sorted((p["metadata"]["name"], d) for p in pods
-                       if (d := classify(p, (events or {}).get(p["metadata"]["name"]))) is not None
-                       and d.fatal and d.reason not in RAY_HANDLES)
-        if fatal:
-            return JobStatus(**common, state=JobState.FAILED, replicas=replicas(JobState.FAILED), message=str(fatal[0][1]))
-        waiting = [str(d) for d in (classify(p, (events or {}).get(p["metadata"]["name"])) for p in pods) if d is not None]
-
-        if deployment in ("Suspending", "Suspended"):
-            return JobStatus(**common, state=JobState.PENDING, replicas=replicas(JobState.PENDING),
-                             message="the RayJob is suspended (e.g. waiting in a Kueue queue)")
-        if deployment == "Retrying":
-            attempts = int(status.get("failed") or 0)
-            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
-                             message=f"attempt {attempts} failed; KubeRay retries on a new Ray cluster"
-                                     f"{f' ({said})' if said else ''}")
-        if deployment == "Running" and ray_status == "RUNNING":
-            return JobStatus(**common, state=JobState.RUNNING, replicas=replicas(JobState.RUNNING),
-                             message=f"Ray Train: {spec.world_size} worker(s) on {spec.nodes} Ray worker pod(s)")
-        if deployment in ("Running", "Waiting"):
-            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
-                             message=waiting[0] if waiting else "the Ray cluster is up; the driver is starting "
-                                                                 "(runtime environment, placement of the workers)")
-        ray_pods = [p for p in pods if self._role(p) in ("head", "worker")]
-        placed = [p for p in ray_pods if (p.get("spec") or {}).get("nodeName")]
-        running = [p for p in ray_pods if (p.get("status") or {}).get("phase") == "Running"]
-        if placed:
-            return JobStatus(**common, state=JobState.STARTING, replicas=replicas(JobState.STARTING),
-                             message=waiting[0] if waiting else f"the Ray cluster starts: {len(running)} of {spec.nodes + 1} pod(s) running")
-        if not workload or not deployment:
-            message = "waiting for the KubeRay operator to take the RayJob (kubectl get pods -A -l app.kubernetes.io/name=kuberay-operator)"
-        else:
-            message = f"KubeRay creates the Ray cluster ({len(ray_pods)} of {spec.nodes + 1} pod(s) so far)"
-        return JobStatus(**common, state=JobState.PENDING, replicas=replicas(JobState.PENDING),
-                         message=waiting[0] if waiting else message)
-
-    # -- serving ---------------------------------------------------------------------------
     def serve_plan(self, spec: ServeSpec) -> Plan:
         """The endpoint's record, the Secret of secret env values (if any) and a RayService; nothing is created.
 
@@ -553,84 +481,9 @@ class KubeRayBackend(KubernetesBackend):
 
     def serve_status(self, name: str, created_at: float | None, service: dict[str, Any] | None,
                      pods: list[dict[str, Any]]) -> JobStatus:
-        """An endpoint's status from its RayService and Ray pods (pure; no API calls).
-
-        KubeRay's ``Ready`` condition (``status.serviceStatus: Running`` before conditions
-        existed) says requests are served; the Serve application's status (in
-        ``activeServiceStatus``, or ``pendingServiceStatus`` until KubeRay first promotes the
-        cluster) says where the replicas are: ``DEPLOYING`` while they load the model,
-        ``DEPLOY_FAILED`` when the loader raised, with Serve's message. One replica status per
-        Ray worker pod.
-        """
-        common: dict[str, Any] = {"name": name, "backend": self.name, "created_at": created_at}
-        if service is None:
-            return JobStatus(**common, state=JobState.CANCELLED,
-                             message="the RayService is gone (deleted outside dsnb); endpoint.stop() removes its record")
-        status = service.get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
-        ready = conditions.get("Ready") or {}
-        serving = ready.get("status") == "True" if ready else status.get("serviceStatus") == "Running"
-        active = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
-        pending = (status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}
-        app = active.get(name) or pending.get(name) or {}
-        app_status = app.get("status") or ""
-        said = _app_message(app)
-        workers = sorted((p for p in pods if self._role(p) == "worker"), key=lambda p: p["metadata"]["name"])
-        ray_pods = [p for p in pods if self._role(p) in ("head", "worker")]
-        groups = ((service.get("spec") or {}).get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
-        expected = 1 + sum(int(g.get("replicas") or 0) for g in groups)
-
-        def replicas(state: JobState) -> tuple[ReplicaStatus, ...]:
-            result = []
-            for rank, pod in enumerate(workers):
-                running = (pod.get("status") or {}).get("phase") == "Running"
-                shown = JobState.STARTING if state == JobState.RUNNING and not running else state
-                result.append(ReplicaStatus(rank=rank, state=shown, host=(pod.get("spec") or {}).get("nodeName"),
-                                            message=f"Ray worker pod {pod['metadata']['name']}"))
-            return tuple(result)
-
-        def made(state: JobState, message: str, **more: Any) -> JobStatus:
-            return JobStatus(**common, state=state, replicas=replicas(state), message=message, **more)
-
-        if ready.get("status") == "False" and ready.get("reason") == "ValidationFailed":  # for good (rayservice_controller.go v1.7.0)
-            told = (ready.get("message") or "").strip()
-            return made(JobState.FAILED, f"KubeRay refused the RayService: {told}" if told else "KubeRay refused the RayService (ValidationFailed)")
-        if ready.get("status") == "False" and ready.get("reason") == "InitializingTimeout":
-            told = (ready.get("message") or "").strip()
-            return made(JobState.FAILED, "KubeRay gave up: the RayService was not ready within its initializing timeout"
-                                         + (f" ({told})" if told else "") + (f"; {said}" if said else ""))
-        if app_status == "DEPLOY_FAILED":
-            return made(JobState.FAILED, f"the Serve application failed to deploy: {said}" if said
-                        else "the Serve application failed to deploy (kubectl describe rayservice shows Serve's message)")
-        fatal = sorted((p["metadata"]["name"], d) for p in ray_pods
-                       if (d := classify(p)) is not None and d.fatal and d.reason not in RAY_HANDLES)
-        if fatal:
-            return made(JobState.FAILED, str(fatal[0][1]))
-        waiting = [str(d) for d in (classify(p) for p in ray_pods) if d is not None]
-        started = parse_time(ready.get("lastTransitionTime")) if serving else None
-        if serving:
-            if app_status == "UNHEALTHY":
-                return made(JobState.RUNNING, f"unhealthy: {said}" if said else "unhealthy", started_at=started)
-            return made(JobState.RUNNING, f"Ray Serve answers with {len(workers)} Ray worker pod(s) "
-                                          f"({status.get('numServeEndpoints', 0)} serve endpoint(s))", started_at=started)
-        if app_status in ("NOT_STARTED", "DEPLOYING"):
-            return made(JobState.STARTING, "the replicas load the model (Serve application DEPLOYING)"
-                                           + (f": {said}" if said else ""))
-        if app_status == "UNHEALTHY":
-            return made(JobState.STARTING, f"unhealthy: {said}" if said else "unhealthy")
-        if app_status == "RUNNING":
-            return made(JobState.STARTING, "the application runs; KubeRay points its serve Service at the Ray pods")
-        running = [p for p in ray_pods if (p.get("status") or {}).get("phase") == "Running"]
-        if any((p.get("spec") or {}).get("nodeName") for p in ray_pods):
-            return made(JobState.STARTING, waiting[0] if waiting else
-                        f"the Ray cluster starts: {len(running)} of {expected} pod(s) running"
-                        + ("; then Serve deploys the application" if len(running) == expected else ""))
-        if not status:
-            message = ("waiting for the KubeRay operator to take the RayService "
-                       "(kubectl get pods -A -l app.kubernetes.io/name=kuberay-operator)")
-        else:
-            message = f"KubeRay creates the Ray cluster ({len(ray_pods)} of {expected} pod(s) so far)"
-        return made(JobState.PENDING, waiting[0] if waiting else message)
+        """An endpoint's status from its RayService and Ray pods: the first answer of
+        :data:`.kuberay_status.SERVICE_RULES` (pure; no API calls)."""
+        return first_status(ServiceReading(name, self.name, created_at, service, tuple(pods)), SERVICE_RULES)
 
 
 def _created(record: dict[str, Any]) -> float | None:
@@ -638,16 +491,3 @@ def _created(record: dict[str, Any]) -> float | None:
         return float((record["metadata"].get("annotations") or {}).get(CREATED, "0") or 0) or None
     except ValueError:
         return None
-
-
-def _app_message(app: dict[str, Any]) -> str:
-    """Serve's message on an application, else the first unhealthy deployment's; a failure's in full (its traceback)."""
-    message = (app.get("message") or "").strip()
-    if not message:
-        for deployment in (app.get("serveDeploymentStatuses") or {}).values():
-            if (deployment or {}).get("status") != "HEALTHY" and (deployment or {}).get("message"):
-                message = deployment["message"].strip()
-                break
-    if not message:
-        return ""
-    return message[-2000:] if app.get("status") == "DEPLOY_FAILED" else message.splitlines()[-1][:500]

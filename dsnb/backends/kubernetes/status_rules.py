@@ -105,8 +105,8 @@ class Reading:
 Rule = Callable[[Any], "JobStatus | None"]
 
 
-def first_status(reading: Reading, rules: Sequence[Rule]) -> JobStatus:
-    """The answer of the first rule that has one.
+def first_status(reading: Any, rules: Sequence[Rule]) -> JobStatus:
+    """The answer of the first rule that has one (``reading``: a :class:`Reading`, or another record with a ``name``).
 
     Raises:
         LookupError: no rule answered (a backend's last rule answers always).
