@@ -108,22 +108,42 @@ def connect(
     if in_cluster is None:
         in_cluster = kubeconfig is None and not os.environ.get("KUBECONFIG") and _in_cluster()
     if in_cluster:
-        try:
-            conf = client.Configuration()
-            config.load_incluster_config(client_configuration=conf)
-        except config.ConfigException as e:
-            raise ClusterError("in-cluster configuration", str(e),
-                               "run inside a pod with a service account, or pass kubeconfig=") from e
-        own = SERVICE_ACCOUNT_DIR / "namespace"
-        default_ns = own.read_text().strip() if own.is_file() else "default"
-        return Connection(client.ApiClient(conf), namespace or default_ns, "in-cluster")
-    # $KUBECONFIG may list several files: the official client merges them, as kubectl does.
-    paths = [Path(p).expanduser() for p in str(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
-    where = f"kubeconfig {os.pathsep.join(str(p) for p in paths)}"
-    if not any(p.is_file() for p in paths):
-        raise ClusterError(where, "no such file" if len(paths) == 1 else "none of these files exists",
+        return _in_cluster_connection(namespace)
+    return _kubeconfig_connection(kubeconfig, context, namespace)
+
+
+def _in_cluster_connection(namespace: str | None) -> Connection:
+    try:
+        conf = client.Configuration()
+        config.load_incluster_config(client_configuration=conf)
+    except config.ConfigException as e:
+        raise ClusterError("in-cluster configuration", str(e),
+                           "run inside a pod with a service account, or pass kubeconfig=") from e
+    own = SERVICE_ACCOUNT_DIR / "namespace"
+    default_ns = own.read_text().strip() if own.is_file() else "default"
+    return Connection(client.ApiClient(conf), namespace or default_ns, "in-cluster")
+
+
+def _kubeconfig_files(kubeconfig: str | os.PathLike[str] | None) -> str:
+    """The kubeconfig files to read, joined as ``$KUBECONFIG`` joins them.
+
+    ``$KUBECONFIG`` may list several files: the official client merges them, as kubectl does.
+
+    Raises:
+        ClusterError: none of them exists.
+    """
+    given = str(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
+    files = os.pathsep.join(str(Path(p).expanduser()) for p in given.split(os.pathsep) if p)
+    paths = files.split(os.pathsep)
+    if not any(Path(p).is_file() for p in paths):
+        raise ClusterError(f"kubeconfig {files}", "no such file" if len(paths) == 1 else "none of these files exists",
                            "point kubeconfig= (or $KUBECONFIG) at your cluster's config file, or run inside the cluster")
-    files = os.pathsep.join(str(p) for p in paths)
+    return files
+
+
+def _kubeconfig_connection(kubeconfig: str | os.PathLike[str] | None, context: str | None, namespace: str | None) -> Connection:
+    files = _kubeconfig_files(kubeconfig)
+    where = f"kubeconfig {files}"
     try:
         contexts, current = config.list_kube_config_contexts(files)
         chosen = current if context is None else next((c for c in contexts if c["name"] == context), None)
