@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from dsnb.backends.kubernetes.diagnose import Diagnosis, classify
+from dsnb.backends.kubernetes.diagnose import Diagnosis
 from dsnb.backends.kubernetes.pod_status import (
     NodeOutcome,
     container_status,
@@ -79,16 +79,9 @@ class SetReading(Reading):
                 outcomes[node] = reported
         return outcomes
 
-    @cached_property
-    def diagnoses(self) -> tuple[tuple[Pod, Diagnosis], ...]:
-        """The problems of the pods that have no outcome yet."""
-        found = []
-        for node, pod in self.by_node.items():
-            if self.outcomes.get(node) is None:
-                diagnosis = classify(pod, self.events.get(pod["metadata"]["name"]))
-                if diagnosis is not None:
-                    found.append((pod, diagnosis))
-        return tuple(found)
+    def diagnosed(self) -> tuple[Pod, ...]:
+        """The pods of nodes that have no outcome yet."""
+        return tuple(pod for node, pod in self.by_node.items() if self.outcomes.get(node) is None)
 
     @property
     def fatal(self) -> tuple[Pod, Diagnosis] | None:

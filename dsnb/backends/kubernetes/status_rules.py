@@ -67,13 +67,17 @@ class Reading:
 
     @cached_property
     def diagnoses(self) -> tuple[tuple[Pod, Diagnosis], ...]:
-        """Each pod with a problem and the problem, in the order of ``pods``."""
+        """Each pod with a problem and the problem, in the order of :meth:`diagnosed`."""
         found = []
-        for pod in self.pods:
+        for pod in self.diagnosed():
             diagnosis = classify(pod, self.events.get(pod["metadata"]["name"]))
             if diagnosis is not None:
                 found.append((pod, diagnosis))
         return tuple(found)
+
+    def diagnosed(self) -> tuple[Pod, ...]:
+        """The pods whose problems count (all of them, unless a backend knows some have ended)."""
+        return self.pods
 
     @property
     def fatal(self) -> tuple[Pod, Diagnosis] | None:
