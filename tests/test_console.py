@@ -19,7 +19,8 @@ from scripted import ScriptedBackend
 from dsnb import Cluster
 from dsnb.console import cli
 from dsnb.console.cli import main
-from dsnb.console.view import format_duration, jobs_table, render, status_view
+from dsnb.console.view import jobs_table, render, status_view
+from dsnb.formatting import format_duration
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus

@@ -151,3 +151,12 @@ def test_import_is_light() -> None:
     code = "import sys, dsnb; print(sorted(m for m in ('torch', 'deepspeed', 'kubernetes', 'ray') if m in sys.modules))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "[]"
+
+
+def test_the_notebook_widgets_import_no_command_line() -> None:
+    """Widgets share the text formatting with the console through dsnb.formatting, not through the CLI."""
+    code = ("import sys; import dsnb.widgets.panel, dsnb.widgets.display, dsnb.widgets.cluster_view, dsnb.widgets.form; "
+            "print(sorted(m for m in sys.modules if m.startswith('dsnb.console')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

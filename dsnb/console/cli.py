@@ -46,8 +46,9 @@ from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.cluster import Cluster
 from dsnb.console.text import printable
-from dsnb.console.view import format_duration, jobs_table, render, status_view
+from dsnb.console.view import jobs_table, render, status_view
 from dsnb.errors import ClusterError, DsnbError, InvalidSpecError, JobFailed
+from dsnb.formatting import format_duration
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor
 from dsnb.secrets import is_secret

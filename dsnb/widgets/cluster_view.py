@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dsnb.console.view import format_time
 from dsnb.errors import BackendUnavailable
+from dsnb.formatting import format_time
 from dsnb.status import JobStatus
 from dsnb.widgets.display import jobs_table_html
 from dsnb.widgets.panel import JobPanel

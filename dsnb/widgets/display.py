@@ -20,7 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from dsnb.console.view import elapsed_of, format_duration, format_time
+from dsnb.formatting import elapsed_of, format_duration, format_time
 from dsnb.status import JobStatus
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from dsnb.console.view import elapsed_of, format_duration, format_value
 from dsnb.errors import BackendUnavailable
+from dsnb.formatting import elapsed_of, format_duration, format_value
 from dsnb.metrics import is_metric_line
 from dsnb.monitor import JobMonitor, MonitorUpdate
 from dsnb.status import JobState, JobStatus, LogLine, rank_label
