@@ -41,7 +41,7 @@ from rich.live import Live
 from rich.markup import escape
 
 import dsnb
-from dsnb.backends.base import backend_options, load_backend
+from dsnb.backends.base import backend_options, load_backend, resolve_name
 from dsnb.backends.local.jobdir import dsnb_home
 from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.cluster import Cluster
@@ -139,16 +139,15 @@ def _cluster(args: argparse.Namespace) -> Cluster:
         ClusterError: an option given to a backend that does not take it (and which do).
         InvalidSpecError: an option's value is not one it takes.
     """
-    name = "kuberay" if args.backend == "ray" and getattr(args, "kuberay", False) else args.backend
+    name, _ = resolve_name(args.backend, {"kuberay": True} if getattr(args, "kuberay", False) else {})
     load_backend(name)  # an unknown backend or a missing extra: the install hint
     takes = {option.name: option for option in backend_options(name) if option.on_command_line}
-    given = {option: getattr(args, _dest(option)) for option, _ in _cli_options().items()
-             if getattr(args, _dest(option), None) is not None}
-    refused = [option for option in given if option.name not in takes]
+    offered = _cli_options()
+    given = {option: getattr(args, _dest(option)) for option in offered if getattr(args, _dest(option), None) is not None}
+    refused = {option.flag: ", ".join(offered[option]) for option in given if option.name not in takes}
     if refused:
-        others = {option.flag: ", ".join(backends) for option, backends in _cli_options().items() if option in refused}
-        raise ClusterError(f"backend {name!r}", f"takes no {', '.join(others)}",
-                           "; ".join(f"{flag} is for {backends}" for flag, backends in others.items()))
+        raise ClusterError(f"backend {name!r}", f"takes no {', '.join(refused)}",
+                           "; ".join(f"{flag} is for {backends}" for flag, backends in refused.items()))
     return Cluster(name, **{option.name: takes[option.name].parse(value) for option, value in given.items()})
 
 

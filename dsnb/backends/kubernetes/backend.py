@@ -375,7 +375,6 @@ class KubernetesBackend(Backend):
         while records.get(name) is None and (left := deadline - time.monotonic()) > 0:
             version = records.wait_for_change(version, left)
 
-    # -- status ----------------------------------------------------------------------------
     # -- rendering -------------------------------------------------------------------------
     def render(self, spec: JobSpec) -> Plan:
         """The job's record ConfigMap, the Secret of its secret env values (if any), the backend's
@@ -406,6 +405,7 @@ class KubernetesBackend(Backend):
             InvalidSpecError: the spec cannot run on this backend (the field and fix named).
         """
 
+    # -- status ----------------------------------------------------------------------------
     @abc.abstractmethod
     def compute_status(self, name: str, spec: JobSpec, created_at: float | None, pods: list[dict[str, Any]],
                        events: dict[str, list[dict[str, Any]]] | None = None,

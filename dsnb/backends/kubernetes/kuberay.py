@@ -75,7 +75,6 @@ from dsnb.backends.kubernetes.kuberay_status import (
     SERVICE_RULES,
     RayJobReading,
     ServiceReading,
-    first_status,
 )
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
@@ -84,6 +83,7 @@ from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
+from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
@@ -188,16 +188,15 @@ class KubeRayBackend(KubernetesBackend):
             InvalidSpecError: no image, a ``command`` that is not ``python script.py ...``, a
                 name KubeRay refuses, or a bad Ray version.
         """
-        unique = spec
-        name, namespace = unique.name, self.namespace
+        name, namespace = spec.name, self.namespace
         storage = storage_path(self.pod_options, self.storage_path)
-        driver_spec = unique
-        if unique.working_dir and unique.script and not posixpath.isabs(unique.script):
+        driver_spec = spec
+        if spec.working_dir and spec.script and not posixpath.isabs(spec.script):
             # Ray's workers need not start in the containers' working directory: find the script anyway.
-            driver_spec = copy.copy(unique)
-            driver_spec.script = posixpath.join(unique.working_dir, unique.script)
+            driver_spec = copy.copy(spec)
+            driver_spec.script = posixpath.join(spec.working_dir, spec.script)
         env = train_entry.driver_env(driver_spec, storage)
-        rayjob = render_rayjob(unique, self.pod_options, list(train_entry.DRIVER_ARGV), self.ray_version,
+        rayjob = render_rayjob(spec, self.pod_options, list(train_entry.DRIVER_ARGV), self.ray_version,
                                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
                                head_resources=self.head_resources, env_vars=env)
         if self.storage_path:
@@ -208,8 +207,8 @@ class KubeRayBackend(KubernetesBackend):
             where = "on each pod's own disk: not shared, and gone with the pods; PodOptions(checkpoint_pvc=...) makes runs resumable"
         notes = [
             f"dsnb KubeRay plan for {name} in namespace {namespace}: a RayJob with a Ray {self.ray_version} cluster of one head "
-            f"and {unique.nodes} worker pod(s); Ray Train runs {unique.world_size} worker(s) "
-            f"({'GPU, nccl' if unique.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
+            f"and {spec.nodes} worker pod(s); Ray Train runs {spec.world_size} worker(s) "
+            f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
             f"Ray Train runs and checkpoints: {storage}/{train_entry.run_name(name)} ({where})",
             "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
         ]

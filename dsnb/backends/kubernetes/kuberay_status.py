@@ -9,6 +9,7 @@ work with its diagnosis; a pod killed for memory or evicted is Ray's to handle.
 
 Example:
     >>> from dsnb import JobSpec
+    >>> from dsnb.backends.kubernetes.status_rules import first_status
     >>> reading = RayJobReading("t-x7k2", "kuberay", JobSpec(name="t-x7k2", command=["true"]), None, (),
     ...     workload={"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}})
     >>> first_status(reading, RAYJOB_RULES).message
@@ -26,10 +27,10 @@ from typing import Any
 from dsnb.backends.kubernetes.diagnose import Diagnosis, classify
 from dsnb.backends.kubernetes.labels import role
 from dsnb.backends.kubernetes.pod_status import parse_time
-from dsnb.backends.kubernetes.status_rules import Pod, Reading, first_status
+from dsnb.backends.kubernetes.status_rules import Pod, Reading
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
-__all__ = ["RAYJOB_RULES", "RAY_HANDLES", "SERVICE_RULES", "RayJobReading", "ServiceReading", "first_status"]
+__all__ = ["RAYJOB_RULES", "RAY_HANDLES", "SERVICE_RULES", "RayJobReading", "ServiceReading"]
 
 #: Pod problems Ray recovers from or reports itself, so they do not end the work on their own.
 RAY_HANDLES = ("OOMKilled", "Evicted")

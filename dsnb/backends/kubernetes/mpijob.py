@@ -27,11 +27,12 @@ from typing import Any
 from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.labels import ROLE, job_labels, role
-from dsnb.backends.kubernetes.mpijob_status import RULES, SSHD_PORT, MPIReading, first_status
+from dsnb.backends.kubernetes.mpijob_status import RULES, SSHD_PORT, MPIReading
 from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_template import build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
+from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
@@ -184,16 +185,15 @@ class MPIJobBackend(JobServing, KubernetesBackend):
 
     # -- rendering -------------------------------------------------------------------------
     def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
-        unique = spec
         # MPI Operator v0.8.0 refuses (with only a Warning Event) an MPIJob whose last worker
         # pod name, <name>-worker-<N-1>, is no DNS-1035 label (pkg/apis/kubeflow/validation/validation.go).
-        check_derived_names(unique.name, [f"{unique.name}-worker-{unique.nodes - 1}"], "the MPI Operator's worker pods")
-        name, namespace = unique.name, self.namespace
-        env = rank_env(unique)
+        check_derived_names(spec.name, [f"{spec.name}-worker-{spec.nodes - 1}"], "the MPI Operator's worker pods")
+        name, namespace = spec.name, self.namespace
+        env = rank_env(spec)
         # Ranks inherit the launcher's environment only through mpirun -x.
-        exported = [*env, *unique.env, *self.pod_options.nccl]
+        exported = [*env, *spec.env, *self.pod_options.nccl]
         launcher = build_pod_template(
-            unique, mpirun_argv(unique, exported), env, self.pod_options, {"dsnb.io/role": "launcher"},
+            spec, mpirun_argv(spec, exported), env, self.pod_options, {ROLE: "launcher"},
             secret_name=secret.name,
         )
         # The launcher only runs mpirun: it needs no GPUs and little memory.
@@ -202,20 +202,20 @@ class MPIJobBackend(JobServing, KubernetesBackend):
         # CAP_NET_BIND_SERVICE=+eip /usr/sbin/sshd), and the kernel refuses to exec such a binary
         # when the bounding set lacks it: keep that one capability (Pod Security "restricted" allows it).
         worker = build_pod_template(
-            unique, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
-            {"dsnb.io/role": "worker"}, secret_name=secret.name, add_capabilities=("NET_BIND_SERVICE",),
+            spec, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
+            {ROLE: "worker"}, secret_name=secret.name, add_capabilities=("NET_BIND_SERVICE",),
         )
         worker["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": SSHD_PORT}, "initialDelaySeconds": 2, "periodSeconds": 2}
-        run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": unique.max_restarts}
+        run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": spec.max_restarts}
         if self.ttl_seconds_after_finished is not None:
             run_policy["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
-        if unique.timeout:
-            run_policy["activeDeadlineSeconds"] = max(1, int(unique.timeout))
+        if spec.timeout:
+            run_policy["activeDeadlineSeconds"] = max(1, int(spec.timeout))
         mpijob = {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "MPIJob",
             "metadata": {"name": name, "labels": job_labels(name)},
             "spec": {
-                "slotsPerWorker": unique.procs_per_node,
+                "slotsPerWorker": spec.procs_per_node,
                 "runLauncherAsWorker": False,
                 "mpiImplementation": "OpenMPI",
                 "launcherCreationPolicy": "WaitForWorkersReady",
@@ -223,12 +223,12 @@ class MPIJobBackend(JobServing, KubernetesBackend):
                 "runPolicy": run_policy,
                 "mpiReplicaSpecs": {
                     "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": launcher},
-                    "Worker": {"replicas": unique.nodes, "restartPolicy": "Never", "template": worker},
+                    "Worker": {"replicas": spec.nodes, "restartPolicy": "Never", "template": worker},
                 },
             },
         }
         notes = [
-            f"dsnb mpijob plan for {name} in namespace {namespace}: {unique.nodes} worker(s) x {unique.procs_per_node} slot(s), "
+            f"dsnb mpijob plan for {name} in namespace {namespace}: {spec.nodes} worker(s) x {spec.procs_per_node} slot(s), "
             "mpirun on the launcher; needs the MPI Operator (kubeflow.org/v2beta1)",
             "the image needs Open MPI, a non-root sshd for user mpiuser on port 2222 "
             "(like mpioperator/openmpi), torch and DeepSpeed",

@@ -7,6 +7,7 @@ worker pods, which the operator names ``<job>-worker-<i>`` and stops once the jo
 
 Example:
     >>> from dsnb import JobSpec
+    >>> from dsnb.backends.kubernetes.status_rules import first_status
     >>> reading = MPIReading("t-x7k2", "mpijob", JobSpec(name="t-x7k2", command=["true"], nodes=2), None, (),
     ...                      workload={"status": {"conditions": [{"type": "Succeeded", "status": "True"}]}})
     >>> first_status(reading, RULES).state.value
@@ -20,12 +21,12 @@ from functools import cached_property
 from dsnb.backends.kubernetes.labels import role
 from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import CONTAINER
-from dsnb.backends.kubernetes.status_rules import Pod, Reading, first_status
+from dsnb.backends.kubernetes.status_rules import Pod, Reading
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 SSHD_PORT = 2222
 
-__all__ = ["RULES", "MPIReading", "first_status"]
+__all__ = ["RULES", "MPIReading"]
 
 
 class MPIReading(Reading):

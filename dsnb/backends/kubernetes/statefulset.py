@@ -42,7 +42,8 @@ from dsnb.backends.kubernetes.pod_template import ExtraVolume, build_pod_templat
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_manifests
 from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
-from dsnb.backends.kubernetes.statefulset_status import RULES, SetReading, first_status
+from dsnb.backends.kubernetes.statefulset_status import RULES, SetReading
+from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
@@ -183,21 +184,20 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         return env
 
     def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
-        unique = spec
-        if len(unique.name) > MAX_SET_NAME:
-            raise InvalidSpecError("name", f"{unique.name!r} is too long for a StatefulSet ({MAX_SET_NAME} characters with the suffix)",
+        if len(spec.name) > MAX_SET_NAME:
+            raise InvalidSpecError("name", f"{spec.name!r} is too long for a StatefulSet ({MAX_SET_NAME} characters with the suffix)",
                                    f"use at most {MAX_SET_NAME - 5} characters")
-        name, namespace = unique.name, self.namespace
+        name, namespace = spec.name, self.namespace
         master = f"{name}-0.{name}.{namespace}.svc.{self.cluster_domain}"
         files = entry_files()
-        if unique.deepspeed_config is not None:
-            files["deepspeed.json"] = json.dumps(unique.deepspeed_config, indent=1)
+        if spec.deepspeed_config is not None:
+            files["deepspeed.json"] = json.dumps(spec.deepspeed_config, indent=1)
         node_labels = {**job_labels(name), ROLE: "node"}
-        args = launcher_argv(unique, self.launcher, master)
-        program = len(user_argv(unique))
-        env = {**self._env(unique), "DSNB_LAUNCHER_ARGC": str(len(args) - program)}
+        args = launcher_argv(spec, self.launcher, master)
+        program = len(user_argv(spec))
+        env = {**self._env(spec), "DSNB_LAUNCHER_ARGC": str(len(args) - program)}
         template = build_pod_template(
-            unique, ["python3", f"{JOB_DIR}/entry.py"], env, self.pod_options, {ROLE: "node"},
+            spec, ["python3", f"{JOB_DIR}/entry.py"], env, self.pod_options, {ROLE: "node"},
             args=args[:len(args) - program] + [kubelet_literal(a) for a in args[len(args) - program:]],
             downward_env={"DSNB_POD_NAME": "metadata.name", "DSNB_NAMESPACE": "metadata.namespace"},
             secret_name=secret.name,
@@ -220,12 +220,12 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         stateful_set = {
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": name, "labels": job_labels(name)},
-            "spec": {"serviceName": name, "replicas": unique.nodes, "podManagementPolicy": "Parallel",
+            "spec": {"serviceName": name, "replicas": spec.nodes, "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": node_labels}, "template": template},
         }
         ranks = "torchrun --tee (lines per rank)" if self.launcher == "torchrun" else "the deepspeed launcher (lines per node)"
         notes = [
-            f"dsnb statefulset plan for {name} in namespace {namespace}: {unique.nodes} pod(s) x {unique.procs_per_node} rank(s) via {ranks}",
+            f"dsnb statefulset plan for {name} in namespace {namespace}: {spec.nodes} pod(s) x {spec.procs_per_node} rank(s) via {ranks}",
             "apply with: kubectl apply -f <this file>; remove with: kubectl delete "
             f"statefulset,service,configmap,secret,serviceaccount,role,rolebinding -l dsnb.io/job={name}",
             f"when the job ends its pods scale StatefulSet {name} to 0 themselves, as ServiceAccount {account or name} "

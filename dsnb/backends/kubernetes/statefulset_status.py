@@ -7,6 +7,7 @@ record before the job's release deleted it. Pod ``<job>-<i>`` runs node ``i``
 
 Example:
     >>> from dsnb import JobSpec
+    >>> from dsnb.backends.kubernetes.status_rules import first_status
     >>> reading = SetReading("t-x7k2", "statefulset", JobSpec(name="t-x7k2", command=["true"]), None, ())
     >>> first_status(reading, RULES).message
     'waiting for the StatefulSet to create 1 pod(s)'
@@ -28,10 +29,10 @@ from dsnb.backends.kubernetes.pod_status import (
     started_at,
 )
 from dsnb.backends.kubernetes.pod_template import CONTAINER
-from dsnb.backends.kubernetes.status_rules import Pod, Reading, first_status
+from dsnb.backends.kubernetes.status_rules import Pod, Reading
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
-__all__ = ["RULES", "SetReading", "first_status", "record_outcomes"]
+__all__ = ["RULES", "SetReading", "record_outcomes"]
 
 
 def record_outcomes(record: dict[str, Any] | None) -> dict[int, NodeOutcome]:

@@ -36,8 +36,9 @@ from dsnb.backends.kubernetes.pod_status import started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
+from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.kubernetes.trainer_layout import node_pods
-from dsnb.backends.kubernetes.trainjob_status import RULES, RUNTIME_CONTAINER, TrainReading, first_status, hostname
+from dsnb.backends.kubernetes.trainjob_status import RULES, RUNTIME_CONTAINER, TrainReading, hostname
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import ClusterError, InvalidSpecError
@@ -150,19 +151,18 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         super().apply(plan)
 
     def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
-        unique = spec
-        check_derived_names(unique.name, jobset_pod_names(unique.name, unique.nodes), "JobSet's pods")
-        name, namespace = unique.name, self.namespace
-        env = rank_env(unique)
-        exported = [*env, *unique.env, *self.pod_options.nccl]
-        shaped = build_pod_template(unique, mpirun_argv(unique, exported), env, self.pod_options,
+        check_derived_names(spec.name, jobset_pod_names(spec.name, spec.nodes), "JobSet's pods")
+        name, namespace = spec.name, self.namespace
+        env = rank_env(spec)
+        exported = [*env, *spec.env, *self.pod_options.nccl]
+        shaped = build_pod_template(spec, mpirun_argv(spec, exported), env, self.pod_options,
                                     secret_name=secret.name)["spec"]["containers"][0]
         trainer: dict[str, Any] = {
-            "image": unique.image,
+            "image": spec.image,
             "command": shaped["command"],
             "env": shaped.get("env") or [],
-            "numNodes": unique.nodes,
-            "numProcPerNode": unique.procs_per_node,
+            "numNodes": spec.nodes,
+            "numProcPerNode": spec.procs_per_node,
         }
         if shaped.get("resources"):
             trainer["resourcesPerNode"] = shaped["resources"]
@@ -172,18 +172,18 @@ class TrainJobBackend(JobServing, KubernetesBackend):
             "spec": {
                 "runtimeRef": {"apiGroup": GROUP, "kind": self.runtime_kind, "name": self.runtime},
                 "trainer": trainer,
-                "runtimePatches": self._patches(unique),
+                "runtimePatches": self._patches(spec),
             },
         }
-        if unique.timeout:
-            body["spec"]["activeDeadlineSeconds"] = max(1, int(unique.timeout))
+        if spec.timeout:
+            body["spec"]["activeDeadlineSeconds"] = max(1, int(spec.timeout))
         trainjob = models.TrainerV1alpha1TrainJob.from_dict(body).to_dict()
         notes = [
-            f"dsnb trainjob plan for {name} in namespace {namespace}: {unique.nodes} node(s) x {unique.procs_per_node} process(es) "
+            f"dsnb trainjob plan for {name} in namespace {namespace}: {spec.nodes} node(s) x {spec.procs_per_node} process(es) "
             f"on the {self.runtime_kind} {self.runtime!r}; needs Kubeflow Trainer (trainer.kubeflow.org/v1alpha1)",
             f"at submit, the TrainJob runs from a TrainingRuntime {name!r} made from {self.runtime!r} as the cluster has it: "
-            f"{unique.image} on every pod (Kubeflow Trainer gives trainer.image to the launcher only) and "
-            f"{unique.max_restarts} restart(s) of the whole job (JobSet's failurePolicy); it is deleted when the job ends",
+            f"{spec.image} on every pod (Kubeflow Trainer gives trainer.image to the launcher only) and "
+            f"{spec.max_restarts} restart(s) of the whole job (JobSet's failurePolicy); it is deleted when the job ends",
         ]
         return Workload([trainjob], notes)
 

@@ -8,6 +8,7 @@ once the launcher's container does.
 
 Example:
     >>> from dsnb import JobSpec
+    >>> from dsnb.backends.kubernetes.status_rules import first_status
     >>> reading = TrainReading("t-x7k2", "trainjob", JobSpec(name="t-x7k2", command=["true"]), None, (),
     ...                        workload={"status": {"conditions": [{"type": "Suspended", "status": "True"}]}})
     >>> first_status(reading, RULES).message
@@ -22,13 +23,13 @@ from typing import Any
 
 from dsnb.backends.kubernetes.labels import role
 from dsnb.backends.kubernetes.pod_status import container_status
-from dsnb.backends.kubernetes.status_rules import Pod, Reading, first_status
+from dsnb.backends.kubernetes.status_rules import Pod, Reading
 from dsnb.backends.kubernetes.trainer_layout import node_pods, rank_hosts
 from dsnb.status import JobState, JobStatus, ReplicaStatus
 
 RUNTIME_CONTAINER = "node"
 
-__all__ = ["RULES", "TrainReading", "first_status"]
+__all__ = ["RULES", "TrainReading"]
 
 
 def hostname(pod: Pod) -> str:

@@ -129,7 +129,6 @@ class LocalBackend(ServesAsJob, Backend):
             raise InvalidSpecError("procs_per_node", f"{spec.world_size} ranks is more than this machine can run "
                                                      f"({usable_cpus()} usable cores; at most {most} ranks here)",
                                    f"ask for at most {most} ranks (nodes x procs_per_node), or use a cluster backend")
-        unique = spec
         cwd = Path(spec.working_dir or os.getcwd()).expanduser().resolve()
         if not cwd.is_dir():
             raise InvalidSpecError("working_dir", f"{str(cwd)!r} is not a directory", "pass an existing directory")
@@ -143,7 +142,7 @@ class LocalBackend(ServesAsJob, Backend):
             if not (shutil.which(program) or (cwd / program).is_file()):
                 raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
             argv = [*spec.command, *spec.args]  # type: ignore[misc]
-        job_dir = JobDir(self.root / unique.name)
+        job_dir = JobDir(self.root / spec.name)
         commands = []
         for rank in range(spec.world_size):
             node, local = divmod(rank, spec.procs_per_node)
@@ -159,7 +158,7 @@ class LocalBackend(ServesAsJob, Backend):
                 "MASTER_PORT": "$MASTER_PORT",
                 "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(spec))),
-                "DSNB_JOB_NAME": unique.name,
+                "DSNB_JOB_NAME": spec.name,
                 "DSNB_JOB_DIR": str(job_dir.path),
                 "DSNB_DIST_BACKEND": "nccl" if gpus else "gloo",
             }
@@ -168,16 +167,16 @@ class LocalBackend(ServesAsJob, Backend):
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + gpus))
             else:
                 env["DS_ACCELERATOR"] = "cpu"
-            if unique.deepspeed_config is not None:
+            if spec.deepspeed_config is not None:
                 env["DSNB_DEEPSPEED_CONFIG"] = str(job_dir.ds_config)
             env.update(spec.env)  # a Secret stays one, so that every view of the plan hides it
             commands.append(RankCommand(rank=rank, argv=tuple(argv), cwd=str(cwd), env=env))
         backend_word = "nccl on GPU" if gpus else "gloo on CPU"
         notes = [
-            f"dsnb local plan for {unique.name}: {spec.nodes} node(s) x {spec.procs_per_node} rank(s), {backend_word}",
+            f"dsnb local plan for {spec.name}: {spec.nodes} node(s) x {spec.procs_per_node} rank(s), {backend_word}",
             "MASTER_PORT is a free port chosen at launch; ranks also inherit the caller's environment",
         ]
-        return Plan(backend=self.name, spec=unique, commands=commands, notes=notes)
+        return Plan(backend=self.name, spec=spec, commands=commands, notes=notes)
 
     def check(self, spec: JobSpec | None = None) -> PreflightReport:
         """torch and deepspeed importable, CPU cores for the ranks, and the GPUs ``spec`` asks for.

@@ -195,22 +195,21 @@ class RayBackend(Backend):
             InvalidSpecError: a ``command`` that is not ``python script.py ...`` (Ray Train runs scripts).
         """
         refuse_references(spec.env, self.name)
-        unique = spec
         storage = self.storage_path or "~/ray_results"
-        env = {**train_entry.driver_env(unique, storage), **{k: str(v) for k, v in unique.env.items()}}
-        working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
+        env = {**train_entry.driver_env(spec, storage), **{k: str(v) for k, v in spec.env.items()}}
+        working_dir = str(Path(spec.working_dir or os.getcwd()).resolve())
         runtime_env = {"working_dir": working_dir, "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
-        metadata = {JOB_KEY: unique.name, SPEC_KEY: json.dumps(_public_spec(unique), separators=(",", ":"))}
-        submission = {"address": self.address or "(a private Ray head on 127.0.0.1)", "submission_id": unique.name,
+        metadata = {JOB_KEY: spec.name, SPEC_KEY: json.dumps(_public_spec(spec), separators=(",", ":"))}
+        submission = {"address": self.address or "(a private Ray head on 127.0.0.1)", "submission_id": spec.name,
                       "entrypoint": shlex.join(train_entry.DRIVER_ARGV),
                       "entrypoint_num_cpus": 0,
                       "runtime_env": {**runtime_env, "env_vars": redact_env(env)}, "metadata": metadata}
-        notes = [f"Ray Train: TorchTrainer with {unique.world_size} workers "
-                 f"({'GPU, nccl' if unique.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{train_entry.run_name(unique.name)}"]
+        notes = [f"Ray Train: TorchTrainer with {spec.world_size} workers "
+                 f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{train_entry.run_name(spec.name)}"]
         if redact_env(env) != env:
             notes.append("secret-looking env values travel in the job's runtime environment: "
                           "whoever can read this Ray cluster's dashboard can read them")
-        return Plan(backend=self.name, spec=unique, manifests=[submission], notes=notes,
+        return Plan(backend=self.name, spec=spec, manifests=[submission], notes=notes,
                     extra={"runtime_env": runtime_env, "metadata": metadata})
 
     def apply(self, plan: Plan) -> None:
