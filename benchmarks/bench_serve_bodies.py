@@ -2,7 +2,7 @@
 
 A Kubernetes readiness probe has a 2 s ``timeoutSeconds`` by default in dsnb's pods; when the
 server parses request bodies on its event loop, a few large bodies make the probe miss and
-the pod leaves the Service. This starts ``python -m dsnb.serving`` (a 4 -> 16 -> 3 MLP, CPU,
+the pod leaves the Service. This starts ``python -m dsnb.runtime.server`` (a 4 -> 16 -> 3 MLP, CPU,
 127.0.0.1), then:
 
 1. **anchor**: polls ``/readyz`` every 50 ms for ``--idle`` seconds with nothing else running;
@@ -72,7 +72,7 @@ def start_server(dsnb_root: Path, workdir: Path, extra: list[str] | None = None)
            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": HOST, "MASTER_PORT": str(master), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1"}
     env.pop("DSNB_SERVE_TOKEN", None)
-    argv = [sys.executable, "-m", "dsnb.serving", "--model", "bench_loader:mlp", "--working-dir", str(workdir),
+    argv = [sys.executable, "-m", "dsnb.runtime.server", "--model", "bench_loader:mlp", "--working-dir", str(workdir),
             "--host", HOST, "--port", str(port), *(extra or [])]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(argv, cwd=dsnb_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

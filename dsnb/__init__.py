@@ -7,7 +7,6 @@ Example:
 
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.cluster import Cluster
-from dsnb.endpoint import Endpoint
 from dsnb.errors import (
     BackendUnavailable,
     ClusterError,
@@ -21,6 +20,7 @@ from dsnb.job import Job
 from dsnb.metrics import report
 from dsnb.runtime import checkpoint_dir, deepspeed_config
 from dsnb.secrets import Secret, SecretRef
+from dsnb.serving.endpoint import Endpoint
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample, ReplicaStatus

@@ -97,7 +97,7 @@ def how_to_enable(prof: BackendProfile, available: Iterable[str] | None = None) 
 
     Example:
         >>> how_to_enable(profile("mpijob"), available={"local"})  # doctest: +ELLIPSIS
-        "MPI Operator: the 'mpijob' backend is not in this dsnb install yet..."
+        "MPI Operator: the 'mpijob' backend cannot run in this install (available: local)..."
     """
     names = available_here() if available is None else set(available)
     needs = ", ".join(prof.needs)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from dsnb.backends.base import Backend, Plan, load_backend, resolve_name
-from dsnb.endpoint import Endpoint
 from dsnb.errors import ClusterError, JobFailed
 from dsnb.job import Job
 from dsnb.preflight import PreflightReport
+from dsnb.serving.endpoint import Endpoint
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
@@ -77,7 +77,7 @@ class Cluster:
         """Deploy ``spec`` under a unique name and return its endpoint, ready to answer.
 
         On ``local`` and Kubernetes every rank of ``nodes × procs_per_node`` runs
-        ``python -m dsnb.serving`` and rank 0 answers; on Ray, Ray Serve runs ``replicas``
+        ``python -m dsnb.runtime.server`` and rank 0 answers; on Ray, Ray Serve runs ``replicas``
         copies (see ``docs/serving.md``).
 
         Args:

@@ -29,7 +29,7 @@ def job_processes(marker: str) -> list[int]:
             continue
         parts = environ.split(b"\0")
         if any(v.startswith(b"DSNB_JOB_DIR=") and marker.encode() in v for v in parts) or (
-            b"dsnb.backends.local.supervisor" in parts[-1] and marker.encode() in parts[-1]
+            b"dsnb.runtime.supervisor" in parts[-1] and marker.encode() in parts[-1]
         ):
             found.append(int(entry.name))
     return found

@@ -1,4 +1,4 @@
-"""Start ``python -m dsnb.serving`` ranks as real processes on 127.0.0.1 for tests, and always stop them."""
+"""Start ``python -m dsnb.runtime.server`` ranks as real processes on 127.0.0.1 for tests, and always stop them."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def start_server(tmp: Path, model: str, world_size: int = 1, args: list[str] | N
         if token:
             env["DSNB_SERVE_TOKEN"] = token
         log = tmp / f"rank{rank}-{port}.log"
-        argv = [sys.executable, "-m", "dsnb.serving", "--model", model, "--served-name", "m", "--host", "127.0.0.1",
+        argv = [sys.executable, "-m", "dsnb.runtime.server", "--model", model, "--served-name", "m", "--host", "127.0.0.1",
                 "--port", str(port), "--working-dir", SERVING_CODE, *(args or [])]
         with open(log, "wb") as out:
             ranks.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))

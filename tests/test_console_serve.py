@@ -76,6 +76,6 @@ def test_bad_serve_options_exit_2_and_start_nothing(dsnb_home: Path, argv: list[
 
 def test_serve_dryrun_shows_every_rank_and_starts_nothing(dsnb_home: Path) -> None:
     code, out = dsnb("serve", "tiny_models:tiny_mlp", "--working-dir", SERVING_CODE, "--procs", "2", "--dryrun")
-    assert code == 0 and out.count("-m dsnb.serving --model tiny_models:tiny_mlp") == 2
+    assert code == 0 and out.count("-m dsnb.runtime.server --model tiny_models:tiny_mlp") == 2
     assert Cluster().jobs() == []
     assert dsnb("endpoints") == (0, "no endpoints; serve a model with: dsnb serve MODEL\n")

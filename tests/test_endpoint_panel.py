@@ -16,11 +16,11 @@ from helpers import followed, wait_until
 from scripted import ScriptedBackend
 
 from dsnb.backends.base import LogChunk
-from dsnb.backends.serving_job import ServesAsJob
-from dsnb.endpoint import Endpoint
 from dsnb.errors import ClusterError, JobNotFound
 from dsnb.monitor import JobMonitor
 from dsnb.serving import ServeSpec
+from dsnb.serving.endpoint import Endpoint
+from dsnb.serving.job_serving import ServesAsJob
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 from dsnb.widgets import endpoint_panel
 from dsnb.widgets.display import PANEL_ATTR, display_endpoint, endpoint_panel_for

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dsnb import Cluster, InvalidSpecError, JobSpec, PodOptions, Resources, ServeSpec
-from dsnb.backends.kubernetes import entry
+from dsnb.runtime import pod_entry as entry
 
 IMAGE = "registry.example/train:1"
 
@@ -66,7 +66,7 @@ def test_the_kubelet_does_not_expand_the_users_arguments(backend: str) -> None:
 
 
 def test_a_redirect_does_not_carry_the_endpoints_token() -> None:
-    from dsnb.endpoint import Endpoint
+    from dsnb.serving.endpoint import Endpoint
 
     seen: list[dict[str, str]] = []
 

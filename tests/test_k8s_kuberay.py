@@ -97,7 +97,7 @@ def test_the_plan_is_a_record_a_secret_and_a_rayjob_that_fit_their_schemas(optio
     _validator("ray.io/v1", "RayJob").validate(rayjob)
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in (record, secret, rayjob))
     job = rayjob["spec"]
-    assert job["entrypoint"] == "python -m dsnb.backends.ray.train_entry" and job["submissionMode"] == "K8sJobMode"
+    assert job["entrypoint"] == "python -m dsnb.runtime.ray_train_entry" and job["submissionMode"] == "K8sJobMode"
     # The driver's environment travels in the runtime env; the secret only through the Secret.
     env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
     driver = json.loads(env["DSNB_RAY_JOB"])

@@ -29,9 +29,9 @@ from k8s.sim import ClusterSim  # noqa: E402
 from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobState, Resources  # noqa: E402
 from dsnb.backends.kubernetes.kuberay import KubeRayBackend  # noqa: E402
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL  # noqa: E402
-from dsnb.backends.ray.serve_app import IMPORT_PATH  # noqa: E402
-from dsnb.endpoint import Endpoint  # noqa: E402
+from dsnb.runtime.ray_serve_app import IMPORT_PATH  # noqa: E402
 from dsnb.serving import ServeSpec  # noqa: E402
+from dsnb.serving.endpoint import Endpoint  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 SECRET_VALUE = "hf_secret_value_do_not_leak"
@@ -96,13 +96,13 @@ def test_the_plan_is_a_record_a_secret_and_a_rayservice_that_fit_their_schemas()
     # What Ray Serve runs: dsnb's application at the root, the model for its loader, the spec's
     # plain variables (the secret one comes from the Secret), CPU inference, autoscaling bounds.
     assert app == {
-        "name": plan.name, "route_prefix": "/", "import_path": "dsnb.backends.ray.serve_app:build",
+        "name": plan.name, "route_prefix": "/", "import_path": "dsnb.runtime.ray_serve_app:build",
         "args": {"model": "tiny_models:tiny_mlp", "dtype": "float32"},
         "runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "LOG_LEVEL": "debug"}},
         "deployments": [{"name": "DsnbModel", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1},
                          "ray_actor_options": {"num_cpus": 2.0}}],
     }
-    assert app["import_path"] == IMPORT_PATH == "dsnb.backends.ray.serve_app:build"
+    assert app["import_path"] == IMPORT_PATH == "dsnb.runtime.ray_serve_app:build"
     assert app["name"] == plan.name and app["args"]["model"] == "tiny_models:tiny_mlp"
     [deployment] = app["deployments"]
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1}

@@ -24,8 +24,8 @@ from k8s.sandbox import netns_problem
 from k8s.sim import ClusterSim
 
 from dsnb import JobSpec, JobState
-from dsnb.backends.kubernetes.entry import peer_names
 from dsnb.job import Job
+from dsnb.runtime.pod_entry import peer_names
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.deepspeed, pytest.mark.skipif(netns_problem() is not None, reason=netns_problem() or "")]

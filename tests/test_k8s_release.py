@@ -30,7 +30,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from dsnb import JobSpec, JobState
-from dsnb.backends.kubernetes.entry import peer_names
+from dsnb.runtime.pod_entry import peer_names
 
 needs_sandbox = pytest.mark.skipif(sandbox_problem() is not None, reason=sandbox_problem() or "")
 needs_netns = pytest.mark.skipif(netns_problem() is not None, reason=netns_problem() or "")

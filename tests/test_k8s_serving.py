@@ -10,7 +10,7 @@ controller, kubelet and its readiness prober) and ``tests/k8s/operators.py`` (MP
 Kubeflow Trainer; every pod in its own network namespace, ``mpirun`` run for real). Most tests
 do **not** run dsnb's real server, which loads a model with DeepSpeed (seconds per start here,
 minutes for a real model): the ServeSpec's ``working_dir`` is ``tests/k8s/serve_standin`` (the
-container's working directory, as for code baked into an image), so ``python -m dsnb.serving``
+container's working directory, as for code baked into an image), so ``python -m dsnb.runtime.server``
 in every rank finds the stand-in package there first. It keeps the server's contract with the
 cluster without a model: rank 0 prints ``DSNB_SERVE {...}`` lines and answers ``/healthz``,
 ``/readyz`` and ``POST /`` (token checked, inputs echoed); the other nodes' LOCAL_RANK 0
@@ -116,7 +116,7 @@ def test_the_serving_plan_validates_and_shows_no_secret(backend: str) -> None:
     workload = json.dumps([d for d in documents if d["kind"] in ("StatefulSet", "MPIJob", "TrainJob")])
     assert "activeDeadlineSeconds" not in workload and '"DSNB_TIMEOUT"' not in workload
     record = json.loads(kinds["ConfigMap"][0]["data"]["spec.json"])
-    assert record["timeout"] is None and record["command"] == ["python", "-m", "dsnb.serving"]
+    assert record["timeout"] is None and record["command"] == ["python", "-m", "dsnb.runtime.server"]
     assert record["env"]["DSNB_SERVE_TOKEN"] == "***"
     assert f"svc/{plan.name}-serve 9000:9000" in str(plan)  # how to reach it from outside
 
@@ -297,7 +297,7 @@ def test_a_server_that_exits_fails_the_endpoint_and_serve_removes_it(emulator) -
 @needs_sandbox
 @pytest.mark.deepspeed
 def test_the_real_server_answers_through_the_pod_port(emulator) -> None:  # noqa: F811
-    """dsnb's own ``python -m dsnb.serving`` (tiny MLP, DeepSpeed on CPU) in the rendered pod: the
+    """dsnb's own ``python -m dsnb.runtime.server`` (tiny MLP, DeepSpeed on CPU) in the rendered pod: the
     ``/readyz`` probe turns the pod Ready, a request with the token from the Secret is answered."""
     pytest.importorskip("deepspeed")
     port = free_port()

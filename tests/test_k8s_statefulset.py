@@ -23,8 +23,8 @@ from k8s.sandbox import sandbox_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
 
 from dsnb import ClusterError, InvalidSpecError, JobFailed, JobSpec, JobState, Resources  # noqa: E402
-from dsnb.backends.kubernetes.entry import peer_names  # noqa: E402
 from dsnb.backends.kubernetes.pod_options import PodOptions  # noqa: E402
+from dsnb.runtime.pod_entry import peer_names  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 needs_sandbox = pytest.mark.skipif(sandbox_problem() is not None, reason=sandbox_problem() or "")

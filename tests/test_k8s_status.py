@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("kubernetes")
 
 from dsnb import JobSpec, JobState  # noqa: E402
-from dsnb.backends.kubernetes import entry  # noqa: E402
 from dsnb.backends.kubernetes.statefulset import StatefulSetBackend  # noqa: E402
+from dsnb.runtime import pod_entry as entry  # noqa: E402
 
 SPEC = JobSpec(name="j-abcd", script="train.py", nodes=2, procs_per_node=2, image="img:1")
 

@@ -31,7 +31,7 @@ from dsnb.backends.kubernetes.kuberay_manifests import (  # noqa: E402
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 SECRET_VALUE = "hf_secret_value_do_not_leak"
-ENTRYPOINT = ["python", "-m", "dsnb.backends.ray.train_entry", "--", "train.py", "--steps", "60", "--note", "it's two words"]
+ENTRYPOINT = ["python", "-m", "dsnb.runtime.ray_train_entry", "--", "train.py", "--steps", "60", "--note", "it's two words"]
 FULL = {"nodes": 4, "procs_per_node": 8, "resources": Resources(gpus=8, cpu=64, memory="512Gi"), "timeout": 7200.7,
         "max_restarts": 2, "env": {"HF_TOKEN": SECRET_VALUE, "NCCL_DEBUG": "INFO"}, "working_dir": "/app"}
 OPTIONS = PodOptions(service_account="trainer", checkpoint_pvc="ckpt", image_pull_secrets=["regcred"],
@@ -263,7 +263,7 @@ def test_rayservice_serves_one_application_with_the_deployment_as_given() -> Non
 
 
 def test_rayservice_takes_a_whole_application_and_keeps_its_secrets_out() -> None:
-    app = {"import_path": "dsnb.backends.ray.serve_app:build", "args": {"model": "m:f"},
+    app = {"import_path": "dsnb.runtime.ray_serve_app:build", "args": {"model": "m:f"},
            "runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO", "HF_TOKEN": SECRET_VALUE, "MY_API_KEY": "k-123"}},
            "deployments": [DEPLOYMENT]}
     given = json.loads(json.dumps(app))

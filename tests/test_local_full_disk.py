@@ -13,7 +13,7 @@ from helpers import job_processes
 
 from dsnb import JobState
 from dsnb.backends.local.jobdir import JobDir
-from dsnb.backends.local.supervisor import Supervisor
+from dsnb.runtime.supervisor import Supervisor
 
 
 class FullDisk:

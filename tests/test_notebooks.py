@@ -68,7 +68,7 @@ EXPECTED = {
     ),
     "05_ray": Expected(
         shows=(
-            r"python -m dsnb.backends.ray.train_entry",             # the dry run: the Ray job
+            r"python -m dsnb.runtime.ray_train_entry",             # the dry run: the Ray job
             r"SUCCEEDED \[\(1, ",                                   # trained, with its losses
             r"resumed from step 4", r"steps of the second run: \[5, 6\]",  # from Ray Train's checkpoint
             r"equal to the plain model: True",                       # Ray Serve + init_inference

@@ -62,7 +62,7 @@ def test_dryrun_shows_the_submission_and_starts_nothing(tmp_path: Path) -> None:
     plan = cluster.dryrun(spec)
     text = str(plan)
     assert "hf_secret_value" not in text and "HF_TOKEN: '***'" in text
-    assert "python -m dsnb.backends.ray.train_entry" in text
+    assert "python -m dsnb.runtime.ray_train_entry" in text
     job = json.loads(plan.manifests[0]["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
     assert (job["num_workers"], job["backend"], job["run_name"], job["storage_path"]) == (2, "gloo", "tiny-gpt", str(tmp_path))
     assert plan.extra["runtime_env"]["env_vars"]["HF_TOKEN"] == "hf_secret_value"

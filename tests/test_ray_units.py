@@ -7,9 +7,9 @@ import json
 import pytest
 
 from dsnb import InvalidSpecError, JobSpec, Resources, ServeSpec
-from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.backends.ray.serve import app_state
+from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.status import LAUNCHER_LINE_RANK, JobState
 
 
@@ -46,8 +46,8 @@ def test_driver_log_lines_are_attributed_to_ranks() -> None:
 def test_the_driver_job_carries_world_size_gpus_deepspeed_and_restarts() -> None:
     spec = JobSpec(name="big-x7k2", script="train.py", nodes=2, procs_per_node=4, max_restarts=2, timeout=60,
                    resources=Resources(cpu=16, gpus=4), deepspeed={"train_micro_batch_size_per_gpu": 2})
-    env = train_entry.driver_env(spec, "s3://bucket/runs")
-    job = json.loads(env[train_entry.JOB_ENV])
+    env = ray_train_entry.driver_env(spec, "s3://bucket/runs")
+    job = json.loads(env[ray_train_entry.JOB_ENV])
     assert (job["num_workers"], job["use_gpu"], job["backend"], job["cpus_per_worker"]) == (8, True, "nccl", 4.0)
     assert (job["max_failures"], job["timeout"], job["run_name"]) == (2, 60, "big")
     assert "DS_ACCELERATOR" not in env and env["DSNB_DIST_BACKEND"] == "nccl"
@@ -59,18 +59,18 @@ def test_the_driver_outcome_names_the_first_failed_rank() -> None:
     class Failure(Exception):
         worker_failures = {2: RuntimeError("Traceback ...\nRankFailed: rank 2 exited with code 7"), 3: RuntimeError("x")}
 
-    outcome = train_entry._outcome_of(Failure("Training failed"))
+    outcome = ray_train_entry._outcome_of(Failure("Training failed"))
     assert (outcome["failed_rank"], outcome["rank_exit_code"], outcome["exit_code"]) == (2, 7, 1)
-    assert train_entry._outcome_of(ValueError("no workers\nat all"))["error"] == "at all"
+    assert ray_train_entry._outcome_of(ValueError("no workers\nat all"))["error"] == "at all"
 
 
 def test_serve_config_for_fixed_and_autoscaled_replicas() -> None:
-    fixed = serve_app.serve_config(ServeSpec(name="m-x7k2", model="models:build", replicas=2, env={"A": "1"},
+    fixed = ray_serve_app.serve_config(ServeSpec(name="m-x7k2", model="models:build", replicas=2, env={"A": "1"},
                                              resources=Resources(cpu=2)), route_prefix="/m-x7k2", working_dir="gcs://pkg.zip")
-    assert fixed["import_path"] == "dsnb.backends.ray.serve_app:build"
+    assert fixed["import_path"] == "dsnb.runtime.ray_serve_app:build"
     assert fixed["deployments"] == [{"name": "DsnbModel", "num_replicas": 2, "ray_actor_options": {"num_cpus": 2.0}}]
     assert fixed["runtime_env"] == {"env_vars": {"DS_ACCELERATOR": "cpu", "A": "1"}, "working_dir": "gcs://pkg.zip"}
-    gpu = serve_app.serve_config(ServeSpec(name="g", model="models:build", min_replicas=0, max_replicas=4,
+    gpu = ray_serve_app.serve_config(ServeSpec(name="g", model="models:build", min_replicas=0, max_replicas=4,
                                            resources=Resources(gpus=1)), route_prefix="/")
     assert gpu["deployments"][0]["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1}
     assert gpu["deployments"][0]["ray_actor_options"]["num_gpus"] == 1 and "DS_ACCELERATOR" not in gpu["runtime_env"]["env_vars"]
@@ -126,7 +126,7 @@ def test_the_command_line_takes_ray_placements(tmp_path, monkeypatch: pytest.Mon
     (tmp_path / "train.py").write_text("print(1)\n")
     monkeypatch.chdir(tmp_path)
     code, out = dsnb("dryrun", "train.py", "--backend", "ray", "--procs", "2", "--address", "http://ray-head:8265")
-    assert code == 0 and "address: http://ray-head:8265" in out and "python -m dsnb.backends.ray.train_entry" in out
+    assert code == 0 and "address: http://ray-head:8265" in out and "python -m dsnb.runtime.ray_train_entry" in out
     pytest.importorskip("kubernetes")
     code, out = dsnb("dryrun", "train.py", "--backend", "ray", "--kuberay", "--namespace", "ml", "--image", "ghcr.io/org/t:1")
     assert code == 0 and "kind: RayJob" in out and "namespace: ml" in out
@@ -137,8 +137,8 @@ def test_the_command_line_takes_ray_placements(tmp_path, monkeypatch: pytest.Mon
 @pytest.mark.parametrize(("fields", "field"), [
     ({"token": "a-token-0123456789"}, "token"), ({"procs_per_node": 2}, "procs_per_node"), ({"nodes": 2}, "nodes")])
 def test_ray_serve_refuses_a_token_or_a_model_split_over_ranks(fields: dict, field: str) -> None:
-    from dsnb.backends.ray.serve_app import check_servable
     from dsnb.errors import InvalidSpecError
+    from dsnb.runtime.ray_serve_app import check_servable
 
     with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}: .*Cluster\('local'\)"):
         check_servable(ServeSpec(name="m", model="models:build", **fields))

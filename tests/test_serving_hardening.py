@@ -1,6 +1,6 @@
 """One request, one slow client or one odd model cannot hurt the server or the other clients.
 
-Real servers (``python -m dsnb.serving`` on 127.0.0.1, loader models of ``serving_code``), as
+Real servers (``python -m dsnb.runtime.server`` on 127.0.0.1, loader models of ``serving_code``), as
 the security review's reproductions ran them: a request far above the batch size runs as
 bounded batches; a namedtuple answer no longer kills the batch loop; NaN answers are a clear
 422; deep JSON and out-of-range options are 400s; a client that hangs up has its queued work

@@ -1,6 +1,6 @@
 """Hostile requests against real servers: each gets a clear 4xx (or the documented 503), none hangs, none 5xx.
 
-Three servers, as ``python -m dsnb.serving`` runs them on 127.0.0.1 with a token: a tiny Llama
+Three servers, as ``python -m dsnb.runtime.server`` runs them on 127.0.0.1 with a token: a tiny Llama
 (completions, chat), the MiniLM sentence embedder (embeddings, KServe ``BYTES``) and a loader
 MLP (tensors). Every request below is one a client
 could send by mistake or on purpose; each row names the status it must get and a word of the

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from dsnb.serving.model import BadRequest, Predictor  # noqa: E402
+from dsnb.runtime.server.model import BadRequest, Predictor  # noqa: E402
 
 SERVING_CODE = str(Path(__file__).parent / "serving_code")
 

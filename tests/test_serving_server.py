@@ -1,4 +1,4 @@
-"""The model server (``python -m dsnb.serving``) run for real: ranks as processes on 127.0.0.1.
+"""The model server (``python -m dsnb.runtime.server``) run for real: ranks as processes on 127.0.0.1.
 
 Clients are the real ones: the ``openai`` package for the OpenAI-compatible routes, plain
 HTTP for dsnb's own route and the KServe v2 protocol. Models: the real MiniLM sentence

@@ -15,12 +15,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 
-from dsnb.serving import app as app_module  # noqa: E402
-from dsnb.serving import connections, kserve, openai_api, stats  # noqa: E402
-from dsnb.serving import engine as engine_module  # noqa: E402
-from dsnb.serving import model as model_module  # noqa: E402
-from dsnb.serving.engine import Collective, Engine, Overloaded, RankLost, Work  # noqa: E402
-from dsnb.serving.model import BadRequest, Completion  # noqa: E402
+from dsnb.runtime.server import app as app_module  # noqa: E402
+from dsnb.runtime.server import connections, kserve, openai_api, stats  # noqa: E402
+from dsnb.runtime.server import engine as engine_module  # noqa: E402
+from dsnb.runtime.server import model as model_module  # noqa: E402
+from dsnb.runtime.server.engine import Collective, Engine, Overloaded, RankLost, Work  # noqa: E402
+from dsnb.runtime.server.model import BadRequest, Completion  # noqa: E402
 
 
 @pytest.mark.parametrize("module", [engine_module, stats, openai_api, kserve, model_module, app_module, connections])
@@ -202,8 +202,8 @@ class Streamer:
 def test_a_stop_string_split_across_streamed_pieces_is_never_sent() -> None:
     from starlette.testclient import TestClient
 
-    from dsnb.serving.app import ServedModel, ServerApp
-    from dsnb.serving.stats import ServerStats
+    from dsnb.runtime.server.app import ServedModel, ServerApp
+    from dsnb.runtime.server.stats import ServerStats
 
     engine = Engine(Streamer(["Hello wor", "ld. EN", "D of text", " more"]), Collective(1))
     app = ServerApp(engine, ServerStats())

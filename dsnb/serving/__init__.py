@@ -1,10 +1,14 @@
-"""Serving: what to serve (:class:`ServeSpec`), and the model server every job backend runs.
+"""Serving from the client's side: what to serve, how a job backend serves it, and the endpoint.
 
-``python -m dsnb.serving`` (:mod:`dsnb.serving.server`) is the multi-rank server; its parts are
-the model runner (:mod:`~dsnb.serving.model`), the batch loop shared by the ranks
-(:mod:`~dsnb.serving.engine`), the HTTP routes (:mod:`~dsnb.serving.app`) with the OpenAI
-(:mod:`~dsnb.serving.openai_api`) and KServe v2 (:mod:`~dsnb.serving.kserve`) protocols, and the
-counters (:mod:`~dsnb.serving.stats`). Importing this package needs none of them.
+:class:`ServeSpec` says what to serve (:mod:`~dsnb.serving.spec`); a job backend serves it as
+an always-on job whose ranks run the model server (:mod:`~dsnb.serving.job_serving`); the
+:class:`~dsnb.serving.endpoint.Endpoint` is what ``Cluster.serve`` returns. The server itself
+runs inside the ranks and lives in :mod:`dsnb.runtime.server`.
+
+Example:
+    >>> from dsnb.serving import ServeSpec
+    >>> ServeSpec(name="tiny", model="models:build").world_size
+    1
 """
 
 from dsnb.serving.spec import ServeSpec

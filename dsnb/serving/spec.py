@@ -11,9 +11,9 @@ Example:
     'loader'
     >>> ServeSpec(name="auto", model="models:build", min_replicas=1, max_replicas=4).autoscaling
     True
-    >>> tp = ServeSpec(name="llm", model="/models/llama", procs_per_node=2)
+    >>> tp = ServeSpec(name="llm", model="models:build", procs_per_node=2)
     >>> tp.world_size, tp.to_job_spec().command[:3]
-    (2, ['python', '-m', 'dsnb.serving'])
+    (2, ['python', '-m', 'dsnb.runtime.server'])
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class ServeSpec:
         return self.nodes * self.procs_per_node
 
     def server_args(self) -> list[str]:
-        """The command-line options of ``python -m dsnb.serving`` for this spec (no secrets)."""
+        """The command-line options of ``python -m dsnb.runtime.server`` for this spec (no secrets)."""
         args = ["--model", self.model, "--served-name", self.name, "--dtype", self.dtype, "--port", str(self.port),
                 "--max-batch-size", str(self.max_batch_size), "--max-wait-ms", f"{self.max_wait_ms:g}",
                 "--max-queue", str(self.max_queue)]
@@ -162,7 +162,7 @@ class ServeSpec:
     def to_job_spec(self) -> JobSpec:
         """The always-on job that runs this server on job backends (local, Kubernetes).
 
-        Every rank runs ``python -m dsnb.serving``; the token, when set, is the secret
+        Every rank runs ``python -m dsnb.runtime.server``; the token, when set, is the secret
         variable ``DSNB_SERVE_TOKEN``.
 
         Raises:
@@ -175,7 +175,7 @@ class ServeSpec:
         env = dict(self.env)
         if self.token:
             env["DSNB_SERVE_TOKEN"] = self.token
-        return JobSpec(name=self.name, command=["python", "-m", "dsnb.serving"], args=self.server_args(),
+        return JobSpec(name=self.name, command=["python", "-m", "dsnb.runtime.server"], args=self.server_args(),
                        working_dir=self.working_dir, nodes=self.nodes, procs_per_node=self.procs_per_node,
                        resources=self.resources, image=self.image, env=env)
 

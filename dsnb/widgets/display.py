@@ -25,8 +25,8 @@ from dsnb.status import JobStatus
 
 if TYPE_CHECKING:
     from dsnb.cluster import Cluster
-    from dsnb.endpoint import Endpoint
     from dsnb.job import Job
+    from dsnb.serving.endpoint import Endpoint
     from dsnb.widgets.cluster_view import ClusterView
     from dsnb.widgets.endpoint_panel import EndpointPanel
     from dsnb.widgets.panel import JobPanel

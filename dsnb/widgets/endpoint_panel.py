@@ -23,14 +23,14 @@ import html
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from dsnb.endpoint import SERVING_METRICS
 from dsnb.job import Job
 from dsnb.monitor import JobMonitor, MonitorUpdate
+from dsnb.serving.endpoint import SERVING_METRICS
 from dsnb.status import JobState, JobStatus
 from dsnb.widgets.panel import STATE_COLORS, JobPanel, PlotGroup, _hide, widgets
 
 if TYPE_CHECKING:
-    from dsnb.endpoint import Endpoint
+    from dsnb.serving.endpoint import Endpoint
 
 #: The endpoint panel's plots: request rate, latency percentiles, errors.
 SERVING_PLOTS: tuple[PlotGroup, ...] = (

@@ -398,7 +398,7 @@ def _deploy_failure(app: str, error: str) -> str:
     return (f"Deploying application {app} failed: The deployment failed to start 3 times in a row. "
             "This may be due to a problem with its constructor or initial health check failing.\n"
             "Traceback (most recent call last):\n"
-            '  File "/home/ray/anaconda3/lib/python3.11/site-packages/dsnb/serving/model.py", line 52, in load_module\n'
+            '  File "/home/ray/anaconda3/lib/python3.11/site-packages/dsnb/runtime/server/model.py", line 52, in load_module\n'
             f"{error}")
 
 

@@ -29,7 +29,6 @@ from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection, connect
 from dsnb.backends.kubernetes.diagnose import classify_object_events, event_time
-from dsnb.backends.kubernetes.entry import Outcome
 from dsnb.backends.kubernetes.informer import Informer
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
 from dsnb.backends.kubernetes.logs import PodLogFollower, container_started, split_rank
@@ -40,6 +39,7 @@ from dsnb.backends.kubernetes.rbac import Permission
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.metrics import sample_to_dict
+from dsnb.runtime.pod_entry import Outcome
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import LAUNCHER_LINE_RANK, JobState, JobStatus, MetricSample
 

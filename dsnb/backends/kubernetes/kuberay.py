@@ -2,7 +2,7 @@
 
 A job is one RayJob (:func:`~dsnb.backends.kubernetes.kuberay_manifests.render_rayjob`): KubeRay creates a Ray
 cluster for it (a head and ``spec.nodes`` workers), then a submitter Kubernetes Job that runs
-``ray job submit`` with dsnb's driver (:mod:`~dsnb.backends.ray.train_entry`) as the
+``ray job submit`` with dsnb's driver (:mod:`~dsnb.runtime.ray_train_entry`) as the
 entrypoint and follows the driver's log. The driver fits a ``TorchTrainer`` that runs the
 user's script on ``world_size`` Ray Train workers, as with ``Cluster("ray")``.
 
@@ -26,7 +26,7 @@ in the record, ``jobs()``/``attach()`` from labels, preflight and RBAC.
 Serving (``cluster.serve(ServeSpec(...))``) makes a RayService instead: the endpoint's record
 (``dsnb.io/kind: endpoint``, so ``jobs()`` leaves it out), the Secret, and a RayService whose
 Ray cluster has one worker pod per replica and whose ``serveConfigV2`` is dsnb's Serve
-application (:mod:`~dsnb.backends.ray.serve_app`); the status comes from the RayService's
+application (:mod:`~dsnb.runtime.ray_serve_app`); the status comes from the RayService's
 ``Ready`` condition and the application's Serve status (:meth:`KubeRayBackend.serve_status`).
 
 Example:
@@ -87,9 +87,9 @@ from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
-from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.errors import InvalidSpecError, JobNotFound
+from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.serving.spec import InvalidSpecError as ServeSpecError
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources, redact_env
@@ -195,8 +195,8 @@ class KubeRayBackend(KubernetesBackend):
             # Ray's workers need not start in the containers' working directory: find the script anyway.
             driver_spec = copy.copy(spec)
             driver_spec.script = posixpath.join(spec.working_dir, spec.script)
-        env = train_entry.driver_env(driver_spec, storage)
-        rayjob = render_rayjob(spec, self.pod_options, list(train_entry.DRIVER_ARGV), self.ray_version,
+        env = ray_train_entry.driver_env(driver_spec, storage)
+        rayjob = render_rayjob(spec, self.pod_options, list(ray_train_entry.DRIVER_ARGV), self.ray_version,
                                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
                                head_resources=self.head_resources, env_vars=env)
         if self.storage_path:
@@ -209,7 +209,7 @@ class KubeRayBackend(KubernetesBackend):
             f"dsnb KubeRay plan for {name} in namespace {namespace}: a RayJob with a Ray {self.ray_version} cluster of one head "
             f"and {spec.nodes} worker pod(s); Ray Train runs {spec.world_size} worker(s) "
             f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
-            f"Ray Train runs and checkpoints: {storage}/{train_entry.run_name(name)} ({where})",
+            f"Ray Train runs and checkpoints: {storage}/{ray_train_entry.run_name(name)} ({where})",
             "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
         ]
         # KubeRay asks the head's dashboard for the job's status.
@@ -325,14 +325,14 @@ class KubeRayBackend(KubernetesBackend):
         The RayService's Ray cluster has one head (``num-cpus: "0"``: no replica there) and one
         worker pod per replica (``max_replicas`` when autoscaling), each with the per-replica
         resources. ``serveConfigV2`` holds one application, dsnb's
-        (:func:`~dsnb.backends.ray.serve_app.serve_config` on route ``/``) without a working
+        (:func:`~dsnb.runtime.ray_serve_app.serve_config` on route ``/``) without a working
         directory: the model's code must be in the image. Secret-looking env values are left out
         of it; the pods read them from the Secret, and Ray's processes inherit them.
 
         Raises:
             InvalidSpecError: no image, a name KubeRay refuses, or a bad Ray version.
         """
-        serve_app.check_servable(spec)
+        ray_serve_app.check_servable(spec)
         if not spec.image:
             raise ServeSpecError("image", "KubeRay serves the model from a container image",
                                  f"set image= an image built FROM rayproject/ray:{self.ray_version} with dsnb, torch, "
@@ -343,7 +343,7 @@ class KubeRayBackend(KubernetesBackend):
         assert workers is not None
         cluster_spec = JobSpec(name=name, command=["serve"], nodes=workers, image=unique.image, env=dict(unique.env),
                                resources=unique.resources)
-        app = serve_app.serve_config(unique, route_prefix="/")
+        app = ray_serve_app.serve_config(unique, route_prefix="/")
         hidden = set(secret_env_keys(unique.env)) | set(referenced_env_keys(unique.env))
         app["runtime_env"]["env_vars"] = {k: v for k, v in app["runtime_env"]["env_vars"].items() if k not in hidden}
         rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,

@@ -16,9 +16,9 @@ Example:
     >>> from dsnb import JobSpec, PodOptions, Resources
     >>> spec = JobSpec(name="tiny-gpt-x7k2", script="train.py", nodes=2, image="ghcr.io/org/train:1",
     ...                resources=Resources(gpus=1))
-    >>> job = render_rayjob(spec, PodOptions(), ["python", "-m", "dsnb.backends.ray.train_entry", "--", "train.py"])
+    >>> job = render_rayjob(spec, PodOptions(), ["python", "-m", "dsnb.runtime.ray_train_entry", "--", "train.py"])
     >>> job["spec"]["entrypoint"]
-    'python -m dsnb.backends.ray.train_entry -- train.py'
+    'python -m dsnb.runtime.ray_train_entry -- train.py'
     >>> workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     >>> workers["replicas"], workers["rayStartParams"]
     (2, {'num-gpus': '1'})
@@ -201,13 +201,13 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
         spec: the job, already carrying its unique name.
         options: see :func:`ray_cluster_spec`.
         entrypoint: the driver's command line as a list, e.g.
-            ``["python", "-m", "dsnb.backends.ray.train_entry", "--", "train.py"]``; it is
+            ``["python", "-m", "dsnb.runtime.ray_train_entry", "--", "train.py"]``; it is
             quoted into one shell command, so each item reaches the driver unchanged.
         ray_version: the Ray version in ``spec.image``.
         ttl_seconds_after_finished: seconds between the job's end and the cluster's deletion.
         head_resources: see :func:`ray_cluster_spec`.
         env_vars: more variables for the Ray job's runtime environment (the driver and every
-            worker), e.g. :func:`dsnb.backends.ray.train_entry.driver_env`; the non-secret
+            worker), e.g. :func:`dsnb.runtime.ray_train_entry.driver_env`; the non-secret
             variables of ``spec.env`` come after them and win. Not for secret values: they
             are written into the RayJob as given.
 
@@ -231,7 +231,7 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
         raise InvalidSpecError("entrypoint", "must be a list of strings, got one string", f"write entrypoint={shlex.split(entrypoint)!r}")
     if not isinstance(entrypoint, (list, tuple)) or not entrypoint or not all(isinstance(a, str) for a in entrypoint):
         raise InvalidSpecError("entrypoint", f"must be a non-empty list of strings, got {entrypoint!r}",
-                               "write entrypoint=['python', '-m', 'dsnb.backends.ray.train_entry', '--', 'train.py']")
+                               "write entrypoint=['python', '-m', 'dsnb.runtime.ray_train_entry', '--', 'train.py']")
     if (isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
             or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
         raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
@@ -269,7 +269,7 @@ def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str | Non
     The application is either built here from ``import_path`` and one ``deployment`` (named
     after the job, answering on ``/`` of the serve port 8000), or given whole as
     ``application`` (one item of a Serve config's ``applications``, e.g.
-    :func:`dsnb.backends.ray.serve_app.serve_config`); ``name`` and ``route_prefix`` default
+    :func:`dsnb.runtime.ray_serve_app.serve_config`); ``name`` and ``route_prefix`` default
     to the job's name and ``/``. Secrets are handled as in :func:`render_rayjob`:
     ``serveConfigV2`` carries only the variables that are not secret-looking (those of
     ``spec.env`` and of the application's ``runtime_env.env_vars`` alike); the pods read the

@@ -5,7 +5,7 @@ ready, writes ``/etc/mpi/hostfile`` (one line per worker, ``slots`` = processes 
 the ssh keys, then starts the launcher. dsnb renders the MPIJob, the launcher's ``mpirun``
 command, follows the job and explains its failures.
 
-Each rank is started by ``mpirun`` through a few lines of Python (:data:`RANK_SHIM`) that
+Each rank is started by ``mpirun`` through a few lines of Python (:mod:`dsnb.runtime.rank_shim`) that
 turn Open MPI's variables (``OMPI_COMM_WORLD_RANK``...) into the torch.distributed ones
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``; ``MASTER_ADDR`` is the hostfile's first host), so
 the same training script runs here as on every other backend, without mpi4py.
@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from dsnb.backends.base import Plan
@@ -36,13 +37,14 @@ from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
+from dsnb.runtime import rank_shim
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v2beta1", "mpijobs"
 HOSTFILE = "/etc/mpi/hostfile"
 SSH_DIR = "/home/mpiuser/.ssh"
-MASTER_PORT = 29500
+MASTER_PORT = rank_shim.MASTER_PORT
 #: The label the MPI Operator (v2beta1) gives each worker pod: its index, which is its line in the hostfile.
 REPLICA_INDEX = "training.kubeflow.org/replica-index"
 OPERATOR_INSTALL = "kubectl apply --server-side -f https://raw.githubusercontent.com/kubeflow/mpi-operator/v0.8.0/deploy/v2beta1/mpi-operator.yaml"
@@ -68,23 +70,8 @@ MASTER_PRELUDE = (
     '[ "$prev" = --hostfile ] && a="$h"; prev="$a"; set -- "$@" "$a"; done; '
     'exec "$@"'
 )
-#: Runs on every rank under mpirun: Open MPI's variables become torch.distributed's, then
-#: ``--run SCRIPT ARGS`` runs a Python script in this interpreter with line-buffered output
-#: (mpirun forwards each write as it comes, so a line written in two parts, as unbuffered
-#: print does, could interleave with another rank's), or anything else is executed as given.
-RANK_SHIM = (
-    "import os,runpy,sys;e=os.environ;"
-    "e['RANK']=e['OMPI_COMM_WORLD_RANK'];e['LOCAL_RANK']=e['OMPI_COMM_WORLD_LOCAL_RANK'];"
-    "e['WORLD_SIZE']=e['OMPI_COMM_WORLD_SIZE'];"
-    "e['LOCAL_WORLD_SIZE']=e['LOCAL_SIZE']=e['OMPI_COMM_WORLD_LOCAL_SIZE'];"
-    "e['NODE_RANK']=e['GROUP_RANK']=str(int(e['RANK'])//int(e['LOCAL_SIZE']));"
-    f"e.setdefault('MASTER_PORT','{MASTER_PORT}');a=sys.argv[1:]\n"
-    "if a[0]=='--run':\n"
-    " [s.reconfigure(line_buffering=True,write_through=False) for s in (sys.stdout,sys.stderr)]\n"
-    " sys.argv=a[1:];sys.path[0]=os.path.dirname(os.path.abspath(a[1]));runpy.run_path(a[1],run_name='__main__')\n"
-    "else:\n"
-    " os.execvp(a[0],a)"
-)
+#: The text ``mpirun`` runs on every rank with ``python3 -c`` (:mod:`dsnb.runtime.rank_shim`).
+RANK_SHIM = Path(rank_shim.__file__).read_text()
 
 
 def program_argv(spec: JobSpec) -> list[str]:

@@ -100,7 +100,7 @@ STATEFULSET_PERMISSIONS = with_serving((
 def job_role_manifests(job: str, namespace: str, service_account: str | None = None) -> list[dict[str, Any]]:
     """What the pods of StatefulSet job ``job`` may do themselves, and nothing more: write their outcome into
     the job's record and scale the job's StatefulSet to 0 when it ended (see
-    :mod:`dsnb.backends.kubernetes.pod_api`), each by ``resourceNames``.
+    :mod:`dsnb.runtime.pod_api`), each by ``resourceNames``.
 
     Returns a ServiceAccount ``<job>`` (unless the pods run as ``service_account``, which then gets the
     Role instead), a Role ``<job>`` and a RoleBinding ``<job>``.

@@ -1,6 +1,6 @@
 """What a StatefulSet job's pods left of their output in the job's record, joined to what dsnb read.
 
-When a job ends, its pods scale their StatefulSet to 0 (:mod:`dsnb.backends.kubernetes.pod_api`)
+When a job ends, its pods scale their StatefulSet to 0 (:mod:`dsnb.runtime.pod_api`)
 and their logs go with them. Before that, each node wrote into the record the end of its output
 (``log-<node>.jsonl``) and every metric line (``metrics-<node>.jsonl``), as ``[line number, time,
 line]`` rows. A client that followed the pods has most of it already; one that

@@ -1,7 +1,7 @@
 """Serving on the Kubernetes job backends: the model server as an always-on job, plus a Service.
 
 ``cluster.serve(ServeSpec(...))`` on ``statefulset``, ``mpijob`` and ``trainjob`` runs the job of
-:meth:`~dsnb.serving.ServeSpec.to_job_spec` (every rank runs ``python -m dsnb.serving``; rank 0
+:meth:`~dsnb.serving.ServeSpec.to_job_spec` (every rank runs ``python -m dsnb.runtime.server``; rank 0
 answers HTTP on ``spec.port``) with the backend's usual manifests, and adds:
 
 - a ``ClusterIP`` Service ``<job>-serve`` (the StatefulSet's headless Service, and the MPI
@@ -39,8 +39,8 @@ from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.network_policy import allow_serving
 from dsnb.backends.kubernetes.pod_status import container_status
-from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob
 from dsnb.errors import InvalidSpecError
+from dsnb.serving.job_serving import TOKEN_ENV, ServesAsJob
 from dsnb.status import JobState, JobStatus, node_line_rank
 
 if TYPE_CHECKING:

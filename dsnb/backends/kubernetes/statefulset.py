@@ -11,7 +11,7 @@ Each job is these objects (plus a Secret when the spec's env holds secrets):
   before it is ready;
 - a StatefulSet ``<job>`` with ``podManagementPolicy: Parallel`` and one replica per node.
 
-Every pod runs :mod:`dsnb.backends.kubernetes.entry`: node rank from the ordinal, wait for
+Every pod runs :mod:`dsnb.runtime.pod_entry`: node rank from the ordinal, wait for
 the peers' DNS names, then torchrun (or the deepspeed launcher) with the master at
 ordinal 0. Each node's outcome goes to its pod status and to the record; when every node
 finished, or one failed, the pod that saw it scales the StatefulSet to 0, so a finished job
@@ -64,8 +64,9 @@ LAUNCHERS = ("torchrun", "deepspeed")
 
 def entry_files() -> dict[str, str]:
     """The pods' entry script and the module it reports with, as shipped in the record."""
-    package = resources.files("dsnb.backends.kubernetes")
-    return {name: package.joinpath(name).read_text() for name in ("entry.py", "pod_api.py")}
+    package = resources.files("dsnb.runtime")
+    shipped = {"entry.py": "pod_entry.py", "pod_api.py": "pod_api.py"}
+    return {name: package.joinpath(source).read_text() for name, source in shipped.items()}
 
 
 def user_argv(spec: JobSpec) -> list[str]:

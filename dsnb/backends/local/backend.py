@@ -37,15 +37,15 @@ from dsnb.backends.local.jobdir import (
 from dsnb.backends.local.procs import boot_id, is_alive, owned_groups, stop_groups
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
-from dsnb.backends.serving_job import TOKEN_ENV, ServesAsJob, is_serving_job
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.secrets import is_secret, redact_env, refuse_references
+from dsnb.serving.job_serving import TOKEN_ENV, ServesAsJob, is_serving_job
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 
 JOB_NAME = re.compile(r"\A[a-z]([-a-z0-9]*[a-z0-9])?\Z")
-DEFAULT_DRAIN_S = 30.0  # python -m dsnb.serving's --drain-s
+DEFAULT_DRAIN_S = 30.0  # python -m dsnb.runtime.server's --drain-s
 SERVE_TOKEN_FILE = "serve-token"  # an endpoint's token, 0600, for a reattached Endpoint to send
 MASTER_ADDR = "127.0.0.1"
 READ_CHUNK_BYTES = 256 * 1024
@@ -83,7 +83,7 @@ def _threads_per_rank(spec: JobSpec) -> int:
 class LocalBackend(ServesAsJob, Backend):
     """Runs ``nodes × procs_per_node`` ranks as processes here, under a detached supervisor.
 
-    ``serve`` runs a model server the same way (:mod:`dsnb.backends.serving_job`): rank 0
+    ``serve`` runs a model server the same way (:mod:`dsnb.serving.job_serving`): rank 0
     listens on a free port of 127.0.0.1 and records its URL in the job's directory.
 
     Each job lives in ``$DSNB_HOME/jobs/<name>/`` (see :mod:`dsnb.backends.local.jobdir`),
@@ -241,7 +241,7 @@ class LocalBackend(ServesAsJob, Backend):
         )
         with open(job_dir.supervisor_log, "ab") as log:
             supervisor = subprocess.Popen(
-                [sys.executable, "-m", "dsnb.backends.local.supervisor", str(job_dir.path)],
+                [sys.executable, "-m", "dsnb.runtime.supervisor", str(job_dir.path)],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -368,7 +368,7 @@ class LocalBackend(ServesAsJob, Backend):
         job = spec.to_job_spec()
         args = list(job.args)
         args[args.index("--port") + 1] = "0"
-        return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.serving"], args=[*args, "--host", "127.0.0.1"])
+        return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.runtime.server"], args=[*args, "--host", "127.0.0.1"])
 
     def serving_token(self, name: str) -> str | None:
         """The endpoint's token, from the file only its owner reads (the records keep none)."""

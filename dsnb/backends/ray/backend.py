@@ -8,7 +8,7 @@ Two placements, one backend (KubeRay, Ray on Kubernetes, is a backend of its own
 - ``Cluster("ray", address="http://HOST:8265", token=...)``: an existing Ray cluster (its
   dashboard address); the token is sent when the cluster uses token authentication.
 
-A job is one Ray job whose driver (:mod:`.train_entry`) fits a ``TorchTrainer`` running the
+A job is one Ray job whose driver (:mod:`dsnb.runtime.ray_train_entry`) fits a ``TorchTrainer`` running the
 user's script on ``world_size`` workers. Status comes from Ray's job status, logs from the
 job's driver log (each worker line mapped back to its rank), metrics from the ``dsnb.report``
 lines in it. The submission id is the dsnb job name, so ``cluster.attach(name)`` works from
@@ -18,7 +18,7 @@ Example:
     >>> from dsnb import Cluster, JobSpec
     >>> plan = Cluster("ray").dryrun(JobSpec(name="tiny-gpt", script="train.py", procs_per_node=2))
     >>> plan.manifests[0]["entrypoint"]
-    'python -m dsnb.backends.ray.train_entry'
+    'python -m dsnb.runtime.ray_train_entry'
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
-from dsnb.backends.ray import serve_app, train_entry
 from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.backends.ray.serve import ServeClient, app_state
 from dsnb.errors import BackendUnavailable, ClusterError, JobNotFound
 from dsnb.preflight import PreflightReport
+from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.secrets import refuse_references
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, redact_env
@@ -196,16 +196,16 @@ class RayBackend(Backend):
         """
         refuse_references(spec.env, self.name)
         storage = self.storage_path or "~/ray_results"
-        env = {**train_entry.driver_env(spec, storage), **{k: str(v) for k, v in spec.env.items()}}
+        env = {**ray_train_entry.driver_env(spec, storage), **{k: str(v) for k, v in spec.env.items()}}
         working_dir = str(Path(spec.working_dir or os.getcwd()).resolve())
         runtime_env = {"working_dir": working_dir, "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
         metadata = {JOB_KEY: spec.name, SPEC_KEY: json.dumps(_public_spec(spec), separators=(",", ":"))}
         submission = {"address": self.address or "(a private Ray head on 127.0.0.1)", "submission_id": spec.name,
-                      "entrypoint": shlex.join(train_entry.DRIVER_ARGV),
+                      "entrypoint": shlex.join(ray_train_entry.DRIVER_ARGV),
                       "entrypoint_num_cpus": 0,
                       "runtime_env": {**runtime_env, "env_vars": redact_env(env)}, "metadata": metadata}
         notes = [f"Ray Train: TorchTrainer with {spec.world_size} workers "
-                 f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{train_entry.run_name(spec.name)}"]
+                 f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{ray_train_entry.run_name(spec.name)}"]
         if redact_env(env) != env:
             notes.append("secret-looking env values travel in the job's runtime environment: "
                           "whoever can read this Ray cluster's dashboard can read them")
@@ -223,7 +223,7 @@ class RayBackend(Backend):
         while True:
             try:
                 _bounded(lambda: client.submit_job(
-                    entrypoint=shlex.join(train_entry.DRIVER_ARGV), submission_id=plan.name,
+                    entrypoint=shlex.join(ray_train_entry.DRIVER_ARGV), submission_id=plan.name,
                     runtime_env=plan.extra["runtime_env"], metadata=plan.extra["metadata"], entrypoint_num_cpus=0),
                     SUBMIT_TIMEOUT_S, f"Ray at {self.dashboard_url} did not answer the submit")
                 break
@@ -437,10 +437,10 @@ class RayBackend(Backend):
         Raises:
             InvalidSpecError: a token, or a model split over ranks (Ray Serve replicas hold a whole model).
         """
-        serve_app.check_servable(spec)
+        ray_serve_app.check_servable(spec)
         unique = spec.with_unique_name()
         working_dir = str(Path(unique.working_dir or os.getcwd()).resolve())
-        app = serve_app.serve_config(unique, route_prefix=f"/{unique.name}", working_dir=working_dir)
+        app = ray_serve_app.serve_config(unique, route_prefix=f"/{unique.name}", working_dir=working_dir)
         app["args"][SPEC_KEY] = json.dumps(_public_spec(unique), separators=(",", ":"))
         shown = {**app, "runtime_env": {**app["runtime_env"], "env_vars": redact_env(app["runtime_env"]["env_vars"])}}
         notes = [f"Ray Serve application {unique.name!r}: {unique.model} behind deepspeed.init_inference, "

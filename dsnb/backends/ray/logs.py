@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any
 
-from dsnb.backends.ray.train_entry import OUTCOME_TAG, WORKER_TAG
+from dsnb.runtime.ray_train_entry import OUTCOME_TAG, WORKER_TAG
 from dsnb.status import LAUNCHER_LINE_RANK
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsnb.backends.ray.head import MIN_LOGICAL_CPUS
-from dsnb.backends.ray.train_entry import cpus_per_rank
 from dsnb.preflight import CheckResult, PreflightReport
+from dsnb.runtime.ray_train_entry import cpus_per_rank
 from dsnb.spec import JobSpec
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """The Ray Serve application dsnb deploys: one deployment whose replicas each hold a :class:`Predictor`.
 
-``dsnb.backends.ray.serve_app:build`` is the application builder named in the Serve config
+``dsnb.runtime.ray_serve_app:build`` is the application builder named in the Serve config
 (:func:`serve_config`), for a local Ray, an existing Ray cluster (through the Serve REST API)
 and a KubeRay RayService alike. A replica loads the model once and answers ``POST`` requests
 ``{"inputs": ...}`` with ``{"outputs": ...}``; a malformed request gets a 400 with the reason,
@@ -22,7 +22,7 @@ from typing import Any
 from dsnb.serving.spec import ServeSpec
 
 DEPLOYMENT = "DsnbModel"
-IMPORT_PATH = "dsnb.backends.ray.serve_app:build"
+IMPORT_PATH = "dsnb.runtime.ray_serve_app:build"
 #: Request bodies above this many bytes get a 413.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -105,12 +105,12 @@ def build(args: dict[str, Any]) -> Any:
     @serve.deployment(name=DEPLOYMENT)
     class DsnbModel:
         def __init__(self, model: str, dtype: str) -> None:
-            from dsnb.serving.model import Predictor
+            from dsnb.runtime.server.model import Predictor
 
             self.predictor = Predictor(model, dtype=dtype)
 
         async def __call__(self, request: Request) -> JSONResponse:
-            from dsnb.serving.model import BadRequest
+            from dsnb.runtime.server.model import BadRequest
 
             body = await request.body()
             if len(body) > MAX_BODY_BYTES:

@@ -7,8 +7,8 @@ Routes:
   with the reason before, while draining, or after a rank was lost (readiness).
 - ``GET /metrics``: Prometheus text format.
 - ``POST /`` and ``POST /predict``: dsnb's own ``{"inputs": ...}`` → ``{"outputs": ...}``.
-- ``/v1/...``: the OpenAI-compatible API (:mod:`dsnb.serving.openai_api`).
-- ``/v2/...``: the Open Inference Protocol (:mod:`dsnb.serving.kserve`).
+- ``/v1/...``: the OpenAI-compatible API (:mod:`dsnb.runtime.server.openai_api`).
+- ``/v2/...``: the Open Inference Protocol (:mod:`dsnb.runtime.server.kserve`).
 
 With a token, every route but the health probes and ``/metrics`` needs
 ``Authorization: Bearer <token>`` (401 otherwise). A body above ``max_body_bytes`` is a
@@ -39,11 +39,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsnb.serving import kserve, openai_api
-from dsnb.serving.connections import BODY_BYTES_IN_FLIGHT, BodyBudget, SlowClient, read_body
-from dsnb.serving.engine import Abandoned, Draining, Engine, Overloaded, RankLost, Work
-from dsnb.serving.model import MAX_INPUT_ITEMS, BadRequest, Completion, chat_prompt, count_tokens, to_json
-from dsnb.serving.stats import ServerStats
+from dsnb.runtime.server import kserve, openai_api
+from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, BodyBudget, SlowClient, read_body
+from dsnb.runtime.server.engine import Abandoned, Draining, Engine, Overloaded, RankLost, Work
+from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, chat_prompt, count_tokens, to_json
+from dsnb.runtime.server.stats import ServerStats
 
 log = logging.getLogger("dsnb.serving")
 RETRY_AFTER_S = 1
@@ -81,10 +81,10 @@ def parse_json(raw: bytes) -> Any:
     Example:
         >>> parse_json(b"[" * 100_000 + b"]" * 100_000)
         Traceback (most recent call last):
-        dsnb.serving.model.BadRequest: the body is nested too deeply to be read
+        dsnb.runtime.server.model.BadRequest: the body is nested too deeply to be read
         >>> parse_json(b"[" + b"[]," * 2_000_000 + b"[]]")
         Traceback (most recent call last):
-        dsnb.serving.model.BadRequest: the body holds up to 4000002 JSON values, more than the 1100000 a request may have
+        dsnb.runtime.server.model.BadRequest: the body holds up to 4000002 JSON values, more than the 1100000 a request may have
     """
     values = raw.count(b",") + raw.count(b"[") + raw.count(b":")
     if values > MAX_JSON_VALUES:
@@ -124,7 +124,7 @@ class ServedModel:
 
     @classmethod
     def of(cls, name: str, runner: Any) -> ServedModel:
-        """Describe ``runner`` (a :class:`~dsnb.serving.model.Predictor`) served as ``name``."""
+        """Describe ``runner`` (a :class:`~dsnb.runtime.server.model.Predictor`) served as ``name``."""
         tokenizer = copy.deepcopy(runner.tokenizer) if getattr(runner, "tokenizer", None) is not None else None
         return cls(name=name, kind=runner.kind, runner=runner, tokenizer=tokenizer)
 

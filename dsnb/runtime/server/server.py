@@ -1,8 +1,8 @@
-"""``python -m dsnb.serving``: the model server every rank of a served model runs, under any launcher.
+"""``python -m dsnb.runtime.server``: the model server every rank of a served model runs, under any launcher.
 
 Every rank loads the model and wraps it with ``deepspeed.init_inference`` (tensor parallel
-over all ranks when there are several). Rank 0 answers HTTP (:mod:`dsnb.serving.app`,
-under uvicorn) and shares each batch with the other ranks (:mod:`dsnb.serving.engine`).
+over all ranks when there are several). Rank 0 answers HTTP (:mod:`dsnb.runtime.server.app`,
+under uvicorn) and shares each batch with the other ranks (:mod:`dsnb.runtime.server.engine`).
 On a node other than the first, the rank with ``LOCAL_RANK`` 0 answers only ``/healthz``
 and ``/readyz`` on the same port, so one readiness probe fits every pod.
 
@@ -21,7 +21,7 @@ it unready and every request is answered 503 at once; after ``--lost-exit-s`` it
 so that the launcher (or Kubernetes) can start the server again.
 
 Example:
-    $ RANK=0 WORLD_SIZE=1 python -m dsnb.serving --model my_models:build --port 8000
+    $ RANK=0 WORLD_SIZE=1 python -m dsnb.runtime.server --model my_models:build --port 8000
     $ curl -s localhost:8000/v1/models
 """
 
@@ -41,9 +41,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dsnb.serving.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
-from dsnb.serving.engine import Collective, Engine, RankLost, follow
-from dsnb.serving.model import MAX_INPUTS
+from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
+from dsnb.runtime.server.engine import Collective, Engine, RankLost, follow
+from dsnb.runtime.server.model import MAX_INPUTS
 
 SERVE_TAG = "DSNB_SERVE "
 REPORT_EVERY_S = 5.0
@@ -53,7 +53,7 @@ COLLECTIVE_TIMEOUT_S = 600
 
 @dataclass
 class ServerOptions:
-    """The server's command-line options (see ``python -m dsnb.serving --help``)."""
+    """The server's command-line options (see ``python -m dsnb.runtime.server --help``)."""
 
     model: str
     served_name: str
@@ -80,7 +80,7 @@ class ServerOptions:
             >>> ServerOptions.parse(["--model", "m:f", "--port", "0"]).served_name
             'model'
         """
-        parser = argparse.ArgumentParser(prog="python -m dsnb.serving", description="Serve a model with DeepSpeed over HTTP.")
+        parser = argparse.ArgumentParser(prog="python -m dsnb.runtime.server", description="Serve a model with DeepSpeed over HTTP.")
         parser.add_argument("--model", required=True, help="'module:function' loader or a Hugging Face model directory")
         parser.add_argument("--served-name", default="model", help="the model's name in the APIs")
         parser.add_argument("--working-dir", default=None, help="where a loader's module is imported from")
@@ -157,7 +157,7 @@ def _has_cuda() -> bool:
 
 
 def _load(options: ServerOptions, place: RankPlace) -> Any:
-    from dsnb.serving.model import Predictor
+    from dsnb.runtime.server.model import Predictor
 
     return Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir, tensor_parallel=place.world_size,
                      max_inputs=options.max_inputs, max_prompt_tokens=options.max_prompt_tokens)
@@ -183,8 +183,8 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
     """Rank 0: load, connect, answer HTTP until SIGTERM (returns the exit code)."""
     import uvicorn
 
-    from dsnb.serving.app import ServedModel, ServerApp
-    from dsnb.serving.stats import ServerStats
+    from dsnb.runtime.server.app import ServedModel, ServerApp
+    from dsnb.runtime.server.stats import ServerStats
 
     stats = ServerStats()
     engine = Engine(None, Collective(place.world_size), max_batch_size=options.max_batch_size,

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsnb.serving.model import BadRequest
+from dsnb.runtime.server.model import BadRequest
 
 #: Row shapes remembered as ones the model takes (a request of another shape that fails is a 400).
 MAX_SHAPES_KEPT = 64
@@ -63,7 +63,7 @@ class Work:
 
     Attributes:
         op: ``"texts"`` (embed/classify a list of strings), ``"tensor"`` (a loader model's
-            batch tensor) or ``"generate"`` (one :class:`~dsnb.serving.model.Generation`).
+            batch tensor) or ``"generate"`` (one :class:`~dsnb.runtime.server.model.Generation`).
         data: the list of strings, the tensor, or the Generation.
         size: items in ``data`` (strings or rows); batches hold ``max_batch_size`` items at most.
         deliver: called once, from the engine's thread, with ``(result, None)`` or ``(None, error)``.
@@ -136,7 +136,7 @@ def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], Non
     ranks stop together at the next step (the model runner shares the answer each step).
 
     Returns the model's answer for the whole batch: a list per text, the output tensor(s),
-    or a :class:`~dsnb.serving.model.Completion`.
+    or a :class:`~dsnb.runtime.server.model.Completion`.
     """
     op, data = message["op"], message["data"]
     if op == "texts":
@@ -174,7 +174,7 @@ class Engine:
     """Rank 0's batching loop (see the module docstring).
 
     Args:
-        runner: the model runner (:class:`~dsnb.serving.model.Predictor`, or anything with
+        runner: the model runner (:class:`~dsnb.runtime.server.model.Predictor`, or anything with
             ``encode``/``forward``/``generate``), or None until :meth:`set_runner`.
         collective: how batches reach the other ranks.
         max_batch_size: items (strings or rows) per batch at most.

@@ -70,7 +70,7 @@ class InClusterApi:
         Example:
             >>> InClusterApi.from_environment({}).server
             Traceback (most recent call last):
-            dsnb.backends.kubernetes.pod_api.ApiUnavailable: not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set)
+            dsnb.runtime.pod_api.ApiUnavailable: not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set)
         """
         env = os.environ if environ is None else environ
         host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")

@@ -1,6 +1,6 @@
 """The supervisor of one local job: a small detached process that owns the ranks.
 
-``python -m dsnb.backends.local.supervisor JOB_DIR`` starts every rank of the plan in its
+``python -m dsnb.runtime.supervisor JOB_DIR`` starts every rank of the plan in its
 own process group, copies each rank's output line by line into ``rank-<i>.log`` (with a
 timestamp) while parsing metric lines into ``metrics.jsonl``, and writes ``status.json``
 as the job moves. It runs in its own session, so the job outlives the notebook kernel
@@ -332,10 +332,10 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m dsnb.backends.local.supervisor JOB_DIR``."""
+    """Entry point: ``python -m dsnb.runtime.supervisor JOB_DIR``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m dsnb.backends.local.supervisor JOB_DIR", file=sys.stderr)
+        print("usage: python -m dsnb.runtime.supervisor JOB_DIR", file=sys.stderr)
         return 2
     state = Supervisor(Path(args[0]), read_secrets(sys.stdin)).run()
     return 0 if state == JobState.SUCCEEDED else 1

@@ -145,7 +145,7 @@ class Endpoint:
     @property
     def served_as_job(self) -> bool:
         """Whether a dsnb job runs the server (local, Kubernetes), so that its logs and metrics can be read."""
-        from dsnb.backends.serving_job import ServesAsJob
+        from dsnb.serving.job_serving import ServesAsJob
 
         return isinstance(self.backend, ServesAsJob)  # the Ray backends serve with Ray Serve instead
 

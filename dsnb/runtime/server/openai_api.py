@@ -1,6 +1,6 @@
 """The OpenAI-compatible API: request bodies in, response bodies out (no HTTP here).
 
-Routes (served by :mod:`dsnb.serving.app`): ``GET /v1/models``, ``POST /v1/embeddings``
+Routes (served by :mod:`dsnb.runtime.server.app`): ``GET /v1/models``, ``POST /v1/embeddings``
 (embedding and classifier models), ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (causal language models; chat needs the tokenizer's chat
 template), with ``"stream": true`` as server-sent events. Options dsnb does not honour
@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Any
 
-from dsnb.serving.model import MAX_INPUT_ITEMS, BadRequest, Completion, Generation, check_unicode
+from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, Generation, check_unicode
 
 #: Tokens one completion may ask for at most.
 MAX_NEW_TOKENS = 4096

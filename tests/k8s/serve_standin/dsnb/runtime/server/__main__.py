@@ -1,4 +1,4 @@
-"""Stand-in for ``python -m dsnb.serving`` in the Kubernetes serving tests (standard library only).
+"""Stand-in for ``python -m dsnb.runtime.server`` in the Kubernetes serving tests (standard library only).
 
 It keeps the server's contract with the cluster, not its model: the real server loads a model
 with DeepSpeed (seconds to minutes), this one pretends to for ``DSNB_STANDIN_LOAD_S`` seconds.

@@ -1,6 +1,6 @@
 """The Ray job's driver: runs the user's training script on every Ray Train worker with DeepSpeed.
 
-``python -m dsnb.backends.ray.train_entry`` is the entrypoint dsnb submits through Ray's Job
+``python -m dsnb.runtime.ray_train_entry`` is the entrypoint dsnb submits through Ray's Job
 Submission API (directly, or from a KubeRay RayJob). It reads the job from ``DSNB_RAY_JOB``
 (JSON, see :func:`driver_env`), builds a ``TorchTrainer`` with ``ScalingConfig(num_workers=
 world size, use_gpu=...)`` and ``TorchConfig(backend="gloo" | "nccl")``, and fits it. On each
@@ -48,7 +48,7 @@ JOB_ENV = "DSNB_RAY_JOB"
 WORKER_TAG = "DSNB_RAY_WORKER "
 OUTCOME_TAG = "DSNB_RAY_OUTCOME "
 #: The driver's command line; ``python`` is the one on the Ray node's PATH.
-DRIVER_ARGV = ("python", "-m", "dsnb.backends.ray.train_entry")
+DRIVER_ARGV = ("python", "-m", "dsnb.runtime.ray_train_entry")
 _SUFFIX = re.compile(r"-[a-z0-9]{4}$")
 
 

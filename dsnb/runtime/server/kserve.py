@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2): tensors in, tensors out (no HTTP here).
 
-Routes (served by :mod:`dsnb.serving.app`): ``GET /v2``, ``GET /v2/health/live``,
+Routes (served by :mod:`dsnb.runtime.server.app`): ``GET /v2``, ``GET /v2/health/live``,
 ``GET /v2/health/ready``, ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready`` and
 ``POST /v2/models/{name}/infer``. A loader model takes one input tensor (its first
 dimension is the batch); a text model takes one ``BYTES`` input of strings and answers
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dsnb.serving.model import MAX_INPUT_ITEMS, BadRequest
+from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest
 
 #: v2 datatype -> torch dtype name
 DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",

@@ -15,7 +15,7 @@ dsnb ships this file in the job's ConfigMap and the container runs
 5. with ``DSNB_RELEASE=1``, also writes the outcome and the end of its output into the job's
    record, and when the job has ended (every node finished, or this one failed) scales the
    StatefulSet to 0, so that a finished job holds no node with no dsnb client running
-   (:mod:`dsnb.backends.kubernetes.pod_api`); then exits with the launcher's code.
+   (:mod:`dsnb.runtime.pod_api`); then exits with the launcher's code.
 
 A StatefulSet restarts containers that exit. The restarted container finds the marker
 and idles instead of training again (retrying step 5 if the API server could not be

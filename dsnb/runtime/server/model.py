@@ -319,7 +319,7 @@ def check_unicode(text: str, field_name: str) -> None:
     Example:
         >>> check_unicode(chr(0xD800), "prompt")
         Traceback (most recent call last):
-        dsnb.serving.model.BadRequest: "prompt" holds a lone surrogate ('\\ud800' at character 0); send valid Unicode text
+        dsnb.runtime.server.model.BadRequest: "prompt" holds a lone surrogate ('\\ud800' at character 0); send valid Unicode text
     """
     try:
         text.encode("utf-8")

@@ -1,4 +1,12 @@
-"""Helpers for code running inside a rank.
+"""Code that runs inside a job: in its ranks, its pods, and the processes that start them.
+
+Nothing here runs in the notebook. The package holds what a user's script calls
+(:func:`deepspeed_config`, :func:`checkpoint_dir`), the Kubernetes pod entry
+(:mod:`~dsnb.runtime.pod_entry`), the rank shim that ``mpirun`` starts on MPIJob workers
+(:mod:`~dsnb.runtime.rank_shim`), the Ray Train entry (:mod:`~dsnb.runtime.ray_train_entry`) and
+Ray Serve application (:mod:`~dsnb.runtime.ray_serve_app`), the local backend's detached
+supervisor (:mod:`~dsnb.runtime.supervisor`) and the model server
+(:mod:`dsnb.runtime.server`). Client code, in :mod:`dsnb.backends`, starts these by module name.
 
 Example:
     >>> import os; os.environ.pop("DSNB_DEEPSPEED_CONFIG", None)

@@ -1,4 +1,4 @@
-"""Serving on job backends: a served model is an always-on job whose ranks run ``python -m dsnb.serving``.
+"""Serving on job backends: a served model is an always-on job whose ranks run ``python -m dsnb.runtime.server``.
 
 The local and Kubernetes backends mix :class:`ServesAsJob` in. It turns a
 :class:`~dsnb.serving.ServeSpec` into the job of :meth:`ServeSpec.to_job_spec`, so every
@@ -11,7 +11,7 @@ Example:
     >>> from dsnb.serving import ServeSpec
     >>> plan = LocalBackend().serve_plan(ServeSpec(name="tiny", model="models:build", procs_per_node=2))
     >>> [c.argv[1:3] for c in plan.commands]
-    [('-m', 'dsnb.serving'), ('-m', 'dsnb.serving')]
+    [('-m', 'dsnb.runtime.server'), ('-m', 'dsnb.runtime.server')]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def is_serving_job(spec: JobSpec) -> bool:
         >>> is_serving_job(ServeSpec(name="a", model="m:f").to_job_spec())
         True
     """
-    return list((spec.command or [])[1:3]) == ["-m", "dsnb.serving"]
+    return list((spec.command or [])[1:3]) == ["-m", "dsnb.runtime.server"]
 
 
 class ServesAsJob:

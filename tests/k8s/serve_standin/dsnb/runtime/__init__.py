@@ -1,0 +1,1 @@
+"""The stand-in runtime package; only its ``server`` is played."""

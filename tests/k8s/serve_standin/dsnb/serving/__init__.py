@@ -1,1 +1,0 @@
-"""The stand-in server's package; ``python -m dsnb.serving`` runs ``__main__``."""
