@@ -200,20 +200,10 @@ def recommend(
         >>> [r.profile.key for r in recommend("batch", multi_node=False, platform="ray")]
         ['ray-train']
     """
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
-    if platform is not None and platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {', '.join(PLATFORMS)} or None, got {platform!r}")
+    _check_request(workload, platform)
     names = available_here() if available is None else set(available)
     every = all_profiles()
-    candidates = [p for p in every if p.fits(workload, multi_node) and (platform is None or p.runs_on(platform))]
-
-    def order(item: tuple[int, BackendProfile]) -> tuple[int, int, int, int]:
-        index, prof = item
-        second_choice = int(platform is not None and platform not in prof.platforms)
-        return (second_choice, -prof.score_for(multi_node), len(prof.needs), index)
-
-    ranked = [prof for _, prof in sorted(enumerate(candidates), key=order)]
+    ranked = _ranked(every, workload, multi_node, platform)
     local = next(p for p in every if p.key == "local")
     can_fall_back = "local" in names and local.fits(workload, multi_node)
     return [
@@ -227,6 +217,26 @@ def recommend(
         )
         for rank, prof in enumerate(ranked, start=1)
     ]
+
+
+def _check_request(workload: str, platform: str | None) -> None:
+    """Refuse an unknown workload or platform (see :func:`recommend`)."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {', '.join(PLATFORMS)} or None, got {platform!r}")
+
+
+def _ranked(profiles: list[BackendProfile], workload: Workload, multi_node: bool, platform: str | None) -> list[BackendProfile]:
+    """The profiles that fit, first choices for ``platform`` first, then by score, then by fewer needs."""
+    candidates = [p for p in profiles if p.fits(workload, multi_node) and (platform is None or p.runs_on(platform))]
+
+    def order(item: tuple[int, BackendProfile]) -> tuple[int, int, int, int]:
+        index, prof = item
+        second_choice = int(platform is not None and platform not in prof.platforms)
+        return (second_choice, -prof.score_for(multi_node), len(prof.needs), index)
+
+    return [prof for _, prof in sorted(enumerate(candidates), key=order)]
 
 
 def headline(recommendations: list[Recommendation]) -> str:

@@ -596,7 +596,27 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         0
     """
     ui = _Ui(out=console or Console(highlight=False), err=console or Console(stderr=True, highlight=False))
-    head, tail = _split_script_args(list(sys.argv[1:] if argv is None else argv))
+    parsed = _parse(ui, list(sys.argv[1:] if argv is None else argv))
+    if isinstance(parsed, int):
+        return parsed
+    args, rest = parsed
+    try:
+        return _dispatch(ui, args, rest)
+    except DsnbError as e:
+        _error(ui, str(e))
+        return EXIT_USAGE if isinstance(e, ImportError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``dsnb logs NAME | head``): silence the flush at exit.
+        if console is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _parse(ui: _Ui, argv: list[str]) -> tuple[argparse.Namespace, list[str]] | int:
+    """The parsed arguments and the script's own ones, or the exit code of a usage error or ``--help``."""
+    head, tail = _split_script_args(argv)
     parser = build_parser()
     try:
         args, extras = parser.parse_known_args(head)
@@ -610,26 +630,19 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
             parser.error(f"unrecognized arguments: {' '.join(extras + tail)}")
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
-    try:
-        if args.command in ("run", "dryrun"):
-            if args.script is None:
-                _error(ui, f"dsnb {args.command}: give the SCRIPT to run, e.g. dsnb {args.command} train.py --procs 2")
-                return EXIT_USAGE
-            return _cmd_run(ui, args, extras + tail)
-        command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo,
-                   "check": _cmd_check, "rbac": _cmd_rbac, "serve": _cmd_serve, "endpoints": _cmd_endpoints}
-        return command[args.command](ui, args)
-    except DsnbError as e:
-        _error(ui, str(e))
-        return EXIT_USAGE if isinstance(e, ImportError) else EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (``dsnb logs NAME | head``): silence the flush at exit.
-        if console is None:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILED
+    return args, extras + tail
 
+
+def _dispatch(ui: _Ui, args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the chosen command."""
+    if args.command in ("run", "dryrun"):
+        if args.script is None:
+            _error(ui, f"dsnb {args.command}: give the SCRIPT to run, e.g. dsnb {args.command} train.py --procs 2")
+            return EXIT_USAGE
+        return _cmd_run(ui, args, rest)
+    command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo,
+               "check": _cmd_check, "rbac": _cmd_rbac, "serve": _cmd_serve, "endpoints": _cmd_endpoints}
+    return command[args.command](ui, args)
 
 if __name__ == "__main__":
     sys.exit(main())

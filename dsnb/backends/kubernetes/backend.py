@@ -256,17 +256,9 @@ class KubernetesBackend(Backend):
     def _api_error(self, e: ApiException, doing: str) -> ClusterError:
         """A clear error for a refused request: what was refused, and how to fix it."""
         where = f"namespace {self.namespace!r} on {self.conn.host}"
-        if e.status == 403:
-            held = _not_held(e)  # a Role or RoleBinding granting more than the user holds (RBAC's escalation check)
-            return ClusterError(where, f"not allowed to {doing}" + (f": it grants what you do not hold: {held}" if held else ""),
-                                f"ask for the Role that `dsnb rbac --backend {self.name} --user <you>` prints")
-        if e.status == 404 and "namespaces" in str(e.body or ""):
-            return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
-        if e.status == 404 and self.install_hint and "could not find the requested resource" in str(e.body or ""):
-            return ClusterError(self.conn.host, f"could not {doing}: the API does not serve that kind (the operator is not installed)",
-                                f"install it: {self.install_hint} (dsnb check --backend {self.name} shows what is missing)")
-        if e.status == 401:
-            return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
+        known = self._refusal(e, doing, where)
+        if known is not None:
+            return known
         fields = objects.unknown_fields(e)
         if fields is not None:
             return ClusterError(where, f"could not {doing}: the cluster's CustomResourceDefinition does not know "
@@ -278,6 +270,21 @@ class KubernetesBackend(Backend):
         except (TypeError, ValueError):
             pass
         return ClusterError(where, f"could not {doing}: {e.status} {reason}", "see the message; check the spec and PodOptions")
+
+    def _refusal(self, e: ApiException, doing: str, where: str) -> ClusterError | None:
+        """The error for a refusal with a known fix (not allowed, no namespace, no operator, bad credentials), or None."""
+        if e.status == 403:
+            held = _not_held(e)  # a Role or RoleBinding granting more than the user holds (RBAC's escalation check)
+            return ClusterError(where, f"not allowed to {doing}" + (f": it grants what you do not hold: {held}" if held else ""),
+                                f"ask for the Role that `dsnb rbac --backend {self.name} --user <you>` prints")
+        if e.status == 404 and "namespaces" in str(e.body or ""):
+            return ClusterError(where, "the namespace does not exist", f"kubectl create namespace {self.namespace}")
+        if e.status == 404 and self.install_hint and "could not find the requested resource" in str(e.body or ""):
+            return ClusterError(self.conn.host, f"could not {doing}: the API does not serve that kind (the operator is not installed)",
+                                f"install it: {self.install_hint} (dsnb check --backend {self.name} shows what is missing)")
+        if e.status == 401:
+            return ClusterError(self.conn.host, "the credentials were refused", "log in again (refresh your kubeconfig)")
+        return None
 
     def _unreachable(self, informer: Informer) -> ClusterError:
         error = informer.error
@@ -435,22 +442,28 @@ class KubernetesBackend(Backend):
         asked = sorted(waiting | made_for_job)
         selectors = ([f"type=Warning,involvedObject.name={n}" for n in asked] if len(asked) <= PER_OBJECT_EVENT_LISTS
                      else ["type=Warning"])
-        try:
-            for selector in selectors:
-                response = self.conn.core.list_namespaced_event(self.namespace, field_selector=selector, _preload_content=False)
-                for event in objects.read_json(response).get("items") or []:
-                    involved = event.get("involvedObject") or {}
-                    kind, involved_name = involved.get("kind"), involved.get("name")
-                    if kind == "Pod" and involved_name in waiting:
-                        on_pods.setdefault(involved_name, []).append(event)
-                    elif kind in OBJECT_EVENT_KINDS and involved_name in made_for_job:
-                        on_objects.setdefault((kind, involved_name), []).append(event)
-        except ApiException:
-            pass
+        for event in self._warning_events(selectors):
+            involved = event.get("involvedObject") or {}
+            kind, involved_name = involved.get("kind"), involved.get("name")
+            if kind == "Pod" and involved_name in waiting:
+                on_pods.setdefault(involved_name, []).append(event)
+            elif kind in OBJECT_EVENT_KINDS and involved_name in made_for_job:
+                on_objects.setdefault((kind, involved_name), []).append(event)
         for events in [*on_pods.values(), *on_objects.values()]:
             events.sort(key=event_time)
         self._events[name] = (now, (on_pods, on_objects))
         return on_pods, on_objects
+
+    def _warning_events(self, selectors: list[str]) -> list[dict[str, Any]]:
+        """The namespace's events matching any of ``selectors``; what was read before a refusal (best effort)."""
+        found: list[dict[str, Any]] = []
+        try:
+            for selector in selectors:
+                response = self.conn.core.list_namespaced_event(self.namespace, field_selector=selector, _preload_content=False)
+                found += objects.read_json(response).get("items") or []
+        except ApiException:
+            pass
+        return found
 
     def _object_problem(self, current: JobStatus, on_objects: dict[tuple[str, str], list[dict[str, Any]]]) -> JobStatus:
         """``current``, unless a controller reported that it cannot go on with the job's objects."""

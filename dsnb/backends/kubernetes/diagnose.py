@@ -119,7 +119,12 @@ def classify(pod: dict[str, Any], events: list[dict[str, Any]] | None = None) ->
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
             return _unschedulable(pod, condition.get("message", ""))
-    for event in reversed(events or []):
+    return _from_pod_events(pod, events or [])
+
+
+def _from_pod_events(pod: dict[str, Any], events: list[dict[str, Any]]) -> Diagnosis | None:
+    """What the newest scheduling or mount Event about ``pod`` says, or None."""
+    for event in reversed(events):
         reason = event.get("reason", "")
         if reason == "FailedScheduling":
             return _unschedulable(pod, event.get("message", ""))

@@ -227,19 +227,7 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
         ("python t.py --note 'two words'", 600, 1)
     """
     _check_name(spec, "RayJob")
-    if isinstance(entrypoint, str):
-        raise InvalidSpecError("entrypoint", "must be a list of strings, got one string", f"write entrypoint={shlex.split(entrypoint)!r}")
-    if not isinstance(entrypoint, (list, tuple)) or not entrypoint or not all(isinstance(a, str) for a in entrypoint):
-        raise InvalidSpecError("entrypoint", f"must be a non-empty list of strings, got {entrypoint!r}",
-                               "write entrypoint=['python', '-m', 'dsnb.runtime.ray_train_entry', '--', 'train.py']")
-    if (isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
-            or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
-        raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
-                               "set ttl_seconds_after_finished=0 to delete the cluster as soon as the job ends, or e.g. 600 to keep it for debugging")
-    if env_vars is not None and (not isinstance(env_vars, dict)
-                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
-        raise InvalidSpecError("env_vars", f"must map names to string values, got {env_vars!r}",
-                               "pass env_vars={'NAME': 'value'} (numbers as strings)")
+    _check_rayjob_arguments(entrypoint, ttl_seconds_after_finished, env_vars)
     job_spec: dict[str, Any] = {"entrypoint": shlex.join(entrypoint)}
     runtime_env = _runtime_env(spec, env_vars)
     if runtime_env:
@@ -259,6 +247,23 @@ def render_rayjob(spec: JobSpec, options: PodOptions, entrypoint: list[str], ray
     job_spec["submitterPodTemplate"] = submitter_pod_template(spec, options)
     return {"apiVersion": API_VERSION, "kind": "RayJob",
             "metadata": {"name": spec.name, "labels": job_labels(spec.name)}, "spec": job_spec}
+
+
+def _check_rayjob_arguments(entrypoint: list[str], ttl_seconds_after_finished: int, env_vars: dict[str, str] | None) -> None:
+    """Refuse what :func:`render_rayjob` cannot render (see its ``Raises``)."""
+    if isinstance(entrypoint, str):
+        raise InvalidSpecError("entrypoint", "must be a list of strings, got one string", f"write entrypoint={shlex.split(entrypoint)!r}")
+    if not isinstance(entrypoint, (list, tuple)) or not entrypoint or not all(isinstance(a, str) for a in entrypoint):
+        raise InvalidSpecError("entrypoint", f"must be a non-empty list of strings, got {entrypoint!r}",
+                               "write entrypoint=['python', '-m', 'dsnb.runtime.ray_train_entry', '--', 'train.py']")
+    if (isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
+            or not 0 <= ttl_seconds_after_finished <= _INT32_MAX):
+        raise InvalidSpecError("ttl_seconds_after_finished", f"must be a whole number of seconds >= 0, got {ttl_seconds_after_finished!r}",
+                               "set ttl_seconds_after_finished=0 to delete the cluster as soon as the job ends, or e.g. 600 to keep it for debugging")
+    if env_vars is not None and (not isinstance(env_vars, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
+        raise InvalidSpecError("env_vars", f"must map names to string values, got {env_vars!r}",
+                               "pass env_vars={'NAME': 'value'} (numbers as strings)")
 
 
 def render_rayservice(spec: JobSpec, options: PodOptions, import_path: str | None = None,

@@ -177,20 +177,7 @@ def build_pod_template(
         raise InvalidSpecError("image", "Kubernetes backends run the job in a container image",
                                "set image='ghcr.io/org/train:1.0' (an image with your code, torch and DeepSpeed)")
     variables = {**env, **spec.env, **options.nccl}
-    mounts = [client.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
-    shm_limit = options.shm_size or spec.resources.memory
-    pod_volumes = [client.V1Volume(name=SHM_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit))]
-    if options.checkpoint_pvc:
-        mounts.append(client.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=options.checkpoint_mount))
-        pod_volumes.append(client.V1Volume(
-            name=CHECKPOINT_VOLUME,
-            persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=options.checkpoint_pvc),
-        ))
-    for extra in volumes or []:
-        volume = _model(extra.volume, "V1Volume")
-        mount = client.V1VolumeMount(name=volume.name, mount_path=extra.mount_path, read_only=extra.read_only or None)
-        mounts.append(mount)
-        pod_volumes.append(volume)
+    mounts, pod_volumes = _volumes(spec, options, volumes or [])
     container = client.V1Container(
         name=CONTAINER,
         image=spec.image,
@@ -204,9 +191,34 @@ def build_pod_template(
         volume_mounts=mounts,
         security_context=container_security_context(options, add_capabilities),
     )
-    pod_spec = client.V1PodSpec(
+    labels = {**job_labels(spec.name), **(extra_labels or {})}
+    template = client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=_pod_spec(container, pod_volumes, options))
+    return _api.sanitize_for_serialization(template)
+
+
+def _volumes(spec: JobSpec, options: PodOptions, extra: list[ExtraVolume]) -> tuple[list[client.V1VolumeMount], list[client.V1Volume]]:
+    """The container's mounts and the pod's volumes: shared memory, the checkpoint claim, the backend's own."""
+    mounts = [client.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")]
+    shm_limit = options.shm_size or spec.resources.memory
+    pod_volumes = [client.V1Volume(name=SHM_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit))]
+    if options.checkpoint_pvc:
+        mounts.append(client.V1VolumeMount(name=CHECKPOINT_VOLUME, mount_path=options.checkpoint_mount))
+        pod_volumes.append(client.V1Volume(
+            name=CHECKPOINT_VOLUME,
+            persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=options.checkpoint_pvc),
+        ))
+    for item in extra:
+        volume = _model(item.volume, "V1Volume")
+        mounts.append(client.V1VolumeMount(name=volume.name, mount_path=item.mount_path, read_only=item.read_only or None))
+        pod_volumes.append(volume)
+    return mounts, pod_volumes
+
+
+def _pod_spec(container: client.V1Container, volumes: list[client.V1Volume], options: PodOptions) -> client.V1PodSpec:
+    """The pod around ``container``: scheduling, pull secrets and the restricted security context from ``options``."""
+    return client.V1PodSpec(
         containers=[container],
-        volumes=pod_volumes,
+        volumes=volumes,
         restart_policy=None,  # each backend decides (a StatefulSet requires Always)
         service_account_name=options.service_account,
         node_selector=options.node_selector or None,
@@ -216,6 +228,3 @@ def build_pod_template(
         security_context=pod_security_context(options),
         automount_service_account_token=False,
     )
-    labels = {**job_labels(spec.name), **(extra_labels or {})}
-    template = client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=pod_spec)
-    return _api.sanitize_for_serialization(template)

@@ -380,6 +380,11 @@ def check_controller(conn: Connection, what: str, selectors: tuple[str, ...], in
         if pods is not None:
             allowed = True
             found += pods
+    return _controller_result(what, found, allowed, install)
+
+
+def _controller_result(what: str, found: list[dict[str, Any]], allowed: bool, install: str) -> CheckResult:
+    """What the operator's pods say: running, not allowed to look, waiting, or absent."""
     running = [p for p in found if (p.get("status") or {}).get("phase") == "Running"]
     if running:
         return CheckResult(what, True, f"{len(running)} pod(s) running in namespace {running[0]['metadata'].get('namespace', '?')}")

@@ -80,6 +80,48 @@ def _threads_per_rank(spec: JobSpec) -> int:
     return max(1, usable_cpus() // spec.world_size)
 
 
+def _check_fits_here(spec: JobSpec) -> None:
+    """Refuse more GPUs or ranks than this machine has.
+
+    Raises:
+        InvalidSpecError: naming ``resources.gpus`` or ``procs_per_node``.
+    """
+    gpus = spec.resources.gpus
+    if gpus:
+        have = visible_gpus()
+        if gpus * spec.nodes > have:
+            raise InvalidSpecError(
+                "resources.gpus",
+                f"{gpus} per node x {spec.nodes} nodes asked, this machine has {have}",
+                "set gpus=0 to run on CPU, or ask for fewer",
+            )
+    most = max(64, 8 * usable_cpus())
+    if spec.world_size > most:
+        raise InvalidSpecError("procs_per_node", f"{spec.world_size} ranks is more than this machine can run "
+                                                 f"({usable_cpus()} usable cores; at most {most} ranks here)",
+                               f"ask for at most {most} ranks (nodes x procs_per_node), or use a cluster backend")
+
+
+def _program(spec: JobSpec) -> tuple[Path, list[str]]:
+    """The ranks' working directory and command line.
+
+    Raises:
+        InvalidSpecError: naming ``working_dir``, ``script`` or ``command`` when it is not there.
+    """
+    cwd = Path(spec.working_dir or os.getcwd()).expanduser().resolve()
+    if not cwd.is_dir():
+        raise InvalidSpecError("working_dir", f"{str(cwd)!r} is not a directory", "pass an existing directory")
+    if spec.script is not None:
+        script = (cwd / spec.script).resolve()
+        if not script.is_file():
+            raise InvalidSpecError("script", f"{str(script)!r} not found", f"check the path (relative to working_dir {str(cwd)!r})")
+        return cwd, [sys.executable, "-u", str(script), *spec.args]
+    program = spec.command[0]  # type: ignore[index]
+    if not (shutil.which(program) or (cwd / program).is_file()):
+        raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
+    return cwd, [*spec.command, *spec.args]  # type: ignore[misc]
+
+
 class LocalBackend(ServesAsJob, Backend):
     """Runs ``nodes × procs_per_node`` ranks as processes here, under a detached supervisor.
 
@@ -116,32 +158,8 @@ class LocalBackend(ServesAsJob, Backend):
     def render(self, spec: JobSpec) -> Plan:
         refuse_references(spec.env, self.name)
         gpus = spec.resources.gpus
-        if gpus:
-            have = visible_gpus()
-            if gpus * spec.nodes > have:
-                raise InvalidSpecError(
-                    "resources.gpus",
-                    f"{gpus} per node x {spec.nodes} nodes asked, this machine has {have}",
-                    "set gpus=0 to run on CPU, or ask for fewer",
-                )
-        most = max(64, 8 * usable_cpus())
-        if spec.world_size > most:
-            raise InvalidSpecError("procs_per_node", f"{spec.world_size} ranks is more than this machine can run "
-                                                     f"({usable_cpus()} usable cores; at most {most} ranks here)",
-                                   f"ask for at most {most} ranks (nodes x procs_per_node), or use a cluster backend")
-        cwd = Path(spec.working_dir or os.getcwd()).expanduser().resolve()
-        if not cwd.is_dir():
-            raise InvalidSpecError("working_dir", f"{str(cwd)!r} is not a directory", "pass an existing directory")
-        if spec.script is not None:
-            script = (cwd / spec.script).resolve()
-            if not script.is_file():
-                raise InvalidSpecError("script", f"{str(script)!r} not found", f"check the path (relative to working_dir {str(cwd)!r})")
-            argv = [sys.executable, "-u", str(script), *spec.args]
-        else:
-            program = spec.command[0]  # type: ignore[index]
-            if not (shutil.which(program) or (cwd / program).is_file()):
-                raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
-            argv = [*spec.command, *spec.args]  # type: ignore[misc]
+        _check_fits_here(spec)
+        cwd, argv = _program(spec)
         job_dir = JobDir(self.root / spec.name)
         commands = []
         for rank in range(spec.world_size):
@@ -280,16 +298,10 @@ class LocalBackend(ServesAsJob, Backend):
             raise JobNotFound(name, self.name, self._names())
         if status.state.is_terminal():
             return status
-        pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
-        other_boot = extra.get("boot_id") not in (None, boot_id())
-        if pid is not None and not other_boot and is_alive(pid, start):
+        if self._supervisor_may_run(name, status, extra):
             return status
-        if pid is None:
-            ours = self._supervisors.get(name)
-            if ours is not None and ours.poll() is None:
-                return status  # just launched; it has not written its first status yet
-            if ours is None and time.time() - (status.created_at or 0) < 30:
-                return status  # launched a moment ago by another process
+        pid = extra.get("supervisor_pid")
+        other_boot = extra.get("boot_id") not in (None, boot_id())
         # The supervisor may have written its final state and exited since we read the file.
         latest = job_dir.read_status()
         if latest is not None and latest.state.is_terminal():
@@ -308,6 +320,16 @@ class LocalBackend(ServesAsJob, Backend):
         lost = dataclasses.replace(status, state=state, finished_at=time.time(), message=message)
         job_dir.write_status(lost)
         return lost
+
+    def _supervisor_may_run(self, name: str, status: JobStatus, extra: dict) -> bool:
+        """Whether the job's supervisor runs, or may not have written its first status yet."""
+        pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
+        if pid is not None:
+            return extra.get("boot_id") in (None, boot_id()) and is_alive(pid, start)
+        ours = self._supervisors.get(name)
+        if ours is not None:
+            return ours.poll() is None  # just launched; it has not written its first status yet
+        return time.time() - (status.created_at or 0) < 30  # launched a moment ago by another process
 
     def _reap(self, name: str) -> None:
         proc = self._supervisors.get(name)
