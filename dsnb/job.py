@@ -16,9 +16,10 @@ Example:
 from __future__ import annotations
 
 import html
+import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dsnb.errors import JobFailed, WaitTimeout
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
@@ -26,8 +27,11 @@ from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 if TYPE_CHECKING:
     from dsnb.backends.base import Backend
     from dsnb.spec import JobSpec
+    from dsnb.widgets.panel import JobPanel
 
 FOLLOW_POLL_S = 0.2
+# Two threads displaying one handle at once still make one panel (and one follower thread).
+_PANEL_LOCK = threading.Lock()
 
 
 class Job:
@@ -42,6 +46,7 @@ class Job:
         self.backend = backend
         self.name = name
         self._spec: JobSpec | None = None
+        self._panel: JobPanel | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -163,6 +168,30 @@ class Job:
             JobNotFound: the job does not exist.
         """
         return self.backend.cancel(self.name)
+
+    def panel(self, **options: Any) -> JobPanel:
+        """The job's live notebook panel, made once and shown each time the job is displayed.
+
+        A closed panel is replaced by a new one on the next call.
+
+        Args:
+            **options: passed to :class:`~dsnb.widgets.panel.JobPanel` when a new panel is made.
+
+        Raises:
+            BackendUnavailable: ipywidgets is not installed (``pip install 'dsnb[notebook]'``).
+            ValueError: an option out of range (see :class:`~dsnb.widgets.panel.JobPanel`).
+
+        Example:
+            >>> job.panel() is job.panel()   # doctest: +SKIP
+            True
+            >>> job.panel().close()          # stops following; the job keeps running  # doctest: +SKIP
+        """
+        from dsnb.widgets.panel import JobPanel
+
+        with _PANEL_LOCK:
+            if self._panel is None or self._panel.closed:
+                self._panel = JobPanel(self, **options)
+            return self._panel
 
     def __repr__(self) -> str:
         return f"Job(name={self.name!r}, backend={self.backend.name!r})"

@@ -19,8 +19,9 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
@@ -97,6 +98,44 @@ class MonitorUpdate:
 Subscriber = Callable[[MonitorUpdate], Any]
 
 
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    """A copy of what the views show, taken at one moment: reading it needs no lock.
+
+    Attributes:
+        status: the latest status (None before the first poll).
+        progress: how far a script that reports ``total_steps`` is.
+        latest: the newest sample of each plotted metric.
+        metric_names: the plotted metrics, in the order they first appeared.
+        ranks: ranks known from the status or from their output, in order.
+        lines: the buffered lines of all ranks, in arrival order.
+        lines_by_rank: the buffered lines of each rank.
+        error: the error that stopped the follower thread, if one did.
+        done: the job ended and everything it wrote was read.
+
+    Example:
+        >>> snapshot = monitor.snapshot()                          # doctest: +SKIP
+        >>> snapshot.status.state.value, snapshot.ranks            # doctest: +SKIP
+        ('RUNNING', (0, 1))
+        >>> [line.text for line in snapshot.lines_of(1)][-1:]     # doctest: +SKIP
+        ['step 10']
+    """
+
+    status: JobStatus | None
+    progress: Progress | None
+    latest: Mapping[str, MetricSample]
+    metric_names: tuple[str, ...]
+    ranks: tuple[int, ...]
+    lines: tuple[LogLine, ...]
+    lines_by_rank: Mapping[int, tuple[LogLine, ...]]
+    error: BaseException | None
+    done: bool
+
+    def lines_of(self, rank: int | None) -> tuple[LogLine, ...]:
+        """The lines of one rank (empty if it wrote none), or of all ranks for None."""
+        return self.lines if rank is None else self.lines_by_rank.get(rank, ())
+
+
 class JobMonitor:
     """Live state of one job, fed by :meth:`poll` (directly or from a follower thread).
 
@@ -134,8 +173,8 @@ class JobMonitor:
         self.log_lines_per_rank = log_lines_per_rank
         self.max_points_per_metric = max_points_per_metric
         self.clock = clock
-        #: Held while the state changes; readers use the copying accessors below.
-        self.lock = threading.RLock()
+        # Held while the state changes; readers use snapshot() and the copying accessors.
+        self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
         self.status: JobStatus | None = None
         self.latest: dict[str, MetricSample] = {}
@@ -190,7 +229,7 @@ class JobMonitor:
             lines, lines_complete = self._read_logs()
             samples, samples_complete = self._read_metrics()
             self._behind = not (lines_complete and samples_complete)
-            with self.lock:
+            with self._lock:
                 changed = self._apply_status(status)
                 if lines or samples:
                     changed = True
@@ -269,13 +308,41 @@ class JobMonitor:
                 self.progress = Progress(step=sample.step, total=self.progress.total)
 
     # -- accessors (copies, safe while the follower thread runs) ------------------------------
+    def snapshot(self) -> MonitorSnapshot:
+        """A frozen copy of the status, progress, latest metrics, ranks and buffered lines.
+
+        Views render from it, so they never hold the monitor's lock while they draw.
+
+        Raises:
+            Nothing: it only copies what the monitor holds.
+
+        Example:
+            >>> monitor.snapshot().status is monitor.status  # doctest: +SKIP
+            True
+        """
+        with self._lock:
+            return MonitorSnapshot(
+                status=self.status,
+                progress=self.progress,
+                latest=MappingProxyType(dict(self.latest)),
+                metric_names=tuple(self._series),
+                ranks=tuple(self._known_ranks()),
+                lines=tuple(self._all),
+                lines_by_rank=MappingProxyType({rank: tuple(ring) for rank, ring in self._logs.items()}),
+                error=self.error,
+                done=self._drained,
+            )
+
+    def _known_ranks(self) -> list[int]:
+        known = set(self._logs)
+        if self.status is not None:
+            known.update(r.rank for r in self.status.replicas)
+        return sorted(known)
+
     def ranks(self) -> list[int]:
         """Ranks known from the status or from their output, in order."""
-        with self.lock:
-            known = set(self._logs)
-            if self.status is not None:
-                known.update(r.rank for r in self.status.replicas)
-            return sorted(known)
+        with self._lock:
+            return self._known_ranks()
 
     def lines(self, rank: int | None = None, last: int | None = None) -> list[LogLine]:
         """The buffered lines of one rank, or of all ranks in arrival order.
@@ -288,7 +355,7 @@ class JobMonitor:
             >>> [line.text for line in monitor.lines(rank=1, last=2)]  # doctest: +SKIP
             ['step 9', 'step 10']
         """
-        with self.lock:
+        with self._lock:
             ring = self._all if rank is None else self._logs.get(rank, ())
             items = list(ring)
         if last is not None:
@@ -302,22 +369,22 @@ class JobMonitor:
             >>> [(p.step, p.value) for p in monitor.series("loss")][:2]  # doctest: +SKIP
             [(1, 9.01), (2, 8.87)]
         """
-        with self.lock:
+        with self._lock:
             return list(self._series.get(name, ()))
 
     def metric_names(self) -> list[str]:
         """Names of the plotted metrics, in the order they first appeared."""
-        with self.lock:
+        with self._lock:
             return list(self._series)
 
     def latest_metrics(self) -> dict[str, MetricSample]:
         """The newest sample of each plotted metric (``total_steps`` is progress, not here)."""
-        with self.lock:
+        with self._lock:
             return dict(self.latest)
 
     def events(self) -> list[MonitorEvent]:
         """State changes seen so far (the last 200)."""
-        with self.lock:
+        with self._lock:
             return list(self._events)
 
     # -- subscribers -----------------------------------------------------------------------
@@ -333,18 +400,18 @@ class JobMonitor:
         Example:
             >>> unsubscribe = monitor.subscribe(lambda u: print(len(u.lines)))  # doctest: +SKIP
         """
-        with self.lock:
+        with self._lock:
             self._subscribers.append(callback)
 
         def unsubscribe() -> None:
-            with self.lock:
+            with self._lock:
                 if callback in self._subscribers:
                     self._subscribers.remove(callback)
 
         return unsubscribe
 
     def _notify(self, error: BaseException | None = None) -> None:
-        with self.lock:
+        with self._lock:
             final = self._drained and not self._final_sent
             if not self._subscribers or not (self._pending or final or error):
                 return
@@ -387,7 +454,7 @@ class JobMonitor:
         Example:
             >>> monitor.start().join()  # doctest: +SKIP
         """
-        with self.lock:
+        with self._lock:
             if self.thread is not None and self.thread.is_alive():
                 return self.thread
             self._stop.clear()

@@ -25,7 +25,7 @@ from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 from dsnb.widgets import endpoint_panel
 from dsnb.widgets.display import PANEL_ATTR, display_endpoint, endpoint_panel_for
 from dsnb.widgets.endpoint_panel import SERVING_PLOTS, EndpointPanel, ServedJob
-from dsnb.widgets.panel import JOB_PLOTS, plot_png
+from dsnb.widgets.plots import JOB_PLOTS, plot_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 URL = "http://127.0.0.1:39051/"

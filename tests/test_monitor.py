@@ -15,7 +15,7 @@ from scripted import ScriptedBackend
 from dsnb import Cluster, JobSpec
 from dsnb.errors import JobNotFound
 from dsnb.job import Job
-from dsnb.monitor import MAX_CHUNKS_PER_POLL, JobMonitor, MonitorUpdate, Progress
+from dsnb.monitor import MAX_CHUNKS_PER_POLL, JobMonitor, MonitorSnapshot, MonitorUpdate, Progress
 from dsnb.status import JobState, LogLine, MetricSample
 
 PY = sys.executable
@@ -54,6 +54,33 @@ def test_ring_buffers_stay_bounded_per_rank_and_merged(scripted):
     assert monitor.lines(0, last=2)[-1].text == "line 998"
     assert monitor.lines(5) == [] and monitor.lines(0, last=0) == []
     assert monitor.lines_seen == 1000
+
+
+def test_snapshot_is_a_frozen_copy_that_later_polls_leave_alone(scripted):
+    backend, job = scripted
+    backend.lines = [LogLine(0, "a", 1.0), LogLine(1, "b", 2.0)]
+    backend.samples = [MetricSample(1, "total_steps", 10.0), MetricSample(2, "loss", 3.0, 1)]
+    monitor = JobMonitor(job)
+    monitor.poll()
+    snapshot = monitor.snapshot()
+    assert isinstance(snapshot, MonitorSnapshot)
+    assert snapshot.status is monitor.status and snapshot.progress == Progress(step=2, total=10)
+    assert snapshot.ranks == (0, 1) and snapshot.metric_names == ("loss",)
+    assert [line.text for line in snapshot.lines] == ["a", "b"]
+    assert [line.text for line in snapshot.lines_of(1)] == ["b"] and snapshot.lines_of(7) == ()
+    assert snapshot.latest["loss"].value == 3.0 and not snapshot.done and snapshot.error is None
+
+    backend.lines.append(LogLine(2, "c", 3.0))
+    backend.samples.append(MetricSample(3, "lr", 0.1))
+    backend.finish()
+    monitor.poll()
+    assert snapshot.ranks == (0, 1) and len(snapshot.lines) == 2 and "lr" not in snapshot.latest  # unchanged
+    assert monitor.snapshot().ranks == (0, 1, 2) and monitor.snapshot().done
+    with pytest.raises(AttributeError):
+        snapshot.done = True  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snapshot.latest["loss"] = MetricSample(9, "loss", 0.0)  # type: ignore[index]
+    assert not hasattr(monitor, "lock")  # views read snapshots; the lock is the monitor's own
 
 
 def test_poll_reports_whether_anything_changed(scripted):

@@ -155,7 +155,8 @@ def test_import_is_light() -> None:
 
 def test_the_notebook_widgets_import_no_command_line() -> None:
     """Widgets share the text formatting with the console through dsnb.formatting, not through the CLI."""
-    code = ("import sys; import dsnb.widgets.panel, dsnb.widgets.display, dsnb.widgets.cluster_view, dsnb.widgets.form; "
+    code = ("import sys; import dsnb.widgets.panel, dsnb.widgets.display, dsnb.widgets.cluster_view, dsnb.widgets.form, "
+            "dsnb.widgets.endpoint_panel, dsnb.widgets.plots, dsnb.widgets.markup, dsnb.widgets.ticker; "
             "print(sorted(m for m in sys.modules if m.startswith('dsnb.console')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

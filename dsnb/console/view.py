@@ -23,7 +23,7 @@ from rich.text import Text
 from dsnb.console.text import printable
 from dsnb.formatting import elapsed_of, format_duration, format_time, format_value
 from dsnb.metrics import is_metric_line
-from dsnb.monitor import JobMonitor
+from dsnb.monitor import JobMonitor, MonitorSnapshot
 from dsnb.status import JobState, JobStatus, ReplicaStatus, rank_label
 
 STATE_STYLES: dict[JobState, str] = {
@@ -67,8 +67,8 @@ def _header(monitor: JobMonitor, status: JobStatus | None, now: float) -> Text:
     return text
 
 
-def _progress(monitor: JobMonitor) -> RenderableType | None:
-    progress = monitor.progress
+def _progress(snapshot: MonitorSnapshot) -> RenderableType | None:
+    progress = snapshot.progress
     if progress is None:
         return None
     grid = Table.grid(padding=(0, 1))
@@ -81,8 +81,8 @@ def _progress(monitor: JobMonitor) -> RenderableType | None:
     return grid
 
 
-def _metrics(monitor: JobMonitor, max_metrics: int) -> RenderableType | None:
-    latest = monitor.latest_metrics()
+def _metrics(snapshot: MonitorSnapshot, max_metrics: int) -> RenderableType | None:
+    latest = snapshot.latest
     if not latest:
         return None
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
@@ -90,7 +90,7 @@ def _metrics(monitor: JobMonitor, max_metrics: int) -> RenderableType | None:
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("rank", justify="right", no_wrap=True)
-    for name in monitor.metric_names()[:max_metrics]:
+    for name in snapshot.metric_names[:max_metrics]:
         sample = latest[name]
         table.add_row(name, format_value(sample.value), str(sample.step), str(sample.rank))
     return table
@@ -106,13 +106,14 @@ def _replica_title(rank: int, replica: ReplicaStatus | None) -> Text:
     return title
 
 
-def _rank_logs(monitor: JobMonitor, status: JobStatus | None, lines_per_rank: int) -> list[RenderableType]:
+def _rank_logs(snapshot: MonitorSnapshot, lines_per_rank: int) -> list[RenderableType]:
+    status = snapshot.status
     replicas = {r.rank: r for r in status.replicas} if status is not None else {}
     panels: list[RenderableType] = []
-    for rank in monitor.ranks():
+    for rank in snapshot.ranks:
         body = Text(no_wrap=True, overflow="ellipsis")
         # Metric lines are shown as metrics above; here they would crowd out the output.
-        lines = [line for line in monitor.lines(rank) if not is_metric_line(line.text)][-lines_per_rank:]
+        lines = [line for line in snapshot.lines_of(rank) if not is_metric_line(line.text)][-lines_per_rank:]
         for i, line in enumerate(lines):
             if i:
                 body.append("\n")
@@ -139,15 +140,14 @@ def render(monitor: JobMonitor, now: float | None = None, lines_per_rank: int = 
         >>> Console().print(render(monitor, now=time.time()))  # doctest: +SKIP
     """
     now = time.time() if now is None else now
-    with monitor.lock:
-        status = monitor.status
-    parts: list[RenderableType] = [_header(monitor, status, now)]
-    if monitor.error is not None:
-        parts.append(Text(f"monitor stopped: {type(monitor.error).__name__}: {monitor.error}", style="red"))
-    for part in (_progress(monitor), _metrics(monitor, max_metrics)):
+    snapshot = monitor.snapshot()
+    parts: list[RenderableType] = [_header(monitor, snapshot.status, now)]
+    if snapshot.error is not None:
+        parts.append(Text(f"monitor stopped: {type(snapshot.error).__name__}: {snapshot.error}", style="red"))
+    for part in (_progress(snapshot), _metrics(snapshot, max_metrics)):
         if part is not None:
             parts.append(part)
-    parts.extend(_rank_logs(monitor, status, lines_per_rank))
+    parts.extend(_rank_logs(snapshot, lines_per_rank))
     return Group(*parts)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +40,8 @@ SERVING_METRICS = {"requests_per_s": "requests/s", "p50_ms": "p50 ms", "p99_ms":
                    "queue": "queue", "batch_items": "batch items"}
 #: Log lines in the static summary of an endpoint.
 STATIC_LOG_LINES = 5
+# Two threads displaying one handle at once still make one panel (and one follower thread).
+_PANEL_LOCK = threading.Lock()
 
 
 class _NoCredentialsOnRedirect(urllib.request.HTTPRedirectHandler):
@@ -68,6 +71,7 @@ class Endpoint:
     def __init__(self, backend: Backend, name: str) -> None:
         self.backend = backend
         self.name = name
+        self._panel: EndpointPanel | None = None
 
     @property
     def token(self) -> str | None:
@@ -227,9 +231,12 @@ class Endpoint:
             >>> panel.close()                # stops following; the endpoint keeps serving  # doctest: +SKIP
         """
         self._job("logs and metrics")
-        from dsnb.widgets.display import endpoint_panel_for
+        from dsnb.widgets.endpoint_panel import EndpointPanel
 
-        return endpoint_panel_for(self, **options)
+        with _PANEL_LOCK:
+            if self._panel is None or self._panel.closed:
+                self._panel = EndpointPanel(self, **options)
+            return self._panel
 
     def stop(self) -> JobStatus:
         """Remove the served application and its replicas; safe to call again.

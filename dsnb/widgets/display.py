@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     from dsnb.widgets.endpoint_panel import EndpointPanel
     from dsnb.widgets.panel import JobPanel
 
-#: Attribute that caches a job's panel (or a cluster's view) on the object itself, so the
-#: cache lives exactly as long as the object and needs no weak references.
-PANEL_ATTR = "_dsnb_panel"
+#: Where a job or an endpoint keeps its panel (``Job.panel()``, ``Endpoint.panel()``).
+PANEL_ATTR = "_panel"
+#: Attribute that caches a cluster's view on the cluster itself, so the cache lives exactly
+#: as long as the cluster and needs no weak references.
 VIEW_ATTR = "_dsnb_view"
 _cache_lock = threading.Lock()
 
@@ -53,7 +54,7 @@ def widgets_available() -> bool:
 
 
 def panel_for(job: Job, **options: Any) -> JobPanel:
-    """The job's panel: the cached one if it is still open, else a new one (which starts following).
+    """The job's panel (``job.panel()``): the one it keeps if still open, else a new one (which starts following).
 
     Args:
         job: the job.
@@ -66,13 +67,11 @@ def panel_for(job: Job, **options: Any) -> JobPanel:
         >>> panel_for(job) is panel_for(job)  # doctest: +SKIP
         True
     """
-    from dsnb.widgets.panel import JobPanel
-
-    return _cached_panel(job, JobPanel, options)
+    return job.panel(**options)
 
 
 def endpoint_panel_for(endpoint: Endpoint, **options: Any) -> EndpointPanel:
-    """The endpoint's panel: the cached one if it is still open, else a new one (which starts following).
+    """The endpoint's panel (``endpoint.panel()``): the one it keeps if still open, else a new one.
 
     Args:
         endpoint: the endpoint, served through a job (local, Kubernetes).
@@ -86,19 +85,7 @@ def endpoint_panel_for(endpoint: Endpoint, **options: Any) -> EndpointPanel:
         >>> endpoint_panel_for(endpoint) is endpoint.panel()  # doctest: +SKIP
         True
     """
-    from dsnb.widgets.endpoint_panel import EndpointPanel
-
-    return _cached_panel(endpoint, EndpointPanel, options)
-
-
-def _cached_panel(owner: Any, make: Any, options: dict[str, Any]) -> Any:
-    """``owner``'s open panel, or a new ``make(owner, **options)`` kept on it (one per handle)."""
-    with _cache_lock:
-        panel = getattr(owner, PANEL_ATTR, None)
-        if panel is None or panel.closed:
-            panel = make(owner, **options)
-            setattr(owner, PANEL_ATTR, panel)
-        return panel
+    return endpoint.panel(**options)
 
 
 def view_for(cluster: Cluster, load: bool = True) -> ClusterView:

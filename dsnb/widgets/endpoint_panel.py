@@ -24,10 +24,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from dsnb.job import Job
-from dsnb.monitor import JobMonitor, MonitorUpdate
+from dsnb.monitor import JobMonitor, MonitorSnapshot, MonitorUpdate
 from dsnb.serving.endpoint import SERVING_METRICS
 from dsnb.status import JobState, JobStatus
-from dsnb.widgets.panel import STATE_COLORS, JobPanel, PlotGroup, _hide, widgets
+from dsnb.widgets.markup import STATE_COLORS
+from dsnb.widgets.panel import JobPanel, _hide, widgets
+from dsnb.widgets.plots import PlotGroup
 
 if TYPE_CHECKING:
     from dsnb.serving.endpoint import Endpoint
@@ -111,8 +113,8 @@ class EndpointPanel(JobPanel):
     It is a :class:`~dsnb.widgets.panel.JobPanel` of a :class:`ServedJob`, so everything
     the job panel shows (rank table, per-rank logs with filter and follow, diagnosis on
     failure) is there, and the same rules hold: the display path never calls the backend,
-    and the follower thread and ticker stop when the endpoint is stopped (after one last read)
-    or when the panel is closed.
+    and the follower thread and the panel's ticks stop when the endpoint is stopped (after one
+    last read) or when the panel is closed.
 
     Child widgets, beyond the job panel's: ``url_label`` (HTML link, once the server has an
     address) and ``ready_label`` (``"loading"``, ``"ready"``, ``"stopped"``, ``"failed"``);
@@ -124,7 +126,7 @@ class EndpointPanel(JobPanel):
         monitor: the monitor to view; a new one of the endpoint's :class:`ServedJob` if None.
         poll_interval: seconds between the follower's polls (each one probes ``/readyz`` once).
         **options: the other :class:`~dsnb.widgets.panel.JobPanel` options (``max_log_lines``,
-            ``plot_interval``, ``start``).
+            ``plot_interval``, ``start``, ``shared_ticker``).
 
     Raises:
         ClusterError: the backend serves with Ray Serve: there is no job to follow.
@@ -179,9 +181,9 @@ class EndpointPanel(JobPanel):
                 pass  # still loading: no address yet
         super()._on_update(update)
 
-    def _render_header(self, status: JobStatus | None) -> None:
-        super()._render_header(status)
-        text, color = ready_text(status)
+    def _render_header(self, snapshot: MonitorSnapshot) -> None:
+        super()._render_header(snapshot)
+        text, color = ready_text(snapshot.status)
         self.ready_label.value = text
         if color:
             self.ready_label.style.text_color = color

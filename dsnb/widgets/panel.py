@@ -15,20 +15,29 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from dsnb.errors import BackendUnavailable
 from dsnb.formatting import elapsed_of, format_duration, format_value
-from dsnb.metrics import is_metric_line
-from dsnb.monitor import JobMonitor, MonitorUpdate
+from dsnb.monitor import JobMonitor, MonitorSnapshot, MonitorUpdate
 from dsnb.status import JobState, JobStatus, LogLine, rank_label
+from dsnb.widgets.markup import (
+    STATE_COLORS,
+    diagnosis_html,
+    diagnosis_of,
+    is_shown,
+    log_html,
+    log_tail_html,
+    png_html,
+    rank_table_html,
+    summary_head_html,
+)
+from dsnb.widgets.plots import JOB_PLOTS, PlotGroup, plot_png
+from dsnb.widgets.ticker import SHARED_TICKER, Ticker, Ticking
 
 try:
     import ipywidgets as widgets
@@ -46,18 +55,7 @@ MAX_LOG_LINES = 500
 STATIC_LOG_LINES = 20
 #: Seconds between two renderings of the metric plot.
 PLOT_INTERVAL_S = 1.0
-#: Ranks drawn per metric; more would make the plot unreadable.
-MAX_RANKS_PLOTTED = 8
-THROUGHPUT_SUFFIXES = ("_per_s", "_per_sec", "_per_second")
 
-STATE_COLORS: dict[JobState, str] = {
-    JobState.PENDING: "#b58900",
-    JobState.STARTING: "#b58900",
-    JobState.RUNNING: "#1f6feb",
-    JobState.SUCCEEDED: "#1a7f37",
-    JobState.FAILED: "#cf222e",
-    JobState.CANCELLED: "#8250df",
-}
 BAR_STYLES: dict[JobState, str] = {
     JobState.SUCCEEDED: "success",
     JobState.FAILED: "danger",
@@ -66,139 +64,21 @@ BAR_STYLES: dict[JobState, str] = {
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def is_loss(name: str) -> bool:
-    """True for the metrics drawn on the loss plot.
-
-    Example:
-        >>> is_loss("loss"), is_loss("val_loss"), is_loss("lr")
-        (True, True, False)
-    """
-    return name == "loss" or name.endswith(("_loss", "/loss"))
-
-
-def is_throughput(name: str) -> bool:
-    """True for the metrics drawn on the throughput plot (``tokens_per_s``, ``samples_per_sec``...).
-
-    Example:
-        >>> is_throughput("tokens_per_s"), is_throughput("avg_samples_per_sec"), is_throughput("loss")
-        (True, True, False)
-    """
-    return name.endswith(THROUGHPUT_SUFFIXES)
-
-
-#: A plot of :func:`plot_png`: its title, and which metric names it draws.
-PlotGroup = tuple[str, Callable[[str], bool]]
-#: A job's plots: loss, and throughput.
-JOB_PLOTS: tuple[PlotGroup, ...] = (("loss", is_loss), ("throughput", is_throughput))
-
-
-def plot_png(
-    monitor: JobMonitor,
-    width: float = 8.0,
-    height: float = 2.8,
-    dpi: int = 80,
-    *,
-    groups: Sequence[PlotGroup] = JOB_PLOTS,
-    labels: Mapping[str, str] | None = None,
-    x: str = "step",
-) -> bytes | None:
-    """One plot per group of metrics (loss and throughput by default), one line per rank, as PNG bytes.
-
-    It draws on a :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot,
-    so it touches no global figure state and is safe off the main thread.
-
-    Args:
-        monitor: where the metric series are.
-        width: inches.
-        height: inches.
-        dpi: dots per inch.
-        groups: ``(title, wanted)`` per plot; a plot draws the metrics ``wanted(name)`` selects,
-            and is left out when it selects none.
-        labels: how a metric is named in the legends (default: its name).
-        x: ``"step"`` (the reported step) or ``"time"`` (seconds since the first point drawn).
-
-    Returns:
-        The PNG, or None with nothing to draw.
-
-    Raises:
-        ImportError: matplotlib is not installed.
-        ValueError: ``x`` is neither ``"step"`` nor ``"time"``.
-
-    Example:
-        >>> png = plot_png(monitor)      # doctest: +SKIP
-        >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"  # doctest: +SKIP
-        True
-        >>> plot_png(monitor, groups=[("latency (ms)", lambda n: n.endswith("_ms"))], x="time")  # doctest: +SKIP
-    """
-    if x not in ("step", "time"):
-        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
-    labels = labels or {}
-    names = monitor.metric_names()
-    chosen = [(title, [n for n in names if wanted(n)]) for title, wanted in groups]
-    chosen = [(title, group) for title, group in chosen if group]
-    if not chosen:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    series = {name: monitor.series(name) for _, group in chosen for name in group}
-    start = min((s.time for points in series.values() for s in points), default=0.0)
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
-    for ax, (title, group) in zip(axes, chosen):
-        drawn, labelled = 0, False
-        for name in group:
-            by_rank: dict[int, tuple[list[float], list[float]]] = {}
-            for sample in series[name]:
-                xs, values = by_rank.setdefault(sample.rank, ([], []))
-                xs.append(sample.step if x == "step" else sample.time - start)
-                values.append(sample.value)
-            ranks = sorted(by_rank)[:MAX_RANKS_PLOTTED]
-            for rank in ranks:
-                xs, values = by_rank[rank]
-                label = labels.get(name, name)
-                label = label if len(ranks) == 1 else f"{label} (rank {rank})"
-                ax.plot(xs, values, label=label, marker="." if len(xs) < 40 else None)
-                drawn += 1
-                labelled = labelled or label != title
-        ax.set_title(title, fontsize="medium")
-        ax.set_xlabel("step" if x == "step" else "seconds")
-        ax.grid(alpha=0.3)
-        if drawn > 1 or labelled:
-            ax.legend(fontsize="small")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def _hide(widget: widgets.Widget, hidden: bool) -> None:
     display = "none" if hidden else None
     if widget.layout.display != display:
         widget.layout.display = display
 
 
-def _log_html(text: str) -> str:
-    # column-reverse keeps the scroll position anchored at the newest line as lines arrive.
-    return (
-        '<div class="dsnb-log-scroll" style="max-height:24em;overflow:auto;display:flex;'
-        'flex-direction:column-reverse;border:1px solid #d0d7de;border-radius:4px;padding:4px">'
-        '<pre class="dsnb-log-text" style="flex-shrink:0;margin:0;white-space:pre-wrap;font-size:12px;line-height:1.35">'
-        f"{html.escape(text, quote=False)}</pre></div>"
-    )
-
-
-def _shown(line: LogLine) -> bool:
-    return not is_metric_line(line.text)  # metrics are shown as numbers and plots
-
-
 class JobPanel:
     """A live notebook panel for one job; a view over its :class:`~dsnb.monitor.JobMonitor`.
 
     The panel never calls the backend from a display path: the monitor's follower thread
-    (and the panel's one-second ticker, which refreshes the elapsed time and a plot held back
-    by the rate limit) feed it. Both stop by themselves when the job has ended and its output
-    was read to the end, and :meth:`close` stops them earlier.
+    feeds it, and a callback on the shared :class:`~dsnb.widgets.ticker.Ticker` (one thread for
+    all open panels) refreshes the elapsed time and a plot held back by the rate limit about
+    once a second. Both stop by themselves when the job has ended and its output was read to
+    the end, and :meth:`close` stops them earlier. The panel renders from the monitor's
+    :meth:`~dsnb.monitor.JobMonitor.snapshot`, never under the monitor's lock.
 
     Child widgets (assert on their ``.value``):
         ``name_label``, ``backend_label``, ``state_label`` (the state word, e.g. ``"RUNNING"``),
@@ -215,6 +95,7 @@ class JobPanel:
         plot_interval: seconds between two plot renderings; the last one is always drawn.
         poll_interval: seconds between the follower thread's polls.
         start: start following at once; otherwise call :meth:`start` (or poll the monitor).
+        shared_ticker: the ticker whose thread refreshes the panel (``SHARED_TICKER`` if None).
 
     Raises:
         ValueError: a limit below 1 or a negative interval.
@@ -249,6 +130,7 @@ class JobPanel:
         plot_interval: float = PLOT_INTERVAL_S,
         poll_interval: float = 0.2,
         start: bool = True,
+        shared_ticker: Ticker | None = None,
     ) -> None:
         if max_log_lines < 1:
             raise ValueError("max_log_lines must be at least 1")
@@ -263,14 +145,15 @@ class JobPanel:
         self.plot_renders = 0
         #: The thread running ``job.cancel()`` after a click on Cancel, if any.
         self.cancel_thread: threading.Thread | None = None
-        #: The ticker thread, while it runs.
-        self.ticker: threading.Thread | None = None
+        #: The panel's place on the shared ticker once started; ``is_alive()`` while it ticks.
+        self.ticker: Ticking | None = None
+        self._shared_ticker = shared_ticker if shared_ticker is not None else SHARED_TICKER
         self.closed = False
         self.log_text = ""
         self.rank_rows: list[tuple[str, str, str, str]] = []
         self._lock = threading.RLock()
         self._quiet = False  # set while the panel itself changes the log controls
-        self._snapshot: tuple[list[LogLine], dict[int, list[LogLine]]] | None = None
+        self._frozen_logs: MonitorSnapshot | None = None  # the lines shown while follow is off
         self._ranks: list[int] = []
         self._world_size: int | None = None
         self._spec_read = False
@@ -278,7 +161,6 @@ class JobPanel:
         self._last_plot: float | None = None
         self._final = False
         self._cancelling = False
-        self._stop_ticks = threading.Event()
         self._display_handles: list[Any] = []
         self._note = ""  # shown after the status message, e.g. a failed cancel
         self._build()
@@ -318,7 +200,7 @@ class JobPanel:
         self.follow = w.ToggleButton(value=True, description="follow", icon="arrow-down",
                                      tooltip="Keep showing the newest lines; off freezes the view")
         self.log_info = w.Label("")
-        self.log_view = w.HTML(_log_html(""))
+        self.log_view = w.HTML(log_html(""))
         for widget, css in (
             (self.state_label, "dsnb-state"), (self.cancel_button, "dsnb-cancel"), (self.plot, "dsnb-plot"),
             (self.rank_table, "dsnb-ranks"), (self.diagnosis, "dsnb-diagnosis"), (self.log_view, "dsnb-log"),
@@ -354,7 +236,7 @@ class JobPanel:
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> JobPanel:
-        """Follow the job: start the monitor's thread and the panel's ticker (no-op once ended).
+        """Follow the job: start the monitor's thread and tick on the shared ticker (no-op once ended).
 
         Returns:
             The panel.
@@ -367,13 +249,12 @@ class JobPanel:
                 return self
             self.monitor.start(interval=self.poll_interval)
             if self.ticker is None or not self.ticker.is_alive():
-                self._stop_ticks.clear()
-                self.ticker = threading.Thread(target=self._tick_loop, name=f"dsnb-panel-{self.job.name}", daemon=True)
-                self.ticker.start()
+                interval = max(0.1, min(1.0, self.plot_interval or 1.0))
+                self.ticker = self._shared_ticker.register(self._tick, interval)
         return self
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Stop following (the monitor's thread and the ticker) and close the widgets.
+        """Stop following (the monitor's thread and the panel's ticks) and close the widgets.
 
         The job keeps running; a closed panel is not shown again (``display_job`` makes a new one).
 
@@ -388,15 +269,14 @@ class JobPanel:
             if self.closed:
                 return
             self.closed = True
-            self._stop_ticks.set()
+            self._stop_ticking()
             unsubscribe, self._unsubscribe = self._unsubscribe, None
         # Outside the lock: the follower may be waiting for it inside _on_update.
         if unsubscribe is not None:
             unsubscribe()
         self.monitor.stop(timeout)
-        ticker = self.ticker
-        if ticker is not None and ticker is not threading.current_thread():
-            ticker.join(timeout)
+        if self.ticker is not None:
+            self.ticker.join(timeout)  # a tick under way finishes first
         for widget in self._all_widgets():
             widget.close()
 
@@ -432,7 +312,7 @@ class JobPanel:
                 self._note = f"cancel failed: {type(e).__name__}: {e}"
                 if not self.closed:
                     self.cancel_button.description = self.stop_label
-                    self._render_header(self.monitor.status)
+                    self._render_header(self.monitor.snapshot())
 
     def show(self, display: Callable[..., Any]) -> Any:
         """Display the panel with ``display`` (IPython's) and refresh that output once the job has ended.
@@ -474,7 +354,7 @@ class JobPanel:
                 self._plot_dirty = True
             self._render_all(plot=False)
             if update.error is not None:
-                self._stop_ticks.set()
+                self._stop_ticking()
             if update.final:
                 self._finish()
             elif self._plot_dirty and self._plot_due():
@@ -488,18 +368,23 @@ class JobPanel:
 
     def _finish(self) -> None:
         self._final = True
-        self._stop_ticks.set()
+        self._stop_ticking()
         self._render_plot()
-        self._render_header(self.monitor.status)
+        self._render_header(self.monitor.snapshot())
 
-    def _tick_loop(self) -> None:
-        while not self._stop_ticks.wait(max(0.1, min(1.0, self.plot_interval or 1.0))):
-            with self._lock:
-                if self.closed or self._final:
-                    return
-                self._render_header(self.monitor.status)
-                if self._plot_dirty and self._plot_due():
-                    self._render_plot()
+    def _tick(self) -> None:
+        """On the shared ticker's thread: the elapsed time, and a plot the rate limit held back."""
+        with self._lock:
+            if self.closed or self._final:
+                self._stop_ticking()
+                return
+            self._render_header(self.monitor.snapshot())
+            if self._plot_dirty and self._plot_due():
+                self._render_plot()
+
+    def _stop_ticking(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
 
     def _plot_due(self) -> bool:
         return self._last_plot is None or self.monitor.clock() - self._last_plot >= self.plot_interval
@@ -507,65 +392,63 @@ class JobPanel:
     def _on_log_control(self, _change: dict[str, Any]) -> None:
         with self._lock:
             if not self._quiet:
-                self._render_logs()
+                self._render_logs(self.monitor.snapshot())
 
     def _on_follow(self, change: dict[str, Any]) -> None:
         with self._lock:
-            if change["new"]:
-                self._snapshot = None
-            else:
-                merged = self.monitor.lines()
-                self._snapshot = (merged, {r: self.monitor.lines(r) for r in self.monitor.ranks()})
-            self._render_logs()
+            self._frozen_logs = None if change["new"] else self.monitor.snapshot()
+            self._render_logs(self.monitor.snapshot())
 
-    # -- rendering (always under self._lock; reads the monitor only) ------------------------
+    # -- rendering (always under self._lock; reads a snapshot of the monitor only) ---------------
     def _render_all(self, plot: bool = True) -> None:
-        status = self.monitor.status
-        self._render_header(status)
-        self._render_ranks(status)
-        self._render_progress(status)
-        self._render_metrics()
+        snapshot = self.monitor.snapshot()
+        self._render_header(snapshot)
+        self._render_ranks(snapshot.status)
+        self._render_progress(snapshot)
+        self._render_metrics(snapshot)
         if self.follow.value:
-            self._render_logs()
-        if plot and self.monitor.metric_names():
+            self._render_logs(snapshot)
+        if plot and snapshot.metric_names:
             self._render_plot()
 
-    def _render_header(self, status: JobStatus | None) -> None:
+    def _render_header(self, snapshot: MonitorSnapshot) -> None:
+        status = snapshot.status
         if status is None:
             self.message_label.value = self._note or "waiting for the first status"
             return
-        now = self.monitor.clock()
         self.state_label.value = status.state.value
         self.state_label.style.text_color = STATE_COLORS.get(status.state, "")
+        self._render_times(status, self.monitor.clock())
+        size = self._size_of(status)
+        self.world_size_label.value = f"world size {size}" if size is not None else ""
+        self.restarts_label.value = f"restarts {status.restarts}"
+        notes = [status.message, self._note]
+        if snapshot.error is not None:
+            notes.append(f"monitor stopped: {type(snapshot.error).__name__}: {snapshot.error}")
+        self.message_label.value = " — ".join(note for note in notes if note)
+        self._render_stop_button(status)
+        failed = status.state == JobState.FAILED
+        if failed:
+            self.diagnosis.value = diagnosis_html(status)
+        _hide(self.diagnosis, not failed)
+
+    def _render_times(self, status: JobStatus, now: float) -> None:
         elapsed = elapsed_of(status, now)
         if elapsed is not None:
             self.elapsed_label.value = f"elapsed {format_duration(elapsed)}"
         elif status.created_at is not None:
             self.elapsed_label.value = f"waiting {format_duration(max(0.0, now - status.created_at))}"
-        size = self._world_size if self._world_size is not None else len(status.replicas) or None
-        self.world_size_label.value = f"world size {size}" if size is not None else ""
-        self.restarts_label.value = f"restarts {status.restarts}"
-        notes = [status.message, self._note]
-        if self.monitor.error is not None:
-            notes.append(f"monitor stopped: {type(self.monitor.error).__name__}: {self.monitor.error}")
-        self.message_label.value = " — ".join(note for note in notes if note)
-        terminal = status.state.is_terminal()
-        if terminal:
+
+    def _render_stop_button(self, status: JobStatus) -> None:
+        if status.state.is_terminal():
             self.cancel_button.disabled = True
             self.cancel_button.description = self.stop_label
         elif not self._cancelling:
             self.cancel_button.disabled = False
-        failed = status.state == JobState.FAILED
-        if failed:
-            who = f"rank {status.failed_rank}" if status.failed_rank is not None else "the job"
-            code = f" with exit code {status.exit_code}" if status.exit_code is not None else ""
-            self.diagnosis.value = (
-                f'<div style="border-left:4px solid {STATE_COLORS[JobState.FAILED]};padding:2px 8px">'
-                f"<b>{html.escape(who)} failed{code}</b>"
-                f'<pre style="margin:4px 0;white-space:pre-wrap;font-size:12px">'
-                f"{html.escape(diagnosis_of(status), quote=False)}</pre></div>"
-            )
-        _hide(self.diagnosis, not failed)
+
+    def _size_of(self, status: JobStatus) -> int | None:
+        """The world size: from the spec once read, else from the replicas the status lists."""
+        return self._world_size if self._world_size is not None else len(status.replicas) or None
 
     def _render_ranks(self, status: JobStatus | None) -> None:
         replicas = status.replicas if status is not None else ()
@@ -578,8 +461,8 @@ class JobPanel:
         self.rank_rows = rows
         self.rank_table.value = rank_table_html(rows)
 
-    def _render_progress(self, status: JobStatus | None) -> None:
-        progress = self.monitor.progress
+    def _render_progress(self, snapshot: MonitorSnapshot) -> None:
+        progress = snapshot.progress
         if progress is None:
             return
         total = max(1, progress.total)
@@ -587,17 +470,17 @@ class JobPanel:
             self.progress.max = total
         self.progress.value = min(progress.step, total)
         self.progress_label.value = f"step {progress.step}/{progress.total}  {progress.fraction:.0%}"
-        if status is not None:
-            self.progress.bar_style = BAR_STYLES.get(status.state, "")
+        if snapshot.status is not None:
+            self.progress.bar_style = BAR_STYLES.get(snapshot.status.state, "")
         _hide(self.progress_box, False)
 
-    def _render_metrics(self) -> None:
-        latest = self.monitor.latest_metrics()
+    def _render_metrics(self, snapshot: MonitorSnapshot) -> None:
+        latest = snapshot.latest
         if not latest:
             return
         items = "  ".join(
             f"<b>{html.escape(self.metric_labels.get(name, name))}</b> {format_value(latest[name].value)}"
-            for name in self.metric_order()[:12]
+            for name in self._ordered(snapshot.metric_names)[:12]
         )
         step = max(sample.step for sample in latest.values())
         self.metrics_label.value = f'<span style="font-size:12px">{self.step_word} {step}: {items}</span>'
@@ -609,7 +492,9 @@ class JobPanel:
             >>> panel.metric_order()  # doctest: +SKIP
             ['loss', 'tokens_per_s']
         """
-        names = self.monitor.metric_names()
+        return self._ordered(self.monitor.metric_names())
+
+    def _ordered(self, names: Sequence[str]) -> list[str]:
         known = [name for name in self.metric_labels if name in names]
         return known + [name for name in names if name not in self.metric_labels]
 
@@ -627,20 +512,16 @@ class JobPanel:
         self.plot_renders += 1
         _hide(self.plot, False)
 
-    def _lines_shown(self) -> tuple[list[str], int]:
+    def _lines_shown(self, snapshot: MonitorSnapshot) -> tuple[list[str], int]:
         rank = self.log_selector.value
-        if self._snapshot is not None:
-            merged, per_rank = self._snapshot
-            source = merged if rank == ALL_RANKS else per_rank.get(rank, [])
-        else:
-            source = self.monitor.lines(None if rank == ALL_RANKS else rank)
+        source = (self._frozen_logs or snapshot).lines_of(None if rank == ALL_RANKS else rank)
         prefix = rank == ALL_RANKS
 
         def text_of(line: LogLine) -> str:
             text = _ANSI.sub("", line.text)
             return f"[{line.source}] {text}" if prefix else text
 
-        shown = [line for line in source if _shown(line)]
+        shown = [line for line in source if is_shown(line)]
         needle = self.log_filter.value.strip().lower()
         if needle:
             texts = [t for t in map(text_of, shown) if needle in t.lower()]
@@ -648,9 +529,9 @@ class JobPanel:
             texts = [text_of(line) for line in shown[-self.max_log_lines:]]
         return texts[-self.max_log_lines:], len(shown)
 
-    def _render_logs(self) -> None:
-        self._sync_rank_options()
-        texts, total = self._lines_shown()
+    def _render_logs(self, snapshot: MonitorSnapshot) -> None:
+        self._sync_rank_options(list(snapshot.ranks))
+        texts, total = self._lines_shown(snapshot)
         text = "\n".join(texts)
         if self.log_filter.value.strip():
             info = f"{len(texts)} of {total} lines match"
@@ -661,10 +542,9 @@ class JobPanel:
         self.log_info.value = info
         if text != self.log_text or not self.log_view.value:
             self.log_text = text
-            self.log_view.value = _log_html(text)
+            self.log_view.value = log_html(text)
 
-    def _sync_rank_options(self) -> None:
-        ranks = self.monitor.ranks()
+    def _sync_rank_options(self, ranks: list[int]) -> None:
         if ranks == self._ranks:
             return
         self._ranks = ranks
@@ -688,22 +568,22 @@ class JobPanel:
             >>> print(panel.to_text())  # doctest: +SKIP
             dsnb job hello-x1y2 on local: SUCCEEDED, elapsed 1.2 s, world size 1
         """
-        status = self.monitor.status
+        snapshot = self.monitor.snapshot()
+        status = snapshot.status
         if status is None:
             return f"dsnb {self.kind} {self.job.name} on {self.job.backend.name}: waiting for the first status"
         parts = [status.state.value]
         elapsed = elapsed_of(status, self.monitor.clock())
         if elapsed is not None:
             parts.append(f"elapsed {format_duration(elapsed)}")
-        size = self._world_size if self._world_size is not None else len(status.replicas) or None
+        size = self._size_of(status)
         if size is not None:
             parts.append(f"world size {size}")
         if status.restarts:
             parts.append(f"restarts {status.restarts}")
         text = f"dsnb {self.kind} {self.job.name} on {self.job.backend.name}: " + ", ".join(parts)
-        if self.monitor.progress is not None:
-            p = self.monitor.progress
-            text += f"\nstep {p.step}/{p.total}"
+        if snapshot.progress is not None:
+            text += f"\nstep {snapshot.progress.step}/{snapshot.progress.total}"
         if status.state == JobState.FAILED:
             text += "\n" + diagnosis_of(status)
         elif status.message:
@@ -718,32 +598,21 @@ class JobPanel:
             True
         """
         with self._lock:
-            status = self.monitor.status
-            state = status.state.value if status is not None else "waiting for the first status"
-            color = STATE_COLORS.get(status.state, "") if status is not None else ""
-            head = (
-                f"<b>dsnb {self.kind}</b> <code>{html.escape(self.job.name)}</code> on <i>{html.escape(self.job.backend.name)}</i>: "
-                f'<b style="color:{color}">{html.escape(state)}</b>'
-            )
+            snapshot = self.monitor.snapshot()
+            status = snapshot.status
             details = [label.value for label in (self.elapsed_label, self.world_size_label) if label.value]
-            if details:
-                head += " (" + ", ".join(html.escape(d) for d in details) + ")"
-            parts = [f"<div>{head}</div>", *self._extra_html()]
-            if status is not None and status.message:
-                parts.append(f"<div>{html.escape(status.message)}</div>")
-            if self.progress_label.value:
-                parts.append(f"<div>{html.escape(self.progress_label.value)}</div>")
+            parts = [summary_head_html(self.kind, self.job.name, self.job.backend.name, status, details),
+                     *self._extra_html()]
+            notes = [status.message if status is not None else "", self.progress_label.value]
+            parts.extend(f"<div>{html.escape(note)}</div>" for note in notes if note)
             if self.metrics_label.value:
                 parts.append(f"<div>{self.metrics_label.value}</div>")
             if self.plot.value:
-                encoded = base64.b64encode(self.plot.value).decode("ascii")
-                parts.append(f'<img alt="metrics" src="data:image/png;base64,{encoded}">')
+                parts.append(png_html(self.plot.value))
             parts.append(rank_table_html(self.rank_rows))
             if status is not None and status.state == JobState.FAILED:
                 parts.append(self.diagnosis.value)
-            last = [str(line) for line in self.monitor.lines() if _shown(line)][-STATIC_LOG_LINES:]
-            if last:
-                parts.append(f'<pre style="font-size:12px">{html.escape(chr(10).join(last), quote=False)}</pre>')
+            parts.append(log_tail_html([str(line) for line in snapshot.lines if is_shown(line)][-STATIC_LOG_LINES:]))
             return '<div class="dsnb-panel-static">' + "".join(parts) + "</div>"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
@@ -758,36 +627,3 @@ class JobPanel:
         status = self.monitor.status
         state = status.state.value if status is not None else "unknown"
         return f"JobPanel(job={self.job.name!r}, state={state}{', closed' if self.closed else ''})"
-
-
-def diagnosis_of(status: JobStatus) -> str:
-    """``status.diagnosis()`` without metric lines among the last lines: they are plotted already.
-
-    Example:
-        >>> s = JobStatus(name="a-x1", backend="local", state=JobState.FAILED, failed_rank=1,
-        ...               last_lines=('DSNB_METRIC {"step": 1, "loss": 2.0}', "boom"))
-        >>> diagnosis_of(s).splitlines()[-1]
-        '  boom'
-    """
-    lines = tuple(line for line in status.last_lines if not is_metric_line(line))
-    return replace(status, last_lines=lines).diagnosis()
-
-
-def rank_table_html(rows: list[tuple[str, str, str, str]]) -> str:
-    """The per-rank table: rank, state, exit code, message (one ``<tr class="dsnb-rank">`` a rank).
-
-    Example:
-        >>> rank_table_html([("0", "RUNNING", "", "")]).count('class="dsnb-rank"')
-        1
-    """
-    body = "".join(
-        f'<tr class="dsnb-rank"><td>{html.escape(rank)}</td>'
-        f'<td style="color:{STATE_COLORS.get(JobState(state), "")}">{html.escape(state)}</td>'
-        f"<td>{html.escape(code)}</td><td>{html.escape(message)}</td></tr>"
-        for rank, state, code, message in rows
-    )
-    return (
-        '<table class="dsnb-rank-table" style="font-size:12px">'
-        "<tr><th>rank</th><th>state</th><th>exit code</th><th>message</th></tr>"
-        f"{body}</table>"
-    )
