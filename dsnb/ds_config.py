@@ -162,22 +162,67 @@ def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> No
     config["gradient_accumulation_steps"] = accum
 
 
-def _check_zero(config: dict[str, Any], field: str, removed_zero: dict[str, str]) -> None:
+def _zero_block(config: dict[str, Any], field: str) -> dict[str, Any] | None:
     zero = config.get("zero_optimization")
-    if zero is None:
-        return
-    if not isinstance(zero, dict):
+    if zero is not None and not isinstance(zero, dict):
         raise InvalidSpecError(
             f"{field}.zero_optimization",
             f"must be a dict, got {type(zero).__name__}",
             'write it as {"stage": 2}',
         )
-    zfield = f"{field}.zero_optimization"
+    return zero
+
+
+def _zero_stage(zero: dict[str, Any], zfield: str) -> int:
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
         raise InvalidSpecError(
             f"{zfield}.stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}", "pick a stage from 0 to 3"
         )
+    return stage
+
+
+def _offload_device(offload: Any, ofield: str) -> str:
+    if not isinstance(offload, dict):
+        raise InvalidSpecError(ofield, "must be a dict", 'write it as {"device": "cpu"}')
+    device = offload.get("device", "none")
+    if device not in _OFFLOAD_DEVICES:
+        raise InvalidSpecError(
+            f"{ofield}.device", f"unknown offload device {device!r}", f"use one of {', '.join(_OFFLOAD_DEVICES)}"
+        )
+    return device
+
+
+#: (offload kind, the stages that allow it, the problem, the fix) when a device other than "none" is set.
+_OFFLOAD_STAGES = (
+    ("offload_param", (3,), "parameter offload needs ZeRO stage 3, the config has stage {stage}",
+     'set "stage": 3, or remove offload_param'),
+    ("offload_optimizer", (1, 2, 3), "optimizer offload needs ZeRO stage 1, 2 or 3, the config has stage 0",
+     'set "stage": 2 (or 1 or 3), or remove offload_optimizer'),
+)
+
+
+def _check_offload(kind: str, offload: dict[str, Any], stage: int, ofield: str) -> None:
+    """An offload block with a device: the stage allows it, NVMe has a path, a partial optimizer offload has stage 3."""
+    for name, stages, problem, fix in _OFFLOAD_STAGES:
+        if kind == name and stage not in stages:
+            raise InvalidSpecError(ofield, problem.format(stage=stage), fix)
+    if offload.get("device") == "nvme" and not offload.get("nvme_path"):
+        raise InvalidSpecError(
+            f"{ofield}.nvme_path", "NVMe offload needs a path", 'set "nvme_path" to a fast local directory'
+        )
+    if kind == "offload_optimizer" and offload.get("ratio", 1.0) < 1.0 and stage != 3:
+        raise InvalidSpecError(
+            f"{ofield}.ratio", "partial optimizer offload (ratio < 1) needs ZeRO stage 3", "set ratio to 1.0 or use stage 3"
+        )
+
+
+def _check_zero(config: dict[str, Any], field: str, removed_zero: dict[str, str]) -> None:
+    zero = _zero_block(config, field)
+    if zero is None:
+        return
+    zfield = f"{field}.zero_optimization"
+    stage = _zero_stage(zero, zfield)
     for key in zero:
         if key in removed_zero:
             raise InvalidSpecError(
@@ -185,39 +230,8 @@ def _check_zero(config: dict[str, Any], field: str, removed_zero: dict[str, str]
             )
     for kind in ("offload_optimizer", "offload_param"):
         offload = zero.get(kind)
-        if offload is None:
-            continue
-        ofield = f"{zfield}.{kind}"
-        if not isinstance(offload, dict):
-            raise InvalidSpecError(ofield, "must be a dict", 'write it as {"device": "cpu"}')
-        device = offload.get("device", "none")
-        if device not in _OFFLOAD_DEVICES:
-            raise InvalidSpecError(
-                f"{ofield}.device", f"unknown offload device {device!r}", f"use one of {', '.join(_OFFLOAD_DEVICES)}"
-            )
-        if device == "none":
-            continue
-        if kind == "offload_param" and stage != 3:
-            raise InvalidSpecError(
-                ofield,
-                f"parameter offload needs ZeRO stage 3, the config has stage {stage}",
-                'set "stage": 3, or remove offload_param',
-            )
-        if kind == "offload_optimizer" and stage == 0:
-            raise InvalidSpecError(
-                ofield,
-                "optimizer offload needs ZeRO stage 1, 2 or 3, the config has stage 0",
-                'set "stage": 2 (or 1 or 3), or remove offload_optimizer',
-            )
-        if device == "nvme" and not offload.get("nvme_path"):
-            raise InvalidSpecError(
-                f"{ofield}.nvme_path", "NVMe offload needs a path", 'set "nvme_path" to a fast local directory'
-            )
-        ratio = offload.get("ratio", 1.0)
-        if kind == "offload_optimizer" and ratio < 1.0 and stage != 3:
-            raise InvalidSpecError(
-                f"{ofield}.ratio", "partial optimizer offload (ratio < 1) needs ZeRO stage 3", "set ratio to 1.0 or use stage 3"
-            )
+        if offload is not None and _offload_device(offload, f"{zfield}.{kind}") != "none":
+            _check_offload(kind, offload, stage, f"{zfield}.{kind}")
 
 
 def _enabled(config: dict[str, Any], key: str) -> bool:
@@ -227,17 +241,18 @@ def _enabled(config: dict[str, Any], key: str) -> bool:
     return False
 
 
-def check_deepspeed_config(config: dict[str, Any], world_size: int, field: str = "deepspeed") -> dict[str, Any]:
+def check_deepspeed_config(config: dict[str, Any], world_size: int | None, field: str = "deepspeed") -> dict[str, Any]:
     """Validate a DeepSpeed config for a given world size and return a filled copy.
 
     Args:
         config: the DeepSpeed config (the same dict ``deepspeed.initialize`` takes).
-        world_size: total number of ranks.
+        world_size: total number of ranks; None (not known yet) checks every key but the
+            batch sizes, and fills nothing.
         field: name used for the config in error messages.
 
     Returns:
         A deep copy with ``train_batch_size``, ``train_micro_batch_size_per_gpu`` and
-        ``gradient_accumulation_steps`` all filled.
+        ``gradient_accumulation_steps`` all filled (when ``world_size`` is given).
 
     Raises:
         InvalidSpecError: removed keys, an inconsistent or missing batch triple, a ZeRO stage
@@ -259,7 +274,8 @@ def check_deepspeed_config(config: dict[str, Any], world_size: int, field: str =
                 f"{field}.{key}", f"removed from the installed DeepSpeed ({removed_top[key]})", f"delete {key!r}"
             )
     filled = copy.deepcopy(config)
-    _fill_batch_sizes(filled, world_size, field)
+    if world_size is not None:
+        _fill_batch_sizes(filled, world_size, field)
     _check_zero(filled, field, removed_zero)
     bf16 = _enabled(filled, "bf16") or _enabled(filled, "bfloat16")
     if _enabled(filled, "fp16") and bf16:

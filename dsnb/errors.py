@@ -31,12 +31,14 @@ class InvalidSpecError(DsnbError, ValueError):
         field: dotted name of the offending field, e.g. ``"deepspeed.zero_optimization.stage"``.
         problem: what is wrong.
         fix: how to fix it.
+        spec: the spec class the field belongs to, e.g. ``"ServeSpec"``.
     """
 
     def __init__(self, field: str, problem: str, fix: str, *, spec: str = "JobSpec") -> None:
         self.field = field
         self.problem = problem
         self.fix = fix
+        self.spec = spec
         super().__init__(f"{spec}.{field}: {problem}. Fix: {fix}")
 
 

@@ -24,13 +24,15 @@ import math
 import re
 import secrets as randomness
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnb import secrets
+from dsnb import devices, secrets
 from dsnb.ds_config import check_deepspeed_config
 from dsnb.errors import InvalidSpecError
+from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 # A DNS-1035 label, as Kubernetes requires for Service and many resource names.
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
@@ -89,9 +91,40 @@ def _check_quantity(value: Any, field_name: str, example: str) -> None:
         raise InvalidSpecError(field_name, f"{value!r} is not a Kubernetes quantity", hint)
 
 
-@dataclass
+def _is_whole(value: Any, least: int) -> bool:
+    """``value`` is an int (not a bool) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+
+# -- Resources checks ---------------------------------------------------------------------------
+def _check_gpus(values: Mapping[str, Any]) -> None:
+    if not _is_whole(values["gpus"], 0):
+        raise InvalidSpecError("resources.gpus", f"must be a whole number >= 0, got {values['gpus']!r}",
+                               "set gpus=0 for CPU, or the GPUs per node")
+
+
+def _check_cpu(values: Mapping[str, Any]) -> None:
+    if values["cpu"] is not None:
+        _check_quantity(values["cpu"], "resources.cpu", "2")
+
+
+def _check_memory(values: Mapping[str, Any]) -> None:
+    memory = values["memory"]
+    if memory is None:
+        return
+    if not isinstance(memory, str):
+        raise InvalidSpecError("resources.memory", f"must be a quantity string, got {memory!r}", "write it like '4Gi'")
+    _check_quantity(memory, "resources.memory", "4Gi")
+
+
+_RESOURCE_CHECKS = (Check(_check_gpus), Check(_check_cpu), Check(_check_memory))
+
+
+@dataclass(frozen=True)
 class Resources:
     """What each node (pod, Ray worker) needs.
+
+    Frozen: ``dataclasses.replace(resources, gpus=2)`` makes a changed copy, checked again.
 
     Attributes:
         cpu: CPU cores per node, a number or a Kubernetes quantity such as ``"500m"``.
@@ -104,6 +137,8 @@ class Resources:
     Example:
         >>> Resources(cpu=2, memory="4Gi")
         Resources(cpu=2, memory='4Gi')
+        >>> Resources(gpus=2).dist_backend, Resources(cpu=8).threads_per_rank(procs_per_node=4)
+        ('nccl', 2)
     """
 
     cpu: float | str | None = None
@@ -111,22 +146,281 @@ class Resources:
     gpus: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
-            raise InvalidSpecError("resources.gpus", f"must be a whole number >= 0, got {self.gpus!r}", "set gpus=0 for CPU, or the GPUs per node")
-        if self.cpu is not None:
-            _check_quantity(self.cpu, "resources.cpu", "2")
-        if self.memory is not None:
-            if not isinstance(self.memory, str):
-                raise InvalidSpecError("resources.memory", f"must be a quantity string, got {self.memory!r}", "write it like '4Gi'")
-            _check_quantity(self.memory, "resources.memory", "4Gi")
+        raise_first(collect(_RESOURCE_CHECKS, dataclasses.asdict(self)))
+
+    @classmethod
+    def problems(cls, **fields: Any) -> list[Problem]:
+        """Every problem of ``Resources(**fields)``, without raising.
+
+        Raises:
+            TypeError: an unknown field.
+
+        Example:
+            >>> [p.field for p in Resources.problems(cpu=-1, memory="4GB")]
+            ['resources.cpu', 'resources.memory']
+        """
+        return collect(_RESOURCE_CHECKS, field_values(cls, fields))
+
+    @property
+    def dist_backend(self) -> str:
+        """The collective backend of the ranks: ``"nccl"`` with GPUs, ``"gloo"`` without."""
+        return devices.collective_backend(self.gpus > 0)
+
+    @property
+    def accelerator(self) -> str:
+        """``"gpu"`` or ``"cpu"``; CPU ranks get ``DS_ACCELERATOR=cpu``."""
+        return devices.accelerator(self.gpus > 0)
+
+    def threads_per_rank(self, procs_per_node: int) -> int | None:
+        """OpenMP threads per rank when the node's CPUs are a number, else None (see :func:`dsnb.devices.threads_per_rank`)."""
+        return devices.threads_per_rank(self.cpu, procs_per_node)
 
     def __repr__(self) -> str:
         return _repr_non_default(self)
 
 
-@dataclass
+# -- JobSpec checks -----------------------------------------------------------------------------
+def _check_name(values: Mapping[str, Any]) -> None:
+    name = values["name"]
+    if not isinstance(name, str) or not name:
+        raise InvalidSpecError("name", f"must be a non-empty string, got {name!r}", "set name='my-job'")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidSpecError("name", f"{len(name)} characters, at most {MAX_NAME_LEN} fit (a 5-character suffix is added)", f"use {suggest_name(name)!r}")
+    if not _DNS1035.match(name):
+        raise InvalidSpecError(
+            "name",
+            f"{name!r} is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter)",
+            f"use {suggest_name(name)!r}",
+        )
+
+
+def _one_entrypoint(values: Mapping[str, Any]) -> bool:
+    return (values["script"] is None) != (values["command"] is None)
+
+
+def _check_entrypoint(values: Mapping[str, Any]) -> None:
+    if not _one_entrypoint(values):
+        raise InvalidSpecError(
+            "script" if values["script"] is not None else "script/command",
+            "exactly one of script or command must be set",
+            "pass script='train.py' or command=['python', 'train.py']",
+        )
+
+
+def _check_script(values: Mapping[str, Any]) -> None:
+    script = values["script"]
+    if script is None or not _one_entrypoint(values):
+        return
+    if isinstance(script, Path):
+        script = str(script)
+    if not isinstance(script, str) or not script.strip():
+        raise InvalidSpecError("script", f"must be a file path, got {script!r}", "pass script='train.py'")
+
+
+def _check_command(values: Mapping[str, Any]) -> None:
+    command = values["command"]
+    if command is None or not _one_entrypoint(values):
+        return
+    if isinstance(command, str):
+        raise InvalidSpecError("command", "must be a list of strings, got one string", f"write command={command.split()!r}")
+    if not command or not all(isinstance(c, str) for c in command):
+        raise InvalidSpecError("command", f"must be a non-empty list of strings, got {command!r}", "write command=['python', 'train.py']")
+
+
+def _check_args(values: Mapping[str, Any]) -> None:
+    args = values["args"]
+    if isinstance(args, str):
+        raise InvalidSpecError("args", "must be a list of strings, got one string", f"write args={args.split()!r}")
+    if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
+        raise InvalidSpecError("args", f"must be a list of strings, got {args!r}", "write numbers as strings: args=['--epochs', '3']")
+
+
+def _count_check(name: str) -> Check:
+    """The check of ``nodes`` or ``procs_per_node``: a whole number from 1 to :data:`MAX_COUNTS`."""
+
+    def check(values: Mapping[str, Any]) -> None:
+        value = values[name]
+        if not _is_whole(value, 1):
+            raise InvalidSpecError(name, f"must be a whole number >= 1, got {value!r}", f"set {name}=1 or more")
+        if value > MAX_COUNTS[name]:
+            raise InvalidSpecError(name, f"{value} is more than dsnb runs ({MAX_COUNTS[name]} at most)",
+                                   f"set {name} to at most {MAX_COUNTS[name]}")
+
+    return Check(check)
+
+
+def _check_resources(values: Mapping[str, Any]) -> list[Problem]:
+    resources = values["resources"]
+    if isinstance(resources, dict):
+        return Resources.problems(**resources)
+    if not isinstance(resources, Resources):
+        raise InvalidSpecError("resources", f"must be a Resources, got {type(resources).__name__}", "pass Resources(cpu=..., memory=..., gpus=...)")
+    return []
+
+
+def _gpus_of(resources: Resources | dict[str, Any]) -> int:
+    return resources.get("gpus", 0) if isinstance(resources, dict) else resources.gpus
+
+
+def _check_ranks_fit_gpus(values: Mapping[str, Any]) -> None:
+    gpus, procs = _gpus_of(values["resources"]), values["procs_per_node"]
+    if gpus and procs > gpus:
+        raise InvalidSpecError(
+            "procs_per_node",
+            f"{procs} ranks per node but only {gpus} GPUs per node",
+            f"set procs_per_node={gpus} (one rank per GPU) or request more GPUs",
+        )
+
+
+def _check_env_entry(key: Any, value: Any) -> None:
+    if not isinstance(key, str) or not _ENV_KEY.match(key):
+        raise InvalidSpecError("env", f"{key!r} is not a valid variable name", "use letters, digits and '_', not starting with a digit")
+    if key in RESERVED_ENV:
+        raise InvalidSpecError(f"env.{key}", "is set by dsnb for every rank", f"remove {key!r} from env")
+    if isinstance(value, secrets.SecretRef):
+        if not _SECRET_REF_NAME.match(value.name) or len(value.name) > 253 or not _SECRET_REF_KEY.match(value.key):
+            raise InvalidSpecError(f"env.{key}", f"SecretRef({value.name!r}, {value.key!r}) is not a Secret name and key",
+                                   "name a Secret of the namespace (lower-case, '-', '.') and one of its keys")
+        return
+    if not isinstance(value, str):
+        shown = "(its value is not shown)" if secrets.is_secret(key, str(value)) else f"{str(value)!r}"
+        raise InvalidSpecError(f"env.{key}", f"value must be a string, got {type(value).__name__}",
+                               f"write it as a string {shown}")
+
+
+def _check_env(values: Mapping[str, Any]) -> None:
+    env = values["env"]
+    if not isinstance(env, dict):
+        raise InvalidSpecError("env", f"must be a dict of strings, got {type(env).__name__}", "pass env={'KEY': 'value'}")
+    for key, value in env.items():
+        _check_env_entry(key, value)
+
+
+def _check_image(values: Mapping[str, Any]) -> None:
+    image = values["image"]
+    if image is not None and (not isinstance(image, str) or not image or re.search(r"\s", image)):
+        raise InvalidSpecError("image", f"{image!r} is not an image reference", "write it like 'ghcr.io/org/train:1.0'")
+
+
+def _check_max_restarts(values: Mapping[str, Any]) -> None:
+    if not _is_whole(values["max_restarts"], 0):
+        raise InvalidSpecError("max_restarts", f"must be a whole number >= 0, got {values['max_restarts']!r}",
+                               "set max_restarts=0 for no restarts")
+
+
+def _check_timeout(values: Mapping[str, Any]) -> None:
+    timeout = values["timeout"]
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise InvalidSpecError("timeout", f"must be a positive number of seconds, got {timeout!r}", "set timeout=3600, or None for no limit")
+
+
+def _check_working_dir(values: Mapping[str, Any]) -> None:
+    working_dir = values["working_dir"]
+    if working_dir is not None and not isinstance(working_dir, (str, Path)):
+        raise InvalidSpecError("working_dir", f"must be a path, got {working_dir!r}", "pass a directory path")
+
+
+def _inline_config_file(config: Any) -> Any:
+    """The content of a DeepSpeed config file; anything else (or a file that does not read as
+    JSON, which :func:`_check_deepspeed` then reports) as it is."""
+    if not isinstance(config, (str, Path)):
+        return config
+    path = Path(config).expanduser()
+    if not path.is_file():
+        return config
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return config
+
+
+def _read_config_file(config: str | Path) -> Any:
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise InvalidSpecError("deepspeed", f"config file {str(path)!r} not found", "pass an existing JSON file or a dict")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidSpecError("deepspeed", f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})", "fix the JSON") from e
+
+
+def _world_size(values: Mapping[str, Any]) -> int | None:
+    """``nodes * procs_per_node`` when both counts are valid, else None."""
+    nodes, procs = values["nodes"], values["procs_per_node"]
+    counts_valid = all(_is_whole(values[n], 1) and values[n] <= MAX_COUNTS[n] for n in MAX_COUNTS)
+    return nodes * procs if counts_valid else None
+
+
+def _check_deepspeed(values: Mapping[str, Any]) -> None:
+    config = values["deepspeed"]
+    if config is None:
+        return
+    if isinstance(config, (str, Path)):
+        config = _read_config_file(config)
+    for where in secrets.credential_paths(config):
+        raise InvalidSpecError(f"deepspeed.{where}", "holds a credential: the config is kept with the job, shown in its "
+                                                     "plan and handed to every rank as a file",
+                               "remove it and put the key in env instead (e.g. COMET_API_KEY, WANDB_API_KEY), which dsnb keeps "
+                               "secret; DeepSpeed's monitors and their libraries read it from the environment")
+    # Without a valid world size the batch sizes wait; every other key is checked now.
+    check_deepspeed_config(config, _world_size(values))
+
+
+#: The checks of a JobSpec, in the order the first problem is reported.
+_JOB_CHECKS = (
+    Check(_check_name),
+    Check(_check_entrypoint),
+    Check(_check_script),
+    Check(_check_command),
+    Check(_check_args),
+    _count_check("nodes"),
+    _count_check("procs_per_node"),
+    Check(_check_resources),
+    Check(_check_ranks_fit_gpus, needs=("procs_per_node", "resources.gpus")),
+    Check(_check_env),
+    Check(_check_image),
+    Check(_check_max_restarts),
+    Check(_check_timeout),
+    Check(_check_working_dir),
+    Check(_check_deepspeed),
+)
+
+
+def job_problems(values: Mapping[str, Any], spec: str = "JobSpec") -> list[Problem]:
+    """Every problem of a JobSpec with these field values (all fields, defaults included).
+
+    :class:`~dsnb.serving.ServeSpec` runs it on the fields it shares with a job.
+    """
+    values = {**values, "deepspeed": _inline_config_file(values["deepspeed"])}
+    return collect(_JOB_CHECKS, values, spec)
+
+
+def _normalized(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked values in their stored form: paths as strings, lists as lists, resources as
+    :class:`Resources`, a DeepSpeed config file as its content (the job runs with what was checked)."""
+    normal = dict(values)
+    for name in ("script", "working_dir"):
+        if isinstance(normal[name], Path):
+            normal[name] = str(normal[name])
+    if normal["command"] is not None:
+        normal["command"] = list(normal["command"])
+    normal["args"] = list(normal["args"])
+    if isinstance(normal["resources"], dict):
+        normal["resources"] = Resources(**normal["resources"])
+    normal["deepspeed"] = _inline_config_file(normal["deepspeed"])
+    return normal
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A distributed DeepSpeed job, the same on every backend.
+
+    Frozen: change a spec with ``dataclasses.replace(spec, procs_per_node=8)``, which checks
+    the new spec again and derives its DeepSpeed batch sizes for the new world size.
+    The ``env``, ``args`` and ``deepspeed`` containers are the spec's own; nothing derived
+    from them is kept, so :attr:`deepspeed_config` always agrees with them.
 
     Attributes:
         name: a DNS-1035 label (lower-case letters, digits, '-'); a unique suffix is added on submit.
@@ -139,16 +433,19 @@ class JobSpec:
         resources: per node, see :class:`Resources`.
         image: container image for Kubernetes and KubeRay backends.
         env: extra environment variables for every rank.
-        deepspeed: a DeepSpeed config dict, or a path to its JSON file.
+        deepspeed: a DeepSpeed config dict, or a path to its JSON file (kept as its content).
         max_restarts: how many times the whole job is restarted after a failure.
         timeout: seconds after which a running job is stopped and marked FAILED.
 
     Raises:
-        InvalidSpecError: any invalid field; the message names it and the fix.
+        InvalidSpecError: any invalid field (the first, see :meth:`problems` for all); the message names it and the fix.
 
     Example:
-        >>> JobSpec(name="demo", command=["python", "-c", "print(1)"], nodes=2).world_size
-        2
+        >>> spec = JobSpec(name="demo", command=["python", "-c", "print(1)"], nodes=2)
+        >>> spec.world_size, spec.dist_backend
+        (2, 'gloo')
+        >>> dataclasses.replace(spec, nodes=4).world_size
+        4
     """
 
     name: str
@@ -166,114 +463,27 @@ class JobSpec:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
-        self._check_name()
-        self._check_entrypoint()
-        for name in ("nodes", "procs_per_node"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidSpecError(name, f"must be a whole number >= 1, got {value!r}", f"set {name}=1 or more")
-            if value > MAX_COUNTS[name]:
-                raise InvalidSpecError(name, f"{value} is more than dsnb runs ({MAX_COUNTS[name]} at most)",
-                                       f"set {name} to at most {MAX_COUNTS[name]}")
-        if isinstance(self.resources, dict):
-            self.resources = Resources(**self.resources)
-        if not isinstance(self.resources, Resources):
-            raise InvalidSpecError("resources", f"must be a Resources, got {type(self.resources).__name__}", "pass Resources(cpu=..., memory=..., gpus=...)")
-        if self.resources.gpus and self.procs_per_node > self.resources.gpus:
-            raise InvalidSpecError(
-                "procs_per_node",
-                f"{self.procs_per_node} ranks per node but only {self.resources.gpus} GPUs per node",
-                f"set procs_per_node={self.resources.gpus} (one rank per GPU) or request more GPUs",
-            )
-        self._check_env()
-        if self.image is not None and (not isinstance(self.image, str) or not self.image or re.search(r"\s", self.image)):
-            raise InvalidSpecError("image", f"{self.image!r} is not an image reference", "write it like 'ghcr.io/org/train:1.0'")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise InvalidSpecError("max_restarts", f"must be a whole number >= 0, got {self.max_restarts!r}", "set max_restarts=0 for no restarts")
-        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
-                                         or not math.isfinite(self.timeout) or self.timeout <= 0):
-            raise InvalidSpecError("timeout", f"must be a positive number of seconds, got {self.timeout!r}", "set timeout=3600, or None for no limit")
-        if self.working_dir is not None and not isinstance(self.working_dir, (str, Path)):
-            raise InvalidSpecError("working_dir", f"must be a path, got {self.working_dir!r}", "pass a directory path")
-        if isinstance(self.working_dir, Path):
-            self.working_dir = str(self.working_dir)
-        self._deepspeed_config = self._load_deepspeed()
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        raise_first(job_problems(values))
+        for name, value in _normalized(values).items():
+            if value is not values[name]:
+                object.__setattr__(self, name, value)  # frozen: the stored form is set once, here
 
-    def _check_name(self) -> None:
-        name = self.name
-        if not isinstance(name, str) or not name:
-            raise InvalidSpecError("name", f"must be a non-empty string, got {name!r}", "set name='my-job'")
-        if len(name) > MAX_NAME_LEN:
-            raise InvalidSpecError("name", f"{len(name)} characters, at most {MAX_NAME_LEN} fit (a 5-character suffix is added)", f"use {suggest_name(name)!r}")
-        if not _DNS1035.match(name):
-            raise InvalidSpecError(
-                "name",
-                f"{name!r} is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter)",
-                f"use {suggest_name(name)!r}",
-            )
+    @classmethod
+    def problems(cls, **fields: Any) -> list[Problem]:
+        """Every problem of ``JobSpec(**fields)``, in field order, without raising.
 
-    def _check_entrypoint(self) -> None:
-        if (self.script is None) == (self.command is None):
-            raise InvalidSpecError(
-                "script" if self.script is not None else "script/command",
-                "exactly one of script or command must be set",
-                "pass script='train.py' or command=['python', 'train.py']",
-            )
-        if self.script is not None:
-            if isinstance(self.script, Path):
-                self.script = str(self.script)
-            if not isinstance(self.script, str) or not self.script.strip():
-                raise InvalidSpecError("script", f"must be a file path, got {self.script!r}", "pass script='train.py'")
-        if self.command is not None:
-            if isinstance(self.command, str):
-                raise InvalidSpecError("command", "must be a list of strings, got one string", f"write command={self.command.split()!r}")
-            if not self.command or not all(isinstance(c, str) for c in self.command):
-                raise InvalidSpecError("command", f"must be a non-empty list of strings, got {self.command!r}", "write command=['python', 'train.py']")
-            self.command = list(self.command)
-        if isinstance(self.args, str):
-            raise InvalidSpecError("args", "must be a list of strings, got one string", f"write args={self.args.split()!r}")
-        if not isinstance(self.args, (list, tuple)) or not all(isinstance(a, str) for a in self.args):
-            raise InvalidSpecError("args", f"must be a list of strings, got {self.args!r}", "write numbers as strings: args=['--epochs', '3']")
-        self.args = list(self.args)
+        Checks that need a valid field wait for it (the batch sizes for valid counts, the
+        GPU count against the ranks for both), so each problem is reported once, at its cause.
 
-    def _check_env(self) -> None:
-        if not isinstance(self.env, dict):
-            raise InvalidSpecError("env", f"must be a dict of strings, got {type(self.env).__name__}", "pass env={'KEY': 'value'}")
-        for key, value in self.env.items():
-            if not isinstance(key, str) or not _ENV_KEY.match(key):
-                raise InvalidSpecError("env", f"{key!r} is not a valid variable name", "use letters, digits and '_', not starting with a digit")
-            if key in RESERVED_ENV:
-                raise InvalidSpecError(f"env.{key}", "is set by dsnb for every rank", f"remove {key!r} from env")
-            if isinstance(value, secrets.SecretRef):
-                if not _SECRET_REF_NAME.match(value.name) or len(value.name) > 253 or not _SECRET_REF_KEY.match(value.key):
-                    raise InvalidSpecError(f"env.{key}", f"SecretRef({value.name!r}, {value.key!r}) is not a Secret name and key",
-                                           "name a Secret of the namespace (lower-case, '-', '.') and one of its keys")
-                continue
-            if not isinstance(value, str):
-                shown = "(its value is not shown)" if secrets.is_secret(key, str(value)) else f"{str(value)!r}"
-                raise InvalidSpecError(f"env.{key}", f"value must be a string, got {type(value).__name__}",
-                                       f"write it as a string {shown}")
+        Raises:
+            TypeError: an unknown field.
 
-    def _load_deepspeed(self) -> dict[str, Any] | None:
-        config = self.deepspeed
-        if config is None:
-            return None
-        if isinstance(config, (str, Path)):
-            path = Path(config).expanduser()
-            if not path.is_file():
-                raise InvalidSpecError("deepspeed", f"config file {str(path)!r} not found", "pass an existing JSON file or a dict")
-            try:
-                config = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise InvalidSpecError("deepspeed", f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})", "fix the JSON") from e
-            # Keep the content, not the path: the job must run with what was checked.
-            self.deepspeed = config
-        for where in secrets.credential_paths(config):
-            raise InvalidSpecError(f"deepspeed.{where}", "holds a credential: the config is kept with the job, shown in its "
-                                                         "plan and handed to every rank as a file",
-                                   "remove it and put the key in env instead (e.g. COMET_API_KEY, WANDB_API_KEY), which dsnb keeps "
-                                   "secret; DeepSpeed's monitors and their libraries read it from the environment")
-        return check_deepspeed_config(config, self.world_size)
+        Example:
+            >>> [p.field for p in JobSpec.problems(name="Bad_Name", script="t.py", nodes=0, env={"RANK": "1"})]
+            ['name', 'nodes', 'env.RANK']
+        """
+        return job_problems(field_values(cls, fields))
 
     @property
     def world_size(self) -> int:
@@ -282,8 +492,31 @@ class JobSpec:
 
     @property
     def deepspeed_config(self) -> dict[str, Any] | None:
-        """The checked DeepSpeed config with the batch triple filled, or None."""
-        return self._deepspeed_config
+        """The checked DeepSpeed config with the batch triple filled for :attr:`world_size`, or None.
+
+        Computed from :attr:`deepspeed` on every read, never cached: a spec changed with
+        ``dataclasses.replace`` gets batch sizes for its own world size, and a caller that
+        edits the returned dict changes nothing in the spec.
+        """
+        if self.deepspeed is None:
+            return None
+        return check_deepspeed_config(self.deepspeed, self.world_size)  # type: ignore[arg-type]
+
+    @property
+    def dist_backend(self) -> str:
+        """The collective backend of the ranks: ``"nccl"`` with GPUs, ``"gloo"`` on CPU."""
+        return self.resources.dist_backend
+
+    @property
+    def accelerator(self) -> str:
+        """``"gpu"`` or ``"cpu"``; CPU ranks get ``DS_ACCELERATOR=cpu``."""
+        return self.resources.accelerator
+
+    @property
+    def threads_per_rank(self) -> int | None:
+        """``OMP_NUM_THREADS`` of each rank: the node's CPUs over its ranks, at least 1; None
+        when ``resources.cpu`` is not a plain number (a backend then decides, or leaves it unset)."""
+        return self.resources.threads_per_rank(self.procs_per_node)
 
     def with_unique_name(self) -> JobSpec:
         """A copy named ``<name>-<4 random characters>``, as every submit does.
@@ -293,7 +526,7 @@ class JobSpec:
             6
         """
         unique = copy.deepcopy(self)  # not replace(): the suffixed name may exceed MAX_NAME_LEN
-        unique.name = unique_name(self.name)
+        object.__setattr__(unique, "name", unique_name(self.name))
         return unique
 
     def to_dict(self) -> dict[str, Any]:

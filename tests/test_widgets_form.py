@@ -294,10 +294,10 @@ def test_load_fills_the_fields(form: LaunchForm) -> None:
 
 @pytest.mark.parametrize("config", [spec.deepspeed for spec in ROUND_TRIP if spec.deepspeed])
 def test_deepspeed_split_and_merge_round_trip(config: dict[str, Any]) -> None:
-    from dsnb.widgets.form import _merge
+    from dsnb.ds_fields import merge_config
 
     fields, extra = split_deepspeed(config)
-    assert _merge(extra, structured_deepspeed(**fields)) == config
+    assert merge_config(extra, structured_deepspeed(**fields)) == config
 
 
 @pytest.mark.parametrize(
@@ -376,3 +376,14 @@ def test_choosing_an_available_backend_switches_the_cluster() -> None:
         form.close()
     finally:
         unregister_backend("trainjob")
+
+
+def test_every_resource_problem_is_shown_beside_its_own_field(form: LaunchForm) -> None:
+    form.cpu.value = "-1"
+    form.memory.value = "4GB"
+    form.gpus.value = 1
+    form.procs_per_node.value = 2
+    errors = shown_errors(form)
+    assert set(errors) == {"cpu", "memory", "procs_per_node"}
+    assert "positive" in errors["cpu"] and "'4Gi'" in errors["memory"] and "GPUs" in errors["procs_per_node"]
+    assert set(form.problems) == set(errors)

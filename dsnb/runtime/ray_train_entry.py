@@ -113,7 +113,7 @@ def driver_env(spec: JobSpec, storage_path: str) -> dict[str, str]:
         "name": spec.name, "script": script, "args": args,
         "num_workers": spec.world_size, "procs_per_node": spec.procs_per_node,
         "use_gpu": use_gpu, "cpus_per_worker": cpus_per_rank(spec),
-        "backend": "nccl" if use_gpu else "gloo",
+        "backend": spec.dist_backend,
         "max_failures": spec.max_restarts, "timeout": spec.timeout,
         "storage_path": storage_path, "run_name": run_name(spec.name),
     }

@@ -21,24 +21,119 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnb.errors import InvalidSpecError as _InvalidSpecError
-from dsnb.spec import JobSpec, Resources, _repr_non_default, check_known_fields, unique_name
+from dsnb.errors import InvalidSpecError
+from dsnb.spec import JobSpec, Resources, _repr_non_default, check_known_fields, job_problems, unique_name
+from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 _LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 DTYPES = ("float32", "float16", "bfloat16")
+_SPEC = "ServeSpec"
+#: Whole-number fields and their least value; None means "not set" for the autoscaling bounds.
+_COUNTS = {"replicas": 1, "min_replicas": 0, "max_replicas": 1, "max_batch_size": 1, "max_queue": 1}
 
 
-def InvalidSpecError(field: str, problem: str, fix: str) -> _InvalidSpecError:  # noqa: N802 - reads as the class
-    return _InvalidSpecError(field, problem, fix, spec="ServeSpec")
+def _check_job_fields(values: Mapping[str, Any]) -> list[Problem]:
+    """The name, resources, env, image, working_dir and rank counts follow the JobSpec rules."""
+    shared = ("name", "working_dir", "nodes", "procs_per_node", "resources", "image", "env")
+    job = field_values(JobSpec, {"command": ["serve"], **{name: values[name] for name in shared}})
+    return job_problems(job, _SPEC)
 
 
-@dataclass
+def _check_model(values: Mapping[str, Any]) -> None:
+    model = str(values["model"]) if isinstance(values["model"], Path) else values["model"]
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidSpecError("model", f"must be a loader or a model directory, got {model!r}",
+                               "pass model='my_models:build' or model='/models/my-bert'", spec=_SPEC)
+    if not _LOADER.match(model) and not (Path(model).expanduser() / "config.json").is_file():
+        raise InvalidSpecError("model", f"{model!r} is neither 'module:function' nor a model directory with config.json",
+                               "pass a loader like 'my_models:build', or the directory from save_pretrained()", spec=_SPEC)
+
+
+def _count_check(name: str) -> Check:
+    least = _COUNTS[name]
+
+    def check(values: Mapping[str, Any]) -> None:
+        value = values[name]
+        if value is None and name != "replicas":
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidSpecError(name, f"must be a whole number >= {least}, got {value!r}", f"set {name}=1", spec=_SPEC)
+
+    return Check(check)
+
+
+def _check_both_bounds(values: Mapping[str, Any]) -> None:
+    if (values["min_replicas"] is None) != (values["max_replicas"] is None):
+        raise InvalidSpecError("min_replicas" if values["min_replicas"] is None else "max_replicas",
+                               "autoscaling needs both bounds", "set both min_replicas and max_replicas, or neither", spec=_SPEC)
+
+
+def _check_bounds_order(values: Mapping[str, Any]) -> None:
+    low, high, replicas = values["min_replicas"], values["max_replicas"], values["replicas"]
+    if low is None:
+        return
+    if low > high:
+        raise InvalidSpecError("min_replicas", f"{low} is above max_replicas={high}", "set min_replicas <= max_replicas", spec=_SPEC)
+    if not low <= replicas <= high:
+        raise InvalidSpecError("replicas", f"{replicas} is outside the autoscaling bounds {low}..{high}",
+                               f"set replicas between {low} and {high}", spec=_SPEC)
+
+
+def _check_dtype(values: Mapping[str, Any]) -> None:
+    if values["dtype"] not in DTYPES:
+        raise InvalidSpecError("dtype", f"{values['dtype']!r} is not supported", f"use one of {', '.join(DTYPES)}", spec=_SPEC)
+
+
+def _check_port(values: Mapping[str, Any]) -> None:
+    port = values["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+        raise InvalidSpecError("port", f"must be a whole number in 1024..65535, got {port!r}", "set port=8000", spec=_SPEC)
+
+
+def _check_max_wait_ms(values: Mapping[str, Any]) -> None:
+    wait = values["max_wait_ms"]
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10_000:
+        raise InvalidSpecError("max_wait_ms", f"must be a number of milliseconds in 0..10000, got {wait!r}",
+                               "set max_wait_ms=5", spec=_SPEC)
+
+
+def _check_token(values: Mapping[str, Any]) -> None:
+    token = values["token"]
+    if token is not None and (not isinstance(token, str) or len(token) < 8 or any(c.isspace() for c in token)):
+        raise InvalidSpecError("token", "must be a string of at least 8 characters without spaces",
+                               "pass a random token, e.g. secrets.token_urlsafe(24)", spec=_SPEC)
+
+
+def _check_token_not_in_env(values: Mapping[str, Any]) -> None:
+    if "DSNB_SERVE_TOKEN" in values["env"]:
+        raise InvalidSpecError("env.DSNB_SERVE_TOKEN", "is set by dsnb from ServeSpec.token", "pass token=... instead", spec=_SPEC)
+
+
+#: The checks of a ServeSpec, in the order the first problem is reported.
+_SERVE_CHECKS = (
+    Check(_check_job_fields),
+    Check(_check_model),
+    *(_count_check(name) for name in _COUNTS),
+    Check(_check_both_bounds, needs=("min_replicas", "max_replicas")),
+    Check(_check_bounds_order, needs=("replicas", "min_replicas", "max_replicas")),
+    Check(_check_dtype),
+    Check(_check_port),
+    Check(_check_max_wait_ms),
+    Check(_check_token),
+    Check(_check_token_not_in_env, needs=("env",)),
+)
+
+
+@dataclass(frozen=True)
 class ServeSpec:
     """A model served over HTTP by one or more replicas.
+
+    Frozen: change a spec with ``dataclasses.replace(spec, replicas=3)``, which checks it again.
 
     Attributes:
         name: a DNS-1035 label; a unique suffix is added when deployed.
@@ -87,53 +182,25 @@ class ServeSpec:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        # The name, resources, env and image follow the JobSpec rules; reuse its checks.
-        try:
-            if isinstance(self.resources, dict):
-                self.resources = Resources(**self.resources)
-            JobSpec(name=self.name, command=["serve"], resources=self.resources, env=self.env, image=self.image,
-                    working_dir=self.working_dir, nodes=self.nodes, procs_per_node=self.procs_per_node)
-        except _InvalidSpecError as e:
-            raise InvalidSpecError(e.field, e.problem, e.fix) from None
-        if isinstance(self.working_dir, Path):
-            self.working_dir = str(self.working_dir)
-        if isinstance(self.model, Path):
-            self.model = str(self.model)
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise InvalidSpecError("model", f"must be a loader or a model directory, got {self.model!r}",
-                                   "pass model='my_models:build' or model='/models/my-bert'")
-        if not _LOADER.match(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
-            raise InvalidSpecError("model", f"{self.model!r} is neither 'module:function' nor a model directory with config.json",
-                                   "pass a loader like 'my_models:build', or the directory from save_pretrained()")
-        for name in ("replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queue"):
-            value = getattr(self, name)
-            if value is None and name != "replicas":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "min_replicas" else 0):
-                raise InvalidSpecError(name, f"must be a whole number >= {1 if name != 'min_replicas' else 0}, got {value!r}", f"set {name}=1")
-        if (self.min_replicas is None) != (self.max_replicas is None):
-            raise InvalidSpecError("min_replicas" if self.min_replicas is None else "max_replicas",
-                                   "autoscaling needs both bounds", "set both min_replicas and max_replicas, or neither")
-        if self.autoscaling:
-            assert self.min_replicas is not None and self.max_replicas is not None
-            if self.min_replicas > self.max_replicas:
-                raise InvalidSpecError("min_replicas", f"{self.min_replicas} is above max_replicas={self.max_replicas}",
-                                       "set min_replicas <= max_replicas")
-            if not self.min_replicas <= self.replicas <= self.max_replicas:
-                raise InvalidSpecError("replicas", f"{self.replicas} is outside the autoscaling bounds {self.min_replicas}..{self.max_replicas}",
-                                       f"set replicas between {self.min_replicas} and {self.max_replicas}")
-        if self.dtype not in DTYPES:
-            raise InvalidSpecError("dtype", f"{self.dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1024 <= self.port <= 65535:
-            raise InvalidSpecError("port", f"must be a whole number in 1024..65535, got {self.port!r}", "set port=8000")
-        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
-            raise InvalidSpecError("max_wait_ms", f"must be a number of milliseconds in 0..10000, got {self.max_wait_ms!r}",
-                                   "set max_wait_ms=5")
-        if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8 or any(c.isspace() for c in self.token)):
-            raise InvalidSpecError("token", "must be a string of at least 8 characters without spaces",
-                                   "pass a random token, e.g. secrets.token_urlsafe(24)")
-        if "DSNB_SERVE_TOKEN" in self.env:
-            raise InvalidSpecError("env.DSNB_SERVE_TOKEN", "is set by dsnb from ServeSpec.token", "pass token=... instead")
+        raise_first(collect(_SERVE_CHECKS, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _SPEC))
+        for name in ("model", "working_dir"):
+            if isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, str(getattr(self, name)))  # frozen: the stored form is set once, here
+        if isinstance(self.resources, dict):
+            object.__setattr__(self, "resources", Resources(**self.resources))
+
+    @classmethod
+    def problems(cls, **fields: Any) -> list[Problem]:
+        """Every problem of ``ServeSpec(**fields)``, in field order, without raising.
+
+        Raises:
+            TypeError: an unknown field.
+
+        Example:
+            >>> [p.message for p in ServeSpec.problems(name="m", model="m:f", replicas=0, port=80)][1]
+            'ServeSpec.port: must be a whole number in 1024..65535, got 80. Fix: set port=8000'
+        """
+        return collect(_SERVE_CHECKS, field_values(cls, fields), _SPEC)
 
     @property
     def model_kind(self) -> str:
@@ -171,7 +238,7 @@ class ServeSpec:
         if self.replicas != 1 or self.autoscaling:
             raise InvalidSpecError("replicas", f"{self.replicas} replicas (or autoscaling) need Ray Serve; this backend runs one "
                                    "server spread over nodes x procs_per_node ranks",
-                                   "set replicas=1 (and no min/max_replicas), or serve with Cluster('ray')")
+                                   "set replicas=1 (and no min/max_replicas), or serve with Cluster('ray')", spec=_SPEC)
         env = dict(self.env)
         if self.token:
             env["DSNB_SERVE_TOKEN"] = self.token
@@ -181,8 +248,8 @@ class ServeSpec:
 
     def with_unique_name(self) -> ServeSpec:
         """A copy named ``<name>-<4 random characters>``, as every deploy does."""
-        unique = copy.deepcopy(self)
-        unique.name = unique_name(self.name)
+        unique = copy.deepcopy(self)  # not replace(): the suffixed name may exceed MAX_NAME_LEN
+        object.__setattr__(unique, "name", unique_name(self.name))
         return unique
 
     def to_dict(self) -> dict[str, Any]:

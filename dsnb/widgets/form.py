@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import html
 import json
 import math
@@ -36,9 +35,10 @@ except ImportError as e:  # pragma: no cover - exercised by the no-extras import
 
 from dsnb import advisor
 from dsnb.ds_config import check_deepspeed_config
+from dsnb.ds_fields import OFFLOAD_DEVICES, PRECISIONS, merge_config, split_deepspeed, structured_deepspeed
 from dsnb.errors import InvalidSpecError
 from dsnb.secrets import REDACTED, Secret, is_secret
-from dsnb.spec import JobSpec, Resources, redact_env
+from dsnb.spec import JobSpec, redact_env
 from dsnb.widgets.display import panel_for
 
 if TYPE_CHECKING:
@@ -84,26 +84,6 @@ _FIELD_TO_KEY: dict[str, str] = {
     "deepspeed.extra": "extra_config",
 }
 
-# When the spec reports a field, this JobSpec argument is swapped for a harmless value and the
-# spec is built again, so that every wrong field is reported at once, not one per fix.
-_PLACEHOLDERS: dict[str, dict[str, Any]] = {
-    "name": {"name": "job"},
-    "script": {"script": "placeholder.py", "command": None},
-    "command": {"script": "placeholder.py", "command": None},
-    "args": {"args": []},
-    "working_dir": {"working_dir": None},
-    "nodes": {"nodes": 1},
-    "procs_per_node": {"procs_per_node": 1},
-    "resources": {"resources": Resources()},
-    "image": {"image": None},
-    "env": {"env": {}},
-    "timeout": {"timeout": None},
-    "max_restarts": {"max_restarts": 0},
-    "deepspeed": {"deepspeed": None},
-}
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 _DOUBLE_CLICK_S = 2.0
 _LABEL_WIDTH = "140px"
 
@@ -125,11 +105,6 @@ def field_key(spec_field: str) -> str:
                 return "extra_config"  # e.g. a removed top-level key that came from the extra JSON
             return key
     return "form"
-
-
-def _placeholder_for(spec_field: str) -> dict[str, Any] | None:
-    head = spec_field.split(".")[0].split("/")[0]
-    return _PLACEHOLDERS.get(head)
 
 
 def parse_env(text: str) -> dict[str, str]:
@@ -197,113 +172,6 @@ def _parse_timeout(text: str) -> float | int | None:
     if isinstance(value, str):
         raise InvalidSpecError("timeout", f"{text!r} is not a number of seconds", "write e.g. 3600, or leave it empty for no limit")
     return value
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, nested dicts key by key; ``extra`` wins."""
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _difference(full: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """What ``extra`` must hold so that ``_merge(extra, base) == full`` (when base is a part of full)."""
-    diff: dict[str, Any] = {}
-    for key, value in full.items():
-        if key not in base:
-            diff[key] = copy.deepcopy(value)
-        elif isinstance(value, dict) and isinstance(base[key], dict):
-            inner = _difference(value, base[key])
-            if inner:
-                diff[key] = inner
-        elif value != base[key] or type(value) is not type(base[key]):
-            diff[key] = copy.deepcopy(value)
-    return diff
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def structured_deepspeed(
-    micro_batch: int, grad_accum: int, zero_stage: int, precision: str, offload_optimizer: str, offload_param: str
-) -> dict[str, Any]:
-    """The DeepSpeed config the form's DeepSpeed fields stand for (before the extra JSON).
-
-    Only what differs from DeepSpeed's defaults is written: micro-batch 0 means "not set here"
-    (e.g. ``train_batch_size`` comes from the extra JSON), accumulation 1, stage 0, fp32 and
-    no offload are left out.
-
-    Example:
-        >>> structured_deepspeed(4, 1, 2, "bf16", "cpu", "none")
-        {'train_micro_batch_size_per_gpu': 4, 'zero_optimization': {'stage': 2, 'offload_optimizer': {'device': 'cpu'}}, 'bf16': {'enabled': True}}
-    """
-    config: dict[str, Any] = {}
-    if micro_batch != 0:
-        config["train_micro_batch_size_per_gpu"] = micro_batch
-    if grad_accum != 1:
-        config["gradient_accumulation_steps"] = grad_accum
-    zero: dict[str, Any] = {}
-    if zero_stage != 0:
-        zero["stage"] = zero_stage
-    if offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": offload_optimizer}
-    if offload_param != "none":
-        zero["offload_param"] = {"device": offload_param}
-    if zero:
-        config["zero_optimization"] = zero
-    if precision in ("fp16", "bf16"):
-        config[precision] = {"enabled": True}
-    return config
-
-
-def split_deepspeed(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a DeepSpeed config into the form's field values and the rest (the extra JSON).
-
-    ``_merge(extra, structured_deepspeed(**fields)) == config`` always holds. Keys the fields
-    manage appear in the extra part only with values the fields leave out (an explicit
-    ``"gradient_accumulation_steps": 1``, say), and the fields win over the extra part, so
-    editing a field always takes effect.
-
-    Example:
-        >>> split_deepspeed({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}, "steps_per_print": 5})
-        ({'micro_batch': 8, 'grad_accum': 1, 'zero_stage': 2, 'precision': 'fp32', 'offload_optimizer': 'none', 'offload_param': 'none'}, {'steps_per_print': 5})
-    """
-    fields: dict[str, Any] = {
-        "micro_batch": 0, "grad_accum": 1, "zero_stage": 0, "precision": "fp32",
-        "offload_optimizer": "none", "offload_param": "none",
-    }
-    micro = config.get("train_micro_batch_size_per_gpu")
-    if _is_int(micro) and micro != 0:
-        fields["micro_batch"] = micro
-    accum = config.get("gradient_accumulation_steps")
-    if _is_int(accum):
-        fields["grad_accum"] = accum
-    zero = config.get("zero_optimization")
-    if isinstance(zero, dict):
-        stage = zero.get("stage")
-        if _is_int(stage) and 0 <= stage <= 3:
-            fields["zero_stage"] = stage
-        for kind in ("offload_optimizer", "offload_param"):
-            block = zero.get(kind)
-            if isinstance(block, dict) and block.get("device") in ("cpu", "nvme"):
-                fields[kind] = block["device"]
-    for precision in ("fp16", "bf16"):
-        block = config.get(precision)
-        if isinstance(block, dict) and block.get("enabled") is True:
-            fields["precision"] = precision
-            break
-    base = structured_deepspeed(**fields)
-    extra = _difference(config, base)
-    if _merge(extra, base) != config:  # base holds something config lacks: keep it all as extra
-        neutral = {"micro_batch": 0, "grad_accum": 1, "zero_stage": 0, "precision": "fp32",
-                   "offload_optimizer": "none", "offload_param": "none"}
-        return neutral, copy.deepcopy(config)
-    return fields, extra
 
 
 def _pre(text: str) -> str:
@@ -590,10 +458,14 @@ class LaunchForm:
         if not isinstance(extra, dict):
             return config, {"extra_config": InvalidSpecError(
                 "deepspeed.extra", f"must be a JSON object, got {type(extra).__name__}", 'write it like {"steps_per_print": 10}')}
-        return _merge(extra, config), {}
+        return merge_config(extra, config), {}
 
-    def _evaluate(self) -> tuple[JobSpec | None, dict[str, InvalidSpecError], dict[str, Any] | None]:
-        """Build the spec from the fields: (spec or None, errors by field key, filled DeepSpeed config)."""
+    def _field_values(self) -> tuple[dict[str, Any], dict[str, InvalidSpecError]]:
+        """The JobSpec arguments the fields stand for, and the fields whose text does not parse.
+
+        A field that does not parse stands for a value that is valid on its own (no arguments,
+        no env, no DeepSpeed config), so that the spec's own checks still see every other field.
+        """
         problems: dict[str, InvalidSpecError] = {}
 
         def parse(key: str, fn: Any, fallback: Any) -> Any:
@@ -604,8 +476,12 @@ class LaunchForm:
                 return fallback
 
         command_text = self.command.value.strip()
+        # A command that does not split still counts as one, so "exactly one of script or command" is checked.
         command = parse("command", lambda: _split(command_text, "command"), ["placeholder"]) if command_text else None
-        kwargs: dict[str, Any] = {
+        cpu_text = self.cpu.value.strip()
+        deepspeed, ds_problems = self._deepspeed()
+        problems.update(ds_problems)
+        values: dict[str, Any] = {
             "name": self.name.value.strip(),
             "script": self.script.value.strip() or None,
             "command": command or None,
@@ -613,44 +489,33 @@ class LaunchForm:
             "working_dir": self.working_dir.value.strip() or None,
             "nodes": self.nodes.value,
             "procs_per_node": self.procs_per_node.value,
+            "resources": {"gpus": self.gpus.value, "cpu": _parse_number(cpu_text) if cpu_text else None,
+                          "memory": self.memory.value.strip() or None},
             "image": self.image.value.strip() or None,
             "env": parse("env", self._env, {}),
             "timeout": parse("timeout", lambda: _parse_timeout(self.timeout.value), None),
             "max_restarts": self.max_restarts.value,
+            "deepspeed": deepspeed if not ds_problems else None,
         }
-        cpu_text, memory_text = self.cpu.value.strip(), self.memory.value.strip()
-        resource_args = {"gpus": self.gpus.value, "cpu": _parse_number(cpu_text) if cpu_text else None, "memory": memory_text or None}
+        return values, problems
+
+    def _filled_config(self, values: dict[str, Any]) -> dict[str, Any] | None:
+        """The DeepSpeed config the ranks would get, shown while other fields still have problems."""
+        nodes, procs = values["nodes"], values["procs_per_node"]
+        if values["deepspeed"] is None or nodes < 1 or procs < 1:
+            return None
         try:
-            kwargs["resources"] = Resources(**resource_args)
-        except InvalidSpecError as e:
-            problems.setdefault(field_key(e.field), e)
-            kwargs["resources"] = Resources(gpus=max(0, self.gpus.value))
-        deepspeed, ds_problems = self._deepspeed()
-        problems.update(ds_problems)
-        kwargs["deepspeed"] = deepspeed if not ds_problems else None
+            return check_deepspeed_config(values["deepspeed"], nodes * procs)
+        except InvalidSpecError:
+            return None  # JobSpec.problems reports it beside its field
 
-        filled = None
-        if deepspeed is not None and not ds_problems and self.nodes.value >= 1 and self.procs_per_node.value >= 1:
-            try:
-                filled = check_deepspeed_config(deepspeed, self.nodes.value * self.procs_per_node.value)
-            except InvalidSpecError as e:
-                problems.setdefault(field_key(e.field), e)
-
-        spec = None
-        for _ in range(len(_PLACEHOLDERS) + 1):
-            try:
-                candidate = JobSpec(**kwargs)
-            except InvalidSpecError as e:
-                problems.setdefault(field_key(e.field), e)
-                swap = _placeholder_for(e.field)
-                if swap is None or all(kwargs.get(k) == v for k, v in swap.items()):
-                    break
-                kwargs.update(swap)
-                continue
-            if not problems:
-                spec = candidate
-            break
-        return spec, problems, filled
+    def _evaluate(self) -> tuple[JobSpec | None, dict[str, InvalidSpecError], dict[str, Any] | None]:
+        """Check the fields once: (the spec or None, every problem by field key, the filled DeepSpeed config)."""
+        values, problems = self._field_values()
+        for problem in JobSpec.problems(**values):
+            problems.setdefault(field_key(problem.field), problem.error())
+        spec = JobSpec(**values) if not problems else None
+        return spec, problems, self._filled_config(values)
 
     def spec(self) -> JobSpec:
         """The JobSpec the fields describe.

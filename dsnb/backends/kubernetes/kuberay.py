@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import posixpath
@@ -90,7 +89,6 @@ from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.runtime import ray_serve_app, ray_train_entry
-from dsnb.serving.spec import InvalidSpecError as ServeSpecError
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, Resources, redact_env
 from dsnb.status import JobState, JobStatus
@@ -193,8 +191,7 @@ class KubeRayBackend(KubernetesBackend):
         driver_spec = spec
         if spec.working_dir and spec.script and not posixpath.isabs(spec.script):
             # Ray's workers need not start in the containers' working directory: find the script anyway.
-            driver_spec = copy.copy(spec)
-            driver_spec.script = posixpath.join(spec.working_dir, spec.script)
+            driver_spec = dataclasses.replace(spec, script=posixpath.join(spec.working_dir, spec.script))
         env = ray_train_entry.driver_env(driver_spec, storage)
         rayjob = render_rayjob(spec, self.pod_options, list(ray_train_entry.DRIVER_ARGV), self.ray_version,
                                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
@@ -208,7 +205,7 @@ class KubeRayBackend(KubernetesBackend):
         notes = [
             f"dsnb KubeRay plan for {name} in namespace {namespace}: a RayJob with a Ray {self.ray_version} cluster of one head "
             f"and {spec.nodes} worker pod(s); Ray Train runs {spec.world_size} worker(s) "
-            f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); needs the KubeRay operator (ray.io/v1)",
+            f"({spec.accelerator.upper()}, {spec.dist_backend}); needs the KubeRay operator (ray.io/v1)",
             f"Ray Train runs and checkpoints: {storage}/{ray_train_entry.run_name(name)} ({where})",
             "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
         ]
@@ -334,9 +331,9 @@ class KubeRayBackend(KubernetesBackend):
         """
         ray_serve_app.check_servable(spec)
         if not spec.image:
-            raise ServeSpecError("image", "KubeRay serves the model from a container image",
-                                 f"set image= an image built FROM rayproject/ray:{self.ray_version} with dsnb, torch, "
-                                 "DeepSpeed and the model's code")
+            raise InvalidSpecError("image", "KubeRay serves the model from a container image",
+                                   f"set image= an image built FROM rayproject/ray:{self.ray_version} with dsnb, torch, "
+                                   "DeepSpeed and the model's code", spec="ServeSpec")
         unique = spec.with_unique_name()
         name, namespace = unique.name, self.namespace
         workers = unique.max_replicas if unique.autoscaling else unique.replicas

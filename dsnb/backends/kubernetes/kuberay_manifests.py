@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import shlex
@@ -128,8 +129,7 @@ def ray_cluster_spec(spec: JobSpec, options: PodOptions, ray_version: str, *,
         raise InvalidSpecError("head_resources.gpus", "the head runs no training, its GPUs would stay idle",
                                "set gpus=0 on head_resources (the workers get spec.resources.gpus)")
     secret_name = env_secret_name(spec)
-    head_spec = copy.copy(spec)
-    head_spec.resources = head_resources
+    head_spec = dataclasses.replace(spec, resources=head_resources)
     head = _ray_pod_template(head_spec, options, HEAD_CONTAINER, "head", secret_name)
     head["spec"]["containers"][0]["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS.items()]
     worker_params: dict[str, str] = {}

@@ -89,14 +89,14 @@ def rank_env(spec: JobSpec) -> dict[str, str]:
     """
     env = {
         "DSNB_JOB_NAME": spec.name,
-        "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
+        "DSNB_DIST_BACKEND": spec.dist_backend,
         "MASTER_PORT": str(MASTER_PORT),
         "GLOO_SOCKET_IFNAME": "eth0",
     }
-    if not spec.resources.gpus:
+    if spec.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    if isinstance(spec.resources.cpu, (int, float)):
-        env["OMP_NUM_THREADS"] = str(max(1, int(spec.resources.cpu) // spec.procs_per_node))
+    if spec.threads_per_rank is not None:
+        env["OMP_NUM_THREADS"] = str(spec.threads_per_rank)
     if spec.deepspeed_config is not None:
         env["DSNB_DEEPSPEED_CONFIG_JSON"] = json.dumps(spec.deepspeed_config, separators=(",", ":"))
     return env

@@ -8,11 +8,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsnb.errors import InvalidSpecError
+from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?\Z")
@@ -28,9 +31,79 @@ def _check_name(value: str | None, field_name: str, what: str) -> None:
         raise InvalidSpecError(field_name, f"{value!r} is not a valid {what} name", "use lower-case letters, digits, '-' and '.'")
 
 
-@dataclass
+def _check_names(values: Mapping[str, Any]) -> None:
+    _check_name(values["service_account"], "options.service_account", "ServiceAccount")
+    _check_name(values["checkpoint_pvc"], "options.checkpoint_pvc", "PersistentVolumeClaim")
+    for secret in values["image_pull_secrets"]:
+        _check_name(secret, "options.image_pull_secrets", "Secret")
+
+
+def _check_node_selector(values: Mapping[str, Any]) -> None:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in values["node_selector"].items()):
+        raise InvalidSpecError("options.node_selector", "keys and values must be strings", "write it like {'pool': 'gpu'}")
+
+
+def _check_tolerations(values: Mapping[str, Any]) -> None:
+    for toleration in values["tolerations"]:
+        unknown = set(toleration) - _TOLERATION_KEYS
+        if unknown:
+            raise InvalidSpecError("options.tolerations", f"unknown toleration keys {sorted(unknown)}",
+                                   f"use {sorted(_TOLERATION_KEYS)}")
+
+
+def _check_shm_size(values: Mapping[str, Any]) -> None:
+    shm_size = values["shm_size"]
+    if shm_size is not None and not _QUANTITY.match(str(shm_size)):
+        raise InvalidSpecError("options.shm_size", f"{shm_size!r} is not a Kubernetes quantity", "write it like '8Gi'")
+
+
+def _check_nccl(values: Mapping[str, Any]) -> None:
+    for key, value in values["nccl"].items():
+        if not isinstance(key, str) or not _NCCL_KEY.match(key) or not isinstance(value, str):
+            raise InvalidSpecError("options.nccl", f"{key!r}={value!r} is not an NCCL setting",
+                                   "use NCCL_* names with string values, e.g. {'NCCL_DEBUG': 'WARN'}")
+
+
+def _check_checkpoint_mount(values: Mapping[str, Any]) -> None:
+    if not values["checkpoint_mount"].startswith("/"):
+        raise InvalidSpecError("options.checkpoint_mount", f"{values['checkpoint_mount']!r} is not an absolute path",
+                               "write it like '/checkpoints'")
+
+
+def _check_run_as_user(values: Mapping[str, Any]) -> None:
+    user = values["run_as_user"]
+    if isinstance(user, bool) or not isinstance(user, int) or user <= 0:
+        raise InvalidSpecError("options.run_as_user", f"must be a non-root user id, got {user!r}", "use e.g. 1000")
+
+
+def _check_serve_ingress(values: Mapping[str, Any]) -> None:
+    for peer in values["serve_ingress_from"]:
+        if not isinstance(peer, dict) or not peer or set(peer) - _PEER_KEYS:
+            raise InvalidSpecError("options.serve_ingress_from", f"{peer!r} is not a NetworkPolicy peer",
+                                   f"use dicts with {sorted(_PEER_KEYS)}, e.g. {{'namespaceSelector': {{'matchLabels': {{'team': 'web'}}}}}}")
+    if values["serve_ingress_from"] and not values["network_policy"]:
+        raise InvalidSpecError("options.serve_ingress_from", "says who may reach a served model, but no NetworkPolicy is made",
+                               "set network_policy=True as well")
+
+
+def _check_security_profile(values: Mapping[str, Any]) -> None:
+    if values["security_profile"] not in SECURITY_PROFILES:
+        raise InvalidSpecError("options.security_profile", f"unknown profile {values['security_profile']!r}",
+                               f"use one of {', '.join(SECURITY_PROFILES)} (the Pod Security Standards dsnb can meet)")
+
+
+#: The checks of PodOptions, in the order the first problem is reported.
+_OPTION_CHECKS = tuple(Check(check) for check in (
+    _check_names, _check_node_selector, _check_tolerations, _check_shm_size, _check_nccl, _check_checkpoint_mount,
+    _check_run_as_user, _check_serve_ingress, _check_security_profile,
+))
+
+
+@dataclass(frozen=True)
 class PodOptions:
     """Where and how pods run; the same for every Kubernetes backend.
+
+    Frozen: ``dataclasses.replace(options, network_policy=True)`` makes a changed copy, checked again.
 
     Attributes:
         service_account: the ServiceAccount the pods run as.
@@ -74,34 +147,17 @@ class PodOptions:
     serve_ingress_from: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_name(self.service_account, "options.service_account", "ServiceAccount")
-        _check_name(self.checkpoint_pvc, "options.checkpoint_pvc", "PersistentVolumeClaim")
-        for secret in self.image_pull_secrets:
-            _check_name(secret, "options.image_pull_secrets", "Secret")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.node_selector.items()):
-            raise InvalidSpecError("options.node_selector", "keys and values must be strings", "write it like {'pool': 'gpu'}")
-        for toleration in self.tolerations:
-            unknown = set(toleration) - _TOLERATION_KEYS
-            if unknown:
-                raise InvalidSpecError("options.tolerations", f"unknown toleration keys {sorted(unknown)}",
-                                       f"use {sorted(_TOLERATION_KEYS)}")
-        if self.shm_size is not None and not _QUANTITY.match(str(self.shm_size)):
-            raise InvalidSpecError("options.shm_size", f"{self.shm_size!r} is not a Kubernetes quantity", "write it like '8Gi'")
-        for key, value in self.nccl.items():
-            if not isinstance(key, str) or not _NCCL_KEY.match(key) or not isinstance(value, str):
-                raise InvalidSpecError("options.nccl", f"{key!r}={value!r} is not an NCCL setting",
-                                       "use NCCL_* names with string values, e.g. {'NCCL_DEBUG': 'WARN'}")
-        if not self.checkpoint_mount.startswith("/"):
-            raise InvalidSpecError("options.checkpoint_mount", f"{self.checkpoint_mount!r} is not an absolute path", "write it like '/checkpoints'")
-        if isinstance(self.run_as_user, bool) or not isinstance(self.run_as_user, int) or self.run_as_user <= 0:
-            raise InvalidSpecError("options.run_as_user", f"must be a non-root user id, got {self.run_as_user!r}", "use e.g. 1000")
-        for peer in self.serve_ingress_from:
-            if not isinstance(peer, dict) or not peer or set(peer) - _PEER_KEYS:
-                raise InvalidSpecError("options.serve_ingress_from", f"{peer!r} is not a NetworkPolicy peer",
-                                       f"use dicts with {sorted(_PEER_KEYS)}, e.g. {{'namespaceSelector': {{'matchLabels': {{'team': 'web'}}}}}}")
-        if self.serve_ingress_from and not self.network_policy:
-            raise InvalidSpecError("options.serve_ingress_from", "says who may reach a served model, but no NetworkPolicy is made",
-                                   "set network_policy=True as well")
-        if self.security_profile not in SECURITY_PROFILES:
-            raise InvalidSpecError("options.security_profile", f"unknown profile {self.security_profile!r}",
-                                   f"use one of {', '.join(SECURITY_PROFILES)} (the Pod Security Standards dsnb can meet)")
+        raise_first(collect(_OPTION_CHECKS, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "JobSpec"))
+
+    @classmethod
+    def problems(cls, **fields: Any) -> list[Problem]:
+        """Every problem of ``PodOptions(**fields)``, without raising.
+
+        Raises:
+            TypeError: an unknown field.
+
+        Example:
+            >>> [p.field for p in PodOptions.problems(shm_size="lots", run_as_user=0)]
+            ['options.shm_size', 'options.run_as_user']
+        """
+        return collect(_OPTION_CHECKS, field_values(cls, fields), "JobSpec")

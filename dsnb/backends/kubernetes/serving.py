@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -190,9 +191,7 @@ class JobServing(ServesAsJob):
         Raises:
             InvalidSpecError: several replicas or autoscaling (that is Ray Serve's).
         """
-        job = spec.to_job_spec()
-        job.timeout = None
-        return job
+        return dataclasses.replace(spec.to_job_spec(), timeout=None)
 
     def serve_plan(self, spec: ServeSpec) -> Plan:
         """The job's manifests under a unique name, the ports and probes, and the serving Service.

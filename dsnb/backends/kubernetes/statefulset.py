@@ -166,20 +166,19 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
             "DSNB_PEER_TIMEOUT": f"{self.peer_timeout:g}",
             "DSNB_STATE_DIR": STATE_DIR,
             "DSNB_TERMINATION_LOG": TERMINATION_LOG,
-            "DSNB_DIST_BACKEND": "nccl" if spec.resources.gpus else "gloo",
+            "DSNB_DIST_BACKEND": spec.dist_backend,
             "DSNB_RELEASE": "1",  # the pods end the job themselves (pod_api), through the job's Role
             "LOCAL_SIZE": str(spec.procs_per_node),  # DeepSpeed's AutoTP on CPU reads it
             "PYTHONUNBUFFERED": "1",
         }
         if spec.timeout:
             env["DSNB_TIMEOUT"] = f"{spec.timeout:g}"
-        if not spec.resources.gpus:
+        if spec.accelerator == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
         if spec.nodes > 1:
             env["GLOO_SOCKET_IFNAME"] = "eth0"  # else gloo binds the hostname's loopback address
-        cpu = spec.resources.cpu
-        if isinstance(cpu, (int, float)):
-            env["OMP_NUM_THREADS"] = str(max(1, int(cpu) // spec.procs_per_node))
+        if spec.threads_per_rank is not None:
+            env["OMP_NUM_THREADS"] = str(spec.threads_per_rank)
         if spec.deepspeed_config is not None:
             env["DSNB_DEEPSPEED_CONFIG"] = f"{JOB_DIR}/deepspeed.json"
         return env

@@ -75,9 +75,8 @@ def usable_cpus() -> int:
 
 
 def _threads_per_rank(spec: JobSpec) -> int:
-    if spec.resources.cpu is not None and not isinstance(spec.resources.cpu, str):
-        return max(1, int(spec.resources.cpu // spec.procs_per_node))
-    return max(1, usable_cpus() // spec.world_size)
+    """The spec's threads per rank; without a CPU count, this machine's cores shared by all ranks."""
+    return spec.threads_per_rank or max(1, usable_cpus() // spec.world_size)
 
 
 def _check_fits_here(spec: JobSpec) -> None:
@@ -178,18 +177,18 @@ class LocalBackend(ServesAsJob, Backend):
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(spec))),
                 "DSNB_JOB_NAME": spec.name,
                 "DSNB_JOB_DIR": str(job_dir.path),
-                "DSNB_DIST_BACKEND": "nccl" if gpus else "gloo",
+                "DSNB_DIST_BACKEND": spec.dist_backend,
             }
             if gpus:
                 first = node * gpus
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + gpus))
             else:
                 env["DS_ACCELERATOR"] = "cpu"
-            if spec.deepspeed_config is not None:
+            if spec.deepspeed is not None:
                 env["DSNB_DEEPSPEED_CONFIG"] = str(job_dir.ds_config)
             env.update(spec.env)  # a Secret stays one, so that every view of the plan hides it
             commands.append(RankCommand(rank=rank, argv=tuple(argv), cwd=str(cwd), env=env))
-        backend_word = "nccl on GPU" if gpus else "gloo on CPU"
+        backend_word = f"{spec.dist_backend} on {spec.accelerator.upper()}"
         notes = [
             f"dsnb local plan for {spec.name}: {spec.nodes} node(s) x {spec.procs_per_node} rank(s), {backend_word}",
             "MASTER_PORT is a free port chosen at launch; ranks also inherit the caller's environment",

@@ -205,7 +205,7 @@ class RayBackend(Backend):
                       "entrypoint_num_cpus": 0,
                       "runtime_env": {**runtime_env, "env_vars": redact_env(env)}, "metadata": metadata}
         notes = [f"Ray Train: TorchTrainer with {spec.world_size} workers "
-                 f"({'GPU, nccl' if spec.resources.gpus else 'CPU, gloo'}); runs and checkpoints in {storage}/{ray_train_entry.run_name(spec.name)}"]
+                 f"({spec.accelerator.upper()}, {spec.dist_backend}); runs and checkpoints in {storage}/{ray_train_entry.run_name(spec.name)}"]
         if redact_env(env) != env:
             notes.append("secret-looking env values travel in the job's runtime environment: "
                           "whoever can read this Ray cluster's dashboard can read them")

@@ -41,6 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dsnb.devices import collective_backend
 from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
 from dsnb.runtime.server.engine import Collective, Engine, RankLost, follow
 from dsnb.runtime.server.model import MAX_INPUTS
@@ -146,7 +147,7 @@ def _init_distributed(place: RankPlace) -> None:
     os.environ.setdefault("LOCAL_SIZE", str(place.local_size))  # DeepSpeed's CPU all-reduce reads it
     import deepspeed
 
-    backend = os.environ.get("DSNB_DIST_BACKEND") or ("nccl" if _has_cuda() else "gloo")
+    backend = os.environ.get("DSNB_DIST_BACKEND") or collective_backend(on_gpu=_has_cuda())
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
