@@ -131,7 +131,8 @@ def test_timeout_fails_the_job(tmp_path: Path) -> None:
 
 def test_attach_read_and_cancel_from_another_process(tmp_path: Path, dsnb_home: Path) -> None:
     job = Cluster().submit(python_job("shared", "print('ready', flush=True)\nimport time; time.sleep(120)", tmp_path))
-    wait_until(lambda: any(line.text == "ready" for line in job.logs()))
+    # The rank can print before the supervisor records RUNNING (a loaded machine shows it): wait for both.
+    wait_until(lambda: any(line.text == "ready" for line in job.logs()) and job.status().state == JobState.RUNNING)
     other = textwrap.dedent(f"""
         from dsnb import Cluster
         cluster = Cluster()

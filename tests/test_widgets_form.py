@@ -378,6 +378,29 @@ def test_choosing_an_available_backend_switches_the_cluster() -> None:
         unregister_backend("trainjob")
 
 
+def test_the_backend_options_come_from_the_backend_and_remake_the_cluster(form: LaunchForm, tmp_path: Path) -> None:
+    before = form.cluster
+    assert list(form.backend_options.fields) == ["home"]
+    form.backend_options.fields["home"].value = str(tmp_path / "jobs")
+    form.connect_button.click()
+    assert form.cluster is not before
+    assert form.cluster.backend.name == "local" and form.cluster.backend.root == tmp_path / "jobs"
+
+
+def test_a_bad_backend_option_is_named_and_the_cluster_is_kept(form: LaunchForm) -> None:
+    form.backend.value = "statefulset"  # made lazily: no API server is asked until a job is
+    switched = form.cluster
+    assert switched.backend.name == "statefulset"
+    fields = form.backend_options.fields
+    assert {"namespace", "context", "kubeconfig", "launcher", "peer_timeout"} <= set(fields)
+    assert not {"configuration", "pod_options", "in_cluster"} & set(fields)  # objects and secrets stay in code
+    assert "torchrun, deepspeed" in fields["launcher"].placeholder
+    fields["peer_timeout"].value = "soon"
+    form.connect_button.click()
+    assert "Cluster.peer_timeout: &#x27;soon&#x27; is not a float" in form.backend_note.value
+    assert form.cluster is switched
+
+
 def test_every_resource_problem_is_shown_beside_its_own_field(form: LaunchForm) -> None:
     form.cpu.value = "-1"
     form.memory.value = "4GB"

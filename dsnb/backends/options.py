@@ -48,14 +48,16 @@ class Option:
         """The value of ``text``.
 
         Raises:
-            InvalidSpecError: not a value of this option (named, with what it takes).
+            InvalidSpecError: not a value of this option (named as ``Cluster.<option>``, with what it takes).
         """
         if self.choices is not None and text not in self.choices:
-            raise InvalidSpecError(self.name, f"{text!r} is not one of {', '.join(self.choices)}", f"pick one of {', '.join(self.choices)}")
+            raise InvalidSpecError(self.name, f"{text!r} is not one of {', '.join(self.choices)}", f"pick one of {', '.join(self.choices)}",
+                                   spec="Cluster")
         try:
             return self.type(text)
         except (TypeError, ValueError) as e:
-            raise InvalidSpecError(self.name, f"{text!r} is not a {getattr(self.type, '__name__', 'value')}", "check the value") from e
+            raise InvalidSpecError(self.name, f"{text!r} is not a {getattr(self.type, '__name__', 'value')}", "check the value",
+                                   spec="Cluster") from e
 
 
 HOME = Option("home", "where local jobs are kept (default: $DSNB_HOME/jobs)")

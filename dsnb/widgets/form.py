@@ -39,6 +39,7 @@ from dsnb.ds_fields import OFFLOAD_DEVICES, PRECISIONS, merge_config, split_deep
 from dsnb.errors import InvalidSpecError
 from dsnb.secrets import REDACTED, Secret, is_secret
 from dsnb.spec import JobSpec, redact_env
+from dsnb.widgets.backend_options import BackendOptionsBox
 from dsnb.widgets.display import panel_for
 
 if TYPE_CHECKING:
@@ -285,6 +286,11 @@ class LaunchForm:
         self.backend_note.add_class("dsnb-backend-note")
         self.cluster_label = W.HTML()
         self.cluster_label.add_class("dsnb-cluster")
+        self.backend_options = BackendOptionsBox()
+        self.backend_options.show(self.cluster.backend.name)
+        self.connect_button = W.Button(description="Use these options", icon="plug",
+                                       tooltip="Make the cluster again with the options above (empty fields keep the defaults)")
+        self.connect_button.add_class("dsnb-connect")
 
         # Job fields.
         self.name = W.Text(description="Name", placeholder="my-job", layout=wide)
@@ -336,7 +342,7 @@ class LaunchForm:
         choices = W.VBox([self.workload, self.multi_node, self.platform])
         advice = W.VBox([
             W.HTML("<b>What do you need?</b>"), W.HBox([choices, self.recommendations]),
-            self.backend, self.backend_note, self.cluster_label,
+            self.backend, self.backend_note, self.backend_options.widget, self.connect_button, self.cluster_label,
         ])
         job_box = W.VBox([
             W.HTML("<b>Job</b>"),
@@ -366,6 +372,7 @@ class LaunchForm:
         for w in (self.workload, self.multi_node, self.platform):
             w.observe(self._on_advice, names="value")
         self.backend.observe(self._on_backend, names="value")
+        self.connect_button.on_click(self._on_connect)
         self.dryrun_button.on_click(self._on_dryrun)
         self.launch_button.on_click(self._on_launch)
         self.export_button.on_click(self._on_export)
@@ -615,20 +622,41 @@ class LaunchForm:
     def _on_backend(self, change: Any) -> None:
         if self._loading:
             return
-        key = change["new"]
-        prof = self._profiles.get(key)
-        target = prof.backend if prof is not None else key
+        target = self._target_backend()
+        self.backend_options.show(target)
         if target != self.cluster.backend.name and target in self._available:
-            from dsnb.cluster import Cluster
+            self._switch(target, {})
+            return
+        self._refresh_backend_note()
 
-            try:
-                self.cluster = Cluster(target)
-            except Exception as e:  # shown to the person; the form keeps its cluster
-                self._refresh_backend_note(f"Could not switch to {target!r}: {e}")
-                return
-            self.last_plan = None
-            self.plan_view.value = ""
-            self._refresh()
+    def _target_backend(self) -> str:
+        prof = self._profiles.get(self.backend.value)
+        return prof.backend if prof is not None else self.backend.value
+
+    def _on_connect(self, _button: Any = None) -> None:
+        """Make the cluster again for the chosen backend, with the options filled in."""
+        target = self._target_backend()
+        if target not in self._available:
+            self._refresh_backend_note(f"{target!r} cannot run in this install (dsnb check --backend {target} says why)")
+            return
+        try:
+            options = self.backend_options.values()
+        except InvalidSpecError as e:
+            self._refresh_backend_note(str(e))
+            return
+        self._switch(target, options)
+
+    def _switch(self, target: str, options: dict[str, Any]) -> None:
+        from dsnb.cluster import Cluster
+
+        try:
+            self.cluster = Cluster(target, **options)
+        except Exception as e:  # shown to the person; the form keeps its cluster
+            self._refresh_backend_note(f"Could not switch to {target!r}: {e}")
+            return
+        self.last_plan = None
+        self.plan_view.value = ""
+        self._refresh()
         self._refresh_backend_note()
 
     def _refresh_backend_note(self, problem: str = "") -> None:
