@@ -139,6 +139,27 @@ def test_outcome_reads_torchruns_root_cause() -> None:
     assert outcome.report(0)["failed_rank"] is None
 
 
+def test_outcome_reads_mpiruns_tags_and_failed_process() -> None:
+    outcome = entry.Outcome(node=0, procs_per_node=2)
+    for line in ["[1,0]<stdout>:step 1", "[1,1]<stderr>:boom[1,1]<stderr>: at step 2", "  Exit code:    9",
+                 "  Process name: [[4242,1],1]", "  Exit code:    7", "  Exit code:    8"]:
+        outcome.feed(line)
+    report = outcome.report(1, "mpirun failed")
+    assert (report["failed_rank"], report["rank_exit_code"], report["last_lines"]) == (1, 7, ["boom at step 2"])
+    assert report["message"] == "mpirun failed"
+
+
+def test_outcome_without_a_root_cause_blames_the_first_rank_that_wrote() -> None:
+    outcome = entry.Outcome(node=1, procs_per_node=2)
+    for line in ["[default1]:only rank 3 spoke", "[default1]:   ", "torchrun: something went wrong"]:
+        outcome.feed(line)
+    assert (outcome.report(1)["failed_rank"], outcome.report(1)["last_lines"]) == (3, ["only rank 3 spoke"])
+    silent = entry.Outcome(node=1, procs_per_node=2)
+    silent.feed("torchrun: could not start")
+    assert (silent.report(2)["failed_rank"], silent.report(2)["last_lines"]) == (2, ["torchrun: could not start"])
+    assert silent.report(0)["last_lines"] == [] and silent.report(0)["rank_exit_code"] == 0
+
+
 class FakeClock:
     """``time.monotonic`` and ``time.sleep`` for code under test: sleeping moves the clock, nothing waits."""
 

@@ -163,6 +163,56 @@ def test_completion_options_out_of_range_are_refused(body: dict, says: str) -> N
 
 
 @pytest.mark.parametrize(("body", "says"), [
+    ({"max_completion_tokens": 0, "max_tokens": 8}, '^"max_completion_tokens" must be a whole number in 1..4096$'),
+    ({"max_completion_tokens": None}, '^"max_completion_tokens" must be'),
+    ({"max_tokens": True}, '^"max_tokens" must be'),
+    ({"n": 2}, '^"n" must be 1$'),
+    ({"stop": ["a", ""]}, '^"stop" must be a string or a list of at most 4 non-empty strings$'),
+    ({"stop": ["s" * 257]}, '^each "stop" string may have at most 256 characters$'),
+    ({"stop": ["ok", "\ud800"]}, '^"stop" holds a lone surrogate'),
+    ({"seed": 2**63}, '^"seed" must be a whole number from 0 to 2\\*\\*63 - 1$'),
+    ({"top_p": 0.5, "tools": [{}]}, '^"tools" is not supported by this server; leave it out$'),
+])
+def test_chat_options_are_refused_with_the_field_and_what_it_takes(body: dict, says: str) -> None:
+    with pytest.raises(BadRequest, match=says):
+        openai_api.parse_chat(body, "<user>Hi")
+
+
+def test_chat_options_become_a_generation() -> None:
+    generation, stream = openai_api.parse_chat({"max_completion_tokens": 5, "max_tokens": 0, "temperature": 1, "n": 1.0,
+                                                "stop": "END", "seed": 7, "stream": True, "logprobs": False}, "<user>Hi")
+    assert (generation.prompt, generation.max_tokens, generation.temperature, generation.stop, generation.seed) == (
+        "<user>Hi", 5, 1.0, ["END"], 7)
+    assert isinstance(generation.temperature, float) and stream is True
+
+
+def test_the_first_problem_is_reported_in_the_order_the_fields_are_checked() -> None:
+    with pytest.raises(BadRequest, match='"prompt" must be'):
+        openai_api.parse_completion({"prompt": "", "logprobs": 1, "temperature": 9}, "m")
+    with pytest.raises(BadRequest, match="the prompt has 1000001 characters"):
+        openai_api.parse_completion({"prompt": "a" * 1_000_001, "seed": -1}, "m")
+    with pytest.raises(BadRequest, match='"temperature"'):
+        openai_api.parse_completion({"prompt": "a" * 1_000_001, "temperature": 9}, "m")
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({}, '^"input" is required: a string or a list of strings$'),
+    ({"input": []}, '^"input" must be a string or a non-empty list of strings'),
+    ({"input": [101, 102]}, "token ids are not accepted"),
+    ({"input": "a", "encoding_format": None}, '^"encoding_format" must be "float" or "base64"$'),
+    ({"input": "a", "dimensions": 8}, '^"dimensions" is not supported by this model; leave it out$'),
+])
+def test_embedding_bodies_that_are_refused(body: dict, says: str) -> None:
+    with pytest.raises(BadRequest, match=says):
+        openai_api.parse_embeddings(body, "m")
+
+
+def test_embedding_texts_keep_what_the_tokenizer_checks_later() -> None:
+    assert openai_api.parse_embeddings({"input": "one"}, "m") == ["one"]
+    assert openai_api.parse_embeddings({"input": ["a", "\ud800"], "encoding_format": "base64"}, "m") == ["a", "\ud800"]
+
+
+@pytest.mark.parametrize(("body", "says"), [
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}, "2 numbers"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "COMPLEX", "data": [1.0]}]}, "not supported"),
     ({"inputs": [{"name": "x", "shape": [0], "datatype": "FP32", "data": []}]}, "positive whole numbers"),

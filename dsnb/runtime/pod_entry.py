@@ -147,40 +147,59 @@ class Outcome:
             rest = _MPIRUN_TAG_ANY.sub("", line[tagged.end():])  # a line written in two parts has two tags
             self.lines[int(tagged.group(1))].append(rest)
             return
-        mpi_rank, mpi_code = _MPI_RANK.match(line), _MPI_CODE.match(line)
-        if mpi_rank and self.failed_rank is None:
-            self.failed_rank = int(mpi_rank.group(1))
-        if mpi_code and self.rank_exit_code is None and self.failed_rank is not None:
-            self.rank_exit_code = int(mpi_code.group(1))
+        self._note_mpirun_failure(line)
         found = _LOCAL_PREFIX.match(line)
         if found and int(found.group(1)) < self.procs:
             rank = self.node * self.procs + int(found.group(1))
             self.lines[rank].append(line[found.end():])
             return
         self.lines[-1].append(line)
+        self._note_root_cause(line)
+
+    def _note_mpirun_failure(self, line: str) -> None:
+        # mpirun names the failed process ("Process name: [[job,1],rank]"), then its "Exit code:".
+        mpi_rank, mpi_code = _MPI_RANK.match(line), _MPI_CODE.match(line)
+        if mpi_rank and self.failed_rank is None:
+            self.failed_rank = int(mpi_rank.group(1))
+        if mpi_code and self.rank_exit_code is None and self.failed_rank is not None:
+            self.rank_exit_code = int(mpi_code.group(1))
+
+    def _note_root_cause(self, line: str) -> None:
         # torchrun ends a failure with a "Root Cause" block naming the rank and its exit code.
         if "Root Cause" in line:
             self._in_root_cause = True
-        elif self._in_root_cause:
-            rank = _ROOT_RANK.match(line)
-            code = _ROOT_CODE.match(line)
-            if rank and self.failed_rank is None:
-                self.failed_rank = int(rank.group(1))
-            if code and self.rank_exit_code is None:
-                self.rank_exit_code = int(code.group(1))
+            return
+        if not self._in_root_cause:
+            return
+        rank = _ROOT_RANK.match(line)
+        code = _ROOT_CODE.match(line)
+        if rank and self.failed_rank is None:
+            self.failed_rank = int(rank.group(1))
+        if code and self.rank_exit_code is None:
+            self.rank_exit_code = int(code.group(1))
 
     def report(self, exit_code: int, message: str = "") -> dict:
         """The JSON-ready outcome of this node."""
-        rank = self.failed_rank if exit_code else None
-        if exit_code and rank is None:
-            # No root cause printed: the first rank of this node that wrote anything.
-            rank = min((r for r in self.lines if r >= 0), default=self.node * self.procs)
+        rank = self._blamed_rank(exit_code)
+        return {"node": self.node, "exit_code": exit_code, "failed_rank": rank,
+                "rank_exit_code": self.rank_exit_code if exit_code else 0, "message": message,
+                "last_lines": [line[:300] for line in self._last_lines(rank, exit_code)]}
+
+    def _blamed_rank(self, exit_code: int) -> int | None:
+        """The rank a failure is put on: the one the launcher named, else (no root cause printed) the
+        first rank of this node that wrote anything; None when the node succeeded."""
+        if not exit_code:
+            return None
+        if self.failed_rank is not None:
+            return self.failed_rank
+        return min((r for r in self.lines if r >= 0), default=self.node * self.procs)
+
+    def _last_lines(self, rank: int | None, exit_code: int) -> list[str]:
+        """The last non-blank lines of ``rank``; after a failure with none, the launcher's own."""
         last = [line for line in self.lines.get(rank, ()) if line.strip()] if rank is not None else []
         if exit_code and not last:
             last = [line for line in self.lines.get(-1, ()) if line.strip()]
-        return {"node": self.node, "exit_code": exit_code, "failed_rank": rank,
-                "rank_exit_code": self.rank_exit_code if exit_code else 0, "message": message,
-                "last_lines": [line[:300] for line in last]}
+        return last
 
 
 def write_outcome(state_dir: str, outcome: dict) -> None:

@@ -229,53 +229,74 @@ class Supervisor:
 
     def _attempt(self) -> tuple[str, dict[str, Any]]:
         """Run all ranks once. Returns ("ok"|"failed"|"cancelled"|"timeout"|"log_failed", failure info)."""
-        if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
+        if self._cancel_wanted():
             return "cancelled", {}
         store = LoopbackStore(self.plan["master_addr"])  # the rendezvous, bound to loopback only
         port = store.port
-        timeout = self.plan.get("timeout")
-        running_written = False
         try:
             self._spawn(port, store.rank_env())
             if self.started_at is None:
                 self.started_at = time.time()
             self._set_replicas(JobState.STARTING)
             self._write(JobState.STARTING, "ranks started, waiting for output")
-            while True:
-                if self.cancel_requested.is_set() or self.dir.cancel_request.exists():
-                    return "cancelled", {}
-                if timeout and time.time() - self.started_at > timeout:
-                    return "timeout", {}
-                codes = [p.returncode if i in self.exit_times else None for i, p in enumerate(self.procs)]
-                failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    index = min(failed, key=lambda i: self.exit_times[i])
-                    code = self.procs[index].returncode
-                    rank = self.plan["ranks"][index]["rank"]
-                    self.pumps[index].join(timeout=2)
-                    return "failed", {"failed_rank": rank, "exit_code": code}
-                if all(c == 0 for c in codes):
-                    for pump in self.pumps:
-                        pump.join(timeout=5)
-                    return "ok", {}
-                broken = next((p for p in self.pumps if p.write_error is not None), None)
-                if broken is not None:
-                    error = broken.write_error
-                    where = getattr(error, "filename", None) or str(self.dir.rank_log(broken.rank))
-                    why = "no space left on" if getattr(error, "errno", None) == errno.ENOSPC else f"cannot write ({error}) to"
-                    return "log_failed", {"failed_rank": broken.rank,
-                                          "message": f"{why} {where}: rank {broken.rank}'s output could not be kept, so the job was stopped"}
-                if not running_written and any(p.saw_output.is_set() for p in self.pumps):
-                    self._set_replicas(JobState.RUNNING)
-                    self._write(JobState.RUNNING)
-                    running_written = True
-                time.sleep(POLL_S)
+            return self._watch()
         finally:
             still_running = {i for i in range(len(self.procs)) if i not in self.exit_times}
             self._stop_all()
             store.close()
             self._cleanup_shm(port)
             self._record_exits(still_running)
+
+    def _cancel_wanted(self) -> bool:
+        return self.cancel_requested.is_set() or self.dir.cancel_request.exists()
+
+    def _watch(self) -> tuple[str, dict[str, Any]]:
+        """Poll the started ranks until the attempt ends; record RUNNING once a rank has written output."""
+        running_written = False
+        while True:
+            ended = self._ended()
+            if ended is not None:
+                return ended
+            if not running_written and any(p.saw_output.is_set() for p in self.pumps):
+                self._set_replicas(JobState.RUNNING)
+                self._write(JobState.RUNNING)
+                running_written = True
+            time.sleep(POLL_S)
+
+    def _ended(self) -> tuple[str, dict[str, Any]] | None:
+        """How the attempt ended (a cancel, the timeout, the ranks' exits, a log that cannot be written), or None."""
+        if self._cancel_wanted():
+            return "cancelled", {}
+        timeout = self.plan.get("timeout")
+        if timeout and time.time() - (self.started_at or 0.0) > timeout:
+            return "timeout", {}
+        exits = self._exits()
+        return exits if exits is not None else self._log_failure()
+
+    def _exits(self) -> tuple[str, dict[str, Any]] | None:
+        """The outcome "failed" (naming the rank that failed first), "ok" once every rank exited 0, or None while ranks run."""
+        codes = [p.returncode if i in self.exit_times else None for i, p in enumerate(self.procs)]
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            index = min(failed, key=lambda i: self.exit_times[i])
+            self.pumps[index].join(timeout=2)
+            return "failed", {"failed_rank": self.plan["ranks"][index]["rank"], "exit_code": self.procs[index].returncode}
+        if all(c == 0 for c in codes):
+            for pump in self.pumps:
+                pump.join(timeout=5)
+            return "ok", {}
+        return None
+
+    def _log_failure(self) -> tuple[str, dict[str, Any]] | None:
+        """The outcome "log_failed" (naming a rank whose output could not be written, as on a full disk), or None."""
+        broken = next((p for p in self.pumps if p.write_error is not None), None)
+        if broken is None:
+            return None
+        error = broken.write_error
+        where = getattr(error, "filename", None) or str(self.dir.rank_log(broken.rank))
+        why = "no space left on" if getattr(error, "errno", None) == errno.ENOSPC else f"cannot write ({error}) to"
+        return "log_failed", {"failed_rank": broken.rank,
+                              "message": f"{why} {where}: rank {broken.rank}'s output could not be kept, so the job was stopped"}
 
     def _record_exits(self, stopped: set[int]) -> None:
         """Per-rank outcome; ranks dsnb had to stop are CANCELLED, not blamed."""

@@ -384,19 +384,11 @@ class ServerApp:
         response_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             yield _event(openai_api.stream_chunk(response_id, served, chat, first=True))
-        # A stop string may arrive split over pieces: hold back its length minus one character.
-        hold = max((len(s) for s in stops), default=1) - 1
-        pending, stopped = "", False
+        stop_filter = StopFilter(stops)
         while True:
             kind, value = await pieces.get()
             if kind == "text":
-                if stopped:
-                    continue
-                pending += value
-                cut = min((pending.index(s) for s in stops if s in pending), default=None)
-                if cut is not None:
-                    pending, stopped = pending[:cut], True
-                send, pending = (pending, "") if stopped or hold == 0 else (pending[:-hold], pending[-hold:])
+                send = stop_filter.feed(value)
                 if send:
                     yield _event(openai_api.stream_chunk(response_id, served, chat, text=send))
                 continue
@@ -405,8 +397,9 @@ class ServerApp:
                 break
             done: Completion = value
             self.stats.tokens.inc(done.completion_tokens)
-            if pending and not stopped:
-                yield _event(openai_api.stream_chunk(response_id, served, chat, text=pending))
+            rest = stop_filter.rest()
+            if rest:
+                yield _event(openai_api.stream_chunk(response_id, served, chat, text=rest))
             yield _event(openai_api.stream_chunk(response_id, served, chat, finish_reason=done.finish_reason))
             break
         yield b"data: [DONE]\n\n"
@@ -453,6 +446,43 @@ class ServerApp:
 DISCONNECT_POLL_S = 0.25
 #: The header a client may send to bound its request: seconds from its arrival (at most an hour).
 DEADLINE_HEADER = "x-request-timeout"
+
+
+class StopFilter:
+    """Streamed text with its first stop string and all that follows cut out.
+
+    A stop string may arrive split over pieces, so the last ``len(longest stop) - 1``
+    characters are held back until the next piece (or the end) shows whether they start one.
+
+    Example:
+        >>> stops = StopFilter(["END"])
+        >>> [stops.feed("Hello wor"), stops.feed("ld. EN"), stops.feed("D of text"), stops.feed(" more"), stops.rest()]
+        ['Hello w', 'orld. ', '', '', '']
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The text that can be sent once ``text`` was generated ("" after a stop string)."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        cut = min((self.pending.index(s) for s in self.stops if s in self.pending), default=None)
+        if cut is not None:
+            self.pending, self.stopped = self.pending[:cut], True
+        if self.stopped or self.hold == 0:
+            send, self.pending = self.pending, ""
+        else:
+            send, self.pending = self.pending[:-self.hold], self.pending[-self.hold:]
+        return send
+
+    def rest(self) -> str:
+        """The text held back, sent when the generation ends without a stop string."""
+        return "" if self.stopped else self.pending
 
 
 def _deadline(request: Request | None) -> float | None:

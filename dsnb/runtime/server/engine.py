@@ -346,53 +346,79 @@ class Engine:
         return None
 
     def _run(self, batch: list[Work]) -> None:
-        first = batch[0]
+        """Run ``batch`` on every rank and answer each of its requests with its part, or all with the batch's error."""
         try:
-            data = _combine(batch)
-        except Exception as e:  # noqa: BLE001 - requests the engine cannot put together fail, the loop goes on
-            log.exception("could not batch %d request(s)", len(batch))
+            parts = self._parts(batch)
+        except _BatchFailed as failed:
             for work in batch:
-                _deliver(work, None, e)
+                _deliver(work, None, failed.error)
             return
-        message = {"op": first.op, "data": data}
+        for work, part in zip(batch, parts):
+            _deliver(work, part, None)
+
+    def _parts(self, batch: list[Work]) -> list[Any]:
+        """Each request's part of the answer to ``batch``, which every rank ran.
+
+        Raises:
+            _BatchFailed: the requests could not be put together, a rank is gone, the model
+                failed or was stopped, or its answer could not be cut up.
+        """
+        first = batch[0]
+        message = {"op": first.op, "data": _combined(batch)}
         if not self._share(message):
-            for work in batch:
-                _deliver(work, None, RankLost(self.lost or "a rank is gone"))
-            return
+            raise _BatchFailed(RankLost(self.lost or "a rank is gone"))
+        self._count(batch)
+        result = self._result(first, message)
+        try:
+            parts = _split(first.op, result, [w.size for w in batch])
+        except Exception as e:  # noqa: BLE001 - an output dsnb cannot cut up fails its batch, not the server
+            log.exception("could not split the answer of %d request(s)", len(batch))
+            raise _BatchFailed(e) from e
+        if first.op == "tensor" and len(self._shapes_run) < MAX_SHAPES_KEPT:
+            self._shapes_run.add(first.key)
+        return parts
+
+    def _count(self, batch: list[Work]) -> None:
         if self.on_batch is not None:
             try:
                 self.on_batch(sum(w.size for w in batch))
             except Exception:  # noqa: BLE001 - metrics never stop serving
                 log.exception("the batch metric failed")
+
+    def _result(self, first: Work, message: dict[str, Any]) -> Any:
+        """The model's answer to the shared batch whose first request is ``first``.
+
+        Raises:
+            _BatchFailed: the model failed, or a generation was stopped because its client left.
+        """
+        generating = first.op == "generate"
         try:
             result = run_batch(self.runner, message, on_text=first.on_text,
-                               should_stop=(lambda: first.abandoned() is not None) if first.op == "generate" else None)
-            why = first.abandoned() if first.op == "generate" else None
+                               should_stop=(lambda: first.abandoned() is not None) if generating else None)
+            why = first.abandoned() if generating else None
             if why is not None:
                 raise Abandoned(f"stopped: {why}")
         except Exception as e:  # noqa: BLE001 - handed to the request(s) that caused it
-            if self.collective.world_size > 1 and not self._share({"op": "ping"}):
-                error: BaseException = RankLost(self.lost or "a rank is gone")
-            elif first.op == "tensor" and first.key not in self._shapes_run and not isinstance(e, Abandoned):
-                taken = ", ".join(sorted({_row_shape(key) for key in self._shapes_run})[:4])
-                error = BadRequest(f"the model could not take rows of shape {_row_shape(first.key)} ({type(e).__name__}: {e}); "
-                                   + (f"it has taken rows of shape {taken}" if taken else "check the shape the model expects"))
-            else:
-                error = e
-            for work in batch:
-                _deliver(work, None, error)
-            return
-        try:
-            parts = _split(first.op, result, [w.size for w in batch])
-        except Exception as e:  # noqa: BLE001 - an output dsnb cannot cut up fails its batch, not the server
-            log.exception("could not split the answer of %d request(s)", len(batch))
-            for work in batch:
-                _deliver(work, None, e)
-            return
-        if first.op == "tensor" and len(self._shapes_run) < MAX_SHAPES_KEPT:
-            self._shapes_run.add(first.key)
-        for work, part in zip(batch, parts):
-            _deliver(work, part, None)
+            raise _BatchFailed(self._failure(first, e)) from e
+        return result
+
+    def _failure(self, first: Work, error: Exception) -> BaseException:
+        """What the requests of a batch the model failed on are told: a lost rank, their input's shape, or ``error``."""
+        if self.collective.world_size > 1 and not self._share({"op": "ping"}):
+            return RankLost(self.lost or "a rank is gone")
+        if first.op == "tensor" and first.key not in self._shapes_run and not isinstance(error, Abandoned):
+            taken = ", ".join(sorted({_row_shape(key) for key in self._shapes_run})[:4])
+            return BadRequest(f"the model could not take rows of shape {_row_shape(first.key)} ({type(error).__name__}: {error}); "
+                              + (f"it has taken rows of shape {taken}" if taken else "check the shape the model expects"))
+        return error
+
+
+class _BatchFailed(Exception):
+    """A batch cannot be answered: every request of it gets ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _row_shape(key: Any) -> str:
@@ -409,6 +435,19 @@ def _deliver(work: Work, result: Any, error: BaseException | None) -> None:
         work.deliver(result, error)
     except Exception:  # noqa: BLE001 - a client that went away must not stop the loop
         pass
+
+
+def _combined(batch: list[Work]) -> Any:
+    """The data of every request of ``batch`` as one model input.
+
+    Raises:
+        _BatchFailed: the requests cannot be put together.
+    """
+    try:
+        return _combine(batch)
+    except Exception as e:  # noqa: BLE001 - requests the engine cannot put together fail, the loop goes on
+        log.exception("could not batch %d request(s)", len(batch))
+        raise _BatchFailed(e) from e
 
 
 def _combine(batch: list[Work]) -> Any:

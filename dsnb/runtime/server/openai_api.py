@@ -6,6 +6,10 @@ Routes (served by :mod:`dsnb.runtime.server.app`): ``GET /v1/models``, ``POST /v
 template), with ``"stream": true`` as server-sent events. Options dsnb does not honour
 (``n`` > 1, ``logprobs``, ``best_of``, tools) are refused with a 400 rather than ignored.
 
+Request bodies are read by pydantic models (:class:`CompletionPrompt` and :class:`SamplingOptions`,
+:class:`ChatRequest`, :class:`EmbeddingRequest`); the first problem found becomes a :class:`BadRequest` whose message
+names the field and the values it takes.
+
 Example:
     >>> generation, stream = parse_completion({"model": "m", "prompt": "Hi", "max_tokens": 4, "temperature": 0}, "m")
     >>> generation.max_tokens, generation.do_sample, stream
@@ -18,7 +22,19 @@ import base64
 import secrets
 import struct
 import time
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    model_validator,
+)
 
 from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, Generation, check_unicode
 
@@ -28,6 +44,176 @@ _UNSUPPORTED = ("logprobs", "top_logprobs", "best_of", "echo", "suffix", "tools"
 
 #: Characters a stop string may have (transformers prepares tables of vocabulary size x length for each).
 MAX_STOP_CHARS = 256
+
+#: What each field takes, said when pydantic finds it wrong.
+_TAKES = {
+    "n": '"n" must be 1',
+    "max_tokens": f'"max_tokens" must be a whole number in 1..{MAX_NEW_TOKENS}',
+    "max_completion_tokens": f'"max_completion_tokens" must be a whole number in 1..{MAX_NEW_TOKENS}',
+    "temperature": '"temperature" must be a number in 0..2',
+    "top_p": '"top_p" must be a number in (0, 1]',
+    "prompt": '"prompt" must be a non-empty string (one prompt per request)',
+    "stop": '"stop" must be a string or a list of at most 4 non-empty strings',
+    "seed": '"seed" must be a whole number from 0 to 2**63 - 1',
+    "stream": '"stream" must be true or false',
+    "input": '"input" must be a string or a non-empty list of strings (token ids are not accepted)',
+    "encoding_format": '"encoding_format" must be "float" or "base64"',
+    "dimensions": '"dimensions" is not supported by this model; leave it out',
+}
+_REQUIRED = {"input": '"input" is required: a string or a list of strings'}
+
+# pydantic's own ``str`` refuses a lone surrogate with a message of its own; texts are taken as
+# they are and check_unicode names the field and the character instead.
+_Text = InstanceOf[str]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _one_prompt(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _checked_prompt(prompt: str) -> str:
+    if len(prompt) > MAX_INPUT_ITEMS:
+        raise BadRequest(f'the prompt has {len(prompt)} characters, at most {MAX_INPUT_ITEMS}; shorten it')
+    check_unicode(prompt, "prompt")
+    return prompt
+
+
+def _checked_stop(stop: list[str]) -> list[str]:
+    if not all(stop):
+        raise BadRequest(_TAKES["stop"])
+    if any(len(s) > MAX_STOP_CHARS for s in stop):  # the tokenizer's stop-string tables grow with vocabulary x length
+        raise BadRequest(f'each "stop" string may have at most {MAX_STOP_CHARS} characters')
+    for text in stop:
+        check_unicode(text, "stop")
+    return stop
+
+
+def _only_one(n: Any) -> Any:
+    if n != 1:  # 1.0 and true are 1 too, as Python compares them
+        raise ValueError("n")
+    return n
+
+
+def _stop_list(value: Any) -> Any:
+    return _as_list(value or [])  # null, "" and [] all mean no stop strings
+
+
+def _new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def _seed_or_new(value: Any) -> Any:
+    return _new_seed() if value is None else value
+
+
+class CompletionPrompt(BaseModel):
+    """The prompt of a ``/v1/completions`` body: one non-empty string (a list of exactly one is taken too).
+
+    It is read before the options, so a body without a usable prompt is told so first.
+
+    Example:
+        >>> CompletionPrompt.model_validate({"prompt": ["Once"], "max_tokens": 8}).prompt
+        'Once'
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    prompt: Annotated[_Text, BeforeValidator(_one_prompt), Field(min_length=1)]
+
+
+class SamplingOptions(BaseModel):
+    """The sampling options of a completion or chat body; fields are checked in the order written here.
+
+    ``prompt`` is the text to continue (a chat's messages put through the chat template).
+    Options dsnb does not honour are refused when set to anything but ``null``, ``false`` or 0.
+
+    Example:
+        >>> SamplingOptions.model_validate({"prompt": "Hi", "stop": "END", "seed": 3}).stop
+        ['END']
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    n: Annotated[Any, AfterValidator(_only_one)] = 1
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompt: Annotated[_Text, AfterValidator(_checked_prompt)]
+    stop: Annotated[list[_Text], BeforeValidator(_stop_list), Field(max_length=4), AfterValidator(_checked_stop)] = []
+    seed: Annotated[int, BeforeValidator(_seed_or_new), Field(ge=0, lt=2**63)] = Field(default_factory=_new_seed)
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, body: Any) -> Any:
+        for name in _UNSUPPORTED if isinstance(body, dict) else ():
+            if body.get(name) not in (None, False, 0):
+                raise BadRequest(f'"{name}" is not supported by this server; leave it out')
+        return body
+
+    def generation(self) -> Generation:
+        """What to generate, as the model runner takes it."""
+        return Generation(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
+                          top_p=self.top_p, stop=list(self.stop), seed=self.seed)
+
+
+class ChatRequest(SamplingOptions):
+    """A ``/v1/chat/completions`` body; ``max_completion_tokens``, when present, is read instead of ``max_tokens``.
+
+    Example:
+        >>> ChatRequest.model_validate({"prompt": "<user>Hi", "max_completion_tokens": 5, "max_tokens": 0}).max_tokens
+        5
+    """
+
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS,
+                            validation_alias=AliasChoices("max_completion_tokens", "max_tokens"))
+
+
+class EmbeddingRequest(BaseModel):
+    """A ``/v1/embeddings`` body: texts (not token ids), answered as floats or base64.
+
+    Example:
+        >>> EmbeddingRequest.model_validate({"input": "a sentence"}).input
+        ['a sentence']
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    input: Annotated[list[_Text], BeforeValidator(_as_list), Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = None
+
+
+_Request = TypeVar("_Request", bound=BaseModel)
+
+
+def _read(model: type[_Request], body: dict[str, Any]) -> _Request:
+    """``body`` read into ``model``.
+
+    Raises:
+        BadRequest: the first problem pydantic found, said as :data:`_TAKES` says it (or as the
+            server's own check said it, for the checks the models run themselves).
+    """
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _bad_request(e) from e
+
+
+def _bad_request(error: ValidationError) -> BadRequest:
+    """The :class:`BadRequest` that says what the first field pydantic found wrong takes."""
+    problem = error.errors()[0]
+    cause = problem.get("ctx", {}).get("error")
+    if isinstance(cause, BadRequest):
+        return cause
+    name = str(problem["loc"][0]) if problem["loc"] else ""
+    if problem["type"] == "missing" and name in _REQUIRED:
+        return BadRequest(_REQUIRED[name])
+    return BadRequest(_TAKES.get(name, problem["msg"]))
 
 
 class UnknownModel(LookupError):
@@ -60,17 +246,7 @@ def parse_embeddings(body: Any, served: str) -> list[str]:
         UnknownModel: another model is named.
     """
     check_model(body, served)
-    if "input" not in body:
-        raise BadRequest('"input" is required: a string or a list of strings')
-    texts = body["input"]
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise BadRequest('"input" must be a string or a non-empty list of strings (token ids are not accepted)')
-    if body.get("encoding_format", "float") not in ("float", "base64"):
-        raise BadRequest('"encoding_format" must be "float" or "base64"')
-    if body.get("dimensions") is not None:
-        raise BadRequest('"dimensions" is not supported by this model; leave it out')
-    return texts
+    return _read(EmbeddingRequest, body).input
 
 
 def embeddings_response(served: str, vectors: list[list[float]], prompt_tokens: int, encoding_format: str = "float"
@@ -89,44 +265,6 @@ def embeddings_response(served: str, vectors: list[list[float]], prompt_tokens: 
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def _sampling(body: dict[str, Any], prompt: str, max_tokens_key: str = "max_tokens") -> tuple[Generation, bool]:
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, 0):
-            raise BadRequest(f'"{name}" is not supported by this server; leave it out')
-    if body.get("n", 1) != 1:
-        raise BadRequest('"n" must be 1')
-    max_tokens = body.get(max_tokens_key, body.get("max_tokens", 16))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise BadRequest(f'"{max_tokens_key}" must be a whole number in 1..{MAX_NEW_TOKENS}')
-    temperature = body.get("temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise BadRequest('"temperature" must be a number in 0..2')
-    top_p = body.get("top_p", 1.0)
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise BadRequest('"top_p" must be a number in (0, 1]')
-    if len(prompt) > MAX_INPUT_ITEMS:
-        raise BadRequest(f'the prompt has {len(prompt)} characters, at most {MAX_INPUT_ITEMS}; shorten it')
-    check_unicode(prompt, "prompt")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest('"stop" must be a string or a list of at most 4 non-empty strings')
-    if any(len(s) > MAX_STOP_CHARS for s in stop):  # the tokenizer's stop-string tables grow with vocabulary x length
-        raise BadRequest(f'each "stop" string may have at most {MAX_STOP_CHARS} characters')
-    for text in stop:
-        check_unicode(text, "stop")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise BadRequest('"seed" must be a whole number from 0 to 2**63 - 1')
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest('"stream" must be true or false')
-    return Generation(prompt=prompt, max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                      stop=stop, seed=seed), stream
-
-
 def parse_completion(body: Any, served: str) -> tuple[Generation, bool]:
     """The generation a ``/v1/completions`` body asks for, and whether to stream it.
 
@@ -135,12 +273,9 @@ def parse_completion(body: Any, served: str) -> tuple[Generation, bool]:
         UnknownModel: another model is named.
     """
     check_model(body, served)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest('"prompt" must be a non-empty string (one prompt per request)')
-    return _sampling(body, prompt)
+    prompt = _read(CompletionPrompt, body).prompt
+    request = _read(SamplingOptions, {**body, "prompt": prompt})
+    return request.generation(), request.stream
 
 
 def chat_messages(body: Any, served: str) -> Any:
@@ -161,7 +296,8 @@ def parse_chat(body: dict[str, Any], prompt: str) -> tuple[Generation, bool]:
     Raises:
         BadRequest: options out of range.
     """
-    return _sampling(body, prompt, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
+    request = _read(ChatRequest, {**body, "prompt": prompt})
+    return request.generation(), request.stream
 
 
 def new_id(prefix: str) -> str:
