@@ -163,8 +163,37 @@ class MetricChunk:
 class Backend(abc.ABC):
     """The contract every backend fulfils; ``tests/conformance`` checks it for each one.
 
-    Reading is incremental and never blocks: ``read_logs``/``read_metrics`` return what is
-    new since a cursor, and :class:`dsnb.job.Job` builds following, tails and views on top.
+    **A backend implements** what differs from one place of running to another:
+
+    - ``render(spec) -> Plan``: what would be created or run for ``spec``, which already
+      carries its unique name. Pure: it starts and creates nothing, and refuses what cannot
+      run there with :class:`~dsnb.errors.InvalidSpecError`.
+    - ``apply(plan)``: create or start what the plan says.
+    - ``status(name)``, ``jobs()``, ``spec_of(name)``: read the state back, from the running
+      system or the job's record, so that any process can attach.
+    - ``read_logs(name, cursor, rank)`` and ``read_metrics(name, cursor)``: what is new since
+      ``cursor``; bounded and non-blocking.
+    - ``stop_running(name, status)``: stop a job that has not ended, and delete what it holds.
+
+    Optionally: ``options`` (its constructor's keywords as data: the CLI's flags and the form's
+    fields), ``profiles`` (what it suits, for the advisor), ``unique_spec`` (a name unique in
+    its own namespace), ``read_log_tail``, ``check`` (a preflight report), ``close``, and
+    serving (``serve_plan``, ``apply_serve``, ``endpoint_*``, ``stop_endpoint``, ``endpoints``),
+    which a backend that runs jobs gets by serving a model as an always-on job.
+
+    **A backend gets**, written once here: ``dryrun`` (a unique name, then ``render``),
+    ``submit`` (``dryrun`` then ``apply``), ``cancel`` (an ended job is returned as it is,
+    without a call to ``stop_running``), registration by name (:func:`register_backend`,
+    which refuses to overwrite unless told), and :class:`dsnb.job.Job`'s following, tails,
+    waits and views on top of the cursors.
+
+    Example:
+        >>> from dsnb.backends.local import LocalBackend
+        >>> issubclass(LocalBackend, Backend), [option.name for option in LocalBackend.options]
+        (True, ['home'])
+
+    Raises:
+        TypeError: from the constructor, for an option the backend does not declare.
     """
 
     #: Registry name, e.g. ``"local"``.
