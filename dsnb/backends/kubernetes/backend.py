@@ -253,7 +253,7 @@ class KubernetesBackend(Backend):
                 return "default"  # a dry run without any cluster configured
         return self._namespace
 
-    def _api_error(self, e: ApiException, doing: str) -> ClusterError:
+    def api_error(self, e: ApiException, doing: str) -> ClusterError:
         """A clear error for a refused request: what was refused, and how to fix it."""
         where = f"namespace {self.namespace!r} on {self.conn.host}"
         if e.status == 403:
@@ -282,7 +282,7 @@ class KubernetesBackend(Backend):
     def _unreachable(self, informer: Informer) -> ClusterError:
         error = informer.error
         if isinstance(error, ApiException):
-            return self._api_error(error, "list and watch its objects")
+            return self.api_error(error, "list and watch its objects")
         return ClusterError(f"the Kubernetes API at {self.conn.host}", f"did not answer within {SYNC_TIMEOUT_S} s ({error})",
                             "check the cluster is up and your kubeconfig points at it (kubectl get pods)")
 
@@ -304,7 +304,7 @@ class KubernetesBackend(Backend):
             raise self._unreachable(informer)
         if informer.refused is not None:  # listed, but the watch that keeps the cache current is refused
             what = {"pods": "pods", "records": "ConfigMaps (job records)"}.get(kind) or self.workload_resource[2]  # type: ignore[index]
-            raise self._api_error(informer.refused, f"watch {what}")
+            raise self.api_error(informer.refused, f"watch {what}")
         return informer
 
     # -- records ---------------------------------------------------------------------------
@@ -318,11 +318,16 @@ class KubernetesBackend(Backend):
         return sorted(r["metadata"]["name"] for r in self._informer("records").items()
                       if (r["metadata"].get("labels") or {}).get(BACKEND) == self.record_label)
 
-    def _job_pods(self, name: str) -> list[dict[str, Any]]:
+    def job_pods(self, name: str) -> list[dict[str, Any]]:
+        """The job's pods (those labelled with its name), from the pods' watch cache.
+
+        Raises:
+            ClusterError: the pods may not be listed or watched.
+        """
         return self._informer("pods").items(lambda p: (p["metadata"].get("labels") or {}).get(JOB) == name)
 
     def _log_pods(self, name: str) -> list[dict[str, Any]]:
-        return [pod for pod in self._job_pods(name) if self.logs_from(pod)]
+        return [pod for pod in self.job_pods(name) if self.logs_from(pod)]
 
     def spec_of(self, name: str) -> JobSpec:
         if name not in self._specs:
@@ -342,7 +347,7 @@ class KubernetesBackend(Backend):
         except ApiException as e:
             if e.status == 409:
                 raise InvalidSpecError("name", f"a job called {plan.name!r} exists already", "submit again (a new suffix is drawn)") from e
-            raise self._api_error(e, f"create ConfigMap {plan.name!r}") from e
+            raise self.api_error(e, f"create ConfigMap {plan.name!r}") from e
         owner = objects.owner_reference(created)
         made: dict[str, str] = {}
         for manifest in rest:
@@ -353,12 +358,12 @@ class KubernetesBackend(Backend):
                 made[f"{manifest['kind']}/{manifest['metadata']['name']}"] = objects.create(self.conn, body)["metadata"]["uid"]
             except ApiException as e:
                 objects.delete(self.conn, "v1", "ConfigMap", plan.name)  # collects what was created
-                raise self._api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
+                raise self.api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
         try:  # what the job's end may delete: these objects, by uid, and nothing else of those names
             objects.patch_config_map_data(self.conn, plan.name, {OBJECTS_KEY: json.dumps(made, separators=(",", ":"))})
         except ApiException as e:
             objects.delete(self.conn, "v1", "ConfigMap", plan.name)
-            raise self._api_error(e, f"patch ConfigMap {plan.name!r}") from e
+            raise self.api_error(e, f"patch ConfigMap {plan.name!r}") from e
         self._specs[plan.name] = plan.spec
         if (record["metadata"].get("labels") or {}).get(KIND) == "record":  # a job's record, which the records' watch sees
             self._await_cached(plan.name)
@@ -472,7 +477,7 @@ class KubernetesBackend(Backend):
         if final:
             return JobStatus.from_dict(json.loads(final))
         created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
-        pods = self._job_pods(name)
+        pods = self.job_pods(name)
         workload = self.workload_state(name, record)
         current = self.compute_status(name, self.spec_of(name), created, pods, None, workload)
         if current.state in (JobState.PENDING, JobState.STARTING):
@@ -556,7 +561,7 @@ class KubernetesBackend(Backend):
             lines, _ = logs.read(0, None, 10**9)
             if refused:  # the job still ends and is cleaned up; its status says why it has no logs
                 pod, error = refused[0]
-                why = self._api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
+                why = self.api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
                 kept = "only the end each node kept in the job's record is shown" if lines else "its logs were not kept"
                 final = dataclasses.replace(final, message=f"{final.message}; {kept}: {why}".lstrip("; "))
             samples, _ = logs.samples(0)
@@ -573,7 +578,7 @@ class KubernetesBackend(Backend):
                 })
             except ApiException as e:
                 if e.status != 409:
-                    raise self._api_error(e, f"keep the logs of {name!r}") from e
+                    raise self.api_error(e, f"keep the logs of {name!r}") from e
             try:
                 objects.patch_config_map_data(self.conn, name, {"status.json": json.dumps(final.to_dict())})
                 made = _made_objects(record)
@@ -582,7 +587,7 @@ class KubernetesBackend(Backend):
                     if uid is not None:  # only what this job created: an object of that name with another uid is left alone
                         objects.delete(self.conn, api_version, kind, name + suffix, uid=uid)
             except ApiException as e:
-                raise self._api_error(e, f"end job {name!r}") from e
+                raise self.api_error(e, f"end job {name!r}") from e
             self._stop_followers(name)
             self._ended[name] = final
             return final
@@ -599,7 +604,7 @@ class KubernetesBackend(Backend):
         pods = self._informer("pods")
         deadline = time.monotonic() + self.cancel_wait
         seen = pods.version
-        while self._job_pods(name) and time.monotonic() < deadline:
+        while self.job_pods(name) and time.monotonic() < deadline:
             seen = pods.wait_for_change(seen, min(1.0, deadline - time.monotonic()))
         return final
 
@@ -643,8 +648,13 @@ class KubernetesBackend(Backend):
         for follower in self._followers.pop(name, {}).values():
             follower.stop()
 
-    def _job_logs(self, name: str) -> JobLogs:
-        """The job's line buffer: live (following its pods) or loaded from the archive."""
+    def job_logs(self, name: str) -> JobLogs:
+        """The job's line buffer: live (following its pods) or loaded from the archive.
+
+        Raises:
+            JobNotFound: no such job.
+            ClusterError: a pod's log or the archive may not be read.
+        """
         record = self._record(name)
         ended = name in self._ended or bool(record.get("data", {}).get("status.json"))
         with self._lock:
@@ -665,19 +675,19 @@ class KubernetesBackend(Backend):
                         follower.catch_up()
                     except ApiException as e:
                         if e.status in (401, 403):
-                            raise self._api_error(e, f"read the log of pod {pod_name!r}") from e
+                            raise self.api_error(e, f"read the log of pod {pod_name!r}") from e
                         # else not started yet: the follower retries
                     followers[pod_name] = follower.start()
             for pod_name, follower in followers.items():
                 if follower.refused is not None:
-                    raise self._api_error(follower.refused, f"read the log of pod {pod_name!r}")
+                    raise self.api_error(follower.refused, f"read the log of pod {pod_name!r}")
         return logs
 
     def _load_archive(self, name: str, logs: JobLogs) -> None:
         try:
             archive = objects.read(self.conn, "v1", "ConfigMap", f"{name}-logs")
         except ApiException as e:
-            raise self._api_error(e, f"read the logs of {name!r}") from e
+            raise self.api_error(e, f"read the logs of {name!r}") from e
         data = (archive or {}).get("data") or {}
         for row in data.get("logs.jsonl", "").splitlines():
             rank, when, text = json.loads(row)
@@ -685,15 +695,15 @@ class KubernetesBackend(Backend):
         logs.add_samples(MetricSample(**json.loads(row)) for row in data.get("metrics.jsonl", "").splitlines())
 
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        lines, position = self._job_logs(name).read(cursor or 0, rank, READ_LIMIT)
+        lines, position = self.job_logs(name).read(cursor or 0, rank, READ_LIMIT)
         return LogChunk(lines=lines, cursor=position)
 
     def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
-        lines, position = self._job_logs(name).tail(count, rank)
+        lines, position = self.job_logs(name).tail(count, rank)
         return LogChunk(lines=lines, cursor=position)
 
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        samples, position = self._job_logs(name).samples(cursor or 0)
+        samples, position = self.job_logs(name).samples(cursor or 0)
         return MetricChunk(samples=samples, cursor=position)
 
     def close(self) -> None:

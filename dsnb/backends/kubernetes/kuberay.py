@@ -265,7 +265,7 @@ class KubeRayBackend(KubernetesBackend):
         return PodLogFollower(self.conn.core, self.namespace, pod_name, self.container_name, lambda: pods.get(pod_name), wait, sink)
 
     def _submitter_done(self, name: str) -> bool:
-        for pod in self._job_pods(name):
+        for pod in self.job_pods(name):
             if self.logs_from(pod) and (container_status(pod, self.container_name).get("state") or {}).get("running"):
                 return False
         return True
@@ -400,13 +400,13 @@ class KubeRayBackend(KubernetesBackend):
                 self.namespace, label_selector=f"{ENDPOINT_SELECTOR},{BACKEND}={self.record_label}", _preload_content=False)
             return list(objects.read_json(response).get("items") or [])
         except ApiException as e:
-            raise self._api_error(e, "list ConfigMaps") from e
+            raise self.api_error(e, "list ConfigMaps") from e
 
     def _endpoint_record(self, name: str) -> dict[str, Any] | None:
         try:
             record = objects.read(self.conn, "v1", "ConfigMap", name)
         except ApiException as e:
-            raise self._api_error(e, f"read ConfigMap {name!r}") from e
+            raise self.api_error(e, f"read ConfigMap {name!r}") from e
         labels = ((record or {}).get("metadata") or {}).get("labels") or {}
         return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.record_label else None
 
@@ -417,7 +417,7 @@ class KubeRayBackend(KubernetesBackend):
         try:
             return objects.read(self.conn, API_VERSION, "RayService", name)
         except ApiException as e:
-            raise self._api_error(e, f"read RayService {name!r}") from e
+            raise self.api_error(e, f"read RayService {name!r}") from e
 
     def endpoint_url(self, name: str) -> str:
         """KubeRay's serve Service in the cluster, ``http://<name>-serve-svc.<namespace>.svc.cluster.local:8000/``,
@@ -433,7 +433,7 @@ class KubeRayBackend(KubernetesBackend):
             if name in self._stopped_endpoints:
                 return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped")
             raise self._endpoint_not_found(name)
-        return self.serve_status(name, _created(record), self._rayservice(name), self._job_pods(name))
+        return self.serve_status(name, _created(record), self._rayservice(name), self.job_pods(name))
 
     def stop_endpoint(self, name: str) -> JobStatus:
         """Delete the record: the RayService (its Ray cluster and pods) and the Secret go with it.
@@ -452,12 +452,12 @@ class KubeRayBackend(KubernetesBackend):
         try:
             objects.delete(self.conn, "v1", "ConfigMap", name)
         except ApiException as e:
-            raise self._api_error(e, f"delete the endpoint {name!r}") from e
+            raise self.api_error(e, f"delete the endpoint {name!r}") from e
         self._stopped_endpoints.add(name)
         pods = self._informer("pods")
         deadline = time.monotonic() + self.cancel_wait
         seen = pods.version
-        while (self._job_pods(name) or self._rayservice(name) is not None) and time.monotonic() < deadline:
+        while (self.job_pods(name) or self._rayservice(name) is not None) and time.monotonic() < deadline:
             seen = pods.wait_for_change(seen, min(0.5, max(0.0, deadline - time.monotonic())))
         return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped by the user",
                          created_at=_created(record), finished_at=time.time())
@@ -472,11 +472,11 @@ class KubeRayBackend(KubernetesBackend):
                                                                     label_selector=MANAGED_SELECTOR)
         except ApiException as e:
             if e.status != 404:
-                raise self._api_error(e, "list RayServices") from e
+                raise self.api_error(e, "list RayServices") from e
             listed = {}
         services = {s["metadata"]["name"]: s for s in listed.get("items") or []}
         return [self.serve_status(r["metadata"]["name"], _created(r), services.get(r["metadata"]["name"]),
-                                  self._job_pods(r["metadata"]["name"])) for r in records]
+                                  self.job_pods(r["metadata"]["name"])) for r in records]
 
     def serve_status(self, name: str, created_at: float | None, service: dict[str, Any] | None,
                      pods: list[dict[str, Any]]) -> JobStatus:
