@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -43,6 +43,9 @@ from dsnb.runtime.pod_entry import Outcome
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import LAUNCHER_LINE_RANK, JobState, JobStatus, MetricSample
 
+if TYPE_CHECKING:
+    from dsnb.serving.spec import ServeSpec
+
 KIND = "dsnb.io/kind"
 BACKEND = "dsnb.io/backend"
 CREATED = "dsnb.io/created-at"
@@ -62,8 +65,16 @@ ARCHIVE_LOG_BYTES = 700_000
 ARCHIVE_METRIC_BYTES = 250_000
 
 
-def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[str, Any]:
-    """The record ConfigMap of a job: its spec (secrets shown as ``***``) and the files its pods mount."""
+def record_manifest(spec: JobSpec | ServeSpec, backend: str, files: dict[str, str], kind: str = "record") -> dict[str, Any]:
+    """The record ConfigMap of a job (``kind`` ``"record"``) or of an endpoint: its spec (secrets shown
+    as ``***``) and the files its pods mount.
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> record = record_manifest(JobSpec(name="a-x1y2", script="t.py", env={"HF_TOKEN": "hf_x"}), "statefulset", {})
+        >>> record["metadata"]["labels"]["dsnb.io/kind"], json.loads(record["data"]["spec.json"])["env"]
+        ('record', {'HF_TOKEN': '***'})
+    """
     data = spec.to_dict()
     data["env"] = redact_env(spec.env)
     return {
@@ -71,7 +82,7 @@ def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[
         "kind": "ConfigMap",
         "metadata": {
             "name": spec.name,
-            "labels": {**job_labels(spec.name), KIND: "record", BACKEND: backend},
+            "labels": {**job_labels(spec.name), KIND: kind, BACKEND: backend},
             "annotations": {CREATED: f"{time.time():.3f}"},
         },
         "data": {"spec.json": json.dumps(data, indent=1), **files},
@@ -389,13 +400,22 @@ class KubernetesBackend(Backend):
         Raises:
             InvalidSpecError: the spec cannot run on this backend (see :meth:`render_workload`).
         """
-        namespace = self.namespace
-        secret = env_secret(spec, namespace)
+        secret = env_secret(spec, self.namespace)
         work = self.render_workload(spec, secret)
-        manifests = [record_manifest(spec, self.record_label, work.files), *([secret.manifest] if secret.manifest else []),
-                     *work.manifests]
+        return self.assemble(spec, record_manifest(spec, self.record_label, work.files), secret, work)
+
+    def assemble(self, spec: JobSpec, record: dict[str, Any], secret: EnvSecret, work: Workload) -> Plan:
+        """The plan of ``spec``: in creation order the ``record`` (which owns the rest), the ``secret`` (if the
+        spec has secret values), the ``work``'s manifests and, with ``PodOptions(network_policy=True)``, the
+        NetworkPolicy, all in the namespace; the notes of ``work`` and ``secret``.
+
+        Raises:
+            Nothing: no cluster is contacted (the namespace comes from the kubeconfig, else ``default``).
+        """
+        namespace = self.namespace
+        manifests = [record, *([secret.manifest] if secret.manifest else []), *work.manifests]
         if self.pod_options.network_policy:
-            manifests.append(network_policy(spec.name, namespace, work.ingress))
+            manifests.append(network_policy(record["metadata"]["name"], namespace, work.ingress))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         return Plan(backend=self.name, spec=spec, manifests=manifests, notes=[*work.notes, *secret.notes],

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import posixpath
 import threading
 import time
@@ -78,7 +77,7 @@ from dsnb.backends.kubernetes.kuberay_status import (
 )
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
-from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
+from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving
 from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
@@ -92,7 +91,7 @@ from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.serving.spec import InvalidSpecError as ServeSpecError
 from dsnb.serving.spec import ServeSpec
-from dsnb.spec import JobSpec, Resources, redact_env
+from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -348,18 +347,6 @@ class KubeRayBackend(KubernetesBackend):
         app["runtime_env"]["env_vars"] = {k: v for k, v in app["runtime_env"]["env_vars"].items() if k not in hidden}
         rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,
                                        head_resources=self.head_resources, application=app)
-        secret = env_secret(cluster_spec, namespace)
-        record = record_manifest(cluster_spec, self.record_label, {})
-        record["metadata"]["labels"][KIND] = ENDPOINT_KIND
-        shown = unique.to_dict()
-        shown["env"] = redact_env(unique.env)
-        record["data"]["spec.json"] = json.dumps(shown, indent=1)
-        manifests = [record, *([secret.manifest] if secret.manifest else []), rayservice]
-        if self.pod_options.network_policy:  # KubeRay asks the head's dashboard for Serve's status
-            manifests.append(network_policy(name, namespace, [{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}]))
-            allow_serving(manifests, SERVE_PORT, self.pod_options.serve_ingress_from)
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = namespace
         replicas = (f"{unique.min_replicas}..{unique.max_replicas} replicas (autoscaling)" if unique.autoscaling
                     else f"{unique.replicas} replica(s)")
         notes = [
@@ -372,12 +359,16 @@ class KubeRayBackend(KubernetesBackend):
             f"in-cluster URL: {self._in_cluster_url(name)} (KubeRay's serve Service, made once the application runs); "
             f"from outside: kubectl port-forward -n {namespace} svc/{name}-serve-svc {SERVE_PORT} and "
             f"serve_url='http://127.0.0.1:{SERVE_PORT}'",
-            *secret.notes,
         ]
         if unique.model_kind == "huggingface":
             notes.insert(2, f"the model directory {unique.model} must exist in the pods (in the image or on a mounted volume)")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,  # type: ignore[arg-type]
-                    extra={"secret_values": secret.values})
+        # Assembled as a job's plan, but its record holds the ServeSpec (what a new kernel reads back), under
+        # kind "endpoint" so that jobs() leaves it out. KubeRay asks the head's dashboard for Serve's status.
+        record = record_manifest(unique, self.record_label, {}, kind=ENDPOINT_KIND)
+        work = Workload([rayservice], notes, ingress=[{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}])
+        plan = self.assemble(unique, record, env_secret(cluster_spec, namespace), work)  # type: ignore[arg-type]
+        allow_serving(plan.manifests, SERVE_PORT, self.pod_options.serve_ingress_from)  # into the NetworkPolicy, if any
+        return plan
 
     def apply_serve(self, plan: Plan) -> None:
         """Create the record, then the Secret and the RayService owned by it; undo all on a refusal.
