@@ -39,10 +39,10 @@ class ScriptedExposure(ServiceExposure):
     def __init__(self, backend: ScriptedServing) -> None:
         self.backend = backend
 
-    def endpoint_url(self, name: str, spec: Any) -> str:
+    def endpoint_url(self, name: str) -> str:
         return self.backend.endpoint_url(name)
 
-    def server_ready(self, name: str, spec: Any, status: Any) -> tuple[bool, str]:
+    def server_ready(self, name: str, status: Any) -> tuple[bool, str]:
         return self.backend.server_ready(name, status)
 
 

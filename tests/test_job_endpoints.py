@@ -18,7 +18,14 @@ from dsnb.backends.logbuffer import JobLogs
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.serving import ServeSpec, job_serving
 from dsnb.serving.endpoint import Endpoint
-from dsnb.serving.job_serving import TOKEN_ENV, EndpointsAsJobs, JobEndpoints, ServiceExposure, is_serving_job
+from dsnb.serving.job_serving import (
+    TOKEN_ENV,
+    EndpointsAsJobs,
+    JobEndpoints,
+    ServiceExposure,
+    is_serving_job,
+    serving_spec,
+)
 from dsnb.status import JobState, JobStatus
 
 URL = "http://127.0.0.1:39051/"
@@ -76,15 +83,18 @@ class Recording(ServiceExposure):
     def expose(self, plan: Plan, spec: ServeSpec) -> None:
         plan.notes.append(f"exposed on port {spec.port}")
 
-    def endpoint_url(self, name: str, spec: JobSpec) -> str:
+    def applied(self, plan: Plan) -> None:
+        self.asked.append(("applied", plan.name))
+
+    def endpoint_url(self, name: str) -> str:
         self.asked.append(("url", name))
         return URL
 
-    def endpoint_token(self, name: str, spec: JobSpec) -> str | None:
+    def endpoint_token(self, name: str) -> str | None:
         self.asked.append(("token", name))
-        return "kept-elsewhere-token"
+        return "kept-token"
 
-    def server_ready(self, name: str, spec: JobSpec, status: JobStatus) -> tuple[bool, str]:
+    def server_ready(self, name: str, status: JobStatus) -> tuple[bool, str]:
         self.asked.append(("ready", name))
         return (True, f"ready at {URL}") if self.ready else (False, "loading the model")
 
@@ -133,33 +143,27 @@ def test_only_serving_jobs_are_endpoints(backend) -> None:
     backend.submit(JobSpec(name="train", command=["python", "train.py"]))
     assert [s.name for s in backend.endpoints()] == [name]
     batch = next(n for n in backend.specs if n.startswith("train-"))
-    for call in (backend.endpoint_status, backend.endpoint_url, backend.stop_endpoint, backend.endpoint_headers):
+    for call in (backend.endpoint_status, backend.stop_endpoint, lambda n: serving_spec(backend, n)):
         with pytest.raises(JobNotFound) as error:
             call(batch)
-        assert "endpoint" in str(error.value) and name in str(error.value)  # names the endpoints there are
-    with pytest.raises(JobNotFound, match="endpoint 'nope-x1y2'"):
-        backend.endpoint_url("nope-x1y2")
+        assert f"endpoint {batch!r} not found" in str(error.value) and name in str(error.value)  # names the endpoints there are
+    assert backend.cancelled == []
 
 
-def test_the_token_of_an_endpoint_served_here_is_kept_and_one_served_elsewhere_is_asked_once(backend) -> None:
+def test_the_exposure_gives_the_address_and_the_token_and_hears_of_each_start(backend) -> None:
     exposure = backend.job_endpoints.exposure
-    name = serve(backend, token="served-here-token")
-    assert backend.endpoint_headers(name) == {"Authorization": "Bearer served-here-token"}
-    assert ("token", name) not in exposure.asked
-    another = MemoryJobs(exposure)  # a new kernel: the same jobs, nothing kept
-    another.specs = backend.specs
-    assert another.endpoint_headers(name) == {"Authorization": "Bearer kept-elsewhere-token"}
-    assert another.endpoint_headers(name) == {"Authorization": "Bearer kept-elsewhere-token"}
-    assert exposure.asked.count(("token", name)) == 1
+    name = serve(backend)
+    assert backend.endpoint_url(name) == URL
+    assert backend.endpoint_headers(name) == {"Authorization": "Bearer kept-token"}
+    assert exposure.asked == [("applied", name), ("url", name), ("token", name)]
 
 
 def test_stop_cancels_the_job_forgets_the_endpoint_and_can_be_called_again(backend) -> None:
     exposure = backend.job_endpoints.exposure
-    name = serve(backend, token="served-here-token")
+    name = serve(backend)
     assert backend.stop_endpoint(name).state == JobState.CANCELLED
-    assert backend.cancelled == [name] and ("forget", name) in exposure.asked
+    assert backend.cancelled == [name] and exposure.asked[-1] == ("forget", name)
     assert backend.stop_endpoint(name).state == JobState.CANCELLED and backend.cancelled == [name]
-    assert backend.endpoint_headers(name) == {"Authorization": "Bearer kept-elsewhere-token"}  # no longer kept here
 
 
 def test_an_endpoint_of_a_job_backend_reads_its_jobs_logs(backend) -> None:
@@ -167,17 +171,17 @@ def test_an_endpoint_of_a_job_backend_reads_its_jobs_logs(backend) -> None:
     assert not Endpoint(object(), "tiny-abcd").served_as_job  # type: ignore[arg-type]
 
 
-def test_the_default_exposure_asks_the_server_and_reads_the_token_from_the_spec() -> None:
+def test_the_default_exposure_asks_the_server_and_keeps_no_token() -> None:
     class Unreachable(ServiceExposure):
-        def endpoint_url(self, name: str, spec: JobSpec) -> str:
+        def endpoint_url(self, name: str) -> str:
             raise ClusterError(f"endpoint {name!r}", "has no address yet", "wait")
 
-    spec = ServeSpec(name="tiny", model="models:build", token="served-here-token").to_job_spec()
     status = JobStatus(name="tiny", backend="memory", state=JobState.RUNNING)
-    ready, message = Unreachable().server_ready("tiny", spec, status)
+    ready, message = Unreachable().server_ready("tiny", status)
     assert not ready and message.startswith("waiting for the server's address (endpoint 'tiny': has no address yet")
-    assert Unreachable().endpoint_token("tiny", spec) == "served-here-token"
-    assert Unreachable().serving_job(ServeSpec(name="tiny", model="models:build")).env == {}
+    assert Unreachable().endpoint_token("tiny") is None
+    assert Unreachable().serving_job(ServeSpec(name="tiny", model="models:build", token="served-token")).env == {
+        TOKEN_ENV: "served-token"}
 
 
 # -- readiness on Kubernetes ----------------------------------------------------------------------
@@ -211,16 +215,30 @@ def test_readiness_from_rank_0s_lines(report: Any, state: JobState, expected: tu
 
 
 class StandInHost:
-    """What KubernetesExposure uses of a Kubernetes job backend, without a cluster."""
+    """What KubernetesExposure uses of a Kubernetes job backend, without a cluster: one endpoint, tiny-abcd."""
 
+    name = "mpijob"
     namespace = "ml"
     container_name = "dsnb"
     probe_is_readyz = False
     readiness_note = "readiness: rank 0's lines"
 
-    def __init__(self) -> None:
+    def __init__(self, **fields: Any) -> None:
         self.pods: list[dict[str, Any]] = []
         self.logs = JobLogs()
+        self.spec = ServeSpec(name="tiny-abcd", model="models:build", port=9000, **fields).to_job_spec()
+
+    @property
+    def conn(self) -> Any:
+        raise ClusterError("the Kubernetes API", "is not there in this test", "read no Secret")
+
+    def jobs(self) -> list[JobStatus]:
+        return [JobStatus(name="tiny-abcd", backend=self.name, state=JobState.RUNNING)]
+
+    def spec_of(self, name: str) -> JobSpec:
+        if name != "tiny-abcd":
+            raise JobNotFound(name, self.name)
+        return self.spec
 
     def serving_selector(self, name: str) -> dict[str, str]:
         return {"dsnb.io/job": name, "node": "0"}
@@ -241,32 +259,42 @@ def pod(name: str, node: str, running: bool) -> dict[str, Any]:
 def test_kubernetes_readiness_follows_rank_0s_pod_and_its_last_serve_line() -> None:
     host = StandInHost()
     exposure = KubernetesExposure(host)  # type: ignore[arg-type]
-    spec = ServeSpec(name="tiny-abcd", model="models:build", port=9000).to_job_spec()
     running = JobStatus(name="tiny-abcd", backend="mpijob", state=JobState.RUNNING, message="running")
     host.pods = [pod("tiny-abcd-worker-1", "1", True)]
-    assert exposure.server_ready("tiny-abcd", spec, running) == (False, "running")  # rank 0's pod is not there
+    assert exposure.server_ready("tiny-abcd", running) == (False, "running")  # rank 0's pod is not there
     host.pods.append(pod("tiny-abcd-worker-0", "0", False))
-    assert exposure.server_ready("tiny-abcd", spec, running) == (False, "running")
+    assert exposure.server_ready("tiny-abcd", running) == (False, "running")
     host.pods[-1] = pod("tiny-abcd-worker-0", "0", True)
     host.logs.add(1, 'DSNB_SERVE {"ready": true}', 1.0)  # another rank's line counts for nothing
-    assert exposure.server_ready("tiny-abcd", spec, running)[1].startswith("loading the model")
+    assert exposure.server_ready("tiny-abcd", running)[1].startswith("loading the model")
     host.logs.add(0, 'DSNB_SERVE {"ready": true, "url": "http://0.0.0.0:9000/"}', 2.0)
-    assert exposure.server_ready("tiny-abcd", spec, running) == (True, "ready: rank 0 (pod tiny-abcd-worker-0) answers on port 9000")
+    assert exposure.server_ready("tiny-abcd", running) == (True, "ready: rank 0 (pod tiny-abcd-worker-0) answers on port 9000")
     host.logs.add(0, 'DSNB_SERVE {"ready": false, "reason": "stopped"}', 3.0)
-    assert exposure.server_ready("tiny-abcd", spec, running)[1].endswith("is not ready: stopped")
+    assert exposure.server_ready("tiny-abcd", running)[1].endswith("is not ready: stopped")
     exposure.forget("tiny-abcd")  # read again from the start: the last line still says stopped
-    assert exposure.server_ready("tiny-abcd", spec, running)[1].endswith("is not ready: stopped")
+    assert exposure.server_ready("tiny-abcd", running)[1].endswith("is not ready: stopped")
 
 
 def test_kubernetes_urls_and_a_name_too_long_for_the_service() -> None:
     host = StandInHost()
-    spec = ServeSpec(name="tiny-abcd", model="models:build", port=9000).to_job_spec()
-    assert KubernetesExposure(host).endpoint_url("tiny-abcd", spec) == "http://tiny-abcd-serve.ml.svc:9000/"  # type: ignore[arg-type]
+    assert KubernetesExposure(host).endpoint_url("tiny-abcd") == "http://tiny-abcd-serve.ml.svc:9000/"  # type: ignore[arg-type]
     forwarded = KubernetesExposure(host, "https://{name}.{namespace}.example.com:{port}/")  # type: ignore[arg-type]
-    assert forwarded.endpoint_url("tiny-abcd", spec) == "https://tiny-abcd.ml.example.com:9000/"
-    assert TOKEN_ENV not in spec.env
-    assert KubernetesExposure(host).endpoint_token("tiny-abcd", spec) is None  # served without a token: no Secret is read
+    assert forwarded.endpoint_url("tiny-abcd") == "https://tiny-abcd.ml.example.com:9000/"
+    with pytest.raises(JobNotFound, match="endpoint 'nope-x1y2' not found on backend 'mpijob'.*known: tiny-abcd"):
+        forwarded.endpoint_url("nope-x1y2")
     long = ServeSpec(name="x" * 58, model="models:build")
     plan = Plan(backend="mpijob", spec=long.to_job_spec())  # <name>-serve: 64 characters
     with pytest.raises(InvalidSpecError, match="ServeSpec.name: .* leaves no room for its Service"):
         KubernetesExposure(host).expose(plan, long)  # type: ignore[arg-type]
+
+
+def test_the_kubernetes_token_is_kept_from_the_start_and_read_from_the_secret_after() -> None:
+    exposure = KubernetesExposure(StandInHost())  # type: ignore[arg-type]
+    assert exposure.endpoint_token("tiny-abcd") is None  # served without a token: no Secret is read
+    exposure = KubernetesExposure(StandInHost(token="served-token"))  # type: ignore[arg-type]
+    plan = Plan(backend="mpijob", spec=exposure.host.spec, extra={"secret_values": {"tiny-abcd-env": {TOKEN_ENV: "served-token"}}})
+    exposure.applied(plan)
+    assert exposure.endpoint_token("tiny-abcd") == "served-token"
+    exposure.forget("tiny-abcd")
+    with pytest.raises(ClusterError, match="read no Secret"):  # another kernel reads the Secret
+        exposure.endpoint_token("tiny-abcd")

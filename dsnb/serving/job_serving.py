@@ -6,7 +6,8 @@ over the ranks) and rank 0 answers HTTP; the job's logs, metrics, status and can
 serve the endpoint too. It reaches the backend only through the job contract of
 :class:`~dsnb.backends.base.Backend` (``dryrun``, ``apply``, ``status``, ``cancel``,
 ``jobs``, ``spec_of``). What differs per backend family (which job runs the server, how it
-is made reachable, where it answers, how readiness is read) is a :class:`ServiceExposure`.
+is made reachable, where it answers, its token, how readiness is read) is a
+:class:`ServiceExposure`.
 
 A backend lists :class:`EndpointsAsJobs` among its bases and sets ``self.job_endpoints``;
 its serving methods then forward there.
@@ -24,10 +25,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import threading
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from dsnb.errors import JobNotFound
 from dsnb.status import JobState, JobStatus
@@ -51,6 +52,54 @@ def is_serving_job(spec: JobSpec) -> bool:
         True
     """
     return list((spec.command or [])[1:3]) == ["-m", "dsnb.runtime.server"]
+
+
+class JobCatalog(Protocol):
+    """The part of the job contract that finds a served model's job again."""
+
+    @property
+    def name(self) -> str:
+        """The backend's registry name."""
+        ...
+
+    def jobs(self) -> list[JobStatus]:
+        """Statuses of the jobs the backend can see, newest first."""
+        ...
+
+    def spec_of(self, name: str) -> JobSpec:
+        """The spec a job was submitted with. Raises: JobNotFound."""
+        ...
+
+
+def serving_jobs(catalog: JobCatalog) -> Iterator[JobStatus]:
+    """The statuses of the jobs of ``catalog`` that run the model server, newest first."""
+    for status in catalog.jobs():
+        try:
+            if is_serving_job(catalog.spec_of(status.name)):
+                yield status
+        except JobNotFound:
+            continue  # deleted meanwhile
+
+
+def serving_spec(catalog: JobCatalog, name: str) -> JobSpec:
+    """The stored spec of endpoint ``name`` of ``catalog``.
+
+    Raises:
+        JobNotFound: no job of that name, or a job that serves nothing (kind endpoint, naming the endpoints there are).
+
+    Example:
+        >>> from dsnb.backends.local import LocalBackend
+        >>> serving_spec(LocalBackend(home="/nonexistent"), "tiny-x7k2")
+        Traceback (most recent call last):
+        dsnb.errors.JobNotFound: endpoint 'tiny-x7k2' not found on backend 'local'; list endpoints with cluster.endpoints()
+    """
+    try:
+        spec = catalog.spec_of(name)
+    except JobNotFound:
+        spec = None
+    if spec is None or not is_serving_job(spec):
+        raise JobNotFound(name, catalog.name, [s.name for s in serving_jobs(catalog)], kind="endpoint")
+    return spec
 
 
 def probe_ready(url: str) -> tuple[bool, str]:
@@ -80,12 +129,12 @@ class ServiceExposure(abc.ABC):
     """What one backend family says about serving a model as a job: the job, how it is made
     reachable, where rank 0 answers, its token and how readiness is read.
 
-    Only :meth:`endpoint_url` has no default. The hooks that take ``spec`` get the endpoint's
-    stored job spec, already checked to run the model server.
+    Only :meth:`endpoint_url` has no default. :meth:`endpoint_url` and :meth:`endpoint_token`
+    say themselves whether ``name`` must be an endpoint (:func:`serving_spec` checks it).
 
     Example:
         >>> class Fixed(ServiceExposure):
-        ...     def endpoint_url(self, name, spec):
+        ...     def endpoint_url(self, name):
         ...         return "http://127.0.0.1:9/"
         >>> from dsnb.serving import ServeSpec
         >>> Fixed().serving_job(ServeSpec(name="a", model="m:f")).command
@@ -107,23 +156,28 @@ class ServiceExposure(abc.ABC):
             InvalidSpecError: the spec cannot be served here (the field and fix named).
         """
 
+    def applied(self, plan: Plan) -> None:  # noqa: B027 - optional hook
+        """Remember what is needed of ``plan``, whose job was just created (e.g. its token); nothing by default."""
+
     @abc.abstractmethod
-    def endpoint_url(self, name: str, spec: JobSpec) -> str:
+    def endpoint_url(self, name: str) -> str:
         """Where rank 0 of endpoint ``name`` answers, ending in ``/``.
 
         Raises:
+            JobNotFound: no endpoint of that name.
             ClusterError: no address yet, or the cluster refused to say.
         """
 
-    def endpoint_token(self, name: str, spec: JobSpec) -> str | None:
-        """The endpoint's bearer token, or None (default: from the job's stored environment).
+    def endpoint_token(self, name: str) -> str | None:
+        """The endpoint's bearer token, or None (default: None, no token is kept).
 
         Raises:
+            JobNotFound: no endpoint of that name.
             ClusterError: where the token is kept may not be read.
         """
-        return spec.env.get(TOKEN_ENV)
+        return None
 
-    def server_ready(self, name: str, spec: JobSpec, status: JobStatus) -> tuple[bool, str]:
+    def server_ready(self, name: str, status: JobStatus) -> tuple[bool, str]:
         """Whether rank 0 of the running job ``status`` is ready, and what to tell the user.
 
         By default rank 0 is asked (``GET /readyz`` at :meth:`endpoint_url`); families whose
@@ -133,7 +187,7 @@ class ServiceExposure(abc.ABC):
             JobNotFound: the job went away meanwhile.
         """
         try:
-            url = self.endpoint_url(name, spec)
+            url = self.endpoint_url(name)
         except (OSError, LookupError, ValueError) as e:
             return False, f"waiting for the server's address ({e})"
         return probe_ready(url)
@@ -159,8 +213,6 @@ class JobEndpoints:
     def __init__(self, backend: Backend, exposure: ServiceExposure) -> None:
         self.backend = backend
         self.exposure = exposure
-        self._tokens: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     # -- planning and applying -------------------------------------------------------------
     def serve_plan(self, spec: ServeSpec) -> Plan:
@@ -174,32 +226,15 @@ class JobEndpoints:
         return plan
 
     def apply_serve(self, plan: Plan) -> None:
-        """Start the server's ranks (the job's ``apply``), and keep its token for ``endpoint_headers``.
+        """Start the server's ranks (the job's ``apply``).
 
         Raises:
             DsnbError: the backend refused; nothing of the job is left behind.
         """
         self.backend.apply(plan)
-        token = plan.spec.env.get(TOKEN_ENV)
-        if token:
-            with self._lock:
-                self._tokens[plan.name] = token
+        self.exposure.applied(plan)
 
     # -- finding it again ------------------------------------------------------------------
-    def serving_spec(self, name: str) -> JobSpec:
-        """The stored spec of endpoint ``name``.
-
-        Raises:
-            JobNotFound: no job of that name, or a job that serves nothing (kind endpoint).
-        """
-        try:
-            spec = self.backend.spec_of(name)
-        except JobNotFound:
-            spec = None
-        if spec is None or not is_serving_job(spec):
-            raise JobNotFound(name, self.backend.name, [s.name for s in self.endpoints()], kind="endpoint")
-        return spec
-
     def endpoint_url(self, name: str) -> str:
         """Where rank 0 answers, ending in ``/``.
 
@@ -207,67 +242,48 @@ class JobEndpoints:
             JobNotFound: no endpoint of that name.
             ClusterError: no address yet, or the cluster refused to say.
         """
-        return self.exposure.endpoint_url(name, self.serving_spec(name))
-
-    def endpoint_token(self, name: str) -> str | None:
-        """The endpoint's token, or None when it was served without one.
-
-        Raises:
-            JobNotFound: no endpoint of that name.
-            ClusterError: where the token is kept may not be read.
-        """
-        spec = self.serving_spec(name)
-        with self._lock:
-            known = self._tokens.get(name)
-        if known is not None:
-            return known
-        token = self.exposure.endpoint_token(name, spec)
-        if token:
-            with self._lock:
-                self._tokens[name] = token
-        return token or None
+        return self.exposure.endpoint_url(name)
 
     def endpoint_headers(self, name: str) -> dict[str, str]:
         """``Authorization: Bearer`` when the endpoint was served with a token.
 
         Raises:
             JobNotFound: no endpoint of that name.
+            ClusterError: where the token is kept may not be read.
         """
-        token = self.endpoint_token(name)
+        token = self.exposure.endpoint_token(name)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- status ----------------------------------------------------------------------------
+    def _job_status(self, name: str) -> JobStatus:
+        serving_spec(self.backend, name)
+        try:
+            return self.backend.status(name)
+        except JobNotFound:  # deleted meanwhile
+            raise JobNotFound(name, self.backend.name, kind="endpoint") from None
+
+    def _with_readiness(self, status: JobStatus) -> JobStatus:
+        if status.state not in (JobState.RUNNING, JobState.STARTING):
+            return status
+        ready, message = self.exposure.server_ready(status.name, status)
+        return dataclasses.replace(status, state=JobState.RUNNING if ready else JobState.STARTING, message=message)
+
     def endpoint_status(self, name: str) -> JobStatus:
         """RUNNING once rank 0 is ready; STARTING while the ranks load; the job's end state after.
 
         Raises:
             JobNotFound: no endpoint of that name.
         """
-        spec = self.serving_spec(name)
-        return self._with_readiness(self._job_status(name), spec)
-
-    def _job_status(self, name: str) -> JobStatus:
-        try:
-            return self.backend.status(name)
-        except JobNotFound:  # deleted meanwhile
-            raise JobNotFound(name, self.backend.name, kind="endpoint") from None
-
-    def _with_readiness(self, status: JobStatus, spec: JobSpec) -> JobStatus:
-        if status.state not in (JobState.RUNNING, JobState.STARTING):
-            return status
-        ready, message = self.exposure.server_ready(status.name, spec, status)
-        return dataclasses.replace(status, state=JobState.RUNNING if ready else JobState.STARTING, message=message)
+        return self._with_readiness(self._job_status(name))
 
     def endpoints(self) -> list[JobStatus]:
         """Statuses of the backend's endpoints, newest first (RUNNING only once a server answers)."""
         found = []
-        for status in self.backend.jobs():
+        for status in serving_jobs(self.backend):
             try:
-                spec = self.backend.spec_of(status.name)
-                if is_serving_job(spec):
-                    found.append(self._with_readiness(status, spec))
+                found.append(self._with_readiness(status))
             except JobNotFound:
-                continue
+                continue  # deleted meanwhile
         return found
 
     # -- stopping --------------------------------------------------------------------------
@@ -277,11 +293,8 @@ class JobEndpoints:
         Raises:
             JobNotFound: no endpoint of that name.
         """
-        self.serving_spec(name)
         self._job_status(name)
         final = self.backend.cancel(name)
-        with self._lock:
-            self._tokens.pop(name, None)
         self.exposure.forget(name)
         return final
 

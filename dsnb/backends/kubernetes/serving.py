@@ -46,7 +46,7 @@ from dsnb.backends.kubernetes.labels import job_labels
 from dsnb.backends.kubernetes.network_policy import allow_serving
 from dsnb.backends.kubernetes.pod_status import container_status
 from dsnb.errors import InvalidSpecError
-from dsnb.serving.job_serving import TOKEN_ENV, ServiceExposure
+from dsnb.serving.job_serving import TOKEN_ENV, JobCatalog, ServiceExposure, serving_spec
 from dsnb.status import JobState, JobStatus, node_line_rank
 
 if TYPE_CHECKING:
@@ -204,10 +204,10 @@ def readiness_from_lines(pod: str, report: dict[str, Any] | None, port: int, sta
     return False, f"loading the model: rank 0 (pod {pod}) has not reported ready yet"
 
 
-class ServingHost(Protocol):
-    """What :class:`KubernetesExposure` uses of its backend: the shared machinery of
-    :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`, and what each job backend says
-    about the pod that hosts rank 0."""
+class ServingHost(JobCatalog, Protocol):
+    """What :class:`KubernetesExposure` uses of its backend: the job contract's ``jobs`` and
+    ``spec_of``, the shared machinery of :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`,
+    and what each job backend says about the pod that hosts rank 0."""
 
     @property
     def namespace(self) -> str:
@@ -281,6 +281,7 @@ class KubernetesExposure(ServiceExposure):
     def __init__(self, host: ServingHost, serve_url: str | None = None) -> None:
         self.host = host
         self.serve_url = serve_url.rstrip("/") if serve_url else None
+        self._tokens: dict[str, str] = {}
         self._serve_lines: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
 
@@ -326,30 +327,48 @@ class KubernetesExposure(ServiceExposure):
             plan.notes.append(f"requests need 'Authorization: Bearer <token>'; the token is in Secret {name}-env "
                               f"(key {TOKEN_ENV}), never in this plan")
 
+    def applied(self, plan: Plan) -> None:
+        """Keep the token of the endpoint just created, so that this kernel need not read its Secret."""
+        token = plan.extra.get("secret_values", {}).get(f"{plan.name}-env", {}).get(TOKEN_ENV)
+        if token:
+            with self._lock:
+                self._tokens[plan.name] = token
+
     # -- finding it again ------------------------------------------------------------------
     def _in_cluster_url(self, name: str, port: int) -> str:
         return f"http://{service_name(name)}.{self.host.namespace}.svc:{port}/"
 
-    def endpoint_url(self, name: str, spec: JobSpec) -> str:
+    def endpoint_url(self, name: str) -> str:
         """``http://<job>-serve.<namespace>.svc:<port>/`` (the Service, in the cluster), or ``serve_url``.
 
         Raises:
-            ClusterError: no usable kubeconfig (the namespace is read from it).
+            JobNotFound: no endpoint of that name.
         """
-        port = serve_port(spec)
+        port = serve_port(serving_spec(self.host, name))
         if self.serve_url:
             url = self.serve_url.format(name=name, service=service_name(name), namespace=self.host.namespace, port=port)
             return url.rstrip("/") + "/"
         return self._in_cluster_url(name, port)
 
-    def endpoint_token(self, name: str, spec: JobSpec) -> str | None:
-        """The endpoint's token, read from its Secret ``<job>-env`` (never printed); None without one.
+    def endpoint_token(self, name: str) -> str | None:
+        """The endpoint's token, read from its Secret ``<job>-env`` once (never printed); None without one.
 
         Raises:
+            JobNotFound: no endpoint of that name.
             ClusterError: the Secret may not be read (the Role of ``dsnb rbac`` allows it).
         """
-        if TOKEN_ENV not in spec.env:
+        if TOKEN_ENV not in serving_spec(self.host, name).env:
             return None
+        with self._lock:
+            known = self._tokens.get(name)
+        if known is None:
+            known = self._read_token(name)
+            if known is not None:
+                with self._lock:
+                    self._tokens[name] = known
+        return known
+
+    def _read_token(self, name: str) -> str | None:
         secret_name = f"{name}-env"
         try:
             secret = objects.read(self.host.conn, "v1", "Secret", secret_name)
@@ -380,14 +399,15 @@ class KubernetesExposure(ServiceExposure):
             self._serve_lines[name] = (cursor, last)
         return last
 
-    def server_ready(self, name: str, spec: JobSpec, status: JobStatus) -> tuple[bool, str]:
+    def server_ready(self, name: str, status: JobStatus) -> tuple[bool, str]:
         """Whether rank 0 serves, from Kubernetes: its pod's Ready condition where the pod probes
         ``GET /readyz`` (:func:`readiness_from_probe`), else its DSNB_SERVE lines (:func:`readiness_from_lines`).
 
         Raises:
-            JobNotFound: the job went away meanwhile.
+            JobNotFound: no endpoint of that name.
             ClusterError: the pods or their logs may not be read.
         """
+        spec = serving_spec(self.host, name)
         pod = self.rank0_pod(name, self.host.job_pods(name))
         if pod is None or not container_running(pod, self.host.container_name):
             return False, status.message or "waiting for rank 0's pod to start"
@@ -398,6 +418,7 @@ class KubernetesExposure(ServiceExposure):
         return readiness_from_lines(pod_name, report, port, status)
 
     def forget(self, name: str) -> None:
-        """Drop the readiness lines read of endpoint ``name`` (its workload, Service and Secret were deleted)."""
+        """Drop the token and the readiness lines kept of endpoint ``name`` (its workload, Service and Secret were deleted)."""
         with self._lock:
+            self._tokens.pop(name, None)
             self._serve_lines.pop(name, None)

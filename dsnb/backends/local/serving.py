@@ -56,7 +56,7 @@ class LocalExposure(ServiceExposure):
         args[args.index("--port") + 1] = "0"
         return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.runtime.server"], args=[*args, "--host", "127.0.0.1"])
 
-    def endpoint_token(self, name: str, spec: JobSpec) -> str | None:
+    def endpoint_token(self, name: str) -> str | None:
         """The endpoint's token, from the file only its owner reads (the records keep none).
 
         Raises:
@@ -67,7 +67,7 @@ class LocalExposure(ServiceExposure):
         except FileNotFoundError:
             return None
 
-    def endpoint_url(self, name: str, spec: JobSpec) -> str:
+    def endpoint_url(self, name: str) -> str:
         """Rank 0's address, as it recorded it once listening.
 
         Raises:
