@@ -163,6 +163,14 @@ def _not_held(e: ApiException) -> str:
     return " ".join(rest.split()) if found else ""
 
 
+def _api_message(e: ApiException) -> str:
+    """The API server's message in a refusal (its Status object's), else the HTTP reason."""
+    try:
+        return str(json.loads(e.body).get("message", e.reason or ""))
+    except (TypeError, ValueError, AttributeError):
+        return e.reason or ""
+
+
 def _bounded_jsonl(rows: list[Any], limit: int) -> str:
     """The last rows that fit in ``limit`` bytes, one JSON document per line."""
     kept: list[str] = []
@@ -283,12 +291,7 @@ class KubernetesBackend(Backend):
             return ClusterError(where, f"could not {doing}: the cluster's CustomResourceDefinition does not know "
                                        f"{', '.join(fields) or 'some fields'} (its operator is older than the version dsnb renders for)",
                                 self.upgrade_hint or "upgrade the operator (dsnb check shows the versions it expects)")
-        reason = e.reason or ""
-        try:
-            reason = json.loads(e.body).get("message", reason)
-        except (TypeError, ValueError):
-            pass
-        return ClusterError(where, f"could not {doing}: {e.status} {reason}", "see the message; check the spec and PodOptions")
+        return ClusterError(where, f"could not {doing}: {e.status} {_api_message(e)}", "see the message; check the spec and PodOptions")
 
     def _unreachable(self, informer: Informer) -> ClusterError:
         error = informer.error
