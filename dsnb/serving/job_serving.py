@@ -72,7 +72,16 @@ class JobCatalog(Protocol):
 
 
 def serving_jobs(catalog: JobCatalog) -> Iterator[JobStatus]:
-    """The statuses of the jobs of ``catalog`` that run the model server, newest first."""
+    """The statuses of the jobs of ``catalog`` that run the model server, newest first.
+
+    Raises:
+        ClusterError: the jobs cannot be listed.
+
+    Example:
+        >>> from dsnb.backends.local import LocalBackend
+        >>> list(serving_jobs(LocalBackend(home="/nonexistent")))
+        []
+    """
     for status in catalog.jobs():
         try:
             if is_serving_job(catalog.spec_of(status.name)):
