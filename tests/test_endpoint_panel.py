@@ -20,7 +20,7 @@ from dsnb.errors import ClusterError, JobNotFound
 from dsnb.monitor import JobMonitor
 from dsnb.serving import ServeSpec
 from dsnb.serving.endpoint import Endpoint
-from dsnb.serving.job_serving import ServesAsJob
+from dsnb.serving.job_serving import EndpointsAsJobs, JobEndpoints, ServiceExposure
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 from dsnb.widgets import endpoint_panel
 from dsnb.widgets.display import PANEL_ATTR, display_endpoint, endpoint_panel_for
@@ -33,13 +33,27 @@ SERVING_CODE = Path(__file__).parent / "serving_code"
 NAME = "tiny-abcd"
 
 
-class ScriptedServing(ServesAsJob, ScriptedBackend):
+class ScriptedExposure(ServiceExposure):
+    """Where the scripted server answers and whether it is ready: what the backend's test double says."""
+
+    def __init__(self, backend: ScriptedServing) -> None:
+        self.backend = backend
+
+    def endpoint_url(self, name: str) -> str:
+        return self.backend.endpoint_url(name)
+
+    def server_ready(self, name: str, status: Any) -> tuple[bool, str]:
+        return self.backend.server_ready(name, status)
+
+
+class ScriptedServing(EndpointsAsJobs, ScriptedBackend):
     """A serving job whose readiness, lines and samples a test sets by hand."""
 
     def __init__(self) -> None:
         super().__init__(status=JobStatus(name=NAME, backend=self.name, state=JobState.RUNNING,
                                           started_at=100.0, created_at=99.0))
         self.ready = False
+        self.job_endpoints = JobEndpoints(self, ScriptedExposure(self))  # type: ignore[arg-type]
 
     def spec_of(self, name: str) -> Any:
         if name != NAME:

@@ -149,9 +149,9 @@ class Endpoint:
     @property
     def served_as_job(self) -> bool:
         """Whether a dsnb job runs the server (local, Kubernetes), so that its logs and metrics can be read."""
-        from dsnb.serving.job_serving import ServesAsJob
+        from dsnb.serving.job_serving import EndpointsAsJobs
 
-        return isinstance(self.backend, ServesAsJob)  # the Ray backends serve with Ray Serve instead
+        return isinstance(self.backend, EndpointsAsJobs)  # the Ray backends serve with Ray Serve instead
 
     def _job(self, wanted: str) -> Job:
         """The job that runs the server.

@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -43,6 +43,9 @@ from dsnb.runtime.pod_entry import Outcome
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import LAUNCHER_LINE_RANK, JobState, JobStatus, MetricSample
 
+if TYPE_CHECKING:
+    from dsnb.serving.spec import ServeSpec
+
 KIND = "dsnb.io/kind"
 BACKEND = "dsnb.io/backend"
 CREATED = "dsnb.io/created-at"
@@ -62,8 +65,16 @@ ARCHIVE_LOG_BYTES = 700_000
 ARCHIVE_METRIC_BYTES = 250_000
 
 
-def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[str, Any]:
-    """The record ConfigMap of a job: its spec (secrets shown as ``***``) and the files its pods mount."""
+def record_manifest(spec: JobSpec | ServeSpec, backend: str, files: dict[str, str], kind: str = "record") -> dict[str, Any]:
+    """The record ConfigMap of a job (``kind`` ``"record"``) or of an endpoint: its spec (secrets shown
+    as ``***``) and the files its pods mount.
+
+    Example:
+        >>> from dsnb import JobSpec
+        >>> record = record_manifest(JobSpec(name="a-x1y2", script="t.py", env={"HF_TOKEN": "hf_x"}), "statefulset", {})
+        >>> record["metadata"]["labels"]["dsnb.io/kind"], json.loads(record["data"]["spec.json"])["env"]
+        ('record', {'HF_TOKEN': '***'})
+    """
     data = spec.to_dict()
     data["env"] = redact_env(spec.env)
     return {
@@ -71,7 +82,7 @@ def record_manifest(spec: JobSpec, backend: str, files: dict[str, str]) -> dict[
         "kind": "ConfigMap",
         "metadata": {
             "name": spec.name,
-            "labels": {**job_labels(spec.name), KIND: "record", BACKEND: backend},
+            "labels": {**job_labels(spec.name), KIND: kind, BACKEND: backend},
             "annotations": {CREATED: f"{time.time():.3f}"},
         },
         "data": {"spec.json": json.dumps(data, indent=1), **files},
@@ -150,6 +161,14 @@ def _not_held(e: ApiException) -> str:
         return ""
     _, found, rest = message.partition("not currently held:")
     return " ".join(rest.split()) if found else ""
+
+
+def _api_message(e: ApiException) -> str:
+    """The API server's message in a refusal (its Status object's), else the HTTP reason."""
+    try:
+        return str(json.loads(e.body).get("message", e.reason or ""))
+    except (TypeError, ValueError, AttributeError):
+        return e.reason or ""
 
 
 def _bounded_jsonl(rows: list[Any], limit: int) -> str:
@@ -253,7 +272,7 @@ class KubernetesBackend(Backend):
                 return "default"  # a dry run without any cluster configured
         return self._namespace
 
-    def _api_error(self, e: ApiException, doing: str) -> ClusterError:
+    def api_error(self, e: ApiException, doing: str) -> ClusterError:
         """A clear error for a refused request: what was refused, and how to fix it."""
         where = f"namespace {self.namespace!r} on {self.conn.host}"
         known = self._refusal(e, doing, where)
@@ -264,12 +283,7 @@ class KubernetesBackend(Backend):
             return ClusterError(where, f"could not {doing}: the cluster's CustomResourceDefinition does not know "
                                        f"{', '.join(fields) or 'some fields'} (its operator is older than the version dsnb renders for)",
                                 self.upgrade_hint or "upgrade the operator (dsnb check shows the versions it expects)")
-        reason = e.reason or ""
-        try:
-            reason = json.loads(e.body).get("message", reason)
-        except (TypeError, ValueError):
-            pass
-        return ClusterError(where, f"could not {doing}: {e.status} {reason}", "see the message; check the spec and PodOptions")
+        return ClusterError(where, f"could not {doing}: {e.status} {_api_message(e)}", "see the message; check the spec and PodOptions")
 
     def _refusal(self, e: ApiException, doing: str, where: str) -> ClusterError | None:
         """The error for a refusal with a known fix (not allowed, no namespace, no operator, bad credentials), or None."""
@@ -289,7 +303,7 @@ class KubernetesBackend(Backend):
     def _unreachable(self, informer: Informer) -> ClusterError:
         error = informer.error
         if isinstance(error, ApiException):
-            return self._api_error(error, "list and watch its objects")
+            return self.api_error(error, "list and watch its objects")
         return ClusterError(f"the Kubernetes API at {self.conn.host}", f"did not answer within {SYNC_TIMEOUT_S} s ({error})",
                             "check the cluster is up and your kubeconfig points at it (kubectl get pods)")
 
@@ -311,7 +325,7 @@ class KubernetesBackend(Backend):
             raise self._unreachable(informer)
         if informer.refused is not None:  # listed, but the watch that keeps the cache current is refused
             what = {"pods": "pods", "records": "ConfigMaps (job records)"}.get(kind) or self.workload_resource[2]  # type: ignore[index]
-            raise self._api_error(informer.refused, f"watch {what}")
+            raise self.api_error(informer.refused, f"watch {what}")
         return informer
 
     # -- records ---------------------------------------------------------------------------
@@ -325,11 +339,16 @@ class KubernetesBackend(Backend):
         return sorted(r["metadata"]["name"] for r in self._informer("records").items()
                       if (r["metadata"].get("labels") or {}).get(BACKEND) == self.record_label)
 
-    def _job_pods(self, name: str) -> list[dict[str, Any]]:
+    def job_pods(self, name: str) -> list[dict[str, Any]]:
+        """The job's pods (those labelled with its name), from the pods' watch cache.
+
+        Raises:
+            ClusterError: the pods may not be listed or watched.
+        """
         return self._informer("pods").items(lambda p: (p["metadata"].get("labels") or {}).get(JOB) == name)
 
     def _log_pods(self, name: str) -> list[dict[str, Any]]:
-        return [pod for pod in self._job_pods(name) if self.logs_from(pod)]
+        return [pod for pod in self.job_pods(name) if self.logs_from(pod)]
 
     def spec_of(self, name: str) -> JobSpec:
         if name not in self._specs:
@@ -349,7 +368,7 @@ class KubernetesBackend(Backend):
         except ApiException as e:
             if e.status == 409:
                 raise InvalidSpecError("name", f"a job called {plan.name!r} exists already", "submit again (a new suffix is drawn)") from e
-            raise self._api_error(e, f"create ConfigMap {plan.name!r}") from e
+            raise self.api_error(e, f"create ConfigMap {plan.name!r}") from e
         owner = objects.owner_reference(created)
         made: dict[str, str] = {}
         for manifest in rest:
@@ -360,12 +379,12 @@ class KubernetesBackend(Backend):
                 made[f"{manifest['kind']}/{manifest['metadata']['name']}"] = objects.create(self.conn, body)["metadata"]["uid"]
             except ApiException as e:
                 objects.delete(self.conn, "v1", "ConfigMap", plan.name)  # collects what was created
-                raise self._api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
+                raise self.api_error(e, f"create {manifest['kind']} {manifest['metadata']['name']!r}") from e
         try:  # what the job's end may delete: these objects, by uid, and nothing else of those names
             objects.patch_config_map_data(self.conn, plan.name, {OBJECTS_KEY: json.dumps(made, separators=(",", ":"))})
         except ApiException as e:
             objects.delete(self.conn, "v1", "ConfigMap", plan.name)
-            raise self._api_error(e, f"patch ConfigMap {plan.name!r}") from e
+            raise self.api_error(e, f"patch ConfigMap {plan.name!r}") from e
         self._specs[plan.name] = plan.spec
         if (record["metadata"].get("labels") or {}).get(KIND) == "record":  # a job's record, which the records' watch sees
             self._await_cached(plan.name)
@@ -391,13 +410,22 @@ class KubernetesBackend(Backend):
         Raises:
             InvalidSpecError: the spec cannot run on this backend (see :meth:`render_workload`).
         """
-        namespace = self.namespace
-        secret = env_secret(spec, namespace)
+        secret = env_secret(spec, self.namespace)
         work = self.render_workload(spec, secret)
-        manifests = [record_manifest(spec, self.record_label, work.files), *([secret.manifest] if secret.manifest else []),
-                     *work.manifests]
+        return self.assemble(spec, record_manifest(spec, self.record_label, work.files), secret, work)
+
+    def assemble(self, spec: JobSpec, record: dict[str, Any], secret: EnvSecret, work: Workload) -> Plan:
+        """The plan of ``spec``: in creation order the ``record`` (which owns the rest), the ``secret`` (if the
+        spec has secret values), the ``work``'s manifests and, with ``PodOptions(network_policy=True)``, the
+        NetworkPolicy, all in the namespace; the notes of ``work`` and ``secret``.
+
+        Raises:
+            Nothing: no cluster is contacted (the namespace comes from the kubeconfig, else ``default``).
+        """
+        namespace = self.namespace
+        manifests = [record, *([secret.manifest] if secret.manifest else []), *work.manifests]
         if self.pod_options.network_policy:
-            manifests.append(network_policy(spec.name, namespace, work.ingress))
+            manifests.append(network_policy(record["metadata"]["name"], namespace, work.ingress))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
         return Plan(backend=self.name, spec=spec, manifests=manifests, notes=[*work.notes, *secret.notes],
@@ -485,7 +513,7 @@ class KubernetesBackend(Backend):
         if final:
             return JobStatus.from_dict(json.loads(final))
         created = float(record["metadata"].get("annotations", {}).get(CREATED, "0") or 0) or None
-        pods = self._job_pods(name)
+        pods = self.job_pods(name)
         workload = self.workload_state(name, record)
         current = self.compute_status(name, self.spec_of(name), created, pods, None, workload)
         if current.state in (JobState.PENDING, JobState.STARTING):
@@ -569,7 +597,7 @@ class KubernetesBackend(Backend):
             lines, _ = logs.read(0, None, 10**9)
             if refused:  # the job still ends and is cleaned up; its status says why it has no logs
                 pod, error = refused[0]
-                why = self._api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
+                why = self.api_error(error, f"read the log of pod {pod!r}")  # type: ignore[arg-type]
                 kept = "only the end each node kept in the job's record is shown" if lines else "its logs were not kept"
                 final = dataclasses.replace(final, message=f"{final.message}; {kept}: {why}".lstrip("; "))
             samples, _ = logs.samples(0)
@@ -586,7 +614,7 @@ class KubernetesBackend(Backend):
                 })
             except ApiException as e:
                 if e.status != 409:
-                    raise self._api_error(e, f"keep the logs of {name!r}") from e
+                    raise self.api_error(e, f"keep the logs of {name!r}") from e
             try:
                 objects.patch_config_map_data(self.conn, name, {"status.json": json.dumps(final.to_dict())})
                 made = _made_objects(record)
@@ -595,7 +623,7 @@ class KubernetesBackend(Backend):
                     if uid is not None:  # only what this job created: an object of that name with another uid is left alone
                         objects.delete(self.conn, api_version, kind, name + suffix, uid=uid)
             except ApiException as e:
-                raise self._api_error(e, f"end job {name!r}") from e
+                raise self.api_error(e, f"end job {name!r}") from e
             self._stop_followers(name)
             self._ended[name] = final
             return final
@@ -612,7 +640,7 @@ class KubernetesBackend(Backend):
         pods = self._informer("pods")
         deadline = time.monotonic() + self.cancel_wait
         seen = pods.version
-        while self._job_pods(name) and time.monotonic() < deadline:
+        while self.job_pods(name) and time.monotonic() < deadline:
             seen = pods.wait_for_change(seen, min(1.0, deadline - time.monotonic()))
         return final
 
@@ -656,8 +684,13 @@ class KubernetesBackend(Backend):
         for follower in self._followers.pop(name, {}).values():
             follower.stop()
 
-    def _job_logs(self, name: str) -> JobLogs:
-        """The job's line buffer: live (following its pods) or loaded from the archive."""
+    def job_logs(self, name: str) -> JobLogs:
+        """The job's line buffer: live (following its pods) or loaded from the archive.
+
+        Raises:
+            JobNotFound: no such job.
+            ClusterError: a pod's log or the archive may not be read.
+        """
         record = self._record(name)
         ended = name in self._ended or bool(record.get("data", {}).get("status.json"))
         with self._lock:
@@ -678,19 +711,19 @@ class KubernetesBackend(Backend):
                         follower.catch_up()
                     except ApiException as e:
                         if e.status in (401, 403):
-                            raise self._api_error(e, f"read the log of pod {pod_name!r}") from e
+                            raise self.api_error(e, f"read the log of pod {pod_name!r}") from e
                         # else not started yet: the follower retries
                     followers[pod_name] = follower.start()
             for pod_name, follower in followers.items():
                 if follower.refused is not None:
-                    raise self._api_error(follower.refused, f"read the log of pod {pod_name!r}")
+                    raise self.api_error(follower.refused, f"read the log of pod {pod_name!r}")
         return logs
 
     def _load_archive(self, name: str, logs: JobLogs) -> None:
         try:
             archive = objects.read(self.conn, "v1", "ConfigMap", f"{name}-logs")
         except ApiException as e:
-            raise self._api_error(e, f"read the logs of {name!r}") from e
+            raise self.api_error(e, f"read the logs of {name!r}") from e
         data = (archive or {}).get("data") or {}
         for row in data.get("logs.jsonl", "").splitlines():
             rank, when, text = json.loads(row)
@@ -698,15 +731,15 @@ class KubernetesBackend(Backend):
         logs.add_samples(MetricSample(**json.loads(row)) for row in data.get("metrics.jsonl", "").splitlines())
 
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        lines, position = self._job_logs(name).read(cursor or 0, rank, READ_LIMIT)
+        lines, position = self.job_logs(name).read(cursor or 0, rank, READ_LIMIT)
         return LogChunk(lines=lines, cursor=position)
 
     def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
-        lines, position = self._job_logs(name).tail(count, rank)
+        lines, position = self.job_logs(name).tail(count, rank)
         return LogChunk(lines=lines, cursor=position)
 
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        samples, position = self._job_logs(name).samples(cursor or 0)
+        samples, position = self.job_logs(name).samples(cursor or 0)
         return MetricChunk(samples=samples, cursor=position)
 
     def close(self) -> None:

@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import posixpath
 import threading
 import time
@@ -77,7 +76,7 @@ from dsnb.backends.kubernetes.kuberay_status import (
 )
 from dsnb.backends.kubernetes.labels import MANAGED_SELECTOR
 from dsnb.backends.kubernetes.logs import PodLogFollower
-from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving, network_policy
+from dsnb.backends.kubernetes.network_policy import KUBERAY_OPERATOR, RAY_DASHBOARD_PORT, allow_serving
 from dsnb.backends.kubernetes.pod_status import container_status, terminating
 from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_env_keys
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
@@ -90,7 +89,7 @@ from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.serving.spec import ServeSpec
-from dsnb.spec import JobSpec, Resources, redact_env
+from dsnb.spec import JobSpec, Resources
 from dsnb.status import JobState, JobStatus
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -262,7 +261,7 @@ class KubeRayBackend(KubernetesBackend):
         return PodLogFollower(self.conn.core, self.namespace, pod_name, self.container_name, lambda: pods.get(pod_name), wait, sink)
 
     def _submitter_done(self, name: str) -> bool:
-        for pod in self._job_pods(name):
+        for pod in self.job_pods(name):
             if self.logs_from(pod) and (container_status(pod, self.container_name).get("state") or {}).get("running"):
                 return False
         return True
@@ -345,18 +344,6 @@ class KubeRayBackend(KubernetesBackend):
         app["runtime_env"]["env_vars"] = {k: v for k, v in app["runtime_env"]["env_vars"].items() if k not in hidden}
         rayservice = render_rayservice(cluster_spec, self.pod_options, ray_version=self.ray_version,
                                        head_resources=self.head_resources, application=app)
-        secret = env_secret(cluster_spec, namespace)
-        record = record_manifest(cluster_spec, self.record_label, {})
-        record["metadata"]["labels"][KIND] = ENDPOINT_KIND
-        shown = unique.to_dict()
-        shown["env"] = redact_env(unique.env)
-        record["data"]["spec.json"] = json.dumps(shown, indent=1)
-        manifests = [record, *([secret.manifest] if secret.manifest else []), rayservice]
-        if self.pod_options.network_policy:  # KubeRay asks the head's dashboard for Serve's status
-            manifests.append(network_policy(name, namespace, [{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}]))
-            allow_serving(manifests, SERVE_PORT, self.pod_options.serve_ingress_from)
-        for manifest in manifests:
-            manifest["metadata"]["namespace"] = namespace
         replicas = (f"{unique.min_replicas}..{unique.max_replicas} replicas (autoscaling)" if unique.autoscaling
                     else f"{unique.replicas} replica(s)")
         notes = [
@@ -369,12 +356,16 @@ class KubeRayBackend(KubernetesBackend):
             f"in-cluster URL: {self._in_cluster_url(name)} (KubeRay's serve Service, made once the application runs); "
             f"from outside: kubectl port-forward -n {namespace} svc/{name}-serve-svc {SERVE_PORT} and "
             f"serve_url='http://127.0.0.1:{SERVE_PORT}'",
-            *secret.notes,
         ]
         if unique.model_kind == "huggingface":
             notes.insert(2, f"the model directory {unique.model} must exist in the pods (in the image or on a mounted volume)")
-        return Plan(backend=self.name, spec=unique, manifests=manifests, notes=notes,  # type: ignore[arg-type]
-                    extra={"secret_values": secret.values})
+        # Assembled as a job's plan, but its record holds the ServeSpec (what a new kernel reads back), under
+        # kind "endpoint" so that jobs() leaves it out. KubeRay asks the head's dashboard for Serve's status.
+        record = record_manifest(unique, self.record_label, {}, kind=ENDPOINT_KIND)
+        work = Workload([rayservice], notes, ingress=[{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}])
+        plan = self.assemble(unique, record, env_secret(cluster_spec, namespace), work)  # type: ignore[arg-type]
+        allow_serving(plan.manifests, SERVE_PORT, self.pod_options.serve_ingress_from)  # into the NetworkPolicy, if any
+        return plan
 
     def apply_serve(self, plan: Plan) -> None:
         """Create the record, then the Secret and the RayService owned by it; undo all on a refusal.
@@ -397,13 +388,13 @@ class KubeRayBackend(KubernetesBackend):
                 self.namespace, label_selector=f"{ENDPOINT_SELECTOR},{BACKEND}={self.record_label}", _preload_content=False)
             return list(objects.read_json(response).get("items") or [])
         except ApiException as e:
-            raise self._api_error(e, "list ConfigMaps") from e
+            raise self.api_error(e, "list ConfigMaps") from e
 
     def _endpoint_record(self, name: str) -> dict[str, Any] | None:
         try:
             record = objects.read(self.conn, "v1", "ConfigMap", name)
         except ApiException as e:
-            raise self._api_error(e, f"read ConfigMap {name!r}") from e
+            raise self.api_error(e, f"read ConfigMap {name!r}") from e
         labels = ((record or {}).get("metadata") or {}).get("labels") or {}
         return record if labels.get(KIND) == ENDPOINT_KIND and labels.get(BACKEND) == self.record_label else None
 
@@ -414,7 +405,7 @@ class KubeRayBackend(KubernetesBackend):
         try:
             return objects.read(self.conn, API_VERSION, "RayService", name)
         except ApiException as e:
-            raise self._api_error(e, f"read RayService {name!r}") from e
+            raise self.api_error(e, f"read RayService {name!r}") from e
 
     def endpoint_url(self, name: str) -> str:
         """KubeRay's serve Service in the cluster, ``http://<name>-serve-svc.<namespace>.svc.cluster.local:8000/``,
@@ -430,7 +421,7 @@ class KubeRayBackend(KubernetesBackend):
             if name in self._stopped_endpoints:
                 return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped")
             raise self._endpoint_not_found(name)
-        return self.serve_status(name, _created(record), self._rayservice(name), self._job_pods(name))
+        return self.serve_status(name, _created(record), self._rayservice(name), self.job_pods(name))
 
     def stop_endpoint(self, name: str) -> JobStatus:
         """Delete the record: the RayService (its Ray cluster and pods) and the Secret go with it.
@@ -449,12 +440,12 @@ class KubeRayBackend(KubernetesBackend):
         try:
             objects.delete(self.conn, "v1", "ConfigMap", name)
         except ApiException as e:
-            raise self._api_error(e, f"delete the endpoint {name!r}") from e
+            raise self.api_error(e, f"delete the endpoint {name!r}") from e
         self._stopped_endpoints.add(name)
         pods = self._informer("pods")
         deadline = time.monotonic() + self.cancel_wait
         seen = pods.version
-        while (self._job_pods(name) or self._rayservice(name) is not None) and time.monotonic() < deadline:
+        while (self.job_pods(name) or self._rayservice(name) is not None) and time.monotonic() < deadline:
             seen = pods.wait_for_change(seen, min(0.5, max(0.0, deadline - time.monotonic())))
         return JobStatus(name=name, backend=self.name, state=JobState.CANCELLED, message="stopped by the user",
                          created_at=_created(record), finished_at=time.time())
@@ -469,11 +460,11 @@ class KubeRayBackend(KubernetesBackend):
                                                                     label_selector=MANAGED_SELECTOR)
         except ApiException as e:
             if e.status != 404:
-                raise self._api_error(e, "list RayServices") from e
+                raise self.api_error(e, "list RayServices") from e
             listed = {}
         services = {s["metadata"]["name"]: s for s in listed.get("items") or []}
         return [self.serve_status(r["metadata"]["name"], _created(r), services.get(r["metadata"]["name"]),
-                                  self._job_pods(r["metadata"]["name"])) for r in records]
+                                  self.job_pods(r["metadata"]["name"])) for r in records]
 
     def serve_status(self, name: str, created_at: float | None, service: dict[str, Any] | None,
                      pods: list[dict[str, Any]]) -> JobStatus:

@@ -32,12 +32,13 @@ from dsnb.backends.kubernetes.mpijob_status import RULES, SSHD_PORT, MPIReading
 from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_template import build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
-from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure, container_port
 from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
 from dsnb.runtime import rank_shim
+from dsnb.serving.job_serving import EndpointsAsJobs, JobEndpoints
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
@@ -125,7 +126,7 @@ def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) ->
     return argv + ["python3", "-c", RANK_SHIM, *(kubelet_literal(a) for a in program_argv(spec))]
 
 
-class MPIJobBackend(JobServing, KubernetesBackend):
+class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
     """DeepSpeed on an MPI Operator MPIJob; see the module docstring.
 
     Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of worker 0, where
@@ -143,7 +144,8 @@ class MPIJobBackend(JobServing, KubernetesBackend):
             this long after the end; the MPIJob itself stays. None (the default) keeps the launcher's
             pod, which holds no resources once it ended, until dsnb finalizes the job (keeping its log
             in the record) or it is deleted, so a client that looks only later still finds the log.
-        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
+        serve_url: where endpoints answer instead of the in-cluster URL; see
+            :class:`~dsnb.backends.kubernetes.serving.KubernetesExposure`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -159,16 +161,18 @@ class MPIJobBackend(JobServing, KubernetesBackend):
     install_hint = OPERATOR_INSTALL
     upgrade_hint = f"dsnb renders MPIJobs for the MPI Operator v0.8 (kubeflow.org/v2beta1): upgrade it: {OPERATOR_INSTALL}"
     workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    probe_is_readyz = False
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (the workers keep "
                       "their sshd probe: the operator starts the launcher only once they pass it)")
 
     def __init__(self, clean_pod_policy: str = "Running", ttl_seconds_after_finished: int | None = None,
-                 **options: Any) -> None:
+                 serve_url: str | None = None, **options: Any) -> None:
         if clean_pod_policy not in ("None", "Running", "All"):
             raise InvalidSpecError("clean_pod_policy", f"unknown policy {clean_pod_policy!r}", "use 'None', 'Running' or 'All'")
         super().__init__(**options)
         self.clean_pod_policy = clean_pod_policy
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
+        self.job_endpoints = JobEndpoints(self, KubernetesExposure(self, serve_url))
 
     # -- rendering -------------------------------------------------------------------------
     def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:

@@ -41,13 +41,14 @@ from dsnb.backends.kubernetes.pod_status import (
 from dsnb.backends.kubernetes.pod_template import ExtraVolume, build_pod_template, kubelet_literal
 from dsnb.backends.kubernetes.rbac import STATEFULSET_PERMISSIONS, job_role_manifests
 from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
-from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing, container_port, readiness_probe
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure, container_port, readiness_probe
 from dsnb.backends.kubernetes.statefulset_status import RULES, SetReading
 from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
+from dsnb.serving.job_serving import EndpointsAsJobs, JobEndpoints
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
@@ -114,7 +115,7 @@ def launcher_argv(spec: JobSpec, launcher: str, master_addr: str) -> list[str]:
 
 
 
-class StatefulSetBackend(JobServing, KubernetesBackend):
+class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
     """DeepSpeed on a StatefulSet + headless Service; see the module docstring.
 
     Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of pod ``<job>-0``
@@ -125,7 +126,8 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
         launcher: ``"torchrun"`` (default; log lines split per rank) or ``"deepspeed"``.
         cluster_domain: the cluster's DNS domain.
         peer_timeout: seconds a pod waits for its peers' DNS names before failing.
-        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
+        serve_url: where endpoints answer instead of the in-cluster URL; see
+            :class:`~dsnb.backends.kubernetes.serving.KubernetesExposure`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -146,13 +148,14 @@ class StatefulSetBackend(JobServing, KubernetesBackend):
     readiness_note = "readiness: pod <job>-0's Ready condition (every pod probes GET /readyz on the port)"
 
     def __init__(self, launcher: str = "torchrun", cluster_domain: str = "cluster.local",
-                 peer_timeout: float = 600, **options: Any) -> None:
+                 peer_timeout: float = 600, serve_url: str | None = None, **options: Any) -> None:
         if launcher not in LAUNCHERS:
             raise InvalidSpecError("launcher", f"unknown launcher {launcher!r}", f"use one of {', '.join(LAUNCHERS)}")
         super().__init__(**options)
         self.launcher = launcher
         self.cluster_domain = cluster_domain
         self.peer_timeout = peer_timeout
+        self.job_endpoints = JobEndpoints(self, KubernetesExposure(self, serve_url))
 
     # -- rendering -------------------------------------------------------------------------
     def _env(self, spec: JobSpec) -> dict[str, str]:

@@ -35,13 +35,14 @@ from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_status import started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
 from dsnb.backends.kubernetes.rbac import TRAINJOB_PERMISSIONS
-from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, JobServing
+from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure
 from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.kubernetes.trainer_layout import node_pods
 from dsnb.backends.kubernetes.trainjob_status import RULES, RUNTIME_CONTAINER, TrainReading, hostname
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import ClusterError, InvalidSpecError
+from dsnb.serving.job_serving import EndpointsAsJobs, JobEndpoints
 from dsnb.spec import JobSpec
 from dsnb.status import JobStatus
 
@@ -56,7 +57,7 @@ TRAINER_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/t
 RUNTIMES_INSTALL = 'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=v2.3.0"'
 
 
-class TrainJobBackend(JobServing, KubernetesBackend):
+class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
     """DeepSpeed on a Kubeflow Trainer TrainJob; see the module docstring.
 
     Serving (``cluster.serve``) adds a Service ``<job>-serve`` in front of the pod of rank 0: the
@@ -70,7 +71,8 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         runtime: the training runtime to use.
         runtime_kind: ``"ClusterTrainingRuntime"`` (cluster-wide) or ``"TrainingRuntime"``
             (in the job's namespace).
-        serve_url: see :class:`~dsnb.backends.kubernetes.serving.JobServing`.
+        serve_url: where endpoints answer instead of the in-cluster URL; see
+            :class:`~dsnb.backends.kubernetes.serving.KubernetesExposure`.
         **options: see :class:`~dsnb.backends.kubernetes.backend.KubernetesBackend`.
 
     Raises:
@@ -90,11 +92,12 @@ class TrainJobBackend(JobServing, KubernetesBackend):
     upgrade_hint = f"dsnb renders TrainJobs for Kubeflow Trainer v2.2 or later (v2.3.0 tested): upgrade it: {TRAINER_INSTALL}"
     workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), (f"{GROUP}/{VERSION}", "TrainingRuntime", ""),
                 ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    probe_is_readyz = False
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (a TrainJob cannot add "
                       "probes to the runtime's pods)")
 
     def __init__(self, runtime: str = "deepspeed-distributed", runtime_kind: str = "ClusterTrainingRuntime",
-                 **options: Any) -> None:
+                 serve_url: str | None = None, **options: Any) -> None:
         if runtime_kind not in RUNTIME_KINDS:
             raise InvalidSpecError("runtime_kind", f"unknown kind {runtime_kind!r}", f"use one of {', '.join(RUNTIME_KINDS)}")
         if not runtime:
@@ -103,6 +106,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
         self.runtime = runtime
         self.runtime_kind = runtime_kind
         self._runtime: dict[str, Any] | None = None  # the runtime the jobs name, once read
+        self.job_endpoints = JobEndpoints(self, KubernetesExposure(self, serve_url))
 
     # -- rendering -------------------------------------------------------------------------
     def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
@@ -218,7 +222,7 @@ class TrainJobBackend(JobServing, KubernetesBackend):
                 if e.status == 404:
                     raise ClusterError(f"the Kubernetes API at {self.conn.host}", f"does not serve {kind}s: Kubeflow Trainer is not installed",
                                        f"install it: {TRAINER_INSTALL}") from e
-                raise self._api_error(e, f"list {kind}s") from e
+                raise self.api_error(e, f"list {kind}s") from e
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 raise ClusterError(f"the Kubernetes API at {self.conn.host}", f"did not answer listing {kind}s ({e})",
                                    "check the cluster is up (kubectl cluster-info)") from e
@@ -286,8 +290,15 @@ class TrainJobBackend(JobServing, KubernetesBackend):
             return {**job_labels(name), ROLE: "node", JOB_INDEX: "0"}
         return {**job_labels(name), ROLE: "launcher"}
 
+    def decorate_serving(self, plan: Plan, port: int) -> None:
+        """Nothing: a TrainJob's ``runtimePatches`` may not add a port or a probe to the runtime's pods."""
+
     def apply_serve(self, plan: Plan) -> None:
-        """As for every job backend, with the Service in front of rank 0's pod for the runtime the cluster has."""
+        """As for every job backend, with the Service in front of rank 0's pod for the runtime the cluster has.
+
+        Raises:
+            ClusterError: the API refused, or the runtime may not be read.
+        """
         self.launcher_is_node()
         service = next(m for m in plan.manifests if m["kind"] == "Service" and m["metadata"]["name"].endswith(SERVICE_SUFFIX))
         service["spec"]["selector"] = self.serving_selector(plan.name)

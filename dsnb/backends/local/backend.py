@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -35,18 +34,18 @@ from dsnb.backends.local.jobdir import (
     write_private,
 )
 from dsnb.backends.local.procs import boot_id, is_alive, owned_groups, stop_groups
+from dsnb.backends.local.serving import SERVE_TOKEN_FILE, LocalExposure
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
-from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
+from dsnb.errors import InvalidSpecError, JobNotFound
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.secrets import is_secret, redact_env, refuse_references
-from dsnb.serving.job_serving import TOKEN_ENV, ServesAsJob, is_serving_job
+from dsnb.serving.job_serving import TOKEN_ENV, EndpointsAsJobs, JobEndpoints, is_serving_job
 from dsnb.spec import JobSpec
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 
 JOB_NAME = re.compile(r"\A[a-z]([-a-z0-9]*[a-z0-9])?\Z")
 DEFAULT_DRAIN_S = 30.0  # python -m dsnb.runtime.server's --drain-s
-SERVE_TOKEN_FILE = "serve-token"  # an endpoint's token, 0600, for a reattached Endpoint to send
 MASTER_ADDR = "127.0.0.1"
 READ_CHUNK_BYTES = 256 * 1024
 CANCEL_WAIT_S = 20.0
@@ -121,11 +120,12 @@ def _program(spec: JobSpec) -> tuple[Path, list[str]]:
     return cwd, [*spec.command, *spec.args]  # type: ignore[misc]
 
 
-class LocalBackend(ServesAsJob, Backend):
+class LocalBackend(EndpointsAsJobs, Backend):
     """Runs ``nodes × procs_per_node`` ranks as processes here, under a detached supervisor.
 
-    ``serve`` runs a model server the same way (:mod:`dsnb.serving.job_serving`): rank 0
-    listens on a free port of 127.0.0.1 and records its URL in the job's directory.
+    ``serve`` runs a model server the same way (:class:`~dsnb.serving.job_serving.JobEndpoints`
+    with :class:`~dsnb.backends.local.serving.LocalExposure`): rank 0 listens on a free port of
+    127.0.0.1 and records its URL in the job's directory.
 
     Each job lives in ``$DSNB_HOME/jobs/<name>/`` (see :mod:`dsnb.backends.local.jobdir`),
     so a restarted kernel or another terminal can list, attach to, follow and cancel it.
@@ -145,6 +145,7 @@ class LocalBackend(ServesAsJob, Backend):
         self.root = Path(home) if home is not None else jobs_root()
         self._supervisors: dict[str, subprocess.Popen[bytes]] = {}
         self._rank_counts: dict[str, int] = {}
+        self.job_endpoints = JobEndpoints(self, LocalExposure(self.job_dir))
 
     # -- planning --------------------------------------------------------------------------
     def unique_spec(self, spec: JobSpec) -> JobSpec:
@@ -270,7 +271,13 @@ class LocalBackend(ServesAsJob, Backend):
             supervisor.stdin.write(json.dumps(secret_values).encode())
 
     # -- reading ---------------------------------------------------------------------------
-    def _dir(self, name: str) -> JobDir:
+    def job_dir(self, name: str) -> JobDir:
+        """The directory of job ``name``.
+
+        Raises:
+            InvalidSpecError: ``name`` is no job name (a path would leave ``DSNB_HOME``).
+            JobNotFound: no such job.
+        """
         if not isinstance(name, str) or not JOB_NAME.match(name):  # a path would leave DSNB_HOME ("/x", "../x")
             raise InvalidSpecError("name", f"{name!r} is not a job name", "use a name from cluster.jobs() (letters, digits and '-')")
         job_dir = JobDir(self.root / name)
@@ -290,7 +297,7 @@ class LocalBackend(ServesAsJob, Backend):
         return self._rank_counts[name]
 
     def status(self, name: str) -> JobStatus:
-        job_dir = self._dir(name)
+        job_dir = self.job_dir(name)
         self._reap(name)
         status, extra = job_dir.read_status_and_extra()
         if status is None:  # apply writes the status first; only a damaged record lacks it
@@ -336,7 +343,7 @@ class LocalBackend(ServesAsJob, Backend):
             del self._supervisors[name]
 
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
-        job_dir = self._dir(name)
+        job_dir = self.job_dir(name)
         offsets: dict[int, int] = dict(cursor or {})
         ranks = range(self._rank_count(name, job_dir)) if rank is None else [rank]
         lines: list[LogLine] = []
@@ -356,7 +363,7 @@ class LocalBackend(ServesAsJob, Backend):
 
     def read_log_tail(self, name: str, count: int, rank: int | None = None) -> LogChunk:
         """The last ``count`` lines, read backwards from the end of each rank's file."""
-        job_dir = self._dir(name)
+        job_dir = self.job_dir(name)
         ranks = range(self._rank_count(name, job_dir)) if rank is None else [rank]
         lines: list[LogLine] = []
         offsets: dict[int, int] = {}
@@ -367,7 +374,7 @@ class LocalBackend(ServesAsJob, Backend):
         return LogChunk(lines=lines[-count:] if count > 0 else [], cursor=offsets)
 
     def read_metrics(self, name: str, cursor: Any = None) -> MetricChunk:
-        job_dir = self._dir(name)
+        job_dir = self.job_dir(name)
         start = int(cursor or 0)
         try:
             with open(job_dir.metrics, "rb") as f:
@@ -379,41 +386,9 @@ class LocalBackend(ServesAsJob, Backend):
         samples = [MetricSample(**json.loads(raw)) for raw in data[:end].decode().splitlines() if raw]
         return MetricChunk(samples=samples, cursor=start + end)
 
-    # -- serving -----------------------------------------------------------------------------
-    def serving_job(self, spec: Any) -> JobSpec:
-        """The server's job here: this Python, on 127.0.0.1, on a free port, with a token: without one, any
-        local user (or a web page the browser visits, by DNS rebinding) could use the server. One is made
-        when the spec has none; ``Endpoint.predict`` sends it and ``Endpoint.token`` gives it."""
-        if spec.token is None:
-            spec = dataclasses.replace(spec, token=secrets.token_urlsafe(32))
-        job = spec.to_job_spec()
-        args = list(job.args)
-        args[args.index("--port") + 1] = "0"
-        return dataclasses.replace(job, command=[sys.executable, "-m", "dsnb.runtime.server"], args=[*args, "--host", "127.0.0.1"])
-
-    def serving_token(self, name: str) -> str | None:
-        """The endpoint's token, from the file only its owner reads (the records keep none)."""
-        try:
-            return (self._dir(name).path / SERVE_TOKEN_FILE).read_text() or None
-        except FileNotFoundError:
-            return None
-
-    def endpoint_url(self, name: str) -> str:
-        """Rank 0's address, as it recorded it once listening.
-
-        Raises:
-            JobNotFound: no such job. ClusterError: the server has not recorded its address yet.
-        """
-        path = self._dir(name).path / "endpoint.json"
-        try:
-            return str(json.loads(path.read_text())["url"])
-        except (OSError, ValueError, KeyError):
-            raise ClusterError(f"endpoint {name!r}", "has no address yet (rank 0 is still loading the model)",
-                               "wait with endpoint.wait()") from None
-
     # -- control -----------------------------------------------------------------------------
     def stop_running(self, name: str, status: JobStatus) -> JobStatus:
-        job_dir = self._dir(name)
+        job_dir = self.job_dir(name)
         job_dir.cancel_request.touch()
         extra = job_dir.read_status_extra()
         pid = extra.get("supervisor_pid")
@@ -459,7 +434,7 @@ class LocalBackend(ServesAsJob, Backend):
         return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
 
     def spec_of(self, name: str) -> JobSpec:
-        return JobSpec.from_dict(json.loads(self._dir(name).spec.read_text()))
+        return JobSpec.from_dict(json.loads(self.job_dir(name).spec.read_text()))
 
     def close(self) -> None:
         for name in list(self._supervisors):
