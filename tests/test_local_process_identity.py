@@ -17,11 +17,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 from helpers import job_processes, wait_until
 
 from dsnb import Cluster, JobSpec, JobState
 from dsnb.backends.local.jobdir import JobDir
-from dsnb.backends.local.procs import boot_id, owned_groups, process_start_time
+from dsnb.backends.local.procs import boot_id, group_alive, is_alive, owned_groups, process_start_time
 from dsnb.status import JobStatus, ReplicaStatus
 
 
@@ -85,6 +86,22 @@ def test_owned_groups_keeps_only_groups_that_are_still_dsnbs() -> None:
         other.kill()
         other.wait()
     assert owned_groups([other.pid], [start]) == []  # gone
+
+
+def test_a_zombie_is_neither_alive_nor_owned() -> None:
+    """A process that exited but was not collected by its parent still has a pid and a group; it is gone all the same."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"], start_new_session=True)
+    try:
+        start = process_start_time(child.pid)
+        assert start is not None and is_alive(child.pid, start) and group_alive(child.pid)
+        # Not reaped: Popen collects the exit status only when asked (poll, wait).
+        wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        assert process_start_time(child.pid) is None
+        assert not is_alive(child.pid) and not is_alive(child.pid, start)
+        assert not group_alive(child.pid)  # killpg(pgid, 0) still succeeds for a group of zombies
+        assert owned_groups([child.pid], [start]) == []
+    finally:
+        child.wait()
 
 
 def test_a_supervisor_killed_outright_takes_its_ranks_and_shared_memory_with_it(tmp_path: Path, dsnb_home: Path) -> None:

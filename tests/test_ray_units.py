@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from dsnb import InvalidSpecError, JobSpec, Resources, ServeSpec
+from dsnb.backends.kubernetes.status_rules import first_status
+from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.ray.job_status import JOB_RULES, SPEC_KEY, RayJobReading
 from dsnb.backends.ray.logs import DriverLogParser
 from dsnb.backends.ray.serve import app_state
 from dsnb.runtime import ray_serve_app, ray_train_entry
@@ -84,6 +88,56 @@ def test_serve_application_states() -> None:
     starting = app_state({"status": "DEPLOYING", "deployments": {"DsnbModel": {"replicas": [{"state": "STARTING"}, {"state": "RUNNING"}]}}})
     assert starting[0] == JobState.STARTING and [r.state for r in starting[2]] == [JobState.STARTING, JobState.RUNNING]
     assert app_state({"status": "UNHEALTHY", "message": "replica died"})[:2] == (JobState.RUNNING, "unhealthy: replica died")
+
+
+@pytest.mark.parametrize(("app", "state", "message"), [
+    (None, JobState.CANCELLED, "not deployed"),
+    ({"status": "RUNNING", "message": ""}, JobState.RUNNING, ""),
+    ({"status": "NOT_STARTED", "deployments": {"M": {"message": "loading\nweights 3/4\n"}}}, JobState.STARTING, "weights 3/4"),
+    ({"status": "UNHEALTHY", "message": "", "deployments": {"M": {"message": "oom"}}}, JobState.RUNNING, "unhealthy"),
+    ({"status": "DELETING", "message": " going "}, JobState.CANCELLED, "going"),
+    ({"status": "SOMETHING_NEW"}, JobState.STARTING, ""),
+    ({"status": "DEPLOY_FAILED", "message": "", "deployments": {"A": {"message": "x\nValueError: a"}, "B": {"message": "KeyError: b"}}},
+     JobState.FAILED, "ValueError: a; KeyError: b"),
+])
+def test_serve_application_rules(app, state, message) -> None:
+    assert app_state(app)[:2] == (state, message)
+
+
+def _ray_job(status: str, message: str = "", exit_code: int | None = None, nodes: int = 1, procs: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(status=status, message=message, driver_exit_code=exit_code, start_time=1_000_000,
+                           end_time=2_000_000 if status in ("SUCCEEDED", "FAILED", "STOPPED") else None,
+                           metadata={SPEC_KEY: json.dumps({"nodes": nodes, "procs_per_node": procs})})
+
+
+OUTCOME = {"failed_rank": 1, "rank_exit_code": 3, "error": "rank 1 exited with code 3"}
+
+
+@pytest.mark.parametrize(("info", "announced", "outcome", "state", "message", "replica_states", "failed"), [
+    (_ray_job("PENDING"), (), None, JobState.PENDING, "", ["STARTING", "STARTING"], (None, None)),
+    (_ray_job("RUNNING", "Job is running.\nmore"), (0,), None, JobState.STARTING, "Job is running.", ["STARTING", "STARTING"], (None, None)),
+    (_ray_job("RUNNING", nodes=2), (0, 1, 2, 3), None, JobState.RUNNING, "", ["RUNNING"] * 4, (None, None)),
+    (_ray_job("SUCCEEDED", "done"), (0, 1), None, JobState.SUCCEEDED, "done", ["SUCCEEDED"] * 2, (None, None)),
+    (_ray_job("STOPPED", "Job was intentionally stopped."), (0,), None, JobState.CANCELLED, "cancelled", ["CANCELLED"] * 2, (None, None)),
+    (_ray_job("FAILED", "driver died", exit_code=None), (), None, JobState.FAILED, "driver died", ["FAILED"] * 2, (None, 1)),
+    (_ray_job("FAILED", "driver died", exit_code=2), (0, 1), OUTCOME, JobState.FAILED, "rank 1 exited with code 3",
+     ["FAILED"] * 2, (1, 3)),
+])
+def test_ray_job_rules(info, announced, outcome, state, message, replica_states, failed) -> None:
+    logs = JobLogs()
+    for rank, text in [(0, "a"), (1, "b"), (1, "Traceback"), (0, "c")]:
+        logs.add(rank, text, 0.0)
+    status = first_status(RayJobReading("t-x7k2", "ray", info, frozenset(announced), outcome, logs), JOB_RULES)
+    assert (status.state, status.message) == (state, message)
+    assert [r.state.value for r in status.replicas] == replica_states
+    assert (status.failed_rank, status.exit_code) == failed
+    assert (status.started_at, status.finished_at) == (1000.0, 2000.0 if info.end_time else None)
+    if failed == (1, 3):
+        assert status.last_lines == ("b", "Traceback") and [r.exit_code for r in status.replicas] == [None, 3]
+    elif state == JobState.FAILED:
+        assert status.last_lines == ("a", "b", "Traceback", "c")
+    else:
+        assert status.last_lines == ()
 
 
 @pytest.mark.parametrize(("fields", "field"), [

@@ -4,6 +4,9 @@ Every rank runs in its own session (``start_new_session=True``), so its process 
 equals its pid and ``killpg`` reaches the rank and everything it started (DataLoader
 workers, compiler jobs), even after the rank itself has exited.
 
+Processes are read through psutil. Two things psutil does not give are read directly: a
+process's group (``os.getpgid``) and Linux's boot id (:func:`boot_id`).
+
 Example:
     >>> import os
     >>> is_alive(os.getpid(), process_start_time(os.getpid()))
@@ -21,28 +24,49 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+#: The unit of a recorded start time: the kernel's clock ticks, as ``/proc/<pid>/stat`` counts them,
+#: so that a start time recorded by an earlier dsnb still compares equal.
+TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
 
 def process_start_time(pid: int) -> int | None:
-    """Kernel start time of ``pid`` (clock ticks since boot), or None if unknown/gone.
+    """When ``pid`` started, in clock ticks since boot, or None if it is gone, a zombie, or unreadable.
 
     Used together with the pid to tell a process from a later one that reused its pid.
+
+    Example:
+        >>> process_start_time(os.getpid()) > 0, process_start_time(2**22 + 1)
+        (True, None)
+
+    Raises:
+        Nothing: a process that cannot be read has no start time.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # it has exited; only its exit status is left to collect
+            return None
+        # Boot time first: psutil 5 adds the boot time it read last to the process's creation time.
+        booted = psutil.boot_time()
+        return round((process.create_time() - booted) * TICKS_PER_S)
+    except (psutil.Error, ValueError):
         return None
-    # The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # a zombie has exited; only its exit status is left to collect
-        return None
-    return int(fields[19])
 
 
 def boot_id() -> str | None:
     """This boot of the machine (Linux's ``/proc/sys/kernel/random/boot_id``), or None where there is none.
 
     Pids and start times mean something only within one boot: after a restart, a recorded pid
-    belongs to whatever process got that number since.
+    belongs to whatever process got that number since. psutil has no boot id, and its
+    ``boot_time()`` cannot stand in for one: it is derived from the wall clock, which moves.
+
+    Example:
+        >>> boot_id() == boot_id()
+        True
+
+    Raises:
+        Nothing: None where the file cannot be read.
     """
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
@@ -95,42 +119,48 @@ _PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 def is_alive(pid: int | None, start_time: int | None = None) -> bool:
-    """True if ``pid`` runs and (when given) started at ``start_time``."""
+    """True if ``pid`` runs (a zombie does not) and, when given, started at ``start_time``.
+
+    Example:
+        >>> is_alive(os.getpid()), is_alive(os.getpid(), 1), is_alive(None)
+        (True, False, False)
+
+    Raises:
+        Nothing: a process that cannot be read counts as gone.
+    """
     if not pid:
         return False
-    if Path("/proc").is_dir():
-        now = process_start_time(pid)
-        return now is not None and (start_time is None or now == start_time)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    now = process_start_time(pid)
+    return now is not None and (start_time is None or now == start_time)
 
 
 def group_alive(pgid: int) -> bool:
-    """True while any process of process group ``pgid`` exists (zombies aside)."""
+    """True while any process of process group ``pgid`` exists, zombies aside.
+
+    Example:
+        >>> group_alive(os.getpgrp())
+        True
+
+    Raises:
+        Nothing: a group that cannot be signalled for lack of permission counts as alive.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    if Path("/proc").is_dir():
-        # killpg(…, 0) also succeeds for a group made only of zombies awaiting their parent.
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                fields = stat[stat.rindex(")") + 2:].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return True
-        return False
-    return True
+    # killpg(…, 0) also succeeds for a group made only of zombies awaiting their parent.
+    return any(_group_of(process.pid) == pgid for process in psutil.process_iter(["status"])
+               if process.info["status"] != psutil.STATUS_ZOMBIE)
+
+
+def _group_of(pid: int) -> int | None:
+    # psutil does not report process groups.
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -143,6 +173,7 @@ def signal_group(pgid: int, sig: int) -> None:
 
 def _wait_gone(pgids: list[int], seconds: float) -> list[int]:
     """The groups of ``pgids`` still alive after waiting up to ``seconds`` for them to end."""
+    # Not psutil.wait_procs: that waits for given processes, and a group's members may change while it ends.
     deadline = time.monotonic() + seconds
     remaining = list(pgids)
     while remaining:

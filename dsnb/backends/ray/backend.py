@@ -9,10 +9,11 @@ Two placements, one backend (KubeRay, Ray on Kubernetes, is a backend of its own
   dashboard address); the token is sent when the cluster uses token authentication.
 
 A job is one Ray job whose driver (:mod:`dsnb.runtime.ray_train_entry`) fits a ``TorchTrainer`` running the
-user's script on ``world_size`` workers. Status comes from Ray's job status, logs from the
-job's driver log (each worker line mapped back to its rank), metrics from the ``dsnb.report``
-lines in it. The submission id is the dsnb job name, so ``cluster.attach(name)`` works from
-any process that reaches the same Ray cluster.
+user's script on ``world_size`` workers. Status comes from Ray's job status (:mod:`.job_status`),
+logs from the job's driver log (followed in the background by :mod:`.log_follower`, each worker
+line mapped back to its rank), metrics from the ``dsnb.report`` lines in it. The submission id
+is the dsnb job name, so ``cluster.attach(name)`` works from any process that reaches the same
+Ray cluster.
 
 Example:
     >>> from dsnb import Cluster, JobSpec
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.backends.base import Backend, LogChunk, MetricChunk, Plan
-from dsnb.backends.logbuffer import JobLogs
+from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.backends.ray.head import LocalHead, acquire_head, release_head
-from dsnb.backends.ray.logs import DriverLogParser
+from dsnb.backends.ray.job_status import JOB_RULES, SPEC_KEY, RayJobReading, state_of
+from dsnb.backends.ray.log_follower import DriverLogFollower
 from dsnb.backends.ray.serve import ServeClient, app_state
 from dsnb.errors import BackendUnavailable, ClusterError, JobNotFound
 from dsnb.preflight import PreflightReport
@@ -46,13 +48,11 @@ from dsnb.runtime import ray_serve_app, ray_train_entry
 from dsnb.secrets import refuse_references
 from dsnb.serving.spec import ServeSpec
 from dsnb.spec import JobSpec, redact_env
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobState, JobStatus
 
 JOB_KEY = "dsnb.io/job"
-SPEC_KEY = "dsnb.io/spec"
 READ_LIMIT = 5000
-#: Seconds between two reads of a running job's driver log (each read returns the whole log),
-#: and how long a running job's status is reused: every read is work for the head's dashboard,
+#: How long a running job's status is reused: every read is work for the head's dashboard,
 #: which shares the machine with the training.
 LOG_REFRESH_S = 0.5
 CANCEL_TIMEOUT_S = 60.0
@@ -61,8 +61,6 @@ AGENT_WAIT_S = 60.0
 SUBMIT_TIMEOUT_S = 120.0
 #: Left out of the working directory Ray uploads for the job.
 UPLOAD_EXCLUDES = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "checkpoints/", ".venv/"]
-_STATES = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
-           "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
 
 
 def dsnb_home() -> Path:
@@ -73,13 +71,9 @@ def dsnb_home() -> Path:
 
 @dataclasses.dataclass
 class _Tracked:
-    """What this client has read of one job's driver log."""
+    """What this client knows of one job: Ray's last answer, and its driver log's follower."""
 
-    logs: JobLogs = dataclasses.field(default_factory=JobLogs)
-    parser: DriverLogParser = dataclasses.field(default_factory=DriverLogParser)
-    offset: int = 0
-    read_at: float = 0.0
-    complete: bool = False
+    follower: DriverLogFollower | None = None
     info: Any = None
     info_at: float = 0.0
     info_final: bool = False
@@ -259,7 +253,7 @@ class RayBackend(Backend):
         info = self._fetch_info(name)
         tracked = self._track(name)
         tracked.info, tracked.info_at = info, now
-        tracked.info_final = _state_of(info).is_terminal()
+        tracked.info_final = state_of(info).is_terminal()
         return info
 
     def _fetch_info(self, name: str) -> Any:
@@ -278,31 +272,25 @@ class RayBackend(Backend):
         with self._lock:
             return self._tracked.setdefault(name, _Tracked())
 
-    def _ingest(self, name: str, terminal: bool) -> _Tracked:
-        """Read what the driver log gained since last time (all of it once the job has ended)."""
+    def _ingest(self, name: str, terminal: bool) -> DriverLogFollower:
+        """Follow the driver log while the job runs; read the rest of it, once, when the job has ended."""
         tracked = self._track(name)
         with tracked.lock:
-            now = time.monotonic()
-            if tracked.complete or (not terminal and now - tracked.read_at < LOG_REFRESH_S):
-                return tracked
-            tracked.read_at = now
+            if tracked.follower is None:
+                tracked.follower = DriverLogFollower(self._client(), name)
+            follower = tracked.follower
+            if follower.complete:
+                return follower
             try:
-                text = self._client().get_job_logs(name)
+                if terminal:
+                    follower.finish()
+                else:
+                    follower.follow()  # the first time: the log so far, read now; then the tail, in the background
             except Exception as e:
                 if "does not exist" in str(e):
                     raise JobNotFound(name, self.name) from e
                 raise self._unreachable(e) from e
-            new = text[tracked.offset:]
-            if not terminal:
-                new = new[:new.rfind("\n") + 1]  # a line still being written waits for its end
-            tracked.offset += len(new)
-            when = time.time()
-            for raw in new.splitlines():
-                entry = tracked.parser.feed(raw)
-                if entry is not None:
-                    tracked.logs.add(entry[0], entry[1], when)
-            tracked.complete = terminal
-            return tracked
+            return follower
 
     def status(self, name: str) -> JobStatus:
         """The job's status from Ray, with ranks from its log.
@@ -312,39 +300,13 @@ class RayBackend(Backend):
             ClusterError: Ray cannot be reached.
         """
         info = self._info(name)
-        state = _state_of(info)
-        tracked = self._ingest(name, state.is_terminal())
-        return self._status_from(name, info, state, tracked)
+        return self._status_from(name, info, self._ingest(name, state_of(info).is_terminal()))
 
-    def _status_from(self, name: str, info: Any, state: JobState, tracked: _Tracked | None) -> JobStatus:
-        world = _world_size(info)
-        ranks = set(tracked.parser.ranks.values()) if tracked else set()
-        if state == JobState.RUNNING and len(ranks) < world:
-            state = JobState.STARTING
-        replicas = tuple(ReplicaStatus(rank=r, state=state if (r in ranks or state.is_terminal()) else JobState.STARTING)
-                         for r in range(world))
-        message = (info.message or "").strip().splitlines()[0][:300] if info.message else ""
-        failed_rank = exit_code = None
-        last_lines: tuple[str, ...] = ()
-        outcome = tracked.parser.outcome if tracked else None
-        if state == JobState.FAILED:
-            exit_code = info.driver_exit_code if info.driver_exit_code is not None else 1
-            if outcome:
-                failed_rank = outcome.get("failed_rank")
-                exit_code = outcome.get("rank_exit_code", exit_code)
-                message = outcome.get("error") or message
-            if tracked is not None:
-                tail, _ = tracked.logs.tail(15, failed_rank if failed_rank is not None else None)
-                last_lines = tuple(line.text for line in tail)
-            if failed_rank is not None:
-                replicas = tuple(dataclasses.replace(r, exit_code=exit_code) if r.rank == failed_rank else r for r in replicas)
-        elif state == JobState.CANCELLED:
-            message = "cancelled"
-        started = info.start_time / 1000 if info.start_time else None
-        return JobStatus(name=name, backend=self.name, state=state, replicas=replicas, message=message,
-                         created_at=started, started_at=started,
-                         finished_at=info.end_time / 1000 if info.end_time else None,
-                         failed_rank=failed_rank, exit_code=exit_code, last_lines=last_lines)
+    def _status_from(self, name: str, info: Any, follower: DriverLogFollower | None) -> JobStatus:
+        """The first answer of :data:`JOB_RULES` (Ray's job status, with what the driver log said)."""
+        if follower is None:
+            return first_status(RayJobReading(name, self.name, info), JOB_RULES)
+        return first_status(RayJobReading(name, self.name, info, follower.announced(), follower.outcome, follower.logs), JOB_RULES)
 
     def read_logs(self, name: str, cursor: Any = None, rank: int | None = None) -> LogChunk:
         """Lines since ``cursor``. Raises: JobNotFound."""
@@ -362,12 +324,12 @@ class RayBackend(Backend):
         samples, position = self._refresh(name).logs.samples(cursor or 0)
         return MetricChunk(samples=samples, cursor=position)
 
-    def _refresh(self, name: str) -> _Tracked:
-        tracked = self._track(name)
-        if tracked.complete:
-            return tracked
+    def _refresh(self, name: str) -> DriverLogFollower:
+        follower = self._track(name).follower
+        if follower is not None and follower.complete:
+            return follower
         info = self._info(name)
-        return self._ingest(name, _state_of(info).is_terminal())
+        return self._ingest(name, state_of(info).is_terminal())
 
     # -- control -----------------------------------------------------------------------
 
@@ -407,8 +369,8 @@ class RayBackend(Backend):
         for info in infos:
             name = (info.metadata or {}).get(JOB_KEY)
             if name and info.submission_id == name:
-                state = _state_of(info)
-                found.append(self._status_from(name, info, state, self._tracked.get(name)))
+                tracked = self._tracked.get(name)
+                found.append(self._status_from(name, info, tracked.follower if tracked else None))
         return sorted(found, key=lambda s: s.created_at or 0, reverse=True)
 
     def spec_of(self, name: str) -> JobSpec:
@@ -522,19 +484,20 @@ class RayBackend(Backend):
         return found
 
     def close(self) -> None:
-        """Forget the client; with a private head, stop it when no other ray cluster of this process uses it."""
+        """Stop following logs and forget the client; with a private head, stop it when no other ray
+        cluster of this process uses it."""
         with self._lock:
             head, self._head, self._client_obj = self._head, None, None
+            followers = [tracked.follower for tracked in self._tracked.values() if tracked.follower is not None]
+            for tracked in self._tracked.values():
+                tracked.follower = None
+        for follower in followers:
+            follower.stop()
         if head is not None:
             release_head(head)
 
     def __repr__(self) -> str:
         return f"RayBackend(address={self.address!r})"
-
-
-def _state_of(info: Any) -> JobState:
-    """dsnb's state for a Ray ``JobDetails``/``JobInfo`` (Ray's STOPPED is CANCELLED)."""
-    return _STATES.get(str(getattr(info.status, "value", info.status)), JobState.PENDING)
 
 
 def _bounded(call: Any, timeout: float, what: str) -> Any:
@@ -582,14 +545,3 @@ def _public_spec(spec: JobSpec) -> dict[str, Any]:
     data["env"] = redact_env(spec.env)
     data["name"] = spec.name
     return data
-
-
-def _world_size(info: Any) -> int:
-    try:
-        spec = json.loads((info.metadata or {})[SPEC_KEY])
-        return int(spec.get("nodes", 1)) * int(spec.get("procs_per_node", 1))
-    except (KeyError, TypeError, ValueError):
-        return 1
-
-
-

@@ -22,7 +22,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+import psutil
 
 from dsnb.backends.local.procs import is_alive
 
@@ -32,22 +33,27 @@ KILL_TIMEOUT_S = 10.0
 
 
 def head_processes(session: int, temp_dir: str) -> list[int]:
-    """Live (not zombie) processes of ``session``, or whose working directory is under ``temp_dir``."""
-    found = []
+    """Live (not zombie) processes of ``session``, or whose working directory is under ``temp_dir``.
+
+    Example:
+        >>> os.getpid() in head_processes(os.getsid(0), "/nonexistent")   # the guard leaves itself out
+        False
+
+    Raises:
+        Nothing: a process that ends or cannot be read while the list is made is left out.
+    """
     me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] == "Z":
-                continue
-            if int(fields[3]) == session or os.readlink(entry / "cwd").startswith(temp_dir):
-                found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return [process.pid for process in psutil.process_iter(["status", "cwd"])
+            if process.pid != me and process.info["status"] != psutil.STATUS_ZOMBIE
+            and (_session_of(process.pid) == session or (process.info["cwd"] or "").startswith(temp_dir))]
+
+
+def _session_of(pid: int) -> int | None:
+    # psutil does not report sessions.
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def stop_head(ray_start: subprocess.Popen | int, session: int, temp_dir: str) -> None:

@@ -23,6 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from dsnb.errors import ClusterError
@@ -153,33 +155,85 @@ def _stays(check: Callable[[], bool], seconds: float, every: float = 0.5) -> boo
         time.sleep(every)
 
 
+@dataclass(frozen=True)
+class AppReading:
+    """One Serve application's details (None when it is not deployed), read for its status.
+
+    The rules below take this, not :class:`dsnb.backends.kubernetes.status_rules.Reading`: an
+    application on the dashboard's REST API has no pods, events or Kubernetes workload.
+    """
+
+    app: dict[str, Any] | None
+
+    @property
+    def status(self) -> str:
+        return (self.app or {}).get("status", "")
+
+    @cached_property
+    def said(self) -> str:
+        """Serve's message on the application."""
+        return ((self.app or {}).get("message") or "").strip()
+
+    @cached_property
+    def details(self) -> list[str]:
+        """Each deployment's last message line: a traceback's last line says what went wrong."""
+        details = []
+        for deployment in ((self.app or {}).get("deployments") or {}).values():
+            lines = [line for line in (deployment.get("message") or "").strip().splitlines() if line.strip()]
+            if lines:
+                details.append(lines[-1].strip())
+        return details
+
+    @cached_property
+    def replicas(self) -> tuple[ReplicaStatus, ...]:
+        """One ReplicaStatus per replica of every deployment, numbered in order."""
+        found = [replica for deployment in ((self.app or {}).get("deployments") or {}).values()
+                 for replica in deployment.get("replicas") or []]
+        return tuple(ReplicaStatus(rank=rank, state=_REPLICA_STATES.get(replica.get("state", ""), JobState.STARTING),
+                                   pid=replica.get("pid"), host=replica.get("node_ip"))
+                     for rank, replica in enumerate(found))
+
+
+def _not_deployed(a: AppReading) -> tuple[JobState, str] | None:
+    return (JobState.CANCELLED, "not deployed") if a.app is None else None
+
+
+def _deploy_failed(a: AppReading) -> tuple[JobState, str] | None:
+    if a.status != "DEPLOY_FAILED":
+        return None
+    # Serve's application message only says which deployments failed; theirs say why.
+    return JobState.FAILED, "; ".join(m for m in [a.said.splitlines()[-1] if a.said else "", *a.details] if m)
+
+
+def _unhealthy(a: AppReading) -> tuple[JobState, str] | None:
+    if a.status != "UNHEALTHY":
+        return None
+    return JobState.RUNNING, f"unhealthy: {a.said}" if a.said else "unhealthy"
+
+
+def _as_serve_says(a: AppReading) -> tuple[JobState, str]:
+    return _APP_STATES.get(a.status, JobState.STARTING), a.said or (a.details[0] if a.details else "")
+
+
+#: An application's rules, in the order they are tried; each answers (state, message) or None.
+APP_RULES: tuple[Callable[[AppReading], tuple[JobState, str] | None], ...] = (
+    _not_deployed, _deploy_failed, _unhealthy, _as_serve_says)
+
+
 def app_state(app: dict[str, Any] | None) -> tuple[JobState, str, tuple[ReplicaStatus, ...]]:
     """dsnb's state, a message, and one ReplicaStatus per replica for one application's details.
+
+    The state and message are the first answer of :data:`APP_RULES`.
 
     Example:
         >>> state, message, replicas = app_state({"status": "RUNNING", "message": "",
         ...     "deployments": {"DsnbModel": {"replicas": [{"state": "RUNNING", "pid": 7}]}}})
         >>> state.value, [(r.rank, r.state.value, r.pid) for r in replicas]
         ('RUNNING', [(0, 'RUNNING', 7)])
+
+    Raises:
+        Nothing: a status Serve adds later reads as STARTING.
     """
-    if app is None:
-        return JobState.CANCELLED, "not deployed", ()
-    state = _APP_STATES.get(app.get("status", ""), JobState.STARTING)
-    message = (app.get("message") or "").strip()
-    if app.get("status") == "UNHEALTHY":
-        message = f"unhealthy: {message}" if message else "unhealthy"
-    replicas = []
-    details = []
-    for deployment in (app.get("deployments") or {}).values():
-        for replica in deployment.get("replicas") or []:
-            replicas.append(ReplicaStatus(rank=len(replicas), state=_REPLICA_STATES.get(replica.get("state", ""), JobState.STARTING),
-                                          pid=replica.get("pid"), host=replica.get("node_ip")))
-        lines = [line for line in (deployment.get("message") or "").strip().splitlines() if line.strip()]
-        if lines:
-            details.append(lines[-1].strip())  # a traceback's last line says what went wrong
-    if state == JobState.FAILED:
-        # Serve's application message only says which deployments failed; theirs say why.
-        message = "; ".join([m for m in [message.splitlines()[-1] if message else "", *details] if m])
-    elif not message and details:
-        message = details[0]
-    return state, message[:2000], tuple(replicas)
+    reading = AppReading(app)
+    state, message = next(found for rule in APP_RULES if (found := rule(reading)) is not None)
+    return state, message[:2000], reading.replicas
