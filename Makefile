@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/dsnb demo
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 bench: venv
 	$(PY) benchmarks/bench_local.py

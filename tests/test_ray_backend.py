@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conformance.suite import BackendConformance, process_workload
 
 pytest.importorskip("ray")
 
@@ -349,3 +350,47 @@ def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() 
         while head_processes(int(session), temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not head_processes(int(session), temp_dir), f"{mode}: the head's processes outlived it"
+
+
+def _train_actors() -> list[str]:
+    """Ray Train's actor processes on this machine (its controller and workers), as ``pid name``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        first = (proc.info["cmdline"] or [""])[0]
+        if first.startswith(("ray::RayTrainWorker", "ray::TrainController", "ray::_TrainSession")):
+            found.append(f"{proc.info['pid']} {first}")
+    return found
+
+
+def _settled(read, seconds: float = 30.0) -> list[str]:
+    """``read()`` once it is empty, or what it still returns after ``seconds`` (Ray ends actors asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while (left := read()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+class TestRayConformance(BackendConformance):
+    """The conformance suite on the private head this module shares: real Ray Train runs."""
+
+    @pytest.fixture
+    def cluster(self, ray_cluster: Cluster) -> Cluster:
+        return ray_cluster
+
+    @pytest.fixture
+    def workload_spec(self, tmp_path: Path):
+        return process_workload(tmp_path)
+
+    @pytest.fixture
+    def nothing_left(self):
+        return lambda name: _settled(_train_actors)
+
+    @pytest.fixture
+    def refused_specs(self) -> list[tuple[str, JobSpec]]:
+        return [("command", JobSpec(name="conf-command", command=["bash", "-c", "true"]))]
+
+    @pytest.fixture
+    def footprint(self, ray_cluster: Cluster, storage: Path):
+        return lambda: sorted(str(p) for p in storage.rglob("*")) + _train_actors()

@@ -18,10 +18,13 @@ conversation:
   pid=N, ip=...)`` prefixes, each worker's ``DSNB_RAY_WORKER`` announcement, ``DSNB_METRIC``
   lines, the closing ``DSNB_RAY_OUTCOME``) and exits 0, as ``ray job logs`` does whatever
   the job's fate. What it prints is chosen by the job's first script argument (see
-  :func:`driver_lines`);
+  :func:`driver_lines`). With ``run_scripts``, the fake driver runs the job's script for real
+  instead, once per Ray Train worker (``RANK``, ``WORLD_SIZE``... as Ray Train sets them), each
+  worker's lines under its ``(RayTrainWorker pid=N, ip=...)`` prefix; the first worker to fail
+  ends the group, as Ray Train's does, and the outcome line carries its rank and exit code;
 - it reports ``jobStatus: RUNNING`` while the submitter runs and, when it has ended,
   ``Complete``/``SUCCEEDED`` or ``Failed``/``FAILED`` with ``reason: AppFailed``, as the
-  dashboard would have told KubeRay;
+  dashboard would have told KubeRay (with ``run_scripts``, from the outcome the driver printed);
 - with ``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished`` after the end it deletes the
   RayCluster (the head and worker pods go with it) and keeps the submitter Job and its pod;
 - a RayJob gets KubeRay's finalizer: deleting it only marks it until the operator, having stopped
@@ -52,7 +55,9 @@ import json
 import os
 import random
 import string
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,7 @@ JOB_FINALIZER = "ray.io/rayjob-finalizer"  # ray-operator/controllers/ray/utils/
 SERVICE_FINALIZER = "ray.io/rayservice-finalizer"
 #: The fake driver's behaviour, by the job's first script argument.
 MODES = ("ok", "fail", "sleep")
+OUTCOME = "DSNB_RAY_OUTCOME "  # dsnb.runtime.ray_train_entry.OUTCOME_TAG: the sim imports no dsnb
 
 
 def _suffix() -> str:
@@ -103,6 +109,7 @@ class KubeRaySim:
             first step (KubeRay v1.7.0 notes it can exit non-zero on a closed WebSocket,
             rayjob_controller.go); its Job (``backoffLimit: 2``) starts another pod, whose
             ``ray job logs --follow`` prints the driver's log again from the start.
+        run_scripts: the driver runs the job's script for real on each worker (see the module docstring).
 
     Attributes:
         seen: RayJob name -> the RayJob as first seen.
@@ -110,8 +117,9 @@ class KubeRaySim:
     """
 
     def __init__(self, end_early: bool = False, deploy_errors: dict[str, str] | None = None,
-                 drop_submitter_once: bool = False) -> None:
+                 drop_submitter_once: bool = False, run_scripts: bool = False) -> None:
         self.end_early = end_early
+        self.run_scripts = run_scripts
         self.drop_submitter_once = drop_submitter_once
         self.deploy_errors = dict(deploy_errors or {})
         self.seen: dict[str, dict[str, Any]] = {}
@@ -266,7 +274,8 @@ class KubeRaySim:
         # What KubeRay adds, then the runtime environment as Ray gives it to the driver.
         env = {"RAY_DASHBOARD_ADDRESS": address, "RAY_JOB_SUBMISSION_ID": name, **runtime_env_vars(rayjob),
                "DSNB_SIM_MODE": job_mode(rayjob), "DSNB_SIM_LATE_TAIL": "1" if self.end_early else "",
-               "DSNB_SIM_DROP_AFTER": "1" if self.drop_submitter_once else ""}
+               "DSNB_SIM_DROP_AFTER": "1" if self.drop_submitter_once else "",
+               "DSNB_SIM_RUN_SCRIPT": "1" if self.run_scripts else ""}
         container["env"] = [*(container.get("env") or []), *({"name": k, "value": v} for k, v in env.items())]
         container["command"] = [sys.executable, str(Path(__file__).resolve()), "driver"]
         if state["cluster"] in self.auth:  # rayjob_controller.go v1.7.0: SetContainerTokenAuthEnvVars on the submitter
@@ -294,7 +303,7 @@ class KubeRaySim:
         name = rayjob["metadata"]["name"]
         state["ended"], state["ended_at"] = True, time.time()
         end = {"endTime": _now(), "rayJobInfo": {**((rayjob.get("status") or {}).get("rayJobInfo") or {}), "endTime": _now()}}
-        if job_mode(rayjob) == "fail":
+        if self._failed(sim, rayjob, state):
             # KubeRay v1.7.0 copies Ray's job message (rayjob_controller.go, ``Status.Message = jobInfo.Message``);
             # Ray's own for a failed entrypoint names its exit code and the log's tail, not a rank.
             self._status(sim, name, {**end, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
@@ -302,6 +311,13 @@ class KubeRaySim:
                                                              "logs (truncated to 20,000 chars):\nTraining errored after 1 iterations"})
         else:
             self._status(sim, name, {**end, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "succeeded": 1})
+
+    def _failed(self, sim: Any, rayjob: dict[str, Any], state: dict[str, Any]) -> bool:
+        """Whether the Ray job failed: by the outcome its driver printed when it ran the script, else by its mode."""
+        if not self.run_scripts:
+            return job_mode(rayjob) == "fail"
+        outcomes = [line for line in sim.emulator.log_lines(sim.namespace, state["submitter"]) if line.startswith(OUTCOME)]
+        return not outcomes or json.loads(outcomes[-1][len(OUTCOME):]).get("exit_code") != 0
 
     # -- RayServices -----------------------------------------------------------------------
     def _reconcile_services(self, sim: Any) -> None:
@@ -421,10 +437,10 @@ def driver_lines(job: dict[str, Any], mode: str, submission_id: str) -> tuple[li
         tail = [f"(RayTrainWorker pid=101, ip=10.244.{1 // procs}.5) Traceback (most recent call last):",
                 f"(RayTrainWorker pid=101, ip=10.244.{1 // procs}.5) RuntimeError: rank 1 ran out of data",
                 "Training errored after 1 iterations",
-                "DSNB_RAY_OUTCOME " + json.dumps({"exit_code": 1, "failed_rank": 1, "rank_exit_code": 3,
+                OUTCOME + json.dumps({"exit_code": 1, "failed_rank": 1, "rank_exit_code": 3,
                                                   "error": "rank 1 exited with code 3"})]
     else:
-        tail = ["Training finished", "DSNB_RAY_OUTCOME " + json.dumps({"exit_code": 0})]
+        tail = ["Training finished", OUTCOME + json.dumps({"exit_code": 0})]
     return head, tail
 
 
@@ -438,12 +454,65 @@ def step_lines(job: dict[str, Any], step: int) -> list[str]:
     return lines
 
 
+def run_workers(job: dict[str, Any], submission_id: str) -> int:
+    """Run the job's script once per worker, as Ray Train's worker group would, and print the driver's log.
+
+    Each worker gets the variables Ray Train's ``TorchConfig`` sets; its output comes under its
+    actor prefix. The first worker to exit non-zero ends the others (Ray Train tears the worker
+    group down) and is named in the outcome line. Always returns 0, as ``ray job logs`` does.
+    """
+    workers, procs = job["num_workers"], job["procs_per_node"]
+    print(f"Job '{submission_id}' submitted successfully", flush=True)
+    print(f"(TrainController pid=70) Started training worker group of size {workers}", flush=True)
+    printing = threading.Lock()
+    children = []
+    for rank in range(workers):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank % procs), "WORLD_SIZE": str(workers),
+               "LOCAL_WORLD_SIZE": str(procs), "NODE_RANK": str(rank // procs), "PYTHONUNBUFFERED": "1"}
+        child = subprocess.Popen([sys.executable, job["script"], *job["args"]], env=env, cwd=os.path.dirname(job["script"]) or None,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        prefix = f"(RayTrainWorker pid={child.pid}, ip=10.244.{rank // procs}.5)"
+        print(f"{prefix} DSNB_RAY_WORKER " + json.dumps({"rank": rank, "pid": child.pid, "node": rank // procs}), flush=True)
+        children.append((rank, child, prefix))
+
+    def relay(child: subprocess.Popen, prefix: str) -> None:
+        for line in child.stdout:
+            with printing:
+                print(f"{prefix} {line.rstrip()}", flush=True)
+
+    relays = [threading.Thread(target=relay, args=(child, prefix), daemon=True) for _, child, prefix in children]
+    for thread in relays:
+        thread.start()
+    failed = None
+    while failed is None and any(child.poll() is None for _, child, _ in children):
+        failed = next(((rank, child.returncode) for rank, child, _ in children if child.poll()), None)
+        time.sleep(0.05)
+    failed = failed or next(((rank, child.returncode) for rank, child, _ in children if child.returncode), None)
+    for _, child, _ in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    for thread in relays:
+        thread.join(timeout=5)
+    if failed is None:
+        outcome = {"exit_code": 0}
+        print("Training finished", flush=True)
+    else:
+        error = f"rank {failed[0]} exited with code {failed[1]}"
+        outcome = {"exit_code": 1, "failed_rank": failed[0], "rank_exit_code": failed[1], "error": error}
+        print(f"Training errored: {error}", flush=True)
+    print(OUTCOME + json.dumps(outcome), flush=True)
+    return 0
+
+
 def fake_driver() -> int:
     if os.environ.get("DSNB_SIM_CLUSTER_AUTH") == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
         # What `ray job submit` gets from a head with token authentication when it has no token.
         print("RuntimeError: Request failed with status code 401: Unauthenticated: no valid authentication token", flush=True)
         return 1
     job = json.loads(os.environ["DSNB_RAY_JOB"])
+    if os.environ.get("DSNB_SIM_RUN_SCRIPT"):
+        return run_workers(job, os.environ.get("RAY_JOB_SUBMISSION_ID", job["name"]))
     mode = os.environ.get("DSNB_SIM_MODE", "ok")
     head, tail = driver_lines(job, mode, os.environ.get("RAY_JOB_SUBMISSION_ID", job["name"]))
     for line in head:
