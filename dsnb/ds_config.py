@@ -6,6 +6,13 @@ exist; a mistake then costs a launch and surfaces as an assertion deep in a log.
 triple exactly as DeepSpeed does, and raises :class:`~dsnb.errors.InvalidSpecError`
 naming the field and the fix.
 
+Values written ``"auto"`` are the Hugging Face Trainer's and Accelerate's to fill at run time,
+from the training arguments (batch sizes, accumulation, clipping, optimizer and scheduler
+parameters, fp16/bf16, ZeRO bucket sizes and stage-3 thresholds). They are accepted and left as
+they are; :func:`framework_filled` lists them, and the checks that do not depend on them are
+still made. When any of the batch triple is ``"auto"``, the triple is the framework's and is
+not filled here.
+
 Example:
     >>> cfg = check_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, world_size=2)
     >>> cfg["train_batch_size"], cfg["gradient_accumulation_steps"]
@@ -46,6 +53,28 @@ _KNOWN_REMOVED_ZERO = {
 }
 
 _OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+#: What the Hugging Face and Accelerate integrations replace with a value of their own at run time.
+AUTO = "auto"
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def framework_filled(config: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of ``config`` left ``"auto"`` for the framework to fill at run time.
+
+    Example:
+        >>> framework_filled({"train_batch_size": "auto", "optimizer": {"params": {"lr": "auto", "eps": 1e-8}}})
+        ['train_batch_size', 'optimizer.params.lr']
+    """
+    if not isinstance(config, dict):
+        return []
+    found = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if value == AUTO:
+            found.append(path)
+        elif isinstance(value, dict):
+            found += framework_filled(value, path + ".")
+    return found
 
 
 def _first_sentence(node: ast.expr) -> str:
@@ -122,10 +151,16 @@ def _divide(train: int, known: int, known_name: str, world_size: int, field: str
 
 
 def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> None:
-    """Fill the batch triple the way DeepSpeed's ``_set_batch_related_parameters`` does."""
+    """Fill the batch triple the way DeepSpeed's ``_set_batch_related_parameters`` does.
+
+    A triple with an ``"auto"`` member is the framework's (the Trainer sets all three from its
+    arguments before DeepSpeed sees them): its explicit members are checked, nothing is filled.
+    """
     train = _positive_int(config, "train_batch_size", field)
     micro = _positive_int(config, "train_micro_batch_size_per_gpu", field)
     accum = _positive_int(config, "gradient_accumulation_steps", field)
+    if any(config.get(key) == AUTO for key in BATCH_KEYS):
+        return
 
     if train is None and micro is None:
         raise InvalidSpecError(
@@ -211,7 +246,8 @@ def _check_offload(kind: str, offload: dict[str, Any], stage: int, ofield: str) 
         raise InvalidSpecError(
             f"{ofield}.nvme_path", "NVMe offload needs a path", 'set "nvme_path" to a fast local directory'
         )
-    if kind == "offload_optimizer" and offload.get("ratio", 1.0) < 1.0 and stage != 3:
+    ratio = offload.get("ratio", 1.0)
+    if kind == "offload_optimizer" and isinstance(ratio, (int, float)) and ratio < 1.0 and stage != 3:
         raise InvalidSpecError(
             f"{ofield}.ratio", "partial optimizer offload (ratio < 1) needs ZeRO stage 3", "set ratio to 1.0 or use stage 3"
         )
@@ -235,9 +271,11 @@ def _check_zero(config: dict[str, Any], field: str, removed_zero: dict[str, str]
 
 
 def _enabled(config: dict[str, Any], key: str) -> bool:
+    """Whether ``config[key]`` is explicitly enabled (``"auto"`` is the framework's choice, not yet made)."""
     block = config.get(key)
     if isinstance(block, dict):
-        return bool(block.get("enabled", False))
+        enabled = block.get("enabled", False)
+        return enabled != AUTO and bool(enabled)
     return False
 
 
@@ -252,7 +290,8 @@ def check_deepspeed_config(config: dict[str, Any], world_size: int | None, field
 
     Returns:
         A deep copy with ``train_batch_size``, ``train_micro_batch_size_per_gpu`` and
-        ``gradient_accumulation_steps`` all filled (when ``world_size`` is given).
+        ``gradient_accumulation_steps`` all filled (when ``world_size`` is given and none of
+        them is ``"auto"``); ``"auto"`` values are left for the framework.
 
     Raises:
         InvalidSpecError: removed keys, an inconsistent or missing batch triple, a ZeRO stage

@@ -32,6 +32,7 @@ import yaml
 
 from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.backends.profiles import BUILTIN_PROFILES, BackendProfile
+from dsnb.ds_config import framework_filled
 from dsnb.errors import BackendUnavailable
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobStatus, LogLine, MetricSample
@@ -209,12 +210,17 @@ class Backend(abc.ABC):
     def dryrun(self, spec: JobSpec) -> Plan:
         """Render what ``submit`` would do, with a unique job name; create nothing.
 
-        The name comes from :meth:`unique_spec`, the plan from :meth:`render`.
+        The name comes from :meth:`unique_spec`, the plan from :meth:`render`; a note lists the
+        DeepSpeed values left ``"auto"`` for the framework (:func:`dsnb.ds_config.framework_filled`).
 
         Raises:
             InvalidSpecError: the spec cannot run on this backend (the field and fix named).
         """
-        return self.render(self.unique_spec(spec))
+        plan = self.render(self.unique_spec(spec))
+        later = framework_filled(spec.deepspeed_config) if spec.deepspeed is not None else []
+        if later:
+            plan.notes.append(f'DeepSpeed values left "auto" for the Trainer or Accelerate to fill at run time: {", ".join(later)}')
+        return plan
 
     def unique_spec(self, spec: JobSpec) -> JobSpec:
         """``spec`` under the name its job will have: the name and a random suffix (``tiny-x7k2``)."""

@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - exercised by the no-extras import
     raise BackendUnavailable("notebook", "the launch form needs ipywidgets", "pip install 'dsnb[notebook]'") from e
 
 from dsnb import advisor
-from dsnb.ds_config import check_deepspeed_config
+from dsnb.ds_config import check_deepspeed_config, framework_filled
 from dsnb.ds_fields import OFFLOAD_DEVICES, PRECISIONS, merge_config, split_deepspeed, structured_deepspeed
 from dsnb.errors import InvalidSpecError
 from dsnb.secrets import REDACTED, Secret, is_secret
@@ -584,7 +584,10 @@ class LaunchForm:
         if not ds_on:
             self.config_preview.value = "<i>no DeepSpeed config: the script configures DeepSpeed itself</i>"
         elif filled is not None:
-            self.config_preview.value = _pre(json.dumps(filled, indent=2))
+            later = framework_filled(filled)
+            note = (f"<div class='dsnb-framework-filled'>Left <code>\"auto\"</code> for the Trainer or Accelerate to fill "
+                    f"at run time: {html.escape(', '.join(later))}</div>") if later else ""
+            self.config_preview.value = note + _pre(json.dumps(filled, indent=2))
         else:
             self.config_preview.value = "<i>fix the fields marked above to see the config</i>"
         self.launch_button.disabled = spec is None or self._launching
