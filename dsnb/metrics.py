@@ -2,7 +2,15 @@
 
 A metric travels the way logs do, as one tagged JSON line on stdout, so it reaches the
 notebook from every backend (a local process, a pod, a Ray worker) with no side channel.
-DeepSpeed's own progress lines are recognised too.
+DeepSpeed's own progress lines are recognised too, and so are the Hugging Face Trainer's
+metrics lines (``{'loss': '6.049', 'grad_norm': '1.156', 'learning_rate': '0', 'epoch': '0.03'}``).
+
+Those lines carry no step, and dsnb does not invent one: their samples are numbered by line,
+1, 2, 3... on each rank, with ``step_unit="log line"`` (the Trainer prints one every
+``logging_steps`` optimizer steps, which the line does not say). For the true global step,
+add :class:`dsnb.integrations.transformers.DsnbCallback` to the Trainer: it reports each
+logged dict at ``state.global_step`` and announces itself (:data:`REPORTS_STEPS_TAG`), after
+which that rank's printed dicts are no longer parsed, so no sample is counted twice.
 
 Example:
     >>> parser = MetricParser()
@@ -15,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -25,6 +34,10 @@ from dsnb.status import MetricSample
 
 #: Prefix of the line :func:`report` prints.
 METRIC_TAG = "DSNB_METRIC "
+#: Printed once by a rank whose framework callback reports metrics with their true steps.
+REPORTS_STEPS_TAG = "DSNB_REPORTS_STEPS"
+#: The longest framework metrics line parsed (a logged dict of a few dozen values).
+MAX_LOGGED_DICT_CHARS = 8192
 
 _DS_STEP = re.compile(r"\bstep=(\d+), skipped=(\d+), lr=\[([^\],]+)")
 _DS_THROUGHPUT = re.compile(r"global_step=(\d+), RunningAvgSamplesPerSec=([0-9.eE+-]+), CurrSamplesPerSec=([0-9.eE+-]+)")
@@ -88,6 +101,8 @@ class MetricParser:
 
     def __init__(self) -> None:
         self._last_step: dict[int, int] = {}
+        self._logged_lines: dict[int, int] = {}  # rank -> Trainer metrics lines seen
+        self._own_steps: set[int] = set()  # ranks whose callback reports true steps
 
     def feed(self, rank: int, text: str, when: float | None = None) -> list[MetricSample]:
         """Samples found in one line of output of ``rank`` (usually none; never raises on odd text)."""
@@ -101,6 +116,11 @@ class MetricParser:
         at = text.find(METRIC_TAG)
         if at >= 0:
             return self._parse_report(rank, text[at + len(METRIC_TAG):], when)
+        if text.startswith("{'") and "'epoch'" in text:
+            return self._parse_logged_dict(rank, text, when)
+        if text.startswith(REPORTS_STEPS_TAG):
+            self._own_steps.add(rank)
+            return []
         if "step=" not in text and "time (ms)" not in text:
             return []  # fast path: most lines carry no metric
         rank_match = _RANK_IN_LINE.search(text)
@@ -137,6 +157,47 @@ class MetricParser:
         ]
 
 
+    def _parse_logged_dict(self, rank: int, text: str, when: float) -> list[MetricSample]:
+        """A Trainer metrics line: its numbers, numbered by line on this rank (the line has no step)."""
+        if rank in self._own_steps or len(text) > MAX_LOGGED_DICT_CHARS:
+            return []
+        try:
+            logged = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return []
+        if not isinstance(logged, dict):
+            return []
+        values = numeric_values(logged)
+        if not values:
+            return []
+        line = self._logged_lines[rank] = self._logged_lines.get(rank, 0) + 1
+        return [MetricSample(line, name, value, rank, when, step_unit="log line") for name, value in values.items()]
+
+
+def numeric_values(logged: dict[Any, Any]) -> dict[str, float]:
+    """The entries of a framework's logged dict that are numbers (or numbers written as strings).
+
+    Example:
+        >>> numeric_values({"loss": "6.049", "epoch": 0.5, "note": "warmup", "done": True})
+        {'loss': 6.049, 'epoch': 0.5}
+    """
+    found = {name: _number(value) for name, value in logged.items() if isinstance(name, str)}
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float: transformers 5 prints its logged numbers as strings."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def sample_to_dict(sample: MetricSample) -> dict[str, Any]:
     """JSON-ready form of a sample (used for the local job directory)."""
-    return {"step": sample.step, "name": sample.name, "value": sample.value, "rank": sample.rank, "time": sample.time}
+    record = {"step": sample.step, "name": sample.name, "value": sample.value, "rank": sample.rank, "time": sample.time}
+    if sample.step_unit != "step":
+        record["step_unit"] = sample.step_unit
+    return record

@@ -165,10 +165,16 @@ def node_line_rank(node: int) -> int:
 
 @dataclass(frozen=True)
 class MetricSample:
-    """One value of one metric at one step, from one rank."""
+    """One value of one metric at one step, from one rank.
+
+    ``step_unit`` says what ``step`` counts: ``"step"`` (the training step the script or a
+    framework callback reported) or ``"log line"`` (the n-th metrics line a framework printed,
+    for frameworks whose printed lines carry no step; see :mod:`dsnb.metrics`).
+    """
 
     step: int
     name: str
     value: float
     rank: int = 0
     time: float = field(default_factory=time.time)
+    step_unit: str = "step"

@@ -155,7 +155,8 @@ def _draw_group(ax: Any, title: str, series: Mapping[str, Sequence[MetricSample]
             drawn += 1
             labelled = labelled or label != title
     ax.set_title(title, fontsize="medium")
-    ax.set_xlabel("step" if x == "step" else "seconds")
+    units = {sample.step_unit for samples in series.values() for sample in samples}
+    ax.set_xlabel(" / ".join(sorted(units)) if x == "step" and units else "step" if x == "step" else "seconds")
     ax.grid(alpha=0.3)
     if drawn > 1 or labelled:
         ax.legend(fontsize="small")
