@@ -80,9 +80,9 @@ def test_with_the_callback_every_value_is_at_the_trainers_global_step_once(tmp_p
 
 
 def test_the_callback_announces_itself_before_the_first_log(tmp_path, capsys) -> None:
-    from dsnb.integrations.transformers import DsnbCallback
-
     from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dsnb.integrations.transformers import DsnbCallback
 
     state = TrainerState()
     state.is_world_process_zero = True
