@@ -23,7 +23,17 @@ from conformance.suite import BackendConformance, process_workload
 
 pytest.importorskip("ray")
 
-from dsnb import Cluster, ClusterError, InvalidSpecError, JobFailed, JobNotFound, JobSpec, JobState, ServeSpec  # noqa: E402
+from dsnb import (  # noqa: E402
+    Cluster,
+    ClusterError,
+    InvalidSpecError,
+    JobFailed,
+    JobNotFound,
+    JobSpec,
+    JobState,
+    SecretRef,
+    ServeSpec,
+)
 from dsnb.backends.ray.head_guard import head_processes, stop_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,15 +83,47 @@ def test_dryrun_shows_the_submission_and_starts_nothing(tmp_path: Path) -> None:
         cluster.attach("tiny-gpt-zzzz")
 
 
-def test_a_command_that_is_not_a_python_script_is_refused() -> None:
+def test_every_program_renders_and_a_secret_reference_is_refused_before_a_head_starts() -> None:
     with Cluster("ray") as cluster:
-        with pytest.raises(InvalidSpecError, match="JobSpec.command: Ray Train runs a Python script") as info:
-            cluster.submit(JobSpec(name="x", command=["bash", "-c", "true"]))
-        assert info.value.field == "command"
+        with pytest.raises(InvalidSpecError, match="names a Kubernetes Secret") as info:
+            cluster.submit(JobSpec(name="x", script="t.py", env={"DB_URL": SecretRef("db", "url")}))
+        assert info.value.field == "env.DB_URL"
         assert cluster.backend._head is None  # refused before a Ray head was started for it
-    plan = Cluster("ray").dryrun(JobSpec(name="x", command=["python", "train.py", "--steps", "2"], args=["--seed", "1"]))
-    job = json.loads(plan.extra["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
-    assert (job["script"], job["args"]) == ("train.py", ["--steps", "2", "--seed", "1"])
+    programs = {
+        ("python", "train.py", "--steps", "2"): {"script": "train.py", "module": None, "command": None,
+                                                 "args": ["--steps", "2", "--seed", "1"]},
+        ("python", "-m", "pkg.train"): {"script": None, "module": "pkg.train", "command": None, "args": ["--seed", "1"]},
+        ("bash", "-c", "true"): {"script": None, "module": None, "command": ["bash", "-c", "true", "--seed", "1"], "args": []},
+    }
+    for command, expected in programs.items():
+        plan = Cluster("ray").dryrun(JobSpec(name="x", command=list(command), args=["--seed", "1"]))
+        job = json.loads(plan.extra["runtime_env"]["env_vars"]["DSNB_RAY_JOB"])
+        assert {key: job[key] for key in expected} == expected
+
+
+def test_a_module_and_a_command_run_on_the_ray_workers(ray_cluster: Cluster, tmp_path: Path) -> None:
+    """``python -m`` runs in each worker's Python; any other command as its child, with the rank's
+    variables and a rendezvous port of its own (the same on every rank); its exit code counts."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    _script(package, "train.py", """
+        import os, sys
+        print(f"module {__name__} rank {os.environ['RANK']} argv {sys.argv[1:]}", flush=True)
+    """)
+    module = ray_cluster.submit(JobSpec(name="mod", command=["python", "-m", "mypkg.train"], args=["--lr", "0.1"],
+                                        working_dir=str(tmp_path), procs_per_node=2))
+    command = ray_cluster.submit(JobSpec(name="cmd", command=["bash", "-c", 'echo "rank $RANK of $WORLD_SIZE port $MASTER_PORT"; '
+                                                                          '[ "$RANK" != 1 ] || exit 4'],
+                                         working_dir=str(tmp_path), procs_per_node=2))
+    assert module.wait(timeout=JOB_TIMEOUT).state == JobState.SUCCEEDED
+    for rank in (0, 1):
+        assert f"module __main__ rank {rank} argv ['--lr', '0.1']" in [line.text for line in module.logs(rank=rank)]
+    with pytest.raises(JobFailed) as failed:
+        command.wait(timeout=JOB_TIMEOUT)
+    assert (failed.value.status.failed_rank, failed.value.status.exit_code) == (1, 4)
+    ports = {line.rank: line.text.split()[-1] for line in command.logs() if line.text.startswith("rank ")}
+    assert set(ports) == {0, 1} and len(set(ports.values())) == 1 and next(iter(ports.values())).isdigit(), ports
 
 
 def test_tiny_gpt_trains_on_two_ray_workers_and_resumes_from_ray_checkpoints(ray_cluster: Cluster, storage: Path) -> None:
@@ -388,8 +430,10 @@ class TestRayConformance(BackendConformance):
         return lambda name: _settled(_train_actors)
 
     @pytest.fixture
-    def refused_specs(self) -> list[tuple[str, JobSpec]]:
-        return [("command", JobSpec(name="conf-command", command=["bash", "-c", "true"]))]
+    def refused_specs(self, tmp_path: Path) -> list[tuple[str, JobSpec]]:
+        # A SecretRef names a Kubernetes Secret, which Ray cannot read.
+        return [("env.DB_URL", JobSpec(name="conf-ref", script="workload.py", working_dir=str(tmp_path),
+                                       env={"DB_URL": SecretRef("db", "url")}))]
 
     @pytest.fixture
     def footprint(self, ray_cluster: Cluster, storage: Path):

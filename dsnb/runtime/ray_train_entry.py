@@ -4,7 +4,8 @@
 Submission API (directly, or from a KubeRay RayJob). It reads the job from ``DSNB_RAY_JOB``
 (JSON, see :func:`driver_env`), builds a ``TorchTrainer`` with ``ScalingConfig(num_workers=
 world size, use_gpu=...)`` and ``TorchConfig(backend="gloo" | "nccl")``, and fits it. On each
-worker the user's script runs in the worker's own Python, as ``__main__``, with the same
+worker the user's script (or ``python -m`` module) runs in the worker's own Python, as
+``__main__``, and any other command as the worker's child (:func:`program_of`), with the same
 environment every dsnb backend gives a rank (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``LOCAL_SIZE``, ``MASTER_ADDR``...; Ray Train sets most, this module the rest), so
 ``deepspeed.init_distributed()`` finds Ray's process group and reuses it.
@@ -34,6 +35,8 @@ import os
 import re
 import runpy
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +44,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dsnb.errors import InvalidSpecError
 from dsnb.spec import JobSpec
 
 JOB_ENV = "DSNB_RAY_JOB"
@@ -62,25 +64,30 @@ def run_name(job_name: str) -> str:
     return _SUFFIX.sub("", job_name)
 
 
-def check_spec(spec: JobSpec) -> None:
-    """Refuse what Ray Train cannot run.
+def program_of(spec: JobSpec) -> dict[str, Any]:
+    """What each Ray Train worker runs, as the job record holds it.
 
-    Raises:
-        InvalidSpecError: a ``command`` that is not ``python <script.py> ...``.
+    A script (``script=`` or ``command=["python", "x.py", ...]``) and a module
+    (``command=["python", "-m", "pkg.mod", ...]``) run in the worker's own Python, where Ray's
+    process group already is; any other command runs as a child process of the worker, with the
+    rank's variables and a rendezvous port of its own (see :func:`_run_command`).
+
+    Example:
+        >>> program_of(JobSpec(name="t", command=["python", "-m", "pkg.train", "--lr", "0.1"]))
+        {'script': None, 'module': 'pkg.train', 'command': None, 'args': ['--lr', '0.1']}
+        >>> program_of(JobSpec(name="t", command=["bash", "run.sh"]))["command"]
+        ['bash', 'run.sh']
     """
-    if spec.command is not None:
-        cmd = spec.command
-        if not (len(cmd) >= 2 and Path(cmd[0]).name.startswith("python") and cmd[1].endswith(".py")):
-            raise InvalidSpecError("command", "Ray Train runs a Python script inside each worker, not a command line",
-                                   "set script='train.py' (with args=[...]) instead of command")
-
-
-def script_and_args(spec: JobSpec) -> tuple[str, list[str]]:
-    """The script each worker runs and its arguments (``command=['python', 'x.py', ...]`` allowed)."""
+    program: dict[str, Any] = {"script": None, "module": None, "command": None, "args": []}
     if spec.script is not None:
-        return spec.script, list(spec.args)
-    assert spec.command is not None
-    return spec.command[1], [*spec.command[2:], *spec.args]
+        return {**program, "script": spec.script, "args": list(spec.args)}
+    argv = [*(spec.command or []), *spec.args]
+    if len(argv) >= 2 and Path(argv[0]).name.startswith("python"):
+        if argv[1].endswith(".py"):
+            return {**program, "script": argv[1], "args": argv[2:]}
+        if argv[1] == "-m" and len(argv) >= 3:
+            return {**program, "module": argv[2], "args": argv[3:]}
+    return {**program, "command": argv}
 
 
 def cpus_per_rank(spec: JobSpec) -> float:
@@ -104,13 +111,11 @@ def driver_env(spec: JobSpec, storage_path: str) -> dict[str, str]:
             sees, or a URI such as ``s3://bucket/runs``).
 
     Raises:
-        InvalidSpecError: see :func:`check_spec`.
+        Nothing: every JobSpec has a program a worker can run (:func:`program_of`).
     """
-    check_spec(spec)
-    script, args = script_and_args(spec)
     use_gpu = spec.resources.gpus > 0
     job = {
-        "name": spec.name, "script": script, "args": args,
+        "name": spec.name, **program_of(spec),
         "num_workers": spec.world_size, "procs_per_node": spec.procs_per_node,
         "use_gpu": use_gpu, "cpus_per_worker": cpus_per_rank(spec),
         "backend": spec.dist_backend,
@@ -166,7 +171,7 @@ def _worker_loop(job: dict[str, Any]) -> None:
         previous = train.get_checkpoint()
         if previous is not None:
             previous.to_directory(str(ckpt_dir))
-        code = _run_script(job["script"], job["args"])
+        code = _run_program(job, rank)
         if code:
             raise RankFailed(rank, code)
         saved = any(ckpt_dir.iterdir())
@@ -184,24 +189,64 @@ def _worker_loop(job: dict[str, Any]) -> None:
 
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any worker (an all-reduce over Ray Train's process group)."""
+    return bool(_largest(1 if flag else 0))
+
+
+def _largest(number: int) -> int:
+    """The largest of ``number`` over the workers (an all-reduce over Ray Train's process group)."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        return flag
+        return number
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([1 if flag else 0], device=device)
+    value = torch.tensor([number], device=device, dtype=torch.int64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item())
+
+
+def _run_program(job: dict[str, Any], rank: int) -> int:
+    """Run the job's script, module or command on this worker; its exit code."""
+    if job.get("script"):
+        return _run_script(job["script"], job["args"])
+    if job.get("module"):
+        return _run_in_process(lambda: runpy.run_module(job["module"], run_name="__main__", alter_sys=True),
+                               [job["module"], *job["args"]], os.getcwd())
+    return _run_command(job["command"], rank)
+
+
+def _run_command(argv: list[str], rank: int) -> int:
+    """Run a command as a child of this worker, with the rank's variables, and wait for it.
+
+    Ray Train's own process group holds ``MASTER_PORT`` on rank 0's node, so a child that
+    starts its own (``deepspeed.init_distributed()``) gets another port: rank 0 picks a free one
+    and the workers agree on it through Ray's group. The child writes to the worker's output,
+    which Ray prefixes with the worker's pid, so its lines keep their rank.
+    """
+    port = _largest(_free_port() if rank == 0 else 0)
+    env = {**os.environ, "MASTER_PORT": str(port)}
+    return subprocess.call(argv, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _run_script(script: str, args: list[str]) -> int:
     """Run ``script`` as ``__main__`` here; its exit code (0 when it returns)."""
+    return _run_in_process(lambda: runpy.run_path(script, run_name="__main__"), [script, *args],
+                           str(Path(script).resolve().parent))
+
+
+def _run_in_process(run: Any, argv: list[str], path: str) -> int:
+    """Call ``run`` with ``sys.argv`` and ``sys.path[0]`` as a script would see them; its exit code."""
     saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [script, *args]
-    sys.path.insert(0, str(Path(script).resolve().parent))
+    sys.argv = list(argv)
+    sys.path.insert(0, path)
     try:
-        runpy.run_path(script, run_name="__main__")
+        run()
         return 0
     except SystemExit as e:
         if e.code is None:

@@ -454,6 +454,15 @@ def step_lines(job: dict[str, Any], step: int) -> list[str]:
     return lines
 
 
+def _worker_argv(job: dict[str, Any]) -> list[str]:
+    """What one worker runs: the job's script or module in Python, or its command as given."""
+    if job.get("script"):
+        return [sys.executable, job["script"], *job["args"]]
+    if job.get("module"):
+        return [sys.executable, "-m", job["module"], *job["args"]]
+    return list(job["command"])
+
+
 def run_workers(job: dict[str, Any], submission_id: str) -> int:
     """Run the job's script once per worker, as Ray Train's worker group would, and print the driver's log.
 
@@ -469,7 +478,7 @@ def run_workers(job: dict[str, Any], submission_id: str) -> int:
     for rank in range(workers):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank % procs), "WORLD_SIZE": str(workers),
                "LOCAL_WORLD_SIZE": str(procs), "NODE_RANK": str(rank // procs), "PYTHONUNBUFFERED": "1"}
-        child = subprocess.Popen([sys.executable, job["script"], *job["args"]], env=env, cwd=os.path.dirname(job["script"]) or None,
+        child = subprocess.Popen(_worker_argv(job), env=env, cwd=os.path.dirname(job.get("script") or "") or None,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         prefix = f"(RayTrainWorker pid={child.pid}, ip=10.244.{rank // procs}.5)"
         print(f"{prefix} DSNB_RAY_WORKER " + json.dumps({"rank": rank, "pid": child.pid, "node": rank // procs}), flush=True)

@@ -182,8 +182,7 @@ class KubeRayBackend(KubernetesBackend):
         """The RayJob; KubeRay's operator may reach its head's dashboard through a NetworkPolicy.
 
         Raises:
-            InvalidSpecError: no image, a ``command`` that is not ``python script.py ...``, a
-                name KubeRay refuses, or a bad Ray version.
+            InvalidSpecError: no image, a name KubeRay refuses, or a bad Ray version.
         """
         name, namespace = spec.name, self.namespace
         storage = storage_path(self.pod_options, self.storage_path)

@@ -186,7 +186,7 @@ class RayBackend(Backend):
         """The Ray job submission for ``spec``: entrypoint, runtime environment, metadata; nothing is sent.
 
         Raises:
-            InvalidSpecError: a ``command`` that is not ``python script.py ...`` (Ray Train runs scripts).
+            InvalidSpecError: a :class:`~dsnb.SecretRef` in ``env`` (it names a Kubernetes Secret).
         """
         refuse_references(spec.env, self.name)
         storage = self.storage_path or "~/ray_results"
