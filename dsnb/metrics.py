@@ -116,8 +116,9 @@ class MetricParser:
         at = text.find(METRIC_TAG)
         if at >= 0:
             return self._parse_report(rank, text[at + len(METRIC_TAG):], when)
-        if text.startswith("{'") and "'epoch'" in text:
-            return self._parse_logged_dict(rank, text, when)
+        if "'epoch'" in text and text.rstrip().endswith("}") and (start := text.rfind("{'")) >= 0:
+            # The Trainer writes through tqdm: the dict may follow the progress bar on the same line.
+            return self._parse_logged_dict(rank, text[start:], when)
         if text.startswith(REPORTS_STEPS_TAG):
             self._own_steps.add(rank)
             return []

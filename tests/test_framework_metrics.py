@@ -88,3 +88,10 @@ def test_the_callback_announces_itself_before_the_first_log(tmp_path, capsys) ->
     state.is_world_process_zero = True
     DsnbCallback().on_train_begin(TrainingArguments(output_dir=str(tmp_path), report_to=[]), state, TrainerControl())
     assert capsys.readouterr().out.startswith(REPORTS_STEPS_TAG)
+
+
+def test_a_dict_written_through_tqdm_after_the_progress_bar_is_found() -> None:
+    line = (" 25%|██▌       | 2/8 [00:00<00:00, 11.87it/s]                                             "
+            "{'loss': '5.385', 'grad_norm': '1.023', 'learning_rate': '0.001', 'epoch': '0.125'}")
+    samples = MetricParser().feed(0, line)
+    assert [(s.name, s.value) for s in samples][:2] == [("loss", 5.385), ("grad_norm", 1.023)]
