@@ -550,10 +550,30 @@ class JobSpec:
         if isinstance(data.get("env"), dict):
             data["env"] = {k: (secrets.SecretRef.from_dict(v) if isinstance(v, dict) and "secretKeyRef" in v else v)
                            for k, v in data["env"].items()}
-        return cls(**data)
+        return build_stored(cls, data)
 
     def __repr__(self) -> str:
         return _repr_non_default(self)
+
+
+_UNIQUE_SUFFIX = re.compile(rf"-[a-z0-9]{{{_SUFFIX_LEN}}}\Z")
+
+
+def build_stored(cls: Any, data: dict[str, Any]) -> Any:
+    """``cls(**data)`` for a stored spec, whose name may be a unique name (with its suffix) past
+    ``MAX_NAME_LEN``, as :meth:`JobSpec.with_unique_name` makes it; every other check is made.
+
+    Example:
+        >>> spec = JobSpec(name="a" * MAX_NAME_LEN, script="t.py").with_unique_name()
+        >>> build_stored(JobSpec, spec.to_dict()) == spec
+        True
+    """
+    name = data.get("name")
+    if isinstance(name, str) and len(name) > MAX_NAME_LEN and _UNIQUE_SUFFIX.search(name):
+        built = cls(**{**data, "name": name[:-(_SUFFIX_LEN + 1)]})
+        object.__setattr__(built, "name", name)  # as with_unique_name: only the suffix goes past MAX_NAME_LEN
+        return built
+    return cls(**data)
 
 
 def unique_name(name: str) -> str:

@@ -233,3 +233,15 @@ def test_unique_names_are_valid_and_differ() -> None:
     assert len(names) > 1
     assert all(len(n) == 63 and n.startswith("a" * 58 + "-") for n in names)
     assert spec.name == "a" * 58
+
+
+def test_a_stored_spec_with_the_longest_name_and_its_suffix_reads_back() -> None:
+    from dsnb import ServeSpec
+    from dsnb.spec import MAX_NAME_LEN
+
+    job = JobSpec(name="a" * MAX_NAME_LEN, script="t.py").with_unique_name()
+    assert len(job.name) == 63 and JobSpec.from_dict(job.to_dict()) == job
+    served = ServeSpec(name="s" * MAX_NAME_LEN, model="m:build").with_unique_name()
+    assert ServeSpec.from_dict(served.to_dict()).name == served.name
+    with pytest.raises(InvalidSpecError, match="at most 58 fit"):  # a long name without a suffix is still refused
+        JobSpec.from_dict({**job.to_dict(), "name": "a" * 61})

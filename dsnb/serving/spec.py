@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.errors import InvalidSpecError
-from dsnb.spec import JobSpec, Resources, _repr_non_default, check_known_fields, job_problems, unique_name
+from dsnb.spec import JobSpec, Resources, _repr_non_default, build_stored, check_known_fields, job_problems, unique_name
 from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 _LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
@@ -269,7 +269,7 @@ class ServeSpec:
             InvalidSpecError: unknown keys, or any invalid field.
         """
         check_known_fields(cls, data)
-        return cls(**data)
+        return build_stored(cls, data)
 
     def __repr__(self) -> str:
         return _repr_non_default(self)
