@@ -83,10 +83,12 @@ def owned_groups(pgids: list[int], starts: list[int | None] | None) -> list[int]
     recorded without a start time (an older record) is never signalled.
 
     Example:
-        >>> import os
-        >>> me = os.getpgrp()
-        >>> owned_groups([me], [process_start_time(me)]) == [me], owned_groups([me], [1])
+        >>> import subprocess, sys
+        >>> rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+        >>> owned_groups([rank.pid], [process_start_time(rank.pid)]) == [rank.pid], owned_groups([rank.pid], [1])
         (True, [])
+        >>> rank.kill(); rank.wait()
+        -9
     """
     owned = []
     for pgid, start in zip(pgids, starts or [None] * len(pgids)):
