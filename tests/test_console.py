@@ -306,8 +306,9 @@ def test_demo_submits_the_example_with_its_config_on_two_ranks(home, tmp_path, m
 def test_demo_runs_the_bundled_example(home):
     """``dsnb demo`` as a new user runs it: the real tiny GPT on 2 DeepSpeed ranks, its checkpoint under DSNB_HOME."""
     pytest.importorskip("deepspeed")
-    code, out = dsnb("demo")
+    code, out = dsnb("demo", "--steps", "20")
     assert code == 0, out[-3000:]
+    assert "step 20/20" in out
     assert "tiny-gpt: " in out and "2 ranks" in out and "SUCCEEDED" in out
     losses = [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if "[rank 0] step " in line and " loss " in line]
     assert len(losses) >= 2 and losses[-1] < losses[0], losses  # it trained

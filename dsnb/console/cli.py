@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the bundled tiny GPT example on 2 ranks", allow_abbrev=False)
     demo.add_argument("--detach", action="store_true", help="start the job and return at once")
+    demo.add_argument("--steps", type=_positive_steps, default=60, help="optimizer steps to train (default: %(default)s)")
     demo.add_argument("--backend", default="local")
 
     check = sub.add_parser("check", help="check a backend can run jobs (access, permissions, GPUs); start nothing",
@@ -372,6 +373,14 @@ def _cmd_run(ui: _Ui, args: argparse.Namespace, script_args: list[str]) -> int:
         return _spec_error(ui, e)
 
 
+def _positive_steps(text: str) -> int:
+    """``--steps``: a whole number of steps, at least 1."""
+    steps = int(text)
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{steps} is not a number of steps: give 1 or more")
+    return steps
+
+
 def _cmd_demo(ui: _Ui, args: argparse.Namespace) -> int:
     folder = examples_dir() / "tiny_gpt"
     script, config = folder / "train.py", folder / "ds_config.json"
@@ -385,7 +394,7 @@ def _cmd_demo(ui: _Ui, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:
         # A fresh run each time, with its checkpoint under DSNB_HOME rather than in the source tree.
-        demo_args = ["--no-resume", "--checkpoint-dir", str(dsnb_home() / "checkpoints" / DEMO_NAME)]
+        demo_args = ["--no-resume", "--steps", str(args.steps), "--checkpoint-dir", str(dsnb_home() / "checkpoints" / DEMO_NAME)]
         spec = JobSpec(name=DEMO_NAME, script=script.name, working_dir=str(folder), procs_per_node=2,
                        deepspeed=str(config), args=demo_args)
         return _submit_and_watch(ui, args, spec, args.detach)
