@@ -376,15 +376,22 @@ def test_the_private_head_stops_on_close_at_exit_and_when_its_owner_is_killed() 
         assert not head_processes(int(session), temp_dir), f"{mode}: the head's processes outlived it"
 
 
-def _train_actors() -> list[str]:
-    """Ray Train's actor processes on this machine (its controller and workers), as ``pid name``."""
+def _train_actors(job: str | None = None) -> list[str]:
+    """Ray Train's actor processes on this machine (its controller and workers), as ``pid name``;
+    with ``job``, only that job's (Ray starts them with the job's runtime environment, ``DSNB_JOB_NAME``)."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         first = (proc.info["cmdline"] or [""])[0]
-        if first.startswith(("ray::RayTrainWorker", "ray::TrainController", "ray::_TrainSession")):
-            found.append(f"{proc.info['pid']} {first}")
+        if not first.startswith(("ray::RayTrainWorker", "ray::TrainController", "ray::_TrainSession")):
+            continue
+        try:
+            if job is not None and proc.environ().get("DSNB_JOB_NAME") != job:
+                continue
+        except psutil.Error:
+            continue  # gone meanwhile
+        found.append(f"{proc.info['pid']} {first}")
     return found
 
 
@@ -409,7 +416,7 @@ class TestRayConformance(BackendConformance):
 
     @pytest.fixture
     def nothing_left(self):
-        return lambda name: _settled(_train_actors)
+        return lambda name: _settled(lambda: _train_actors(name))
 
     @pytest.fixture
     def refused_specs(self, tmp_path: Path) -> list[tuple[str, JobSpec]]:
