@@ -466,9 +466,12 @@ def _worker_argv(job: dict[str, Any]) -> list[str]:
 def run_workers(job: dict[str, Any], submission_id: str) -> int:
     """Run the job's script once per worker, as Ray Train's worker group would, and print the driver's log.
 
-    Each worker gets the variables Ray Train's ``TorchConfig`` sets; its output comes under its
-    actor prefix. The first worker to exit non-zero ends the others (Ray Train tears the worker
-    group down) and is named in the outcome line. Always returns 0, as ``ray job logs`` does.
+    Each worker gets the variables Ray Train's ``TorchConfig`` sets (Ray 2.60.0,
+    ``ray/train/torch/config.py``: ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``, ``RANK``,
+    ``WORLD_SIZE``); its output comes under its actor prefix. The first worker to exit non-zero
+    ends the others, as Ray 2.60.0's Train controller shuts the worker group down on a worker
+    failure (``ray/train/v2/_internal/execution/controller/controller.py``), and is named in the
+    outcome line as dsnb's driver names it. Always returns 0, as ``ray job logs`` does.
     """
     workers, procs = job["num_workers"], job["procs_per_node"]
     print(f"Job '{submission_id}' submitted successfully", flush=True)
