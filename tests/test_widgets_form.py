@@ -304,7 +304,7 @@ def test_deepspeed_split_and_merge_round_trip(config: dict[str, Any]) -> None:
     ("spec_field", "key"),
     [
         ("nodes", "nodes"), ("procs_per_node", "procs_per_node"), ("name", "name"), ("args", "args"),
-        ("env", "env"), ("env.RANK", "env"), ("script/command", "script"), ("resources.gpus", "gpus"),
+        ("env", "env"), ("env.RANK", "env"), ("script/command/function", "script"), ("resources.gpus", "gpus"),
         ("deepspeed.zero_optimization.offload_param", "offload_param"),
         ("deepspeed.zero_optimization.offload_optimizer.nvme_path", "offload_optimizer"),
         ("deepspeed.zero_optimization.stage", "zero_stage"), ("deepspeed.fp16", "precision"),

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
+from dsnb import function_job
 from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.backends.profiles import BUILTIN_PROFILES, BackendProfile
 from dsnb.ds_config import framework_filled
@@ -103,14 +104,22 @@ class Plan:
 
     def __str__(self) -> str:
         head = "".join(f"# {note}\n" for note in self.notes)
+        shown = self._shown
         if self.manifests:
-            return head + self.to_yaml()
+            manifests = [shown(_redact_manifest(m)) for m in self.manifests]
+            return head + yaml.dump_all(manifests, Dumper=_ReadableDumper, sort_keys=False)
         lines = []
         for c in self.commands:
             env = " ".join(f"{k}={_shell_quote(v)}" for k, v in redact_env(c.env).items())
-            argv = " ".join(_shell_quote(a) for a in c.argv)
+            argv = " ".join(_shell_quote(a) for a in shown(list(c.argv)))
             lines.append(f"(cd {_shell_quote(c.cwd)} && env {env} {argv}) &")
         return head + "\n".join(lines) + ("\nwait\n" if lines else "")
+
+    def _shown(self, value: Any) -> Any:
+        """``value`` as a person reads it: a function job's runner and packed call by name (``to_yaml`` has them whole)."""
+        if self.spec.function is None:
+            return value
+        return function_job.abbreviated(value, self.spec.function)  # type: ignore[arg-type]
 
     def _repr_markdown_(self) -> str:
         lang = "yaml" if self.manifests else "bash"

@@ -70,15 +70,18 @@ def program_of(spec: JobSpec) -> dict[str, Any]:
     A script (``script=`` or ``command=["python", "x.py", ...]``) and a module
     (``command=["python", "-m", "pkg.mod", ...]``) run in the worker's own Python, where Ray's
     process group already is; any other command runs as a child process of the worker, with the
-    rank's variables and a rendezvous port of its own (see :func:`_run_command`).
+    rank's variables and a rendezvous port of its own (see :func:`_run_command`). A function
+    (``function=``) is called in the worker's own Python by :mod:`dsnb.runtime.function_runner`.
 
     Example:
         >>> program_of(JobSpec(name="t", command=["python", "-m", "pkg.train", "--lr", "0.1"]))
-        {'script': None, 'module': 'pkg.train', 'command': None, 'args': ['--lr', '0.1']}
+        {'script': None, 'module': 'pkg.train', 'command': None, 'function': None, 'args': ['--lr', '0.1']}
         >>> program_of(JobSpec(name="t", command=["bash", "run.sh"]))["command"]
         ['bash', 'run.sh']
     """
-    program: dict[str, Any] = {"script": None, "module": None, "command": None, "args": []}
+    program: dict[str, Any] = {"script": None, "module": None, "command": None, "function": None, "args": []}
+    if spec.function is not None:
+        return {**program, "function": {"payload": spec.function.payload, "python": spec.function.python}}  # type: ignore[union-attr]
     if spec.script is not None:
         return {**program, "script": spec.script, "args": list(spec.args)}
     argv = [*(spec.command or []), *spec.args]
@@ -212,6 +215,11 @@ def _run_program(job: dict[str, Any], rank: int) -> int:
     if job.get("module"):
         return _run_in_process(lambda: runpy.run_module(job["module"], run_name="__main__", alter_sys=True),
                                [job["module"], *job["args"]], os.getcwd())
+    if job.get("function"):
+        from dsnb.runtime import function_runner
+
+        called = job["function"]
+        return _run_in_process(lambda: function_runner.main([called["payload"], called["python"]]), ["-c"], os.getcwd())
     return _run_command(job["command"], rank)
 
 

@@ -57,7 +57,7 @@ FIELD_KEYS: tuple[str, ...] = (
 _FIELD_TO_KEY: dict[str, str] = {
     "name": "name",
     "script": "script",
-    "script/command": "script",
+    "script/command/function": "script",
     "command": "command",
     "args": "args",
     "working_dir": "working_dir",

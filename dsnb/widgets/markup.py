@@ -16,6 +16,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import replace
 
+from dsnb.function_job import is_result_line
 from dsnb.metrics import is_metric_line
 from dsnb.status import JobState, JobStatus, LogLine
 
@@ -30,13 +31,14 @@ STATE_COLORS: dict[JobState, str] = {
 
 
 def is_shown(line: LogLine) -> bool:
-    """False for metric lines: the panels show metrics as numbers and plots, not as log lines.
+    """False for metric lines (the panels show metrics as numbers and plots, not as log lines)
+    and a function job's result lines (``job.result()`` reads them).
 
     Example:
         >>> is_shown(LogLine(0, "hello", 1.0)), is_shown(LogLine(0, 'DSNB_METRIC {"step": 1, "loss": 2.0}', 1.0))
         (True, False)
     """
-    return not is_metric_line(line.text)
+    return not (is_metric_line(line.text) or is_result_line(line.text))
 
 
 def log_html(text: str) -> str:

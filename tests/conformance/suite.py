@@ -15,6 +15,7 @@ A backend's test module subclasses :class:`BackendConformance` and provides five
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,26 @@ class BackendConformance:
         assert [(s.step, s.value) for s in losses] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
         assert {s.rank for s in job.metrics("loss")} == {0, 1}
         assert final.started_at is not None and final.finished_at is not None and final.elapsed >= 0
+        assert nothing_left(job.name) == []
+
+    def test_a_function_runs_on_every_rank_and_rank_0_returns_its_value(self, cluster: Cluster, workload_spec,
+                                                                          nothing_left) -> None:
+        offset = 40  # a closure: the function travels by value, with what it uses
+
+        def greet(word: str) -> dict:
+            import os
+
+            rank = int(os.environ["RANK"])
+            print(f"{word} from function rank {rank} of {os.environ['WORLD_SIZE']}", flush=True)
+            return {"rank": rank, "answer": offset + 2, "word": word}
+
+        spec = dataclasses.replace(workload_spec("ok"), script=None, command=None, args=[], function=greet, kwargs={"word": "hey"})
+        job = cluster.submit(spec)
+        assert job.result(timeout=WAIT_S) == {"rank": 0, "answer": 42, "word": "hey"}
+        texts = [line.text for line in job.logs()]
+        assert "hey from function rank 0 of 2" in texts and "hey from function rank 1 of 2" in texts, texts
+        again = cluster.attach(job.name)  # the result is read from the job's logs, by any handle
+        assert again.result(timeout=WAIT_S)["answer"] == 42
         assert nothing_left(job.name) == []
 
     def test_follow_yields_every_line_then_ends(self, cluster: Cluster, workload_spec) -> None:

@@ -455,7 +455,13 @@ def step_lines(job: dict[str, Any], step: int) -> list[str]:
 
 
 def _worker_argv(job: dict[str, Any]) -> list[str]:
-    """What one worker runs: the job's script or module in Python, or its command as given."""
+    """What one worker runs: the job's script or module in Python, its function through dsnb's
+    runner (which dsnb's worker loop calls in the worker's Python), or its command as given."""
+    if job.get("function"):
+        from dsnb.runtime import function_runner
+
+        return [sys.executable, "-c", Path(function_runner.__file__).read_text(), job["function"]["payload"],
+                job["function"]["python"]]
     if job.get("script"):
         return [sys.executable, job["script"], *job["args"]]
     if job.get("module"):

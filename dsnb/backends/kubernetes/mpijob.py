@@ -79,6 +79,8 @@ def program_argv(spec: JobSpec) -> list[str]:
     """What every rank runs after the shim: the script (run by the shim itself), or the command."""
     if spec.script is not None:
         return ["--run", spec.script, *spec.args]
+    if spec.function is not None:
+        return spec.function.argv()  # type: ignore[union-attr]
     return [*spec.command, *spec.args]  # type: ignore[misc]
 
 

@@ -77,6 +77,8 @@ def user_argv(spec: JobSpec) -> list[str]:
     >>> user_argv(JobSpec(name="a", script="train.py", args=["--out={node_rank}"]))
     ['train.py', '--out={node_rank}']
     """
+    if spec.function is not None:
+        return spec.function.argv()  # type: ignore[union-attr]
     return [spec.script, *spec.args] if spec.script is not None else [*spec.command, *spec.args]  # type: ignore[misc]
 
 

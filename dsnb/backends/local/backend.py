@@ -114,6 +114,8 @@ def _program(spec: JobSpec) -> tuple[Path, list[str]]:
         if not script.is_file():
             raise InvalidSpecError("script", f"{str(script)!r} not found", f"check the path (relative to working_dir {str(cwd)!r})")
         return cwd, [sys.executable, "-u", str(script), *spec.args]
+    if spec.function is not None:
+        return cwd, spec.function.argv(python=sys.executable)  # type: ignore[union-attr]
     program = spec.command[0]  # type: ignore[index]
     if not (shutil.which(program) or (cwd / program).is_file()):
         raise InvalidSpecError("command", f"{program!r} is not on PATH", "give a full path or install it")
