@@ -292,6 +292,17 @@ def test_load_fills_the_fields(form: LaunchForm) -> None:
     assert form.multi_node.value is True
 
 
+def test_a_function_job_is_not_loaded_into_the_form_and_the_fields_stay(form: LaunchForm) -> None:
+    form.load(ROUND_TRIP[2])
+
+    def train():
+        return 1
+
+    with pytest.raises(TypeError, match="train is a function job: submit it with cluster.submit"):
+        form.load(JobSpec(name="fn", function=train))
+    assert form.name.value == "full"
+
+
 @pytest.mark.parametrize("config", [spec.deepspeed for spec in ROUND_TRIP if spec.deepspeed])
 def test_deepspeed_split_and_merge_round_trip(config: dict[str, Any]) -> None:
     from dsnb.ds_fields import merge_config

@@ -407,7 +407,7 @@ class LaunchForm:
             spec: a valid spec.
 
         Raises:
-            TypeError: ``spec`` is not a JobSpec.
+            TypeError: ``spec`` is not a JobSpec, or it calls a function, which the form has no field for.
 
         Example:
             >>> form.load(JobSpec(name="tiny-gpt", script="train.py", procs_per_node=2))  # doctest: +SKIP
@@ -416,6 +416,9 @@ class LaunchForm:
         """
         if not isinstance(spec, JobSpec):
             raise TypeError(f"load() takes a JobSpec, got {type(spec).__name__}")
+        if spec.function is not None:
+            raise TypeError(f"the form runs a script or a command; {spec.function.name} is a function job: "  # type: ignore[union-attr]
+                            "submit it with cluster.submit(spec)")
         self._loading = True
         try:
             self.name.value = spec.name
