@@ -127,11 +127,23 @@ def _check_kwargs(kwargs: Any) -> None:
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise InvalidSpecError("kwargs", f"must be a dict of keyword arguments, got {kwargs!r}",
                                "pass kwargs={'lr': 0.001, 'epochs': 3}")
-    for key, value in kwargs.items():
-        if isinstance(value, secrets.Secret) or (isinstance(value, str) and secrets.is_secret(key, value)):
-            raise InvalidSpecError(f"kwargs.{key}", "holds a credential, which would travel in the job's plan and "
-                                                    "command line", f"put it in env (e.g. env={{'{key.upper()}': ...}}), "
-                                                                    "which dsnb keeps secret, and read os.environ in the function")
+    for where, key, value in _strings(kwargs, "kwargs"):
+        if isinstance(value, secrets.Secret) or secrets.is_secret(key, value):
+            raise InvalidSpecError(where, "holds a credential, which would travel in the job's plan and command line",
+                                   f"put it in env (e.g. env={{'{key.upper()}': ...}}), which dsnb keeps secret, "
+                                   "and read os.environ in the function")
+
+
+def _strings(value: Any, where: str, key: str = "", depth: int = 0) -> Iterable[tuple[str, str, str]]:
+    """Every string in plain dicts, lists and tuples of ``value``, with its dotted place and nearest key."""
+    if isinstance(value, str):
+        yield where, key, value
+    elif depth < 8 and isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _strings(item, f"{where}.{name}", str(name), depth + 1)
+    elif depth < 8 and isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{where}[{index}]", key, depth + 1)
 
 
 def _check_callable(function: Any) -> str:

@@ -72,6 +72,7 @@ def test_the_runner_calls_the_packed_function_and_rank_0_prints_its_value() -> N
     ({"function": scaled, "kwargs": {"not a name": 1}}, "kwargs", "dict of keyword arguments"),
     ({"function": scaled, "kwargs": {"hub_token": "hf_abcdefghijklmn"}}, "kwargs.hub_token", "credential"),
     ({"function": scaled, "kwargs": {"url": "postgres://app:hunter2@db/app"}}, "kwargs.url", "credential"),
+    ({"function": scaled, "kwargs": {"hub": {"tokens": ["hf_abcdefghijklmn"]}}}, "kwargs.hub.tokens[0]", "credential"),
 ])
 def test_what_cannot_be_a_function_job_is_refused_naming_the_field(fields, field, words) -> None:
     error = _refusal(**fields)
