@@ -101,7 +101,9 @@ def test_every_program_renders_and_a_secret_reference_is_refused_before_a_head_s
         assert {key: job[key] for key in expected} == expected
 
 
-def test_tiny_gpt_trains_on_two_ray_workers_and_resumes_from_ray_checkpoints(ray_cluster: Cluster, storage: Path) -> None:
+def test_tiny_gpt_trains_on_two_ray_workers_and_saves_ray_checkpoints(ray_cluster: Cluster, storage: Path) -> None:
+    """A second run resuming from these checkpoints is tutorial 05's (tests/test_notebooks.py expects
+    "resumed from step 4" and the second run's steps [5, 6]): one run of it here is enough."""
     spec = JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), procs_per_node=2,
                    args=["--steps", "3"], deepspeed=str(EXAMPLE / "ds_config.json"))
     job = ray_cluster.submit(spec)
@@ -117,12 +119,6 @@ def test_tiny_gpt_trains_on_two_ray_workers_and_resumes_from_ray_checkpoints(ray
     assert not any("DSNB_RAY_" in line.text for line in lines)  # dsnb's bookkeeping lines stay hidden
     checkpoints = list((storage / "tiny-gpt").glob("checkpoint_*"))
     assert checkpoints and any((c / "latest").is_file() for c in checkpoints)
-
-    again = ray_cluster.submit(JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), procs_per_node=2,
-                                       args=["--steps", "5"], deepspeed=str(EXAMPLE / "ds_config.json")))
-    assert again.wait(timeout=JOB_TIMEOUT).state == JobState.SUCCEEDED
-    assert any(line.rank == 0 and line.text.startswith("resumed from step 3") for line in again.logs())
-    assert [s.step for s in again.metrics("loss")] == [4, 5]
 
 
 def test_every_program_runs_a_timeout_stops_a_job_and_a_running_job_is_cancelled_from_a_reattached_cluster(
