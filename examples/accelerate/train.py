@@ -27,6 +27,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--deepspeed", default="ds_zero2.json")
 parser.add_argument("--tracker", action="store_true", help="report accelerator.log values at their step with dsnb's tracker")
+parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK says the same
 options = parser.parse_args()
 
 on_gpu = torch.cuda.is_available()

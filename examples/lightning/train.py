@@ -26,6 +26,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--logger", action="store_true", help="report the logged metrics at Lightning's step with dsnb's logger")
 parser.add_argument("--output-dir", default="out")
+parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK says the same
 options = parser.parse_args()
 
 
