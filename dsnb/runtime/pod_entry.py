@@ -340,6 +340,9 @@ def main(argv: list[str]) -> int:
     command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) if i < templated else a
                for i, a in enumerate(argv)]
     job_timeout = float(env["DSNB_TIMEOUT"]) if env.get("DSNB_TIMEOUT") else None
+    # For the ranks: torchrun sets GROUP_RANK itself, the deepspeed launcher only CROSS_RANK, and
+    # Lightning's default environment takes the node from NODE_RANK or GROUP_RANK.
+    env["NODE_RANK"] = env["GROUP_RANK"] = str(node)
     code, why = run_launcher(command, outcome, job_timeout)
     result = outcome.report(code, why)
     if code and outcome.rank_exit_code:

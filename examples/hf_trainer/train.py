@@ -20,6 +20,7 @@ parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--deepspeed", default="ds_zero2.json")
 parser.add_argument("--callback", action="store_true", help="report metrics at the global step with dsnb's callback")
 parser.add_argument("--output-dir", default="out")
+parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK says the same
 options = parser.parse_args()
 
 torch.manual_seed(0)

@@ -174,6 +174,8 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
             "DSNB_DIST_BACKEND": spec.dist_backend,
             "DSNB_RELEASE": "1",  # the pods end the job themselves (pod_api), through the job's Role
             "LOCAL_SIZE": str(spec.procs_per_node),  # DeepSpeed's AutoTP on CPU reads it
+            # torchrun sets it too; the deepspeed launcher does not, and Accelerate and Lightning scripts read it
+            "LOCAL_WORLD_SIZE": str(spec.procs_per_node),
             "PYTHONUNBUFFERED": "1",
         }
         if spec.timeout:
