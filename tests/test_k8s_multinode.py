@@ -93,25 +93,3 @@ def test_deepspeed_zero2_trains_across_two_pods(emulator, two_pod_network: list[
             assert [s.step for s in losses] == [1, 2, 3, 4]
             assert leftovers(emulator, sim, plan.name) == []
 
-
-def test_the_trainer_script_trains_unchanged_across_two_pods(emulator, two_pod_network: list[str], tmp_path: Path) -> None:  # noqa: F811
-    """The Hugging Face Trainer finds a world of 2 from torchrun's variables in two pods, and its log lines become metrics."""
-    trainer = REPO / "examples" / "hf_trainer"
-    spec = JobSpec(name="hf-trainer", script="train.py", working_dir=str(trainer), nodes=2, procs_per_node=1,
-                   args=["--steps", "4", "--output-dir", str(tmp_path / "out")], image=IMAGE,
-                   deepspeed=str(trainer / "ds_zero2.json"), env={"OMP_NUM_THREADS": "1"})
-    with make_cluster(emulator, peer_timeout=60) as cluster:
-        plan = cluster.dryrun(spec)
-        write_hosts(two_pod_network, plan.name)
-        netns_for = {f"{plan.name}-{i}": ns for i, ns in enumerate(two_pod_network)}.get
-        with ClusterSim(emulator, NAMESPACE, netns_for=netns_for) as sim:
-            cluster.backend.apply(plan)
-            job = Job(cluster.backend, plan.name)
-            final = job.wait(timeout=300)
-            assert final.state == JobState.SUCCEEDED, final.diagnosis()
-            assert [r.host for r in final.replicas] == [f"{plan.name}-0", f"{plan.name}-1"]
-            losses = job.metrics("loss", rank=0)
-            assert [(s.step, s.step_unit) for s in losses] == [(1, "log line"), (2, "log line")]
-            # One step is 2 ranks x 2 samples of the 64: the log at step 2 is at epoch 0.125 (0.0625 in a world of 1).
-            assert job.metrics("epoch", rank=0)[0].value == 0.125
-            assert leftovers(emulator, sim, plan.name) == []
