@@ -81,3 +81,24 @@ def test_deepspeed_zero2_trains_across_the_launcher_and_a_node_of_a_trainjob(emu
         assert any("4 ranks" in text for text in texts), texts[:40]
         assert [s.step for s in job.metrics("loss", rank=0)] == [1, 2, 3, 4]
         assert leftovers(emulator, sim, job.name) == []
+
+
+def test_the_accelerate_script_trains_unchanged_across_two_mpi_workers(emulator) -> None:  # noqa: F811
+    """Accelerate reads the rank shim's torch.distributed variables (from Open MPI's) and counts a world of two."""
+    pytest.importorskip("accelerate")
+    example = REPO / "examples" / "accelerate"
+    spec = JobSpec(name="accelerate", script="train.py", working_dir=str(example), nodes=2, procs_per_node=1,
+                   args=["--steps", "4", "--tracker"], image=IMAGE,
+                   env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})  # the workers' dsnb (for its tracker) is this checkout's
+    operator = MPIOperatorSim("10.231.25")
+    with ClusterSim(emulator, NAMESPACE, controllers=[operator], netns_for=operator.netns_for) as sim, \
+            make_cluster(emulator, "mpijob") as cluster:
+        job = cluster.submit(spec)
+        final = job.wait(timeout=300)
+        assert final.state == JobState.SUCCEEDED, final.diagnosis()
+        assert [r.host for r in final.replicas] == [f"{job.name}-worker-0", f"{job.name}-worker-1"]
+        said = {line.rank: line.text for line in job.logs() if line.text.startswith("rank ")}
+        # Accelerate filled the "auto" batch size for a world of two: 4 per rank x 1 step x 2 ranks.
+        assert said == {rank: f"rank {rank} of 2: 4 steps, DEEPSPEED ZeRO stage 2, train_batch_size 8" for rank in (0, 1)}
+        assert [(s.step, s.step_unit) for s in job.metrics("loss", rank=0)] == [(step, "step") for step in range(1, 5)]
+        assert leftovers(emulator, sim, job.name) == []
