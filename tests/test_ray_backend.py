@@ -38,6 +38,7 @@ from dsnb.backends.ray.head_guard import head_processes, stop_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_gpt"
+HF_TRAINER = ROOT / "examples" / "hf_trainer"
 SERVING_CODE = Path(__file__).parent / "serving_code"
 JOB_TIMEOUT = 400
 
@@ -123,9 +124,10 @@ def test_tiny_gpt_trains_on_two_ray_workers_and_saves_ray_checkpoints(ray_cluste
 
 def test_every_program_runs_a_timeout_stops_a_job_and_a_running_job_is_cancelled_from_a_reattached_cluster(
         ray_cluster: Cluster, storage: Path, tmp_path: Path) -> None:
-    """Four jobs at once (Ray Train's start-up dominates on 2 cores; a failing rank is the conformance
-    suite's): a ``python -m`` module and a ``bash`` command run on the workers, one job outlives its
-    timeout, one runs until cancelled from another cluster."""
+    """Five jobs at once (Ray Train's start-up dominates on 2 cores; a failing rank is the conformance
+    suite's): a ``python -m`` module and a ``bash`` command run on the workers, the Hugging Face Trainer
+    example trains unchanged in the workers' process group, one job outlives its timeout, one runs
+    until cancelled from another cluster."""
     package = tmp_path / "mypkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -146,6 +148,8 @@ def test_every_program_runs_a_timeout_stops_a_job_and_a_running_job_is_cancelled
                                          working_dir=str(tmp_path), procs_per_node=2))
     job = ray_cluster.submit(JobSpec(name="forever", script="forever.py", working_dir=str(tmp_path), procs_per_node=2))
     late = ray_cluster.submit(JobSpec(name="late", script="forever.py", working_dir=str(tmp_path), timeout=15))
+    trainer = ray_cluster.submit(JobSpec(name="hf-trainer", script="train.py", working_dir=str(HF_TRAINER), procs_per_node=2,
+                                         args=["--steps", "4", "--output-dir", str(tmp_path / "hf")]))
 
     # python -m runs in each worker's Python, as __main__, with the rank's variables.
     assert module.wait(timeout=JOB_TIMEOUT).state == JobState.SUCCEEDED
@@ -160,6 +164,11 @@ def test_every_program_runs_a_timeout_stops_a_job_and_a_running_job_is_cancelled
 
     with pytest.raises(JobFailed, match="longer than its timeout of 15 s"):
         late.wait(timeout=JOB_TIMEOUT)
+
+    # The Trainer counts the world of two Ray Train made (at step 2: 2 ranks x 2 samples x 2 steps = 8 of 64 samples).
+    assert trainer.wait(timeout=JOB_TIMEOUT).state == JobState.SUCCEEDED, [str(line) for line in trainer.logs(tail=30)]
+    assert trainer.metrics("epoch", rank=0)[0].value == pytest.approx(0.125)
+    assert [(s.step, s.step_unit) for s in trainer.metrics("loss", rank=0)] == [(1, "log line"), (2, "log line")]
 
     deadline = time.monotonic() + JOB_TIMEOUT
     while job.status().state != JobState.RUNNING:
