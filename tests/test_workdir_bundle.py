@@ -170,6 +170,25 @@ def test_too_many_files_or_bytes_are_refused_before_packing(tmp_path: Path, monk
         pack(folder)
 
 
+def test_unreadable_files_and_bad_patterns_are_refused_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tree(tmp_path, {"train.py": "", ".gitignore": "!\n"})
+    with pytest.raises(InvalidSpecError) as pattern:
+        pack(folder)
+    assert pattern.value.field == "working_dir" and str(folder / ".gitignore") in pattern.value.problem
+    (folder / ".gitignore").write_text("*.log\n")
+    read = Path.read_bytes
+
+    def refused(path: Path) -> bytes:  # what a file of another user's gives (the suite runs as root, who reads all)
+        if path.name == "train.py":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(InvalidSpecError) as unreadable:
+        pack(folder)
+    assert str(folder / "train.py") in unreadable.value.problem and "Permission denied" in unreadable.value.problem
+
+
 def test_which_working_dir_is_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "code").mkdir()

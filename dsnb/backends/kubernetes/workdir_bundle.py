@@ -188,7 +188,11 @@ def _gitignore(folder: Path) -> Any:
         lines = (folder / ".gitignore").read_text(errors="replace").splitlines()
     except OSError:
         return None
-    return pathspec.GitIgnoreSpec.from_lines(lines)
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except ValueError as e:  # pathspec's GitWildMatchPatternError
+        raise InvalidSpecError("working_dir", f"{str(folder / '.gitignore')!r} has a pattern git would not take ({e})",
+                               "fix or remove that line") from e
 
 
 def _outer_rules(root: Path) -> list[tuple[Path, Any]]:
@@ -291,7 +295,11 @@ def pack(directory: str | os.PathLike[str], limit: int | None = None) -> CodeBun
     with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for relative, path in walk.files:
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise InvalidSpecError("working_dir", f"{str(path)!r} cannot be read ({e.strerror})",
+                                       "make it readable, or leave it out with .gitignore") from e
             member = tarfile.TarInfo(relative)
             member.size, member.mtime, member.uname, member.gname = len(data), 0, "", ""
             member.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
