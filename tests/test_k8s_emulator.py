@@ -6,6 +6,7 @@ the emulator mean something for real clusters.
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import re
@@ -611,3 +612,38 @@ def test_store_api_raises_like_the_server(emu: KubeEmulator) -> None:
     with pytest.raises(ApiError) as missing:
         emu.delete("v1", "ConfigMap", NS, "c")
     assert missing.value.code == 404
+
+
+def test_config_maps_and_secrets_over_a_mebibyte_are_refused_as_the_api_server_does(v1: client.CoreV1Api, emu: KubeEmulator) -> None:
+    """kube-apiserver's ValidateConfigMap and ValidateSecret (k8s.io/kubernetes pkg/apis/core/validation):
+    ``data`` plus ``binaryData`` (decoded) may hold at most ``MaxSecretSize`` = 1048576 bytes; 422 past it."""
+    limit = 1024 * 1024
+    half = limit // 2
+    fits = {"metadata": {"name": "fits"}, "data": {"a.txt": "x" * half}, "binaryData": {"b.bin": base64.b64encode(b"\0" * half).decode()}}
+    v1.create_namespaced_config_map(NS, fits)  # its base64 is past 1 MiB: what counts is the decoded size
+    with pytest.raises(ApiException) as too_big:
+        v1.create_namespaced_config_map(NS, {**fits, "metadata": {"name": "big"}, "data": {"a.txt": "x" * (half + 1)}})
+    body = status_of(too_big.value)
+    assert too_big.value.status == 422 and body["reason"] == "Invalid"
+    assert body["message"] == 'ConfigMap "big" is invalid: : Too long: may not be more than 1048576 bytes'
+    assert body["details"]["causes"][0]["reason"] == "FieldValueTooLong"
+    with pytest.raises(ApiException) as secret:
+        v1.create_namespaced_secret(NS, {"metadata": {"name": "big"}, "stringData": {"a": "x" * (limit + 1)}})
+    assert secret.value.status == 422 and "Too long" in status_of(secret.value)["message"]
+    with pytest.raises(ApiException) as twice:  # one key in both bags
+        v1.create_namespaced_config_map(NS, {"metadata": {"name": "twice"}, "data": {"k": "1"}, "binaryData": {"k": "MQ=="}})
+    assert twice.value.status == 422 and "duplicate of key present in binaryData" in status_of(twice.value)["message"]
+    with pytest.raises(ApiException) as key:
+        v1.create_namespaced_config_map(NS, {"metadata": {"name": "key"}, "data": {"a/b": "1"}})
+    assert key.value.status == 422 and "a valid config key" in status_of(key.value)["message"]
+    assert emu.get("v1", "ConfigMap", NS, "big") is None and emu.get("v1", "Secret", NS, "big") is None
+
+
+def test_an_immutable_config_map_keeps_its_data(v1: client.CoreV1Api) -> None:
+    """ValidateConfigMapUpdate: the data, binaryData and immutability of an immutable ConfigMap cannot change."""
+    v1.create_namespaced_config_map(NS, {"metadata": {"name": "code"}, "immutable": True, "binaryData": {"c": "MQ=="}})
+    with pytest.raises(ApiException) as changed:
+        v1.patch_namespaced_config_map("code", NS, {"binaryData": {"c": "Mg=="}})
+    assert changed.value.status == 422 and "field is immutable when `immutable` is set" in status_of(changed.value)["message"]
+    v1.patch_namespaced_config_map("code", NS, {"metadata": {"labels": {"a": "b"}}})  # its metadata may change
+    v1.delete_namespaced_config_map("code", NS)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from k8s.fixtures import IMAGE, NAMESPACE, emulator, leftovers, make_cluster  # noqa: F401 - fixtures
+from k8s.fixtures import IMAGE, NAMESPACE, emulator, leftovers, make_cluster, shipped_example  # noqa: F401 - fixtures
 from k8s.sandbox import netns_problem
 from k8s.sim import ClusterSim
 
 from dsnb import JobSpec, JobState
+from dsnb.backends.kubernetes.workdir_bundle import WORKDIR
 from dsnb.job import Job
 from dsnb.runtime.pod_entry import peer_names
 
@@ -70,15 +71,18 @@ def write_hosts(namespaces: list[str], job: str) -> None:
 
 
 def test_deepspeed_zero2_trains_across_two_pods(emulator, two_pod_network: list[str], tmp_path: Path) -> None:  # noqa: F811
+    """The job's code is a working_dir that only this machine has (hidden from the pods' "image"): it reaches both
+    pods in the job's ConfigMap, and the ranks start where the entry unpacked it."""
     config = json.loads((EXAMPLE / "ds_config.json").read_text())
     assert config["zero_optimization"]["stage"] == 2
-    spec = JobSpec(name="tiny-gpt", script="train.py", working_dir=str(EXAMPLE), nodes=2, procs_per_node=2,
+    working_dir, script = shipped_example(tmp_path)
+    spec = JobSpec(name="tiny-gpt", script=script, working_dir=working_dir, nodes=2, procs_per_node=2,
                    args=["--steps", "4", "--no-save", "--no-resume"], image=IMAGE, deepspeed=config, env={"OMP_NUM_THREADS": "1"})
     with make_cluster(emulator, peer_timeout=60) as cluster:
         plan = cluster.dryrun(spec)
         write_hosts(two_pod_network, plan.name)
         netns_for = {f"{plan.name}-{i}": ns for i, ns in enumerate(two_pod_network)}.get
-        with ClusterSim(emulator, NAMESPACE, netns_for=netns_for) as sim:
+        with ClusterSim(emulator, NAMESPACE, netns_for=netns_for, image_lacks=(str(tmp_path),)) as sim:
             cluster.backend.apply(plan)
             job = Job(cluster.backend, plan.name)
             final = job.wait(timeout=300)
@@ -89,6 +93,9 @@ def test_deepspeed_zero2_trains_across_two_pods(emulator, two_pod_network: list[
             assert any("4 ranks" in text for text in texts), texts[:40]  # one world of 4 across both pods
             assert {line.rank for line in lines if line.text.startswith("step ")} == {0}
             assert "dsnb: node 1 of 2: all peers resolve; starting 2 rank(s)" in texts
+            here = os.path.realpath(WORKDIR)  # /var/run may be a link to /run
+            assert {line.rank for line in lines if line.text == f"only_here: rank {line.rank} runs in {here}; left out and absent: True"} \
+                == {0, 1, 2, 3}, texts[:40]
             losses = job.metrics("loss", rank=0)
             assert [s.step for s in losses] == [1, 2, 3, 4]
             assert leftovers(emulator, sim, plan.name) == []

@@ -17,7 +17,7 @@ import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from helpers import wait_until  # noqa: E402
+from helpers import REPO, wait_until  # noqa: E402
 from k8s.fixtures import IMAGE, NAMESPACE, emulator, leftovers, make_cluster, sim, workload  # noqa: E402, F401
 from k8s.sandbox import sandbox_problem  # noqa: E402
 from k8s.sim import ClusterSim  # noqa: E402
@@ -51,7 +51,8 @@ def render(**fields) -> tuple[object, list[dict]]:
      "pod_options": PodOptions(service_account="trainer", checkpoint_pvc="ckpt", image_pull_secrets=["regcred"],
                                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])},
     {"command": ["python", "-m", "trainer.main"], "args": ["--lr", "1e-4"], "nodes": 2},
-], ids=["defaults", "gpus-secrets-options", "command"])
+    {"working_dir": str(REPO / "examples" / "tiny_gpt"), "nodes": 2},  # shipped in ConfigMap <job>-code
+], ids=["defaults", "gpus-secrets-options", "command", "shipped-working-dir"])
 def test_every_manifest_validates_strictly(fields) -> None:
     plan, documents = render(**fields)
     assert [d["kind"] for d in documents][0] == "ConfigMap" and documents[-1]["kind"] == "StatefulSet"

@@ -70,10 +70,11 @@ def test_two_nodes_on_the_stock_runtime_run_from_a_runtime_with_the_jobs_image(e
 
 
 def test_without_its_own_runtime_the_ranks_on_the_node_pod_find_no_code(emulator, monkeypatch) -> None:  # noqa: F811
-    """The negative control: as dsnb did before, the node pod runs the runtime's image and its ranks fail."""
+    """The negative control: as dsnb did before, the node pod runs the runtime's image and its ranks fail (the
+    code is in the job's image: working_dir is a path there, not shipped)."""
     monkeypatch.setattr(trainjob_module, "own_runtime", keeping("images"))
     operator, sim = trainer(emulator, "10.231.72")
-    with sim, make_cluster(emulator, "trainjob", cancel_wait=30) as cluster:
+    with sim, make_cluster(emulator, "trainjob", cancel_wait=30, ship_working_dir="never") as cluster:
         job = cluster.submit(workload("ok", nodes=2, procs_per_node=1))
         with pytest.raises(JobFailed) as info:
             job.wait(timeout=120)

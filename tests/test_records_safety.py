@@ -106,6 +106,7 @@ def test_ending_a_job_deletes_only_what_it_created(emulator, sim) -> None:  # no
         assert job.cancel().state == JobState.CANCELLED
     assert emulator.get("v1", "Service", NAMESPACE, job.name) is not None  # left alone: not the one the job made
     assert emulator.get("apps/v1", "StatefulSet", NAMESPACE, job.name) is None  # what it made is gone
+    assert emulator.get("v1", "ConfigMap", NAMESPACE, f"{job.name}-code") is None  # its shipped working_dir too
     made = json.loads(emulator.get("v1", "ConfigMap", NAMESPACE, job.name)["data"]["objects.json"])
     assert set(made) == {f"ServiceAccount/{job.name}", f"Role/{job.name}", f"RoleBinding/{job.name}", f"Service/{job.name}",
-                         f"StatefulSet/{job.name}"}
+                         f"StatefulSet/{job.name}", f"ConfigMap/{job.name}-code"}

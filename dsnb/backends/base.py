@@ -62,7 +62,8 @@ class Plan:
 
     ``str(plan)`` is what a person reads: the YAML of the resources for cluster backends,
     shell command lines for process backends. Secret-looking environment values are
-    shown as ``***``.
+    shown as ``***``, and a ConfigMap's ``binaryData`` (a shipped ``working_dir``) by its size
+    only; ``to_yaml()`` has it all.
 
     Attributes:
         backend: the backend name.
@@ -106,7 +107,7 @@ class Plan:
         head = "".join(f"# {note}\n" for note in self.notes)
         shown = self._shown
         if self.manifests:
-            manifests = [shown(_redact_manifest(m)) for m in self.manifests]
+            manifests = [shown(_binary_by_size(_redact_manifest(m))) for m in self.manifests]
             return head + yaml.dump_all(manifests, Dumper=_ReadableDumper, sort_keys=False)
         lines = []
         for c in self.commands:
@@ -136,6 +137,18 @@ def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
 
 
 _ReadableDumper.add_representer(str, _represent_str)
+
+
+def _binary_by_size(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest with its ``binaryData`` values replaced by their size, for reading.
+
+    >>> _binary_by_size({"kind": "ConfigMap", "binaryData": {"code.tar.gz": "aGk="}})["binaryData"]
+    {'code.tar.gz': '<2 bytes, base64; plan.to_yaml() has them>'}
+    """
+    if not manifest.get("binaryData"):
+        return manifest
+    sizes = {k: f"<{len(v) * 3 // 4 - v.count('=')} bytes, base64; plan.to_yaml() has them>" for k, v in manifest["binaryData"].items()}
+    return {**manifest, "binaryData": sizes}
 
 
 def _redact_manifest(manifest: dict[str, Any]) -> dict[str, Any]:

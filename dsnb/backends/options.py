@@ -68,7 +68,9 @@ CANCEL_WAIT = Option("cancel_wait", "seconds cancel waits for a job's pods to be
 IN_CLUSTER = Option("in_cluster", "use the pod's service account", bool, on_command_line=False)
 CONFIGURATION = Option("configuration", "a ready kubernetes.client.Configuration", on_command_line=False)
 POD_OPTIONS = Option("pod_options", "PodOptions (or a dict of its fields) for every pod", on_command_line=False)
-KUBERNETES = (NAMESPACE, CONTEXT, KUBECONFIG, CANCEL_WAIT, IN_CLUSTER, CONFIGURATION, POD_OPTIONS)
+SHIP_WORKING_DIR = Option("ship_working_dir", "auto: ship a working_dir that is a directory here to the pods (default); "
+                                              "always; never: it is a path in the image", choices=("auto", "always", "never"))
+KUBERNETES = (NAMESPACE, CONTEXT, KUBECONFIG, CANCEL_WAIT, SHIP_WORKING_DIR, IN_CLUSTER, CONFIGURATION, POD_OPTIONS)
 
 TTL = Option("ttl_seconds_after_finished", "seconds the operator keeps a finished job's resources", int)
 STORAGE_PATH = Option("storage_path", "where Ray Train keeps runs and checkpoints (a shared directory or a URI)")

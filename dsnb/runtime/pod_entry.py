@@ -3,7 +3,9 @@
 dsnb ships this file in the job's ConfigMap and the container runs
 ``python3 entry.py LAUNCHER ARGS...``. On each pod it:
 
-1. takes its node rank from its ordinal (pod ``<set>-<i>`` is node ``i``);
+1. takes its node rank from its ordinal (pod ``<set>-<i>`` is node ``i``); when the job ships its
+   ``working_dir`` (``DSNB_CODE_BUNDLE``), unpacks it into ``DSNB_CODE_DIR`` and starts there, with
+   the ``unpack.py`` mounted beside the bundle (:mod:`dsnb.runtime.code_unpack`);
 2. waits until every peer's DNS name ``<set>-<j>.<service>.<namespace>.svc.<domain>``
    resolves, giving up after ``DSNB_PEER_TIMEOUT`` seconds with a message that names
    the missing peers;
@@ -23,7 +25,8 @@ reached), until the job's StatefulSet is scaled to 0 or deleted.
 
 Environment: ``DSNB_NODES``, ``DSNB_PROCS_PER_NODE``, ``DSNB_SET``, ``DSNB_SERVICE``,
 ``DSNB_NAMESPACE``, ``DSNB_CLUSTER_DOMAIN``, ``DSNB_PEER_TIMEOUT``, ``DSNB_TIMEOUT``,
-``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``, ``DSNB_RELEASE``, ``DSNB_JOB_NAME``.
+``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``, ``DSNB_RELEASE``, ``DSNB_JOB_NAME``,
+``DSNB_CODE_BUNDLE``, ``DSNB_CODE_DIR``.
 
 Example (what a pod runs)::
 
@@ -37,6 +40,7 @@ import itertools
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -45,6 +49,7 @@ import threading
 import time
 
 EXIT_PEERS_TIMEOUT = 75
+EXIT_NO_CODE = 76
 EXIT_TIMEOUT = 124
 LAST_LINES = 20
 TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
@@ -269,6 +274,21 @@ def idle_after_finish(state_dir: str, env: os._Environ | dict) -> None:
         time.sleep(3600)
 
 
+def unpack_code(env: os._Environ | dict) -> str | None:
+    """Unpack the job's shipped ``working_dir`` and go there; None when it ships none.
+
+    Raises:
+        ValueError, OSError: the bundle cannot be unpacked.
+    """
+    bundle = env.get("DSNB_CODE_BUNDLE")
+    if not bundle:
+        return None
+    unpacker = runpy.run_path(os.path.join(os.path.dirname(bundle), "unpack.py"))
+    where = unpacker["unpack_from_environment"](env)
+    os.chdir(where)
+    return where
+
+
 def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tuple[int, str]:
     """Run the launcher, pass its output through, stop it on SIGTERM or after ``timeout``."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -319,6 +339,16 @@ def main(argv: list[str]) -> int:
     _kept_by = outcome
     peers = peer_names(nodes, set_name, env.get("DSNB_SERVICE", set_name), env.get("DSNB_NAMESPACE", "default"),
                        env.get("DSNB_CLUSTER_DOMAIN", "cluster.local"))
+    try:
+        where = unpack_code(env)
+    except (OSError, ValueError) as e:
+        message = f"node {node}: could not unpack the job's working_dir from {env.get('DSNB_CODE_BUNDLE')}: {e}"
+        say(message)
+        finish(state_dir, env, outcome, {**outcome.report(EXIT_NO_CODE, message), "last_lines": [message], "started_at": started},
+               stopped=False)
+        return EXIT_NO_CODE
+    if where:
+        say(f"node {node}: the job's working_dir is unpacked in {where}")
     hostfile = os.path.join(state_dir, "hostfile")
     with open(hostfile, "w") as f:
         f.writelines(f"{peer} slots={procs}\n" for peer in peers)

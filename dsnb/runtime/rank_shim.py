@@ -6,6 +6,10 @@ Open MPI's variables become torch.distributed's (``RANK``, ``LOCAL_RANK``, ``WOR
 mpirun forwards each write as it comes, so a line written in two parts could interleave with
 another rank's. Anything else is executed as given. The launcher passes this file's text, not
 its module name, so the workers need Python but not dsnb.
+
+When the job ships its ``working_dir`` (``DSNB_CODE_BUNDLE``, mounted on the pod with its
+``unpack.py`` beside it), the shim first unpacks it into ``DSNB_CODE_DIR`` (once per pod: the
+pod's other ranks wait for the first) and starts the rank there.
 """
 import os
 import runpy
@@ -24,9 +28,22 @@ def set_torch_distributed_env(env):
     env.setdefault("MASTER_PORT", str(MASTER_PORT))
 
 
+def enter_code(env):
+    """Unpack the job's shipped working directory and go there, if it ships one."""
+    bundle = env.get("DSNB_CODE_BUNDLE")
+    if not bundle:
+        return
+    try:
+        unpacker = runpy.run_path(os.path.join(os.path.dirname(bundle), "unpack.py"))
+        os.chdir(unpacker["unpack_from_environment"](env))
+    except (OSError, ValueError) as e:
+        sys.exit(f"dsnb: rank {env.get('RANK')} could not unpack the job's working_dir from {bundle}: {e}")
+
+
 def main(argv):
     """Run ``--run SCRIPT ARGS`` as a script here, or exec ``argv`` as a command."""
     set_torch_distributed_env(os.environ)
+    enter_code(os.environ)
     if argv[0] == "--run":
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True, write_through=False)

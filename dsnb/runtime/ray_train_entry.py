@@ -157,6 +157,21 @@ class RankFailed(RuntimeError):
         return (RankFailed, (self.rank, self.exit_code))
 
 
+def enter_code() -> str | None:
+    """On a KubeRay pod of a job that ships its ``working_dir``: unpack it (once per pod, from the ConfigMap
+    mounted at ``$DSNB_CODE_BUNDLE``) into ``$DSNB_CODE_DIR`` and go there; None when the job ships none.
+
+    Raises:
+        ValueError, OSError: the bundle cannot be unpacked.
+    """
+    from dsnb.runtime.code_unpack import unpack_from_environment
+
+    where = unpack_from_environment()
+    if where is not None:
+        os.chdir(where)
+    return where
+
+
 def _worker_loop(job: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: the user's script, between checkpoint restore and report."""
     import ray.train as train
@@ -171,6 +186,7 @@ def _worker_loop(job: dict[str, Any]) -> None:
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dsnb-{job['run_name']}-rank{rank}-"))
     os.environ["DSNB_CHECKPOINT_DIR"] = str(ckpt_dir)
     try:
+        enter_code()
         previous = train.get_checkpoint()
         if previous is not None:
             previous.to_directory(str(ckpt_dir))

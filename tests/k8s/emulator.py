@@ -29,6 +29,10 @@ Close to the real API server where the official client can tell:
     * reading the log of a Pending pod's container that has printed nothing is a 400 ("waiting to start"),
       and a pod with several containers needs ``container=``;
     * a Secret's ``stringData`` is merged into ``data`` (base64) on create, and not stored;
+    * a ConfigMap or Secret holding more than 1 MiB (``data`` plus ``binaryData``, decoded) is refused
+      (422, as ``ValidateConfigMap``/``ValidateSecret`` do), as is a key that is not a valid
+      ConfigMap key, a key in both ``data`` and ``binaryData``, undecodable base64 (400), and a
+      change to the data of an ``immutable`` ConfigMap;
     * deleting a pod that runs on a node marks it (``deletionTimestamp``) for its grace period; it goes
       when its kubelet deletes it with grace 0 (``k8s/sim.py``); an object with ``finalizers`` stays,
       marked, until they are removed;
@@ -231,9 +235,9 @@ def _conflict(res: Resource, name: str) -> ApiError:
                     "modified; please apply your changes to the latest version and try again", _details(res, name))
 
 
-def _invalid(res: Resource, name: str, path: str, why: str) -> ApiError:
+def _invalid(res: Resource, name: str, path: str, why: str, reason: str = "FieldValueInvalid") -> ApiError:
     details = {"name": name, "group": res.group, "kind": res.kind,
-               "causes": [{"reason": "FieldValueInvalid", "message": why, "field": path}]}
+               "causes": [{"reason": reason, "message": why, "field": path}]}
     return ApiError(422, "Invalid", f'{res.kind} "{name}" is invalid: {path}: {why}', details)
 
 
@@ -514,6 +518,58 @@ def _label_problem(key: Any, value: Any) -> str | None:
     return None
 
 
+#: k8s.io/kubernetes pkg/apis/core/types.go: the most a Secret's data, or a ConfigMap's data and binaryData, may hold.
+MAX_SECRET_SIZE = 1 * 1024 * 1024
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _config_key_problem(key: Any) -> str | None:
+    """apimachinery's validation.IsConfigMapKey (pkg/util/validation/validation.go)."""
+    if not isinstance(key, str) or not key or len(key) > 253:
+        return "must be no more than 253 characters"
+    if not _CONFIG_KEY.match(key):
+        return "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+    if key in (".", "..") or key.startswith(".."):
+        return "must not be '.' or '..'" if key in (".", "..") else "must not start with '..'"
+    return None
+
+
+def _decoded(res: Resource, name: str, value: Any) -> bytes:
+    """A ``[]byte`` field as the API server decodes it from JSON (base64), or its 400."""
+    try:
+        return base64.b64decode(value if isinstance(value, str) else "", validate=True)
+    except (ValueError, TypeError) as e:
+        raise _bad_request(f'{res.kind} in version "v1" cannot be handled as a {res.kind}: illegal base64 data ({e})') from e
+
+
+def _validate_data(res: Resource, obj: Obj) -> None:
+    """What kube-apiserver checks of a ConfigMap's or Secret's content (k8s.io/kubernetes
+    pkg/apis/core/validation/validation.go ValidateConfigMap, ValidateSecret): valid keys, no key in both
+    ``data`` and ``binaryData``, and at most ``MaxSecretSize`` bytes in all (``binaryData`` and a Secret's
+    ``data`` counted decoded; ``stringData`` merged into ``data`` first, as the API's conversion does)."""
+    name = obj["metadata"]["name"]
+    if res.kind == "ConfigMap":
+        data, binary = obj.get("data") or {}, obj.get("binaryData") or {}
+        sizes = {}
+        for bag, values in (("data", data), ("binaryData", binary)):
+            for key, value in values.items():
+                if problem := _config_key_problem(key):
+                    raise _invalid(res, name, f"{bag}[{key}]", f'Invalid value: "{key}": {problem}')
+                if bag == "data" and key in binary:
+                    raise _invalid(res, name, f"data[{key}]", f'Invalid value: "{key}": duplicate of key present in binaryData')
+                sizes[bag, key] = len(value.encode()) if bag == "data" else len(_decoded(res, name, value))
+        path = ""  # field.NewPath(""): the whole object
+    else:
+        merged = {key: len(_decoded(res, name, value)) for key, value in (obj.get("data") or {}).items()}
+        merged.update({key: len(str(value).encode()) for key, value in (obj.get("stringData") or {}).items()})
+        for key in merged:
+            if problem := _config_key_problem(key):
+                raise _invalid(res, name, f"data[{key}]", f'Invalid value: "{key}": {problem}')
+        sizes, path = merged, "data"
+    if sum(sizes.values()) > MAX_SECRET_SIZE:
+        raise _invalid(res, name, path, f"Too long: may not be more than {MAX_SECRET_SIZE} bytes", reason="FieldValueTooLong")
+
+
 def _validate(res: Resource, obj: Obj) -> None:
     meta = obj["metadata"]
     name = meta["name"]
@@ -525,6 +581,8 @@ def _validate(res: Resource, obj: Obj) -> None:
     for key, value in labels.items():
         if problem := _label_problem(key, value):
             raise _invalid(res, name, "metadata.labels", problem)
+    if res.api_version == "v1" and res.kind in ("ConfigMap", "Secret"):
+        _validate_data(res, obj)
 
 
 def _spec_part(obj: Obj) -> Obj:
@@ -1303,6 +1361,11 @@ class KubeEmulator:
                 meta.pop(key, None)
         meta["generation"] = old_meta.get("generation", 1) + (_spec_part(new) != _spec_part(current))
         _validate(res, new)
+        if res.api_version == "v1" and res.kind == "ConfigMap" and current.get("immutable"):
+            # ValidateConfigMapUpdate: an immutable ConfigMap's data, binaryData and immutability stay as they are.
+            for key in ("immutable", "data", "binaryData"):
+                if new.get(key) != current.get(key):
+                    raise _invalid(res, meta["name"], key, "Forbidden: field is immutable when `immutable` is set", reason="FieldValueForbidden")
         if new == current or dry_run:
             return current if new == current else new
         self._stamp(new)

@@ -53,6 +53,9 @@ def leftovers(emulator: KubeEmulator, sim: ClusterSim, name: str) -> list[str]:
                  ("kubeflow.org/v2beta1", "MPIJob"), ("trainer.kubeflow.org/v1alpha1", "TrainJob"))
         found = [f"{kind} {o['metadata']['name']}" for api, kind in kinds
                  for o in emulator.list(api, kind, NAMESPACE, f"dsnb.io/job={name}")]
+        # The record and the logs' archive stay (jobs() and attach() read them); the shipped code does not.
+        found += [f"ConfigMap {o['metadata']['name']}" for o in emulator.list("v1", "ConfigMap", NAMESPACE, f"dsnb.io/job={name}")
+                  if (o["metadata"].get("labels") or {}).get("dsnb.io/kind") not in ("record", "logs")]
         found += [f"process of {pod}" for pod in sim.running_processes() if pod.startswith(name + "-")]
         return found
 
@@ -64,10 +67,12 @@ def footprint_of(emulator: KubeEmulator, sim: ClusterSim):
     return lambda: emulator.inventory() + [f"process of {pod}" for pod in sim.running_processes()]
 
 
-#: A job script that counts its runs in ``attempts`` beside it and fails until its run number passes ``argv[1]``.
+#: A job script that counts its runs in the file ``$ATTEMPTS_FILE`` and fails until its run number passes ``argv[1]``.
+#: The file is on this machine, which every pod of the simulated cluster sees: a shared volume, in effect, that
+#: outlives pods (the job's shipped working_dir, unpacked in an emptyDir, does not outlive a restarted pod).
 ATTEMPTS = """
 import os, sys
-path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attempts")
+path = os.environ["ATTEMPTS_FILE"]
 with open(path, "a") as f:
     f.write("x")
 attempt = os.path.getsize(path)
@@ -80,7 +85,7 @@ def attempts_job(folder, fails: int, **fields: Any) -> JobSpec:
     """A one-rank job of :data:`ATTEMPTS` in ``folder`` that fails its first ``fails`` runs (exit code 3)."""
     (folder / "attempts.py").write_text(ATTEMPTS)
     return workload("ok", **{"script": "attempts.py", "args": [str(fails)], "working_dir": str(folder), "nodes": 1,
-                             "procs_per_node": 1, **fields})
+                             "procs_per_node": 1, "env": {"ATTEMPTS_FILE": str(folder / "attempts")}, **fields})
 
 
 def controller_for(backend: str, subnet: str) -> Any:
@@ -99,3 +104,31 @@ def controller_for(backend: str, subnet: str) -> Any:
     if backend == "kuberay":
         return KubeRaySim()
     return None
+
+
+#: A script that exists only in the working_dir :func:`shipped_example` makes: it says where it runs, checks that
+#: what the working_dir leaves out did not travel, then trains the tiny GPT example beside it.
+ONLY_HERE = '''
+import os, runpy, sys
+left_out = [p for p in ("notes.secret", ".env", "checkpoints") if os.path.exists(p)]
+print(f"only_here: rank {os.environ.get('RANK')} runs in {os.getcwd()}; left out and absent: {not left_out}", flush=True)
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+'''
+
+
+def shipped_example(folder) -> tuple[str, str]:
+    """A copy of the tiny GPT example in ``folder`` with :data:`ONLY_HERE` as ``only_here.py``, a gitignored file, a
+    ``.env`` and a checkpoint folder (its .gitignore leaves that out): (working_dir, script). Run it with
+    ``ClusterSim(image_lacks=(folder,))``, so that the pods can only have it from the job's ConfigMap."""
+    import shutil
+
+    code = folder / "code"
+    shutil.copytree(REPO / "examples" / "tiny_gpt", code, ignore=shutil.ignore_patterns("checkpoints", "__pycache__"))
+    (code / "only_here.py").write_text(ONLY_HERE)
+    (code / ".gitignore").write_text((code / ".gitignore").read_text() + "notes.secret\n")
+    (code / "notes.secret").write_text("not for the pods\n")
+    (code / ".env").write_text("HF_TOKEN=hf_not_for_the_pods\n")
+    (code / "checkpoints").mkdir()
+    (code / "checkpoints" / "big.pt").write_bytes(b"\0" * 1024)
+    return str(code), "only_here.py"

@@ -20,7 +20,9 @@ conversation:
   the job's fate. What it prints is chosen by the job's first script argument (see
   :func:`driver_lines`). With ``run_scripts``, the fake driver runs the job's script for real
   instead, once per Ray Train worker (``RANK``, ``WORLD_SIZE``... as Ray Train sets them), each
-  worker's lines under its ``(RayTrainWorker pid=N, ip=...)`` prefix; the first worker to fail
+  worker's lines under its ``(RayTrainWorker pid=N, ip=...)`` prefix, in the job's shipped
+  ``working_dir`` when it has one (unpacked, as dsnb's worker loop does on a worker pod, from the
+  worker group's volumes, which the submitter pod then mounts too); the first worker to fail
   ends the group, as Ray Train's does, and the outcome line carries its rank and exit code;
 - it reports ``jobStatus: RUNNING`` while the submitter runs and, when it has ended,
   ``Complete``/``SUCCEEDED`` or ``Failed``/``FAILED`` with ``reason: AppFailed``, as the
@@ -54,6 +56,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import runpy
 import string
 import subprocess
 import sys
@@ -278,6 +281,12 @@ class KubeRaySim:
                "DSNB_SIM_RUN_SCRIPT": "1" if self.run_scripts else ""}
         container["env"] = [*(container.get("env") or []), *({"name": k, "value": v} for k, v in env.items())]
         container["command"] = [sys.executable, str(Path(__file__).resolve()), "driver"]
+        if self.run_scripts:  # the Ray Train workers run here: the pod mounts what the worker pods do
+            worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+            mounts = {m["name"] for m in worker["containers"][0].get("volumeMounts") or []} - {"dshm"}
+            pod_spec["volumes"] = [*(pod_spec.get("volumes") or []), *(v for v in worker.get("volumes") or [] if v["name"] in mounts)]
+            container["volumeMounts"] = [*(container.get("volumeMounts") or []),
+                                         *(m for m in worker["containers"][0].get("volumeMounts") or [] if m["name"] in mounts)]
         if state["cluster"] in self.auth:  # rayjob_controller.go v1.7.0: SetContainerTokenAuthEnvVars on the submitter
             container["env"] = _token_env(container["env"], self.auth[state["cluster"]])
             container["env"].append({"name": "DSNB_SIM_CLUSTER_AUTH", "value": "token"})
@@ -480,6 +489,10 @@ def run_workers(job: dict[str, Any], submission_id: str) -> int:
     outcome line as dsnb's driver names it. Always returns 0, as ``ray job logs`` does.
     """
     workers, procs = job["num_workers"], job["procs_per_node"]
+    workdir = None
+    if os.environ.get("DSNB_CODE_BUNDLE"):  # what dsnb's worker loop does first on a worker pod (enter_code)
+        unpacker = runpy.run_path(os.path.join(os.path.dirname(os.environ["DSNB_CODE_BUNDLE"]), "unpack.py"))
+        workdir = unpacker["unpack_from_environment"](os.environ)
     print(f"Job '{submission_id}' submitted successfully", flush=True)
     print(f"(TrainController pid=70) Started training worker group of size {workers}", flush=True)
     printing = threading.Lock()
@@ -487,7 +500,7 @@ def run_workers(job: dict[str, Any], submission_id: str) -> int:
     for rank in range(workers):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank % procs), "WORLD_SIZE": str(workers),
                "LOCAL_WORLD_SIZE": str(procs), "NODE_RANK": str(rank // procs), "PYTHONUNBUFFERED": "1"}
-        child = subprocess.Popen(_worker_argv(job), env=env, cwd=os.path.dirname(job.get("script") or "") or None,
+        child = subprocess.Popen(_worker_argv(job), env=env, cwd=workdir or os.path.dirname(job.get("script") or "") or None,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         prefix = f"(RayTrainWorker pid={child.pid}, ip=10.244.{rank // procs}.5)"
         print(f"{prefix} DSNB_RAY_WORKER " + json.dumps({"rank": rank, "pid": child.pid, "node": rank // procs}), flush=True)

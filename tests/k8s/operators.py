@@ -9,7 +9,10 @@ one does on a cluster, closely enough for dsnb's side of the conversation:
 - it creates the worker (MPIJob) or node (TrainJob) pods owned by the job, with the labels the
   real controllers add (the MPI Operator's ``training.kubeflow.org/...`` with the worker's
   ``replica-index``; JobSet's ``jobset.sigs.k8s.io/...`` and the Job's completion index);
-  their sshd is not run: ``mpirun`` reaches their namespaces through ``rsh_agent.py`` instead of ssh;
+  their sshd is not run: ``mpirun`` reaches their namespaces through ``rsh_agent.py`` instead of ssh,
+  and what it starts there sees the pod's volumes (its ConfigMaps written out read-only, its emptyDirs,
+  once per pod: a retried launcher finds them as they were), as a process sshd starts in the pod's
+  container would (the host's ``/dev/shm`` stands in for a memory-backed emptyDir);
 - when the workers are ready it creates the launcher pod, with the environment the operator
   sets for Open MPI (``OMPI_MCA_orte_default_hostfile``, ``..._keep_fqdn_hostnames``) plus
   the agent; ``ClusterSim`` runs it for real;
@@ -25,13 +28,15 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from k8s.netns import PodNetwork
-from k8s.sim import ClusterSim, now_rfc3339, warn
+from k8s.sim import ClusterSim, now_rfc3339, volume_dirs, warn
 
 AGENT = Path(__file__).with_name("rsh_agent.py")
 # What an sshd session's PATH is: OpenSSH's compiled default user path as Debian 12 builds openssh 9.2
@@ -65,6 +70,7 @@ class _MPIJobs:
         self.host_of: dict[str, str] = {}  # pod name -> its hostname (its identity on the job's network)
         self.conditions: dict[str, list[dict[str, Any]]] = {}
         self.refused: set[str] = set()
+        self.pod_volumes: dict[str, tuple[Path, list[list[str]]]] = {}  # fake pod uid -> (its folder, its mounts)
 
     # -- what each operator defines --------------------------------------------------------
     def layout(self, job: dict[str, Any]) -> tuple[str, list[tuple[str, str, dict[str, Any], str]], int]:
@@ -106,6 +112,9 @@ class _MPIJobs:
         for network in self.networks.values():
             network.close()
         self.networks.clear()
+        for folder, _ in self.pod_volumes.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self.pod_volumes.clear()
 
     def _set_conditions(self, sim: ClusterSim, job: dict[str, Any], *kinds: tuple[str, ...]) -> None:
         """Add conditions given as (type, message) or (type, message, reason); the reason defaults to the type."""
@@ -193,7 +202,8 @@ class _MPIJobs:
                                           for pod, job_name in self.pods.items() if job_name == name}),
             "DSNB_RSH_LOGIN_PATH": LOGIN_PATH,
             # What each host's image lacks: the user's code, on a pod that does not run the launcher's image.
-            "DSNB_RSH_IMAGE_LACKS": json.dumps(self._lacking(job, container)),
+            "DSNB_RSH_IMAGE_LACKS": json.dumps(self._lacking(sim, job, container)),
+            "DSNB_RSH_MOUNTS": json.dumps(self._mounts(sim, job)),
         }.items())
         container.setdefault("volumeMounts", []).append({"name": "mpi-job-config", "mountPath": "/etc/mpi"})
         spec.setdefault("volumes", []).append({"name": "mpi-job-config", "configMap": {"name": f"{name}{self.hostfile_suffix}"}})
@@ -202,16 +212,35 @@ class _MPIJobs:
                          owner=self.launcher_owner(sim, job))
         self._set_conditions(sim, job, ("Running", f"launcher {self.pod_name(launcher)} is running"))
 
-    def _lacking(self, job: dict[str, Any], launcher: dict[str, Any]) -> dict[str, list[str]]:
-        """Host -> the directories its pod's image has not: the code directory mpirun starts the ranks in
-        (``--wdir``), on each host whose image differs from the launcher's (which is the job's)."""
+    def _lacking(self, sim: ClusterSim, job: dict[str, Any], launcher: dict[str, Any]) -> dict[str, list[str]]:
+        """Host -> the directories its pod's image has not: those no image of the cluster has
+        (``ClusterSim.image_lacks``), and the code directory mpirun starts the ranks in (``--wdir``) on each
+        host whose image differs from the launcher's (which is the job's)."""
         command = list(launcher.get("command") or [])
         code = command[command.index("--wdir") + 1] if "--wdir" in command else None
-        if code is None:
-            return {}
         _, hosts, _ = self.layout(job)
-        return {host: [code] for host, _, template, _ in hosts
-                if template["spec"]["containers"][0].get("image") != launcher.get("image")}
+        lacking = {host: [*sim.image_lacks, *([code] if code and template["spec"]["containers"][0].get("image") != launcher.get("image") else [])]
+                   for host, _, template, _ in hosts}
+        return {host: paths for host, paths in lacking.items() if paths}
+
+    def _mounts(self, sim: ClusterSim, job: dict[str, Any]) -> dict[str, list[list[str]]]:
+        """Host -> the [host folder, kind, mount path] of its pod's container mounts, for the pods whose sshd is
+        not run: a process sshd starts there sees them. Written out once per pod (by uid), as its kubelet would."""
+        _, hosts, _ = self.layout(job)
+        result = {}
+        for host, _, _, _ in hosts:
+            pod = sim.emulator.get("v1", "Pod", sim.namespace, self.pod_name(host))
+            if pod is None or not (pod["metadata"].get("annotations") or {}).get(FAKE):
+                continue
+            uid = pod["metadata"]["uid"]
+            if uid not in self.pod_volumes:
+                folder = Path(tempfile.mkdtemp(prefix=f"sim-{host}-"))
+                volumes = volume_dirs(sim, sim.namespace, pod, folder)
+                mounts = [[*volumes[m["name"]], m["mountPath"]] for m in pod["spec"]["containers"][0].get("volumeMounts") or []
+                          if m["name"] in volumes and volumes[m["name"]][1] != "tmpfs"]
+                self.pod_volumes[uid] = (folder, mounts)
+            result[host] = self.pod_volumes[uid][1]
+        return result
 
     def _follow_launcher(self, sim: ClusterSim, job: dict[str, Any], pod: dict[str, Any]) -> None:
         phase = (pod.get("status") or {}).get("phase")

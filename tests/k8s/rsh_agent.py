@@ -26,10 +26,14 @@ What the command gets, as from ``ssh``:
   (128 + N when killed by signal N, as a shell reports it);
 * the image's contents, as far as they matter here: ``DSNB_RSH_IMAGE_LACKS`` (JSON, host -> paths)
   names the directories HOST's image has not (the job's code, on a pod that runs another image),
-  hidden under an empty tmpfs in a private mount namespace.
+  hidden under an empty tmpfs in a private mount namespace;
+* the pod's volumes, as sshd in the pod's container sees them: ``DSNB_RSH_MOUNTS`` (JSON, host ->
+  ``[host folder, kind, mount path]``) bind-mounts each folder at its path in that mount namespace,
+  read-only for kind ``files`` (ConfigMaps and Secrets, as the kubelet mounts them).
 
 The command runs under a small init (this program with ``--init``), PID 1 of a private PID
-namespace (``unshare --pid --fork``), which ties its lifetime to the agent's. The init stays
+namespace (``unshare --pid --fork``, with that namespace's own ``/proc`` in a private mount
+namespace, as a pod has), which ties its lifetime to the agent's. The init stays
 until every process of the namespace has exited, daemons included (``orted --daemonize``, which
 ``mpirun`` asks for when tree spawn is off), so the agent does too. When the agent goes away,
 even by SIGKILL, ``unshare`` is killed, the init gets SIGTERM and passes it to every process of
@@ -102,7 +106,7 @@ def login_environment() -> dict[str, str]:
     env = {"PATH": os.environ.get("DSNB_RSH_LOGIN_PATH", LOGIN_PATH), "HOME": os.environ.get("HOME", "/root"), "USER": user, "LOGNAME": user,
            "SHELL": "/bin/sh"}
     # LANG as ssh's AcceptEnv passes it; the mapping so that a daemon can start others (tree spawn).
-    for name in ("LANG", "DSNB_RSH_NETNS", "DSNB_RSH_NETNS_FILE", "DSNB_RSH_LOGIN_PATH", "DSNB_RSH_IMAGE_LACKS"):
+    for name in ("LANG", "DSNB_RSH_NETNS", "DSNB_RSH_NETNS_FILE", "DSNB_RSH_LOGIN_PATH", "DSNB_RSH_IMAGE_LACKS", "DSNB_RSH_MOUNTS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -119,7 +123,7 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def run_init(label: str, command: str, hidden: list[str] | None = None) -> int:
+def run_init(label: str, command: str, hidden: list[str] | None = None, mounts: list[list[str]] | None = None) -> int:
     """PID 1 of the command's PID namespace: set the hostname, run the command, stay until all is gone.
 
     A daemon the command leaves behind (``orted --daemonize``, which ``mpirun`` asks for when
@@ -131,6 +135,11 @@ def run_init(label: str, command: str, hidden: list[str] | None = None) -> int:
     socket.sethostname(label)
     for path in hidden or []:  # what this pod's image has not (a private mount namespace: the host is unchanged)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", path], check=True)
+    for source, kind, target in mounts or []:  # the pod's volumes
+        os.makedirs(target, exist_ok=True)
+        subprocess.run(["mount", "--bind", source, target], check=True)
+        if kind == "files":
+            subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
 
     def signal_all(signum: int) -> None:
         try:
@@ -158,8 +167,8 @@ def run_init(label: str, command: str, hidden: list[str] | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--init"] and len(argv) == 4:
-        return run_init(argv[1], argv[2], json.loads(argv[3]))
+    if argv[:1] == ["--init"] and len(argv) == 5:
+        return run_init(argv[1], argv[2], json.loads(argv[3]), json.loads(argv[4]))
     try:
         host, words = split_argv(argv)
         mapping = load_mapping()
@@ -177,9 +186,13 @@ def main(argv: list[str]) -> int:
     # unshare --fork makes the --init stage PID 1 of a new PID namespace, and --kill-child sends
     # it SIGTERM when unshare dies; unshare itself gets SIGKILL when this process dies.
     hidden = json.loads(os.environ.get("DSNB_RSH_IMAGE_LACKS") or "{}").get(label, [])
+    mounts = json.loads(os.environ.get("DSNB_RSH_MOUNTS") or "{}").get(label, [])
+    # --mount-proc: the command's processes see their own PID namespace in /proc, as a pod's do (else a
+    # process reading /proc/self by its pid, as psutil does, finds another one, or none).
     child_argv = ["ip", "netns", "exec", netns, "unshare", "--uts", "--pid", "--fork", "--kill-child=SIGTERM",
-                  *(["--mount", "--propagation", "private"] if hidden else []),
-                  "--", sys.executable, os.path.abspath(__file__), "--init", label, " ".join(words), json.dumps(hidden)]
+                  "--mount", "--propagation", "private", "--mount-proc",
+                  "--", sys.executable, os.path.abspath(__file__), "--init", label, " ".join(words), json.dumps(hidden),
+                  json.dumps(mounts)]
     child = subprocess.Popen(child_argv, env=login_environment(),
                              preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
 

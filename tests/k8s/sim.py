@@ -7,8 +7,9 @@ module stands in for what the cluster does on its own side:
   set (so deleting the set collects them), ``podManagementPolicy: Parallel``;
 - the scheduler: binds pods to a node, or marks them Unschedulable when told to;
 - the kubelet: runs each pod's container command as a real process in its own mount
-  namespace, with the pod's volumes (ConfigMaps written out, emptyDirs, a tmpfs
-  ``/dev/shm``, the termination-message file) mounted at their paths, the pod's
+  namespace, with the pod's volumes (ConfigMaps' ``data`` and ``binaryData`` written out and
+  mounted read-only, emptyDirs, a tmpfs ``/dev/shm``, the termination-message file) mounted at
+  their paths, the folders of this machine the image has not (``image_lacks``) hidden, the pod's
   environment (values, field references, Secret references), optionally inside a network
   namespace; it streams the output into the pod's log, records how the container ended
   (exit code, reason, termination message or the log's end) and restarts it as
@@ -91,6 +92,63 @@ _HTTP_PROBE = ("import sys,urllib.request,urllib.error\n"
                "sys.exit(0 if ok else 1)")
 
 
+def volume_dirs(sim: ClusterSim, namespace: str, pod: dict[str, Any], root: Path) -> dict[str, tuple[str, str]]:
+    """The pod's volumes as host folders under ``root``: volume name -> (host path, kind), kind ``"files"``
+    (read-only, as the kubelet mounts ConfigMap, Secret and projected volumes since v1.9.4), ``"dir"`` or
+    ``"tmpfs"`` (emptyDirs). A ConfigMap's ``data`` and ``binaryData`` are written as its files."""
+    result: dict[str, tuple[str, str]] = {}
+    for volume in pod["spec"].get("volumes") or []:
+        path = root / volume["name"]
+        if "configMap" in volume or "secret" in volume:
+            path.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                source = sim.emulator.get("v1", "ConfigMap", namespace, volume["configMap"]["name"]) or {}
+                files = {k: v.encode() for k, v in (source.get("data") or {}).items()}
+                files.update({k: base64.b64decode(v) for k, v in (source.get("binaryData") or {}).items()})
+            else:
+                source = sim.emulator.get("v1", "Secret", namespace, volume["secret"]["secretName"]) or {}
+                files = {k: base64.b64decode(v) for k, v in (source.get("data") or {}).items()}
+                files.update({k: str(v).encode() for k, v in (source.get("stringData") or {}).items()})
+            for key, content in files.items():
+                (path / key).write_bytes(content)
+            result[volume["name"]] = (str(path), "files")
+        elif "projected" in volume:
+            # The kubelet's projected service account volume: a token it asks the API server for (TokenRequest),
+            # the cluster's CA and the namespace (v1.32 pkg/volume/projected). A token for an account that
+            # does not exist cannot be had: the pod then never starts (FailedMount).
+            path.mkdir(parents=True, exist_ok=True)
+            for source in volume["projected"].get("sources") or []:
+                if "serviceAccountToken" in source:
+                    account = pod["spec"].get("serviceAccountName") or "default"
+                    token = sim.emulator.service_account_token(namespace, account)
+                    (path / source["serviceAccountToken"].get("path", "token")).write_text(token)
+                elif "configMap" in source:
+                    (path / "ca.crt").write_text(Path(sim.in_cluster().ca_file).read_text())
+                elif "downwardAPI" in source:
+                    (path / "namespace").write_text(namespace)
+            result[volume["name"]] = (str(path), "files")
+        elif "emptyDir" in volume:
+            memory = (volume.get("emptyDir") or {}).get("medium") == "Memory"
+            path.mkdir(parents=True, exist_ok=True)
+            result[volume["name"]] = (str(path), "tmpfs" if memory else "dir")
+    return result
+
+
+def mount_steps(mounts: list[tuple[str, str, str]], hidden: tuple[str, ...] = ()) -> list[str]:
+    """Shell steps, in a private mount namespace, that hide ``hidden`` (folders of this machine the pod's
+    image has not) under an empty tmpfs, then mount each (host path, kind, mount path) as the kubelet would."""
+    steps = [f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(path)}" for path in hidden]
+    for host, kind, mount_path in mounts:
+        target = shlex.quote(mount_path)
+        if kind == "tmpfs":
+            steps.append(f"mkdir -p {target} && mount -t tmpfs -o size=1g tmpfs {target}")
+        else:
+            steps.append(f"mkdir -p {target} && mount --bind {shlex.quote(host)} {target}")
+            if kind == "files":
+                steps.append(f"mount -o remount,bind,ro {target}")
+    return steps
+
+
 class PodRunner:
     """One pod's container, run as a process tree; restarts it while the pod exists."""
 
@@ -113,41 +171,7 @@ class PodRunner:
     # -- sandbox ---------------------------------------------------------------------------
     def _volume_dirs(self) -> dict[str, tuple[str, str]]:
         """volume name -> (host path, kind); ConfigMaps and Secrets written out."""
-        result: dict[str, tuple[str, str]] = {}
-        for volume in self.pod["spec"].get("volumes") or []:
-            path = self.root / "volumes" / volume["name"]
-            if "configMap" in volume or "secret" in volume:
-                path.mkdir(parents=True, exist_ok=True)
-                if "configMap" in volume:
-                    source = self.sim.emulator.get("v1", "ConfigMap", self.namespace, volume["configMap"]["name"]) or {}
-                    files = dict(source.get("data") or {})
-                else:
-                    source = self.sim.emulator.get("v1", "Secret", self.namespace, volume["secret"]["secretName"]) or {}
-                    files = {k: base64.b64decode(v).decode() for k, v in (source.get("data") or {}).items()}
-                    files.update(source.get("stringData") or {})
-                for key, text in files.items():
-                    (path / key).write_text(text)
-                result[volume["name"]] = (str(path), "files")
-            elif "projected" in volume:
-                # The kubelet's projected service account volume: a token it asks the API server for (TokenRequest),
-                # the cluster's CA and the namespace (v1.32 pkg/volume/projected). A token for an account that
-                # does not exist cannot be had: the pod then never starts (FailedMount).
-                path.mkdir(parents=True, exist_ok=True)
-                for source in volume["projected"].get("sources") or []:
-                    if "serviceAccountToken" in source:
-                        account = self.pod["spec"].get("serviceAccountName") or "default"
-                        token = self.sim.emulator.service_account_token(self.namespace, account)
-                        (path / source["serviceAccountToken"].get("path", "token")).write_text(token)
-                    elif "configMap" in source:
-                        (path / "ca.crt").write_text(Path(self.sim.in_cluster().ca_file).read_text())
-                    elif "downwardAPI" in source:
-                        (path / "namespace").write_text(self.namespace)
-                result[volume["name"]] = (str(path), "files")
-            elif "emptyDir" in volume:
-                memory = (volume.get("emptyDir") or {}).get("medium") == "Memory"
-                path.mkdir(parents=True, exist_ok=True)
-                result[volume["name"]] = (str(path), "tmpfs" if memory else "dir")
-        return result
+        return volume_dirs(self.sim, self.namespace, self.pod, self.root / "volumes")
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
         (self.root / "tmp").mkdir(exist_ok=True)
@@ -176,14 +200,8 @@ class PodRunner:
         return env
 
     def _argv(self, container: dict[str, Any], volumes: dict[str, tuple[str, str]]) -> list[str]:
-        steps = []
-        for mount in container.get("volumeMounts") or []:
-            host, kind = volumes[mount["name"]]
-            target = shlex.quote(mount["mountPath"])
-            if kind == "tmpfs":
-                steps.append(f"mkdir -p {target} && mount -t tmpfs -o size=1g tmpfs {target}")
-            else:
-                steps.append(f"mkdir -p {target} && mount --bind {shlex.quote(host)} {target}")
+        steps = mount_steps([(*volumes[m["name"]], m["mountPath"]) for m in container.get("volumeMounts") or []],
+                            self.sim.image_lacks)
         termination = container.get("terminationMessagePath") or "/dev/termination-log"
         self.termination_file = self.root / "termination-log"
         self.termination_file.write_text("")
@@ -388,12 +406,14 @@ class ClusterSim:
             without running anything (an sshd that mpirun reaches another way).
         restart_delay: seconds before an exited container is restarted.
         probe_period: seconds between two readiness checks of a container with a ``readinessProbe``.
+        image_lacks: folders of this machine that the pods' image has not (e.g. the user's ``working_dir``):
+            every pod, and every process ``mpirun`` starts in one (``k8s/rsh_agent.py``), finds them empty.
     """
 
     def __init__(self, emulator: Any, namespace: str, netns_for: Callable[[str], str | None] | None = None,
                  unschedulable: str | None = None, image_pull_error: str | None = None,
                  hold: bool = False, restart_delay: float = 0.3, controllers: list[Any] | None = None,
-                 probe_period: float = 0.2) -> None:
+                 probe_period: float = 0.2, image_lacks: tuple[str, ...] = ()) -> None:
         self.emulator = emulator
         self.namespace = namespace
         self.netns_for = netns_for
@@ -403,6 +423,7 @@ class ClusterSim:
         self.controllers = controllers or []
         self.restart_delay = restart_delay
         self.probe_period = probe_period
+        self.image_lacks = tuple(str(p) for p in image_lacks)
         self.runners: dict[str, PodRunner] = {}
         self.pods_created = 0
         self._api_relay: Any = None  # the Unix socket pods in network namespaces reach the API server through

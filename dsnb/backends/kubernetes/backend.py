@@ -36,6 +36,7 @@ from dsnb.backends.kubernetes.network_policy import network_policy
 from dsnb.backends.kubernetes.pod_options import PodOptions
 from dsnb.backends.kubernetes.pod_template import CONTAINER, REDACTED, secret_env_keys
 from dsnb.backends.kubernetes.rbac import Permission
+from dsnb.backends.kubernetes.workdir_bundle import SHIP_MODES, CodeBundle, local_directory, pack
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.errors import ClusterError, InvalidSpecError, JobNotFound
 from dsnb.metrics import sample_to_dict
@@ -136,12 +137,38 @@ class Workload:
         notes: remarks for the top of the plan.
         files: more files for the record ConfigMap (its pods mount it).
         ingress: more ingress rules for the job's NetworkPolicy (``PodOptions(network_policy=True)``).
+        code: the job's packed ``working_dir``, which :meth:`KubernetesBackend.assemble` ships in the
+            ConfigMap ``<job>-code`` (the pods that run the job's code mount it); None when it ships none.
     """
 
     manifests: list[dict[str, Any]]
     notes: list[str]
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     ingress: list[dict[str, Any]] | None = None
+    code: CodeBundle | None = None
+
+
+def code_of(spec: JobSpec, mode: str = "auto") -> CodeBundle | None:
+    """The packed ``working_dir`` a job ships to its pods (see :mod:`.workdir_bundle`), or None when it has
+    none, or names a path in the image.
+
+    Example:
+        >>> code_of(JobSpec(name="a", script="train.py", working_dir="/app")) is None
+        True
+
+    Raises:
+        InvalidSpecError: ``working_dir`` cannot be shipped (no such directory, past the limits), or a
+            relative ``script`` is not among the files shipped.
+    """
+    source = local_directory(spec.working_dir, mode)
+    if source is None:
+        return None
+    code = pack(source)
+    script = spec.script
+    if script is not None and not os.path.isabs(script) and os.path.normpath(script).replace(os.sep, "/") not in code.files:
+        raise InvalidSpecError("script", f"{script!r} is not among the files shipped from working_dir {code.source!r}",
+                               "check the path (relative to working_dir), and that no .gitignore leaves it out")
+    return code
 
 
 def _made_objects(record: dict[str, Any]) -> dict[str, str]:
@@ -195,6 +222,10 @@ class KubernetesBackend(Backend):
         configuration: a ready ``kubernetes.client.Configuration`` instead of a file.
         pod_options: :class:`PodOptions` (or a dict of its fields) for every pod.
         cancel_wait: seconds ``cancel`` waits for the job's pods to be gone.
+        ship_working_dir: ``"auto"`` (default): a ``working_dir`` that is a directory on this machine is
+            shipped to the pods in a ConfigMap (:mod:`.workdir_bundle`), an absolute one that is not
+            is a path in the image; ``"always"``: it must be a directory here; ``"never"``: it is a
+            path in the image.
 
     ``dryrun`` never contacts the cluster: it only reads the kubeconfig for the namespace.
     """
@@ -231,7 +262,12 @@ class KubernetesBackend(Backend):
         configuration: Any = None,
         pod_options: PodOptions | dict[str, Any] | None = None,
         cancel_wait: float = 60.0,
+        ship_working_dir: str = "auto",
     ) -> None:
+        if ship_working_dir not in SHIP_MODES:
+            raise InvalidSpecError("ship_working_dir", f"{ship_working_dir!r} is not one of {', '.join(SHIP_MODES)}",
+                                   "use 'auto' (ship a local directory), 'always' or 'never' (a path in the image)", spec="Cluster")
+        self.ship_working_dir = ship_working_dir
         if isinstance(pod_options, dict):
             pod_options = PodOptions(**pod_options)
         self.pod_options = pod_options or PodOptions()
@@ -410,31 +446,41 @@ class KubernetesBackend(Backend):
         Raises:
             InvalidSpecError: the spec cannot run on this backend (see :meth:`render_workload`).
         """
+        code = code_of(spec, self.ship_working_dir)
         secret = env_secret(spec, self.namespace)
-        work = self.render_workload(spec, secret)
-        return self.assemble(spec, record_manifest(spec, self.record_label, work.files), secret, work)
+        work = self.render_workload(spec, secret, code)
+        plan = self.assemble(spec, record_manifest(spec, self.record_label, work.files), secret, work)
+        if spec.working_dir and code is None:
+            plan.notes.append(f"working_dir {spec.working_dir!r} is a path in the image (it is not a directory here): "
+                              "the code must be in the image")
+        return plan
 
     def assemble(self, spec: JobSpec, record: dict[str, Any], secret: EnvSecret, work: Workload) -> Plan:
         """The plan of ``spec``: in creation order the ``record`` (which owns the rest), the ``secret`` (if the
-        spec has secret values), the ``work``'s manifests and, with ``PodOptions(network_policy=True)``, the
-        NetworkPolicy, all in the namespace; the notes of ``work`` and ``secret``.
+        spec has secret values), the ConfigMap ``<job>-code`` of the ``work``'s code (if it ships some), the
+        ``work``'s manifests and, with ``PodOptions(network_policy=True)``, the NetworkPolicy, all in the
+        namespace; the notes of ``work``, its code and ``secret``.
 
         Raises:
             Nothing: no cluster is contacted (the namespace comes from the kubeconfig, else ``default``).
         """
         namespace = self.namespace
-        manifests = [record, *([secret.manifest] if secret.manifest else []), *work.manifests]
+        name = record["metadata"]["name"]
+        code = [work.code.config_map(name, {**job_labels(name), KIND: "code"})] if work.code else []
+        manifests = [record, *([secret.manifest] if secret.manifest else []), *code, *work.manifests]
         if self.pod_options.network_policy:
-            manifests.append(network_policy(record["metadata"]["name"], namespace, work.ingress))
+            manifests.append(network_policy(name, namespace, work.ingress))
         for manifest in manifests:
             manifest["metadata"]["namespace"] = namespace
-        return Plan(backend=self.name, spec=spec, manifests=manifests, notes=[*work.notes, *secret.notes],
+        return Plan(backend=self.name, spec=spec, manifests=manifests,
+                    notes=[*work.notes, *(work.code.notes(name) if work.code else []), *secret.notes],
                     extra={"secret_values": secret.values})
 
     @abc.abstractmethod
-    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+    def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
         """The backend's own objects for ``spec`` (which carries its unique name), whose pods take the
-        secret env values from ``secret``.
+        secret env values from ``secret``, and, when ``code`` is given, mount and unpack it (the
+        returned :class:`Workload` carries it on, for :meth:`assemble` to ship).
 
         Raises:
             InvalidSpecError: the spec cannot run on this backend (the field and fix named).

@@ -82,6 +82,7 @@ from dsnb.backends.kubernetes.pod_template import referenced_env_keys, secret_en
 from dsnb.backends.kubernetes.preflight import KUBERAY_INSTALL
 from dsnb.backends.kubernetes.rbac import KUBERAY_PERMISSIONS
 from dsnb.backends.kubernetes.status_rules import first_status
+from dsnb.backends.kubernetes.workdir_bundle import CodeBundle, code_env, code_volumes
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
@@ -125,6 +126,25 @@ def storage_path(options: Any, given: str | None = None) -> str:
     return DEFAULT_STORAGE
 
 
+def mount_code(cluster: dict[str, Any], job: str) -> None:
+    """Mount job ``job``'s code ConfigMap and the emptyDir it is unpacked into on the Ray head and workers of
+    ``cluster`` (a ``rayClusterSpec``): Ray may place a Train worker on either.
+
+    Example:
+        >>> cluster = {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head"}]}}}, "workerGroupSpecs": []}
+        >>> mount_code(cluster, "a-x7k2")
+        >>> [m["mountPath"] for m in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]]
+        ['/var/run/dsnb/code', '/var/run/dsnb/workdir']
+    """
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    for group in groups:
+        pod = group["template"]["spec"]
+        for item in code_volumes(job):
+            pod.setdefault("volumes", []).append(item.volume)
+            mount = {"name": item.volume["name"], "mountPath": item.mount_path, **({"readOnly": True} if item.read_only else {})}
+            pod["containers"][0].setdefault("volumeMounts", []).append(mount)
+
+
 class KubeRayBackend(KubernetesBackend):
     """Ray Train jobs on KubeRay; see the module docstring.
 
@@ -156,7 +176,7 @@ class KubeRayBackend(KubernetesBackend):
     container_name = SUBMITTER_CONTAINER
     install_hint = KUBERAY_INSTALL
     upgrade_hint = f"dsnb renders RayJobs and RayServices for KubeRay v1.7 (ray.io/v1): upgrade it: {KUBERAY_INSTALL}"
-    workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"))
+    workload = ((API_VERSION, "RayJob", ""), ("v1", "Secret", "-env"), ("v1", "ConfigMap", "-code"))
 
     def __init__(self, ray_version: str = DEFAULT_RAY_VERSION, ttl_seconds_after_finished: int = 0,
                  head_resources: Resources | None = None, storage_path: str | None = None,
@@ -178,8 +198,10 @@ class KubeRayBackend(KubernetesBackend):
         self._given: dict[str, list[tuple[int, str]]] = {}  # job -> what its submitter pods gave, in order
 
     # -- rendering -------------------------------------------------------------------------
-    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
-        """The RayJob; KubeRay's operator may reach its head's dashboard through a NetworkPolicy.
+    def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
+        """The RayJob; KubeRay's operator may reach its head's dashboard through a NetworkPolicy. With shipped
+        ``code`` the head and worker pods mount it, and each Ray Train worker unpacks it (once per pod) and
+        starts there (:func:`dsnb.runtime.ray_train_entry.enter_code`).
 
         Raises:
             InvalidSpecError: no image, a name KubeRay refuses, or a bad Ray version.
@@ -187,13 +209,17 @@ class KubeRayBackend(KubernetesBackend):
         name, namespace = spec.name, self.namespace
         storage = storage_path(self.pod_options, self.storage_path)
         driver_spec = spec
-        if spec.working_dir and spec.script and not posixpath.isabs(spec.script):
+        if code is not None:
+            driver_spec = dataclasses.replace(spec, working_dir=None)
+        elif spec.working_dir and spec.script and not posixpath.isabs(spec.script):
             # Ray's workers need not start in the containers' working directory: find the script anyway.
             driver_spec = dataclasses.replace(spec, script=posixpath.join(spec.working_dir, spec.script))
-        env = ray_train_entry.driver_env(driver_spec, storage)
-        rayjob = render_rayjob(spec, self.pod_options, list(ray_train_entry.DRIVER_ARGV), self.ray_version,
+        env = {**ray_train_entry.driver_env(driver_spec, storage), **(code_env() if code is not None else {})}
+        rayjob = render_rayjob(spec if code is None else driver_spec, self.pod_options, list(ray_train_entry.DRIVER_ARGV), self.ray_version,
                                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
                                head_resources=self.head_resources, env_vars=env)
+        if code is not None:
+            mount_code(rayjob["spec"]["rayClusterSpec"], name)
         if self.storage_path:
             where = "as given"
         elif self.pod_options.checkpoint_pvc:
@@ -208,7 +234,7 @@ class KubeRayBackend(KubernetesBackend):
             "the image needs Ray (the same version), torch, DeepSpeed, dsnb and your code (build it FROM rayproject/ray)",
         ]
         # KubeRay asks the head's dashboard for the job's status.
-        return Workload([rayjob], notes, ingress=[{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}])
+        return Workload([rayjob], notes, ingress=[{"from": [KUBERAY_OPERATOR], "ports": [{"port": RAY_DASHBOARD_PORT}]}], code=code)
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_kuberay

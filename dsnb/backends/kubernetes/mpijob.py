@@ -9,7 +9,9 @@ Each rank is started by ``mpirun`` through a few lines of Python (:mod:`dsnb.run
 turn Open MPI's variables (``OMPI_COMM_WORLD_RANK``...) into the torch.distributed ones
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``; ``MASTER_ADDR`` is the hostfile's first host), so
 the same training script runs here as on every other backend, without mpi4py.
-``--tag-output`` marks each line with its rank, so logs are split per rank.
+``--tag-output`` marks each line with its rank, so logs are split per rank. When ``working_dir`` is
+a directory here, its packed copy (the ConfigMap ``<job>-code``) is mounted on the workers and the
+shim unpacks it there (once per pod) and starts the rank in it.
 
 Example:
     >>> from dsnb import Cluster, JobSpec
@@ -21,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from dsnb.backends.kubernetes.pod_template import build_pod_template, kubelet_li
 from dsnb.backends.kubernetes.rbac import MPIJOB_PERMISSIONS
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure, container_port
 from dsnb.backends.kubernetes.status_rules import first_status
+from dsnb.backends.kubernetes.workdir_bundle import CodeBundle, code_env, code_volumes
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import InvalidSpecError
@@ -84,11 +88,12 @@ def program_argv(spec: JobSpec) -> list[str]:
     return [*spec.command, *spec.args]  # type: ignore[misc]
 
 
-def rank_env(spec: JobSpec) -> dict[str, str]:
+def rank_env(spec: JobSpec, code: CodeBundle | None = None) -> dict[str, str]:
     """The environment mpirun passes to every rank (with ``-x``), beside ``spec.env``.
 
     Ranks start under the workers' sshd, not from the pod spec, so the DeepSpeed config
-    travels inline (``DSNB_DEEPSPEED_CONFIG_JSON``) rather than as a mounted file.
+    travels inline (``DSNB_DEEPSPEED_CONFIG_JSON``) rather than as a mounted file; with shipped
+    ``code``, where the shim finds it and unpacks it.
     """
     env = {
         "DSNB_JOB_NAME": spec.name,
@@ -102,7 +107,15 @@ def rank_env(spec: JobSpec) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(spec.threads_per_rank)
     if spec.deepspeed_config is not None:
         env["DSNB_DEEPSPEED_CONFIG_JSON"] = json.dumps(spec.deepspeed_config, separators=(",", ":"))
+    if code is not None:
+        env.update(code_env())
     return env
+
+
+def launch_spec(spec: JobSpec, code: CodeBundle | None) -> JobSpec:
+    """``spec`` as the MPI pods run it: with shipped ``code`` the shim starts each rank where it unpacks
+    it, so ``mpirun`` gets no ``--wdir`` (the directory is on this machine, not in the pods)."""
+    return dataclasses.replace(spec, working_dir=None) if code is not None else spec
 
 
 def mpirun_argv(spec: JobSpec, exported: list[str], hostfile: str = HOSTFILE) -> list[str]:
@@ -162,7 +175,8 @@ class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
     launcher_logs = True
     install_hint = OPERATOR_INSTALL
     upgrade_hint = f"dsnb renders MPIJobs for the MPI Operator v0.8 (kubeflow.org/v2beta1): upgrade it: {OPERATOR_INSTALL}"
-    workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+    workload = ((f"{GROUP}/{VERSION}", "MPIJob", ""), ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"),
+                ("v1", "ConfigMap", "-code"))
     probe_is_readyz = False
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (the workers keep "
                       "their sshd probe: the operator starts the launcher only once they pass it)")
@@ -177,12 +191,13 @@ class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
         self.job_endpoints = JobEndpoints(self, KubernetesExposure(self, serve_url))
 
     # -- rendering -------------------------------------------------------------------------
-    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+    def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
         # MPI Operator v0.8.0 refuses (with only a Warning Event) an MPIJob whose last worker
         # pod name, <name>-worker-<N-1>, is no DNS-1035 label (pkg/apis/kubeflow/validation/validation.go).
         check_derived_names(spec.name, [f"{spec.name}-worker-{spec.nodes - 1}"], "the MPI Operator's worker pods")
         name, namespace = spec.name, self.namespace
-        env = rank_env(spec)
+        env = rank_env(spec, code)
+        spec = launch_spec(spec, code)
         # Ranks inherit the launcher's environment only through mpirun -x.
         exported = [*env, *spec.env, *self.pod_options.nccl]
         launcher = build_pod_template(
@@ -197,6 +212,7 @@ class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
         worker = build_pod_template(
             spec, ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd_config"], {}, self.pod_options,
             {ROLE: "worker"}, secret_name=secret.name, add_capabilities=("NET_BIND_SERVICE",),
+            volumes=code_volumes(name) if code is not None else None,  # the ranks run there
         )
         worker["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": SSHD_PORT}, "initialDelaySeconds": 2, "periodSeconds": 2}
         run_policy: dict[str, Any] = {"cleanPodPolicy": self.clean_pod_policy, "backoffLimit": spec.max_restarts}
@@ -226,7 +242,7 @@ class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
             "the image needs Open MPI, a non-root sshd for user mpiuser on port 2222 "
             "(like mpioperator/openmpi), torch and DeepSpeed",
         ]
-        return Workload([mpijob], notes)
+        return Workload([mpijob], notes, code=code)
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd

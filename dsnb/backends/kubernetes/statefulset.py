@@ -3,6 +3,9 @@
 Each job is these objects (plus a Secret when the spec's env holds secrets):
 
 - the record ConfigMap ``<job>``: the spec, the pods' entry script and the DeepSpeed config;
+- when ``working_dir`` is a directory here, the ConfigMap ``<job>-code`` with it packed
+  (:mod:`~dsnb.backends.kubernetes.workdir_bundle`), which the entry unpacks in each pod and starts
+  the ranks in;
 - a ServiceAccount, Role and RoleBinding ``<job>`` that let the job's pods write their
   outcome into the record and scale their own StatefulSet to 0, and nothing else
   (:func:`~dsnb.backends.kubernetes.rbac.job_role_manifests`);
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from typing import Any
@@ -44,6 +48,7 @@ from dsnb.backends.kubernetes.record_logs import belongs_to, missing_lines
 from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure, container_port, readiness_probe
 from dsnb.backends.kubernetes.statefulset_status import RULES, SetReading
 from dsnb.backends.kubernetes.status_rules import first_status
+from dsnb.backends.kubernetes.workdir_bundle import WORKDIR, CodeBundle, code_env, code_volumes
 from dsnb.backends.logbuffer import JobLogs
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
@@ -145,7 +150,7 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
     profiles = BUILTIN_PROFILES["statefulset"]
     permissions = STATEFULSET_PERMISSIONS
     workload = (("apps/v1", "StatefulSet", ""), ("v1", "Service", ""), ("v1", "Service", SERVICE_SUFFIX),
-                ("v1", "Secret", "-env"))
+                ("v1", "Secret", "-env"), ("v1", "ConfigMap", "-code"))
     probe_is_readyz = True
     readiness_note = "readiness: pod <job>-0's Ready condition (every pod probes GET /readyz on the port)"
 
@@ -190,7 +195,7 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
             env["DSNB_DEEPSPEED_CONFIG"] = f"{JOB_DIR}/deepspeed.json"
         return env
 
-    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+    def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
         if len(spec.name) > MAX_SET_NAME:
             raise InvalidSpecError("name", f"{spec.name!r} is too long for a StatefulSet ({MAX_SET_NAME} characters with the suffix)",
                                    f"use at most {MAX_SET_NAME - 5} characters")
@@ -202,15 +207,18 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
         node_labels = {**job_labels(name), ROLE: "node"}
         args = launcher_argv(spec, self.launcher, master)
         program = len(user_argv(spec))
-        env = {**self._env(spec), "DSNB_LAUNCHER_ARGC": str(len(args) - program)}
+        env = {**self._env(spec), "DSNB_LAUNCHER_ARGC": str(len(args) - program), **(code_env() if code else {})}
         template = build_pod_template(
-            spec, ["python3", f"{JOB_DIR}/entry.py"], env, self.pod_options, {ROLE: "node"},
+            # With shipped code the ranks start where the entry unpacks it.
+            dataclasses.replace(spec, working_dir=WORKDIR) if code else spec,
+            ["python3", f"{JOB_DIR}/entry.py"], env, self.pod_options, {ROLE: "node"},
             args=args[:len(args) - program] + [kubelet_literal(a) for a in args[len(args) - program:]],
             downward_env={"DSNB_POD_NAME": "metadata.name", "DSNB_NAMESPACE": "metadata.namespace"},
             secret_name=secret.name,
             volumes=[
                 ExtraVolume({"name": "dsnb-job", "configMap": {"name": name, "defaultMode": 0o444}}, JOB_DIR, read_only=True),
                 ExtraVolume({"name": "dsnb-state", "emptyDir": {}}, STATE_DIR),
+                *(code_volumes(name) if code else []),
             ],
             termination_message_path=TERMINATION_LOG,
         )
@@ -238,7 +246,7 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
             f"when the job ends its pods scale StatefulSet {name} to 0 themselves, as ServiceAccount {account or name} "
             f"(Role {name}: its record and its StatefulSet's scale, nothing else)",
         ]
-        return Workload([*job_role_manifests(name, namespace, account), service, stateful_set], notes, files)
+        return Workload([*job_role_manifests(name, namespace, account), service, stateful_set], notes, files, code=code)
 
     # -- serving ---------------------------------------------------------------------------
     def serving_selector(self, name: str) -> dict[str, str]:

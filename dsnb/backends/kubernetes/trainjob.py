@@ -30,7 +30,7 @@ from dsnb.backends.base import Plan
 from dsnb.backends.kubernetes.backend import EnvSecret, KubernetesBackend, Workload
 from dsnb.backends.kubernetes.labels import ROLE, job_labels
 from dsnb.backends.kubernetes.labels import role as pod_role
-from dsnb.backends.kubernetes.mpijob import mpirun_argv, rank_env
+from dsnb.backends.kubernetes.mpijob import launch_spec, mpirun_argv, rank_env
 from dsnb.backends.kubernetes.name_limits import check_derived_names
 from dsnb.backends.kubernetes.pod_status import started_at, terminating
 from dsnb.backends.kubernetes.pod_template import build_pod_template
@@ -39,6 +39,7 @@ from dsnb.backends.kubernetes.serving import SERVICE_SUFFIX, KubernetesExposure
 from dsnb.backends.kubernetes.status_rules import first_status
 from dsnb.backends.kubernetes.trainer_layout import node_pods
 from dsnb.backends.kubernetes.trainjob_status import RULES, RUNTIME_CONTAINER, TrainReading, hostname
+from dsnb.backends.kubernetes.workdir_bundle import CodeBundle, code_volumes
 from dsnb.backends.options import BUILTIN_OPTIONS
 from dsnb.backends.profiles import BUILTIN_PROFILES
 from dsnb.errors import ClusterError, InvalidSpecError
@@ -91,7 +92,7 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
     # v2.0 had podSpecOverrides, v2.1 podTemplateOverrides (the CRDs at each tag).
     upgrade_hint = f"dsnb renders TrainJobs for Kubeflow Trainer v2.2 or later (v2.3.0 tested): upgrade it: {TRAINER_INSTALL}"
     workload = ((f"{GROUP}/{VERSION}", "TrainJob", ""), (f"{GROUP}/{VERSION}", "TrainingRuntime", ""),
-                ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"))
+                ("v1", "Service", SERVICE_SUFFIX), ("v1", "Secret", "-env"), ("v1", "ConfigMap", "-code"))
     probe_is_readyz = False
     readiness_note = ("readiness: the last DSNB_SERVE line of rank 0 in the launcher's log (a TrainJob cannot add "
                       "probes to the runtime's pods)")
@@ -109,10 +110,12 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
         self.job_endpoints = JobEndpoints(self, KubernetesExposure(self, serve_url))
 
     # -- rendering -------------------------------------------------------------------------
-    def _patches(self, spec: JobSpec) -> list[dict[str, Any]]:
-        """Pod options and dsnb's labels, as a runtime patch on both replicated jobs."""
+    def _patches(self, spec: JobSpec, code: CodeBundle | None = None) -> list[dict[str, Any]]:
+        """Pod options, dsnb's labels and the shipped code's volumes, as a runtime patch on both replicated jobs
+        (both run ranks on a runtime that runs the launcher as a node)."""
         # NET_BIND_SERVICE: the pods run sshd, which images built like the MPI Operator's carry with that file capability.
-        template = build_pod_template(spec, ["true"], {}, self.pod_options, add_capabilities=("NET_BIND_SERVICE",))
+        template = build_pod_template(spec, ["true"], {}, self.pod_options, add_capabilities=("NET_BIND_SERVICE",),
+                                      volumes=code_volumes(spec.name) if code is not None else None)
         pod = template["spec"]
         container = pod["containers"][0]
         allowed = ("nodeSelector", "tolerations", "affinity", "imagePullSecrets", "serviceAccountName", "volumes", "securityContext")
@@ -154,10 +157,11 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
         trainjob["spec"]["runtimeRef"] = {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": plan.name}
         super().apply(plan)
 
-    def render_workload(self, spec: JobSpec, secret: EnvSecret) -> Workload:
+    def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
         check_derived_names(spec.name, jobset_pod_names(spec.name, spec.nodes), "JobSet's pods")
         name, namespace = spec.name, self.namespace
-        env = rank_env(spec)
+        env = rank_env(spec, code)
+        spec = launch_spec(spec, code)
         exported = [*env, *spec.env, *self.pod_options.nccl]
         shaped = build_pod_template(spec, mpirun_argv(spec, exported), env, self.pod_options,
                                     secret_name=secret.name)["spec"]["containers"][0]
@@ -176,7 +180,7 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
             "spec": {
                 "runtimeRef": {"apiGroup": GROUP, "kind": self.runtime_kind, "name": self.runtime},
                 "trainer": trainer,
-                "runtimePatches": self._patches(spec),
+                "runtimePatches": self._patches(spec, code),
             },
         }
         if spec.timeout:
@@ -189,7 +193,7 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
             f"{spec.image} on every pod (Kubeflow Trainer gives trainer.image to the launcher only) and "
             f"{spec.max_restarts} restart(s) of the whole job (JobSet's failurePolicy); it is deleted when the job ends",
         ]
-        return Workload([trainjob], notes)
+        return Workload([trainjob], notes, code=code)
 
     def operator_checks(self, conn: Any) -> list[Any]:
         from dsnb.backends.kubernetes.preflight import check_controller, check_crd, check_runtime
