@@ -547,6 +547,26 @@ class JobSpec:
         when ``resources.cpu`` is not a plain number (a backend then decides, or leaves it unset)."""
         return self.resources.threads_per_rank(self.procs_per_node)
 
+    def rank_argv(self, python: str = "python3") -> list[str]:
+        """The command line of one rank, for a backend that starts ranks as plain processes:
+        ``[python, script, *args]``, ``[*command, *args]``, or the function runner's
+        (:meth:`~dsnb.function_job.PackedFunction.argv`).
+
+        Args:
+            python: the interpreter that runs a script or a function on the ranks.
+
+        Example:
+            >>> JobSpec(name="a", script="train.py", args=["--lr", "0.1"]).rank_argv()
+            ['python3', 'train.py', '--lr', '0.1']
+            >>> JobSpec(name="a", function=len, kwargs={"obj": []}).rank_argv("python")[:2]
+            ['python', '-c']
+        """
+        if self.function is not None:
+            return self.function.argv(python)  # type: ignore[union-attr]
+        if self.script is not None:
+            return [python, self.script, *self.args]
+        return [*self.command, *self.args]  # type: ignore[misc]
+
     def with_unique_name(self) -> JobSpec:
         """A copy named ``<name>-<4 random characters>``, as every submit does.
 

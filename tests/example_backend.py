@@ -49,7 +49,7 @@ class ChildProcessBackend(Backend):
     def render(self, spec: JobSpec) -> Plan:
         if spec.resources.gpus:
             raise InvalidSpecError("resources.gpus", "child processes get no GPUs", "set resources.gpus=0")
-        argv = tuple(spec.command or [sys.executable, spec.script or ""]) + tuple(spec.args)
+        argv = tuple(spec.rank_argv(python=sys.executable))  # a script, a command or a function
         base = {**spec.env, "DSNB_JOB_NAME": spec.name, "WORLD_SIZE": str(spec.world_size),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "$MASTER_PORT"}  # a free port, chosen at launch
         commands = [RankCommand(rank=r, argv=argv, cwd=spec.working_dir or os.getcwd(),
