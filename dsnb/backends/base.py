@@ -118,9 +118,8 @@ class Plan:
 
     def _shown(self, value: Any) -> Any:
         """``value`` as a person reads it: a function job's runner and packed call by name (``to_yaml`` has them whole)."""
-        if self.spec.function is None:
-            return value
-        return function_job.abbreviated(value, self.spec.function)  # type: ignore[arg-type]
+        packed = getattr(self.spec, "function", None)  # a serving plan's ServeSpec has none
+        return value if packed is None else function_job.abbreviated(value, packed)
 
     def _repr_markdown_(self) -> str:
         lang = "yaml" if self.manifests else "bash"
