@@ -82,6 +82,27 @@ def test_embeddings_equal_the_plain_model_through_the_openai_client_kserve_and_d
     assert minilm.request("GET", "/v2/health/live")[0] == 200 and minilm.request("GET", "/v2/health/ready")[0] == 200
 
 
+def test_tritonclient_with_its_defaults_gets_the_same_embeddings(minilm: RunningServer, expected: torch.Tensor) -> None:
+    """tritonclient sends and asks for binary tensor data unless told otherwise (the KServe v2 binary extension)."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=minilm.url.removeprefix("http://").rstrip("/"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert "binary_tensor_data" in client.get_server_metadata(headers=auth)["extensions"]
+    text = triton.InferInput("text", [3], "BYTES")
+    text.set_data_from_numpy(np.array(SENTENCES[:3], dtype=object))  # binary_data=True by default
+    answer = client.infer("m", [text], headers=auth)
+    assert answer.get_output("output0")["parameters"]["binary_data_size"] == 3 * 384 * 4
+    torch.testing.assert_close(torch.tensor(answer.as_numpy("output0")), expected[:3], atol=1e-5, rtol=1e-4)
+    as_json = client.infer("m", [text], outputs=[triton.InferRequestedOutput("output0", binary_data=False)], headers=auth)
+    assert "data" in as_json.get_output("output0")
+    torch.testing.assert_close(torch.tensor(as_json.as_numpy("output0")), expected[:3], atol=1e-5, rtol=1e-4)
+    with pytest.raises(triton.InferenceServerException, match="is not one of this model's outputs"):
+        client.infer("m", [text], outputs=[triton.InferRequestedOutput("logits")], headers=auth)
+    client.close()
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(minilm: RunningServer, expected: torch.Tensor) -> None:
     def embed(index: int) -> tuple[int, int, list[float]]:
         status, _, body = minilm.request("POST", "/v1/embeddings", {"model": "m", "input": SENTENCES[index % len(SENTENCES)]})
@@ -143,6 +164,15 @@ def test_a_full_queue_answers_503_with_retry_after_then_sigterm_drains(tmp_path:
         plain = tiny_models.tiny_mlp()(torch.tensor(row))
         assert status == 200 and body["outputs"][0]["shape"] == [1, 3]
         torch.testing.assert_close(torch.tensor(body["outputs"][0]["data"]).reshape(1, 3), plain.detach(), atol=1e-6, rtol=1e-5)
+        import numpy as np
+        import tritonclient.http as triton
+
+        client = triton.InferenceServerClient(url=server.url.removeprefix("http://").rstrip("/"))
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array(row, dtype=np.float32))  # in binary, as tritonclient does by default
+        torch.testing.assert_close(torch.tensor(client.infer("m", [tensor]).as_numpy("output0")), plain.detach(),
+                                   atol=1e-6, rtol=1e-5)
+        client.close()
 
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(12) as pool:

@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsnb.runtime.server import kserve, openai_api
+from dsnb.runtime.server import kserve, kserve_binary, openai_api
 from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, BodyBudget, SlowClient, read_body
 from dsnb.runtime.server.engine import Abandoned, Draining, Engine, Overloaded, RankLost, Work
 from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, chat_prompt, count_tokens, to_json
@@ -425,7 +425,7 @@ class ServerApp:
 
     async def v2_infer(self, request: Request) -> Response:
         model = self._v2_model(request)
-        body = await self._json(request)
+        body = await self._v2_body(request)
         if model.kind == "causal-lm":
             raise BadRequest(f"model {model.name!r} generates text; use /v1/completions")
         if model.tokenizer is not None:
@@ -433,13 +433,37 @@ class ServerApp:
             vectors = await self._run("texts", texts, size=len(texts), request=request)
             import torch
 
-            outputs = kserve.output_tensors(torch.tensor(vectors))
+            output: Any = torch.tensor(vectors)
         else:
             tensor = kserve.parse_tensor(body, model.runner.dtype)
             output = await self._run("tensor", tensor, size=int(tensor.shape[0]), key=(tuple(tensor.shape[1:]), tensor.dtype),
                                      request=request)
-            outputs = kserve.output_tensors(output)
-        return SafeJSONResponse(kserve.infer_response(model.name, body.get("id"), outputs))
+        return self._v2_answer(model.name, body, kserve.named_outputs(output))
+
+    async def _v2_body(self, request: Request) -> Any:
+        """The request's JSON; with the binary extension's header, its binary inputs decoded into it."""
+        if kserve_binary.HEADER.lower() not in request.headers:
+            return await self._json(request)
+        raw = await read_body(request.stream(), self.max_body_bytes, TooLarge, self.bodies, Overloaded)
+        try:
+            length = kserve_binary.header_length(request.headers[kserve_binary.HEADER], len(raw))
+            return kserve_binary.decode_request(raw, length)  # type: ignore[arg-type]
+        finally:
+            self.bodies.give(len(raw))
+
+    def _v2_answer(self, served: str, body: Any, named: list[tuple[str, Any, str]]) -> Response:
+        """JSON, or the binary extension's form when the request asked for any output in binary."""
+        chosen = kserve_binary.chosen_outputs(body if isinstance(body, dict) else {}, [name for name, _, _ in named])
+        by_name = {name: (value, datatype) for name, value, datatype in named}
+        tensors = [kserve.json_tensor(name, *by_name[name]) if not binary else
+                   {"name": name, "shape": list(by_name[name][0].shape), "datatype": by_name[name][1]}
+                   for name, binary in chosen]
+        response = kserve.infer_response(served, body.get("id") if isinstance(body, dict) else None, tensors)
+        raw = {name: kserve_binary.tensor_bytes(*by_name[name]) for name, binary in chosen if binary}
+        if not raw:
+            return SafeJSONResponse(response)
+        content, length = kserve_binary.encode_response(response, raw)
+        return Response(content, media_type="application/octet-stream", headers={kserve_binary.HEADER: str(length)})
 
 
 #: How often a waiting request checks whether its client is still there.

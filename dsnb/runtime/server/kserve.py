@@ -96,8 +96,14 @@ def _flatten(data: Any) -> list[Any]:
     return flat
 
 
-def output_tensors(output: Any) -> list[dict[str, Any]]:
-    """A model's output (a tensor, a tuple/list or a dict of tensors) as v2 output tensors."""
+def named_outputs(output: Any) -> list[tuple[str, Any, str]]:
+    """A model's output (a tensor, a tuple/list or a dict of tensors) as ``(name, tensor, v2 datatype)``.
+
+    Example:
+        >>> import torch
+        >>> [(name, datatype) for name, _, datatype in named_outputs((torch.zeros(1), torch.zeros(1, dtype=torch.int64)))]
+        [('output0', 'FP32'), ('output1', 'INT64')]
+    """
     if isinstance(output, dict):
         named = list(output.items())
     elif isinstance(output, (list, tuple)) and output and hasattr(output[0], "shape"):
@@ -113,12 +119,19 @@ def output_tensors(output: Any) -> list[dict[str, Any]]:
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in _TORCH_TO_V2:
             value, dtype = value.float(), "float32"
-        if dtype in ("float16", "bfloat16"):  # JSON carries them as numbers either way
-            data = value.float().flatten().tolist()
-        else:
-            data = value.flatten().tolist()
-        tensors.append({"name": str(name), "shape": list(value.shape), "datatype": _TORCH_TO_V2[dtype], "data": data})
+        tensors.append((str(name), value, _TORCH_TO_V2[dtype]))
     return tensors
+
+
+def output_tensors(output: Any) -> list[dict[str, Any]]:
+    """A model's output (a tensor, a tuple/list or a dict of tensors) as v2 output tensors."""
+    return [json_tensor(name, value, datatype) for name, value, datatype in named_outputs(output)]
+
+
+def json_tensor(name: str, value: Any, datatype: str) -> dict[str, Any]:
+    """One output tensor with its elements as JSON numbers (FP16 and BF16 as the numbers they hold)."""
+    data = value.float().flatten().tolist() if datatype in ("FP16", "BF16") else value.flatten().tolist()
+    return {"name": name, "shape": list(value.shape), "datatype": datatype, "data": data}
 
 
 def infer_response(served: str, request_id: Any, outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,4 +152,4 @@ def model_metadata(served: str, kind: str) -> dict[str, Any]:
 
 def server_metadata(version: str) -> dict[str, Any]:
     """The body of ``GET /v2``."""
-    return {"name": "dsnb", "version": version, "extensions": []}
+    return {"name": "dsnb", "version": version, "extensions": ["binary_tensor_data"]}
