@@ -247,6 +247,36 @@ def test_a_two_rank_tensor_parallel_llm_answers_like_the_plain_model(llama_tp: R
         client.completions.create(model="m", prompt="x", n=2)
 
 
+def test_penalties_follow_openais_formula_and_a_stream_ends_with_its_usage(llama_tp: RunningServer, llama_dir: str) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    prompt, presence, frequency, steps = "deep speed serving", -0.5, -1.5, 12  # negative: repeating is rewarded
+
+    def greedy(presence: float, frequency: float) -> list[int]:
+        """OpenAI's definition, step by step: a logit less frequency x count + presence x (count > 0), over the completion."""
+        ids, generated = tokenizer(prompt, return_tensors="pt")["input_ids"], []
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = model(ids).logits[0, -1].clone()
+                for token in set(generated):
+                    logits[token] -= frequency * generated.count(token) + presence
+                generated.append(int(logits.argmax()))
+                ids = torch.cat([ids, torch.tensor([[generated[-1]]])], dim=1)
+        return generated
+
+    plain, penalised = greedy(0, 0), greedy(presence, frequency)
+    assert len(set(plain)) == steps and len(set(penalised)) < steps  # the penalties make this model repeat itself
+    client = openai.OpenAI(base_url=llama_tp.url + "v1", api_key="unused")
+    answer = client.completions.create(model="m", prompt=prompt, max_tokens=steps, temperature=0,
+                                       presence_penalty=presence, frequency_penalty=frequency)
+    assert answer.choices[0].text == tokenizer.decode(penalised, skip_special_tokens=True)
+
+    chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=steps, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == steps
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == tokenizer.decode(plain, skip_special_tokens=True)
+
+
 def test_a_killed_rank_makes_the_server_unready_and_requests_fail_fast(llama_tp: RunningServer) -> None:
     llama_tp.ranks[1].send_signal(signal.SIGKILL)
     llama_tp.ranks[1].wait(timeout=10)

@@ -183,7 +183,22 @@ def test_chat_options_become_a_generation() -> None:
                                                 "stop": "END", "seed": 7, "stream": True, "logprobs": False}, "<user>Hi")
     assert (generation.prompt, generation.max_tokens, generation.temperature, generation.stop, generation.seed) == (
         "<user>Hi", 5, 1.0, ["END"], 7)
-    assert isinstance(generation.temperature, float) and stream is True
+    assert isinstance(generation.temperature, float) and stream == (True, False)
+
+
+def test_penalties_and_stream_options_are_read_and_checked() -> None:
+    generation, streaming = openai_api.parse_completion(
+        {"prompt": "x", "presence_penalty": 1, "frequency_penalty": -0.5, "stream": True,
+         "stream_options": {"include_usage": True}}, "m")
+    assert (generation.presence_penalty, generation.frequency_penalty, streaming) == (1.0, -0.5, (True, True))
+    assert openai_api.parse_completion({"prompt": "x", "presence_penalty": None}, "m")[0].presence_penalty == 0.0
+    for body, says in (({"frequency_penalty": 2.5}, '^"frequency_penalty" must be a number in -2..2$'),
+                       ({"presence_penalty": "1"}, '^"presence_penalty" must be a number in -2..2$'),
+                       ({"stream": True, "stream_options": {"include_usage": True, "chunked": 1}}, '"stream_options" takes only'),
+                       ({"stream": True, "stream_options": "usage"}, '"stream_options" must be an object'),
+                       ({"stream_options": {"include_usage": True}}, '"stream_options" is only for a streamed answer')):
+        with pytest.raises(BadRequest, match=says):
+            openai_api.parse_completion({"prompt": "x", **body}, "m")
 
 
 def test_the_first_problem_is_reported_in_the_order_the_fields_are_checked() -> None:

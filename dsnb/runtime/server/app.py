@@ -338,8 +338,8 @@ class ServerApp:
 
     async def completions(self, request: Request) -> Response:
         model = self._served()
-        generation, stream = openai_api.parse_completion(await self._json(request), model.name)
-        return await self._generate(model, generation, stream, chat=False, request=request)
+        generation, streaming = openai_api.parse_completion(await self._json(request), model.name)
+        return await self._generate(model, generation, streaming, chat=False, request=request)
 
     async def chat(self, request: Request) -> Response:
         model = self._served()
@@ -347,13 +347,14 @@ class ServerApp:
         messages = openai_api.chat_messages(body, model.name)
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not chat")
-        generation, stream = openai_api.parse_chat(body, chat_prompt(model.tokenizer, messages))
-        return await self._generate(model, generation, stream, chat=True, request=request)
+        generation, streaming = openai_api.parse_chat(body, chat_prompt(model.tokenizer, messages))
+        return await self._generate(model, generation, streaming, chat=True, request=request)
 
-    async def _generate(self, model: ServedModel, generation: Any, stream: bool, chat: bool, request: Request) -> Response:
+    async def _generate(self, model: ServedModel, generation: Any, streaming: openai_api.Streaming, chat: bool,
+                        request: Request) -> Response:
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
-        if not stream:
+        if not streaming.stream:
             done: Completion = await self._run("generate", generation, size=1, request=request)
             self.stats.tokens.inc(done.completion_tokens)
             return JSONResponse(openai_api.completion_response(model.name, done, chat))
@@ -368,19 +369,20 @@ class ServerApp:
 
         work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
-        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work), media_type="text/event-stream",
+        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work, streaming.include_usage),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     async def _events(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
-                      work: Work) -> AsyncIterator[bytes]:
+                      work: Work, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            async for event in self._event_stream(served, stops, chat, pieces):
+            async for event in self._event_stream(served, stops, chat, pieces, include_usage):
                 yield event
         finally:  # the client hung up (Starlette ends the stream), or it ended: stop the generation either way
             work.cancelled.set()
 
-    async def _event_stream(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]]
-                            ) -> AsyncIterator[bytes]:
+    async def _event_stream(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
+                            include_usage: bool = False) -> AsyncIterator[bytes]:
         response_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             yield _event(openai_api.stream_chunk(response_id, served, chat, first=True))
@@ -401,6 +403,8 @@ class ServerApp:
             if rest:
                 yield _event(openai_api.stream_chunk(response_id, served, chat, text=rest))
             yield _event(openai_api.stream_chunk(response_id, served, chat, finish_reason=done.finish_reason))
+            if include_usage:
+                yield _event(openai_api.usage_chunk(response_id, served, chat, done))
             break
         yield b"data: [DONE]\n\n"
 

@@ -59,6 +59,8 @@ class Generation:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def do_sample(self) -> bool:
@@ -266,6 +268,11 @@ class Predictor:
             options.update(temperature=request.temperature, top_p=request.top_p)
         if request.stop:
             options.update(stop_strings=request.stop, tokenizer=tokenizer)
+        if request.presence_penalty or request.frequency_penalty:
+            from transformers import LogitsProcessorList
+
+            options["logits_processor"] = LogitsProcessorList([_Penalties(prompt_tokens, request.presence_penalty,
+                                                                          request.frequency_penalty)])
         if on_text is not None:
             options["streamer"] = _TextPieces(tokenizer, on_text)
         stopper = _StopWhenTold(torch, should_stop)
@@ -287,6 +294,23 @@ class Predictor:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens))
+
+
+class _Penalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor: each token's
+    logit less ``frequency x (times generated so far) + presence x (generated at all)``, counting
+    only the completion's tokens, not the prompt's (OpenAI's "Parameter details" of its API reference).
+    Every rank applies it alike, so a tensor-parallel server takes the same steps."""
+
+    def __init__(self, prompt_tokens: int, presence: float, frequency: float) -> None:
+        self.prompt_tokens, self.presence, self.frequency = prompt_tokens, presence, frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_tokens:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class _StopWhenTold:

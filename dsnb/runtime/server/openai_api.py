@@ -11,9 +11,9 @@ Request bodies are read by pydantic models (:class:`CompletionPrompt` and :class
 names the field and the values it takes.
 
 Example:
-    >>> generation, stream = parse_completion({"model": "m", "prompt": "Hi", "max_tokens": 4, "temperature": 0}, "m")
-    >>> generation.max_tokens, generation.do_sample, stream
-    (4, False, False)
+    >>> generation, streaming = parse_completion({"model": "m", "prompt": "Hi", "max_tokens": 4, "temperature": 0}, "m")
+    >>> generation.max_tokens, generation.do_sample, streaming
+    (4, False, Streaming(stream=False, include_usage=False))
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import base64
 import secrets
 import struct
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -56,6 +56,9 @@ _TAKES = {
     "stop": '"stop" must be a string or a list of at most 4 non-empty strings',
     "seed": '"seed" must be a whole number from 0 to 2**63 - 1',
     "stream": '"stream" must be true or false',
+    "stream_options": '"stream_options" takes only "include_usage": true or false',
+    "presence_penalty": '"presence_penalty" must be a number in -2..2',
+    "frequency_penalty": '"frequency_penalty" must be a number in -2..2',
     "input": '"input" must be a string or a non-empty list of strings (token ids are not accepted)',
     "encoding_format": '"encoding_format" must be "float" or "base64"',
     "dimensions": '"dimensions" is not supported by this model; leave it out',
@@ -96,6 +99,31 @@ def _only_one(n: Any) -> Any:
     if n != 1:  # 1.0 and true are 1 too, as Python compares them
         raise ValueError("n")
     return n
+
+
+def _zero_if_null(value: Any) -> Any:
+    return 0.0 if value is None else value
+
+
+class Streaming(NamedTuple):
+    """How to answer: streamed or not, and with a last chunk of token counts (``stream_options.include_usage``)."""
+
+    stream: bool
+    include_usage: bool = False
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed (chat) completion."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    include_usage: bool = False
+
+
+def _stream_options(value: Any) -> Any:
+    if value is not None and not isinstance(value, dict):
+        raise BadRequest('"stream_options" must be an object such as {"include_usage": true}')
+    return value
 
 
 def _stop_list(value: Any) -> Any:
@@ -145,7 +173,10 @@ class SamplingOptions(BaseModel):
     prompt: Annotated[_Text, AfterValidator(_checked_prompt)]
     stop: Annotated[list[_Text], BeforeValidator(_stop_list), Field(max_length=4), AfterValidator(_checked_stop)] = []
     seed: Annotated[int, BeforeValidator(_seed_or_new), Field(ge=0, lt=2**63)] = Field(default_factory=_new_seed)
+    presence_penalty: Annotated[float, BeforeValidator(_zero_if_null), Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, BeforeValidator(_zero_if_null), Field(ge=-2, le=2)] = 0.0
     stream: bool = False
+    stream_options: Annotated[StreamOptions | None, BeforeValidator(_stream_options)] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -158,7 +189,18 @@ class SamplingOptions(BaseModel):
     def generation(self) -> Generation:
         """What to generate, as the model runner takes it."""
         return Generation(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                          top_p=self.top_p, stop=list(self.stop), seed=self.seed)
+                          top_p=self.top_p, stop=list(self.stop), seed=self.seed,
+                          presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+
+    def streaming(self) -> Streaming:
+        """Whether to stream, and whether a streamed answer ends with a chunk of token counts.
+
+        Raises:
+            BadRequest: ``stream_options`` without ``stream``, as OpenAI refuses it.
+        """
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest('"stream_options" is only for a streamed answer: set "stream": true or leave it out')
+        return Streaming(self.stream, bool(self.stream_options and self.stream_options.include_usage))
 
 
 class ChatRequest(SamplingOptions):
@@ -265,8 +307,8 @@ def embeddings_response(served: str, vectors: list[list[float]], prompt_tokens: 
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def parse_completion(body: Any, served: str) -> tuple[Generation, bool]:
-    """The generation a ``/v1/completions`` body asks for, and whether to stream it.
+def parse_completion(body: Any, served: str) -> tuple[Generation, Streaming]:
+    """The generation a ``/v1/completions`` body asks for, and how to stream it.
 
     Raises:
         BadRequest: a missing or list prompt of several texts, or options out of range.
@@ -275,7 +317,7 @@ def parse_completion(body: Any, served: str) -> tuple[Generation, bool]:
     check_model(body, served)
     prompt = _read(CompletionPrompt, body).prompt
     request = _read(SamplingOptions, {**body, "prompt": prompt})
-    return request.generation(), request.stream
+    return request.generation(), request.streaming()
 
 
 def chat_messages(body: Any, served: str) -> Any:
@@ -290,14 +332,14 @@ def chat_messages(body: Any, served: str) -> Any:
     return body["messages"]
 
 
-def parse_chat(body: dict[str, Any], prompt: str) -> tuple[Generation, bool]:
+def parse_chat(body: dict[str, Any], prompt: str) -> tuple[Generation, Streaming]:
     """The generation of a chat body whose messages became ``prompt``.
 
     Raises:
         BadRequest: options out of range.
     """
     request = _read(ChatRequest, {**body, "prompt": prompt})
-    return request.generation(), request.stream
+    return request.generation(), request.streaming()
 
 
 def new_id(prefix: str) -> str:
@@ -332,6 +374,12 @@ def stream_chunk(response_id: str, served: str, chat: bool, text: str | None = N
         choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
     return {"id": response_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": served, "choices": [choice]}
+
+
+def usage_chunk(response_id: str, served: str, chat: bool, done: Completion) -> dict[str, Any]:
+    """The last event of a stream that asked for ``include_usage``: no choices, the token counts."""
+    return {"id": response_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": served, "choices": [], "usage": _usage(done)}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
