@@ -243,8 +243,8 @@ def test_a_two_rank_tensor_parallel_llm_answers_like_the_plain_model(llama_tp: R
     assert stopped.choices[0].finish_reason == "stop" and first_word not in stopped.choices[0].text
     with pytest.raises(openai.BadRequestError, match="makes no embeddings"):
         client.embeddings.create(model="m", input="x")
-    with pytest.raises(openai.BadRequestError, match='"n" must be 1'):
-        client.completions.create(model="m", prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match='"n" must be a whole number in 1..8'):
+        client.completions.create(model="m", prompt="x", n=9)
 
 
 def test_penalties_follow_openais_formula_and_a_stream_ends_with_its_usage(llama_tp: RunningServer, llama_dir: str) -> None:
@@ -275,6 +275,41 @@ def test_penalties_follow_openais_formula_and_a_stream_ends_with_its_usage(llama
                                             stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == steps
     assert "".join(c.choices[0].text for c in chunks[:-1]) == tokenizer.decode(plain, skip_special_tokens=True)
+
+
+def test_several_choices_and_log_probabilities_through_the_openai_client(llama_tp: RunningServer, llama_dir: str) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    prompt, steps = "deep speed serving", 6
+    ids, expected = tokenizer(prompt, return_tensors="pt")["input_ids"], []  # greedy, with each step's log_softmax
+    with torch.inference_mode():
+        for _ in range(steps):
+            logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+            token = int(logprobs.argmax())
+            expected.append((tokenizer.decode([token]), float(logprobs[token])))
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    client = openai.OpenAI(base_url=llama_tp.url + "v1", api_key="unused")
+
+    answer = client.completions.create(model="m", prompt=prompt, max_tokens=steps, temperature=0, logprobs=2)
+    got = answer.choices[0].logprobs
+    assert got.tokens == [token for token, _ in expected]
+    assert got.token_logprobs == pytest.approx([lp for _, lp in expected], abs=1e-4)
+    assert [next(iter(alternatives)) for alternatives in got.top_logprobs] == got.tokens  # greedy takes the likeliest
+    assert all(len(alternatives) == 2 for alternatives in got.top_logprobs) and got.text_offset[0] == 0
+
+    sampled = client.completions.create(model="m", prompt=prompt, max_tokens=steps, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len({c.text for c in sampled.choices}) > 1
+    assert sampled.usage.completion_tokens == 3 * steps
+    greedy = client.completions.create(model="m", prompt=prompt, max_tokens=steps, temperature=0, n=2)
+    assert {c.text for c in greedy.choices} == {answer.choices[0].text}
+
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.bytes == list(c.token.encode()) and c.logprob <= 0 for c in content)
+    with pytest.raises(openai.BadRequestError, match="a streamed answer has one sequence"):
+        client.completions.create(model="m", prompt=prompt, n=2, stream=True)
 
 
 def test_a_killed_rank_makes_the_server_unready_and_requests_fail_fast(llama_tp: RunningServer) -> None:

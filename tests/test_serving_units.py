@@ -153,7 +153,8 @@ def test_a_model_output_that_is_not_batch_major_is_an_error_for_its_requests() -
     ({"model": "m", "prompt": "x", "temperature": 3}, '"temperature"'),
     ({"model": "m", "prompt": "x", "top_p": 0}, '"top_p"'),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, '"stop"'),
-    ({"model": "m", "prompt": "x", "logprobs": 2}, '"logprobs" is not supported'),
+    ({"model": "m", "prompt": "x", "logprobs": 6}, '"logprobs" must be a whole number in 0..5'),
+    ({"model": "m", "prompt": "x", "best_of": 2}, '"best_of" is not supported'),
     ({"model": "m", "prompt": "x", "stream": "yes"}, '"stream"'),
     ({"model": "m", "prompt": "x", "seed": 1.5}, '"seed"'),
 ])
@@ -166,7 +167,10 @@ def test_completion_options_out_of_range_are_refused(body: dict, says: str) -> N
     ({"max_completion_tokens": 0, "max_tokens": 8}, '^"max_completion_tokens" must be a whole number in 1..4096$'),
     ({"max_completion_tokens": None}, '^"max_completion_tokens" must be'),
     ({"max_tokens": True}, '^"max_tokens" must be'),
-    ({"n": 2}, '^"n" must be 1$'),
+    ({"n": 9}, '^"n" must be a whole number in 1..8$'),
+    ({"top_logprobs": 2}, '^"top_logprobs" needs "logprobs": true$'),
+    ({"logprobs": True, "top_logprobs": 21}, '^"top_logprobs" must be a whole number in 0..20$'),
+    ({"n": 2, "stream": True}, '^a streamed answer has one sequence'),
     ({"stop": ["a", ""]}, '^"stop" must be a string or a list of at most 4 non-empty strings$'),
     ({"stop": ["s" * 257]}, '^each "stop" string may have at most 256 characters$'),
     ({"stop": ["ok", "\ud800"]}, '^"stop" holds a lone surrogate'),
@@ -184,6 +188,15 @@ def test_chat_options_become_a_generation() -> None:
     assert (generation.prompt, generation.max_tokens, generation.temperature, generation.stop, generation.seed) == (
         "<user>Hi", 5, 1.0, ["END"], 7)
     assert isinstance(generation.temperature, float) and stream == (True, False)
+
+
+def test_choices_and_log_probabilities_become_a_generation() -> None:
+    assert openai_api.parse_completion({"prompt": "x", "n": 3, "logprobs": 2}, "m")[0].n == 3
+    assert openai_api.parse_completion({"prompt": "x", "logprobs": 0}, "m")[0].logprobs == 0
+    assert openai_api.parse_completion({"prompt": "x"}, "m")[0].logprobs is None
+    assert openai_api.parse_chat({"logprobs": True}, "<user>Hi")[0].logprobs == 0
+    assert openai_api.parse_chat({"logprobs": True, "top_logprobs": 4}, "<user>Hi")[0].logprobs == 4
+    assert openai_api.parse_chat({"logprobs": False}, "<user>Hi")[0].logprobs is None
 
 
 def test_penalties_and_stream_options_are_read_and_checked() -> None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnb.runtime.server.choices import Choice, sequence_choices
+
 #: Inputs above this many numbers (or characters of text) are refused rather than run.
 MAX_INPUT_ITEMS = 1_000_000
 #: Texts (or tensor rows) one request may hold by default (``--max-inputs``).
@@ -61,6 +63,8 @@ class Generation:
     seed: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    n: int = 1
+    logprobs: int | None = None  # alternatives to report per token (0: the token's own only); None: none
 
     @property
     def do_sample(self) -> bool:
@@ -70,12 +74,14 @@ class Generation:
 
 @dataclass
 class Completion:
-    """A generated text and its token counts."""
+    """A generated text and its token counts; with ``n`` > 1 or log-probabilities, every sequence in ``choices``
+    (``text`` and ``finish_reason`` are the first's, ``completion_tokens`` counts them all, as OpenAI's usage does)."""
 
     text: str
     finish_reason: str  # "stop" (end of text or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    choices: list[Choice] = field(default_factory=list)
 
 
 def load_module(model: str, working_dir: str | None = None) -> Any:
@@ -280,20 +286,35 @@ class Predictor:
             from transformers import StoppingCriteriaList
 
             options["stopping_criteria"] = StoppingCriteriaList([stopper])
+        if request.n > 1 and request.do_sample:  # greedy sequences are all the same one: made once, copied below
+            options["num_return_sequences"] = request.n
+        if request.logprobs is not None:
+            options.update(output_logits=True, return_dict_in_generate=True)
         torch.manual_seed(request.seed)
         generator = getattr(self.model, "module", self.model)
         with torch.inference_mode():
             output = generator.generate(**encoded, **options)
-        new_tokens = output[0, prompt_tokens:]
+        sequences = output.sequences if request.logprobs is not None else output
+        rows = sequences[:, prompt_tokens:]
         if stopper.stopped:
-            print(f"dsnb.serving: generation stopped after {len(new_tokens)} of {request.max_tokens} tokens "
+            print(f"dsnb.serving: generation stopped after {rows.shape[1]} of {request.max_tokens} tokens "
                   "(its client left or its deadline passed)", flush=True)
-        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        finish = "length" if len(new_tokens) >= request.max_tokens else "stop"
-        for stop in request.stop:
-            if stop in text:
-                text, finish = text[: text.index(stop)], "stop"
-        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens))
+        if request.n == 1 and request.logprobs is None:  # one sequence ends where generate stopped
+            new_tokens = rows[0]
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            finish = "length" if len(new_tokens) >= request.max_tokens else "stop"
+            for stop in request.stop:
+                if stop in text:
+                    text, finish = text[: text.index(stop)], "stop"
+            return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens),
+                              choices=[Choice(text, finish, len(new_tokens))])
+        end_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        choices = sequence_choices(tokenizer, rows, getattr(output, "logits", None), request.max_tokens, request.stop,
+                                   end_ids, request.logprobs)
+        if len(choices) < request.n:
+            choices = choices * request.n
+        return Completion(text=choices[0].text, finish_reason=choices[0].finish_reason, prompt_tokens=prompt_tokens,
+                          completion_tokens=sum(c.completion_tokens for c in choices), choices=choices)
 
 
 class _Penalties:

@@ -36,18 +36,25 @@ from pydantic import (
     model_validator,
 )
 
+from dsnb.runtime.server.choices import Choice, TokenLogprob
 from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, Generation, check_unicode
 
 #: Tokens one completion may ask for at most.
 MAX_NEW_TOKENS = 4096
-_UNSUPPORTED = ("logprobs", "top_logprobs", "best_of", "echo", "suffix", "tools", "functions", "logit_bias")
+_UNSUPPORTED = ("best_of", "echo", "suffix", "tools", "functions", "logit_bias")
+#: Sequences one request may ask for (``n``), and alternatives per token (``logprobs``, ``top_logprobs``).
+MAX_CHOICES = 8
+MAX_COMPLETION_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
 
 #: Characters a stop string may have (transformers prepares tables of vocabulary size x length for each).
 MAX_STOP_CHARS = 256
 
 #: What each field takes, said when pydantic finds it wrong.
 _TAKES = {
-    "n": '"n" must be 1',
+    "n": f'"n" must be a whole number in 1..{MAX_CHOICES}',
+    "logprobs": f'"logprobs" must be a whole number in 0..{MAX_COMPLETION_LOGPROBS} (completions) or true or false (chat)',
+    "top_logprobs": f'"top_logprobs" must be a whole number in 0..{MAX_TOP_LOGPROBS}',
     "max_tokens": f'"max_tokens" must be a whole number in 1..{MAX_NEW_TOKENS}',
     "max_completion_tokens": f'"max_completion_tokens" must be a whole number in 1..{MAX_NEW_TOKENS}',
     "temperature": '"temperature" must be a number in 0..2',
@@ -95,10 +102,11 @@ def _checked_stop(stop: list[str]) -> list[str]:
     return stop
 
 
-def _only_one(n: Any) -> Any:
-    if n != 1:  # 1.0 and true are 1 too, as Python compares them
-        raise ValueError("n")
-    return n
+def _whole(value: Any) -> Any:
+    """1.0 and true are 1 too, as Python compares them."""
+    if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    return value
 
 
 def _zero_if_null(value: Any) -> Any:
@@ -166,7 +174,7 @@ class SamplingOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True)
 
-    n: Annotated[Any, AfterValidator(_only_one)] = 1
+    n: Annotated[int, BeforeValidator(_whole), Field(ge=1, le=MAX_CHOICES)] = 1
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -177,6 +185,11 @@ class SamplingOptions(BaseModel):
     frequency_penalty: Annotated[float, BeforeValidator(_zero_if_null), Field(ge=-2, le=2)] = 0.0
     stream: bool = False
     stream_options: Annotated[StreamOptions | None, BeforeValidator(_stream_options)] = None
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] = None
+
+    def alternatives(self) -> int | None:
+        """Alternatives to report per token; None when no log-probabilities are asked for."""
+        return self.logprobs
 
     @model_validator(mode="before")
     @classmethod
@@ -190,7 +203,8 @@ class SamplingOptions(BaseModel):
         """What to generate, as the model runner takes it."""
         return Generation(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature,
                           top_p=self.top_p, stop=list(self.stop), seed=self.seed,
-                          presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+                          presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                          n=self.n, logprobs=self.alternatives())
 
     def streaming(self) -> Streaming:
         """Whether to stream, and whether a streamed answer ends with a chunk of token counts.
@@ -200,6 +214,9 @@ class SamplingOptions(BaseModel):
         """
         if self.stream_options is not None and not self.stream:
             raise BadRequest('"stream_options" is only for a streamed answer: set "stream": true or leave it out')
+        if self.stream and (self.n > 1 or self.alternatives() is not None):
+            raise BadRequest('a streamed answer has one sequence and no log-probabilities here: leave out "stream", '
+                             'or "n" and "logprobs"')
         return Streaming(self.stream, bool(self.stream_options and self.stream_options.include_usage))
 
 
@@ -213,6 +230,18 @@ class ChatRequest(SamplingOptions):
 
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS,
                             validation_alias=AliasChoices("max_completion_tokens", "max_tokens"))
+    logprobs: bool | None = None  # type: ignore[assignment]  # chat says yes or no; top_logprobs says how many more
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
+
+    def alternatives(self) -> int | None:
+        """``top_logprobs`` alternatives (0 without it) when ``logprobs`` is true.
+
+        Raises:
+            BadRequest: ``top_logprobs`` without ``logprobs``, as OpenAI refuses it.
+        """
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest('"top_logprobs" needs "logprobs": true')
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EmbeddingRequest(BaseModel):
@@ -353,15 +382,42 @@ def _usage(done: Completion) -> dict[str, int]:
 
 
 def completion_response(served: str, done: Completion, chat: bool) -> dict[str, Any]:
-    """The body answering a (chat) completion that was not streamed."""
+    """The body answering a (chat) completion that was not streamed: a choice per sequence."""
     base = {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": served, "usage": _usage(done)}
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason,
-                  "logprobs": None}
-    else:
-        choice = {"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}
-    return {**base, "choices": [choice]}
+    choices = []
+    for index, one in enumerate(done.choices or [Choice(done.text, done.finish_reason, done.completion_tokens)]):
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": one.text},
+                            "finish_reason": one.finish_reason, "logprobs": _chat_logprobs(one.logprobs)})
+        else:
+            choices.append({"index": index, "text": one.text, "finish_reason": one.finish_reason,
+                            "logprobs": _completion_logprobs(one.logprobs)})
+    return {**base, "choices": choices}
+
+
+def _completion_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """The legacy completions' shape: parallel lists, and the alternatives as {token: logprob}."""
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """The chat shape: a list of tokens, each with its UTF-8 bytes and its alternatives."""
+    if tokens is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*alt) for alt in t.top]} for t in tokens],
+            "refusal": None}
 
 
 def stream_chunk(response_id: str, served: str, chat: bool, text: str | None = None, finish_reason: str | None = None,
