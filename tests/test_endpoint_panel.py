@@ -313,3 +313,13 @@ def test_panel_logs_and_metrics_of_a_local_server(cluster, shown):
         assert panel.ready_label.value == "stopped" and endpoint.status().state == JobState.CANCELLED
     finally:
         endpoint.stop()
+
+
+def test_generation_plots_appear_only_for_a_server_that_generates() -> None:
+    from dsnb.widgets.plots import chosen_groups
+
+    embedding = ["requests_per_s", "p50_ms", "p99_ms", "errors", "queue", "batch_items"]
+    assert [title for title, _ in chosen_groups(embedding, SERVING_PLOTS)] == ["requests/s", "latency (ms)", "errors"]
+    generating = embedding + ["tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"]
+    assert chosen_groups(generating, SERVING_PLOTS)[-2:] == [
+        ("tokens/s", ["tokens_per_s"]), ("tokens (ms)", ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"])]

@@ -276,6 +276,15 @@ def test_penalties_follow_openais_formula_and_a_stream_ends_with_its_usage(llama
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == steps
     assert "".join(c.choices[0].text for c in chunks[:-1]) == tokenizer.decode(plain, skip_special_tokens=True)
 
+    metrics = llama_tp.request("GET", "/metrics")[2]  # two generations of 12 tokens each, streamed or not
+
+    def value(series: str) -> float:
+        return float(re.search(rf"^{series} (\S+)", metrics, re.M).group(1))
+
+    assert value("dsnb_time_to_first_token_seconds_count") >= 2 and value("dsnb_time_to_first_token_seconds_sum") > 0
+    assert value("dsnb_inter_token_seconds_count") >= 2 * (steps - 1) and value("dsnb_generated_tokens_total") >= 2 * steps
+    assert value("dsnb_running_sequences") == 0
+
 
 def test_several_choices_and_log_probabilities_through_the_openai_client(llama_tp: RunningServer, llama_dir: str) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)

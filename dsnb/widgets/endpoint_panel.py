@@ -34,11 +34,14 @@ from dsnb.widgets.plots import PlotGroup
 if TYPE_CHECKING:
     from dsnb.serving.endpoint import Endpoint
 
-#: The endpoint panel's plots: request rate, latency percentiles, errors.
+#: The endpoint panel's plots: request rate, latency percentiles, errors; for a server that generates
+#: text, tokens per second and the time to the first token and between tokens (each drawn when it has samples).
 SERVING_PLOTS: tuple[PlotGroup, ...] = (
     ("requests/s", lambda name: name == "requests_per_s"),
     ("latency (ms)", lambda name: name in ("p50_ms", "p99_ms")),
     ("errors", lambda name: name == "errors"),
+    ("tokens/s", lambda name: name == "tokens_per_s"),
+    ("tokens (ms)", lambda name: name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms")),
 )
 #: Seconds between two polls of the follower: the readiness probe is an HTTP request.
 ENDPOINT_POLL_S = 1.0

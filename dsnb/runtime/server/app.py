@@ -354,9 +354,14 @@ class ServerApp:
                         request: Request) -> Response:
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
+        arrived = time.monotonic()
         if not streaming.stream:
-            done: Completion = await self._run("generate", generation, size=1, request=request)
-            self.stats.tokens.inc(done.completion_tokens)
+            self.stats.running.inc()
+            try:
+                done: Completion = await self._run("generate", generation, size=1, request=request)
+            finally:
+                self.stats.running.dec()
+            self.stats.observe_generation(arrived, done.token_times, done.completion_tokens)
             return JSONResponse(openai_api.completion_response(model.name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -369,20 +374,22 @@ class ServerApp:
 
         work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
-        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work, streaming.include_usage),
+        self.stats.running.inc()
+        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work, streaming.include_usage, arrived),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     async def _events(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
-                      work: Work, include_usage: bool) -> AsyncIterator[bytes]:
+                      work: Work, include_usage: bool, arrived: float) -> AsyncIterator[bytes]:
         try:
-            async for event in self._event_stream(served, stops, chat, pieces, include_usage):
+            async for event in self._event_stream(served, stops, chat, pieces, include_usage, arrived):
                 yield event
         finally:  # the client hung up (Starlette ends the stream), or it ended: stop the generation either way
             work.cancelled.set()
+            self.stats.running.dec()
 
     async def _event_stream(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
-                            include_usage: bool = False) -> AsyncIterator[bytes]:
+                            include_usage: bool = False, arrived: float | None = None) -> AsyncIterator[bytes]:
         response_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             yield _event(openai_api.stream_chunk(response_id, served, chat, first=True))
@@ -398,7 +405,8 @@ class ServerApp:
                 yield _event(openai_api.error_body(str(value), "server_error"))
                 break
             done: Completion = value
-            self.stats.tokens.inc(done.completion_tokens)
+            self.stats.observe_generation(time.monotonic() if arrived is None else arrived, done.token_times,
+                                          done.completion_tokens)
             rest = stop_filter.rest()
             if rest:
                 yield _event(openai_api.stream_chunk(response_id, served, chat, text=rest))

@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     choices: list[Choice] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() of each generated step, on this rank
 
 
 def load_module(model: str, working_dir: str | None = None) -> Any:
@@ -279,8 +281,8 @@ class Predictor:
 
             options["logits_processor"] = LogitsProcessorList([_Penalties(prompt_tokens, request.presence_penalty,
                                                                           request.frequency_penalty)])
-        if on_text is not None:
-            options["streamer"] = _TextPieces(tokenizer, on_text)
+        clock = _StepClock()
+        options["streamer"] = clock if on_text is None else _BothStreamers(clock, _TextPieces(tokenizer, on_text))
         stopper = _StopWhenTold(torch, should_stop)
         if stopper.needed:
             from transformers import StoppingCriteriaList
@@ -307,14 +309,14 @@ class Predictor:
                 if stop in text:
                     text, finish = text[: text.index(stop)], "stop"
             return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens),
-                              choices=[Choice(text, finish, len(new_tokens))])
+                              choices=[Choice(text, finish, len(new_tokens))], token_times=clock.times)
         end_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         choices = sequence_choices(tokenizer, rows, getattr(output, "logits", None), request.max_tokens, request.stop,
                                    end_ids, request.logprobs)
         if len(choices) < request.n:
             choices = choices * request.n
         return Completion(text=choices[0].text, finish_reason=choices[0].finish_reason, prompt_tokens=prompt_tokens,
-                          completion_tokens=sum(c.completion_tokens for c in choices), choices=choices)
+                          completion_tokens=sum(c.completion_tokens for c in choices), choices=choices, token_times=clock.times)
 
 
 class _Penalties:
@@ -353,6 +355,37 @@ class _StopWhenTold:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.stopped = self.stopped or bool(flag.item())
         return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class _StepClock:
+    """A transformers streamer that notes when each step's tokens come (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            self.times.append(time.monotonic())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        """Nothing to flush."""
+
+
+class _BothStreamers:
+    """Two streamers fed alike (generate takes one)."""
+
+    def __init__(self, *streamers: Any) -> None:
+        self.streamers = streamers
+
+    def put(self, value: Any) -> None:
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self) -> None:
+        for streamer in self.streamers:
+            streamer.end()
 
 
 def check_unicode(text: str, field_name: str) -> None:

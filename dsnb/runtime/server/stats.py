@@ -30,6 +30,8 @@ from dsnb.metrics import report
 
 #: Latency buckets (seconds) of the request histogram: 1 ms to 60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Buckets (seconds) of the gap between two generated tokens: 1 ms to 5 s.
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 WINDOW_CAP = 100_000
 
 
@@ -59,6 +61,14 @@ class ServerStats:
         self.queue = Gauge("dsnb_queue_requests", "Requests waiting for a batch", registry=self.registry)
         self.ready = Gauge("dsnb_ready", "1 when every rank is up and requests are taken", registry=self.registry)
         self.tokens = Counter("dsnb_generated_tokens", "Tokens generated", registry=self.registry)
+        self.first_token = Histogram("dsnb_time_to_first_token_seconds", "From a generation request's arrival to its first token",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("dsnb_inter_token_seconds", "Between two tokens of one generation",
+                                     buckets=TOKEN_GAP_BUCKETS, registry=self.registry)
+        self.running = Gauge("dsnb_running_sequences", "Sequences being generated now", registry=self.registry)
+        self._first_tokens: list[float] = []
+        self._gaps: list[float] = []
+        self._generated = 0
         self._lock = threading.Lock()
         self._latencies: list[float] = []
         self._errors = 0
@@ -77,6 +87,30 @@ class ServerStats:
             if code >= 500 or code == 429:
                 self._errors += 1
 
+    def observe_generation(self, arrived: float, token_times: list[float], tokens: int) -> None:
+        """Count one generation: the time to its first token (from ``arrived``, ``time.monotonic()``),
+        the gaps between its steps, and its tokens.
+
+        Example:
+            >>> stats = ServerStats()
+            >>> stats.observe_generation(10.0, [10.25, 10.5, 10.75], tokens=3)
+            >>> def totals(histogram):
+            ...     return [s.value for s in histogram.collect()[0].samples if s.name.endswith(("_count", "_sum"))]
+            >>> totals(stats.first_token), totals(stats.inter_token)
+            ([1.0, 0.25], [2.0, 0.5])
+        """
+        gaps = [later - earlier for earlier, later in zip(token_times, token_times[1:])]
+        self.tokens.inc(tokens)
+        if token_times:
+            self.first_token.observe(max(0.0, token_times[0] - arrived))
+        for gap in gaps:
+            self.inter_token.observe(gap)
+        with self._lock:
+            if token_times and len(self._first_tokens) < WINDOW_CAP:
+                self._first_tokens.append(max(0.0, token_times[0] - arrived))
+            self._gaps.extend(gaps[: max(0, WINDOW_CAP - len(self._gaps))])
+            self._generated += tokens
+
     def observe_batch(self, items: int) -> None:
         """Count one model batch of ``items`` texts or rows."""
         self.batch_items.observe(items)
@@ -94,13 +128,22 @@ class ServerStats:
         with self._lock:
             latencies, errors, batches = self._latencies, self._errors, self._batches
             self._latencies, self._errors, self._batches = [], 0, []
+            first_tokens, gaps, generated = self._first_tokens, self._gaps, self._generated
+            self._first_tokens, self._gaps, self._generated = [], [], 0
             elapsed, self.window_start = max(now - self.window_start, 1e-9), now
         had_traffic = bool(latencies)
         if not had_traffic and not self._last_had_traffic:
             return False
         self._last_had_traffic = had_traffic
         self._step += 1
+        generation = {}
+        if first_tokens:  # only a server that generated text reports these
+            generation = {"ttft_p50_ms": round(percentile(first_tokens, 0.5) * 1000, 2),
+                          "ttft_p99_ms": round(percentile(first_tokens, 0.99) * 1000, 2),
+                          "itl_p50_ms": round(percentile(gaps, 0.5) * 1000, 2),
+                          "tokens_per_s": round(generated / elapsed, 3)}
         report(step=self._step, file=file, requests_per_s=round(len(latencies) / elapsed, 3),
                p50_ms=round(percentile(latencies, 0.5) * 1000, 2), p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
-               errors=errors, queue=queued, batch_items=round(sum(batches) / len(batches), 2) if batches else 0.0)
+               errors=errors, queue=queued, batch_items=round(sum(batches) / len(batches), 2) if batches else 0.0,
+               **generation)
         return True
