@@ -168,6 +168,19 @@ def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> No
             "neither train_batch_size nor train_micro_batch_size_per_gpu is set",
             'set "train_micro_batch_size_per_gpu" (e.g. 8), and DeepSpeed derives the rest',
         )
+    micro, accum = _micro_and_accumulation(train, micro, accum, world_size, field)
+    config["train_batch_size"] = micro * accum * world_size  # type: ignore[operator]
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = accum
+
+
+def _micro_and_accumulation(train: int | None, micro: int | None, accum: int | None, world_size: int,
+                            field: str) -> tuple[int, int]:
+    """The micro batch and accumulation steps DeepSpeed derives from the members of the triple given.
+
+    Raises:
+        InvalidSpecError: the three disagree, or the batch does not divide by what it must.
+    """
     if train is not None and micro is not None and accum is not None:
         if train != micro * accum * world_size:
             raise InvalidSpecError(
@@ -191,10 +204,7 @@ def _fill_batch_sizes(config: dict[str, Any], world_size: int, field: str) -> No
         accum, micro = 1, train // world_size
     else:
         accum = accum or 1
-        train = micro * accum * world_size  # type: ignore[operator]
-    config["train_batch_size"] = micro * accum * world_size  # type: ignore[operator]
-    config["train_micro_batch_size_per_gpu"] = micro
-    config["gradient_accumulation_steps"] = accum
+    return micro, accum  # type: ignore[return-value]
 
 
 def _zero_block(config: dict[str, Any], field: str) -> dict[str, Any] | None:

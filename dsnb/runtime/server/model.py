@@ -270,28 +270,8 @@ class Predictor:
         if prompt_tokens > limit:  # every rank sees the same prompt, so every rank refuses it alike
             raise BadRequest(f"the prompt has {prompt_tokens} tokens; this server takes at most {limit} "
                              f"with max_tokens={request.max_tokens}; shorten it")
-        options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.do_sample,
-                                   "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
-        if request.do_sample:
-            options.update(temperature=request.temperature, top_p=request.top_p)
-        if request.stop:
-            options.update(stop_strings=request.stop, tokenizer=tokenizer)
-        if request.presence_penalty or request.frequency_penalty:
-            from transformers import LogitsProcessorList
-
-            options["logits_processor"] = LogitsProcessorList([_Penalties(prompt_tokens, request.presence_penalty,
-                                                                          request.frequency_penalty)])
-        clock = _StepClock()
-        options["streamer"] = clock if on_text is None else _BothStreamers(clock, _TextPieces(tokenizer, on_text))
-        stopper = _StopWhenTold(torch, should_stop)
-        if stopper.needed:
-            from transformers import StoppingCriteriaList
-
-            options["stopping_criteria"] = StoppingCriteriaList([stopper])
-        if request.n > 1 and request.do_sample:  # greedy sequences are all the same one: made once, copied below
-            options["num_return_sequences"] = request.n
-        if request.logprobs is not None:
-            options.update(output_logits=True, return_dict_in_generate=True)
+        clock, stopper = _StepClock(), _StopWhenTold(torch, should_stop)
+        options = self._generate_options(request, prompt_tokens, clock, stopper, on_text)
         torch.manual_seed(request.seed)
         generator = getattr(self.model, "module", self.model)
         with torch.inference_mode():
@@ -301,6 +281,37 @@ class Predictor:
         if stopper.stopped:
             print(f"dsnb.serving: generation stopped after {rows.shape[1]} of {request.max_tokens} tokens "
                   "(its client left or its deadline passed)", flush=True)
+        return self._completion(request, rows, getattr(output, "logits", None), prompt_tokens, clock.times)
+
+    def _generate_options(self, request: Generation, prompt_tokens: int, clock: _StepClock, stopper: _StopWhenTold,
+                          on_text: Callable[[str], None] | None) -> dict[str, Any]:
+        """The keyword arguments of transformers' ``generate`` for ``request``."""
+        tokenizer = self.tokenizer
+        options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.do_sample,
+                                   "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                                   "streamer": clock if on_text is None else _BothStreamers(clock, _TextPieces(tokenizer, on_text))}
+        if request.do_sample:
+            options.update(temperature=request.temperature, top_p=request.top_p)
+        if request.stop:
+            options.update(stop_strings=request.stop, tokenizer=tokenizer)
+        if request.presence_penalty or request.frequency_penalty:
+            from transformers import LogitsProcessorList
+
+            options["logits_processor"] = LogitsProcessorList([_Penalties(prompt_tokens, request.presence_penalty,
+                                                                          request.frequency_penalty)])
+        if stopper.needed:
+            from transformers import StoppingCriteriaList
+
+            options["stopping_criteria"] = StoppingCriteriaList([stopper])
+        if request.n > 1 and request.do_sample:  # greedy sequences are all the same one: made once, copied in _completion
+            options["num_return_sequences"] = request.n
+        if request.logprobs is not None:
+            options.update(output_logits=True, return_dict_in_generate=True)
+        return options
+
+    def _completion(self, request: Generation, rows: Any, logits: Any, prompt_tokens: int, token_times: list[float]) -> Completion:
+        """The :class:`Completion` of the generated ``rows`` (n x steps)."""
+        tokenizer = self.tokenizer
         if request.n == 1 and request.logprobs is None:  # one sequence ends where generate stopped
             new_tokens = rows[0]
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -309,14 +320,13 @@ class Predictor:
                 if stop in text:
                     text, finish = text[: text.index(stop)], "stop"
             return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens),
-                              choices=[Choice(text, finish, len(new_tokens))], token_times=clock.times)
+                              choices=[Choice(text, finish, len(new_tokens))], token_times=token_times)
         end_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        choices = sequence_choices(tokenizer, rows, getattr(output, "logits", None), request.max_tokens, request.stop,
-                                   end_ids, request.logprobs)
+        choices = sequence_choices(tokenizer, rows, logits, request.max_tokens, request.stop, end_ids, request.logprobs)
         if len(choices) < request.n:
             choices = choices * request.n
         return Completion(text=choices[0].text, finish_reason=choices[0].finish_reason, prompt_tokens=prompt_tokens,
-                          completion_tokens=sum(c.completion_tokens for c in choices), choices=choices, token_times=clock.times)
+                          completion_tokens=sum(c.completion_tokens for c in choices), choices=choices, token_times=token_times)
 
 
 class _Penalties:
