@@ -81,7 +81,7 @@ HOSTILE = {
     "seed 2**70": ("llm", "POST", "/v1/completions", completion(seed=2**70), {}, 400, "seed"),
     "negative seed": ("llm", "POST", "/v1/completions", completion(seed=-1), {}, 400, "seed"),
     "top_p 5": ("llm", "POST", "/v1/completions", completion(top_p=5), {}, 400, "top_p"),
-    "n = 8": ("llm", "POST", "/v1/completions", completion(n=8), {}, 400, "n"),
+    "n = 9 (past the 8 a request may ask for)": ("llm", "POST", "/v1/completions", completion(n=9), {}, 400, "1..8"),
     "a list of prompts": ("llm", "POST", "/v1/completions", completion(prompt=["a"] * 1000), {}, 400, "prompt"),
     "lone surrogate in the prompt": ("llm", "POST", "/v1/completions", b'{"model": "m", "prompt": "\\ud800", "max_tokens": 2}',
                                      {}, 400, "lone surrogate"),
