@@ -59,8 +59,14 @@ def load(payload, packed_on):
     return pickle.loads(zlib.decompress(base64.urlsafe_b64decode(payload)))
 
 
-def main(argv):
-    """Call the packed function on this rank; rank 0 prints its result lines."""
+def main(argv, own_process=False):
+    """Call the packed function on this rank; rank 0 prints its result lines.
+
+    ``own_process``: this rank's process is the runner's (not a Ray Train worker, whose process
+    group Ray owns), so a process group the function left open is destroyed before it exits; a
+    process that exits with gloo's threads still running may abort ("terminate called without an
+    active exception") after its work is done.
+    """
     payload, packed_on = argv[0], argv[1]
     function, kwargs = load(payload, packed_on)
     value = function(**kwargs)
@@ -68,7 +74,10 @@ def main(argv):
         sys.stdout.flush()
         for line in result_lines(value, digest(payload)):
             print(line, flush=True)
+    distributed = sys.modules.get("torch.distributed")
+    if own_process and distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], own_process=True)
