@@ -52,7 +52,7 @@ from dsnb.runtime import function_runner
 MAX_PAYLOAD_CHARS = 96 * 1024
 #: The text every rank runs with ``python3 -c``.
 RUNNER_TEXT = Path(function_runner.__file__).read_text()
-_PYTHON = "{}.{}".format(*sys.version_info[:2])
+_PYTHON = function_runner.python_version()
 
 
 class ResultUnavailable(DsnbError, LookupError):
@@ -62,11 +62,13 @@ class ResultUnavailable(DsnbError, LookupError):
     Attributes:
         job: the job's name.
         reason: why, and what to do.
+        missing: the result lines were not found (the lines read may not have been all of rank 0's).
     """
 
-    def __init__(self, job: str, reason: str) -> None:
+    def __init__(self, job: str, reason: str, missing: bool = False) -> None:
         self.job = job
         self.reason = reason
+        self.missing = missing
         super().__init__(f"job {job!r}: no result: {reason}")
 
 
@@ -233,7 +235,7 @@ def read_result(lines: Iterable[str], packed: PackedFunction, job: str = "job") 
                 chunks[int(index)], total = parts[3], int(count)
     if not total or sorted(chunks) != list(range(1, total + 1)):
         raise ResultUnavailable(job, f"rank 0's result lines are not in its logs ({len(chunks)} of {total or '?'} found): "
-                                     "did the function return on rank 0, and are the job's logs still kept?")
+                                     "did the function return on rank 0, and are the job's logs still kept?", missing=True)
     data = zlib.decompress(base64.urlsafe_b64decode("".join(chunks[i] for i in range(1, total + 1))))
     return pickle.loads(data)  # lines tagged with this job's own payload digest, from its rank 0
 

@@ -137,7 +137,7 @@ class Job:
             try:
                 return function_job.read_result((line.text for line in lines), spec.function, self.name)  # type: ignore[arg-type]
             except function_job.ResultUnavailable as error:
-                if "result lines are not" not in error.reason:
+                if not error.missing:
                     raise
                 missing = error
         raise missing  # type: ignore[misc]

@@ -46,9 +46,14 @@ def result_lines(value, payload_digest):
     return [f"{RESULT_TAG} {payload_digest} {i + 1}/{len(chunks)} {chunk}" for i, chunk in enumerate(chunks)]
 
 
+def python_version():
+    """This interpreter's ``major.minor``, as a packed function records the one that packed it."""
+    return "{}.{}".format(*sys.version_info[:2])
+
+
 def load(payload, packed_on):
     """The function and its keyword arguments; exits 1 with the reason when this Python cannot load them."""
-    here = "{}.{}".format(*sys.version_info[:2])
+    here = python_version()
     if here != packed_on:
         sys.exit(f"dsnb: the function was packed on Python {packed_on} and this rank runs Python {here}; "
                  f"cloudpickle needs the same version: use an image with Python {packed_on}, or a script")

@@ -231,15 +231,19 @@ class ServerApp:
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def _json(self, request: Request) -> Any:
+        return await self._parsed_body(request, parse_json)
+
+    async def _parsed_body(self, request: Request, parse: Callable[[bytes], Any]) -> Any:
+        """The body read within the server's limits and its budget of bytes in flight, then ``parse``d."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise TooLarge(f"the body is {declared} bytes, above the server's limit of {self.max_body_bytes}")
         raw = await read_body(request.stream(), self.max_body_bytes, TooLarge, self.bodies, Overloaded)
         try:
             if len(raw) <= INLINE_JSON_BYTES:
-                return parse_json(raw)
+                return parse(raw)
             # Parsed in a thread, so that probes (and every other request) are answered meanwhile.
-            return await asyncio.get_running_loop().run_in_executor(self._parser, parse_json, raw)
+            return await asyncio.get_running_loop().run_in_executor(self._parser, parse, raw)
         finally:
             self.bodies.give(len(raw))
 
@@ -454,14 +458,14 @@ class ServerApp:
 
     async def _v2_body(self, request: Request) -> Any:
         """The request's JSON; with the binary extension's header, its binary inputs decoded into it."""
-        if kserve_binary.HEADER.lower() not in request.headers:
+        declared = request.headers.get(kserve_binary.HEADER)
+        if declared is None:
             return await self._json(request)
-        raw = await read_body(request.stream(), self.max_body_bytes, TooLarge, self.bodies, Overloaded)
-        try:
-            length = kserve_binary.header_length(request.headers[kserve_binary.HEADER], len(raw))
-            return kserve_binary.decode_request(raw, length)  # type: ignore[arg-type]
-        finally:
-            self.bodies.give(len(raw))
+
+        def decode(raw: bytes) -> Any:
+            return kserve_binary.decode_request(raw, kserve_binary.header_length(declared, len(raw)))  # type: ignore[arg-type]
+
+        return await self._parsed_body(request, decode)
 
     def _v2_answer(self, served: str, body: Any, named: list[tuple[str, Any, str]]) -> Response:
         """JSON, or the binary extension's form when the request asked for any output in binary."""

@@ -59,7 +59,7 @@ def sequence_choices(tokenizer: Any, rows: Any, logits: tuple[Any, ...] | None, 
         length = ends_at(row, end_ids)
         tokens = row[:length]
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        finish = "length" if length >= max_tokens and not (set(tokens.tolist()) & end_ids) else "stop"
+        finish = "length" if length >= max_tokens else "stop"
         for stop in stops:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"

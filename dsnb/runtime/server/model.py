@@ -312,16 +312,8 @@ class Predictor:
     def _completion(self, request: Generation, rows: Any, logits: Any, prompt_tokens: int, token_times: list[float]) -> Completion:
         """The :class:`Completion` of the generated ``rows`` (n x steps)."""
         tokenizer = self.tokenizer
-        if request.n == 1 and request.logprobs is None:  # one sequence ends where generate stopped
-            new_tokens = rows[0]
-            text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            finish = "length" if len(new_tokens) >= request.max_tokens else "stop"
-            for stop in request.stop:
-                if stop in text:
-                    text, finish = text[: text.index(stop)], "stop"
-            return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(new_tokens),
-                              choices=[Choice(text, finish, len(new_tokens))], token_times=token_times)
-        end_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        # Only sequences generated together are padded after their end; one sequence ends where generate stopped.
+        end_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and len(rows) > 1 else set()
         choices = sequence_choices(tokenizer, rows, logits, request.max_tokens, request.stop, end_ids, request.logprobs)
         if len(choices) < request.n:
             choices = choices * request.n
