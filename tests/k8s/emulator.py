@@ -518,13 +518,14 @@ def _label_problem(key: Any, value: Any) -> str | None:
     return None
 
 
-#: k8s.io/kubernetes pkg/apis/core/types.go: the most a Secret's data, or a ConfigMap's data and binaryData, may hold.
+#: k8s.io/kubernetes v1.34.1 pkg/apis/core/types.go (MaxSecretSize): the most a Secret's data, or a ConfigMap's
+#: data and binaryData, may hold.
 MAX_SECRET_SIZE = 1 * 1024 * 1024
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 
 def _config_key_problem(key: Any) -> str | None:
-    """apimachinery's validation.IsConfigMapKey (pkg/util/validation/validation.go)."""
+    """k8s.io/apimachinery v0.34.1 pkg/util/validation/validation.go IsConfigMapKey."""
     if not isinstance(key, str) or not key or len(key) > 253:
         return "must be no more than 253 characters"
     if not _CONFIG_KEY.match(key):
@@ -543,7 +544,7 @@ def _decoded(res: Resource, name: str, value: Any) -> bytes:
 
 
 def _validate_data(res: Resource, obj: Obj) -> None:
-    """What kube-apiserver checks of a ConfigMap's or Secret's content (k8s.io/kubernetes
+    """What kube-apiserver checks of a ConfigMap's or Secret's content (k8s.io/kubernetes v1.34.1
     pkg/apis/core/validation/validation.go ValidateConfigMap, ValidateSecret): valid keys, no key in both
     ``data`` and ``binaryData``, and at most ``MaxSecretSize`` bytes in all (``binaryData`` and a Secret's
     ``data`` counted decoded; ``stringData`` merged into ``data`` first, as the API's conversion does)."""
@@ -1362,7 +1363,7 @@ class KubeEmulator:
         meta["generation"] = old_meta.get("generation", 1) + (_spec_part(new) != _spec_part(current))
         _validate(res, new)
         if res.api_version == "v1" and res.kind == "ConfigMap" and current.get("immutable"):
-            # ValidateConfigMapUpdate: an immutable ConfigMap's data, binaryData and immutability stay as they are.
+            # v1.34.1 ValidateConfigMapUpdate: an immutable ConfigMap's data, binaryData and immutability stay as they are.
             for key in ("immutable", "data", "binaryData"):
                 if new.get(key) != current.get(key):
                     raise _invalid(res, meta["name"], key, "Forbidden: field is immutable when `immutable` is set", reason="FieldValueForbidden")
