@@ -49,6 +49,19 @@ class ReplicaStatus:
     message: str = ""
 
 
+# A last line that names its own cause, and what to do about it.
+_HINTS = {
+    # libstdc++'s words when a process exits while a std::thread (gloo's, here) still runs
+    "terminate called without an active exception": (
+        "the rank aborted as its process exited with torch.distributed's process group still open; "
+        "end the script with torch.distributed.destroy_process_group()"),
+}
+
+
+def _hint_for(last_lines: tuple[str, ...]) -> str:
+    return next((hint for line in reversed(last_lines) for known, hint in _HINTS.items() if known in line), "")
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A snapshot of a job.
@@ -95,6 +108,9 @@ class JobStatus:
         if self.last_lines:
             who = f"rank {self.failed_rank}" if self.failed_rank is not None else "the job"
             text += f"\nlast lines of {who}:\n" + "\n".join(f"  {line}" for line in self.last_lines)
+            hint = _hint_for(self.last_lines)
+            if hint:
+                text += f"\nhint: {hint}"
         return text
 
     def to_dict(self) -> dict[str, Any]:

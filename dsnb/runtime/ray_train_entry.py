@@ -196,7 +196,9 @@ def _worker_loop(job: dict[str, Any]) -> None:
         saved = any(ckpt_dir.iterdir())
         # ray.train.report is collective (every worker must call it), so the workers agree on
         # whether any of them saved before reporting; a run that saved nothing skips the round.
-        if _any_rank(saved):
+        # A script that closed the process group (as PyTorch advises) leaves nothing to agree
+        # over: then every worker reports, with or without files.
+        if not _group_open() or _any_rank(saved):
             from ray.train import Checkpoint
 
             checkpoint = Checkpoint.from_directory(str(ckpt_dir)) if saved else None
@@ -204,6 +206,12 @@ def _worker_loop(job: dict[str, Any]) -> None:
             train.report({"rank": rank}, checkpoint=checkpoint)
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _group_open() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _any_rank(flag: bool) -> bool:
@@ -216,7 +224,7 @@ def _largest(number: int) -> int:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
+    if not _group_open():
         return number
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     value = torch.tensor([number], device=device, dtype=torch.int64)

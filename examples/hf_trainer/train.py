@@ -39,3 +39,5 @@ if options.callback:
 
     callbacks.append(DsnbCallback())
 Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # a rank that exits with gloo's threads running can abort

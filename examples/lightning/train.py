@@ -82,3 +82,5 @@ trainer = L.Trainer(
 trainer.fit(Regressor(), loader)
 print(f"rank {trainer.global_rank} of {trainer.world_size}: {trainer.global_step} steps, "
       f"{type(trainer.strategy).__name__} with ZeRO stage {trainer.strategy.config['zero_optimization']['stage']}", flush=True)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # a rank that exits with gloo's threads running can abort

@@ -264,5 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_distributed() -> None:
+    """Close the process group: a rank that exits with gloo's threads still running can abort."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    end_distributed()
+    sys.exit(code)
