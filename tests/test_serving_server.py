@@ -247,6 +247,28 @@ def test_a_two_rank_tensor_parallel_llm_answers_like_the_plain_model(llama_tp: R
         client.completions.create(model="m", prompt="x", n=9)
 
 
+def test_concurrent_greedy_completions_on_two_ranks_each_equal_the_request_alone(llama_tp: RunningServer, llama_dir: str) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    prompts = [f"request {i} asks about " + "deep speed " * i for i in range(8)]
+
+    def alone(prompt: str, steps: int) -> str:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+    client = openai.OpenAI(base_url=llama_tp.url + "v1", api_key="unused")
+
+    def ask(index: int) -> str:
+        return client.completions.create(model="m", prompt=prompts[index], max_tokens=6 + 2 * index, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == [alone(prompt, 6 + 2 * i) for i, prompt in enumerate(prompts)]
+
+
 def test_penalties_follow_openais_formula_and_a_stream_ends_with_its_usage(llama_tp: RunningServer, llama_dir: str) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 SERVING_METRICS = {"requests_per_s": "requests/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "errors": "errors",
                    "queue": "queue", "batch_items": "batch items", "tokens_per_s": "tokens/s",
                    "ttft_p50_ms": "first token p50 ms", "ttft_p99_ms": "first token p99 ms",
-                   "itl_p50_ms": "between tokens p50 ms"}
+                   "itl_p50_ms": "between tokens p50 ms", "itl_p99_ms": "between tokens p99 ms",
+                   "running": "running sequences", "waiting": "waiting sequences", "kv_cache_use": "KV cache use"}
 #: Log lines in the static summary of an endpoint.
 STATIC_LOG_LINES = 5
 # Two threads displaying one handle at once still make one panel (and one follower thread).

@@ -41,7 +41,9 @@ SERVING_PLOTS: tuple[PlotGroup, ...] = (
     ("latency (ms)", lambda name: name in ("p50_ms", "p99_ms")),
     ("errors", lambda name: name == "errors"),
     ("tokens/s", lambda name: name == "tokens_per_s"),
-    ("tokens (ms)", lambda name: name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms")),
+    ("tokens (ms)", lambda name: name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")),
+    ("sequences", lambda name: name in ("running", "waiting")),
+    ("KV cache use", lambda name: name == "kv_cache_use"),
 )
 #: Seconds between two polls of the follower: the readiness probe is an HTTP request.
 ENDPOINT_POLL_S = 1.0

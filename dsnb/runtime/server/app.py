@@ -360,11 +360,7 @@ class ServerApp:
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
         arrived = time.monotonic()
         if not streaming.stream:
-            self.stats.running.inc()
-            try:
-                done: Completion = await self._run("generate", generation, size=1, request=request)
-            finally:
-                self.stats.running.dec()
+            done: Completion = await self._run("generate", generation, size=1, request=request)
             self.stats.observe_generation(arrived, done.token_times, done.completion_tokens)
             return JSONResponse(openai_api.completion_response(model.name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -378,7 +374,6 @@ class ServerApp:
 
         work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
-        self.stats.running.inc()
         return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work, streaming.include_usage, arrived),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -390,7 +385,6 @@ class ServerApp:
                 yield event
         finally:  # the client hung up (Starlette ends the stream), or it ended: stop the generation either way
             work.cancelled.set()
-            self.stats.running.dec()
 
     async def _event_stream(self, served: str, stops: list[str], chat: bool, pieces: asyncio.Queue[tuple[str, Any]],
                             include_usage: bool = False, arrived: float | None = None) -> AsyncIterator[bytes]:

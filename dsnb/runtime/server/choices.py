@@ -65,12 +65,13 @@ def sequence_choices(tokenizer: Any, rows: Any, logits: tuple[Any, ...] | None, 
                 text, finish = text[: text.index(stop)], "stop"
         report = None
         if top is not None and logits is not None:
-            report = tuple(_token_logprob(tokenizer, logits[step][index], int(token), top) for step, token in enumerate(tokens))
+            report = tuple(token_logprob(tokenizer, logits[step][index], int(token), top) for step, token in enumerate(tokens))
         choices.append(Choice(text=text, finish_reason=finish, completion_tokens=length, logprobs=report))
     return choices
 
 
-def _token_logprob(tokenizer: Any, step_logits: Any, token: int, top: int) -> TokenLogprob:
+def token_logprob(tokenizer: Any, step_logits: Any, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability and the ``top`` likeliest alternatives, from one step's raw logits."""
     import torch
 
     logprobs = torch.log_softmax(step_logits.float(), dim=-1)

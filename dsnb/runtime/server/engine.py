@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsnb.runtime.server.kv_batch import Step
 from dsnb.runtime.server.model import BadRequest
 
 #: Row shapes remembered as ones the model takes (a request of another shape that fails is a 400).
@@ -138,13 +139,15 @@ def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], Non
     Returns the model's answer for the whole batch: a list per text, the output tensor(s),
     or a :class:`~dsnb.runtime.server.model.Completion`.
     """
-    op, data = message["op"], message["data"]
+    op, data = message["op"], message.get("data")
     if op == "texts":
         return runner.encode(data)
     if op == "tensor":
         return runner.forward(data)
     if op == "generate":
         return runner.generate(data, on_text=on_text, should_stop=should_stop)
+    if op == "step":
+        return runner.step(Step.from_message(message))
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -181,11 +184,15 @@ class Engine:
         max_wait_s: how long the first request of a batch waits for more.
         max_queue: requests waiting at most; :meth:`submit` raises Overloaded beyond.
         on_batch: called with each batch's item count (for metrics).
+        scheduler: a :class:`~dsnb.runtime.server.scheduler.Scheduler` that batches generations
+            continuously (a decode step of every running sequence between the other batches);
+            None runs each generation on its own, one after the other.
     """
 
     def __init__(self, runner: Any, collective: Collective, max_batch_size: int = 16, max_wait_s: float = 0.005,
-                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None, scheduler: Any = None) -> None:
         self.runner = runner
+        self.scheduler = scheduler
         self.collective = collective
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -224,8 +231,16 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._waiting)
+        """Requests waiting for a batch (and generated sequences waiting for room in the running batch)."""
+        return len(self._waiting) + (self.scheduler.waiting if self.scheduler is not None else 0)
+
+    def generation_state(self) -> tuple[int, int, float]:
+        """Sequences being generated now, sequences waiting to start, and the share of the cache they
+        hold (0 without continuous batching, whose cache lives inside each generation)."""
+        if self.scheduler is not None:
+            return self.scheduler.running, self.scheduler.waiting, self.scheduler.cache_use
+        running = sum(1 for work in list(self._running) if work.op == "generate")
+        return running, sum(1 for work in list(self._waiting) if work.op == "generate"), 0.0
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, work: Work) -> None:
@@ -239,8 +254,8 @@ class Engine:
         if self.draining:
             raise Draining("the server is shutting down")
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            if self.queued >= self.max_queue:
+                raise Overloaded(f"{self.queued} requests are waiting (max_queue={self.max_queue})")
             self._waiting.append(work)
             self._cond.notify()
 
@@ -270,7 +285,9 @@ class Engine:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for work in waiting:
-            _deliver(work, None, RankLost(reason))
+            deliver(work, None, RankLost(reason))
+        if self.scheduler is not None:
+            self.scheduler.fail_all(RankLost(reason))
 
     def _loop(self) -> None:
         try:
@@ -279,24 +296,58 @@ class Engine:
             log.exception("the batch loop stopped")
             self.mark_lost(f"the batch loop stopped ({type(e).__name__}: {e})")
             for work in self._running:
-                _deliver(work, None, RankLost(self.lost or "the batch loop stopped"))
+                deliver(work, None, RankLost(self.lost or "the batch loop stopped"))
+            if self.scheduler is not None:
+                self.scheduler.fail_all(RankLost(self.lost or "the batch loop stopped"))
 
     def _serve(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                if self._stopping:
+            batch = self._next_batch(wait=not self._generating())
+            if batch is not None:
+                self._running = batch
+                self._run(batch)
+                self._running = []
+            elif not self._generating():
+                if self._stopping:  # what was queued has run, and no sequence is left to generate
                     if self._share({"op": "stop"}):
                         self.collective.finish()
                     return
                 if not self._share({"op": "ping"}):
                     return
                 continue
-            self._running = batch
-            self._run(batch)
-            self._running = []
+            if self.lost is None and self._generating():
+                self._step()  # the running sequences take a step between any two other batches
             if self.lost is not None:
                 return
+
+    def _generating(self) -> bool:
+        """Whether the scheduler has sequences to run (taking the generations submitted since the last step)."""
+        if self.scheduler is None:
+            return False
+        with self._cond:
+            taken = [work for work in self._waiting if work.op == "generate"]
+            for work in taken:
+                self._waiting.remove(work)
+        for work in taken:
+            try:
+                self.scheduler.add(work)
+            except Exception as e:  # noqa: BLE001 - a request the scheduler refuses is answered with why
+                deliver(work, None, e)
+        return self.scheduler.has_work
+
+    def _step(self) -> None:
+        """One step of continuous batching on every rank (:mod:`dsnb.runtime.server.scheduler`)."""
+        step = self.scheduler.plan()
+        if not self._share(step.to_message()):
+            self.scheduler.fail_all(RankLost(self.lost or "a rank is gone"))
+            return
+        try:
+            logits = self.runner.step(step)
+        except Exception as e:  # noqa: BLE001 - every rank met the same failure: answer its requests, reset, go on
+            log.exception("a generation step failed")
+            self.scheduler.fail_all(self._failure(None, e))
+            return
+        self.scheduler.advance(step, logits)
 
     def _share(self, message: dict[str, Any]) -> bool:
         if self.lost is not None:
@@ -308,18 +359,15 @@ class Engine:
             self.mark_lost(str(e))
             return False
 
-    def _next_batch(self) -> list[Work] | None:
+    def _next_batch(self, wait: bool = True) -> list[Work] | None:
+        """The next batch of requests (at once, or within a heartbeat when ``wait``); None when none,
+        or when the first is a generation for the scheduler to take."""
         with self._cond:
-            if not self._waiting:
+            if not self._waiting and wait:
                 self._cond.wait(HEARTBEAT_S)
-            if not self._waiting:
+            first = self._first_wanted()
+            if first is None:
                 return None
-            first = self._waiting.popleft()
-            while (why := first.abandoned()) is not None:  # nobody waits for it any more
-                _deliver(first, None, Abandoned(f"dropped unrun: {why}"))
-                if not self._waiting:
-                    return None
-                first = self._waiting.popleft()
             batch, size = [first], first.size
             if first.op == "generate":
                 return batch
@@ -338,8 +386,22 @@ class Engine:
             self._loaded = len(batch) > 1 or bool(self._waiting)
             return batch
 
+    def _first_wanted(self) -> Work | None:
+        """The first waiting work someone still waits for (the others are answered Abandoned), taken from
+        the queue; None when none is left, or when it is a generation for the scheduler (left in the queue)."""
+        while self._waiting:
+            first = self._waiting[0]
+            if first.op == "generate" and self.scheduler is not None:
+                return None  # the scheduler takes it (_generating) and drops it if abandoned
+            self._waiting.popleft()
+            why = first.abandoned()
+            if why is None:
+                return first
+            deliver(first, None, Abandoned(f"dropped unrun: {why}"))  # nobody waits for it any more
+        return None
+
     def _take_compatible(self, first: Work, room: int) -> Work | None:
-        for index, work in enumerate(self._waiting):
+        for index, work in enumerate(self._waiting):  # a generation's op never matches: the scheduler takes it
             if work.op == first.op and work.key == first.key and work.size <= room and work.abandoned() is None:
                 del self._waiting[index]
                 return work
@@ -351,10 +413,10 @@ class Engine:
             parts = self._parts(batch)
         except _BatchFailed as failed:
             for work in batch:
-                _deliver(work, None, failed.error)
+                deliver(work, None, failed.error)
             return
         for work, part in zip(batch, parts):
-            _deliver(work, part, None)
+            deliver(work, part, None)
 
     def _parts(self, batch: list[Work]) -> list[Any]:
         """Each request's part of the answer to ``batch``, which every rank ran.
@@ -402,11 +464,11 @@ class Engine:
             raise _BatchFailed(self._failure(first, e)) from e
         return result
 
-    def _failure(self, first: Work, error: Exception) -> BaseException:
+    def _failure(self, first: Work | None, error: Exception) -> BaseException:
         """What the requests of a batch the model failed on are told: a lost rank, their input's shape, or ``error``."""
         if self.collective.world_size > 1 and not self._share({"op": "ping"}):
             return RankLost(self.lost or "a rank is gone")
-        if first.op == "tensor" and first.key not in self._shapes_run and not isinstance(error, Abandoned):
+        if first is not None and first.op == "tensor" and first.key not in self._shapes_run and not isinstance(error, Abandoned):
             taken = ", ".join(sorted({_row_shape(key) for key in self._shapes_run})[:4])
             return BadRequest(f"the model could not take rows of shape {_row_shape(first.key)} ({type(error).__name__}: {error}); "
                               + (f"it has taken rows of shape {taken}" if taken else "check the shape the model expects"))
@@ -427,7 +489,8 @@ def _row_shape(key: Any) -> str:
     return str(list(shape)) if isinstance(shape, tuple) else str(shape)
 
 
-def _deliver(work: Work, result: Any, error: BaseException | None) -> None:
+def deliver(work: Work, result: Any, error: BaseException | None) -> None:
+    """Answer ``work`` once (later calls do nothing); a ``deliver`` that fails (its client left) changes nothing."""
     if work.answered:
         return
     work.answered = True

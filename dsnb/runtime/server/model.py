@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnb.runtime.server.choices import Choice, sequence_choices
+from dsnb.runtime.server.kv_batch import RunningBatch, Step
 
 #: Inputs above this many numbers (or characters of text) are refused rather than run.
 MAX_INPUT_ITEMS = 1_000_000
@@ -152,6 +153,21 @@ class Predictor:
         self.model = module
         # DeepSpeed places the model on the accelerator; the inputs must follow it there.
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self._batch: RunningBatch | None = None
+
+    def step(self, step: Step) -> Any:
+        """Run one step of continuous batching (:mod:`dsnb.runtime.server.kv_batch`) on this rank's running
+        batch; the logits of the sequences it generates for (every rank of a tensor-parallel server runs it).
+
+        Raises:
+            BadRequest: the model does not generate text.
+            ValueError: the step does not match this rank's batch.
+        """
+        if self.kind != "causal-lm":
+            raise BadRequest("this model does not generate text; use /v1/embeddings or /v2/models/.../infer")
+        if self._batch is None:
+            self._batch = RunningBatch(getattr(self.model, "module", self.model), self.device)
+        return self._batch.run(step)
 
 
     def prompt_limit(self, max_tokens: int) -> int:

@@ -45,6 +45,7 @@ from dsnb.devices import collective_backend
 from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
 from dsnb.runtime.server.engine import Collective, Engine, RankLost, follow
 from dsnb.runtime.server.model import MAX_INPUTS
+from dsnb.runtime.server.scheduler import MAX_CACHE_TOKENS, MAX_RUNNING, PREFILL_TOKENS, Scheduler
 
 SERVE_TAG = "DSNB_SERVE "
 REPORT_EVERY_S = 5.0
@@ -72,6 +73,10 @@ class ServerOptions:
     max_body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT
     drain_s: float = 30.0
     lost_exit_s: float = 10.0
+    generation: str = "continuous"
+    max_running: int = MAX_RUNNING
+    max_cache_tokens: int = MAX_CACHE_TOKENS
+    prefill_tokens: int = PREFILL_TOKENS
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> ServerOptions:
@@ -100,8 +105,23 @@ class ServerOptions:
                             help="bytes of request bodies held at once, all connections together; more get 503")
         parser.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for requests in flight")
         parser.add_argument("--lost-exit-s", type=float, default=10.0, help="exit this long after a rank was lost")
+        parser.add_argument("--generation", choices=["continuous", "one-at-a-time"], default="continuous",
+                            help="continuous: generations join and leave one running batch between steps; "
+                                 "one-at-a-time: each runs alone (for comparison)")
+        parser.add_argument("--max-running", type=_positive, default=MAX_RUNNING, help="sequences generated at once")
+        parser.add_argument("--max-cache-tokens", type=_positive, default=MAX_CACHE_TOKENS,
+                            help="tokens in flight: each running sequence's prompt and every token it may still generate")
+        parser.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
+                            help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks")
         args = parser.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items()})
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -190,6 +210,7 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
     stats = ServerStats()
     engine = Engine(None, Collective(place.world_size), max_batch_size=options.max_batch_size,
                     max_wait_s=options.max_wait_ms / 1000, max_queue=options.max_queue, on_batch=stats.observe_batch)
+    stats.watch_generation(engine.generation_state)
     app = ServerApp(engine, stats, token=os.environ.get("DSNB_SERVE_TOKEN") or None, max_body_bytes=options.max_body_bytes,
                     version=_version(), body_bytes_in_flight=options.max_body_bytes_in_flight)
     sock = _bind(options.host, options.port)
@@ -205,6 +226,9 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
             runner = _load(options, place)
             _init_distributed_ready(place)
             app.model = ServedModel.of(options.served_name, runner)
+            if runner.kind == "causal-lm" and options.generation == "continuous":
+                engine.scheduler = Scheduler(runner.tokenizer, runner.prompt_limit, max_running=options.max_running,
+                                             max_cache_tokens=options.max_cache_tokens, prefill_tokens=options.prefill_tokens)
             engine.set_runner(runner)
             engine.start()
         except Exception as e:  # noqa: BLE001 - the server cannot serve; say why and stop

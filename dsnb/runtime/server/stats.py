@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,6 +67,10 @@ class ServerStats:
         self.inter_token = Histogram("dsnb_inter_token_seconds", "Between two tokens of one generation",
                                      buckets=TOKEN_GAP_BUCKETS, registry=self.registry)
         self.running = Gauge("dsnb_running_sequences", "Sequences being generated now", registry=self.registry)
+        self.waiting = Gauge("dsnb_waiting_sequences", "Sequences waiting to start", registry=self.registry)
+        self.cache_use = Gauge("dsnb_kv_cache_usage_ratio", "Tokens in flight over the server's --max-cache-tokens "
+                               "(each running sequence's prompt and every token it may still generate)", registry=self.registry)
+        self._generation_state: Callable[[], tuple[int, int, float]] | None = None
         self._first_tokens: list[float] = []
         self._gaps: list[float] = []
         self._generated = 0
@@ -111,6 +116,20 @@ class ServerStats:
             self._gaps.extend(gaps[: max(0, WINDOW_CAP - len(self._gaps))])
             self._generated += tokens
 
+    def watch_generation(self, state: Callable[[], tuple[int, int, float]]) -> None:
+        """Read the running and waiting sequences and the cache's use from ``state()`` at each scrape and report.
+
+        Example:
+            >>> stats = ServerStats()
+            >>> stats.watch_generation(lambda: (3, 1, 0.25))
+            >>> b"dsnb_waiting_sequences 1.0" in stats.exposition()
+            True
+        """
+        self._generation_state = state
+        self.running.set_function(lambda: state()[0])
+        self.waiting.set_function(lambda: state()[1])
+        self.cache_use.set_function(lambda: state()[2])
+
     def observe_batch(self, items: int) -> None:
         """Count one model batch of ``items`` texts or rows."""
         self.batch_items.observe(items)
@@ -141,7 +160,11 @@ class ServerStats:
             generation = {"ttft_p50_ms": round(percentile(first_tokens, 0.5) * 1000, 2),
                           "ttft_p99_ms": round(percentile(first_tokens, 0.99) * 1000, 2),
                           "itl_p50_ms": round(percentile(gaps, 0.5) * 1000, 2),
+                          "itl_p99_ms": round(percentile(gaps, 0.99) * 1000, 2),
                           "tokens_per_s": round(generated / elapsed, 3)}
+            if self._generation_state is not None:
+                running, waiting, cache_use = self._generation_state()
+                generation.update(running=running, waiting=waiting, kv_cache_use=round(cache_use, 4))
         report(step=self._step, file=file, requests_per_s=round(len(latencies) / elapsed, 3),
                p50_ms=round(percentile(latencies, 0.5) * 1000, 2), p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
                errors=errors, queue=queued, batch_items=round(sum(batches) / len(batches), 2) if batches else 0.0,
