@@ -35,6 +35,7 @@ bench-ray: venv
 
 bench-serve: venv
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_generate.py
 
 lint: venv
 	$(VENV)/bin/ruff check dsnb tests examples benchmarks

@@ -305,7 +305,9 @@ def test_a_stop_string_split_across_streamed_pieces_is_never_sent() -> None:
     ({"port": 80}, "port"), ({"port": "8000"}, "port"), ({"max_batch_size": 0}, "max_batch_size"),
     ({"max_queue": -1}, "max_queue"), ({"max_wait_ms": -1}, "max_wait_ms"), ({"token": "short"}, "token"),
     ({"token": "has a space in it"}, "token"), ({"env": {"DSNB_SERVE_TOKEN": "x" * 10}}, "env.DSNB_SERVE_TOKEN"),
-    ({"nodes": 0}, "nodes"), ({"procs_per_node": 0}, "procs_per_node"),
+    ({"nodes": 0}, "nodes"), ({"procs_per_node": 0}, "procs_per_node"), ({"max_running": 0}, "max_running"),
+    ({"max_cache_tokens": 0}, "max_cache_tokens"), ({"prefill_tokens": 1.5}, "prefill_tokens"),
+    ({"generation": "static"}, "generation"),
 ])
 def test_serve_spec_refuses_bad_server_fields(fields: dict, field: str) -> None:
     with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}"):
@@ -317,6 +319,11 @@ def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
     job = spec.to_job_spec()
     assert job.env == {"DSNB_SERVE_TOKEN": "tok-0123456789"} and "tok-0123456789" not in " ".join(job.args)
     assert job.world_size == 2 and job.args[job.args.index("--max-batch-size") + 1] == "4"
+    generating = ServeSpec(name="m", model="models:build", max_running=8, max_cache_tokens=4096, prefill_tokens=64).server_args()
+    from dsnb.runtime.server.server import ServerOptions
+
+    options = ServerOptions.parse(generating)  # the server takes what the spec writes
+    assert (options.generation, options.max_running, options.max_cache_tokens, options.prefill_tokens) == ("continuous", 8, 4096, 64)
     assert "tok-0123456789" not in repr(spec) and "tok-0123456789" not in repr(job)
 
 

@@ -34,7 +34,10 @@ _LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 DTYPES = ("float32", "float16", "bfloat16")
 _SPEC = "ServeSpec"
 #: Whole-number fields and their least value; None means "not set" for the autoscaling bounds.
-_COUNTS = {"replicas": 1, "min_replicas": 0, "max_replicas": 1, "max_batch_size": 1, "max_queue": 1}
+_COUNTS = {"replicas": 1, "min_replicas": 0, "max_replicas": 1, "max_batch_size": 1, "max_queue": 1, "max_running": 1,
+           "max_cache_tokens": 1, "prefill_tokens": 1}
+#: How a server generates text: continuous batching, or each request alone (for comparisons).
+GENERATION_MODES = ("continuous", "one-at-a-time")
 
 
 def _check_job_fields(values: Mapping[str, Any]) -> list[Problem]:
@@ -102,6 +105,12 @@ def _check_max_wait_ms(values: Mapping[str, Any]) -> None:
                                "set max_wait_ms=5", spec=_SPEC)
 
 
+def _check_generation(values: Mapping[str, Any]) -> None:
+    if values["generation"] not in GENERATION_MODES:
+        raise InvalidSpecError("generation", f"{values['generation']!r} is not a way to generate",
+                               f"use one of {', '.join(GENERATION_MODES)}", spec=_SPEC)
+
+
 def _check_token(values: Mapping[str, Any]) -> None:
     token = values["token"]
     if token is not None and (not isinstance(token, str) or len(token) < 8 or any(c.isspace() for c in token)):
@@ -124,6 +133,7 @@ _SERVE_CHECKS = (
     Check(_check_dtype),
     Check(_check_port),
     Check(_check_max_wait_ms),
+    Check(_check_generation),
     Check(_check_token),
     Check(_check_token_not_in_env, needs=("env",)),
 )
@@ -155,6 +165,13 @@ class ServeSpec:
         max_batch_size: requests the server gathers into one forward pass at most.
         max_wait_ms: how long a batch waits for more requests once the first arrived.
         max_queue: requests waiting at most; more are answered 503 with ``Retry-After``.
+        generation: ``"continuous"`` (generations join and leave one running batch between decode
+            steps) or ``"one-at-a-time"`` (each runs alone; for comparisons).
+        max_running: sequences generated at once (continuous batching).
+        max_cache_tokens: tokens in flight (continuous batching): every running sequence's prompt
+            and all it may still generate; a request that could never fit is a 400.
+        prefill_tokens: prompt tokens prefilled per step (continuous batching); a longer prompt
+            is prefilled in chunks while the running sequences go on.
         token: when set, every request but the health probes needs
             ``Authorization: Bearer <token>``; it travels as the secret variable
             ``DSNB_SERVE_TOKEN`` and is never printed.
@@ -179,6 +196,10 @@ class ServeSpec:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    generation: str = "continuous"
+    max_running: int = 64
+    max_cache_tokens: int = 32768
+    prefill_tokens: int = 512
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -221,7 +242,9 @@ class ServeSpec:
         """The command-line options of ``python -m dsnb.runtime.server`` for this spec (no secrets)."""
         args = ["--model", self.model, "--served-name", self.name, "--dtype", self.dtype, "--port", str(self.port),
                 "--max-batch-size", str(self.max_batch_size), "--max-wait-ms", f"{self.max_wait_ms:g}",
-                "--max-queue", str(self.max_queue)]
+                "--max-queue", str(self.max_queue), "--generation", self.generation,
+                "--max-running", str(self.max_running), "--max-cache-tokens", str(self.max_cache_tokens),
+                "--prefill-tokens", str(self.prefill_tokens)]
         if self.working_dir:
             args += ["--working-dir", self.working_dir]
         return args
