@@ -307,7 +307,8 @@ def test_a_stop_string_split_across_streamed_pieces_is_never_sent() -> None:
     ({"token": "has a space in it"}, "token"), ({"env": {"DSNB_SERVE_TOKEN": "x" * 10}}, "env.DSNB_SERVE_TOKEN"),
     ({"nodes": 0}, "nodes"), ({"procs_per_node": 0}, "procs_per_node"), ({"max_running": 0}, "max_running"),
     ({"max_cache_tokens": 0}, "max_cache_tokens"), ({"prefill_tokens": 1.5}, "prefill_tokens"),
-    ({"generation": "static"}, "generation"),
+    ({"generation": "static"}, "generation"), ({"lora_adapters": {"../x": "/a"}}, r"lora_adapters\.\.\./x"),
+    ({"lora_adapters": {"m": "/a"}}, r"lora_adapters\.m"), ({"lora_adapters": {"sql": ""}}, r"lora_adapters\.sql"),
 ])
 def test_serve_spec_refuses_bad_server_fields(fields: dict, field: str) -> None:
     with pytest.raises(InvalidSpecError, match=rf"ServeSpec\.{field}"):
@@ -324,6 +325,13 @@ def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
 
     options = ServerOptions.parse(generating)  # the server takes what the spec writes
     assert (options.generation, options.max_running, options.max_cache_tokens, options.prefill_tokens) == ("continuous", 8, 4096, 64)
+    adapters = ServeSpec(name="m", model="models:build", lora_adapters={"sql": "/adapters/sql"}, allow_lora_loading=True)
+    options = ServerOptions.parse(adapters.server_args())
+    assert options.lora == ["sql=/adapters/sql"] and options.allow_lora_loading
+    from dsnb.runtime import ray_serve_app
+
+    with pytest.raises(InvalidSpecError, match="ServeSpec.lora_adapters: a Ray Serve replica does not load LoRA adapters"):
+        ray_serve_app.check_servable(adapters)
     assert "tok-0123456789" not in repr(spec) and "tok-0123456789" not in repr(job)
 
 

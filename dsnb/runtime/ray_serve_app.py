@@ -49,10 +49,10 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
 
 
 def check_servable(spec: ServeSpec) -> None:
-    """Refuse what Ray Serve replicas do not offer: a token, or one model over several ranks.
+    """Refuse what Ray Serve replicas do not offer: a token, one model over several ranks, or LoRA adapters.
 
     Raises:
-        InvalidSpecError: ``token`` is set, or ``nodes``/``procs_per_node`` are above 1.
+        InvalidSpecError: ``token`` is set, ``nodes``/``procs_per_node`` are above 1, or adapters are asked for.
     """
     from dsnb.errors import InvalidSpecError
 
@@ -65,6 +65,10 @@ def check_servable(spec: ServeSpec) -> None:
                                "a Ray Serve replica holds the whole model; splitting one model over ranks needs a job backend",
                                "use replicas= for more copies, or serve on Cluster('local') or a Kubernetes backend",
                                spec="ServeSpec")
+    if spec.lora_adapters or spec.allow_lora_loading:
+        raise InvalidSpecError("lora_adapters" if spec.lora_adapters else "allow_lora_loading",
+                               "a Ray Serve replica does not load LoRA adapters",
+                               "serve on Cluster('local') or a Kubernetes backend, whose server takes them", spec="ServeSpec")
 
 
 def replica_env(spec: ServeSpec) -> dict[str, str]:

@@ -31,6 +31,7 @@ from dsnb.spec import JobSpec, Resources, _repr_non_default, build_stored, check
 from dsnb.spec_problems import Check, Problem, collect, field_values, raise_first
 
 _LOADER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # as dsnb.runtime.server.lora takes it
 DTYPES = ("float32", "float16", "bfloat16")
 _SPEC = "ServeSpec"
 #: Whole-number fields and their least value; None means "not set" for the autoscaling bounds.
@@ -111,6 +112,20 @@ def _check_generation(values: Mapping[str, Any]) -> None:
                                f"use one of {', '.join(GENERATION_MODES)}", spec=_SPEC)
 
 
+def _check_lora_adapters(values: Mapping[str, Any]) -> None:
+    adapters = values["lora_adapters"]
+    if not isinstance(adapters, Mapping):
+        raise InvalidSpecError("lora_adapters", f"must be a dict of name -> adapter directory, got {type(adapters).__name__}",
+                               "pass lora_adapters={'sql': '/adapters/sql'}", spec=_SPEC)
+    for name, path in adapters.items():
+        if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == values["name"]:
+            raise InvalidSpecError(f"lora_adapters.{name}", "must be 1 to 64 letters, digits, '.', '_' or '-', other than "
+                                   "the served model's name", "name the adapter like 'sql-expert'", spec=_SPEC)
+        if not isinstance(path, str) or not path:
+            raise InvalidSpecError(f"lora_adapters.{name}", f"must be the adapter's directory on the server, got {path!r}",
+                                   f"pass lora_adapters={{'{name}': '/adapters/{name}'}}", spec=_SPEC)
+
+
 def _check_token(values: Mapping[str, Any]) -> None:
     token = values["token"]
     if token is not None and (not isinstance(token, str) or len(token) < 8 or any(c.isspace() for c in token)):
@@ -134,6 +149,7 @@ _SERVE_CHECKS = (
     Check(_check_port),
     Check(_check_max_wait_ms),
     Check(_check_generation),
+    Check(_check_lora_adapters, needs=("name",)),
     Check(_check_token),
     Check(_check_token_not_in_env, needs=("env",)),
 )
@@ -172,6 +188,10 @@ class ServeSpec:
             and all it may still generate; a request that could never fit is a 400.
         prefill_tokens: prompt tokens prefilled per step (continuous batching); a longer prompt
             is prefilled in chunks while the running sequences go on.
+        lora_adapters: LoRA adapters (PEFT directories in safetensors, on the server: in the image or a
+            volume on Kubernetes) loaded at start, ``{name: directory}``; a request whose ``model`` is
+            the name generates with that adapter. A server of one rank only.
+        allow_lora_loading: take ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` at run time.
         token: when set, every request but the health probes needs
             ``Authorization: Bearer <token>``; it travels as the secret variable
             ``DSNB_SERVE_TOKEN`` and is never printed.
@@ -200,6 +220,8 @@ class ServeSpec:
     max_running: int = 64
     max_cache_tokens: int = 32768
     prefill_tokens: int = 512
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    allow_lora_loading: bool = False
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +269,10 @@ class ServeSpec:
                 "--prefill-tokens", str(self.prefill_tokens)]
         if self.working_dir:
             args += ["--working-dir", self.working_dir]
+        for name, path in self.lora_adapters.items():
+            args += ["--lora", f"{name}={path}"]
+        if self.allow_lora_loading:
+            args.append("--allow-lora-loading")
         return args
 
     def to_job_spec(self) -> JobSpec:

@@ -36,3 +36,21 @@ def save_tiny_llama(path: str | Path, seed: int = 0) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def save_lora_adapter(base: str | Path, path: str | Path, seed: int) -> str:
+    """Write a PEFT LoRA adapter of the tiny Llama at ``base`` to ``path`` (random, large enough to change
+    the greedy tokens; safetensors); returns ``path``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsnb.runtime.server import kserve, kserve_binary, openai_api
+from dsnb.runtime.server import kserve, kserve_binary, lora, openai_api
 from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, BodyBudget, SlowClient, read_body
 from dsnb.runtime.server.engine import Abandoned, Draining, Engine, Overloaded, RankLost, Work
 from dsnb.runtime.server.model import MAX_INPUT_ITEMS, BadRequest, Completion, chat_prompt, count_tokens, to_json
@@ -105,6 +105,10 @@ class Unauthorized(PermissionError):
     """No or a wrong bearer token (HTTP 401)."""
 
 
+class Forbidden(PermissionError):
+    """The server does not do this (HTTP 403); the message says which option allows it."""
+
+
 @dataclass
 class ServedModel:
     """What the HTTP side knows of the model (the engine's thread owns the model itself).
@@ -121,12 +125,28 @@ class ServedModel:
     kind: str
     runner: Any
     tokenizer: Any = None
+    adapters: list[str] = field(default_factory=list)  # the LoRA adapters a request may name as its model
 
     @classmethod
     def of(cls, name: str, runner: Any) -> ServedModel:
         """Describe ``runner`` (a :class:`~dsnb.runtime.server.model.Predictor`) served as ``name``."""
         tokenizer = copy.deepcopy(runner.tokenizer) if getattr(runner, "tokenizer", None) is not None else None
-        return cls(name=name, kind=runner.kind, runner=runner, tokenizer=tokenizer)
+        adapters = list(runner.adapters.names) if getattr(runner, "adapters", None) is not None else []
+        return cls(name=name, kind=runner.kind, runner=runner, tokenizer=tokenizer, adapters=adapters)
+
+    def named(self, body: Any) -> str:
+        """The model a request body names: this model's name (also when it names none) or a LoRA adapter's.
+
+        Raises:
+            UnknownModel: it names another model.
+        """
+        asked = body.get("model") if isinstance(body, dict) else None
+        if asked is None or asked == self.name:
+            return self.name
+        if asked in self.adapters:
+            return asked
+        served = ", ".join(f"`{n}`" for n in [self.name, *self.adapters])
+        raise openai_api.UnknownModel(f"The model `{asked}` does not exist; this server serves {served} (see GET /v1/models)")
 
 
 class ServerApp:
@@ -139,12 +159,14 @@ class ServerApp:
         max_body_bytes: larger bodies are refused with 413.
         body_bytes_in_flight: bytes of bodies held at once; a body that would pass it gets 503.
         version: reported by ``GET /v2``.
+        lora_loading: whether LoRA adapters may be loaded and unloaded through the API.
     """
 
     def __init__(self, engine: Engine, stats: ServerStats, token: str | None = None,
                  max_body_bytes: int = 16 * 1024 * 1024, version: str = "0",
-                 body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT) -> None:
+                 body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT, lora_loading: bool = False) -> None:
         self.engine = engine
+        self.lora_loading = lora_loading
         self.stats = stats
         self.token = token
         self.max_body_bytes = max_body_bytes
@@ -170,6 +192,9 @@ class ServerApp:
             Route("/v1/embeddings", self._route("/v1/embeddings", self.embeddings, openai=True), methods=["POST"]),
             Route("/v1/completions", self._route("/v1/completions", self.completions, openai=True), methods=["POST"]),
             Route("/v1/chat/completions", self._route("/v1/chat/completions", self.chat, openai=True), methods=["POST"]),
+            Route("/v1/load_lora_adapter", self._route("/v1/load_lora_adapter", self.load_lora, openai=True), methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self._route("/v1/unload_lora_adapter", self.unload_lora, openai=True),
+                  methods=["POST"]),
             Route("/v2", self._route("/v2", self.v2_server), methods=["GET"]),
             Route("/v2/models/{name}", self._route("/v2/models", self.v2_model), methods=["GET"]),
             Route("/v2/models/{name}/ready", self._route("/v2/models/ready", self.v2_model_ready), methods=["GET"]),
@@ -215,6 +240,8 @@ class ServerApp:
             status, kind = 404, "not_found_error"
         elif isinstance(error, TooLarge):
             status, kind = 413, "invalid_request_error"
+        elif isinstance(error, Forbidden):
+            status, kind = 403, "permission_error"
         elif isinstance(error, Unauthorized):
             status, kind = 401, "authentication_error"
             headers["WWW-Authenticate"] = "Bearer"
@@ -327,7 +354,7 @@ class ServerApp:
     # -- OpenAI --------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         model = self._served()
-        return JSONResponse(openai_api.models_response(model.name, self.created))
+        return JSONResponse(openai_api.models_response(model.name, self.created, model.adapters))
 
     async def embeddings(self, request: Request) -> Response:
         model = self._served()
@@ -342,27 +369,33 @@ class ServerApp:
 
     async def completions(self, request: Request) -> Response:
         model = self._served()
-        generation, streaming = openai_api.parse_completion(await self._json(request), model.name)
-        return await self._generate(model, generation, streaming, chat=False, request=request)
+        body = await self._json(request)
+        name = model.named(body)
+        generation, streaming = openai_api.parse_completion(body, name)
+        generation.adapter = name if name != model.name else None
+        return await self._generate(model, generation, streaming, chat=False, request=request, name=name)
 
     async def chat(self, request: Request) -> Response:
         model = self._served()
         body = await self._json(request)
-        messages = openai_api.chat_messages(body, model.name)
+        name = model.named(body)
+        messages = openai_api.chat_messages(body, name)
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not chat")
         generation, streaming = openai_api.parse_chat(body, chat_prompt(model.tokenizer, messages))
-        return await self._generate(model, generation, streaming, chat=True, request=request)
+        generation.adapter = name if name != model.name else None
+        return await self._generate(model, generation, streaming, chat=True, request=request, name=name)
 
     async def _generate(self, model: ServedModel, generation: Any, streaming: openai_api.Streaming, chat: bool,
-                        request: Request) -> Response:
+                        request: Request, name: str) -> Response:
+        """Generate for one request; ``name``: the model it named (the base model's, or a LoRA adapter's)."""
         if model.kind != "causal-lm":
             raise BadRequest(f"model {model.name!r} is a {model.kind} model and does not generate text; use /v1/embeddings")
         arrived = time.monotonic()
         if not streaming.stream:
             done: Completion = await self._run("generate", generation, size=1, request=request)
             self.stats.observe_generation(arrived, done.token_times, done.completion_tokens)
-            return JSONResponse(openai_api.completion_response(model.name, done, chat))
+            return JSONResponse(openai_api.completion_response(name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -374,7 +407,7 @@ class ServerApp:
 
         work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
-        return StreamingResponse(self._events(model.name, generation.stop, chat, pieces, work, streaming.include_usage, arrived),
+        return StreamingResponse(self._events(name, generation.stop, chat, pieces, work, streaming.include_usage, arrived),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -413,6 +446,34 @@ class ServerApp:
                 yield _event(openai_api.usage_chunk(response_id, served, chat, done))
             break
         yield b"data: [DONE]\n\n"
+
+    # -- LoRA adapters (vLLM's routes) ---------------------------------------------------------
+    async def load_lora(self, request: Request) -> Response:
+        model, body = await self._lora_request(request)
+        name = lora.check_name(body.get("lora_name"), model.name)
+        path = str(lora.check_directory(body.get("lora_path")))
+        model.adapters[:] = await self._run_one("lora", {"action": "load", "name": name, "path": path}, 1, object(), request)
+        return JSONResponse({"loaded": name, "adapters": model.adapters})
+
+    async def unload_lora(self, request: Request) -> Response:
+        model, body = await self._lora_request(request)
+        name = body.get("lora_name")
+        if name not in model.adapters:
+            raise lora.AdapterRefused(f"no adapter is named {name!r}; loaded: {', '.join(model.adapters) or 'none'}")
+        model.adapters[:] = await self._run_one("lora", {"action": "unload", "name": name}, 1, object(), request)
+        return JSONResponse({"unloaded": name, "adapters": model.adapters})
+
+    async def _lora_request(self, request: Request) -> tuple[ServedModel, dict[str, Any]]:
+        model = self._served()
+        if not self.lora_loading:
+            raise Forbidden("this server does not load LoRA adapters at run time; serve with allow_lora_loading=True "
+                            "(--allow-lora-loading), or name them at start (lora_adapters / --lora NAME=DIR)")
+        if model.kind != "causal-lm":
+            raise BadRequest(f"LoRA adapters apply to text generation; model {model.name!r} is a {model.kind} model")
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise BadRequest('send a JSON object, e.g. {"lora_name": "sql", "lora_path": "/adapters/sql"}')
+        return model, body
 
     # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
     async def v2_server(self, request: Request) -> Response:

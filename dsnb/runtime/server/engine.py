@@ -148,6 +148,8 @@ def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], Non
         return runner.generate(data, on_text=on_text, should_stop=should_stop)
     if op == "step":
         return runner.step(Step.from_message(message))
+    if op == "lora":
+        return runner.lora(data)
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -426,6 +428,8 @@ class Engine:
                 failed or was stopped, or its answer could not be cut up.
         """
         first = batch[0]
+        if first.op == "lora" and first.data["action"] == "unload" and self.scheduler is not None:
+            first.data["in_use"] = self.scheduler.uses(first.data["name"])
         message = {"op": first.op, "data": _combined(batch)}
         if not self._share(message):
             raise _BatchFailed(RankLost(self.lost or "a rank is gone"))

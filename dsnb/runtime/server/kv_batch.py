@@ -38,6 +38,7 @@ class Chunk:
     tokens: list[int]
     last: bool
     start: int = 0
+    adapter: str | None = None  # the sequence's LoRA adapter (dsnb.runtime.server.lora); None: the base model
 
     @property
     def whole(self) -> bool:
@@ -71,21 +72,21 @@ class Step:
     def to_message(self) -> dict[str, Any]:
         """A plain dict (what :class:`~dsnb.runtime.server.engine.Collective` sends to the other ranks)."""
         return {"op": "step", "drop": self.drop, "decode": self.decode, "reset": self.reset,
-                "prefill": [(c.seq, c.tokens, c.last, c.start) for c in self.prefill]}
+                "prefill": [(c.seq, c.tokens, c.last, c.start, c.adapter) for c in self.prefill]}
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Step:
         """Inverse of :meth:`to_message`."""
         return cls(drop=list(message["drop"]), decode=[tuple(d) for d in message["decode"]], reset=message["reset"],
-                   prefill=[Chunk(seq, list(tokens), last, start) for seq, tokens, last, start in message["prefill"]])
+                   prefill=[Chunk(seq, list(tokens), last, start, adapter) for seq, tokens, last, start, adapter in message["prefill"]])
 
 
 class _Rows:
     """Sequences sharing one KV cache: per layer ``(keys, values)`` of shape [rows, heads, length, dim],
-    and a mask [rows, length] (1: a real token, 0: left padding)."""
+    a mask [rows, length] (1: a real token, 0: left padding), and each row's LoRA adapter."""
 
-    def __init__(self, seqs: list[int], layers: list[tuple[Any, Any]], mask: Any) -> None:
-        self.seqs, self.layers, self.mask = seqs, layers, mask
+    def __init__(self, seqs: list[int], layers: list[tuple[Any, Any]], mask: Any, adapters: list[str | None]) -> None:
+        self.seqs, self.layers, self.mask, self.adapters = seqs, layers, mask, adapters
 
     @property
     def length(self) -> int:
@@ -103,7 +104,7 @@ class _Rows:
         import torch.nn.functional as F
 
         layers = [(F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in self.layers]
-        return _Rows(self.seqs, layers, F.pad(self.mask, (extra, 0)))
+        return _Rows(self.seqs, layers, F.pad(self.mask, (extra, 0)), self.adapters)
 
     def select(self, keep: list[int]) -> _Rows:
         """The rows at indices ``keep``, less the leading columns that only padding fills now."""
@@ -114,7 +115,7 @@ class _Rows:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
         layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
-        return _Rows([self.seqs[i] for i in keep], layers, mask[:, start:])
+        return _Rows([self.seqs[i] for i in keep], layers, mask[:, start:], [self.adapters[i] for i in keep])
 
 
 def _joined(a: _Rows | None, b: _Rows) -> _Rows:
@@ -126,7 +127,7 @@ def _joined(a: _Rows | None, b: _Rows) -> _Rows:
     length = max(a.length, b.length)
     a, b = a.padded_to(length), b.padded_to(length)
     layers = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.layers, b.layers)]
-    return _Rows(a.seqs + b.seqs, layers, torch.cat([a.mask, b.mask]))
+    return _Rows(a.seqs + b.seqs, layers, torch.cat([a.mask, b.mask]), a.adapters + b.adapters)
 
 
 class RunningBatch:
@@ -136,6 +137,8 @@ class RunningBatch:
         model: a Hugging Face causal language model (``forward`` takes ``past_key_values``,
             ``attention_mask``, ``position_ids``, ``logits_to_keep``), or its tensor-parallel part.
         device: where the inputs go.
+        adapters: the model's LoRA adapters (:class:`~dsnb.runtime.server.lora.Adapters`), whose ``model``
+            then runs each pass, each row with its own adapter.
 
     Example:
         >>> batch = RunningBatch(model=None)
@@ -143,8 +146,8 @@ class RunningBatch:
         ([], 0)
     """
 
-    def __init__(self, model: Any, device: Any = "cpu") -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: Any, device: Any = "cpu", adapters: Any = None) -> None:
+        self.model, self.device, self.adapters = model, device, adapters
         # transformers 5.x names the cache ``cache``; 4.x ``past_key_values``
         parameters = inspect.signature(model.forward).parameters if model is not None else {}
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -195,13 +198,17 @@ class RunningBatch:
             keep = [i for i, seq in enumerate(self._rows.seqs) if seq not in seqs]
             self._rows = self._rows.select(keep) if keep else None
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, layers: list[tuple[Any, Any]] | None) -> tuple[Any, list[tuple[Any, Any]]]:
+    def _forward(self, ids: Any, mask: Any, positions: Any, layers: list[tuple[Any, Any]] | None,
+                 adapters: list[str | None]) -> tuple[Any, list[tuple[Any, Any]]]:
         """Logits of the last position of each row, and the cache's layers after the pass."""
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                            **{self._cache_argument: cache})
+        model, by_row = self.model, {}
+        if self.adapters is not None:
+            model, by_row = self.adapters.model, self.adapters.row_names(adapters)
+        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{self._cache_argument: cache}, **by_row)
         cache = output[self._cache_argument]
         return output.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -213,8 +220,8 @@ class RunningBatch:
             raise ValueError(f"the step decodes {[s for s, _ in feed]}, the batch runs {self.running}")
         ids = torch.tensor([[token] for _, token in feed], dtype=torch.long, device=self.device)
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
-        logits, layers = self._forward(ids, mask, rows.positions(), rows.layers)
-        self._rows = _Rows(rows.seqs, layers, mask)
+        logits, layers = self._forward(ids, mask, rows.positions(), rows.layers, rows.adapters)
+        self._rows = _Rows(rows.seqs, layers, mask, rows.adapters)
         return logits
 
     def _prefill_whole(self, chunks: list[Chunk]) -> Any:
@@ -228,8 +235,9 @@ class RunningBatch:
             ids[row, length - len(chunk.tokens):] = torch.tensor(chunk.tokens, dtype=torch.long)
             mask[row, length - len(chunk.tokens):] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits, layers = self._forward(ids, mask, positions, None)
-        self._rows = _joined(self._rows, _Rows([c.seq for c in chunks], layers, mask))
+        adapters = [c.adapter for c in chunks]
+        logits, layers = self._forward(ids, mask, positions, None, adapters)
+        self._rows = _joined(self._rows, _Rows([c.seq for c in chunks], layers, mask, adapters))
         return logits
 
     def _prefill_chunk(self, chunk: Chunk) -> Any:
@@ -243,8 +251,8 @@ class RunningBatch:
         ids = torch.tensor([chunk.tokens], dtype=torch.long, device=self.device)
         mask = torch.ones((1, past + len(chunk.tokens)), dtype=torch.long, device=self.device)
         positions = torch.arange(past, past + len(chunk.tokens), device=self.device).unsqueeze(0)
-        logits, layers = self._forward(ids, mask, positions, before.layers if before is not None else None)
-        rows = _Rows([chunk.seq], layers, mask)
+        logits, layers = self._forward(ids, mask, positions, before.layers if before is not None else None, [chunk.adapter])
+        rows = _Rows([chunk.seq], layers, mask, [chunk.adapter])
         if not chunk.last:
             self._partial[chunk.seq] = rows
             return None

@@ -40,6 +40,8 @@ from dsnb.runtime.server.kv_batch import RunningBatch, Step
 MAX_INPUT_ITEMS = 1_000_000
 #: Texts (or tensor rows) one request may hold by default (``--max-inputs``).
 MAX_INPUTS = 1024
+#: LoRA adapters a server holds at once by default (``--max-loras``; :mod:`dsnb.runtime.server.lora`).
+MAX_ADAPTERS = 8
 #: Prompt tokens a server takes when the model says nothing of its context (``--max-prompt-tokens``).
 DEFAULT_PROMPT_TOKENS = 8192
 
@@ -67,6 +69,7 @@ class Generation:
     frequency_penalty: float = 0.0
     n: int = 1
     logprobs: int | None = None  # alternatives to report per token (0: the token's own only); None: none
+    adapter: str | None = None  # the LoRA adapter to generate with (dsnb.runtime.server.lora); None: the base model
 
     @property
     def do_sample(self) -> bool:
@@ -119,6 +122,7 @@ class Predictor:
         max_inputs: texts or tensor rows one request may hold.
         max_prompt_tokens: prompt tokens a generation takes at most (also bounded by the model's
             context, less the tokens asked for).
+        max_adapters: LoRA adapters held at once at most (:mod:`dsnb.runtime.server.lora`).
 
     Attributes:
         kind: ``"loader"``, ``"embedding"``, ``"classifier"`` or ``"causal-lm"``.
@@ -128,7 +132,8 @@ class Predictor:
     """
 
     def __init__(self, model: str, dtype: str = "float32", working_dir: str | None = None, deepspeed: bool = True,
-                 tensor_parallel: int = 1, max_inputs: int = MAX_INPUTS, max_prompt_tokens: int | None = None) -> None:
+                 tensor_parallel: int = 1, max_inputs: int = MAX_INPUTS, max_prompt_tokens: int | None = None,
+                 max_adapters: int = MAX_ADAPTERS) -> None:
         import torch
 
         self.torch = torch
@@ -154,6 +159,33 @@ class Predictor:
         # DeepSpeed places the model on the accelerator; the inputs must follow it there.
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self._batch: RunningBatch | None = None
+        self.tensor_parallel = tensor_parallel
+        self.adapters: Any = None
+        if self.kind == "causal-lm":
+            from dsnb.runtime.server.lora import Adapters  # it builds on this module's BadRequest
+
+            self.adapters = Adapters(getattr(module, "module", module), max_adapters)
+
+    def lora(self, request: dict[str, Any]) -> list[str]:
+        """Load (``{"action": "load", "name", "path"}``) or unload (``{"action": "unload", "name", "in_use"}``)
+        a LoRA adapter; the adapters loaded after it.
+
+        Raises:
+            BadRequest: the model does not generate text, the server has several ranks, or the adapter is refused
+                (:class:`~dsnb.runtime.server.lora.AdapterRefused`).
+        """
+        if self.adapters is None:
+            raise BadRequest("LoRA adapters apply to a causal language model; this model does not generate text")
+        from dsnb.runtime.server.lora import AdapterRefused
+
+        if self.tensor_parallel > 1:
+            raise AdapterRefused(f"this server is split over {self.tensor_parallel} ranks and takes no LoRA adapter "
+                                 "(AutoTP splits the layers LoRA wraps); serve the model on one rank to use adapters")
+        if request["action"] == "load":
+            self.adapters.load(request["name"], request["path"])
+        else:
+            self.adapters.unload(request["name"], in_use=request.get("in_use", False))
+        return self.adapters.names
 
     def step(self, step: Step) -> Any:
         """Run one step of continuous batching (:mod:`dsnb.runtime.server.kv_batch`) on this rank's running
@@ -166,7 +198,7 @@ class Predictor:
         if self.kind != "causal-lm":
             raise BadRequest("this model does not generate text; use /v1/embeddings or /v2/models/.../infer")
         if self._batch is None:
-            self._batch = RunningBatch(getattr(self.model, "module", self.model), self.device)
+            self._batch = RunningBatch(getattr(self.model, "module", self.model), self.device, adapters=self.adapters)
         return self._batch.run(step)
 
 
@@ -289,7 +321,9 @@ class Predictor:
         clock, stopper = _StepClock(), _StopWhenTold(torch, should_stop)
         options = self._generate_options(request, prompt_tokens, clock, stopper, on_text)
         torch.manual_seed(request.seed)
-        generator = getattr(self.model, "module", self.model)
+        generator = self.adapters.model if self.adapters is not None else getattr(self.model, "module", self.model)
+        if self.adapters is not None:
+            options.update(self.adapters.row_names([request.adapter]))
         with torch.inference_mode():
             output = generator.generate(**encoded, **options)
         sequences = output.sequences if request.logprobs is not None else output

@@ -304,9 +304,11 @@ def check_model(body: Any, served: str) -> None:
         raise UnknownModel(f"The model `{model}` does not exist; this server serves `{served}` (see GET /v1/models)")
 
 
-def models_response(served: str, created: int) -> dict[str, Any]:
-    """The body of ``GET /v1/models``."""
-    return {"object": "list", "data": [{"id": served, "object": "model", "created": created, "owned_by": "dsnb"}]}
+def models_response(served: str, created: int, adapters: list[str] | None = None) -> dict[str, Any]:
+    """The body of ``GET /v1/models``: the model, then its LoRA adapters (``parent``: the model, as vLLM lists them)."""
+    data = [{"id": served, "object": "model", "created": created, "owned_by": "dsnb"}]
+    data += [{"id": name, "object": "model", "created": created, "owned_by": "dsnb", "parent": served} for name in adapters or []]
+    return {"object": "list", "data": data}
 
 
 def parse_embeddings(body: Any, served: str) -> list[str]:

@@ -130,6 +130,10 @@ class Scheduler:
         """Sequences waiting for room in the batch."""
         return len(self._waiting)
 
+    def uses(self, adapter: str) -> bool:
+        """Whether a sequence admitted or waiting generates with the LoRA adapter ``adapter``."""
+        return any(seq.request.generation.adapter == adapter for seq in [*self._rows, *self._prefilling, *self._waiting])
+
     @property
     def cache_use(self) -> float:
         """The fraction of ``max_cache_tokens`` that the admitted sequences hold or may grow to."""
@@ -237,7 +241,7 @@ class Scheduler:
         start = seq.prefilled
         seq.prefilled += size
         return Chunk(seq.id, seq.request.prompt[start:seq.prefilled], last=seq.prefilled == len(seq.request.prompt),
-                     start=start)
+                     start=start, adapter=seq.request.generation.adapter)
 
     @staticmethod
     def _plain(seq: _Sequence) -> bool:

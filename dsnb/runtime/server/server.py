@@ -44,7 +44,7 @@ from typing import Any
 from dsnb.devices import collective_backend
 from dsnb.runtime.server.connections import BODY_BYTES_IN_FLIGHT, guarded_protocol
 from dsnb.runtime.server.engine import Collective, Engine, RankLost, follow
-from dsnb.runtime.server.model import MAX_INPUTS
+from dsnb.runtime.server.model import MAX_ADAPTERS, MAX_INPUTS
 from dsnb.runtime.server.scheduler import MAX_CACHE_TOKENS, MAX_RUNNING, PREFILL_TOKENS, Scheduler
 
 SERVE_TAG = "DSNB_SERVE "
@@ -77,6 +77,9 @@ class ServerOptions:
     max_running: int = MAX_RUNNING
     max_cache_tokens: int = MAX_CACHE_TOKENS
     prefill_tokens: int = PREFILL_TOKENS
+    lora: list[str] | None = None
+    max_loras: int = MAX_ADAPTERS
+    allow_lora_loading: bool = False
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> ServerOptions:
@@ -113,7 +116,15 @@ class ServerOptions:
                             help="tokens in flight: each running sequence's prompt and every token it may still generate")
         parser.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS,
                             help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks")
+        parser.add_argument("--lora", action="append", metavar="NAME=DIR",
+                            help="a LoRA adapter (PEFT, safetensors) loaded at start, named in requests' model; repeatable")
+        parser.add_argument("--max-loras", type=_positive, default=MAX_ADAPTERS, help="LoRA adapters held at once")
+        parser.add_argument("--allow-lora-loading", action="store_true",
+                            help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: adapters only from --lora)")
         args = parser.parse_args(argv)
+        for given in args.lora or []:
+            if "=" not in given or not given.partition("=")[0] or not given.partition("=")[2]:
+                parser.error(f"--lora takes NAME=DIR, got {given!r}")
         return cls(**{k: v for k, v in vars(args).items()})
 
 
@@ -180,8 +191,15 @@ def _has_cuda() -> bool:
 def _load(options: ServerOptions, place: RankPlace) -> Any:
     from dsnb.runtime.server.model import Predictor
 
-    return Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir, tensor_parallel=place.world_size,
-                     max_inputs=options.max_inputs, max_prompt_tokens=options.max_prompt_tokens)
+    predictor = Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir,
+                          tensor_parallel=place.world_size, max_inputs=options.max_inputs,
+                          max_prompt_tokens=options.max_prompt_tokens, max_adapters=options.max_loras)
+    from dsnb.runtime.server.lora import check_name
+
+    for given in options.lora or []:
+        name, _, path = given.partition("=")
+        predictor.lora({"action": "load", "name": check_name(name, options.served_name), "path": path})
+    return predictor
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -212,7 +230,8 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
                     max_wait_s=options.max_wait_ms / 1000, max_queue=options.max_queue, on_batch=stats.observe_batch)
     stats.watch_generation(engine.generation_state)
     app = ServerApp(engine, stats, token=os.environ.get("DSNB_SERVE_TOKEN") or None, max_body_bytes=options.max_body_bytes,
-                    version=_version(), body_bytes_in_flight=options.max_body_bytes_in_flight)
+                    version=_version(), body_bytes_in_flight=options.max_body_bytes_in_flight,
+                    lora_loading=options.allow_lora_loading)
     sock = _bind(options.host, options.port)
     url = _url(options.host, sock)
     print(f"dsnb.serving: rank 0 of {place.world_size} listening at {url} (loading {options.model})", flush=True)
