@@ -47,11 +47,15 @@ from typing import Any
 from bench_serve import (
     HOST,
     REQUEST_TIMEOUT_S,
+    CpuSample,
     Server,
+    contention_warning,
+    cpu_notes,
     free_port,
     leftovers,
     log_tail,
     percentile,
+    process_tree,
     stop_server,
     versions,
     wait_ready,
@@ -95,6 +99,9 @@ class Measurement:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    client_cpu_cores: float = 0.0
+    server_cpu_cores: float = 0.0
+    other_cpu_cores: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -237,10 +244,12 @@ async def closed_loop(url: str, concurrency: int, duration_s: float, max_tokens:
 
 def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, max_tokens: int) -> Measurement:
     """Load ``server`` at ``concurrency`` for ``warmup_s + seconds`` and summarise the last ``seconds``."""
-    began = time.perf_counter()
+    server.processes.update(process_tree(server.process.pid))
+    before = CpuSample.take(server)
     records = asyncio.run(closed_loop(f"{server.url}/v1/completions", concurrency, warmup_s + seconds, max_tokens,
                                       stream=server.name.startswith("dsnb")))
-    window_start = began + warmup_s
+    cores = CpuSample.take(server).cores_since(before)
+    window_start = before.wall + warmup_s
     counted = [r for r in records if window_start <= r.ended <= window_start + seconds]
     good = [r for r in counted if r.outcome == "ok"]
     errors: dict[str, int] = {}
@@ -252,7 +261,8 @@ def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, m
     return Measurement(server=server.name, concurrency=concurrency, seconds=seconds, requests=len(counted),
                        errors=sum(errors.values()), tokens_per_s=sum(r.tokens for r in good) / seconds,
                        ttft_p50_ms=percentile(ttft, 50), ttft_p99_ms=percentile(ttft, 99),
-                       itl_p50_ms=percentile(itl, 50), itl_p99_ms=percentile(itl, 99), error_kinds=errors)
+                       itl_p50_ms=percentile(itl, 50), itl_p99_ms=percentile(itl, 99), client_cpu_cores=cores["client"],
+                       server_cpu_cores=cores["server"], other_cpu_cores=cores["other"], error_kinds=errors)
 
 
 def table(results: list[Measurement], ceilings: dict[int, float]) -> str:
@@ -333,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe(**versions())
     text = (f"{date.today()}, {machine}; --threads {args.threads}, --seconds {args.seconds:g} (after {args.warmup:g} s "
             f"warm-up), max_tokens {args.max_tokens}, greedy; the load generator runs on the same cores\n\n"
-            + table(results, ceilings))
+            + table(results, ceilings) + "\n\nCPU cores used during each run (CPU seconds / wall seconds, warm-up included):\n"
+            + cpu_notes(results))
+    if warning := contention_warning(results):
+        text += "\n\n" + warning
     print("\n" + text)
     out = args.output.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
