@@ -397,3 +397,33 @@ def test_a_batch_loop_that_dies_turns_the_server_unready_and_fails_what_waits() 
     assert not engine.ready and "the batch loop stopped" in engine.not_ready_reason
     with pytest.raises(RankLost):
         engine.submit(Work("texts", ["c"], size=1, deliver=lambda r, e: None))
+
+
+def test_a_closed_loop_of_clients_does_not_split_into_half_batches() -> None:
+    """Eight clients, each sending its next request 1-12 ms after its answer (as HTTP clients do): the batch
+    formed after a batch ran waits for the clients that batch answered, so batches stay near eight."""
+    import random
+
+    runner = Recorder(delay=0.03)
+    engine = Engine(runner, Collective(1), max_batch_size=16, max_wait_s=0.008)
+    engine.start()
+    stop_at = time.monotonic() + 2.0
+    shuffle = random.Random(7)
+
+    def client(index: int) -> None:
+        while time.monotonic() < stop_at:
+            done = threading.Event()
+            engine.submit(Work("texts", [f"c{index}"], size=1, deliver=lambda r, e: done.set()))
+            assert done.wait(10)
+            time.sleep(shuffle.uniform(0.001, 0.012))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+    finally:
+        engine.stop()
+    sizes = [len(batch) for batch in runner.batches[5:]]  # after the first few, the loop's steady state
+    assert sum(sizes) / len(sizes) >= 5, sizes  # counted from the first request: about 4, two halves

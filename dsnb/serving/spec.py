@@ -179,7 +179,8 @@ class ServeSpec:
         procs_per_node: ranks per node of one server.
         port: the HTTP port of rank 0 (``local`` picks a free one).
         max_batch_size: requests the server gathers into one forward pass at most.
-        max_wait_ms: how long a batch waits for more requests once the first arrived.
+        max_wait_ms: how long a batch waits for more requests once it is formed (under load; a lone
+            request does not wait).
         max_queue: requests waiting at most; more are answered 503 with ``Retry-After``.
         generation: ``"continuous"`` (generations join and leave one running batch between decode
             steps) or ``"one-at-a-time"`` (each runs alone; for comparisons).

@@ -3,7 +3,7 @@
 uvicorn closes a keep-alive connection idle between requests (``timeout_keep_alive``) and can
 refuse connections past a limit (``limit_concurrency``, a 503), but it waits for ever for a
 request that never arrives in full: a client that connects and sends nothing, or sends half its
-headers, holds a connection (and its memory) as long as it likes. :class:`GuardedH11Protocol`
+headers, holds a connection (and its memory) as long as it likes. :func:`guarded_protocol`
 closes a connection whose request head has not arrived ``head_timeout`` seconds after the
 connection was made or after the previous response; :func:`read_body` gives up on a body that
 stops coming for ``body_timeout`` seconds, and a :class:`BodyBudget` bounds the bytes of all
@@ -57,44 +57,67 @@ class BodyBudget:
 
 
 def guarded_protocol(head_timeout: float = HEAD_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request head is late (see the module docstring)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol, closing a connection whose request head is late (see the module docstring):
+    httptools' (its parser is C) when httptools is installed, else h11's (pure Python)."""
+    timeout = head_timeout
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
+        class GuardedH11Protocol(_HeadTimer, H11Protocol):
+            head_timeout = timeout
 
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
+            def handle_events(self) -> None:
+                super().handle_events()
+                if self.cycle is not None and not self.cycle.response_complete:
+                    self._disarm()  # a request is in: its body has a timeout of its own
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # a request is in: its body has a timeout of its own
+        return GuardedH11Protocol
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()  # the next request head must come in time too
+    class GuardedHttpToolsProtocol(_HeadTimer, HttpToolsProtocol):
+        head_timeout = timeout
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+        def on_headers_complete(self) -> None:
+            self._disarm()  # a request is in: its body has a timeout of its own
+            super().on_headers_complete()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(head_timeout, self._late)
+    return GuardedHttpToolsProtocol
 
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
 
-        def _late(self) -> None:
+class _HeadTimer:
+    """Closes the connection when no request head comes ``head_timeout`` seconds after it opened, or after the
+    previous answer (mixed into a uvicorn protocol, which says when a head arrived by calling ``_disarm``)."""
+
+    head_timeout: float
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm()  # the next request head must come in time too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._late)  # type: ignore[attr-defined]
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()
 
-    return GuardedH11Protocol
+    def _late(self) -> None:
+        self._head_timer = None
+        cycle, transport = self.cycle, self.transport  # type: ignore[attr-defined]
+        if (cycle is None or cycle.response_complete) and not transport.is_closing():
+            transport.close()
 
 
 async def read_body(chunks: AsyncIterator[bytes], limit: int, too_large: type[Exception], budget: BodyBudget,

@@ -63,7 +63,8 @@ class Work:
     """One request for the engine.
 
     Attributes:
-        op: ``"texts"`` (embed/classify a list of strings), ``"tensor"`` (a loader model's
+        op: ``"texts"`` (embed/classify a list of strings), ``"embed"`` (the same, answered as arrays with
+            token counts), ``"lora"`` (load or unload an adapter), ``"tensor"`` (a loader model's
             batch tensor) or ``"generate"`` (one :class:`~dsnb.runtime.server.model.Generation`).
         data: the list of strings, the tensor, or the Generation.
         size: items in ``data`` (strings or rows); batches hold ``max_batch_size`` items at most.
@@ -142,6 +143,8 @@ def run_batch(runner: Any, message: dict[str, Any], on_text: Callable[[str], Non
     op, data = message["op"], message.get("data")
     if op == "texts":
         return runner.encode(data)
+    if op == "embed":
+        return runner.embed(data)
     if op == "tensor":
         return runner.forward(data)
     if op == "generate":
@@ -373,8 +376,11 @@ class Engine:
             batch, size = [first], first.size
             if first.op == "generate":
                 return batch
-            # Waiting pays only under concurrent load: one client at a time would just be slowed.
-            deadline = first.enqueued + (self.max_wait_s if self._loaded else 0.0)
+            # Waiting pays only under concurrent load: one client at a time would just be slowed. The wait
+            # counts from when the batch is formed, not from when its first request came: the requests
+            # queued behind the last batch would otherwise run at once, without the clients that batch just
+            # answered, and a closed loop of C clients would settle into two half batches for good.
+            deadline = max(first.enqueued, time.monotonic()) + (self.max_wait_s if self._loaded else 0.0)
             while size < self.max_batch_size:
                 taken = self._take_compatible(first, self.max_batch_size - size)
                 if taken is not None:
@@ -520,7 +526,7 @@ def _combined(batch: list[Work]) -> Any:
 def _combine(batch: list[Work]) -> Any:
     if len(batch) == 1:
         return batch[0].data
-    if batch[0].op == "texts":
+    if batch[0].op in ("texts", "embed"):
         return [text for work in batch for text in work.data]
     import torch
 
@@ -530,7 +536,7 @@ def _combine(batch: list[Work]) -> Any:
 def _split(op: str, result: Any, sizes: list[int]) -> list[Any]:
     if len(sizes) == 1:
         return [result]
-    if op == "texts":
+    if op in ("texts", "embed"):
         parts, start = [], 0
         for size in sizes:
             parts.append(result[start:start + size])

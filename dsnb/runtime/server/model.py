@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dsnb.runtime.server.choices import Choice, sequence_choices
 from dsnb.runtime.server.kv_batch import RunningBatch, Step
@@ -75,6 +75,13 @@ class Generation:
     def do_sample(self) -> bool:
         """Sample (temperature above 0) or take the most likely token (greedy)."""
         return self.temperature > 0
+
+
+class Embedded(NamedTuple):
+    """One text's embedding (or a classifier's logits) as a float32 array, and the tokens the model read of it."""
+
+    vector: Any  # numpy.ndarray
+    tokens: int
 
 
 @dataclass
@@ -284,6 +291,10 @@ class Predictor:
 
     def encode(self, texts: list[str]) -> list[list[float]]:
         """Sentence embeddings (mean-pooled) or, for a classifier, logits: one list per text."""
+        return [row.vector.tolist() for row in self.embed(texts)]
+
+    def embed(self, texts: list[str]) -> list[Embedded]:
+        """What :meth:`encode` gives, as float32 arrays (no Python float per number), with each text's token count."""
         assert self.tokenizer is not None
         encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         with self.torch.inference_mode():
@@ -294,7 +305,8 @@ class Predictor:
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             values = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return values.float().tolist()
+        tokens = encoded["attention_mask"].sum(dim=1).tolist()
+        return [Embedded(vector, count) for vector, count in zip(values.float().cpu().numpy(), tokens)]
 
     def generate(self, request: Generation, on_text: Callable[[str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Completion:
@@ -456,11 +468,6 @@ def check_unicode(text: str, field_name: str) -> None:
     except UnicodeEncodeError as e:
         raise BadRequest(f'"{field_name}" holds a lone surrogate ({text[e.start]!r} at character {e.start}); '
                          "send valid Unicode text") from None
-
-
-def count_tokens(tokenizer: Any, texts: list[str]) -> int:
-    """Tokens of ``texts`` as the model sees them (for usage counts)."""
-    return sum(len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"])
 
 
 def chat_prompt(tokenizer: Any, messages: Any) -> str:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import base64
 import secrets
-import struct
 import time
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
+import numpy
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -322,16 +322,17 @@ def parse_embeddings(body: Any, served: str) -> list[str]:
     return _read(EmbeddingRequest, body).input
 
 
-def embeddings_response(served: str, vectors: list[list[float]], prompt_tokens: int, encoding_format: str = "float"
+def embeddings_response(served: str, vectors: list[Any], prompt_tokens: int, encoding_format: str = "float"
                         ) -> dict[str, Any]:
-    """The body answering ``/v1/embeddings``; ``"base64"`` packs each vector as little-endian float32, as OpenAI does.
+    """The body answering ``/v1/embeddings`` (``vectors``: lists or numpy arrays of numbers); ``"base64"`` packs
+    each vector as little-endian float32, as OpenAI does.
 
     Example:
         >>> embeddings_response("m", [[1.0]], 1, "base64")["data"][0]["embedding"]
         'AACAPw=='
     """
-    def encoded(vector: list[float]) -> Any:
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding_format == "base64" else vector
+    def encoded(vector: Any) -> Any:
+        return base64.b64encode(numpy.asarray(vector, dtype="<f4").tobytes()).decode() if encoding_format == "base64" else vector
 
     return {"object": "list", "model": served,
             "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
