@@ -400,7 +400,7 @@ class ServerApp:
         if not streaming.stream:
             done: Completion = await self._run("generate", generation, size=1, request=request)
             self.stats.observe_generation(arrived, done.token_times, done.completion_tokens)
-            return JSONResponse(openai_api.completion_response(name, done, chat))
+            return FastJSONResponse(openai_api.completion_response(name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -643,4 +643,4 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _event(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(body) + b"\n\n"
