@@ -44,6 +44,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import bench_serve
 from bench_serve import (
     HOST,
     REQUEST_TIMEOUT_S,
@@ -58,7 +59,6 @@ from bench_serve import (
     process_tree,
     stop_server,
     versions,
-    wait_ready,
 )
 from machine import describe
 
@@ -128,24 +128,8 @@ def server_command(name: str, model: str, port: int, threads: int, workdir: Path
 
 
 def start_server(name: str, model: str, threads: int, workdir: Path) -> Server:
-    """Start server ``name`` in a new process group and wait until ``GET /readyz`` answers 200."""
-    import subprocess
-
-    port = free_port()
-    command, env = server_command(name, model, port, threads, workdir)
-    log_path = workdir / f"{name}.log"
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    server = Server(name, f"http://{HOST}:{port}", process, log_path)
-    try:
-        wait_ready(server)
-    except BaseException:
-        stop_server(server)
-        raise
-    server.start_s = time.perf_counter() - started
-    return server
+    """Start server ``name`` (:func:`bench_serve.start_server` with this benchmark's command lines)."""
+    return bench_serve.start_server(name, model, threads, workdir, command_of=server_command)
 
 
 class Generator:

@@ -171,14 +171,16 @@ def server_command(name: str, model: str, port: int, threads: int, workdir: Path
     return command, env
 
 
-def start_server(name: str, model: str, threads: int, workdir: Path) -> Server:
+def start_server(name: str, model: str, threads: int, workdir: Path, command_of: Any = None) -> Server:
     """Start server ``name`` in a new process group and wait until ``GET /readyz`` answers 200.
+
+    ``command_of``: what gives the command line and environment (:func:`server_command` by default).
 
     Raises:
         RuntimeError: it exited or was not ready within ``START_TIMEOUT_S`` (its log's tail is in the message).
     """
     port = free_port()
-    command, env = server_command(name, model, port, threads, workdir)
+    command, env = (command_of or server_command)(name, model, port, threads, workdir)
     log_path = workdir / f"{name}.log"
     started = time.perf_counter()
     with open(log_path, "wb") as log:

@@ -413,7 +413,7 @@ def test_a_closed_loop_of_clients_does_not_split_into_half_batches() -> None:
     def client(index: int) -> None:
         while time.monotonic() < stop_at:
             done = threading.Event()
-            engine.submit(Work("texts", [f"c{index}"], size=1, deliver=lambda r, e: done.set()))
+            engine.submit(Work("texts", [f"c{index}"], size=1, deliver=lambda r, e, done=done: done.set()))
             assert done.wait(10)
             time.sleep(shuffle.uniform(0.001, 0.012))
 
