@@ -24,11 +24,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import copy
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -179,6 +181,12 @@ class ServerApp:
         self.version = version
         self.model: ServedModel | None = None
         self.created = int(time.time())
+        self._loop_outbox: Outbox | None = None
+
+    def _outbox(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        if self._loop_outbox is None or self._loop_outbox.loop is not loop:
+            self._loop_outbox = Outbox(loop)
+        return self._loop_outbox
 
     def starlette(self) -> Starlette:
         """The ASGI application."""
@@ -295,9 +303,10 @@ class ServerApp:
                        on_text: Callable[[str], None] | None = None) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        outbox = self._outbox(loop)
 
         def deliver(result: Any, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            outbox.post(_settle, future, result, error)
 
         work = Work(op, data, size=size, deliver=deliver, key=key, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
@@ -402,13 +411,13 @@ class ServerApp:
             self.stats.observe_generation(arrived, done.token_times, done.completion_tokens)
             return FastJSONResponse(openai_api.completion_response(name, done, chat))
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        outbox = self._outbox(asyncio.get_running_loop())
 
         def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, ("text", text))
+            outbox.post(pieces.put_nowait, ("text", text))
 
         def deliver(result: Any, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, ("error", error) if error else ("done", result))
+            outbox.post(pieces.put_nowait, ("error", error) if error else ("done", result))
 
         work = Work("generate", generation, size=1, deliver=deliver, on_text=on_text, deadline=_deadline(request))
         self.engine.submit(work)
@@ -612,6 +621,48 @@ def _concatenate(parts: list[Any]) -> Any:
     if all(isinstance(part, torch.Tensor) for part in parts):
         return torch.cat(parts)
     raise BadRequest("this model's answer cannot be put together from parts; send at most max_batch_size inputs")
+
+
+class Outbox:
+    """Calls from the engine's thread to run on the event loop, handed over in bunches.
+
+    A generation step streams a piece of text to each of up to ``max_running`` requests; one
+    ``call_soon_threadsafe`` each would wake the loop (a write to its self-pipe) that many times a
+    step. :meth:`post` queues the call and wakes the loop only when no wake-up is pending, and the
+    loop then runs everything queued, in order.
+
+    Example:
+        >>> loop = asyncio.new_event_loop(); seen = []
+        >>> outbox = Outbox(loop)
+        >>> outbox.post(seen.append, 1); outbox.post(seen.append, 2)
+        >>> loop.run_until_complete(asyncio.sleep(0)); seen
+        [1, 2]
+        >>> loop.close()
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._calls: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._woken = False
+
+    def post(self, call: Callable[..., Any], *args: Any) -> None:
+        """Run ``call(*args)`` on the loop, after every call posted before it."""
+        with self._lock:
+            self._calls.append((call, args))
+            if self._woken:
+                return
+            self._woken = True
+        self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls, self._woken = self._calls, collections.deque(), False
+        for call, args in calls:
+            try:
+                call(*args)
+            except Exception:  # noqa: BLE001 - one request's callback must not cost the others theirs
+                log.exception("a callback from the engine failed")
 
 
 class FastJSONResponse(JSONResponse):
