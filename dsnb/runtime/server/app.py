@@ -68,6 +68,10 @@ class TooLarge(ValueError):
 class NotJsonSafe(ValueError):
     """The model's answer holds NaN or infinity, which JSON cannot carry (HTTP 422)."""
 
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("the model's answer holds NaN or infinity, which JSON cannot carry; check the model and the inputs"
+                         + (f" ({detail})" if detail else ""))
+
 
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON.
@@ -377,7 +381,7 @@ class ServerApp:
         rows = await self._run("embed", texts, size=len(texts), request=request)
         vectors = [row.vector for row in rows]
         if not all(numpy.isfinite(vector).all() for vector in vectors):
-            raise NotJsonSafe("the model's answer holds NaN or infinity, which JSON cannot carry; check the model and the inputs")
+            raise NotJsonSafe()
         return FastJSONResponse(openai_api.embeddings_response(model.name, vectors, sum(row.tokens for row in rows),
                                                                body.get("encoding_format", "float")))
 
@@ -680,8 +684,7 @@ class SafeJSONResponse(JSONResponse):
         try:
             return super().render(content)
         except ValueError as e:
-            raise NotJsonSafe("the model's answer holds NaN or infinity, which JSON cannot carry; check the model "
-                              f"and the inputs ({e})") from None
+            raise NotJsonSafe(str(e)) from None
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -331,8 +331,8 @@ class Engine:
             return False
         with self._cond:
             taken = [work for work in self._waiting if work.op == "generate"]
-            for work in taken:
-                self._waiting.remove(work)
+            if taken:
+                self._waiting = collections.deque(work for work in self._waiting if work.op != "generate")
         for work in taken:
             try:
                 self.scheduler.add(work)

@@ -274,13 +274,16 @@ class Scheduler:
     def _after_token(self, seq: _Sequence) -> None:
         """End ``seq`` if its last token ends it; stream its new text."""
         generation = seq.request.generation
+        streams = seq.request.work.on_text is not None and seq.index == 0
+        text = self._text(seq) if generation.stop or streams else ""  # decoded once a token, for both uses
         if seq.tokens[-1] == self.end_token:
             seq.finish = "stop"
-        elif generation.stop and any(stop in self._text(seq) for stop in generation.stop):
+        elif generation.stop and any(stop in text for stop in generation.stop):
             seq.finish = "stop"
         elif len(seq.tokens) >= generation.max_tokens:
             seq.finish = "length"
-        self._stream(seq)
+        if streams:
+            self._stream(seq, text)
         if seq.finish is not None:
             self._leave(seq)
             if seq.request.finished():
@@ -289,16 +292,13 @@ class Scheduler:
     def _text(self, seq: _Sequence) -> str:
         return self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
 
-    def _stream(self, seq: _Sequence) -> None:
-        """Hand the request's ``on_text`` the text that is final: up to the last space while it runs
-        (a later token may join the last word), all of it at the end."""
-        on_text = seq.request.work.on_text
-        if on_text is None or seq.index != 0:
-            return
-        text = self._text(seq)
+    @staticmethod
+    def _stream(seq: _Sequence, text: str) -> None:
+        """Hand the request's ``on_text`` the part of ``text`` (all of ``seq``'s so far) that is final: up to
+        the last space while it runs (a later token may join the last word), all of it at the end."""
         ready = len(text) if seq.finish is not None else text.rfind(" ") + 1
         if ready > seq.sent and not text[seq.sent:ready].endswith("\ufffd"):
-            on_text(text[seq.sent:ready])
+            seq.request.work.on_text(text[seq.sent:ready])
             seq.sent = ready
 
     def _leave(self, seq: _Sequence) -> None:
