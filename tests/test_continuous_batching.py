@@ -161,7 +161,8 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_answer(served, pl
 def test_stop_strings_n_and_streaming_in_one_batch(served, plain) -> None:
     server = served()
     tokenizer = plain[0]
-    text = tokenizer.decode(alone(plain, PROMPTS[0], 10), skip_special_tokens=True)
+    tokens = alone(plain, PROMPTS[0], 10)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     stop = text.split()[2]
     pieces: list[str] = []
     streamed = server.submit(Generation(prompt=PROMPTS[0], max_tokens=10, temperature=0), on_text=pieces.append)[1]
@@ -169,6 +170,7 @@ def test_stop_strings_n_and_streaming_in_one_batch(served, plain) -> None:
     several = server.submit(Generation(prompt=PROMPTS[1], max_tokens=6, temperature=1.0, n=3, seed=2))[1]
     assert "".join(pieces) == text or streamed.result(timeout=60).text == text
     assert streamed.result(timeout=60).text == text and "".join(pieces) == text
+    assert pieces[0] == tokenizer.decode(tokens[:1], skip_special_tokens=True)  # the first token's text, at once
     answer = stopped.result(timeout=60)
     assert answer.finish_reason == "stop" and answer.text == text[: text.index(stop)]
     assert answer.completion_tokens < 10  # it left the batch when the stop string appeared

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsnb.runtime.server.choices import Choice, TokenLogprob, token_logprob
+from dsnb.runtime.server.detokenize import TextStream
 from dsnb.runtime.server.engine import Abandoned, deliver
 from dsnb.runtime.server.kv_batch import Chunk, Step
 from dsnb.runtime.server.model import BadRequest, Completion, Generation
@@ -78,7 +79,7 @@ class _Sequence:
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
     logprobs: list[TokenLogprob] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    sent: int = 0  # characters of text streamed so far
+    text: TextStream | None = None  # its text a piece per token, when it streams or has stop strings
     finish: str | None = None
 
     @property
@@ -163,7 +164,9 @@ class Scheduler:
         request = _Request(work, generation, prompt, copies=generation.n // sampled)
         for index in range(sampled):
             generator = torch.Generator().manual_seed(generation.seed * 8 + index) if generation.do_sample else None
-            request.sequences.append(_Sequence(next(self._ids), request, index, generator))
+            streams = work.on_text is not None and index == 0
+            text = TextStream(self.tokenizer) if streams or generation.stop else None
+            request.sequences.append(_Sequence(next(self._ids), request, index, generator, text=text))
         self._waiting.extend(request.sequences)
 
     def fail_all(self, error: BaseException) -> None:
@@ -272,34 +275,23 @@ class Scheduler:
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
     def _after_token(self, seq: _Sequence) -> None:
-        """End ``seq`` if its last token ends it; stream its new text."""
+        """End ``seq`` if its last token ends it; stream the text the token completes (all of it at the end)."""
         generation = seq.request.generation
-        streams = seq.request.work.on_text is not None and seq.index == 0
-        text = self._text(seq) if generation.stop or streams else ""  # decoded once a token, for both uses
+        piece = seq.text.add(seq.tokens[-1]) if seq.text is not None else ""
         if seq.tokens[-1] == self.end_token:
             seq.finish = "stop"
-        elif generation.stop and any(stop in text for stop in generation.stop):
+        elif piece and generation.stop and any(stop in seq.text.text for stop in generation.stop):
             seq.finish = "stop"
         elif len(seq.tokens) >= generation.max_tokens:
             seq.finish = "length"
-        if streams:
-            self._stream(seq, text)
+        if seq.finish is not None and seq.text is not None:
+            piece += seq.text.flush()
+        if piece and seq.request.work.on_text is not None and seq.index == 0:
+            seq.request.work.on_text(piece)
         if seq.finish is not None:
             self._leave(seq)
             if seq.request.finished():
                 self._end_request(seq.request, None)
-
-    def _text(self, seq: _Sequence) -> str:
-        return self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-
-    @staticmethod
-    def _stream(seq: _Sequence, text: str) -> None:
-        """Hand the request's ``on_text`` the part of ``text`` (all of ``seq``'s so far) that is final: up to
-        the last space while it runs (a later token may join the last word), all of it at the end."""
-        ready = len(text) if seq.finish is not None else text.rfind(" ") + 1
-        if ready > seq.sent and not text[seq.sent:ready].endswith("\ufffd"):
-            seq.request.work.on_text(text[seq.sent:ready])
-            seq.sent = ready
 
     def _leave(self, seq: _Sequence) -> None:
         """Take ``seq`` out of the batch; every rank drops it at the next step."""
@@ -329,7 +321,7 @@ class Scheduler:
                           token_times=first.times)
 
     def _choice(self, seq: _Sequence) -> Choice:
-        text = self._text(seq)
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         cut = min((text.index(stop) for stop in seq.request.generation.stop if stop in text), default=None)
         logprobs = tuple(seq.logprobs) if seq.request.generation.logprobs is not None else None
         return Choice(text=text if cut is None else text[:cut], finish_reason=seq.finish or "stop",
