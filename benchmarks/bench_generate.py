@@ -12,7 +12,7 @@ from a config, the MiniLM tokenizer; float32, CPU, ``--threads`` intra-op thread
 
 First ``generate`` runs in this process on a static batch of C prompts at once, without HTTP:
 the ceiling a server can approach at concurrency C. Before a server is measured its greedy
-answer to one prompt must equal ``generate``'s. The load generator (asyncio + httpx, in this
+answer to one prompt must equal ``generate``'s. The load generator (asyncio + aiohttp, in this
 process, on the same cores as the server) runs a closed loop per concurrency: C workers each
 send one request after the other (prompts round-robin from a fixed list), for ``--warmup``
 seconds (not counted) then ``--seconds`` seconds. dsnb's servers are asked to stream
@@ -178,31 +178,28 @@ def check_answer(server: Server, expected: str, max_tokens: int) -> None:
         raise RuntimeError(f"{server.name} completed {PROMPTS[0]!r} with {text!r}; generate gives {expected!r}")
 
 
-async def one_request(client: Any, url: str, prompt: str, max_tokens: int, stream: bool) -> Record:
+async def one_request(session: Any, url: str, prompt: str, max_tokens: int, stream: bool) -> Record:
     """Send one completion request; when and how it came back."""
     body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
     started = time.perf_counter()
     first, tokens, outcome = 0.0, 0, "ok"
     try:
-        if not stream:
-            response = await client.post(url, json=body)
-            if response.status_code != 200:
-                return Record(started, 0.0, time.perf_counter(), 0, f"HTTP {response.status_code}")
-            tokens = response.json()["usage"]["completion_tokens"]
-            first = time.perf_counter()
-        else:
-            body.update(stream=True, stream_options={"include_usage": True})
-            async with client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    return Record(started, 0.0, time.perf_counter(), 0, f"HTTP {response.status_code}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif not first and chunk["choices"] and chunk["choices"][0].get("text"):
-                        first = time.perf_counter()
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                return Record(started, 0.0, time.perf_counter(), 0, f"HTTP {response.status}")
+            if not stream:
+                tokens = (await response.json())["usage"]["completion_tokens"]
+                first = time.perf_counter()
+            async for line in response.content if stream else ():  # server-sent events, a line at a time
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif not first and chunk["choices"] and chunk["choices"][0].get("text"):
+                    first = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - every failure is an error to count
         outcome = type(e).__name__
     ended = time.perf_counter()
@@ -210,17 +207,14 @@ async def one_request(client: Any, url: str, prompt: str, max_tokens: int, strea
 
 
 async def closed_loop(url: str, concurrency: int, duration_s: float, max_tokens: int, stream: bool) -> list[Record]:
-    import httpx
-
     prompts = itertools.cycle(PROMPTS)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     records: list[Record] = []
-    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
+    async with bench_serve.client_session(concurrency) as session:
         stop_at = time.perf_counter() + duration_s
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
-                records.append(await one_request(client, url, next(prompts), max_tokens, stream))
+                records.append(await one_request(session, url, next(prompts), max_tokens, stream))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return records

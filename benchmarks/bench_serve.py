@@ -13,7 +13,7 @@ package (float32, CPU, ``--threads`` intra-op threads, mean-pooled last hidden s
 The baselines are in ``benchmarks/serve_baselines.py``. First the model runs in this process,
 without HTTP, at batch sizes 1, 8 and 16: the ceiling a server can approach. Before a server
 is measured, its embedding of one sentence must equal the model's (max abs diff < 1e-4, or
-the run stops). The load generator (asyncio + httpx, in this process, on the same cores as
+the run stops). The load generator (asyncio + aiohttp, in this process, on the same cores as
 the server) runs a closed loop per concurrency: C workers each send one request after the
 other, sentences taken round-robin from a fixed list, for ``--warmup`` seconds (not counted)
 then ``--seconds`` seconds. Requests that end inside the measured window count: req/s and
@@ -356,30 +356,37 @@ def check_correctness(server: Server, sentence: str, reference: list[float]) -> 
     return diff
 
 
-async def send(client: Any, url: str, body: bytes) -> tuple[float, float, str]:
+async def send(session: Any, url: str, body: bytes) -> tuple[float, float, str]:
     """One request: its start and end (``perf_counter``) and ``"ok"`` or what went wrong."""
     started = time.perf_counter()
     try:
-        response = await client.post(url, content=body, headers={"content-type": "application/json"})
-        outcome = "ok" if response.status_code == 200 else f"HTTP {response.status_code}"
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+            await response.read()
+            outcome = "ok" if response.status == 200 else f"HTTP {response.status}"
     except Exception as e:  # noqa: BLE001 - every failure is an error to count
         outcome = type(e).__name__
     return started, time.perf_counter(), outcome
 
 
+def client_session(concurrency: int) -> Any:
+    """The load generator's HTTP client: aiohttp with ``concurrency`` connections (the lighter client: at
+    C = 64, httpx's took 0.3 to 0.6 of this machine's 2 cores, and starved the server it measured)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
+
+
 async def closed_loop(url: str, concurrency: int, duration_s: float) -> list[tuple[float, float, str]]:
     """``concurrency`` workers sending one request after the other until ``duration_s`` has passed."""
-    import httpx
-
     bodies = itertools.cycle([json.dumps({"model": SERVED_NAME, "input": s}).encode() for s in SENTENCES])
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     records: list[tuple[float, float, str]] = []
-    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
+    async with client_session(concurrency) as session:
         stop_at = time.perf_counter() + duration_s
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
-                records.append(await send(client, url, next(bodies)))
+                records.append(await send(session, url, next(bodies)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return records
@@ -456,7 +463,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "transformers", "deepspeed", "ray", "fastapi", "uvicorn", "httpx", "dsnb"):
+    for name in ("torch", "transformers", "deepspeed", "ray", "fastapi", "uvicorn", "aiohttp", "dsnb"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -563,7 +570,7 @@ def run_all(args: argparse.Namespace, reference: list[float]) -> tuple[list[Meas
 def report(args: argparse.Namespace, machine: str, alone: dict[int, float], results: list[Measurement]) -> str:
     """The Markdown report: machine, table, the model's ceiling, dsnb's ratios, CPU use per run."""
     header = (f"{date.today()}, {machine}; --threads {args.threads}, --seconds {args.seconds:g} "
-              f"(after {args.warmup:g} s warm-up), one server at a time; the load generator (asyncio + httpx) "
+              f"(after {args.warmup:g} s warm-up), one server at a time; the load generator (asyncio + aiohttp) "
               f"runs on the same cores as the server")
     ceiling = ("model alone, in this process, no HTTP (the ceiling): "
                + ", ".join(f"batch {size} {rate:.0f} sentences/s" for size, rate in alone.items()))
