@@ -190,20 +190,28 @@ async def one_request(session: Any, url: str, prompt: str, max_tokens: int, stre
             if response.status != 200:
                 return Record(started, 0.0, time.perf_counter(), 0, f"HTTP {response.status}")
             if not stream:
-                tokens = (await response.json())["usage"]["completion_tokens"]
+                tokens = json.loads(await response.read())["usage"]["completion_tokens"]
                 first = time.perf_counter()
-            async for line in response.content if stream else ():  # server-sent events, a line at a time
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif not first and chunk["choices"] and chunk["choices"][0].get("text"):
-                    first = time.perf_counter()
+            else:
+                first, tokens = await read_events(response.content)
     except Exception as e:  # noqa: BLE001 - every failure is an error to count
         outcome = type(e).__name__
     ended = time.perf_counter()
     return Record(started, first or ended, ended, tokens, outcome if tokens else (outcome if outcome != "ok" else "no tokens"))
+
+
+async def read_events(lines: Any) -> tuple[float, int]:
+    """When a stream's first text came, and the tokens its usage chunk counts (server-sent events, by line)."""
+    first, tokens = 0.0, 0
+    async for line in lines:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif not first and chunk["choices"] and chunk["choices"][0].get("text"):
+            first = time.perf_counter()
+    return first, tokens
 
 
 async def closed_loop(url: str, concurrency: int, duration_s: float, max_tokens: int, stream: bool) -> list[Record]:
