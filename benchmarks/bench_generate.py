@@ -19,7 +19,8 @@ seconds (not counted) then ``--seconds`` seconds. dsnb's servers are asked to st
 (``stream: true`` with ``stream_options.include_usage``): the time to first token is when the
 first text arrives, the inter-token latency of a request is the time from its first text to its
 end over its tokens less one. Ray's deployment answers whole: its first token arrives with the
-last. Requests that end inside the measured window count. Raw results go to
+last. Tokens/s counts the tokens made inside the measured window (a stream's spread evenly from its
+first text to its end); the latencies are those of the requests that end inside it. Raw results go to
 ``benchmarks/results/generate-<date>.json``.
 
 Example::
@@ -228,6 +229,16 @@ async def closed_loop(url: str, concurrency: int, duration_s: float, max_tokens:
     return records
 
 
+def tokens_within(record: Record, start: float, end: float) -> float:
+    """The tokens of ``record`` made between ``start`` and ``end``: a stream's spread evenly from its first text
+    to its end, a whole answer's at its end. (Counting only the requests that end inside the window would count
+    in whole waves: C clients with answers of one length end together, 2 048 tokens a wave at C = 64.)"""
+    if record.ended <= record.first:
+        return record.tokens if start <= record.ended <= end else 0.0
+    overlap = min(end, record.ended) - max(start, record.first)
+    return record.tokens * max(0.0, overlap) / (record.ended - record.first)
+
+
 def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, max_tokens: int) -> Measurement:
     """Load ``server`` at ``concurrency`` for ``warmup_s + seconds`` and summarise the last ``seconds``."""
     server.processes.update(process_tree(server.process.pid))
@@ -237,6 +248,7 @@ def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, m
     cores = CpuSample.take(server).cores_since(before)
     window_start = before.wall + warmup_s
     counted = [r for r in records if window_start <= r.ended <= window_start + seconds]
+    made = sum(tokens_within(r, window_start, window_start + seconds) for r in records if r.outcome == "ok")
     good = [r for r in counted if r.outcome == "ok"]
     errors: dict[str, int] = {}
     for r in counted:
@@ -245,7 +257,7 @@ def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, m
     ttft = [(r.first - r.started) * 1000 for r in good]
     itl = [(r.ended - r.first) * 1000 / (r.tokens - 1) for r in good if r.tokens > 1 and server.name.startswith("dsnb")]
     return Measurement(server=server.name, concurrency=concurrency, seconds=seconds, requests=len(counted),
-                       errors=sum(errors.values()), tokens_per_s=sum(r.tokens for r in good) / seconds,
+                       errors=sum(errors.values()), tokens_per_s=made / seconds,
                        ttft_p50_ms=percentile(ttft, 50), ttft_p99_ms=percentile(ttft, 99),
                        itl_p50_ms=percentile(itl, 50), itl_p99_ms=percentile(itl, 99), client_cpu_cores=cores["client"],
                        server_cpu_cores=cores["server"], other_cpu_cores=cores["other"], error_kinds=errors)
