@@ -93,6 +93,11 @@ def test_the_plan_is_a_record_a_secret_and_a_rayservice_that_fit_their_schemas()
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in (record, secret, service))
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     [app] = config["applications"]
+    from dsnb.runtime.server.server import ServerOptions
+
+    options = ServerOptions.parse(app["args"].pop("server_args"))  # each replica runs dsnb's server with these
+    assert (options.model, options.served_name, options.generation, options.working_dir) == (
+        "tiny_models:tiny_mlp", plan.name, "continuous", None)
     # What Ray Serve runs: dsnb's application at the root, the model for its loader, the spec's
     # plain variables (the secret one comes from the Secret), CPU inference, autoscaling bounds.
     assert app == {

@@ -216,7 +216,7 @@ def test_serve_answers_on_loopback_with_the_plain_models_outputs(ray_cluster: Cl
         assert torch.allclose(torch.tensor(outputs), torch.tensor(expected), atol=1e-6)
         with pytest.raises(ClusterError, match="HTTP 400.*non-empty list"):
             endpoint.predict({"inputs": "not a batch"})
-        with pytest.raises(ClusterError, match="HTTP 400.*could not run these inputs"):
+        with pytest.raises(ClusterError, match="HTTP 400.*could not take rows of shape"):
             endpoint.predict({"inputs": [[1.0, 2.0]]})
         assert endpoint.name in [s.name for s in ray_cluster.endpoints()]
         single = ray_cluster.endpoint(endpoint.name).predict({"inputs": inputs[:1]})["outputs"]
@@ -226,6 +226,44 @@ def test_serve_answers_on_loopback_with_the_plain_models_outputs(ray_cluster: Cl
     assert endpoint.name not in [s.name for s in ray_cluster.endpoints()]
     with pytest.raises(JobNotFound):
         endpoint.status()
+
+
+def test_a_language_model_on_ray_serve_streams_batches_generations_together_and_takes_lora(ray_cluster: Cluster,
+                                                                                            tmp_path: Path) -> None:
+    import concurrent.futures
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(SERVING_CODE))
+    try:
+        from tiny_llama import save_lora_adapter, save_tiny_llama
+    finally:
+        sys.path.remove(str(SERVING_CODE))
+    base = save_tiny_llama(tmp_path / "llama")
+    spec = ServeSpec(name="tiny-llama", model=base, lora_adapters={"sql": save_lora_adapter(base, tmp_path / "sql", seed=1)})
+    endpoint = ray_cluster.serve(spec)
+    try:
+        client = openai.OpenAI(base_url=endpoint.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        greedy = {"model": endpoint.name, "prompt": "deep speed serving", "max_tokens": 64, "temperature": 0}
+        alone = client.completions.create(**greedy).choices[0].text
+
+        def streamed(_: int) -> list[tuple[float, str]]:
+            return [(time.monotonic(), chunk.choices[0].text) for chunk in client.completions.create(**greedy, stream=True)
+                    if chunk.choices and chunk.choices[0].text]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = list(pool.map(streamed, range(4)))
+        assert all("".join(text for _, text in pieces) == alone for pieces in streams)
+        assert all(len(pieces) > 32 for pieces in streams)  # a piece per token, not one at the end
+        # one running batch: every stream had begun before any ended (one at a time, each waits for the last)
+        assert max(pieces[0][0] for pieces in streams) < min(pieces[-1][0] for pieces in streams)
+        assert client.completions.create(**{**greedy, "model": "sql"}).choices[0].text != alone
+        with urllib.request.urlopen(endpoint.url + "/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        assert "dsnb_time_to_first_token_seconds_count" in metrics and "dsnb_running_sequences" in metrics
+    finally:
+        assert endpoint.stop().state == JobState.CANCELLED
 
 
 def test_a_broken_loader_fails_serve_with_its_error_and_leaves_nothing(ray_cluster: Cluster) -> None:

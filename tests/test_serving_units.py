@@ -330,8 +330,9 @@ def test_the_serving_job_carries_the_token_as_a_secret_variable_only() -> None:
     assert options.lora == ["sql=/adapters/sql"] and options.allow_lora_loading
     from dsnb.runtime import ray_serve_app
 
-    with pytest.raises(InvalidSpecError, match="ServeSpec.lora_adapters: a Ray Serve replica does not load LoRA adapters"):
-        ray_serve_app.check_servable(adapters)
+    ray_serve_app.check_servable(adapters)  # a Ray Serve replica runs the same server
+    replica = ServerOptions.parse(ray_serve_app.serve_config(adapters, route_prefix="/m")["args"]["server_args"])
+    assert replica.lora == ["sql=/adapters/sql"] and replica.allow_lora_loading and replica.served_name == "m"
     assert "tok-0123456789" not in repr(spec) and "tok-0123456789" not in repr(job)
 
 

@@ -1,10 +1,12 @@
-"""The Ray Serve application dsnb deploys: one deployment whose replicas each hold a :class:`Predictor`.
+"""The Ray Serve application dsnb deploys: one deployment whose replicas each run dsnb's model server.
 
 ``dsnb.runtime.ray_serve_app:build`` is the application builder named in the Serve config
 (:func:`serve_config`), for a local Ray, an existing Ray cluster (through the Serve REST API)
-and a KubeRay RayService alike. A replica loads the model once and answers ``POST`` requests
-``{"inputs": ...}`` with ``{"outputs": ...}``; a malformed request gets a 400 with the reason,
-an oversized one a 413.
+and a KubeRay RayService alike. A replica loads the model once and serves the same HTTP
+application as ``python -m dsnb.runtime.server`` (:mod:`dsnb.runtime.server.app`) behind Serve's
+proxy, with the spec's server options: ``POST /`` with ``{"inputs": ...}``, the OpenAI and KServe
+v2 routes, streaming, continuous batching of generations, LoRA adapters and ``/metrics`` (the
+replica's own). A malformed request gets a 400 with the reason, an oversized one a 413.
 
 Example:
     >>> from dsnb.serving import ServeSpec
@@ -16,15 +18,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from dsnb.serving.spec import ServeSpec
 
 DEPLOYMENT = "DsnbModel"
 IMPORT_PATH = "dsnb.runtime.ray_serve_app:build"
-#: Request bodies above this many bytes get a 413.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def deployment_config(spec: ServeSpec) -> dict[str, Any]:
@@ -49,10 +48,10 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
 
 
 def check_servable(spec: ServeSpec) -> None:
-    """Refuse what Ray Serve replicas do not offer: a token, one model over several ranks, or LoRA adapters.
+    """Refuse what Ray Serve replicas do not offer: a token, or one model over several ranks.
 
     Raises:
-        InvalidSpecError: ``token`` is set, ``nodes``/``procs_per_node`` are above 1, or adapters are asked for.
+        InvalidSpecError: ``token`` is set, or ``nodes``/``procs_per_node`` are above 1.
     """
     from dsnb.errors import InvalidSpecError
 
@@ -65,10 +64,6 @@ def check_servable(spec: ServeSpec) -> None:
                                "a Ray Serve replica holds the whole model; splitting one model over ranks needs a job backend",
                                "use replicas= for more copies, or serve on Cluster('local') or a Kubernetes backend",
                                spec="ServeSpec")
-    if spec.lora_adapters or spec.allow_lora_loading:
-        raise InvalidSpecError("lora_adapters" if spec.lora_adapters else "allow_lora_loading",
-                               "a Ray Serve replica does not load LoRA adapters",
-                               "serve on Cluster('local') or a Kubernetes backend, whose server takes them", spec="ServeSpec")
 
 
 def replica_env(spec: ServeSpec) -> dict[str, str]:
@@ -89,8 +84,39 @@ def serve_config(spec: ServeSpec, route_prefix: str, working_dir: str | None = N
     if working_dir:
         runtime_env["working_dir"] = working_dir
     return {"name": spec.name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
-            "args": {"model": spec.model, "dtype": spec.dtype}, "runtime_env": runtime_env,
-            "deployments": [deployment_config(spec)]}
+            "args": {"model": spec.model, "dtype": spec.dtype, "server_args": replica_args(spec)},
+            "runtime_env": runtime_env, "deployments": [deployment_config(spec)]}
+
+
+def replica_args(spec: ServeSpec) -> list[str]:
+    """The server options of every replica: the spec's (:meth:`ServeSpec.server_args`) less the port, which
+    Serve's proxy owns, and the working directory, which Ray ships as the replica's own (``runtime_env``).
+
+    Example:
+        >>> replica_args(ServeSpec(name="a", model="m:f", working_dir="/tmp/code", max_running=8))[:4]
+        ['--model', 'm:f', '--served-name', 'a']
+        >>> "--port" in replica_args(ServeSpec(name="a", model="m:f"))
+        False
+    """
+    args, given = [], spec.server_args()
+    for index, arg in enumerate(given):
+        if arg in ("--port", "--working-dir") or (index and given[index - 1] in ("--port", "--working-dir")):
+            continue
+        args.append(arg)
+    return args
+
+
+def at_route_root(app: Any) -> Any:
+    """``app`` (ASGI), also answering at the route prefix itself: Serve hands ``/<name>`` over with the prefix
+    as ``root_path`` and nothing after it, which Starlette would redirect to ``/<name>/`` (a 307 that clients
+    sending a token must not follow)."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == scope.get("root_path", "") != "":
+            scope = {**scope, "path": scope["path"] + "/", "raw_path": scope["path"].encode() + b"/"}
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def build(args: dict[str, Any]) -> Any:
@@ -100,30 +126,33 @@ def build(args: dict[str, Any]) -> Any:
         ValueError: ``args`` lacks ``model``.
     """
     from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
 
     if "model" not in args:
         raise ValueError("the Serve config's args need 'model'")
+    server_args = args.get("server_args") or ["--model", args["model"], "--dtype", args.get("dtype", "float32")]
 
     @serve.deployment(name=DEPLOYMENT)
+    @serve.ingress()
     class DsnbModel:
-        def __init__(self, model: str, dtype: str) -> None:
-            from dsnb.runtime.server.model import Predictor
+        def __init__(self, server_args: list[str]) -> None:
+            from dsnb.runtime.server.server import ServerOptions, build_server, load_model, put_to_work
 
-            self.predictor = Predictor(model, dtype=dtype)
+            options = ServerOptions.parse(server_args)
+            # not ``app``: Serve's ingress owns that attribute
+            self.dsnb_engine, stats, self.dsnb_app = build_server(options)
+            put_to_work(self.dsnb_app, self.dsnb_engine, load_model(options), options)
+            stats.ready.set(1)
 
-        async def __call__(self, request: Request) -> JSONResponse:
-            from dsnb.runtime.server.model import BadRequest
+        def __serve_build_asgi_app__(self) -> Any:
+            return at_route_root(self.dsnb_app.starlette())
 
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-            try:
-                return JSONResponse(self.predictor.predict(json.loads(body or b"null")))
-            except (BadRequest, ValueError) as e:
-                return JSONResponse({"error": str(e)}, status_code=400)
-            except RuntimeError as e:  # e.g. a shape the model does not take
-                return JSONResponse({"error": f"the model could not run these inputs: {e}"}, status_code=400)
+        def check_health(self) -> None:
+            """Serve's health check: a replica whose engine stopped is restarted."""
+            if not self.dsnb_engine.ready:
+                raise RuntimeError(self.dsnb_engine.not_ready_reason)
 
-    return DsnbModel.bind(args["model"], args.get("dtype", "float32"))
+        def __del__(self) -> None:
+            if (engine := getattr(self, "dsnb_engine", None)) is not None:  # None: the constructor failed
+                engine.stop(timeout=10.0)
+
+    return DsnbModel.bind(server_args)

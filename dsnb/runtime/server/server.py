@@ -188,11 +188,16 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
 
 
-def _load(options: ServerOptions, place: RankPlace) -> Any:
+def load_model(options: ServerOptions, world_size: int = 1) -> Any:
+    """The model runner of ``options`` over ``world_size`` tensor-parallel ranks, with its start-up LoRA adapters.
+
+    Raises:
+        Exception: whatever loading the model or an adapter raised (the caller reports it).
+    """
     from dsnb.runtime.server.model import Predictor
 
     predictor = Predictor(options.model, dtype=options.dtype, working_dir=options.working_dir,
-                          tensor_parallel=place.world_size, max_inputs=options.max_inputs,
+                          tensor_parallel=world_size, max_inputs=options.max_inputs,
                           max_prompt_tokens=options.max_prompt_tokens, max_adapters=options.max_loras)
     from dsnb.runtime.server.lora import check_name
 
@@ -218,20 +223,45 @@ def _url(host: str, sock: socket.socket) -> str:
     return f"http://{shown}:{port}/"
 
 
+def build_server(options: ServerOptions, world_size: int = 1, token: str | None = None) -> tuple[Engine, Any, Any]:
+    """Rank 0's engine, metrics (:class:`~dsnb.runtime.server.stats.ServerStats`) and HTTP application
+    (:class:`~dsnb.runtime.server.app.ServerApp`), with no model yet (:func:`put_to_work` gives it one).
+
+    Example:
+        >>> engine, stats, app = build_server(ServerOptions(model="m:f", served_name="tiny"))
+        >>> app.model is None, engine.scheduler is None
+        (True, True)
+    """
+    from dsnb.runtime.server.app import ServerApp
+    from dsnb.runtime.server.stats import ServerStats
+
+    stats = ServerStats()
+    engine = Engine(None, Collective(world_size), max_batch_size=options.max_batch_size,
+                    max_wait_s=options.max_wait_ms / 1000, max_queue=options.max_queue, on_batch=stats.observe_batch)
+    stats.watch_generation(engine.generation_state)
+    app = ServerApp(engine, stats, token=token, max_body_bytes=options.max_body_bytes, version=_version(),
+                    body_bytes_in_flight=options.max_body_bytes_in_flight, lora_loading=options.allow_lora_loading)
+    return engine, stats, app
+
+
+def put_to_work(app: Any, engine: Engine, runner: Any, options: ServerOptions) -> None:
+    """Serve ``runner`` (from :func:`load_model`) through ``app`` and start ``engine``: a language model's
+    generations are batched continuously unless ``options.generation`` says one at a time."""
+    from dsnb.runtime.server.app import ServedModel
+
+    app.model = ServedModel.of(options.served_name, runner)
+    if runner.kind == "causal-lm" and options.generation == "continuous":
+        engine.scheduler = Scheduler(runner.tokenizer, runner.prompt_limit, max_running=options.max_running,
+                                     max_cache_tokens=options.max_cache_tokens, prefill_tokens=options.prefill_tokens)
+    engine.set_runner(runner)
+    engine.start()
+
+
 def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
     """Rank 0: load, connect, answer HTTP until SIGTERM (returns the exit code)."""
     import uvicorn
 
-    from dsnb.runtime.server.app import ServedModel, ServerApp
-    from dsnb.runtime.server.stats import ServerStats
-
-    stats = ServerStats()
-    engine = Engine(None, Collective(place.world_size), max_batch_size=options.max_batch_size,
-                    max_wait_s=options.max_wait_ms / 1000, max_queue=options.max_queue, on_batch=stats.observe_batch)
-    stats.watch_generation(engine.generation_state)
-    app = ServerApp(engine, stats, token=os.environ.get("DSNB_SERVE_TOKEN") or None, max_body_bytes=options.max_body_bytes,
-                    version=_version(), body_bytes_in_flight=options.max_body_bytes_in_flight,
-                    lora_loading=options.allow_lora_loading)
+    engine, stats, app = build_server(options, place.world_size, token=os.environ.get("DSNB_SERVE_TOKEN") or None)
     sock = _bind(options.host, options.port)
     url = _url(options.host, sock)
     print(f"dsnb.serving: rank 0 of {place.world_size} listening at {url} (loading {options.model})", flush=True)
@@ -242,14 +272,9 @@ def serve_rank0(options: ServerOptions, place: RankPlace) -> int:
 
     def start_engine() -> None:
         try:
-            runner = _load(options, place)
+            runner = load_model(options, place.world_size)
             _init_distributed_ready(place)
-            app.model = ServedModel.of(options.served_name, runner)
-            if runner.kind == "causal-lm" and options.generation == "continuous":
-                engine.scheduler = Scheduler(runner.tokenizer, runner.prompt_limit, max_running=options.max_running,
-                                             max_cache_tokens=options.max_cache_tokens, prefill_tokens=options.prefill_tokens)
-            engine.set_runner(runner)
-            engine.start()
+            put_to_work(app, engine, runner, options)
         except Exception as e:  # noqa: BLE001 - the server cannot serve; say why and stop
             print(f"dsnb.serving: cannot serve {options.model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             exit_code["code"] = 1
@@ -320,7 +345,7 @@ def serve_follower(options: ServerOptions, place: RankPlace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     _init_distributed(place)
     try:
-        runner = _load(options, place)
+        runner = load_model(options, place.world_size)
         _init_distributed_ready(place)
         state.update(ready=True, reason="")
         follow(runner, Collective(place.world_size))
