@@ -8,7 +8,9 @@ from a config, the MiniLM tokenizer; float32, CPU, ``--threads`` intra-op thread
 - ``dsnb-one``: the same server with ``--generation one-at-a-time`` (each request runs
   transformers' ``generate`` alone, as dsnb did before continuous batching);
 - ``ray``: a Ray Serve deployment as a user writes it by default (one replica, FastAPI ingress,
-  ``generate`` per request; ``benchmarks/generate_baselines.py``), on a private Ray head.
+  ``generate`` per request; ``benchmarks/generate_baselines.py``), on a private Ray head;
+- ``dsnb-ray``: what ``Cluster("ray").serve`` deploys there instead: dsnb's server in a Ray Serve
+  replica, behind Serve's proxy, with continuous batching.
 
 First ``generate`` runs in this process on a static batch of C prompts at once, without HTTP:
 the ceiling a server can approach at concurrency C. Before a server is measured its greedy
@@ -73,6 +75,7 @@ LABELS = {
     "dsnb": "dsnb, continuous batching",
     "dsnb-one": "dsnb, one request at a time (`--generation one-at-a-time`)",
     "ray": "Ray Serve (defaults, `generate` per request)",
+    "dsnb-ray": "dsnb's server on Ray Serve (`Cluster(\"ray\")`'s replica, continuous batching)",
 }
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog while",
@@ -118,14 +121,14 @@ class Record:
 def server_command(name: str, model: str, port: int, threads: int, workdir: Path) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start server ``name`` on ``port``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    if name.startswith("dsnb"):
+    if name in ("dsnb", "dsnb-one"):
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR=HOST, MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
         command = [sys.executable, "-m", "dsnb.runtime.server", "--model", model, "--served-name", SERVED_NAME,
                    "--port", str(port), "--host", HOST]
         return command + (["--generation", "one-at-a-time"] if name == "dsnb-one" else []), env
     return [sys.executable, str(BASELINES), "--model", model, "--port", str(port), "--host", HOST,
-            "--threads", str(threads), "--ray-temp-dir", str(workdir / "ray")], env
+            "--threads", str(threads), "--ray-temp-dir", str(workdir / "ray"), "--app", "dsnb" if name == "dsnb-ray" else "user"], env
 
 
 def start_server(name: str, model: str, threads: int, workdir: Path) -> Server:
@@ -281,7 +284,7 @@ def table(results: list[Measurement], ceilings: dict[int, float]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default="dsnb,dsnb-one,ray", help=f"comma-separated, from {', '.join(LABELS)}")
+    parser.add_argument("--servers", default="dsnb,dsnb-one,ray,dsnb-ray", help=f"comma-separated, from {', '.join(LABELS)}")
     parser.add_argument("--concurrency", default="1,8,64", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring, not counted")

@@ -1,9 +1,12 @@
-"""The Ray Serve server ``bench_generate.py`` measures dsnb's against: the same tiny Llama, ``generate`` per request.
+"""The Ray Serve servers ``bench_generate.py`` measures: the same tiny Llama, on a private Ray head.
 
-A Ray Serve deployment as a user writes it by default (one replica, ``num_cpus=threads``,
-FastAPI ingress, a plain ``def`` endpoint) answers ``POST /v1/completions`` with an OpenAI
-completion body and ``GET /readyz``, on a private Ray head. It runs until SIGTERM or SIGINT,
-then shuts Serve and Ray down. Example::
+- ``--app user`` (the default): a Ray Serve deployment as a user writes it by default (one
+  replica, ``num_cpus=threads``, FastAPI ingress, a plain ``def`` endpoint, ``generate`` per
+  request) answers ``POST /v1/completions`` with an OpenAI completion body and ``GET /readyz``;
+- ``--app dsnb``: the application ``Cluster("ray").serve`` deploys
+  (:func:`dsnb.runtime.ray_serve_app.build`, one replica): dsnb's own server, continuous batching.
+
+It runs until SIGTERM or SIGINT, then shuts Serve and Ray down. Example::
 
     python benchmarks/generate_baselines.py --model <dir> --port 8000 --threads 2 --ray-temp-dir /tmp/rg
 
@@ -68,6 +71,14 @@ def ray_app(model_dir: str, threads: int) -> Any:
     return CompletionDeployment.bind()
 
 
+def dsnb_app(model_dir: str) -> Any:
+    """The application dsnb deploys on Ray Serve, serving ``model_dir`` as ``SERVED_NAME`` (one replica; its torch
+    threads come from ``OMP_NUM_THREADS``, which the benchmark sets and Ray's workers inherit)."""
+    from dsnb.runtime import ray_serve_app
+
+    return ray_serve_app.build({"model": model_dir, "server_args": ["--model", model_dir, "--served-name", SERVED_NAME]})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory")
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ray-temp-dir", default=None, help="Ray's session directory (default: Ray's own)")
+    parser.add_argument("--app", choices=["user", "dsnb"], default="user", help="which application (see above)")
     args = parser.parse_args(argv)
     import ray
     from ray import serve
@@ -82,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.threads, include_dashboard=False, _temp_dir=args.ray_temp_dir, log_to_driver=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(ray_app(args.model, args.threads), name=SERVED_NAME, route_prefix="/")
+        app = ray_app(args.model, args.threads) if args.app == "user" else dsnb_app(args.model)
+        serve.run(app, name=SERVED_NAME, route_prefix="/")
         print("ready", flush=True)
         wait_for_signal()
     finally:

@@ -119,6 +119,17 @@ def at_route_root(app: Any) -> Any:
     return asgi
 
 
+def ongoing_requests(options: Any) -> int:
+    """Requests a replica takes at once (Serve's ``max_ongoing_requests``): a full batch of either kind.
+
+    Example:
+        >>> from dsnb.runtime.server.server import ServerOptions
+        >>> ongoing_requests(ServerOptions(model="m:f", served_name="m", max_running=64, max_batch_size=16))
+        64
+    """
+    return max(options.max_running, options.max_batch_size)
+
+
 def build(args: dict[str, Any]) -> Any:
     """The application builder Serve calls with the config's ``args``.
 
@@ -129,9 +140,14 @@ def build(args: dict[str, Any]) -> Any:
 
     if "model" not in args:
         raise ValueError("the Serve config's args need 'model'")
-    server_args = args.get("server_args") or ["--model", args["model"], "--dtype", args.get("dtype", "float32")]
+    from dsnb.runtime.server.server import ServerOptions
 
-    @serve.deployment(name=DEPLOYMENT)
+    server_args = args.get("server_args") or ["--model", args["model"], "--dtype", args.get("dtype", "float32")]
+    options = ServerOptions.parse(server_args)
+
+    # Serve lets 5 requests at a time into a replica by default, which would cap its batches at 5:
+    # let in a full batch of generations or of embeddings (the server queues the rest itself).
+    @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=ongoing_requests(options))
     @serve.ingress()
     class DsnbModel:
         def __init__(self, server_args: list[str]) -> None:
