@@ -152,7 +152,8 @@ def _cluster(args: argparse.Namespace) -> Cluster:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo, check, serve, endpoints, rbac)."""
+    """The ``dsnb`` argument parser (subcommands run, dryrun, jobs, logs, status, cancel, demo, check, serve, endpoints, rbac,
+    estimate)."""
     parser = argparse.ArgumentParser(
         prog="dsnb", description="Launch, watch and stop distributed DeepSpeed jobs.", allow_abbrev=False
     )
@@ -225,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     subject.add_argument("--service-account", metavar="NAME",
                          help="bind it to this service account of the namespace (your notebook server's; "
                               "'default' only with a warning: every pod that names no account runs as it)")
+
+    estimate = sub.add_parser("estimate", help="estimate the memory a training job needs per GPU and per node; "
+                              "start nothing", allow_abbrev=False)
+    estimate.add_argument("model", help="a parameter count (7e9), or a Hugging Face model directory (its config.json)")
+    estimate.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    estimate.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the CPU")
+    estimate.add_argument("--offload-params", action="store_true", help="parameters on the CPU (ZeRO stage 3)")
+    estimate.add_argument("--procs", type=int, default=1, metavar="N", help="GPUs (ranks) per node")
+    estimate.add_argument("--nodes", type=int, default=1, metavar="M")
+    estimate.add_argument("--seq-len", type=int, metavar="S", help="tokens per sample, for the activations")
+    estimate.add_argument("--micro-batch", type=int, default=1, metavar="B", help="samples per GPU per step")
+    estimate.add_argument("--gpu-gib", type=float, metavar="G", help="GiB per GPU to compare with (default: this machine's)")
     return parser
 
 
@@ -543,6 +556,26 @@ def _cmd_endpoints(ui: _Ui, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_estimate(ui: _Ui, args: argparse.Namespace) -> int:
+    from dsnb.fit import estimate
+
+    model: object = args.model
+    try:
+        model = float(args.model)
+    except ValueError:
+        pass
+    gpu = int(args.gpu_gib * 2**30) if args.gpu_gib is not None else None
+    try:
+        fit = estimate(model, zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer,
+                       offload_params=args.offload_params, gpus_per_node=args.procs, nodes=args.nodes,
+                       sequence_length=args.seq_len, micro_batch=args.micro_batch, gpu_memory=gpu)
+    except InvalidSpecError as e:
+        _error(ui, str(e))
+        return EXIT_USAGE
+    _plain(ui.out, str(fit))
+    return 0 if fit.verdict != "does not fit" else 1
+
+
 def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
     backend_class = load_backend("kuberay" if args.backend == "ray" else args.backend)  # on Kubernetes, Ray is KubeRay
     permissions = getattr(backend_class, "permissions", ())
@@ -650,7 +683,8 @@ def _dispatch(ui: _Ui, args: argparse.Namespace, rest: list[str]) -> int:
             return EXIT_USAGE
         return _cmd_run(ui, args, rest)
     command = {"jobs": _cmd_jobs, "logs": _cmd_logs, "status": _cmd_status, "cancel": _cmd_cancel, "demo": _cmd_demo,
-               "check": _cmd_check, "rbac": _cmd_rbac, "serve": _cmd_serve, "endpoints": _cmd_endpoints}
+               "check": _cmd_check, "rbac": _cmd_rbac, "serve": _cmd_serve, "endpoints": _cmd_endpoints,
+               "estimate": _cmd_estimate}
     return command[args.command](ui, args)
 
 if __name__ == "__main__":
