@@ -83,6 +83,11 @@ class _Sequence:
     finish: str | None = None
 
     @property
+    def streams(self) -> bool:
+        """Whether its text goes to the request's ``on_text`` (a streamed request streams its first sequence)."""
+        return self.request.work.on_text is not None and self.index == 0
+
+    @property
     def reserved(self) -> int:
         """Cache tokens this sequence may hold at most: its prompt and every token it may generate."""
         return len(self.request.prompt) + self.request.generation.max_tokens
@@ -164,9 +169,10 @@ class Scheduler:
         request = _Request(work, generation, prompt, copies=generation.n // sampled)
         for index in range(sampled):
             generator = torch.Generator().manual_seed(generation.seed * 8 + index) if generation.do_sample else None
-            streams = work.on_text is not None and index == 0
-            text = TextStream(self.tokenizer) if streams or generation.stop else None
-            request.sequences.append(_Sequence(next(self._ids), request, index, generator, text=text))
+            seq = _Sequence(next(self._ids), request, index, generator)
+            if seq.streams or generation.stop:
+                seq.text = TextStream(self.tokenizer)
+            request.sequences.append(seq)
         self._waiting.extend(request.sequences)
 
     def fail_all(self, error: BaseException) -> None:
@@ -286,7 +292,7 @@ class Scheduler:
             seq.finish = "length"
         if seq.finish is not None and seq.text is not None:
             piece += seq.text.flush()
-        if piece and seq.request.work.on_text is not None and seq.index == 0:
+        if piece and seq.streams:
             seq.request.work.on_text(piece)
         if seq.finish is not None:
             self._leave(seq)
