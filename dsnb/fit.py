@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,7 @@ def model_size(model: Any) -> ModelSize:
     Raises:
         InvalidSpecError: ``model`` is none of these, or its config cannot be read.
     """
-    if isinstance(model, bool) or (isinstance(model, (int, float)) and model <= 0):
+    if isinstance(model, bool) or (isinstance(model, (int, float)) and not 0 < model < math.inf):
         raise InvalidSpecError("model", f"{model!r} is not a parameter count", "give a positive number of parameters")
     if isinstance(model, (int, float)):
         return ModelSize(params=int(model))
@@ -203,7 +204,8 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
         InvalidSpecError: the model cannot be sized, or a setting is out of range.
     """
     size = model if isinstance(model, ModelSize) else model_size(model)
-    zero = _zero_block(spec)
+    config = getattr(spec, "deepspeed_config", None) or {}  # checked afresh on each read: read it once
+    zero = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
     stage = zero_stage if zero_stage is not None else int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise InvalidSpecError("zero_stage", f"{stage} is not a ZeRO stage", "use 0, 1, 2 or 3")
@@ -211,7 +213,7 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
     off_par = offload_params if offload_params is not None else _offloaded(zero, "offload_param")
     per_node = gpus_per_node or (spec.procs_per_node if spec is not None else 1)
     node_count = nodes or (spec.nodes if spec is not None else 1)
-    micro = micro_batch or _micro_batch(spec)
+    micro = micro_batch or _micro_batch(config)
     notes = []
     gpu, cpu = _model_states(size, stage, off_opt, off_par, per_node, node_count, notes)
     activations = _activations(size, sequence_length, micro, notes)
@@ -219,19 +221,12 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
     return FitEstimate(size, stage, off_opt, off_par, per_node, node_count, gpu, cpu, activations, there, tuple(notes))
 
 
-def _zero_block(spec: Any) -> dict[str, Any]:
-    config = getattr(spec, "deepspeed_config", None) or {}
-    zero = config.get("zero_optimization") or {}
-    return zero if isinstance(zero, dict) else {}
-
-
 def _offloaded(zero: dict[str, Any], key: str) -> bool:
     block = zero.get(key)
     return isinstance(block, dict) and block.get("device") in ("cpu", "nvme")
 
 
-def _micro_batch(spec: Any) -> int:
-    config = getattr(spec, "deepspeed_config", None) or {}
+def _micro_batch(config: dict[str, Any]) -> int:
     micro = config.get("train_micro_batch_size_per_gpu")
     return micro if isinstance(micro, int) and micro > 0 else 1
 

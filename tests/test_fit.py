@@ -92,6 +92,7 @@ def test_the_verdict_compares_the_range_with_the_gpu() -> None:
 
 
 @pytest.mark.parametrize("model,says", [(-5, "not a parameter count"), (True, "not a parameter count"),
+                                        (float("inf"), "not a parameter count"), (float("nan"), "not a parameter count"),
                                         (object(), "not a parameter count, a model directory"),
                                         ({"hidden_size": 8}, "no model_type")])
 def test_what_cannot_be_sized_is_refused_naming_the_field(model: object, says: str) -> None:
