@@ -218,20 +218,6 @@ async def read_events(lines: Any) -> tuple[float, int]:
     return first, tokens
 
 
-async def closed_loop(url: str, concurrency: int, duration_s: float, max_tokens: int, stream: bool) -> list[Record]:
-    prompts = itertools.cycle(PROMPTS)
-    records: list[Record] = []
-    async with bench_serve.client_session(concurrency) as session:
-        stop_at = time.perf_counter() + duration_s
-
-        async def worker() -> None:
-            while time.perf_counter() < stop_at:
-                records.append(await one_request(session, url, next(prompts), max_tokens, stream))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return records
-
-
 def tokens_within(record: Record, start: float, end: float) -> float:
     """The tokens of ``record`` made between ``start`` and ``end``: a stream's spread evenly from its first text
     to its end, a whole answer's at its end. (Counting only the requests that end inside the window would count
@@ -246,8 +232,9 @@ def measure(server: Server, concurrency: int, warmup_s: float, seconds: float, m
     """Load ``server`` at ``concurrency`` for ``warmup_s + seconds`` and summarise the last ``seconds``."""
     server.processes.update(process_tree(server.process.pid))
     before = CpuSample.take(server)
-    records = asyncio.run(closed_loop(f"{server.url}/v1/completions", concurrency, warmup_s + seconds, max_tokens,
-                                      stream=server.name.startswith("dsnb")))
+    url, prompts, stream = f"{server.url}/v1/completions", itertools.cycle(PROMPTS), server.name.startswith("dsnb")
+    records = asyncio.run(bench_serve.closed_loop(
+        concurrency, warmup_s + seconds, lambda session: one_request(session, url, next(prompts), max_tokens, stream)))
     cores = CpuSample.take(server).cores_since(before)
     window_start = before.wall + warmup_s
     counted = [r for r in records if window_start <= r.ended <= window_start + seconds]

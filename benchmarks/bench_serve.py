@@ -41,10 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from machine import describe
 from serve_baselines import SERVED_NAME, Embedder, default_model_dir
@@ -53,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 BASELINES = Path(__file__).resolve().parent / "serve_baselines.py"
 HOST = "127.0.0.1"
+T = TypeVar("T")
 MAX_BATCH_SIZE = 16
 MAX_WAIT_MS = 5
 TOLERANCE = 1e-4
@@ -377,16 +379,16 @@ def client_session(concurrency: int) -> Any:
                                  timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
 
 
-async def closed_loop(url: str, concurrency: int, duration_s: float) -> list[tuple[float, float, str]]:
-    """``concurrency`` workers sending one request after the other until ``duration_s`` has passed."""
-    bodies = itertools.cycle([json.dumps({"model": SERVED_NAME, "input": s}).encode() for s in SENTENCES])
-    records: list[tuple[float, float, str]] = []
+async def closed_loop(concurrency: int, duration_s: float, request: Callable[[Any], Awaitable[T]]) -> list[T]:
+    """``concurrency`` workers each awaiting ``request(session)`` one after the other until ``duration_s`` has
+    passed; every request's record, in the order they ended."""
+    records: list[T] = []
     async with client_session(concurrency) as session:
         stop_at = time.perf_counter() + duration_s
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
-                records.append(await send(session, url, next(bodies)))
+                records.append(await request(session))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return records
@@ -396,7 +398,9 @@ def measure(server: Server, concurrency: int, warmup_s: float, seconds: float) -
     """Load ``server`` at ``concurrency`` for ``warmup_s + seconds`` and summarise the last ``seconds``."""
     server.processes.update(process_tree(server.process.pid))
     before = CpuSample.take(server)
-    records = asyncio.run(closed_loop(f"{server.url}/v1/embeddings", concurrency, warmup_s + seconds))
+    url = f"{server.url}/v1/embeddings"
+    bodies = itertools.cycle([json.dumps({"model": SERVED_NAME, "input": s}).encode() for s in SENTENCES])
+    records = asyncio.run(closed_loop(concurrency, warmup_s + seconds, lambda session: send(session, url, next(bodies))))
     cores = CpuSample.take(server).cores_since(before)
     window_start = before.wall + warmup_s
     window_end = window_start + seconds
