@@ -120,12 +120,22 @@ class Cluster:
         """Statuses of this backend's endpoints (none where it cannot serve)."""
         return self.backend.endpoints()
 
-    def check(self, spec: JobSpec | None = None) -> PreflightReport:
+    def check(self, spec: JobSpec | None = None, *, model: Any = None, sequence_length: int | None = None) -> PreflightReport:
         """Check now that this backend can run jobs, and ``spec`` in particular; start nothing.
 
         What is checked depends on the backend (see ``docs/preflight.md``): on Kubernetes the
         API, the namespace, every permission dsnb needs and, for a GPU spec, GPU nodes; locally
         torch, deepspeed, CPU cores and GPUs. In a notebook the report shows as a table.
+
+        Given ``model`` (a parameter count, a Hugging Face model directory or config, a module or a
+        loader), a last ``memory fit`` line says whether it trains under ``spec``'s ZeRO stage,
+        offload settings and world size on the memory there is (``docs/fit.md``); ``report.fit``
+        holds the estimate.
+
+        Args:
+            spec: the job to check for.
+            model: the model to estimate the memory of (see :func:`dsnb.fit.estimate`).
+            sequence_length: tokens per sample, for the activations.
 
         Raises:
             Nothing on purpose: problems are failed lines; ``.raise_for_problems()`` raises
@@ -140,8 +150,16 @@ class Cluster:
             ✓ deepspeed: deepspeed 0.16.2
             ✓ CPU cores: 16 usable for 1 rank(s)
             >>> Cluster("statefulset", namespace="ml").check(spec).raise_for_problems()  # doctest: +SKIP
+            >>> print(Cluster().check(spec, model=7e9)["memory fit"])  # doctest: +SKIP
+            ✗ memory fit: 130.39 GiB per GPU, 234.69 GiB CPU per node (ZeRO 0); there is 23.47 GiB per GPU, ...
         """
-        return self.backend.check(spec)
+        report = self.backend.check(spec)
+        if model is not None:
+            from dsnb.fit import fit_check
+
+            line, report.fit = fit_check(model, spec, self.backend.memory_there(spec), sequence_length)
+            report.results.append(line)
+        return report
 
     def runtimes(self) -> list[dict[str, Any]]:
         """The Kubeflow Trainer runtimes a TrainJob here can name (``Cluster("trainjob")`` only).

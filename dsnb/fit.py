@@ -68,6 +68,7 @@ class FitEstimate:
         activations: bytes per GPU, (all recomputed, none recomputed); None when the shape or the
             sequence length is unknown.
         gpu_memory: bytes per GPU there are, when known.
+        cpu_memory: bytes of CPU memory per node there are, when known.
     """
 
     model: ModelSize
@@ -81,6 +82,7 @@ class FitEstimate:
     activations: tuple[int, int] | None
     gpu_memory: int | None
     notes: tuple[str, ...] = ()
+    cpu_memory: int | None = None
 
     @property
     def gpu_needed(self) -> tuple[int, int]:
@@ -91,7 +93,10 @@ class FitEstimate:
     @property
     def verdict(self) -> str:
         """``"fits"``, ``"fits with activation checkpointing"``, ``"does not fit"``, or ``"unknown"``
-        (no GPU memory to compare with)."""
+        (no GPU memory to compare with). Too little CPU memory per node for DeepSpeed's estimate
+        does not fit either."""
+        if self.cpu_memory is not None and self.cpu_model_states > self.cpu_memory:
+            return "does not fit"
         if self.gpu_memory is None:
             return "unknown"
         low, high = self.gpu_needed
@@ -110,7 +115,8 @@ class FitEstimate:
         if self.activations is not None:
             low, high = self.activations
             lines.append(f"per GPU, activations: {_gib(low)} (all recomputed) to {_gib(high)} (none recomputed)")
-        lines.append(f"per node, CPU memory: {_gib(self.cpu_model_states)}")
+        cpu_there = "" if self.cpu_memory is None else f" (there is {_gib(self.cpu_memory)})"
+        lines.append(f"per node, CPU memory: {_gib(self.cpu_model_states)}{cpu_there}")
         there = "unknown" if self.gpu_memory is None else _gib(self.gpu_memory)
         lines.append(f"per GPU there is: {there} -> {self.verdict}")
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
@@ -129,7 +135,7 @@ def model_size(model: Any) -> ModelSize:
         InvalidSpecError: ``model`` is none of these, or its config cannot be read.
     """
     if isinstance(model, bool) or (isinstance(model, (int, float)) and not 0 < model < math.inf):
-        raise InvalidSpecError("model", f"{model!r} is not a parameter count", "give a positive number of parameters")
+        raise InvalidSpecError("model", f"{model!r} is not a parameter count", "give a positive number of parameters", spec="estimate")
     if isinstance(model, (int, float)):
         return ModelSize(params=int(model))
     if isinstance(model, (str, Path)) and Path(model).is_dir():
@@ -141,7 +147,7 @@ def model_size(model: Any) -> ModelSize:
     if callable(model):
         return _from_module(model(), f"{getattr(model, '__name__', 'the loader')}()")
     raise InvalidSpecError("model", f"{model!r} is not a parameter count, a model directory, a config, a module or a loader",
-                           "pass e.g. 7e9, '/models/llama', a config dict, or a function returning a torch.nn.Module")
+                           "pass e.g. 7e9, '/models/llama', a config dict, or a function returning a torch.nn.Module", spec="estimate")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -150,7 +156,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InvalidSpecError("model", f"{str(path)!r} cannot be read as a Hugging Face config ({e})",
-                               "point at a model directory with a config.json") from e
+                               "point at a model directory with a config.json", spec="estimate") from e
 
 
 def _from_config(config: dict[str, Any], source: str) -> ModelSize:
@@ -163,7 +169,7 @@ def _from_config(config: dict[str, Any], source: str) -> ModelSize:
         made = transformers.AutoConfig.for_model(fields.pop("model_type", None), **fields)
     except (KeyError, ValueError) as e:
         raise InvalidSpecError("model", f"{source} has no model_type transformers knows ({e})",
-                               "give a Hugging Face config with its model_type, or a parameter count") from e
+                               "give a Hugging Face config with its model_type, or a parameter count", spec="estimate") from e
     with torch.device("meta"):
         try:
             module = transformers.AutoModelForCausalLM.from_config(made)
@@ -190,7 +196,8 @@ def _from_module(module: Any, source: str) -> ModelSize:
 def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, offload_optimizer: bool | None = None,
              offload_params: bool | None = None, gpus_per_node: int | None = None, nodes: int | None = None,
              sequence_length: int | None = None, micro_batch: int | None = None,
-             gpu_memory: int | None | Callable[[], int | None] = None) -> FitEstimate:
+             gpu_memory: int | None | Callable[[], int | None] = None,
+             cpu_memory: int | None = None) -> FitEstimate:
     """Estimate the memory ``model`` needs trained under ``spec`` (a :class:`~dsnb.spec.JobSpec`: its ZeRO stage,
     offload settings, micro-batch, ``nodes`` and ``procs_per_node``); keywords override the spec.
 
@@ -199,6 +206,7 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
         sequence_length: tokens per sample, for the activations (none estimated without it).
         gpu_memory: bytes per GPU to compare with, or a function giving them (default: this machine's
             smallest GPU, None without one).
+        cpu_memory: bytes of CPU memory per node to compare with (default: not compared).
 
     Raises:
         InvalidSpecError: the model cannot be sized, or a setting is out of range.
@@ -208,7 +216,7 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
     zero = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
     stage = zero_stage if zero_stage is not None else int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
-        raise InvalidSpecError("zero_stage", f"{stage} is not a ZeRO stage", "use 0, 1, 2 or 3")
+        raise InvalidSpecError("zero_stage", f"{stage} is not a ZeRO stage", "use 0, 1, 2 or 3", spec="estimate")
     off_opt = offload_optimizer if offload_optimizer is not None else _offloaded(zero, "offload_optimizer")
     off_par = offload_params if offload_params is not None else _offloaded(zero, "offload_param")
     per_node = gpus_per_node or (spec.procs_per_node if spec is not None else 1)
@@ -218,7 +226,8 @@ def estimate(model: Any, spec: Any = None, *, zero_stage: int | None = None, off
     gpu, cpu = _model_states(size, stage, off_opt, off_par, per_node, node_count, notes)
     activations = _activations(size, sequence_length, micro, notes)
     there = gpu_memory() if callable(gpu_memory) else gpu_memory if gpu_memory is not None else local_gpu_memory()
-    return FitEstimate(size, stage, off_opt, off_par, per_node, node_count, gpu, cpu, activations, there, tuple(notes))
+    return FitEstimate(size, stage, off_opt, off_par, per_node, node_count, gpu, cpu, activations, there, tuple(notes),
+                       cpu_memory)
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:
@@ -283,3 +292,84 @@ def local_gpu_memory() -> int | None:
     if not torch.cuda.is_available():
         return None
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
+# -- against a cluster -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryThere:
+    """The memory a backend offers a job, as far as it can tell.
+
+    Attributes:
+        gpu: bytes per GPU (the smallest of the GPUs the job may land on), None when unknown.
+        cpu: bytes of CPU memory each node (pod) of the job gets, None when unknown.
+        source: where the numbers came from, for the report.
+
+    Example:
+        >>> MemoryThere(gpu=80 * GIB, cpu=None, source="node labels").gpu // GIB
+        80
+    """
+
+    gpu: int | None = None
+    cpu: int | None = None
+    source: str = "unknown"
+
+
+def fit_check(model: Any, spec: Any, there: MemoryThere, sequence_length: int | None = None) -> tuple[Any, FitEstimate | None]:
+    """The ``memory fit`` line of a preflight report: ``model`` trained under ``spec`` against ``there``.
+
+    Returns:
+        (the :class:`~dsnb.preflight.CheckResult`, the estimate; None when the model could not be sized).
+
+    Raises:
+        Nothing on purpose: a model that cannot be sized is a failed line naming ``model``.
+
+    Example:
+        >>> line, fit = fit_check(7e9, None, MemoryThere(gpu=24 * GIB, cpu=None, source="given"))
+        >>> line.ok, fit.verdict
+        (False, 'does not fit')
+    """
+    from dsnb.preflight import CheckResult
+
+    name = "memory fit"
+    try:
+        fit = estimate(model, spec, sequence_length=sequence_length, gpu_memory=there.gpu, cpu_memory=there.cpu)
+    except InvalidSpecError as e:
+        return CheckResult(name, False, f"{e.field}: {e.problem}", e.fix), None
+    except ImportError as e:  # DeepSpeed's estimators, or transformers for a model directory
+        return CheckResult(name, True, f"cannot estimate here: {e}", "pip install deepspeed transformers",
+                           warning=True), None
+    low, high = fit.gpu_needed
+    need = _gib(high) if low == high else f"{_gib(low)} to {_gib(high)}"
+    detail = f"{need} per GPU, {_gib(fit.cpu_model_states)} CPU per node (ZeRO {fit.zero_stage})"
+    verdict = fit.verdict
+    if verdict == "unknown":
+        cpu = "" if there.cpu is None else f"; CPU per node there is {_gib(there.cpu)}"
+        return CheckResult(name, True, f"{detail}; GPU memory there is unknown ({there.source}){cpu}",
+                           "compare with your GPUs' memory: dsnb estimate ... --gpu-gib G", warning=True), fit
+    there_text = f"there is {_gib(fit.gpu_memory)} per GPU" if fit.gpu_memory is not None else ""
+    if fit.cpu_memory is not None:
+        there_text += f"{', ' if there_text else 'there is '}{_gib(fit.cpu_memory)} CPU per node"
+    detail = f"{detail}; {there_text} ({there.source}): {verdict}"
+    if verdict == "fits":
+        return CheckResult(name, True, detail), fit
+    if verdict == "fits with activation checkpointing":
+        return CheckResult(name, True, detail, "turn on activation checkpointing (gradient_checkpointing=True in "
+                                               "the Trainer), or lower the micro-batch", warning=True), fit
+    return CheckResult(name, False, detail, _fit_fix(fit)), fit
+
+
+def _fit_fix(fit: FitEstimate) -> str:
+    """What would make ``fit`` fit: for the GPUs the cheapest first, then for the CPU memory."""
+    fixes = []
+    if fit.gpu_memory is not None and fit.gpu_needed[0] > fit.gpu_memory:
+        if fit.zero_stage < 3:
+            stages = "3" if fit.zero_stage == 2 else "2 or 3"
+            fixes.append(f"use ZeRO stage {stages} (zero_optimization.stage), or more GPUs to partition over")
+        elif not (fit.offload_optimizer and fit.offload_params):
+            fixes.append("offload the optimizer and the parameters to the CPU (offload_optimizer, offload_param), "
+                         "or add GPUs")
+        else:
+            fixes.append("add GPUs (nodes) to partition over, or use GPUs with more memory")
+    if fit.cpu_memory is not None and fit.cpu_model_states > fit.cpu_memory:
+        fixes.append("give each node more memory (resources.memory), or offload less to the CPU")
+    return "; ".join(fixes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsnb.errors import ClusterError
 
@@ -79,6 +80,8 @@ class PreflightReport:
     Attributes:
         backend: the backend name.
         results: one :class:`CheckResult` per check.
+        fit: the memory estimate, when ``cluster.check(spec, model=...)`` was given a model
+            (a :class:`dsnb.fit.FitEstimate`).
 
     Example:
         >>> PreflightReport("local", [CheckResult("torch", True, "torch 2.4.0")]).ok
@@ -87,6 +90,7 @@ class PreflightReport:
 
     backend: str
     results: list[CheckResult] = field(default_factory=list)
+    fit: Any = None
 
     @property
     def ok(self) -> bool:

@@ -102,14 +102,58 @@ def test_what_cannot_be_sized_is_refused_naming_the_field(model: object, says: s
         estimate(SEVEN_B, zero_stage=4, gpu_memory=0)
 
 
-def test_dsnb_estimate_prints_the_estimate_and_fails_when_it_cannot_fit(tmp_path: Path) -> None:
-    def dsnb(*argv: str) -> tuple[int, str]:
-        console = Console(file=io.StringIO(), width=200, color_system=None)
-        return main(list(argv), console=console), console.file.getvalue()
+def run_cli(*argv: str) -> tuple[int, str]:
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    return main(list(argv), console=console), console.file.getvalue()
 
+
+def test_dsnb_estimate_prints_the_estimate_and_fails_when_it_cannot_fit(tmp_path: Path) -> None:
+    dsnb = run_cli
     code, out = dsnb("estimate", "6.7e9", "--zero-stage", "3", "--procs", "8", "--gpu-gib", "80")
     assert code == 0 and "ZeRO stage 3, offload: none, 1 node(s) x 8 GPU(s)" in out and "-> fits" in out
     code, out = dsnb("estimate", "6.7e9", "--gpu-gib", "24")
     assert code == 1 and "-> does not fit" in out  # stage 0: 20 bytes a parameter on each GPU
     code, out = dsnb("estimate", save_tiny_llama(tmp_path / "llama"), "--seq-len", "128", "--gpu-gib", "1")
     assert code == 0 and "activations:" in out and "the config in" in out
+
+
+# -- cluster.check(spec, model=...) ------------------------------------------------------------
+def zero_spec(stage: int, procs: int = 2, **options: object) -> JobSpec:
+    return JobSpec(name="fit", command=["true"], procs_per_node=procs,
+                   deepspeed={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}, **options)
+
+
+def test_check_with_a_model_adds_the_estimate_against_this_machines_memory() -> None:
+    import psutil
+
+    from dsnb import Cluster
+
+    spec = zero_spec(2)
+    report = Cluster().check(spec, model=SEVEN_B)
+    line, fit = report["memory fit"], report.fit
+    total = psutil.virtual_memory().total
+    assert (fit.gpu_memory, fit.cpu_memory) == (total // 2, total)  # 2 CPU ranks share this machine as device memory
+    assert fit.gpu_model_states == estimate(SEVEN_B, spec, gpu_memory=0).gpu_model_states
+    assert fit.verdict == "does not fit" and line.status == "failed" and not report.ok
+    assert line.detail.startswith(f"{fit.gpu_model_states / GIB:.2f} GiB per GPU") and "(ZeRO 2)" in line.detail
+    assert "use ZeRO stage 3" in line.fix and "resources.memory" in line.fix
+    small = Cluster().check(spec, model=1_000_000, sequence_length=64)
+    assert small.ok and small["memory fit"].status == "passed" and small["memory fit"].detail.endswith(": fits")
+    assert small.fit.activations is None  # a bare count has no shape: no activations, said in a note
+    assert Cluster().check(spec).fit is None and "memory fit" not in [r.name for r in Cluster().check(spec).results]
+
+
+def test_check_with_a_model_that_cannot_be_sized_is_a_failed_line_naming_model() -> None:
+    from dsnb import Cluster
+
+    report = Cluster().check(zero_spec(2), model="/no/such/model")
+    line = report["memory fit"]
+    assert line.status == "failed" and report.fit is None
+    assert line.detail.startswith("model: '/no/such/model' is not a parameter count") and "7e9" in line.fix
+
+
+def test_dsnb_check_with_a_model_prints_the_fit_and_fails_when_it_does_not() -> None:
+    code, text = run_cli("check", "--model", "7e9", "--procs", "2", "--zero-stage", "3")
+    assert code == 1 and "✗ memory fit:" in text and "(ZeRO 3)" in text
+    code, text = run_cli("check", "--model", "1e6", "--procs", "2")
+    assert code == 0 and "✓ memory fit:" in text and ": fits" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -301,3 +302,47 @@ def test_dsnb_check_with_an_unknown_context(emulator, tmp_path):
     code, out = run_cli("check", "--backend", "statefulset", "--kubeconfig", kubeconfig(emulator, tmp_path), "--context", "prod")
     assert code == 1
     assert "✗ API reachable: kubeconfig" in out and "has no context 'prod' (it has: emulator)" in out
+
+
+# -- will the model fit: node labels and allocatable ------------------------------------------------
+def test_the_fit_is_judged_against_the_gpu_memory_label_and_the_pods_memory(emulator):
+    h100 = {**OPERATOR_LABELS, "nvidia.com/gpu.memory": "81559"}
+    emulator.add_node("gpu-1", h100, {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"})
+    emulator.add_node("gpu-2", {**h100, "nvidia.com/gpu.memory": "40960"}, {"cpu": "64", "memory": "256Gi",
+                                                                            "nvidia.com/gpu": "4"})
+    spec = JobSpec(name="big", script="train.py", procs_per_node=8, resources=Resources(gpus=8),
+                   deepspeed={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    with Cluster("statefulset", namespace=NAMESPACE, configuration=emulator.configuration()) as cluster:
+        report = cluster.check(spec, model=6.7e9)
+        # gpu-2 offers only 4 GPUs: the 8-GPU pod lands on gpu-1, so its 80 GiB count, and its allocatable memory
+        assert (report.fit.gpu_memory, report.fit.cpu_memory) == (81559 * 2**20, 512 * 2**30)
+        line = report["memory fit"]
+        assert line.status == "passed" and "nvidia.com/gpu.memory of 1 node(s) with 8 GPU(s) or more" in line.detail
+        limited = dataclasses.replace(spec, resources=Resources(gpus=8, memory="16Gi"), procs_per_node=8)
+        report = cluster.check(limited, model=6.7e9)
+        assert report.fit.cpu_memory == 16 * 2**30  # the pod's memory limit, not the node's
+        half = dataclasses.replace(spec, resources=Resources(gpus=4), procs_per_node=4)
+        assert cluster.check(half, model=6.7e9).fit.gpu_memory == 40960 * 2**20  # the smaller GPU it may land on
+
+
+def test_without_the_gpu_memory_label_the_fit_is_a_warning_and_a_denied_node_list_says_so(emulator):
+    emulator.add_node("gpu-1", OPERATOR_LABELS, {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"})
+    spec = JobSpec(name="big", script="train.py", procs_per_node=8, resources=Resources(gpus=8))
+    with Cluster("statefulset", namespace=NAMESPACE, configuration=emulator.configuration()) as cluster:
+        line = cluster.check(spec, model=6.7e9)["memory fit"]
+        assert line.status == "warning" and "no GPU node has the nvidia.com/gpu.memory label" in line.detail
+        assert "--gpu-gib" in line.fix
+        emulator.denied.add(("list", "", "nodes"))
+        report = cluster.check(spec, model=6.7e9)
+        assert report["memory fit"].status == "warning" and "the nodes cannot be listed (forbidden)" in report[
+            "memory fit"].detail
+    assert all(method in ("GET", "POST") for method, _ in emulator.requests)  # nothing created
+
+
+def test_dsnb_check_with_a_model_reads_the_nodes(emulator, tmp_path):
+    emulator.add_node("gpu-1", {**OPERATOR_LABELS, "nvidia.com/gpu.memory": "24576"},
+                      {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"})
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "config")
+    code, text = run_cli("check", "--backend", "statefulset", "--namespace", NAMESPACE, "--kubeconfig", kubeconfig,
+                         "--gpus", "1", "--model", "6.7e9", "--zero-stage", "2")
+    assert code == 1 and "✗ memory fit:" in text and "there is 24.00 GiB per GPU" in text and "(ZeRO 2)" in text

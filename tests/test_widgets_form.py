@@ -421,3 +421,28 @@ def test_every_resource_problem_is_shown_beside_its_own_field(form: LaunchForm) 
     assert set(errors) == {"cpu", "memory", "procs_per_node"}
     assert "positive" in errors["cpu"] and "'4Gi'" in errors["memory"] and "GPUs" in errors["procs_per_node"]
     assert set(form.problems) == set(errors)
+
+
+def test_the_fit_box_estimates_as_the_user_types_and_follows_the_zero_stage(form: LaunchForm) -> None:
+    pytest.importorskip("deepspeed")
+    from dsnb.fit import estimate
+
+    assert form.fit.estimate is None and "give a model" in form.fit.view.value
+    form.procs_per_node.value = 2
+    form.fit.model.value = "7e9"
+    first = form.fit.estimate
+    there = Cluster().backend.memory_there(form.spec())
+    assert first is not None and first.verdict == "does not fit" and first.gpus_per_node == 2
+    assert (first.gpu_memory, first.cpu_memory) == (there.gpu, there.cpu)
+    assert "does not fit" in form.fit.view.value and "7,000.0 M parameters" in form.fit.view.value
+    form.zero_stage.value = 3  # the estimate follows the DeepSpeed fields
+    third = form.fit.estimate
+    assert third.zero_stage == 3 and third.gpu_model_states < first.gpu_model_states
+    assert third.gpu_model_states == estimate(7e9, form.spec(), gpu_memory=0).gpu_model_states
+    form.fit.model.value = "1e6"
+    assert form.fit.estimate.verdict == "fits" and ">fits</b>" in form.fit.view.value
+    form.fit.model.value = "/no/such/dir"
+    assert form.fit.estimate is None and "model: &#x27;/no/such/dir&#x27; is not a parameter count" in form.fit.view.value
+    form.fit.model.value = "1e6"
+    form.procs_per_node.value = 0  # a bad field: no estimate until it is fixed
+    assert form.fit.estimate is None and "fix the fields marked above" in form.fit.view.value

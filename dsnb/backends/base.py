@@ -347,6 +347,24 @@ class Backend(abc.ABC):
 
         return PreflightReport(self.name, [CheckResult("backend", True, f"{self.name!r} needs no preflight")])
 
+    def memory_there(self, spec: JobSpec | None = None) -> Any:
+        """The GPU and CPU memory a node of ``spec`` offers here, as a :class:`dsnb.fit.MemoryThere` (what
+        ``cluster.check(spec, model=...)`` compares the estimate with). The default knows nothing.
+
+        Raises:
+            Nothing on purpose: what cannot be known is None, with the reason in ``source``.
+
+        Example:
+            >>> class Nothing(Backend):
+            ...     name = "nothing"
+            ...     render = apply = status = read_logs = read_metrics = stop_running = jobs = spec_of = None
+            >>> Nothing().memory_there().source
+            "backend 'nothing' cannot tell"
+        """
+        from dsnb.fit import MemoryThere
+
+        return MemoryThere(source=f"backend {self.name!r} cannot tell")
+
     # -- serving (optional: backends that serve override these) ---------------------------
 
     def _cannot_serve(self) -> Exception:

@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--gpus", type=int, default=0, metavar="G", help="also check for nodes offering G GPUs each")
     check.add_argument("--nodes", type=int, metavar="M", help="nodes the job needs (default 1)")
     check.add_argument("--procs", type=int, metavar="N", help="ranks per node (default: one per GPU, else 1)")
+    check.add_argument("--model", metavar="MODEL", help="also estimate whether this model trains here: a parameter "
+                                                        "count (7e9) or a Hugging Face model directory")
+    check.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage, with --model")
+    check.add_argument("--seq-len", type=int, metavar="S", help="tokens per sample, for the activations (with --model)")
 
     serve = sub.add_parser("serve", help="serve a model (until Ctrl-C, or --detach)", allow_abbrev=False)
     serve.add_argument("model", help="a loader 'module:function' or a Hugging Face model directory")
@@ -464,9 +468,11 @@ _CHECK_STYLES = {"passed": "green", "failed": "red", "warning": "yellow", "not r
 def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
     try:
         spec = None
-        if args.gpus or args.nodes is not None or args.procs is not None:
+        if args.gpus or args.nodes is not None or args.procs is not None or args.model:
+            zero = {"deepspeed": {"train_micro_batch_size_per_gpu": 1,
+                                  "zero_optimization": {"stage": args.zero_stage}}} if args.model else {}
             spec = JobSpec(name="preflight", command=["true"], nodes=1 if args.nodes is None else args.nodes,
-                           procs_per_node=args.procs or max(1, args.gpus), resources=Resources(gpus=args.gpus))
+                           procs_per_node=args.procs or max(1, args.gpus), resources=Resources(gpus=args.gpus), **zero)
     except InvalidSpecError as e:
         return _spec_error(ui, e)
     try:
@@ -475,7 +481,7 @@ def _cmd_check(ui: _Ui, args: argparse.Namespace) -> int:
         _error(ui, str(e))
         return EXIT_USAGE
     with cluster:
-        report = cluster.check(spec)
+        report = cluster.check(spec, model=_model_arg(args.model), sequence_length=args.seq_len)
     for result in report.results:
         _plain(ui.out, str(result), style=_CHECK_STYLES[result.status])
     _plain(ui.out, report.summary(), style="bold green" if report.ok else "bold red")
@@ -556,14 +562,18 @@ def _cmd_endpoints(ui: _Ui, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_arg(model: str | None) -> object:
+    """A ``--model`` argument: a parameter count when it reads as a number, else a model directory."""
+    try:
+        return float(model) if model is not None else None
+    except ValueError:
+        return model
+
+
 def _cmd_estimate(ui: _Ui, args: argparse.Namespace) -> int:
     from dsnb.fit import estimate
 
-    model: object = args.model
-    try:
-        model = float(args.model)
-    except ValueError:
-        pass
+    model = _model_arg(args.model)
     gpu = int(args.gpu_gib * 2**30) if args.gpu_gib is not None else None
     try:
         fit = estimate(model, zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer,

@@ -41,6 +41,7 @@ from dsnb.secrets import REDACTED, Secret, is_secret
 from dsnb.spec import JobSpec, redact_env
 from dsnb.widgets.backend_options import BackendOptionsBox
 from dsnb.widgets.display import panel_for
+from dsnb.widgets.fit_view import FitView
 
 if TYPE_CHECKING:
     from dsnb.cluster import Cluster
@@ -322,6 +323,9 @@ class LaunchForm:
                                        layout=W.Layout(width="420px", height="80px"))
         self.config_preview = W.HTML(layout=W.Layout(max_height="220px", overflow="auto"))
         self.config_preview.add_class("dsnb-config-preview")
+        self.fit = FitView()
+        for w in (self.fit.model, self.fit.sequence_length):
+            w.style.description_width = _LABEL_WIDTH
 
         # Actions.
         self.export_path = W.Text(description="to", layout=W.Layout(width="360px"))
@@ -354,7 +358,7 @@ class LaunchForm:
             W.HTML("<b>DeepSpeed</b>"), self.use_deepspeed,
             *(self._row(k, getattr(self, k)) for k in (
                 "zero_stage", "precision", "micro_batch", "grad_accum", "offload_optimizer", "offload_param", "extra_config")),
-            W.HTML("Config the ranks get (batch sizes filled in):"), self.config_preview,
+            W.HTML("Config the ranks get (batch sizes filled in):"), self.config_preview, *self.fit.children(),
         ], layout=W.Layout(flex="1 1 0", min_width="420px"))
         actions = W.VBox([
             W.HBox([self.dryrun_button, self.launch_button, self.export_button, self.export_path]),
@@ -368,6 +372,8 @@ class LaunchForm:
                 getattr(self, key).observe(self._on_change, names="value")
         self.env.observe(self._hide_secrets, names="value")
         self.use_deepspeed.observe(self._on_change, names="value")
+        for w in (self.fit.model, self.fit.sequence_length):
+            w.observe(self._on_change, names="value")
         self.nodes.observe(self._on_nodes, names="value")
         for w in (self.workload, self.multi_node, self.platform):
             w.observe(self._on_advice, names="value")
@@ -594,6 +600,7 @@ class LaunchForm:
         else:
             self.config_preview.value = "<i>fix the fields marked above to see the config</i>"
         self.launch_button.disabled = spec is None or self._launching
+        self.fit.update(self.cluster.backend, spec)
         name = self.name.value.strip() or "job"
         if self.export_path.value in ("", self._auto_export_path):
             self._auto_export_path = f"{name}.yaml"

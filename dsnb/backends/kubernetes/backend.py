@@ -822,6 +822,18 @@ class KubernetesBackend(Backend):
         return [check_fields(self.conn, self.namespace, m, self.upgrade_hint) for m in plan.manifests
                 if m["kind"] in objects.CUSTOM_KINDS and objects.plural(m["kind"]) == plural]
 
+    def memory_there(self, spec: JobSpec | None = None) -> Any:
+        """The GPU and CPU memory a pod of ``spec`` gets (``dsnb.fit.MemoryThere``): node labels and allocatable."""
+        from dsnb.backends.kubernetes.preflight import memory_there
+
+        try:
+            conn = self.conn
+        except ClusterError as e:
+            from dsnb.fit import MemoryThere
+
+            return MemoryThere(source=f"no cluster to ask ({e})")
+        return memory_there(conn, spec)
+
     def check(self, spec: JobSpec | None = None) -> Any:
         """A PreflightReport: API, namespace, each permission, and GPU nodes for a GPU ``spec``."""
         from dsnb.backends.kubernetes.preflight import run_preflight

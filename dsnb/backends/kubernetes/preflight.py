@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
 
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection
 from dsnb.backends.kubernetes.rbac import Permission
 from dsnb.errors import ClusterError
+from dsnb.fit import MemoryThere
 from dsnb.preflight import CheckResult, PreflightReport
 from dsnb.spec import JobSpec
 
@@ -441,3 +443,44 @@ def check_kuberay(conn: Connection, namespace: str, plural: str = "rayjobs", kin
     """
     return [check_crd(conn, namespace, "ray.io", "v1", plural, kind, KUBERAY_INSTALL),
             check_controller(conn, "KubeRay operator", KUBERAY_SELECTORS, KUBERAY_INSTALL)]
+
+
+#: The label GPU Feature Discovery (part of the GPU Operator) sets to each GPU's memory, in MiB.
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+
+
+def memory_there(conn: Connection, spec: JobSpec | None) -> MemoryThere:
+    """The memory a pod of ``spec`` gets: per GPU from the ``nvidia.com/gpu.memory`` label of the nodes that offer
+    the GPUs it asks for (the smallest), per node from its memory limit, else the nodes' allocatable memory.
+
+    Raises:
+        Nothing: what cannot be read is None, with the reason in ``source``.
+    """
+    try:
+        nodes = _list(conn.core.list_node)
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+        return MemoryThere(source=f"listing nodes failed: {_message(e) if isinstance(e, ApiException) else _reason(e)}")
+    limit = spec.resources.memory if spec is not None else None
+    cpu = int(parse_quantity(limit)) if limit else None
+    if nodes is None:
+        return MemoryThere(cpu=cpu, source="the nodes cannot be listed (forbidden)")
+    gpus = spec.resources.gpus if spec is not None else 0
+    candidates = [n for n in nodes if not (n.get("spec") or {}).get("unschedulable") and (not gpus or _gpus_of(n) >= gpus)]
+    if cpu is None:
+        allocatable = [parse_quantity(m) for n in candidates if (m := _status(n, "allocatable").get("memory"))]
+        cpu = int(min(allocatable)) if allocatable else None
+    if not gpus:
+        return MemoryThere(cpu=cpu, source="the job asks for no GPUs")
+    labelled = [int(v) for n in candidates if str(v := _labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()]
+    if not labelled:
+        return MemoryThere(cpu=cpu, source=f"no GPU node has the {GPU_MEMORY_LABEL} label (GPU Feature Discovery)")
+    return MemoryThere(gpu=min(labelled) * 2**20, cpu=cpu,
+                       source=f"{GPU_MEMORY_LABEL} of {len(labelled)} node(s) with {gpus} GPU(s) or more")
+
+
+def _status(node: dict[str, Any], key: str) -> dict[str, Any]:
+    return (node.get("status") or {}).get(key) or {}
+
+
+def _labels(node: dict[str, Any]) -> dict[str, str]:
+    return (node.get("metadata") or {}).get("labels") or {}

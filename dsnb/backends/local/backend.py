@@ -198,6 +198,26 @@ class LocalBackend(EndpointsAsJobs, Backend):
         ]
         return Plan(backend=self.name, spec=spec, commands=commands, notes=notes)
 
+    def memory_there(self, spec: JobSpec | None = None) -> Any:
+        """This machine's memory (``dsnb.fit.MemoryThere``): its smallest GPU's for a GPU ``spec``; for a CPU one,
+        each rank's share of this machine's memory, which DeepSpeed's CPU accelerator uses as the device's.
+
+        Example:
+            >>> there = LocalBackend().memory_there(JobSpec(name="a", command=["true"], procs_per_node=2))
+            >>> there.cpu > there.gpu > 0
+            True
+        """
+        import psutil
+
+        from dsnb.fit import MemoryThere, local_gpu_memory
+
+        total = psutil.virtual_memory().total
+        if spec is not None and spec.resources.gpus:
+            return MemoryThere(gpu=local_gpu_memory(), cpu=total, source="this machine")
+        ranks = spec.procs_per_node if spec is not None else 1
+        return MemoryThere(gpu=total // ranks, cpu=total,
+                           source=f"this machine's memory, shared by {ranks} CPU rank(s) as their device memory")
+
     def check(self, spec: JobSpec | None = None) -> PreflightReport:
         """torch and deepspeed importable, CPU cores for the ranks, and the GPUs ``spec`` asks for.
 
