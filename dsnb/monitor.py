@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
+from dsnb.stragglers import RankActivity
 
 if TYPE_CHECKING:
     from dsnb.job import Job
@@ -44,15 +45,28 @@ MAX_EVENTS = 200
 
 @dataclass(frozen=True)
 class Progress:
-    """How far a script that reports ``total_steps`` is.
+    """How far a script that reports ``total_steps`` is, and the time left at its step rate.
+
+    Attributes:
+        step: the last step reported.
+        total: the steps it will take (``dsnb.report(total_steps=N)``; the Trainer's ``max_steps``).
+        seconds_left: ``(total - step) × seconds per step`` (the median over recent steps), None
+            until two steps were seen.
 
     Example:
         >>> Progress(step=25, total=100).fraction
         0.25
+        >>> str(Progress(step=25, total=100, seconds_left=150.0))
+        'step 25/100  25%  about 2 min 30 s left'
     """
 
     step: int
     total: int
+    seconds_left: float | None = None
+
+    def __str__(self) -> str:
+        text = f"step {self.step}/{self.total}  {self.fraction:.0%}"
+        return text if self.seconds_left is None else f"{text}  about {duration_text(self.seconds_left)} left"
 
     @property
     def fraction(self) -> float:
@@ -60,6 +74,21 @@ class Progress:
         if self.total <= 0:
             return 0.0
         return min(1.0, max(0.0, self.step / self.total))
+
+
+def duration_text(seconds: float) -> str:
+    """``"45 s"``, ``"2 min 30 s"``, ``"1 h 05 min"``: a duration as people read it.
+
+    Example:
+        >>> duration_text(42.4), duration_text(150), duration_text(3900)
+        ('42 s', '2 min 30 s', '1 h 05 min')
+    """
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s" if seconds % 60 else f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @dataclass(frozen=True)
@@ -108,6 +137,8 @@ class MonitorSnapshot:
         latest: the newest sample of each plotted metric.
         metric_names: the plotted metrics, in the order they first appeared.
         ranks: ranks known from the status or from their output, in order.
+        stragglers: ranks that look stuck or slow, in words (see :mod:`dsnb.stragglers`); empty once
+            the job ended.
         lines: the buffered lines of all ranks, in arrival order.
         lines_by_rank: the buffered lines of each rank.
         error: the error that stopped the follower thread, if one did.
@@ -126,6 +157,7 @@ class MonitorSnapshot:
     latest: Mapping[str, MetricSample]
     metric_names: tuple[str, ...]
     ranks: tuple[int, ...]
+    stragglers: tuple[str, ...]
     lines: tuple[LogLine, ...]
     lines_by_rank: Mapping[int, tuple[LogLine, ...]]
     error: BaseException | None
@@ -201,6 +233,8 @@ class JobMonitor:
         self._last_notify: float | None = None
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
+        #: When each rank last wrote and the steps it reported, for the stuck and slow ranks.
+        self.activity = RankActivity()
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -282,6 +316,7 @@ class JobMonitor:
             self._all = collections.deque(self._all, maxlen=self.log_lines_per_rank * len(self._logs))
         ring.append(line)
         self._all.append(line)
+        self.activity.saw_line(line.rank, line.time)
         self.lines_seen += 1
         if len(self._pending_lines) == self._pending_lines.maxlen:
             self._pending_dropped += 1
@@ -294,8 +329,10 @@ class JobMonitor:
         self._pending = True
         if sample.name == PROGRESS_METRIC:
             step = max(sample.step, self.progress.step if self.progress else 0)
-            self.progress = Progress(step=step, total=int(sample.value))
+            self.progress = self._progress(step, int(sample.value))
             return
+        if sample.step_unit == "step" and sample.name not in DEEPSPEED_METRICS:
+            self.activity.saw_step(sample.rank, sample.step, sample.time)
         series = self._series.get(sample.name)
         if series is None:
             series = self._series[sample.name] = collections.deque(maxlen=self.max_points_per_metric)
@@ -305,7 +342,22 @@ class JobMonitor:
             self.latest[sample.name] = sample
         if self.progress is not None and sample.name not in DEEPSPEED_METRICS and not sample.name.startswith("time_ms/"):
             if sample.step > self.progress.step:
-                self.progress = Progress(step=sample.step, total=self.progress.total)
+                self.progress = self._progress(sample.step, self.progress.total)
+
+    def _progress(self, step: int, total: int) -> Progress:
+        per_step = self.activity.step_time()
+        known = per_step is not None and self.activity.steps_seen() > 1 and step < total
+        left = (total - step) * per_step if known else None
+        return Progress(step=step, total=total, seconds_left=left)
+
+    def _stragglers(self) -> tuple[str, ...]:
+        """The backend's own flags where it follows every rank's output (local), else the monitor's."""
+        status = self.status
+        if status is None or status.state.is_terminal():
+            return ()
+        if getattr(self.job.backend, "watches_hangs", False):
+            return status.stragglers
+        return tuple(str(s) for s in self.activity.stragglers(self.clock()))
 
     # -- accessors (copies, safe while the follower thread runs) ------------------------------
     def snapshot(self) -> MonitorSnapshot:
@@ -327,6 +379,7 @@ class JobMonitor:
                 latest=MappingProxyType(dict(self.latest)),
                 metric_names=tuple(self._series),
                 ranks=tuple(self._known_ranks()),
+                stragglers=self._stragglers(),
                 lines=tuple(self._all),
                 lines_by_rank=MappingProxyType({rank: tuple(ring) for rank, ring in self._logs.items()}),
                 error=self.error,

@@ -334,6 +334,15 @@ def _check_timeout(values: Mapping[str, Any]) -> None:
         raise InvalidSpecError("timeout", f"must be a positive number of seconds, got {timeout!r}", "set timeout=3600, or None for no limit")
 
 
+def _check_hang_timeout(values: Mapping[str, Any]) -> None:
+    hang = values.get("hang_timeout")
+    if hang is None:
+        return
+    if isinstance(hang, bool) or not isinstance(hang, (int, float)) or not math.isfinite(hang) or hang <= 0:
+        raise InvalidSpecError("hang_timeout", f"must be a positive number of seconds, got {hang!r}",
+                               "set hang_timeout=600 (more than the longest a rank goes without writing), or None")
+
+
 def _check_working_dir(values: Mapping[str, Any]) -> None:
     working_dir = values["working_dir"]
     if working_dir is not None and not isinstance(working_dir, (str, Path)):
@@ -402,6 +411,7 @@ _JOB_CHECKS = (
     Check(_check_image),
     Check(_check_max_restarts),
     Check(_check_timeout),
+    Check(_check_hang_timeout),
     Check(_check_working_dir),
     Check(_check_deepspeed),
 )
@@ -457,6 +467,9 @@ class JobSpec:
         deepspeed: a DeepSpeed config dict, or a path to its JSON file (kept as its content).
         max_restarts: how many times the whole job is restarted after a failure.
         timeout: seconds after which a running job is stopped and marked FAILED.
+        hang_timeout: seconds a rank may write nothing while the others go on (or the whole job may
+            write nothing) before the job fails as hung, naming the rank and, on ``local``, showing its
+            Python stack; long before the collective timeout. None: not watched (see ``docs/stragglers.md``).
         function: a function to call on every rank instead of ``script`` or ``command``, e.g.
             one defined in a notebook cell; packed when the spec is made (it then holds a
             :class:`~dsnb.function_job.PackedFunction`), see :mod:`dsnb.function_job`.
@@ -488,6 +501,7 @@ class JobSpec:
     deepspeed: dict[str, Any] | str | Path | None = None
     max_restarts: int = 0
     timeout: float | None = None
+    hang_timeout: float | None = None
     function: Callable[..., Any] | PackedFunction | None = None
     kwargs: dict[str, Any] | None = field(default=None, compare=False)
 

@@ -68,6 +68,9 @@ class JobStatus:
 
     ``failed_rank``, ``exit_code`` and ``last_lines`` are set when the job failed
     because one rank did; :meth:`diagnosis` turns them into one readable message.
+    ``stragglers`` says, while the job runs, which ranks look stuck or slow
+    (e.g. ``"rank 3 has written nothing for 120 s while the others progressed"``; see
+    :mod:`dsnb.stragglers`), where the backend follows every rank's output.
 
     Example:
         >>> s = JobStatus(name="a-x1", backend="local", state=JobState.FAILED,
@@ -91,6 +94,7 @@ class JobStatus:
     exit_code: int | None = None
     last_lines: tuple[str, ...] = ()
     restarts: int = 0
+    stragglers: tuple[str, ...] = ()
 
     @property
     def elapsed(self) -> float | None:
@@ -119,6 +123,7 @@ class JobStatus:
         data["state"] = self.state.value
         data["replicas"] = [{**asdict(r), "state": r.state.value} for r in self.replicas]
         data["last_lines"] = list(self.last_lines)
+        data["stragglers"] = list(self.stragglers)
         return data
 
     @classmethod
@@ -134,6 +139,7 @@ class JobStatus:
                 "state": JobState(data["state"]),
                 "replicas": replicas,
                 "last_lines": tuple(data.get("last_lines", ())),
+                "stragglers": tuple(data.get("stragglers", ())),
             }
         )
 

@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# DeepSpeed runs on CPU in the tests (a GPU machine may set DS_ACCELERATOR=cuda). Set before anything imports it: its
+# accelerator is chosen once per process, and without the variable it says so on standard output, which doctests see.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from helpers import job_processes, settled  # noqa: E402
 from skip_policy import pytest_make_collect_report, pytest_runtest_makereport, pytest_terminal_summary  # noqa: E402,F401

@@ -102,6 +102,12 @@ def test_launch_form_in_jupyterlab(jupyter_lab) -> None:
                     continue
             assert launch.is_visible(), "the launch form did not appear"
             page.wait_for_function("() => !document.querySelector('button.dsnb-launch').disabled", timeout=60_000)
+            # Will it fit: typing a model size into the form shows DeepSpeed's estimate and its verdict.
+            page.locator(".dsnb-fit-model input").fill("7e9")
+            page.locator(".dsnb-fit-model input").press("Enter")
+            page.wait_for_function(
+                "() => (document.querySelector('.dsnb-fit-verdict') || {}).textContent === 'does not fit'", timeout=60_000)
+            assert "7,000.0 M parameters" in page.locator(".dsnb-fit").inner_text()
             launch.click()
             # Rank-prefixed log lines and a plotted metric appear in the job panel below the form.
             page.wait_for_function(
@@ -110,6 +116,8 @@ def test_launch_form_in_jupyterlab(jupyter_lab) -> None:
                 timeout=300_000,
             )
             page.wait_for_selector(".dsnb-plot img[src], img.dsnb-plot[src]", timeout=300_000)
+            # The progress row gives the time left at the job's step rate while it trains.
+            page.wait_for_function("() => /step \\d+\\/15 .* left/.test(document.body.innerText)", timeout=300_000)
             page.wait_for_function("() => document.body.innerText.includes('SUCCEEDED')", timeout=600_000)
             page.screenshot(path=str(ARTIFACTS / "launch_form.png"), full_page=True)
         finally:

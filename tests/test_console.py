@@ -335,3 +335,19 @@ def test_the_installed_command(home, tmp_path):
     result = subprocess.run([*command, "run", script, "--procs", "0"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                             env={**os.environ, "DSNB_HOME": str(home)})
     assert result.returncode == 2 and "procs_per_node" in result.stderr and result.stdout == ""
+
+
+def test_status_and_the_live_view_show_the_stuck_and_slow_ranks():
+    flagged = ("rank 1 has written nothing for 120 s while the others progressed", "rank 5 is 4 steps behind")
+    status = JobStatus(name="big-x1", backend="local", state=JobState.RUNNING, started_at=STARTED,
+                       created_at=STARTED, stragglers=flagged)
+    text = text_of(status_view(status, now=STARTED + 200), width=120)
+    assert "⚠ rank 1 has written nothing for 120 s while the others progressed" in text
+    assert "⚠ rank 5 is 4 steps behind" in text
+    backend = ScriptedBackend(status)
+    backend.watches_hangs = True
+    monitor = JobMonitor(Job(backend, status.name))  # type: ignore[arg-type]
+    monitor.poll()
+    assert "⚠ rank 5 is 4 steps behind" in text_of(render(monitor, now=STARTED + 200), width=120)
+    done = replace(status, state=JobState.SUCCEEDED, finished_at=STARTED + 300, stragglers=())
+    assert "⚠" not in text_of(status_view(done, now=STARTED + 400))

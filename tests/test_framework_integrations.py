@@ -73,3 +73,19 @@ def test_the_lightning_logger_reports_at_lightnings_step_on_rank_zero_only(tmp_p
         rank_zero_only.rank = rank
     other.log_metrics({"loss": 1.0})  # no step: nothing
     assert capsys.readouterr().out == ""
+
+
+def test_the_trainer_callback_reports_max_steps_as_the_total_on_the_main_process_only(capsys) -> None:
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    from dsnb.integrations.transformers import DsnbCallback
+
+    callback = DsnbCallback()
+    callback.on_train_begin(None, TrainerState(max_steps=120, global_step=0), TrainerControl())
+    out = capsys.readouterr().out
+    assert out.startswith(REPORTS_STEPS_TAG)
+    assert [(s.step, s.name, s.value) for s in _parsed(out)] == [(0, "total_steps", 120.0)]
+    worker = TrainerState(max_steps=120, global_step=0, is_world_process_zero=False)
+    callback.on_train_begin(None, worker, TrainerControl())
+    assert capsys.readouterr().out == ""

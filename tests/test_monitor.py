@@ -108,7 +108,7 @@ def test_metric_series_latest_and_progress(scripted):
     assert len(points) == 25 and points[-1].step == 30
     assert monitor.latest["loss"].value == pytest.approx(2.0)
     assert "total_steps" not in monitor.latest_metrics()
-    assert monitor.progress == Progress(step=30, total=100)
+    assert monitor.progress == Progress(step=30, total=100, seconds_left=70.0)  # 1 s a step, 70 steps to go
     assert monitor.progress.fraction == pytest.approx(0.3)
 
 
@@ -340,3 +340,34 @@ def test_concurrent_pollers_do_not_duplicate_lines(scripted):
     while monitor.poll():
         pass
     assert [line.text for line in monitor.lines()] == [str(i) for i in range(400)]
+
+
+def test_the_monitor_flags_a_quiet_rank_and_a_slow_one_on_any_backend_and_gives_the_time_left() -> None:
+    now = [210.0]
+    backend = ScriptedBackend()
+    for step in range(0, 100):  # rank 0 reports every second to t = 199; rank 1 stopped at t = 140
+        backend.samples.append(MetricSample(step, "loss", 1.0, 0, 100.0 + step))
+        backend.lines.append(LogLine(0, f"step {step}", 100.0 + step))
+        if step <= 40:
+            backend.samples.append(MetricSample(step, "loss", 1.0, 1, 100.0 + step))
+            backend.lines.append(LogLine(1, f"step {step}", 100.0 + step))
+    backend.samples.append(MetricSample(99, "total_steps", 400.0, 0, 199.0))
+    monitor = JobMonitor(Job(backend, "job-abcd"), clock=lambda: now[0])  # type: ignore[arg-type]
+    monitor.poll()
+    snapshot = monitor.snapshot()
+    assert snapshot.stragglers == ("rank 1 has written nothing for 70 s while the others progressed",
+                                   "rank 1 is 59 steps behind")
+    assert snapshot.progress == Progress(step=99, total=400, seconds_left=301.0)  # 1 s a step
+    assert str(snapshot.progress) == "step 99/400  25%  about 5 min 01 s left"
+    backend.current = replace(backend.current, state=JobState.FAILED)
+    monitor.poll()
+    assert monitor.snapshot().stragglers == ()  # an ended job has no stragglers
+
+
+def test_the_local_backends_own_flags_are_the_ones_shown(cluster) -> None:
+    backend = ScriptedBackend()
+    backend.watches_hangs = True  # as the local backend, whose supervisor follows every rank
+    backend.current = replace(backend.current, stragglers=("rank 3 is 4 steps behind",))
+    monitor = JobMonitor(Job(backend, "job-abcd"))  # type: ignore[arg-type]
+    monitor.poll()
+    assert monitor.snapshot().stragglers == ("rank 3 is 4 steps behind",)

@@ -57,6 +57,7 @@ BAD_INPUTS = [
     BadInput("image with a space", base(image="my image"), "image", "ghcr.io"),
     BadInput("negative restarts", base(max_restarts=-1), "max_restarts", "max_restarts=0"),
     BadInput("zero timeout", base(timeout=0), "timeout", "timeout=3600"),
+    BadInput("negative hang timeout", base(hang_timeout=-5), "hang_timeout", "hang_timeout=600"),
     BadInput("deepspeed not a dict", base(deepspeed=[1, 2]), "deepspeed", "dict"),
     BadInput("deepspeed file missing", base(deepspeed="/nonexistent/ds.json"), "deepspeed", "existing JSON"),
     BadInput("no batch size", base(deepspeed={"zero_optimization": {"stage": 2}}), "deepspeed", "train_micro_batch_size_per_gpu"),

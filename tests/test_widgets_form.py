@@ -74,6 +74,7 @@ BAD_VALUES = [
     BadValue("negative GPUs", {"gpus": -1}, "gpus", "&gt;= 0", {"gpus": 0}),
     BadValue("memory in GB", {"memory": "4GB"}, "memory", "quantity", {"memory": "4Gi"}),
     BadValue("timeout not a number", {"timeout": "soon"}, "timeout", "seconds", {"timeout": "600"}),
+    BadValue("hang timeout negative", {"hang_timeout": "-5"}, "hang_timeout", "positive", {"hang_timeout": "300"}),
     BadValue("micro-batch zero and no batch", {"micro_batch": 0}, "micro_batch", "neither", {"micro_batch": 2}),
     BadValue("extra JSON broken", {"extra_config": "{"}, "extra_config", "not valid JSON", {"extra_config": '{"steps_per_print": 5}'}),
     BadValue("extra JSON removed key", {"extra_config": '{"elasticity": {}}'}, "extra_config", "removed", {"extra_config": ""}),
@@ -240,7 +241,7 @@ def test_export_path_defaults_to_the_cwd(form: LaunchForm, tmp_path: Path, monke
 
 ROUND_TRIP = [
     JobSpec(name="a", script="train.py"),
-    JobSpec(name="plain", script="train.py", deepspeed=None, nodes=3, timeout=12.5),
+    JobSpec(name="plain", script="train.py", deepspeed=None, nodes=3, timeout=12.5, hang_timeout=300),
     JobSpec(
         name="full", script="train.py", args=["--epochs", "3", "--title", "two words", "--q='x'"],
         working_dir="/tmp/somewhere", nodes=2, procs_per_node=2, resources=Resources(cpu=4, memory="8Gi"),

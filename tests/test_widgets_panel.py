@@ -374,3 +374,23 @@ def test_monitor_error_is_shown_and_following_stops():
     followed(panel, timeout=10)
     assert panel.message_label.value.startswith("monitor stopped: JobNotFound: job 'fake-abcd' not found")
     panel.close()
+
+
+def test_the_panel_shows_the_stuck_and_slow_ranks_and_the_time_left() -> None:
+    backend = ScriptedBackend()
+    for step in range(0, 100):  # rank 0 steps each second to t = 199; rank 1 stopped at t = 140
+        backend.samples.append(MetricSample(step, "loss", 1.0, 0, 100.0 + step))
+        if step <= 40:
+            backend.samples.append(MetricSample(step, "loss", 1.0, 1, 100.0 + step))
+    backend.samples.append(MetricSample(99, "total_steps", 400.0, 0, 199.0))
+    job = Job(backend, "fake-abcd")  # type: ignore[arg-type]
+    panel = JobPanel(job, JobMonitor(job, clock=lambda: 210.0), start=False)
+    panel.monitor.poll()
+    assert not hidden(panel.stragglers)
+    assert "⚠ rank 1 has written nothing for 70 s while the others progressed" in panel.stragglers.value
+    assert "⚠ rank 1 is 59 steps behind" in panel.stragglers.value
+    assert panel.progress_label.value == "step 99/400  25%  about 5 min 01 s left"
+    backend.current = replace(backend.current, state=JobState.SUCCEEDED, finished_at=211.0)
+    panel.monitor.poll()
+    assert hidden(panel.stragglers) and panel.stragglers.value == ""
+    panel.close()

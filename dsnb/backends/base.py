@@ -34,7 +34,7 @@ from dsnb import function_job
 from dsnb.backends.options import BUILTIN_OPTIONS, Option
 from dsnb.backends.profiles import BUILTIN_PROFILES, BackendProfile
 from dsnb.ds_config import framework_filled
-from dsnb.errors import BackendUnavailable
+from dsnb.errors import BackendUnavailable, InvalidSpecError
 from dsnb.spec import JobSpec, redact_env
 from dsnb.status import JobStatus, LogLine, MetricSample
 
@@ -223,6 +223,8 @@ class Backend(abc.ABC):
     #: The constructor's keyword arguments, as the CLI and the form offer them.
     options: ClassVar[tuple[Option, ...]] = ()
     profiles: ClassVar[tuple[BackendProfile, ...]] = ()
+    #: Whether this backend enforces ``JobSpec.hang_timeout`` (a backend that does not refuses it).
+    watches_hangs: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -237,6 +239,11 @@ class Backend(abc.ABC):
         Raises:
             InvalidSpecError: the spec cannot run on this backend (the field and fix named).
         """
+        if spec.hang_timeout is not None and not self.watches_hangs:
+            raise InvalidSpecError("hang_timeout", f"backend {self.name!r} does not enforce it",
+                                   "leave hang_timeout=None here and set timeout= for a limit (stuck ranks still show in "
+                                   "the job's panel and in dsnb logs), or run on a backend that enforces it "
+                                   "(docs/stragglers.md)")
         plan = self.render(self.unique_spec(spec))
         later = framework_filled(spec.deepspeed_config) if spec.deepspeed is not None else []
         if later:

@@ -68,7 +68,7 @@ DEMO_NAME = "tiny-gpt"
 #: Spec fields and the options that set them, to point at the option in error messages.
 _OPTION_OF_FIELD = {
     "name": "--name", "nodes": "--nodes", "procs_per_node": "--procs", "deepspeed": "--deepspeed",
-    "env": "--env", "timeout": "--timeout", "max_restarts": "--max-restarts", "script": "SCRIPT",
+    "env": "--env", "timeout": "--timeout", "hang_timeout": "--hang-timeout", "max_restarts": "--max-restarts", "script": "SCRIPT",
     "working_dir": "--working-dir", "resources.gpus": "--gpus",
     # dsnb serve
     "model": "MODEL", "replicas": "--replicas", "dtype": "--dtype", "port": "--port",
@@ -101,6 +101,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="job name (default: from the script's file name); a unique suffix is added")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for every rank (repeatable)")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop the job and mark it FAILED after S seconds")
+    parser.add_argument("--hang-timeout", type=float, metavar="S",
+                        help="fail the job when a rank writes nothing for S seconds while the others go on (local)")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all ranks up to K times after a failure")
     parser.add_argument("--gpus", type=int, default=0, metavar="G", help="GPUs per node (default 0: CPU with gloo)")
     parser.add_argument("--working-dir", metavar="DIR", help="where the ranks start (default: the current directory)")
@@ -291,6 +293,7 @@ def spec_from_args(args: argparse.Namespace, script_args: list[str]) -> JobSpec:
         deepspeed=_parse_deepspeed(args.deepspeed),
         max_restarts=args.max_restarts,
         timeout=args.timeout,
+        hang_timeout=args.hang_timeout,
     )
 
 

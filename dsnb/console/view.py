@@ -76,7 +76,7 @@ def _progress(snapshot: MonitorSnapshot) -> RenderableType | None:
     grid.add_column()
     grid.add_row(
         ProgressBar(total=max(1, progress.total), completed=min(progress.step, progress.total), width=40),
-        Text(f"step {progress.step}/{progress.total}  {progress.fraction:.0%}"),
+        Text(str(progress)),
     )
     return grid
 
@@ -144,6 +144,7 @@ def render(monitor: JobMonitor, now: float | None = None, lines_per_rank: int = 
     parts: list[RenderableType] = [_header(monitor, snapshot.status, now)]
     if snapshot.error is not None:
         parts.append(Text(f"monitor stopped: {type(snapshot.error).__name__}: {snapshot.error}", style="red"))
+    parts.extend(Text(f"⚠ {text}", style="yellow") for text in snapshot.stragglers)
     for part in (_progress(snapshot), _metrics(snapshot, max_metrics)):
         if part is not None:
             parts.append(part)
@@ -192,6 +193,7 @@ def status_view(status: JobStatus, now: float | None = None) -> RenderableType:
     parts: list[RenderableType] = [head]
     if status.message:
         parts.append(Text(status.message))
+    parts.extend(Text(f"⚠ {text}", style="yellow") for text in status.stragglers)
     if status.replicas:
         table = Table(box=box.SIMPLE_HEAD)
         for column in ("rank", "state", "exit code", "pid", "host", "message"):

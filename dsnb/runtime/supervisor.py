@@ -11,6 +11,13 @@ timeout) and the job fails naming that rank, its exit code and its last lines, o
 whole job restarts while ``max_restarts`` allows. SIGTERM (sent by ``cancel``) stops
 every rank's process group and records CANCELLED.
 
+It also follows when each rank last wrote and which step it last reported
+(:class:`~dsnb.stragglers.RankActivity`): ranks that look stuck or slow are written into the
+status as they appear. With ``hang_timeout``, a rank that writes nothing for that long while the
+others go on (or a job where no rank writes) is sent SIGABRT, on which Python's faulthandler
+(``PYTHONFAULTHANDLER``, set for every rank) prints every thread's stack, and the job fails
+naming that rank with its stack as the last lines.
+
 It imports neither torch nor DeepSpeed, so it adds little to a job's start-up.
 """
 
@@ -33,14 +40,24 @@ from dsnb.backends.local.jobdir import JobDir, format_log_line, read_last_lines
 from dsnb.backends.local.procs import boot_id, describe_exit, die_with_parent, process_start_time, stop_groups
 from dsnb.backends.local.store import LoopbackStore
 from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
+from dsnb.monitor import DEEPSPEED_METRICS
 from dsnb.secrets import REDACTED
 from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.stragglers import DEFAULT_FLOOR_S, RankActivity
 
 POLL_S = 0.05
 LAST_LINES = 20
 MAX_LINE_BYTES = 64 * 1024
 KILL_GRACE_S = float(os.environ.get("DSNB_KILL_GRACE", "5"))
 INTERRUPT_GRACE_S = 2.0
+#: Seconds between two looks for stuck and slow ranks.
+STRAGGLER_CHECK_S = 1.0
+#: Seconds a hung rank gets to print its stack after SIGABRT.
+STACK_WAIT_S = 5.0
+#: The most lines of a hung rank's stack kept in the status.
+STACK_LINES = 60
+#: The first line faulthandler prints on a fatal signal.
+FAULT_MARK = "Fatal Python error"
 
 
 def _diagnostic(text: str) -> bool:
@@ -56,9 +73,9 @@ def tail_lines(path: Path, count: int = LAST_LINES) -> tuple[str, ...]:
 class _OutputPump(threading.Thread):
     """Copies one rank's pipe into its log file and feeds the metric parser."""
 
-    def __init__(self, rank: int, pipe: IO[bytes], log: IO[str], sink: _MetricSink) -> None:
+    def __init__(self, rank: int, pipe: IO[bytes], log: IO[str], sink: _MetricSink, activity: RankActivity) -> None:
         super().__init__(name=f"dsnb-rank-{rank}", daemon=True)
-        self.rank, self.pipe, self.log, self.sink = rank, pipe, log, sink
+        self.rank, self.pipe, self.log, self.sink, self.activity = rank, pipe, log, sink, activity
         self.saw_output = threading.Event()
         self.write_error: OSError | None = None  # the log could not be written (a full disk): the job must fail
         self.dropped = 0
@@ -78,7 +95,9 @@ class _OutputPump(threading.Thread):
                 self.write_error, self.dropped = e, self.dropped + 1
                 continue
             try:
-                self.sink.feed(self.rank, text, now)
+                self.activity.saw_line(self.rank, now)
+                for step in self.sink.feed(self.rank, text, now):
+                    self.activity.saw_step(self.rank, step, now)
             except Exception:  # never stop copying output: a blocked pipe would hang the rank
                 traceback.print_exc()
         self.pipe.close()
@@ -92,11 +111,14 @@ class _MetricSink:
         self._lock = threading.Lock()
         self._file = open(path, "a", buffering=1, encoding="utf-8")
 
-    def feed(self, rank: int, text: str, when: float) -> None:
+    def feed(self, rank: int, text: str, when: float) -> set[int]:
+        """Parse one line; returns the training steps its samples report."""
         with self._lock:
             samples = self._parser.feed(rank, text, when)
             for sample in samples:
                 self._file.write(json.dumps(sample_to_dict(sample)) + "\n")
+        # DeepSpeed's own lines count optimizer steps on rank 0 only: not a rank's pace against the others'.
+        return {sample.step for sample in samples if sample.step_unit == "step" and sample.name not in DEEPSPEED_METRICS}
 
     def close(self) -> None:
         with self._lock:
@@ -136,6 +158,11 @@ class Supervisor:
         self.exit_times: dict[int, float] = {}
         self.pumps: list[_OutputPump] = []
         self.replicas: list[ReplicaStatus] = []
+        self.hang_timeout: float | None = self.plan.get("hang_timeout")
+        # Flags show at half the hang timeout, so that a user sees a rank go quiet before the job fails.
+        self.activity = RankActivity(self._straggler_floor())
+        self.stragglers: tuple[str, ...] = ()
+        self.attempt_started = 0.0
         self.sink = _MetricSink(self.dir.metrics)
         self.logs = [open(self.dir.rank_log(r["rank"]), "a", encoding="utf-8", errors="replace") for r in self.plan["ranks"]]
 
@@ -152,6 +179,7 @@ class Supervisor:
             started_at=self.started_at,
             finished_at=finished,
             restarts=self.restarts,
+            stragglers=() if state.is_terminal() else self.stragglers,
             **failure,
         )
         self.dir.write_status(
@@ -179,8 +207,11 @@ class Supervisor:
     # -- one attempt ----------------------------------------------------------------------
     def _spawn(self, port: int, store_env: dict[str, str]) -> None:
         base_env = dict(os.environ)
+        if self.hang_timeout:
+            base_env.setdefault("PYTHONFAULTHANDLER", "1")  # SIGABRT then prints every thread's Python stack
         self.procs, self.pumps, self.exit_times = [], [], {}
         self.rank_starts, self.port = [], port
+        self.activity, self.stragglers, self.attempt_started = RankActivity(self._straggler_floor()), (), time.time()
         for rank_plan, log in zip(self.plan["ranks"], self.logs):
             # The spec's env wins (a user who sets GLOO_SOCKET_IFNAME means it); the store's port does not.
             env = {**base_env, **store_env, **rank_plan["env"], "MASTER_PORT": str(port)}
@@ -196,7 +227,7 @@ class Supervisor:
             )
             self.procs.append(proc)  # recorded at once, so a failure below still stops it
             self.rank_starts.append(process_start_time(proc.pid))
-            pump = _OutputPump(rank_plan["rank"], proc.stdout, log, self.sink)  # type: ignore[arg-type]
+            pump = _OutputPump(rank_plan["rank"], proc.stdout, log, self.sink, self.activity)  # type: ignore[arg-type]
             pump.start()
             self.pumps.append(pump)
         for index, proc in enumerate(self.procs):
@@ -250,9 +281,13 @@ class Supervisor:
     def _cancel_wanted(self) -> bool:
         return self.cancel_requested.is_set() or self.dir.cancel_request.exists()
 
+    def _straggler_floor(self) -> float:
+        return min(DEFAULT_FLOOR_S, self.hang_timeout / 2) if self.hang_timeout else DEFAULT_FLOOR_S
+
     def _watch(self) -> tuple[str, dict[str, Any]]:
-        """Poll the started ranks until the attempt ends; record RUNNING once a rank has written output."""
-        running_written = False
+        """Poll the started ranks until the attempt ends; record RUNNING once a rank has written output, and
+        the ranks that look stuck or slow as they change."""
+        running_written, next_look = False, 0.0
         while True:
             ended = self._ended()
             if ended is not None:
@@ -261,7 +296,67 @@ class Supervisor:
                 self._set_replicas(JobState.RUNNING)
                 self._write(JobState.RUNNING)
                 running_written = True
+            if running_written and time.monotonic() >= next_look:
+                next_look = time.monotonic() + STRAGGLER_CHECK_S
+                flagged = tuple(str(s) for s in self.activity.stragglers(time.time()))
+                if flagged != self.stragglers:
+                    self.stragglers = flagged
+                    self._write(JobState.RUNNING)
+                hung = self._hung()
+                if hung is not None:
+                    return hung
             time.sleep(POLL_S)
+
+    def _hung(self) -> tuple[str, dict[str, Any]] | None:
+        """The outcome "hung" once a rank wrote nothing for ``hang_timeout`` while the others went on (or no rank
+        wrote): the rank (every rank, when none stands out) is sent SIGABRT to print its stack first."""
+        if not self.hang_timeout:
+            return None
+        now = time.time()
+        stuck = [s for s in self.activity.stragglers(now, threshold_s=self.hang_timeout) if s.kind == "silent"]
+        if stuck:
+            rank: int | None = stuck[0].rank
+            why = f"rank {rank} hung: it wrote nothing for {stuck[0].silent_s:.0f} s while the others progressed"
+        else:
+            last = self.activity.last_output() or self.attempt_started
+            if now - last <= self.hang_timeout:
+                return None
+            rank, why = None, f"the job hung: no rank wrote anything for {now - last:.0f} s"
+        index_of = {r["rank"]: i for i, r in enumerate(self.plan["ranks"])}
+        running = [i for i, proc in enumerate(self.procs) if proc.poll() is None] or list(range(len(self.procs)))
+        indexes = [index_of[rank]] if rank is not None else running  # ranks that exited 0 are done, not hung
+        self._dump_stacks(indexes)
+        shown = rank if rank is not None else self.plan["ranks"][indexes[0]]["rank"]
+        whose = "its Python stack is below" if rank is not None else \
+            f"the stack of every rank still running is at the end of its log, rank {shown}'s below"
+        message = f"{why} (JobSpec.hang_timeout={self.hang_timeout:g} s); {whose} (faulthandler, after SIGABRT); " \
+                  "all ranks stopped"
+        return "hung", {"failed_rank": shown, "message": message, "last_lines": self._stack_of(shown)}
+
+    def _dump_stacks(self, indexes: list[int]) -> None:
+        """SIGABRT to the process group of each of these ranks (dsnb's own children), then wait for their stacks."""
+        for index in indexes:
+            proc = self.procs[index]
+            if proc.poll() is None:  # our child, not yet reaped: its pid (and group) is still its own
+                try:
+                    os.killpg(proc.pid, signal.SIGABRT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + STACK_WAIT_S
+        for index in indexes:
+            try:
+                self.procs[index].wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.pumps[index].join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _stack_of(self, rank: int) -> tuple[str, ...]:
+        """The stack faulthandler printed last in ``rank``'s log, else its last lines."""
+        lines = [text for _, text in read_last_lines(self.dir.rank_log(rank), 4 * STACK_LINES)[0]]
+        marks = [i for i, text in enumerate(lines) if text.startswith(FAULT_MARK)]
+        if not marks:
+            return tail_lines(self.dir.rank_log(rank))
+        return tuple(text for text in lines[marks[-1]:] if text.strip())[:STACK_LINES]
 
     def _ended(self) -> tuple[str, dict[str, Any]] | None:
         """How the attempt ended (a cancel, the timeout, the ranks' exits, a log that cannot be written), or None."""
@@ -333,6 +428,16 @@ class Supervisor:
                     return JobState.FAILED
                 if outcome == "log_failed":  # not worth a restart: the disk stays full
                     self._write(JobState.FAILED, failure["message"], failed_rank=failure["failed_rank"])
+                    return JobState.FAILED
+                if outcome == "hung":
+                    if self.restarts < max_restarts:
+                        self.restarts += 1
+                        self._mark_all(f"[dsnb] {failure['message']}; restarting all ranks "
+                                       f"(restart {self.restarts} of {max_restarts})")
+                        continue
+                    self._mark_all(f"[dsnb] {failure['message']}")
+                    self._write(JobState.FAILED, failure["message"], failed_rank=failure["failed_rank"],
+                                last_lines=failure["last_lines"])
                     return JobState.FAILED
                 rank, code = failure["failed_rank"], failure["exit_code"]
                 message = f"rank {rank} {describe_exit(code)}"

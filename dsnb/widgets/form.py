@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 #: Keys of :attr:`LaunchForm.errors`, in the order the fields appear.
 FIELD_KEYS: tuple[str, ...] = (
     "name", "script", "command", "args", "working_dir", "nodes", "procs_per_node", "gpus", "cpu",
-    "memory", "image", "env", "timeout", "max_restarts", "zero_stage", "precision", "micro_batch",
+    "memory", "image", "env", "timeout", "hang_timeout", "max_restarts", "zero_stage", "precision", "micro_batch",
     "grad_accum", "offload_optimizer", "offload_param", "extra_config", "form",
 )
 
@@ -71,6 +71,7 @@ _FIELD_TO_KEY: dict[str, str] = {
     "image": "image",
     "env": "env",
     "timeout": "timeout",
+    "hang_timeout": "hang_timeout",
     "max_restarts": "max_restarts",
     "deepspeed": "micro_batch",  # a bare "deepspeed" error from the form means no batch size
     "deepspeed.train_micro_batch_size_per_gpu": "micro_batch",
@@ -166,13 +167,13 @@ def _parse_number(text: str) -> int | float | str:
     return value if math.isfinite(value) else text
 
 
-def _parse_timeout(text: str) -> float | int | None:
+def _parse_timeout(text: str, field: str = "timeout") -> float | int | None:
     text = text.strip()
     if not text:
         return None
     value = _parse_number(text)
     if isinstance(value, str):
-        raise InvalidSpecError("timeout", f"{text!r} is not a number of seconds", "write e.g. 3600, or leave it empty for no limit")
+        raise InvalidSpecError(field, f"{text!r} is not a number of seconds", "write e.g. 3600, or leave it empty for no limit")
     return value
 
 
@@ -307,6 +308,8 @@ class LaunchForm:
         self.image = W.Text(description="Image", placeholder="container image (Kubernetes, KubeRay)", layout=wide)
         self.env = W.Textarea(description="Environment", placeholder="KEY=VALUE, one a line", layout=W.Layout(width="420px", height="60px"))
         self.timeout = W.Text(description="Timeout (s)", placeholder="none", layout=W.Layout(width="260px"))
+        self.hang_timeout = W.Text(description="Hang timeout (s)", placeholder="none", layout=W.Layout(width="260px"),
+                                   tooltip="Fail the job when a rank writes nothing this long while the others go on")
         self.max_restarts = W.IntText(description="Max restarts", value=0, layout=W.Layout(width="260px"))
 
         # DeepSpeed.
@@ -352,7 +355,7 @@ class LaunchForm:
             W.HTML("<b>Job</b>"),
             *(self._row(k, getattr(self, k)) for k in (
                 "name", "script", "command", "args", "working_dir", "nodes", "procs_per_node", "gpus",
-                "cpu", "memory", "image", "env", "timeout", "max_restarts")),
+                "cpu", "memory", "image", "env", "timeout", "hang_timeout", "max_restarts")),
         ], layout=W.Layout(flex="1 1 0", min_width="420px"))
         ds_box = W.VBox([
             W.HTML("<b>DeepSpeed</b>"), self.use_deepspeed,
@@ -440,6 +443,7 @@ class LaunchForm:
             self.image.value = spec.image or ""
             self.env.value = format_env(spec.env)  # secret values move to the form's memory (_hide_secrets)
             self.timeout.value = "" if spec.timeout is None else str(spec.timeout)
+            self.hang_timeout.value = "" if spec.hang_timeout is None else str(spec.hang_timeout)
             self.max_restarts.value = spec.max_restarts
             config = spec.deepspeed if isinstance(spec.deepspeed, dict) else spec.deepspeed_config
             self.use_deepspeed.value = config is not None
@@ -510,6 +514,7 @@ class LaunchForm:
             "image": self.image.value.strip() or None,
             "env": parse("env", self._env, {}),
             "timeout": parse("timeout", lambda: _parse_timeout(self.timeout.value), None),
+            "hang_timeout": parse("hang_timeout", lambda: _parse_timeout(self.hang_timeout.value, "hang_timeout"), None),
             "max_restarts": self.max_restarts.value,
             "deepspeed": deepspeed if not ds_problems else None,
         }

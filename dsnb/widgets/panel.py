@@ -192,6 +192,7 @@ class JobPanel:
         self.metrics_label = w.HTML("")
         self.plot = w.Image(format="png", value=b"", layout=w.Layout(max_width="100%"))
         self.rank_table = w.HTML("")
+        self.stragglers = w.HTML("")
         self.diagnosis = w.HTML("")
         self.log_selector = w.Dropdown(options=[("all ranks", ALL_RANKS)], value=ALL_RANKS, description="logs",
                                        layout=w.Layout(width="14em"))
@@ -205,10 +206,10 @@ class JobPanel:
             (self.state_label, "dsnb-state"), (self.cancel_button, "dsnb-cancel"), (self.plot, "dsnb-plot"),
             (self.rank_table, "dsnb-ranks"), (self.diagnosis, "dsnb-diagnosis"), (self.log_view, "dsnb-log"),
             (self.log_selector, "dsnb-log-selector"), (self.log_filter, "dsnb-log-filter"),
-            (self.follow, "dsnb-follow"), (self.progress, "dsnb-progress"),
+            (self.follow, "dsnb-follow"), (self.progress, "dsnb-progress"), (self.stragglers, "dsnb-stragglers"),
         ):
             widget.add_class(css)
-        for hidden in (self.progress_box, self.plot, self.diagnosis):
+        for hidden in (self.progress_box, self.plot, self.diagnosis, self.stragglers):
             _hide(hidden, True)
         self.header = w.HBox(
             [self.name_label, self.backend_label, self.state_label, self.elapsed_label,
@@ -218,7 +219,7 @@ class JobPanel:
         self.log_controls = w.HBox([self.log_selector, self.log_filter, self.follow, self.log_info],
                                    layout=w.Layout(align_items="center", grid_gap="8px"))
         self.widget = w.VBox(
-            [self.header, self.message_label, self.progress_box, self.metrics_label, self.plot,
+            [self.header, self.message_label, self.stragglers, self.progress_box, self.metrics_label, self.plot,
              self.rank_table, self.diagnosis, self.log_controls, self.log_view],
         )
         self.widget.add_class("dsnb-panel")
@@ -230,7 +231,8 @@ class JobPanel:
         return (
             self.name_label, self.backend_label, self.state_label, self.elapsed_label, self.world_size_label,
             self.restarts_label, self.cancel_button, self.message_label, self.progress, self.progress_label,
-            self.progress_box, self.metrics_label, self.plot, self.rank_table, self.diagnosis, self.log_selector,
+            self.progress_box, self.metrics_label, self.plot, self.rank_table, self.stragglers, self.diagnosis,
+            self.log_selector,
             self.log_filter, self.follow, self.log_info, self.log_view, self.header, self.log_controls, self.widget,
         )
 
@@ -404,6 +406,7 @@ class JobPanel:
         snapshot = self.monitor.snapshot()
         self._render_header(snapshot)
         self._render_ranks(snapshot.status)
+        self._render_stragglers(snapshot.stragglers)
         self._render_progress(snapshot)
         self._render_metrics(snapshot)
         if self.follow.value:
@@ -461,6 +464,13 @@ class JobPanel:
         self.rank_rows = rows
         self.rank_table.value = rank_table_html(rows)
 
+    def _render_stragglers(self, stragglers: tuple[str, ...]) -> None:
+        value = "".join(f"<div class='dsnb-straggler' style='color:#a15c00'>⚠ {html.escape(text)}</div>"
+                        for text in stragglers)
+        if value != self.stragglers.value:
+            self.stragglers.value = value
+        _hide(self.stragglers, not stragglers)
+
     def _render_progress(self, snapshot: MonitorSnapshot) -> None:
         progress = snapshot.progress
         if progress is None:
@@ -469,7 +479,7 @@ class JobPanel:
         if self.progress.max != total:
             self.progress.max = total
         self.progress.value = min(progress.step, total)
-        self.progress_label.value = f"step {progress.step}/{progress.total}  {progress.fraction:.0%}"
+        self.progress_label.value = str(progress)
         if snapshot.status is not None:
             self.progress.bar_style = BAR_STYLES.get(snapshot.status.state, "")
         _hide(self.progress_box, False)

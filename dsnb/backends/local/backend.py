@@ -140,6 +140,7 @@ class LocalBackend(EndpointsAsJobs, Backend):
     """
 
     name = "local"
+    watches_hangs = True
     options = BUILTIN_OPTIONS["local"]
     profiles = BUILTIN_PROFILES["local"]
 
@@ -270,6 +271,7 @@ class LocalBackend(EndpointsAsJobs, Backend):
                 "created_at": created,
                 "master_addr": MASTER_ADDR,
                 "timeout": spec.timeout,
+                "hang_timeout": spec.hang_timeout,
                 "max_restarts": spec.max_restarts,
                 "stop": stop_policy(spec),
                 "ranks": [
