@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from dsnb.runtime.usage import USAGE_METRICS  # sampled of each rank's processes, at its last step: not its pace
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 from dsnb.stragglers import RankActivity
 
@@ -40,6 +41,11 @@ DEEPSPEED_METRICS = frozenset({"lr", "skipped", "samples_per_sec", "avg_samples_
 #: Chunks read per cursor in one poll, so one poll stays short behind a very chatty job.
 MAX_CHUNKS_PER_POLL = 16
 MIN_NOTIFY_INTERVAL_S = 0.1
+
+
+def _paces(name: str) -> bool:
+    """Whether a sample of metric ``name`` marks a rank's own step (DeepSpeed's lines and usage samples do not)."""
+    return name not in DEEPSPEED_METRICS and name not in USAGE_METRICS and not name.startswith("time_ms/")
 MAX_EVENTS = 200
 
 
@@ -331,7 +337,7 @@ class JobMonitor:
             step = max(sample.step, self.progress.step if self.progress else 0)
             self.progress = self._progress(step, int(sample.value))
             return
-        if sample.step_unit == "step" and sample.name not in DEEPSPEED_METRICS:
+        if sample.step_unit == "step" and _paces(sample.name):
             self.activity.saw_step(sample.rank, sample.step, sample.time)
         series = self._series.get(sample.name)
         if series is None:
@@ -340,7 +346,7 @@ class JobMonitor:
         previous = self.latest.get(sample.name)
         if previous is None or (sample.step, sample.time) >= (previous.step, previous.time):
             self.latest[sample.name] = sample
-        if self.progress is not None and sample.name not in DEEPSPEED_METRICS and not sample.name.startswith("time_ms/"):
+        if self.progress is not None and _paces(sample.name):
             if sample.step > self.progress.step:
                 self.progress = self._progress(sample.step, self.progress.total)
 

@@ -126,6 +126,12 @@ class RankActivity:
             gaps = [g for r in self._ranks.values() for g in r.gaps]
         return statistics.median(gaps) if gaps else None
 
+    def step_of(self, rank: int) -> int:
+        """The last step ``rank`` reported, 0 before any."""
+        with self._lock:
+            known = self._ranks.get(rank)
+            return known.step if known is not None and known.step is not None else 0
+
     def steps_seen(self) -> int:
         """How many distinct steps the rank that reported the most has reported (of those kept)."""
         with self._lock:

@@ -394,3 +394,21 @@ def test_the_panel_shows_the_stuck_and_slow_ranks_and_the_time_left() -> None:
     panel.monitor.poll()
     assert hidden(panel.stragglers) and panel.stragglers.value == ""
     panel.close()
+
+
+def test_the_panel_plots_each_ranks_cpu_and_memory_apart_from_the_loss() -> None:
+    pytest.importorskip("matplotlib")
+    backend = ScriptedBackend()
+    for second in range(6):
+        for rank in (0, 1):
+            backend.samples.append(MetricSample(0, "cpu_percent", 95.0 + rank, rank, 100.0 + 2 * second))
+            backend.samples.append(MetricSample(0, "rss_mib", 500.0 * (rank + 1), rank, 100.0 + 2 * second))
+    job = Job(backend, "fake-abcd")  # type: ignore[arg-type]
+    panel = JobPanel(job, JobMonitor(job, clock=lambda: 120.0), start=False)
+    panel.monitor.poll()
+    panel._render_all()
+    assert not hidden(panel.usage_plot) and panel.usage_plot.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert hidden(panel.plot)  # no loss or throughput yet: the job's plot stays hidden
+    assert panel.monitor.progress is None  # usage samples are no step of the job
+    assert panel.to_html().count("data:image/png") == 1  # a saved notebook keeps the usage plot
+    panel.close()

@@ -24,6 +24,7 @@ It imports neither torch nor DeepSpeed, so it adds little to a job's start-up.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import json
 import os
@@ -41,8 +42,10 @@ from dsnb.backends.local.procs import boot_id, describe_exit, die_with_parent, p
 from dsnb.backends.local.store import LoopbackStore
 from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
 from dsnb.monitor import DEEPSPEED_METRICS
+from dsnb.runtime.usage import DEFAULT_INTERVAL_S as USAGE_INTERVAL_S
+from dsnb.runtime.usage import UsageSampler, group_pids, load_nvml
 from dsnb.secrets import REDACTED
-from dsnb.status import JobState, JobStatus, ReplicaStatus
+from dsnb.status import JobState, JobStatus, MetricSample, ReplicaStatus
 from dsnb.stragglers import DEFAULT_FLOOR_S, RankActivity
 
 POLL_S = 0.05
@@ -103,6 +106,40 @@ class _OutputPump(threading.Thread):
         self.pipe.close()
 
 
+class _UsageThread(threading.Thread):
+    """Samples every rank's CPU, memory and GPU use (:mod:`dsnb.runtime.usage`) into the metrics, at a bounded rate."""
+
+    def __init__(self, ranks: list[tuple[int, int]], sink: _MetricSink, activity: RankActivity,
+                 interval: float = USAGE_INTERVAL_S) -> None:
+        super().__init__(name="dsnb-usage", daemon=True)
+        self.samplers = {rank: UsageSampler(pgid, nvml=_nvml_once()) for rank, pgid in ranks}
+        self.sink, self.activity, self.interval = sink, activity, interval
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        self._sample(write=False)  # the first CPU figure needs a time before it
+        while not self.done.wait(self.interval):
+            self._sample(write=True)
+
+    def _sample(self, write: bool) -> None:
+        try:
+            listed = group_pids({s.pgid for s in self.samplers.values()})
+            now = time.time()
+            for rank, sampler in self.samplers.items():
+                values = sampler.sample(listed[sampler.pgid])
+                if write:
+                    step = self.activity.step_of(rank)
+                    self.sink.write([MetricSample(step, name, value, rank, now) for name, value in values.items()])
+        except Exception:  # usage is an aid: never stop the job for it
+            traceback.print_exc()
+
+
+@functools.cache
+def _nvml_once() -> Any:
+    """NVML, initialised once per supervisor; False without it."""
+    return load_nvml() or False
+
+
 class _MetricSink:
     """Thread-safe writer of parsed metric samples."""
 
@@ -119,6 +156,12 @@ class _MetricSink:
                 self._file.write(json.dumps(sample_to_dict(sample)) + "\n")
         # DeepSpeed's own lines count optimizer steps on rank 0 only: not a rank's pace against the others'.
         return {sample.step for sample in samples if sample.step_unit == "step" and sample.name not in DEEPSPEED_METRICS}
+
+    def write(self, samples: list[MetricSample]) -> None:
+        """Write samples made here (not parsed from a line)."""
+        with self._lock:
+            for sample in samples:
+                self._file.write(json.dumps(sample_to_dict(sample)) + "\n")
 
     def close(self) -> None:
         with self._lock:
@@ -157,6 +200,7 @@ class Supervisor:
         self.port: int | None = None
         self.exit_times: dict[int, float] = {}
         self.pumps: list[_OutputPump] = []
+        self.usage: _UsageThread | None = None
         self.replicas: list[ReplicaStatus] = []
         self.hang_timeout: float | None = self.plan.get("hang_timeout")
         # Flags show at half the hang timeout, so that a user sees a rank go quiet before the job fails.
@@ -232,6 +276,9 @@ class Supervisor:
             self.pumps.append(pump)
         for index, proc in enumerate(self.procs):
             threading.Thread(target=self._note_exit, args=(index, proc), daemon=True).start()
+        self.usage = _UsageThread([(r["rank"], p.pid) for r, p in zip(self.plan["ranks"], self.procs)], self.sink,
+                                  self.activity)
+        self.usage.start()
 
     def _note_exit(self, index: int, proc: subprocess.Popen[bytes]) -> None:
         # Exact exit order tells the rank that died first from peers that fell with it.
@@ -243,6 +290,9 @@ class Supervisor:
         # which SIGINT would cut short: its plan says how long that may take.
         how = self.plan.get("stop") or {}
         grace, interrupt = float(how.get("grace_s", KILL_GRACE_S)), float(how.get("interrupt_s", INTERRUPT_GRACE_S))
+        if self.usage is not None:
+            self.usage.done.set()
+            self.usage.join(timeout=5)
         stop_groups([p.pid for p in self.procs], grace=grace, interrupt=interrupt)
         for proc in self.procs:
             try:

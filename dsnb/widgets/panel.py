@@ -36,7 +36,7 @@ from dsnb.widgets.markup import (
     rank_table_html,
     summary_head_html,
 )
-from dsnb.widgets.plots import JOB_PLOTS, PlotGroup, plot_png
+from dsnb.widgets.plots import JOB_PLOTS, USAGE_PLOTS, PlotGroup, plot_png
 from dsnb.widgets.ticker import SHARED_TICKER, Ticker, Ticking
 
 try:
@@ -191,6 +191,7 @@ class JobPanel:
         self.progress_box = w.HBox([self.progress, self.progress_label])
         self.metrics_label = w.HTML("")
         self.plot = w.Image(format="png", value=b"", layout=w.Layout(max_width="100%"))
+        self.usage_plot = w.Image(format="png", value=b"", layout=w.Layout(max_width="100%"))
         self.rank_table = w.HTML("")
         self.stragglers = w.HTML("")
         self.diagnosis = w.HTML("")
@@ -204,12 +205,13 @@ class JobPanel:
         self.log_view = w.HTML(log_html(""))
         for widget, css in (
             (self.state_label, "dsnb-state"), (self.cancel_button, "dsnb-cancel"), (self.plot, "dsnb-plot"),
+            (self.usage_plot, "dsnb-usage-plot"),
             (self.rank_table, "dsnb-ranks"), (self.diagnosis, "dsnb-diagnosis"), (self.log_view, "dsnb-log"),
             (self.log_selector, "dsnb-log-selector"), (self.log_filter, "dsnb-log-filter"),
             (self.follow, "dsnb-follow"), (self.progress, "dsnb-progress"), (self.stragglers, "dsnb-stragglers"),
         ):
             widget.add_class(css)
-        for hidden in (self.progress_box, self.plot, self.diagnosis, self.stragglers):
+        for hidden in (self.progress_box, self.plot, self.usage_plot, self.diagnosis, self.stragglers):
             _hide(hidden, True)
         self.header = w.HBox(
             [self.name_label, self.backend_label, self.state_label, self.elapsed_label,
@@ -220,7 +222,7 @@ class JobPanel:
                                    layout=w.Layout(align_items="center", grid_gap="8px"))
         self.widget = w.VBox(
             [self.header, self.message_label, self.stragglers, self.progress_box, self.metrics_label, self.plot,
-             self.rank_table, self.diagnosis, self.log_controls, self.log_view],
+             self.usage_plot, self.rank_table, self.diagnosis, self.log_controls, self.log_view],
         )
         self.widget.add_class("dsnb-panel")
         self.log_selector.observe(self._on_log_control, names="value")
@@ -231,7 +233,8 @@ class JobPanel:
         return (
             self.name_label, self.backend_label, self.state_label, self.elapsed_label, self.world_size_label,
             self.restarts_label, self.cancel_button, self.message_label, self.progress, self.progress_label,
-            self.progress_box, self.metrics_label, self.plot, self.rank_table, self.stragglers, self.diagnosis,
+            self.progress_box, self.metrics_label, self.plot, self.usage_plot, self.rank_table, self.stragglers,
+            self.diagnosis,
             self.log_selector,
             self.log_filter, self.follow, self.log_info, self.log_view, self.header, self.log_controls, self.widget,
         )
@@ -513,14 +516,16 @@ class JobPanel:
         self._last_plot = self.monitor.clock()
         try:
             png = plot_png(self.monitor, groups=self.plot_groups, labels=self.metric_labels, x=self.plot_x)
+            usage = plot_png(self.monitor, groups=USAGE_PLOTS, x="time", height=2.2)
         except ImportError:
             self.metrics_label.value += " <i>(install matplotlib for a plot)</i>"
             return
-        if png is None:
-            return
-        self.plot.value = png
-        self.plot_renders += 1
-        _hide(self.plot, False)
+        for widget, drawn in ((self.plot, png), (self.usage_plot, usage)):
+            if drawn is not None:
+                widget.value = drawn
+                _hide(widget, False)
+        if png is not None:
+            self.plot_renders += 1
 
     def _lines_shown(self, snapshot: MonitorSnapshot) -> tuple[list[str], int]:
         rank = self.log_selector.value
@@ -617,8 +622,7 @@ class JobPanel:
             parts.extend(f"<div>{html.escape(note)}</div>" for note in notes if note)
             if self.metrics_label.value:
                 parts.append(f"<div>{self.metrics_label.value}</div>")
-            if self.plot.value:
-                parts.append(png_html(self.plot.value))
+            parts.extend(png_html(plot.value) for plot in (self.plot, self.usage_plot) if plot.value)
             parts.append(rank_table_html(self.rank_rows))
             if status is not None and status.state == JobState.FAILED:
                 parts.append(self.diagnosis.value)

@@ -52,6 +52,12 @@ def is_throughput(name: str) -> bool:
 PlotGroup = tuple[str, Callable[[str], bool]]
 #: A job's plots: loss, and throughput.
 JOB_PLOTS: tuple[PlotGroup, ...] = (("loss", is_loss), ("throughput", is_throughput))
+#: What each rank uses (:mod:`dsnb.runtime.usage`), drawn by time: CPU, memory, GPU.
+USAGE_PLOTS: tuple[PlotGroup, ...] = (
+    ("CPU %", lambda name: name == "cpu_percent"),
+    ("memory (MiB)", lambda name: name in ("rss_mib", "gpu_mem_mib")),
+    ("GPU %", lambda name: name == "gpu_util_percent"),
+)
 
 
 def plot_png(
