@@ -466,16 +466,24 @@ def memory_there(conn: Connection, spec: JobSpec | None) -> MemoryThere:
         return MemoryThere(cpu=cpu, source="the nodes cannot be listed (forbidden)")
     gpus = spec.resources.gpus if spec is not None else 0
     candidates = [n for n in nodes if not (n.get("spec") or {}).get("unschedulable") and (not gpus or _gpus_of(n) >= gpus)]
-    if cpu is None:
-        allocatable = [parse_quantity(m) for n in candidates if (m := _status(n, "allocatable").get("memory"))]
-        cpu = int(min(allocatable)) if allocatable else None
+    cpu = cpu if cpu is not None else _smallest_allocatable_memory(candidates)
+    gpu, source = _smallest_gpu_memory(candidates, gpus)
+    return MemoryThere(gpu=gpu, cpu=cpu, source=source)
+
+
+def _smallest_gpu_memory(nodes: list[dict[str, Any]], gpus: int) -> tuple[int | None, str]:
+    """(bytes of the smallest GPU of these nodes by their label, where that came from)."""
     if not gpus:
-        return MemoryThere(cpu=cpu, source="the job asks for no GPUs")
-    labelled = [int(v) for n in candidates if str(v := _labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()]
+        return None, "the job asks for no GPUs"
+    labelled = [int(v) for n in nodes if str(v := _labels(n).get(GPU_MEMORY_LABEL, "")).isdigit()]
     if not labelled:
-        return MemoryThere(cpu=cpu, source=f"no GPU node has the {GPU_MEMORY_LABEL} label (GPU Feature Discovery)")
-    return MemoryThere(gpu=min(labelled) * 2**20, cpu=cpu,
-                       source=f"{GPU_MEMORY_LABEL} of {len(labelled)} node(s) with {gpus} GPU(s) or more")
+        return None, f"no GPU node has the {GPU_MEMORY_LABEL} label (GPU Feature Discovery)"
+    return min(labelled) * 2**20, f"{GPU_MEMORY_LABEL} of {len(labelled)} node(s) with {gpus} GPU(s) or more"
+
+
+def _smallest_allocatable_memory(nodes: list[dict[str, Any]]) -> int | None:
+    allocatable = [parse_quantity(m) for n in nodes if (m := _status(n, "allocatable").get("memory"))]
+    return int(min(allocatable)) if allocatable else None
 
 
 def _status(node: dict[str, Any], key: str) -> dict[str, Any]:
