@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from dsnb.formatting import format_duration
 from dsnb.runtime.usage import USAGE_METRICS  # sampled of each rank's processes, at its last step: not its pace
 from dsnb.status import JobState, JobStatus, LogLine, MetricSample
 from dsnb.stragglers import RankActivity
@@ -63,7 +64,7 @@ class Progress:
         >>> Progress(step=25, total=100).fraction
         0.25
         >>> str(Progress(step=25, total=100, seconds_left=150.0))
-        'step 25/100  25%  about 2 min 30 s left'
+        'step 25/100  25%  about 2m 30s left'
     """
 
     step: int
@@ -72,7 +73,7 @@ class Progress:
 
     def __str__(self) -> str:
         text = f"step {self.step}/{self.total}  {self.fraction:.0%}"
-        return text if self.seconds_left is None else f"{text}  about {duration_text(self.seconds_left)} left"
+        return text if self.seconds_left is None else f"{text}  about {format_duration(self.seconds_left)} left"
 
     @property
     def fraction(self) -> float:
@@ -80,21 +81,6 @@ class Progress:
         if self.total <= 0:
             return 0.0
         return min(1.0, max(0.0, self.step / self.total))
-
-
-def duration_text(seconds: float) -> str:
-    """``"45 s"``, ``"2 min 30 s"``, ``"1 h 05 min"``: a duration as people read it.
-
-    Example:
-        >>> duration_text(42.4), duration_text(150), duration_text(3900)
-        ('42 s', '2 min 30 s', '1 h 05 min')
-    """
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s" if seconds % 60 else f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @dataclass(frozen=True)

@@ -358,7 +358,7 @@ def test_the_monitor_flags_a_quiet_rank_and_a_slow_one_on_any_backend_and_gives_
     assert snapshot.stragglers == ("rank 1 has written nothing for 70 s while the others progressed",
                                    "rank 1 is 59 steps behind")
     assert snapshot.progress == Progress(step=99, total=400, seconds_left=301.0)  # 1 s a step
-    assert str(snapshot.progress) == "step 99/400  25%  about 5 min 01 s left"
+    assert str(snapshot.progress) == "step 99/400  25%  about 5m 01s left"
     backend.current = replace(backend.current, state=JobState.FAILED)
     monitor.poll()
     assert monitor.snapshot().stragglers == ()  # an ended job has no stragglers

@@ -389,7 +389,7 @@ def test_the_panel_shows_the_stuck_and_slow_ranks_and_the_time_left() -> None:
     assert not hidden(panel.stragglers)
     assert "⚠ rank 1 has written nothing for 70 s while the others progressed" in panel.stragglers.value
     assert "⚠ rank 1 is 59 steps behind" in panel.stragglers.value
-    assert panel.progress_label.value == "step 99/400  25%  about 5 min 01 s left"
+    assert panel.progress_label.value == "step 99/400  25%  about 5m 01s left"
     backend.current = replace(backend.current, state=JobState.SUCCEEDED, finished_at=211.0)
     panel.monitor.poll()
     assert hidden(panel.stragglers) and panel.stragglers.value == ""
