@@ -237,12 +237,17 @@ def test_the_validator_refuses_what_the_crd_does_not_allow() -> None:
 def test_the_stored_schemas_equal_the_upstream_crds() -> None:
     if not SHARED.is_dir():
         pytest.skip(f"the shared schema folder {SHARED} is not beside the repository")
+    compared = 0
     for path in FOLDER.glob("*.json.gz"):
         with gzip.open(path, "rt") as f:
             stored = json.load(f)
+        if stored["source"].startswith("kueue-"):  # Kueue's are not in the shared folder: see crds/README.md
+            assert set(stored["versions"]) == {"v1beta1", "v1beta2"}, path
+            continue
         crd = yaml.safe_load((SHARED / stored["source"]).read_text())
         assert stored["versions"] == {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
-    assert len(schemas()) >= 7
+        compared += 1
+    assert compared >= 7 and len(schemas()) >= 11
 
 
 # -- status from conditions --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dsnb import Cluster, JobSpec, JobState
-from dsnb.runtime.usage import USAGE_METRICS, UsageSampler, group_pids, gpu_usage
+from dsnb.runtime.usage import USAGE_METRICS, UsageSampler, gpu_usage, group_pids
 
 BURN = textwrap.dedent("""
     import subprocess, sys, time
@@ -105,7 +105,7 @@ def test_a_local_job_gets_cpu_and_memory_samples_per_rank(tmp_path: Path) -> Non
     assert job.wait(timeout=120).state == JobState.SUCCEEDED
     samples = [s for s in job.metrics() if s.name in USAGE_METRICS]
     by_rank = {rank: [s for s in samples if s.rank == rank] for rank in (0, 1)}
-    for rank, own in by_rank.items():
+    for own in by_rank.values():
         assert len({s.time for s in own if s.name == "cpu_percent"}) >= 2, samples  # one each 2 s
         assert max(s.value for s in own if s.name == "cpu_percent") >= 30
     rss = {rank: max(s.value for s in own if s.name == "rss_mib") for rank, own in by_rank.items()}

@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     rbac.add_argument("--backend", default="statefulset", help="a Kubernetes backend (default: statefulset)")
     rbac.add_argument("--namespace", help="where the jobs go (default: the kubeconfig context's, else default)")
     rbac.add_argument("--name", default="dsnb", help="name of the Role and the RoleBinding (default: dsnb)")
+    rbac.add_argument("--kueue", action="store_true", help="also what queueing jobs with Kueue needs (PodOptions(queue=...))")
     subject = rbac.add_mutually_exclusive_group()
     subject.add_argument("--user", metavar="NAME", help="bind it to this user (your kubeconfig login)")
     subject.add_argument("--group", metavar="NAME", help="bind it to this group")
@@ -592,6 +593,10 @@ def _cmd_estimate(ui: _Ui, args: argparse.Namespace) -> int:
 def _cmd_rbac(ui: _Ui, args: argparse.Namespace) -> int:
     backend_class = load_backend("kuberay" if args.backend == "ray" else args.backend)  # on Kubernetes, Ray is KubeRay
     permissions = getattr(backend_class, "permissions", ())
+    if permissions and args.kueue:
+        from dsnb.backends.kubernetes.rbac import KUEUE_PERMISSIONS
+
+        permissions = (*permissions, *KUEUE_PERMISSIONS)
     if not permissions:
         _error(ui, f"backend {args.backend!r} creates nothing on Kubernetes, so it needs no Role; "
                    "name a Kubernetes backend, e.g. --backend statefulset")

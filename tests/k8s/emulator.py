@@ -750,6 +750,9 @@ class KubeEmulator:
         self.requests: list[tuple[str, str]] = []
         self.granted: set[tuple[str, str, str, str]] = set()
         self.admission: list[Callable[[Obj], str | None]] = []
+        # Aggregated APIs (served by an extension API server behind this one, e.g. Kueue's visibility API):
+        # a GET of one of these paths answers what its function gives.
+        self.aggregated: dict[str, Callable[[], Obj]] = {}
         self.schemas: dict[tuple[str, str], Obj] = {}  # (apiVersion, kind) -> the CRD's openAPIV3Schema
         self._users: dict[str, Requester] = {}  # bearer token -> who, authorized by RBAC
         self._sa_tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, service account, its uid)
@@ -1541,6 +1544,8 @@ class KubeEmulator:
                 raise _bad_request(f"the request body is not JSON: {e}") from None
         if method == "GET" and len(parts) <= 3 and (reply := self._discovery(parts)) is not None:
             return reply
+        if method == "GET" and url.path in self.aggregated:
+            return _Reply(200, self.aggregated[url.path]())
         if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
             return _Reply(201, self._access_review(body, who))
         res, namespace, name, sub, watch_path = self._route(parts)

@@ -30,6 +30,7 @@ from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection, connect
 from dsnb.backends.kubernetes.diagnose import classify_object_events, event_time
 from dsnb.backends.kubernetes.informer import Informer
+from dsnb.backends.kubernetes.kueue import MANAGED_KINDS, pending_message, queue_labels
 from dsnb.backends.kubernetes.labels import JOB, MANAGED_SELECTOR, job_labels
 from dsnb.backends.kubernetes.logs import PodLogFollower, container_started, split_rank
 from dsnb.backends.kubernetes.network_policy import network_policy
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 KIND = "dsnb.io/kind"
 BACKEND = "dsnb.io/backend"
 CREATED = "dsnb.io/created-at"
+#: The record's note of the Kueue LocalQueue the job waits in.
+QUEUE = "dsnb.io/queue"
 RECORD_SELECTOR = f"{MANAGED_SELECTOR},{KIND}=record"
 SYNC_TIMEOUT_S = 30
 EVENTS_EVERY_S = 5.0
@@ -232,6 +235,8 @@ class KubernetesBackend(Backend):
 
     #: What the backend does in the namespace (checked by ``check()``, printed by ``dsnb rbac``).
     permissions: tuple[Permission, ...] = ()
+    #: The kind of the object Kueue manages for a job of this backend (see :mod:`.kueue`).
+    managed_kind: str = ""
     #: How to install what the backend needs in the cluster (an operator), for error messages.
     install_hint = ""
     #: How to upgrade an operator whose CRD lacks fields dsnb sets, for error messages.
@@ -468,6 +473,7 @@ class KubernetesBackend(Backend):
         name = record["metadata"]["name"]
         code = [work.code.config_map(name, {**job_labels(name), KIND: "code"})] if work.code else []
         manifests = [record, *([secret.manifest] if secret.manifest else []), *code, *work.manifests]
+        self._queue(record, work.manifests)
         if self.pod_options.network_policy:
             manifests.append(network_policy(name, namespace, work.ingress))
         for manifest in manifests:
@@ -475,6 +481,24 @@ class KubernetesBackend(Backend):
         return Plan(backend=self.name, spec=spec, manifests=manifests,
                     notes=[*work.notes, *(work.code.notes(name) if work.code else []), *secret.notes],
                     extra={"secret_values": secret.values})
+
+    def _queue(self, record: dict[str, Any], manifests: list[dict[str, Any]]) -> None:
+        """With ``PodOptions(queue=...)``, label the object Kueue manages and note the queue in the record.
+
+        Raises:
+            InvalidSpecError: none of ``manifests`` is of a kind Kueue manages (a RayService).
+        """
+        labels = queue_labels(self.pod_options)
+        if not labels:
+            return
+        managed = [m for m in manifests if m.get("kind") in MANAGED_KINDS]
+        if not managed:
+            kinds = ", ".join(sorted({m.get("kind", "?") for m in manifests}))
+            raise InvalidSpecError("options.queue", f"Kueue manages none of this plan's objects ({kinds})",
+                                   "leave queue unset here; Kueue queues StatefulSets, MPIJobs, TrainJobs and RayJobs")
+        for manifest in managed:
+            manifest["metadata"].setdefault("labels", {}).update(labels)
+        record["metadata"].setdefault("annotations", {})[QUEUE] = self.pod_options.queue
 
     @abc.abstractmethod
     def render_workload(self, spec: JobSpec, secret: EnvSecret, code: CodeBundle | None = None) -> Workload:
@@ -568,11 +592,20 @@ class KubernetesBackend(Backend):
                 current = self.compute_status(name, self.spec_of(name), created, pods, on_pods, workload)
             if current.state in (JobState.PENDING, JobState.STARTING):
                 current = self._object_problem(current, on_objects)
+            current = self._queued(name, record, current)
         if current.state == JobState.FAILED and current.failed_rank is None and self.launcher_logs:
             current = self._failure_from_launcher(name, current)
         if current.state.is_terminal():
             return self._finalize(name, current)
         return current
+
+    def _queued(self, name: str, record: dict[str, Any], current: JobStatus) -> JobStatus:
+        """``current``, or PENDING with Kueue's reason while Kueue holds a job put in a queue."""
+        queue = (record["metadata"].get("annotations") or {}).get(QUEUE)
+        if not queue:
+            return current
+        waiting = pending_message(self.conn, self.namespace, queue, self.managed_kind, name)
+        return current if waiting is None else dataclasses.replace(current, state=JobState.PENDING, message=waiting)
 
     def workload_state(self, name: str, record: dict[str, Any]) -> dict[str, Any] | None:
         """What ``compute_status`` reads beside the pods: the backend's custom object, if it has one."""

@@ -166,6 +166,7 @@ class KubeRayBackend(KubernetesBackend):
     """
 
     name = "kuberay"
+    managed_kind = "RayJob"
     options = BUILTIN_OPTIONS["kuberay"]
     profiles = BUILTIN_PROFILES["kuberay"]
     # Its records have said "ray" since it was spelled Cluster("ray", kuberay=True): jobs made then stay visible.

@@ -168,6 +168,7 @@ class MPIJobBackend(EndpointsAsJobs, KubernetesBackend):
     """
 
     name = "mpijob"
+    managed_kind = "MPIJob"
     options = BUILTIN_OPTIONS["mpijob"]
     profiles = BUILTIN_PROFILES["mpijob"]
     permissions = MPIJOB_PERMISSIONS

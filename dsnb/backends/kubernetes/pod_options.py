@@ -86,6 +86,19 @@ def _check_serve_ingress(values: Mapping[str, Any]) -> None:
                                "set network_policy=True as well")
 
 
+def _check_queue(values: Mapping[str, Any]) -> None:
+    # Label values: 63 characters at most (https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/).
+    for key, what in (("queue", "LocalQueue"), ("priority_class", "WorkloadPriorityClass")):
+        value = values[key]
+        if value is not None and (not isinstance(value, str) or len(value) > 63 or not _DNS1123.match(value)
+                                  or "." in value and key == "queue"):
+            raise InvalidSpecError(f"options.{key}", f"{value!r} is not a valid {what} name",
+                                   "use at most 63 lower-case letters, digits and '-', e.g. 'team-a'")
+    if values["priority_class"] is not None and values["queue"] is None:
+        raise InvalidSpecError("options.priority_class", "is Kueue's WorkloadPriorityClass, but no queue is named",
+                               "set queue= as well (the LocalQueue the job waits in)")
+
+
 def _check_security_profile(values: Mapping[str, Any]) -> None:
     if values["security_profile"] not in SECURITY_PROFILES:
         raise InvalidSpecError("options.security_profile", f"unknown profile {values['security_profile']!r}",
@@ -95,7 +108,7 @@ def _check_security_profile(values: Mapping[str, Any]) -> None:
 #: The checks of PodOptions, in the order the first problem is reported.
 _OPTION_CHECKS = tuple(Check(check) for check in (
     _check_names, _check_node_selector, _check_tolerations, _check_shm_size, _check_nccl, _check_checkpoint_mount,
-    _check_run_as_user, _check_serve_ingress, _check_security_profile,
+    _check_run_as_user, _check_serve_ingress, _check_security_profile, _check_queue,
 ))
 
 
@@ -127,6 +140,10 @@ class PodOptions:
         serve_ingress_from: with ``network_policy``, who may reach a served model's port:
             NetworkPolicy peers as dicts, e.g. ``[{"namespaceSelector": {"matchLabels":
             {"kubernetes.io/metadata.name": "web"}}}]``.
+        queue: the Kueue LocalQueue the job waits in (``kueue.x-k8s.io/queue-name`` on the object Kueue
+            manages: the StatefulSet, MPIJob, TrainJob or RayJob; see :mod:`dsnb.backends.kubernetes.kueue`).
+        priority_class: with ``queue``, Kueue's WorkloadPriorityClass for the job
+            (``kueue.x-k8s.io/priority-class``).
 
     Raises:
         InvalidSpecError: a malformed name, toleration, quantity, NCCL key or user id.
@@ -145,6 +162,8 @@ class PodOptions:
     security_profile: str = "restricted"
     network_policy: bool = False
     serve_ingress_from: list[dict[str, Any]] = field(default_factory=list)
+    queue: str | None = None
+    priority_class: str | None = None
 
     def __post_init__(self) -> None:
         raise_first(collect(_OPTION_CHECKS, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "JobSpec"))

@@ -36,7 +36,8 @@ from kubernetes.utils import parse_quantity
 
 from dsnb.backends.kubernetes import objects
 from dsnb.backends.kubernetes.connection import Connection
-from dsnb.backends.kubernetes.rbac import Permission
+from dsnb.backends.kubernetes.kueue import check_local_queue
+from dsnb.backends.kubernetes.rbac import KUEUE_PERMISSIONS, Permission
 from dsnb.errors import ClusterError
 from dsnb.fit import MemoryThere
 from dsnb.preflight import CheckResult, PreflightReport
@@ -102,6 +103,9 @@ def run_preflight(backend: KubernetesBackend, spec: JobSpec | None = None) -> Pr
         report.results += backend.spec_checks(spec)
     if spec is not None and gpus:
         report.results += check_gpus(conn, gpus, backend.pods_for(spec))
+    if backend.pod_options.queue:
+        report.results += check_permissions(conn, namespace, KUEUE_PERMISSIONS, backend.name)
+        report.results.append(check_local_queue(conn, namespace, backend.pod_options.queue))
     return report
 
 

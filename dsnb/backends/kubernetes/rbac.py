@@ -56,6 +56,13 @@ COMMON_PERMISSIONS = (
 )
 #: ``PodOptions(network_policy=True)``: a NetworkPolicy ``<job>``, which goes with the job's record (every backend).
 NETWORK_POLICIES = Permission("networking.k8s.io", "networkpolicies", ("create",))
+#: ``PodOptions(queue=...)``: read the LocalQueue, the job's Workload and its place in the queue (Kueue's
+#: visibility API); ``dsnb rbac --kueue`` adds them.
+KUEUE_PERMISSIONS = (
+    Permission("kueue.x-k8s.io", "localqueues", ("get", "list")),
+    Permission("kueue.x-k8s.io", "workloads", ("list",)),
+    Permission("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", ("get",)),
+)
 
 
 

@@ -146,6 +146,7 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
     """
 
     name = "statefulset"
+    managed_kind = "StatefulSet"
     options = BUILTIN_OPTIONS["statefulset"]
     profiles = BUILTIN_PROFILES["statefulset"]
     permissions = STATEFULSET_PERMISSIONS

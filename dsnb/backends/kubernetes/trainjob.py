@@ -81,6 +81,7 @@ class TrainJobBackend(EndpointsAsJobs, KubernetesBackend):
     """
 
     name = "trainjob"
+    managed_kind = "TrainJob"
     options = BUILTIN_OPTIONS["trainjob"]
     profiles = BUILTIN_PROFILES["trainjob"]
     permissions = TRAINJOB_PERMISSIONS
