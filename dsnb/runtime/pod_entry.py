@@ -24,7 +24,7 @@ and idles instead of training again (retrying step 5 if the API server could not
 reached), until the job's StatefulSet is scaled to 0 or deleted.
 
 Environment: ``DSNB_NODES``, ``DSNB_PROCS_PER_NODE``, ``DSNB_SET``, ``DSNB_SERVICE``,
-``DSNB_NAMESPACE``, ``DSNB_CLUSTER_DOMAIN``, ``DSNB_PEER_TIMEOUT``, ``DSNB_TIMEOUT``,
+``DSNB_NAMESPACE``, ``DSNB_CLUSTER_DOMAIN``, ``DSNB_PEER_TIMEOUT``, ``DSNB_TIMEOUT``, ``DSNB_HANG_TIMEOUT``,
 ``DSNB_STATE_DIR``, ``DSNB_POD_NAME``, ``DSNB_TERMINATION_LOG``, ``DSNB_RELEASE``, ``DSNB_JOB_NAME``,
 ``DSNB_CODE_BUNDLE``, ``DSNB_CODE_DIR``.
 
@@ -47,10 +47,12 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 EXIT_PEERS_TIMEOUT = 75
 EXIT_NO_CODE = 76
 EXIT_TIMEOUT = 124
+EXIT_HUNG = 125
 LAST_LINES = 20
 TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of it
 TAIL_LINES = 2000  # lines of output kept for the job's record (pod_api bounds their bytes)
@@ -145,21 +147,22 @@ class Outcome:
         self._printed += 1
         (self.metric_rows if METRIC_TAG in line else self.tail).append(row)
 
-    def feed(self, line: str) -> None:
-        """Remember one line of output."""
+    def feed(self, line: str) -> int | None:
+        """Remember one line of output; returns the rank that wrote it (None for the launcher's own)."""
         tagged = _MPIRUN_TAG.match(line)
         if tagged:
             rest = _MPIRUN_TAG_ANY.sub("", line[tagged.end():])  # a line written in two parts has two tags
             self.lines[int(tagged.group(1))].append(rest)
-            return
+            return int(tagged.group(1))
         self._note_mpirun_failure(line)
         found = _LOCAL_PREFIX.match(line)
         if found and int(found.group(1)) < self.procs:
             rank = self.node * self.procs + int(found.group(1))
             self.lines[rank].append(line[found.end():])
-            return
+            return rank
         self.lines[-1].append(line)
         self._note_root_cause(line)
+        return None
 
     def _note_mpirun_failure(self, line: str) -> None:
         # mpirun names the failed process ("Process name: [[job,1],rank]"), then its "Exit code:".
@@ -289,8 +292,10 @@ def unpack_code(env: os._Environ | dict) -> str | None:
     return where
 
 
-def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tuple[int, str]:
-    """Run the launcher, pass its output through, stop it on SIGTERM or after ``timeout``."""
+def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None,
+                 hang_timeout: float | None = None) -> tuple[int, str]:
+    """Run the launcher, pass its output through, stop it on SIGTERM, after ``timeout``, or once a rank hung
+    for ``hang_timeout`` (see :class:`HangWatch`)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     stopping = {"why": ""}
 
@@ -308,19 +313,75 @@ def run_launcher(argv: list[str], outcome: Outcome, timeout: float | None) -> tu
         timer = threading.Timer(timeout, stop, args=(f"timed out after {timeout:g} s (JobSpec.timeout)",))
         timer.daemon = True
         timer.start()
+    watch = HangWatch(hang_timeout, outcome, stop) if hang_timeout else None
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\n")
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        outcome.feed(line)
-        outcome.keep(line, time.time())
+        rank = outcome.feed(line)
+        now = time.time()
+        outcome.keep(line, now)
+        if watch is not None:
+            watch.saw(rank, line, now)
     code = proc.wait()
     if timer is not None:
         timer.cancel()
+    if watch is not None:
+        watch.done.set()
     if stopping["why"].startswith("timed out"):
         code = EXIT_TIMEOUT
+    if watch is not None and watch.hung:
+        code = EXIT_HUNG
     return (code if code >= 0 else 128 - code), stopping["why"]
+
+
+class HangWatch:
+    """``JobSpec.hang_timeout`` on one node: when a rank writes nothing for that long while the node's other ranks
+    go on, or no rank of the node writes at all, the launcher is stopped and the rank named
+    (:mod:`dsnb.stragglers`, shipped beside this file, has the rule)."""
+
+    def __init__(self, hang_timeout: float, outcome: Outcome, stop: Any) -> None:
+        try:
+            from stragglers import RankActivity  # shipped beside this file in the job's record
+        except ImportError:
+            from dsnb.stragglers import RankActivity
+        self.hang_timeout, self.outcome, self.stop = hang_timeout, outcome, stop
+        self.activity = RankActivity(floor_s=hang_timeout)
+        self.started = time.time()
+        self.hung = False
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, name="dsnb-hang-watch", daemon=True).start()
+
+    def saw(self, rank: int | None, line: str, when: float) -> None:
+        """One line of rank ``rank`` (None: the launcher's, which shows no rank's progress)."""
+        if rank is None:
+            return
+        self.activity.saw_line(rank, when)
+        at = line.find(METRIC_TAG)
+        if at >= 0:
+            try:
+                step = json.loads(line[at + len(METRIC_TAG):]).get("step")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(step, int):
+                self.activity.saw_step(rank, step, when)
+
+    def _watch(self) -> None:
+        while not self.done.wait(1.0):
+            now = time.time()
+            stuck = [s for s in self.activity.stragglers(now, threshold_s=self.hang_timeout) if s.kind == "silent"]
+            if stuck:
+                why = f"rank {stuck[0].rank} hung: it wrote nothing for {stuck[0].silent_s:.0f} s while the others progressed"
+                self.outcome.failed_rank = stuck[0].rank
+            elif now - (self.activity.last_output() or self.started) > self.hang_timeout:
+                quiet = now - (self.activity.last_output() or self.started)
+                why = f"node {self.outcome.node} hung: no rank wrote anything for {quiet:.0f} s"
+            else:
+                continue
+            self.hung = True
+            self.stop(f"{why} (JobSpec.hang_timeout={self.hang_timeout:g} s)")
+            return
 
 
 def main(argv: list[str]) -> int:
@@ -370,10 +431,11 @@ def main(argv: list[str]) -> int:
     command = [a.replace("{node_rank}", str(node)).replace("{hostfile}", hostfile) if i < templated else a
                for i, a in enumerate(argv)]
     job_timeout = float(env["DSNB_TIMEOUT"]) if env.get("DSNB_TIMEOUT") else None
+    hang_timeout = float(env["DSNB_HANG_TIMEOUT"]) if env.get("DSNB_HANG_TIMEOUT") else None
     # For the ranks: torchrun sets GROUP_RANK itself, the deepspeed launcher only CROSS_RANK, and
     # Lightning's default environment takes the node from NODE_RANK or GROUP_RANK.
     env["NODE_RANK"] = env["GROUP_RANK"] = str(node)
-    code, why = run_launcher(command, outcome, job_timeout)
+    code, why = run_launcher(command, outcome, job_timeout, hang_timeout)
     result = outcome.report(code, why)
     if code and outcome.rank_exit_code:
         code_text = f"rank {result['failed_rank']} exited with code {outcome.rank_exit_code}"

@@ -72,7 +72,9 @@ def entry_files() -> dict[str, str]:
     """The pods' entry script and the module it reports with, as shipped in the record."""
     package = resources.files("dsnb.runtime")
     shipped = {"entry.py": "pod_entry.py", "pod_api.py": "pod_api.py"}
-    return {name: package.joinpath(source).read_text() for name, source in shipped.items()}
+    files = {name: package.joinpath(source).read_text() for name, source in shipped.items()}
+    files["stragglers.py"] = resources.files("dsnb").joinpath("stragglers.py").read_text()  # the hang rule
+    return files
 
 
 def user_argv(spec: JobSpec) -> list[str]:
@@ -147,6 +149,7 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
 
     name = "statefulset"
     managed_kind = "StatefulSet"
+    watches_hangs = True  # the pod entry stops a node whose rank hung (dsnb.runtime.pod_entry.HangWatch)
     options = BUILTIN_OPTIONS["statefulset"]
     profiles = BUILTIN_PROFILES["statefulset"]
     permissions = STATEFULSET_PERMISSIONS
@@ -186,6 +189,8 @@ class StatefulSetBackend(EndpointsAsJobs, KubernetesBackend):
         }
         if spec.timeout:
             env["DSNB_TIMEOUT"] = f"{spec.timeout:g}"
+        if spec.hang_timeout:
+            env["DSNB_HANG_TIMEOUT"] = f"{spec.hang_timeout:g}"
         if spec.accelerator == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
         if spec.nodes > 1:
