@@ -411,4 +411,8 @@ def test_the_panel_plots_each_ranks_cpu_and_memory_apart_from_the_loss() -> None
     assert hidden(panel.plot)  # no loss or throughput yet: the job's plot stays hidden
     assert panel.monitor.progress is None  # usage samples are no step of the job
     assert panel.to_html().count("data:image/png") == 1  # a saved notebook keeps the usage plot
+    drawn, renders = panel.usage_plot.value, panel.plot_renders
+    backend.samples.append(MetricSample(0, "cpu_percent", 50.0, 0, 112.0))
+    panel.monitor.poll()  # a usage sample within 5 s of the last drawing: neither plot is drawn again
+    assert (panel.usage_plot.value, panel.plot_renders) == (drawn, renders)
     panel.close()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from dsnb.errors import BackendUnavailable
 from dsnb.formatting import elapsed_of, format_duration, format_value
 from dsnb.monitor import JobMonitor, MonitorSnapshot, MonitorUpdate
+from dsnb.runtime.usage import USAGE_METRICS
 from dsnb.status import JobState, JobStatus, LogLine, rank_label
 from dsnb.widgets.markup import (
     STATE_COLORS,
@@ -55,6 +56,8 @@ MAX_LOG_LINES = 500
 STATIC_LOG_LINES = 20
 #: Seconds between two renderings of the metric plot.
 PLOT_INTERVAL_S = 1.0
+#: Seconds between two drawings of the usage plot: its samples come every 2 s, and drawing takes CPU the ranks want.
+USAGE_PLOT_INTERVAL_S = 5.0
 
 BAR_STYLES: dict[JobState, str] = {
     JobState.SUCCEEDED: "success",
@@ -159,6 +162,8 @@ class JobPanel:
         self._spec_read = False
         self._plot_dirty = False
         self._last_plot: float | None = None
+        self._usage_dirty = False  # new usage samples: their own plot, drawn less often (it costs the ranks CPU)
+        self._last_usage_plot: float | None = None
         self._final = False
         self._cancelling = False
         self._display_handles: list[Any] = []
@@ -355,14 +360,15 @@ class JobPanel:
                     self._world_size = self.job.spec.world_size  # one read, on the follower thread
                 except Exception:
                     self._world_size = None  # the replicas still tell the size
-            if update.samples:
-                self._plot_dirty = True
+            usage = sum(sample.name in USAGE_METRICS for sample in update.samples)
+            self._plot_dirty = self._plot_dirty or len(update.samples) > usage
+            self._usage_dirty = self._usage_dirty or usage > 0
             self._render_all(plot=False)
             if update.error is not None:
                 self._stop_ticking()
             if update.final:
                 self._finish()
-            elif self._plot_dirty and self._plot_due():
+            elif self._plot_wanted():
                 self._render_plot()
             handles = list(self._display_handles) if update.final else []
         for handle in handles:
@@ -374,7 +380,7 @@ class JobPanel:
     def _finish(self) -> None:
         self._final = True
         self._stop_ticking()
-        self._render_plot()
+        self._render_plot(force=True)
         self._render_header(self.monitor.snapshot())
 
     def _tick(self) -> None:
@@ -384,7 +390,7 @@ class JobPanel:
                 self._stop_ticking()
                 return
             self._render_header(self.monitor.snapshot())
-            if self._plot_dirty and self._plot_due():
+            if self._plot_wanted():
                 self._render_plot()
 
     def _stop_ticking(self) -> None:
@@ -393,6 +399,13 @@ class JobPanel:
 
     def _plot_due(self) -> bool:
         return self._last_plot is None or self.monitor.clock() - self._last_plot >= self.plot_interval
+
+    def _usage_due(self) -> bool:
+        return self._last_usage_plot is None or self.monitor.clock() - self._last_usage_plot >= USAGE_PLOT_INTERVAL_S
+
+    def _plot_wanted(self) -> bool:
+        """Whether a plot has new points and its rate limit lets it be drawn now."""
+        return (self._plot_dirty and self._plot_due()) or (self._usage_dirty and self._usage_due())
 
     def _on_log_control(self, _change: dict[str, Any]) -> None:
         with self._lock:
@@ -415,7 +428,7 @@ class JobPanel:
         if self.follow.value:
             self._render_logs(snapshot)
         if plot and snapshot.metric_names:
-            self._render_plot()
+            self._render_plot(force=True)
 
     def _render_header(self, snapshot: MonitorSnapshot) -> None:
         status = snapshot.status
@@ -511,16 +524,24 @@ class JobPanel:
         known = [name for name in self.metric_labels if name in names]
         return known + [name for name in names if name not in self.metric_labels]
 
-    def _render_plot(self) -> None:
-        self._plot_dirty = False
-        self._last_plot = self.monitor.clock()
+    def _render_plot(self, force: bool = False) -> None:
+        """Draw the job's plot and the usage plot, each when it has new points and its rate limit allows
+        (``force``: both, now)."""
+        now = self.monitor.clock()
+        job = force or (self._plot_dirty and self._plot_due())
+        usage = force or (self._usage_dirty and self._usage_due())
         try:
-            png = plot_png(self.monitor, groups=self.plot_groups, labels=self.metric_labels, x=self.plot_x)
-            usage = plot_png(self.monitor, groups=USAGE_PLOTS, x="time", height=2.2)
+            png = plot_png(self.monitor, groups=self.plot_groups, labels=self.metric_labels, x=self.plot_x) if job else None
+            used = plot_png(self.monitor, groups=USAGE_PLOTS, x="time", height=2.2) if usage else None
         except ImportError:
+            self._plot_dirty = self._usage_dirty = False
             self.metrics_label.value += " <i>(install matplotlib for a plot)</i>"
             return
-        for widget, drawn in ((self.plot, png), (self.usage_plot, usage)):
+        if job:
+            self._plot_dirty, self._last_plot = False, now
+        if usage:
+            self._usage_dirty, self._last_usage_plot = False, now
+        for widget, drawn in ((self.plot, png), (self.usage_plot, used)):
             if drawn is not None:
                 widget.value = drawn
                 _hide(widget, False)
