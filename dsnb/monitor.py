@@ -347,7 +347,7 @@ class JobMonitor:
         status = self.status
         if status is None or status.state.is_terminal():
             return ()
-        if getattr(self.job.backend, "watches_hangs", False):
+        if getattr(self.job.backend, "reports_stragglers", False):
             return status.stragglers
         return tuple(str(s) for s in self.activity.stragglers(self.clock()))
 

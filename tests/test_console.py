@@ -345,7 +345,7 @@ def test_status_and_the_live_view_show_the_stuck_and_slow_ranks():
     assert "⚠ rank 1 has written nothing for 120 s while the others progressed" in text
     assert "⚠ rank 5 is 4 steps behind" in text
     backend = ScriptedBackend(status)
-    backend.watches_hangs = True
+    backend.reports_stragglers = True
     monitor = JobMonitor(Job(backend, status.name))  # type: ignore[arg-type]
     monitor.poll()
     assert "⚠ rank 5 is 4 steps behind" in text_of(render(monitor, now=STARTED + 200), width=120)

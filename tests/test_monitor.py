@@ -366,7 +366,7 @@ def test_the_monitor_flags_a_quiet_rank_and_a_slow_one_on_any_backend_and_gives_
 
 def test_the_local_backends_own_flags_are_the_ones_shown(cluster) -> None:
     backend = ScriptedBackend()
-    backend.watches_hangs = True  # as the local backend, whose supervisor follows every rank
+    backend.reports_stragglers = True  # as the local backend, whose supervisor follows every rank
     backend.current = replace(backend.current, stragglers=("rank 3 is 4 steps behind",))
     monitor = JobMonitor(Job(backend, "job-abcd"))  # type: ignore[arg-type]
     monitor.poll()

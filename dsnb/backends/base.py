@@ -225,6 +225,8 @@ class Backend(abc.ABC):
     profiles: ClassVar[tuple[BackendProfile, ...]] = ()
     #: Whether this backend enforces ``JobSpec.hang_timeout`` (a backend that does not refuses it).
     watches_hangs: ClassVar[bool] = False
+    #: Whether this backend's statuses carry ``stragglers`` (else the views find them in the logs they read).
+    reports_stragglers: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -141,6 +141,7 @@ class LocalBackend(EndpointsAsJobs, Backend):
 
     name = "local"
     watches_hangs = True
+    reports_stragglers = True  # the supervisor sees every line of every rank
     options = BUILTIN_OPTIONS["local"]
     profiles = BUILTIN_PROFILES["local"]
 
