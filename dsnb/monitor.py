@@ -44,8 +44,14 @@ MAX_CHUNKS_PER_POLL = 16
 MIN_NOTIFY_INTERVAL_S = 0.1
 
 
-def _paces(name: str) -> bool:
-    """Whether a sample of metric ``name`` marks a rank's own step (DeepSpeed's lines and usage samples do not)."""
+def paces(name: str) -> bool:
+    """Whether a sample of metric ``name`` marks a rank's own step: DeepSpeed's lines (optimizer steps, rank 0 only),
+    usage samples and timings do not.
+
+    Example:
+        >>> paces("loss"), paces("lr"), paces("cpu_percent"), paces("time_ms/forward")
+        (True, False, False, False)
+    """
     return name not in DEEPSPEED_METRICS and name not in USAGE_METRICS and not name.startswith("time_ms/")
 MAX_EVENTS = 200
 
@@ -323,7 +329,7 @@ class JobMonitor:
             step = max(sample.step, self.progress.step if self.progress else 0)
             self.progress = self._progress(step, int(sample.value))
             return
-        if sample.step_unit == "step" and _paces(sample.name):
+        if sample.step_unit == "step" and paces(sample.name):
             self.activity.saw_step(sample.rank, sample.step, sample.time)
         series = self._series.get(sample.name)
         if series is None:
@@ -332,7 +338,7 @@ class JobMonitor:
         previous = self.latest.get(sample.name)
         if previous is None or (sample.step, sample.time) >= (previous.step, previous.time):
             self.latest[sample.name] = sample
-        if self.progress is not None and _paces(sample.name):
+        if self.progress is not None and paces(sample.name):
             if sample.step > self.progress.step:
                 self.progress = self._progress(sample.step, self.progress.total)
 

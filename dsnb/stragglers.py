@@ -167,6 +167,22 @@ class RankActivity:
         behind.sort(key=lambda s: -s.steps_behind)
         return silent + behind
 
+    def hung(self, now: float, timeout_s: float, since: float) -> tuple[int | None, float] | None:
+        """``hang_timeout``'s rule: (the rank silent for ``timeout_s`` while the others progressed, how long), or
+        (None, how long) when no rank has written for ``timeout_s`` (counted from ``since`` before any output),
+        or None while neither holds.
+
+        Example:
+            >>> activity = RankActivity()
+            >>> activity.hung(now=130.0, timeout_s=20.0, since=100.0)
+            (None, 30.0)
+        """
+        stuck = [s for s in self.stragglers(now, threshold_s=timeout_s) if s.kind == "silent"]
+        if stuck:
+            return stuck[0].rank, stuck[0].silent_s
+        quiet = now - (self.last_output() or since)
+        return (None, quiet) if quiet > timeout_s else None
+
     def quietest(self) -> tuple[int, float] | None:
         """(the rank silent the longest, the time of its last output), or None before any output."""
         with self._lock:

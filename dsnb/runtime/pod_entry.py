@@ -369,16 +369,15 @@ class HangWatch:
 
     def _watch(self) -> None:
         while not self.done.wait(1.0):
-            now = time.time()
-            stuck = [s for s in self.activity.stragglers(now, threshold_s=self.hang_timeout) if s.kind == "silent"]
-            if stuck:
-                why = f"rank {stuck[0].rank} hung: it wrote nothing for {stuck[0].silent_s:.0f} s while the others progressed"
-                self.outcome.failed_rank = stuck[0].rank
-            elif now - (self.activity.last_output() or self.started) > self.hang_timeout:
-                quiet = now - (self.activity.last_output() or self.started)
-                why = f"node {self.outcome.node} hung: no rank wrote anything for {quiet:.0f} s"
-            else:
+            found = self.activity.hung(time.time(), self.hang_timeout, self.started)
+            if found is None:
                 continue
+            rank, quiet = found
+            if rank is not None:
+                why = f"rank {rank} hung: it wrote nothing for {quiet:.0f} s while the others progressed"
+                self.outcome.failed_rank = rank
+            else:
+                why = f"node {self.outcome.node} hung: no rank wrote anything for {quiet:.0f} s"
             self.hung = True
             self.stop(f"{why} (JobSpec.hang_timeout={self.hang_timeout:g} s)")
             return

@@ -41,7 +41,7 @@ from dsnb.backends.local.jobdir import JobDir, format_log_line, read_last_lines
 from dsnb.backends.local.procs import boot_id, describe_exit, die_with_parent, process_start_time, stop_groups
 from dsnb.backends.local.store import LoopbackStore
 from dsnb.metrics import MetricParser, is_metric_line, sample_to_dict
-from dsnb.monitor import DEEPSPEED_METRICS
+from dsnb.monitor import paces
 from dsnb.runtime.usage import DEFAULT_INTERVAL_S as USAGE_INTERVAL_S
 from dsnb.runtime.usage import UsageSampler, group_pids, load_nvml
 from dsnb.secrets import REDACTED
@@ -154,8 +154,7 @@ class _MetricSink:
             samples = self._parser.feed(rank, text, when)
             for sample in samples:
                 self._file.write(json.dumps(sample_to_dict(sample)) + "\n")
-        # DeepSpeed's own lines count optimizer steps on rank 0 only: not a rank's pace against the others'.
-        return {sample.step for sample in samples if sample.step_unit == "step" and sample.name not in DEEPSPEED_METRICS}
+        return {sample.step for sample in samples if sample.step_unit == "step" and paces(sample.name)}
 
     def write(self, samples: list[MetricSample]) -> None:
         """Write samples made here (not parsed from a line)."""
@@ -362,16 +361,14 @@ class Supervisor:
         wrote): the rank (every rank, when none stands out) is sent SIGABRT to print its stack first."""
         if not self.hang_timeout:
             return None
-        now = time.time()
-        stuck = [s for s in self.activity.stragglers(now, threshold_s=self.hang_timeout) if s.kind == "silent"]
-        if stuck:
-            rank: int | None = stuck[0].rank
-            why = f"rank {rank} hung: it wrote nothing for {stuck[0].silent_s:.0f} s while the others progressed"
+        found = self.activity.hung(time.time(), self.hang_timeout, self.attempt_started)
+        if found is None:
+            return None
+        rank, quiet = found
+        if rank is not None:
+            why = f"rank {rank} hung: it wrote nothing for {quiet:.0f} s while the others progressed"
         else:
-            last = self.activity.last_output() or self.attempt_started
-            if now - last <= self.hang_timeout:
-                return None
-            rank, why = None, f"the job hung: no rank wrote anything for {now - last:.0f} s"
+            why = f"the job hung: no rank wrote anything for {quiet:.0f} s"
         index_of = {r["rank"]: i for i, r in enumerate(self.plan["ranks"])}
         running = [i for i, proc in enumerate(self.procs) if proc.poll() is None] or list(range(len(self.procs)))
         indexes = [index_of[rank]] if rank is not None else running  # ranks that exited 0 are done, not hung
