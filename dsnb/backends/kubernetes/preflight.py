@@ -257,7 +257,7 @@ def _list(call: Any, **options: Any) -> list[dict[str, Any]] | None:
 
 
 def _gpus_of(node: dict[str, Any]) -> int:
-    amount = ((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE, "0")
+    amount = _status(node, "allocatable").get(GPU_RESOURCE, "0")
     try:
         return int(amount)
     except ValueError:
@@ -307,7 +307,7 @@ def _capacity(nodes: list[dict[str, Any]] | None, gpus: int, pods: int) -> Check
 
 def _operator(nodes: list[dict[str, Any]] | None, plugins: list[dict[str, Any]] | None) -> CheckResult:
     for node in nodes or []:
-        labels = (node.get("metadata") or {}).get("labels") or {}
+        labels = _labels(node)
         for key, value in OPERATOR_LABELS.items():
             if key in labels and (value is None or labels[key] == value):
                 return CheckResult("GPU Operator", True, f"node {node['metadata']['name']} is labelled {key}={labels[key]}")
