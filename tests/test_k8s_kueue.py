@@ -174,6 +174,9 @@ def test_a_queued_job_is_pending_with_kueues_reason_until_kueue_admits_it(emulat
                            "localQueueName": "team-a", "positionInClusterQueue": 4, "positionInLocalQueue": 1}]}
             status = job.status()
             assert status.message == f"queued in LocalQueue 'team-a' (Kueue, position 2 in the queue): {no_quota}"
+            emulator.denied.add(("get", "visibility.kueue.x-k8s.io", "localqueues/pendingworkloads"))
+            assert job.status().message == f"queued in LocalQueue 'team-a' (Kueue): {no_quota}"  # refused: no position
+            emulator.denied.clear()
             workload["status"]["conditions"] = [
                 {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "Quota reserved in "
                  "ClusterQueue gpu-pool", "lastTransitionTime": "2026-12-07T10:01:00Z"},

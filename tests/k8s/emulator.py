@@ -1545,11 +1545,21 @@ class KubeEmulator:
         if method == "GET" and len(parts) <= 3 and (reply := self._discovery(parts)) is not None:
             return reply
         if method == "GET" and url.path in self.aggregated:
+            self._authorize_aggregated(parts, who)
             return _Reply(200, self.aggregated[url.path]())
         if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
             return _Reply(201, self._access_review(body, who))
         res, namespace, name, sub, watch_path = self._route(parts)
         return self._serve_resource(method, res, namespace, name, sub, query, body, headers, watch_path, who)
+
+    def _authorize_aggregated(self, parts: list[str], who: Requester | None) -> None:
+        """Authorize a GET of an aggregated API as the API server does before it proxies the request: the
+        generic handler chain's authorization filter runs first (k8s.io/apiserver pkg/server/config.go,
+        DefaultBuildHandlerChain, Kubernetes v1.32), so RBAC and the denied verbs apply as to any resource."""
+        group, version, rest = parts[1], parts[2], parts[3:]
+        namespace, rest = (rest[1], rest[2:]) if rest[:1] == ["namespaces"] and len(rest) > 2 else (None, rest)
+        res = Resource(f"{group}/{version}", _kind_from_plural(rest[0]), rest[0], namespaced=namespace is not None)
+        self._authorize("get", res, rest[2] if len(rest) > 2 else None, namespace, rest[1] if len(rest) > 1 else None, who)
 
     def _route(self, parts: list[str]) -> tuple[Resource, str | None, str | None, str | None, bool]:
         """(resource, namespace, name, subresource, legacy /watch/ path) of a resource URL."""
